@@ -21,7 +21,9 @@ Two kinds of model are supported:
     chosen logits scattered into -inf elsewhere, so its ids are top-k of the logits (the same torch.topk
     call the router made) and its weights the scores at those ids.
   * minimoe `Transformer`s: every MoE layer's `ffn.last_routing` (`expert_ids`, `weights`, (B*T, k)) after
-    each forward, with the model's own KV cache (`model.new_cache`).
+    each forward, with the model's own KV cache (`model.new_cache`). Pairs dropped by a capacity limit
+    (`ffn.last_kept` False) are recorded as -1. Capacity is counted per forward call, so with a capacity
+    factor the drops depend on batch_size (padding tokens compete for slots too).
 Trace layer l is the l-th MoE layer of the model; dense layers have no column.
 
 Prompts are processed `batch_size` at a time, left-padded; positions count real tokens only, so a padded
@@ -139,8 +141,15 @@ class _MinimoeModel:
         return logits[:, -1]  # (B, V)
 
     def take(self):
-        return [(ffn.last_routing.expert_ids.detach().cpu(), ffn.last_routing.weights.detach().float().cpu())
-                for ffn in self.moe]
+        out = []
+        for ffn in self.moe:
+            ids, weights = ffn.last_routing.expert_ids.detach().cpu(), ffn.last_routing.weights.detach().float().cpu()
+            kept = getattr(ffn, "last_kept", None)  # (T, k) bool when capacity drops pairs, else None
+            if kept is not None:  # a dropped (token, expert) pair never reached the expert: record -1
+                kept = kept.detach().cpu()
+                ids, weights = ids.masked_fill(~kept, -1), weights.masked_fill(~kept, 0.0)
+            out.append((ids, weights))
+        return out
 
     def close(self):
         pass
