@@ -192,8 +192,10 @@ def build_attention_mask(padding_mask, num_new, num_past, dtype, device, batch_s
     """The additive mask (B, 1, T, S) for T new tokens after ``num_past`` cached ones (S = past + T).
 
     ``padding_mask`` (B, S) holds 1 for real tokens and 0 for padding, or is None. Entry (i, j) is 0 when new
-    token i may read key j (j <= past + i and j is not padding) and the most negative float otherwise. A row
-    with nothing to read (a padding query) stays finite: softmax of equal values is uniform, never NaN.
+    token i may read key j (j <= past + i and j is not padding) and the most negative float otherwise. A padding
+    query may read itself only: a row with nothing to read would make softmax's backward pass (which subtracts
+    two huge logsumexps) return exploding gradients. Real tokens never read padding, so their outputs are the
+    same either way; outputs at padding positions are meaningless and differ from transformers'.
     Returns None when the plain causal mask suffices (no padding, no cache).
     """
     if padding_mask is None and num_past == 0:
@@ -206,6 +208,7 @@ def build_attention_mask(padding_mask, num_new, num_past, dtype, device, batch_s
     allowed = (key_pos <= query_pos)[None, None]  # (1, 1, T, S)
     if padding_mask is not None:
         allowed = allowed & padding_mask[:, None, None, :].bool()  # (B, 1, T, S)
+        allowed = allowed | (key_pos == query_pos)[None, None]  # a padding query reads itself (see above)
     allowed = allowed.expand(batch_size, 1, num_new, total)
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 

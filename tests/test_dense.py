@@ -190,13 +190,13 @@ def test_repeat_kv_is_repeat_interleave():
 
 
 def test_attention_mask_builder_brute_force():
-    padding = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    padding = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 1]])
     mask = build_attention_mask(padding, 2, 3, torch.float32, "cpu", 2)  # 2 new tokens after 3 cached
     assert mask.shape == (2, 1, 2, 5)
     for b in range(2):
         for i in range(2):
             for j in range(5):
-                allowed = j <= 3 + i and padding[b, j] == 1
+                allowed = (j <= 3 + i and padding[b, j] == 1) or j == 3 + i  # a padding query reads itself
                 assert (mask[b, 0, i, j] == 0) == allowed
     assert build_attention_mask(None, 4, 0, torch.float32, "cpu", 1) is None
     with pytest.raises(ValueError, match="only 0 .padding. and 1"):
