@@ -286,8 +286,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
         raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
     vocab = logits.shape[-1]
     valid = labels != ignore_index
-    if bool(((labels[valid] < 0) | (labels[valid] >= vocab)).any()):
-        raise ValueError(f"labels must be in [0, {vocab}) or {ignore_index}")
+    out_of_range = labels[valid][(labels[valid] < 0) | (labels[valid] >= vocab)]
+    if out_of_range.numel():
+        raise ValueError(f"label {int(out_of_range[0])} is invalid: labels must be in [0, {vocab}) or {ignore_index}")
     shift_logits = logits[:, :-1].reshape(-1, vocab).float()
     shift_labels = labels[:, 1:].reshape(-1)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
