@@ -1,0 +1,232 @@
+"""Train a small multi-domain (MoE) language model offline: corpus -> BPE -> Transformer -> checkpoint.
+
+    loss = cross_entropy(next token) + sum over MoE layers of aux_loss          (aux: Switch/GShard balance,
+                                                                                 router z-loss; see router.py)
+    lr(step) = peak * step / warmup                      during warm-up
+             = min + (peak - min) * (1 + cos(pi * progress)) / 2   afterwards (cosine decay)
+
+A run directory holds everything needed to use or resume it:
+
+    config.json, model.safetensors   the model (``Transformer.load(dir)``)
+    tokenizer.json                   the byte-level BPE it reads
+    train_config.json                the TrainConfig of the run
+    trainer_state.pt                 optimizer state and step, for ``resume=True``
+    log.json                         training loss per step, per-domain validation loss per evaluation
+
+Data order is a pure function of the seed (``tokenizer.batch_iterator``), so resuming skips the batches
+already seen and continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import DOMAINS, load_corpus, split_documents
+from .model import ModelConfig, Transformer, lm_loss
+from .tokenizer import batch_iterator, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer, \
+    validation_batches
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/tiny-moe"
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8  # per domain; 0 = the whole validation split
+    checkpoint_every: int = 100
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False  # autocast matmuls to bfloat16 (weights and optimizer stay float32)
+    max_chars_per_domain: int = 400_000
+    vocab_size: int = 4096
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "max_chars_per_domain"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup < 0 or self.eval_batches < 0:
+            raise ValueError(f"warmup and eval_batches must be >= 0, got {self.warmup}, {self.eval_batches}")
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def prepare_data(cfg: TrainConfig, tokenizer_path: Path | None = None):
+    """Corpus -> splits -> tokenizer (trained on the train split, or loaded) -> token arrays per split."""
+    corpus = load_corpus(max_chars_per_domain=cfg.max_chars_per_domain, seed=cfg.seed)
+    splits = split_documents([doc for domain in DOMAINS for doc in corpus[domain]], seed=cfg.seed)
+    if tokenizer_path is not None and tokenizer_path.is_file():
+        tokenizer = load_tokenizer(tokenizer_path)
+    else:
+        tokenizer = train_tokenizer((doc.text for doc in splits.train), vocab_size=cfg.vocab_size)
+    data = {}
+    for name in ("train", "validation", "test"):
+        docs = getattr(splits, name)
+        data[name] = (encode_documents(tokenizer, docs), [doc.domain for doc in docs])
+    return tokenizer, data, splits
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches: dict[str, list], device, max_batches: int = 0, bf16: bool = False) -> dict:
+    """Mean next-token loss per domain over its validation batches (token-weighted)."""
+    model.eval()
+    losses = {}
+    for domain, domain_batches in batches.items():
+        total, count = 0.0, 0
+        for batch in domain_batches[: max_batches or None]:
+            x = torch.from_numpy(batch.input_ids).to(device)
+            y = torch.from_numpy(batch.labels).to(device)
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            n = int((y[:, 1:] != -100).sum())
+            total += lm_loss(logits.float(), y).item() * n
+            count += n
+        losses[domain] = total / max(count, 1)
+    model.train()
+    return losses
+
+
+def train(model_config: ModelConfig, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) a run in ``cfg.out_dir``; returns the log (losses per step and evaluation)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    tokenizer, data, _ = prepare_data(cfg, out / "tokenizer.json" if resume else None)
+    save_tokenizer(tokenizer, out / "tokenizer.json")
+    if model_config.vocab_size != tokenizer.get_vocab_size():
+        model_config = dataclasses.replace(model_config, vocab_size=tokenizer.get_vocab_size())
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+    state_path = out / "trainer_state.pt"
+    if resume and state_path.is_file():
+        model = Transformer.load(out, device=cfg.device)
+        log = json.loads((out / "log.json").read_text())
+    else:
+        model = Transformer(model_config).to(cfg.device)
+        log = {"train_loss": [], "eval": [], "tokens_per_second": None}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    start_step = 0
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location=cfg.device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+
+    train_tokens, train_domains = data["train"]
+    batches = batch_iterator(train_tokens, train_domains, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    for _ in range(start_step):  # the data order is fixed by the seed: skip what was already seen
+        next(batches)
+    val_tokens, val_domains = data["validation"]
+    val_batches = validation_batches(val_tokens, val_domains, cfg.seq_len, cfg.batch_size)
+
+    model.train()
+    bar = tqdm(range(start_step, cfg.steps), desc="train", disable=not progress, initial=start_step, total=cfg.steps)
+    started, tokens_seen = time.perf_counter(), 0
+    for step in bar:
+        batch = next(batches)
+        x = torch.from_numpy(batch.input_ids).to(cfg.device)  # (B, T)
+        y = torch.from_numpy(batch.labels).to(cfg.device)  # (B, T)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        with torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = model(x)
+        loss = lm_loss(logits.float(), y)
+        total = loss + model.moe_aux_loss()
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss became {total.item()} at step {step}; lower lr (now {cfg.lr})")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        tokens_seen += x.numel()
+        log["train_loss"].append(round(loss.item(), 5))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            val = evaluate(model, val_batches, cfg.device, cfg.eval_batches, cfg.bf16)
+            log["eval"].append({"step": done, **{d: round(v, 5) for d, v in val.items()}})
+            bar.write(f"step {done}: validation loss " + ", ".join(f"{d} {v:.3f}" for d, v in val.items()))
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            log["tokens_per_second"] = round(tokens_seen / (time.perf_counter() - started), 1)
+            save_checkpoint(model, optimizer, done, log, out)
+    return log
+
+
+def save_checkpoint(model: Transformer, optimizer, step: int, log: dict, out: Path) -> None:
+    model.save(out)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step}, out / "trainer_state.pt")
+    (out / "log.json").write_text(json.dumps(log) + "\n")
+
+
+def validation_losses(run_dir, cfg: TrainConfig | None = None, device="cpu") -> dict:
+    """Per-domain loss of the saved model on its whole validation split (the numbers a run reports)."""
+    run_dir = Path(run_dir)
+    cfg = cfg or TrainConfig(**json.loads((run_dir / "train_config.json").read_text()))
+    model = Transformer.load(run_dir, device=device)
+    tokenizer, data, _ = prepare_data(cfg, run_dir / "tokenizer.json")
+    batches = validation_batches(*data["validation"], cfg.seq_len, cfg.batch_size)
+    return evaluate(model, batches, device, 0)
+
+
+def summarise(log: dict) -> str:
+    last = log["eval"][-1] if log["eval"] else {}
+    losses = np.asarray(log["train_loss"])
+    return (f"{len(losses)} steps, train loss {losses[:10].mean():.3f} -> {losses[-10:].mean():.3f}; "
+            "validation " + ", ".join(f"{d} {last[d]:.3f}" for d in DOMAINS if d in last))
+
+
+# Named sizes: "tiny" trains in about a minute on a laptop CPU (the notebook and the tests use it);
+# "shipped" is the model bundled in checkpoints/ (see checkpoints/README.md for the command and its losses).
+PRESETS = {
+    "tiny": dict(
+        model=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192,
+                   tie_word_embeddings=True, max_seq_len=512,
+                   moe=dict(num_experts=16, top_k=2, intermediate_size=64, num_shared_experts=1,
+                            aux_loss_coef=0.01, z_loss_coef=0.001)),
+        train=dict(steps=200, batch_size=16, seq_len=128, max_chars_per_domain=150_000, vocab_size=2048,
+                   eval_every=100, checkpoint_every=100),
+    ),
+    "shipped": dict(
+        model=dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
+                   tie_word_embeddings=True, max_seq_len=512,
+                   moe=dict(num_experts=32, top_k=2, intermediate_size=96, num_shared_experts=1,
+                            aux_loss_coef=0.01, z_loss_coef=0.001)),
+        train=dict(steps=3000, batch_size=32, seq_len=256, max_chars_per_domain=1_000_000, vocab_size=4096,
+                   eval_every=500, checkpoint_every=500),
+    ),
+}
+
+
+def preset(name: str, **train_overrides) -> tuple[ModelConfig, TrainConfig]:
+    """(ModelConfig, TrainConfig) of a named preset; keyword arguments override TrainConfig fields."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    from .moe import MoEConfig
+
+    model_kwargs = dict(PRESETS[name]["model"])
+    moe = MoEConfig(**model_kwargs.pop("moe"))
+    train_kwargs = {**PRESETS[name]["train"], **{k: v for k, v in train_overrides.items() if v is not None}}
+    vocab = train_kwargs.get("vocab_size", TrainConfig.vocab_size)
+    return ModelConfig(vocab_size=vocab, moe=moe, **model_kwargs), TrainConfig(**train_kwargs)
