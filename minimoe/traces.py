@@ -233,17 +233,17 @@ class Trace:
 
     # ---- files -------------------------------------------------------------------------------------------
     def save(self, path) -> None:
-        """Write the trace as a compressed .npz at exactly `path` (or into a binary file object)."""
+        """Write the trace as a compressed .npz at exactly `path` (or into a seekable binary file object)."""
         arrays = dict(experts=self.experts, request=self.request, phase=self.phase, domain=self.domain,
                       model=np.array(self.model), num_experts=np.array(self.num_experts, np.int64),
                       top_k=np.array(self.top_k, np.int64))
         if self.weights is not None:
             arrays["weights"] = self.weights
-        if isinstance(path, (str, os.PathLike)):
-            with open(path, "wb") as file:
-                np.savez_compressed(file, **arrays)
-        else:
-            np.savez_compressed(path, **arrays)
+        # what np.savez_compressed writes, at zlib level 1: ~7x faster, files within a few % of level 6
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+            for name, array in arrays.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
 
     @classmethod
     def load(cls, path) -> Trace:
