@@ -1,0 +1,149 @@
+"""The book's configuration and the shape of its notebooks, checked without executing anything.
+
+- every notebook in book/ is listed in book/_toc.yml, and every entry of the toc exists;
+- the book is built offline: notebooks are executed by the build, and no launch button needs the network;
+- every notebook sets a plotly renderer that embeds plotly.js (figures show in the static book, offline);
+- notebooks are stored without outputs, except the cells whose output nbval checks (``# NBVAL_CHECK_OUTPUT``),
+  which must keep the output of a run (an execution count) so that ``pytest --nbval-lax`` can compare it.
+
+Running the notebooks themselves is nbval's job: ``pytest --nbval-lax --nbval-current-env book/``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+BOOK = Path(__file__).resolve().parent.parent / "book"
+SKIPPED_DIRS = {"_build", ".ipynb_checkpoints"}
+NOTEBOOKS = sorted(p for p in BOOK.rglob("*.ipynb") if not SKIPPED_DIRS & set(p.relative_to(BOOK).parts))
+RENDERER_ASSIGNMENT = re.compile(r"""^\s*(?:plotly\.io|pio)\.renderers\.default\s*=\s*["']([^"']+)["']""", re.M)
+MAX_NOTEBOOK_BYTES = 500_000  # a chapter of prose and code; executed plotly output would be megabytes
+
+
+def load_yaml(name: str) -> dict:
+    return yaml.safe_load((BOOK / name).read_text())
+
+
+def toc_files(node) -> list[str]:
+    """Every ``file:`` entry of a jb-book toc (root, parts, chapters, sections), in order."""
+    found = []
+    if isinstance(node, dict):
+        for key in ("root", "file"):
+            if key in node:
+                found.append(str(node[key]))
+        for key in ("parts", "chapters", "sections"):
+            for child in node.get(key, []) or []:
+                found += toc_files(child)
+    return found
+
+
+def resolve(entry: str) -> Path | None:
+    """The file a toc entry names (an extension is optional in jb-book tocs), or None."""
+    for candidate in (BOOK / entry, BOOK / f"{entry}.ipynb", BOOK / f"{entry}.md"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def code_cells(path: Path) -> list[dict]:
+    notebook = json.loads(path.read_text())
+    return [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+
+
+def source(cell: dict) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def nbval_checks_output(cell: dict) -> bool:
+    """nbval's rule: a comment line ``# NBVAL_CHECK_OUTPUT`` anywhere in the cell, or the tag."""
+    comments = [line.strip().lstrip("#").strip() for line in source(cell).splitlines() if line.strip().startswith("#")]
+    return "NBVAL_CHECK_OUTPUT" in comments or "nbval-check-output" in cell.get("metadata", {}).get("tags", [])
+
+
+def test_there_is_a_book_with_notebooks():
+    assert (BOOK / "_config.yml").is_file() and (BOOK / "_toc.yml").is_file() and (BOOK / "intro.md").is_file()
+    assert NOTEBOOKS, f"no notebook found in {BOOK}"
+
+
+def test_toc_is_a_jupyter_book_toc_rooted_at_the_intro():
+    toc = load_yaml("_toc.yml")
+    assert toc["format"] == "jb-book", f"expected format jb-book, got {toc.get('format')!r}"
+    assert Path(toc["root"]).stem == "intro"
+
+
+def test_every_toc_entry_exists_once():
+    entries = toc_files(load_yaml("_toc.yml"))
+    missing = [entry for entry in entries if resolve(entry) is None]
+    assert not missing, f"_toc.yml lists files that do not exist in book/: {missing}"
+    resolved = [resolve(entry) for entry in entries]
+    duplicates = sorted({str(p.relative_to(BOOK)) for p in resolved if resolved.count(p) > 1})
+    assert not duplicates, f"_toc.yml lists these files more than once: {duplicates}"
+
+
+def test_every_notebook_is_in_the_toc():
+    listed = {resolve(entry) for entry in toc_files(load_yaml("_toc.yml"))}
+    unlisted = [str(p.relative_to(BOOK)) for p in NOTEBOOKS if p not in listed]
+    assert not unlisted, f"notebooks missing from book/_toc.yml: {unlisted}"
+
+
+def test_config_builds_offline():
+    config = load_yaml("_config.yml")
+    assert config["title"] == "minimoe"
+    # committed notebooks carry (almost) no outputs, so the build must execute them
+    assert config["execute"]["execute_notebooks"] in ("cache", "force", "auto"), config["execute"]
+    launch = config.get("launch_buttons", {})
+    for key in ("binderhub_url", "jupyterhub_url", "colab_url"):
+        assert not launch.get(key), f"launch_buttons.{key} needs the network: {launch.get(key)!r}"
+    assert not launch.get("thebe", False), "Thebe needs a remote kernel"
+    html = config.get("html", {})
+    for key in ("use_repository_button", "use_issues_button", "use_edit_page_button"):
+        assert not html.get(key, False), f"html.{key} links to a remote repository"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_sets_an_embedding_plotly_renderer(path):
+    renderers = [match for cell in code_cells(path) for match in RENDERER_ASSIGNMENT.findall(source(cell))]
+    assert renderers, f"{path.name} never sets pio.renderers.default (figures would be missing from the book)"
+    for value in renderers:
+        parts = value.split("+")
+        # "notebook" embeds plotly.js in the output; "notebook_connected" and "iframe_connected" need a CDN
+        assert "notebook" in parts, (f"{path.name} sets pio.renderers.default = {value!r}; use "
+                                     "'plotly_mimetype+notebook', which embeds plotly.js for the offline book")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_only_nbval_checked_cells_keep_outputs(path):
+    assert path.stat().st_size < MAX_NOTEBOOK_BYTES, f"{path.name} is {path.stat().st_size} bytes: strip outputs"
+    for index, cell in enumerate(code_cells(path)):
+        first_line = (source(cell).splitlines() or [""])[0][:60]
+        if nbval_checks_output(cell):
+            assert cell["outputs"], f"{path.name} code cell {index} ({first_line!r}) is NBVAL_CHECK_OUTPUT but " \
+                                    "has no stored output to compare with"
+            assert cell["execution_count"] is not None, (
+                f"{path.name} code cell {index} ({first_line!r}) has outputs but no execution_count: nbval "
+                "reports 'Unrun reference cell has outputs'")
+            for output in cell["outputs"]:
+                data = output.get("data", {})
+                assert not any("plotly" in mime for mime in data), \
+                    f"{path.name} code cell {index}: a plotly figure is stored; keep figures out of checked cells"
+                assert output["output_type"] != "error", f"{path.name} code cell {index} stored an error"
+        else:
+            assert not cell["outputs"], (f"{path.name} code cell {index} ({first_line!r}) has stored outputs; "
+                                         "only NBVAL_CHECK_OUTPUT cells keep theirs")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_has_title_and_version_cell(path):
+    notebook = json.loads(path.read_text())
+    first = notebook["cells"][0]
+    assert first["cell_type"] == "markdown" and source(first).lstrip().startswith("# "), \
+        f"{path.name} must start with a markdown title ('# ...')"
+    assert any("NBVAL_IGNORE_OUTPUT" in source(cell) and "__version__" in source(cell) for cell in code_cells(path)), \
+        f"{path.name} needs a version cell marked # NBVAL_IGNORE_OUTPUT (STYLE.md, 'The book')"
+    assert notebook["metadata"].get("kernelspec", {}).get("name") == "python3", \
+        f"{path.name}: the kernelspec must be python3 so nbval and the book build find the kernel"
