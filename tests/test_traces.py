@@ -272,3 +272,41 @@ def test_random_values_in_one_array_are_rejected_or_valid(seed, name, data):
         return
     loaded.validate()
     assert getattr(loaded, name).reshape(-1)[index] == flat[index]
+
+
+def zip_members(members):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, raw in members:
+            archive.writestr(name, raw)
+    return bytearray(buffer.getvalue())
+
+
+def npy_bytes(array):
+    member = io.BytesIO()
+    np.save(member, array)
+    return member.getvalue()
+
+
+def test_forged_uncompressed_size_is_rejected_before_reading():
+    """A zip directory claiming 2 GiB for a tiny member (a zip bomb's shape) is refused up front."""
+    arrays = trace_arrays(random_trace(15))
+    data = zip_members([(f"{name}.npy", npy_bytes(array)) for name, array in arrays.items()])
+    central = data.index(b"PK\x01\x02")
+    while True:  # find phase.npy's central-directory record; its uncompressed size is at offset 24
+        name_length = int.from_bytes(data[central + 28:central + 30], "little")
+        if data[central + 46:central + 46 + name_length] == b"phase.npy":
+            break
+        central = data.index(b"PK\x01\x02", central + 4)
+    data[central + 24:central + 28] = (2**31).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="more than deflate can produce"):
+        load_bytes(bytes(data))
+
+
+def test_duplicate_members_are_rejected():
+    arrays = trace_arrays(random_trace(16))
+    members = [(f"{name}.npy", npy_bytes(array)) for name, array in arrays.items()]
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        data = zip_members(members + [("experts.npy", npy_bytes(arrays["experts"]))])
+    with pytest.raises(ValueError, match="appears twice"):
+        load_bytes(bytes(data))
