@@ -163,7 +163,7 @@ def _adapter(model):
     raise TypeError(f"record needs a minimoe Transformer or a transformers MoE model, got {type(model).__name__}")
 
 
-def _rows(routes, batch, steps) -> np.ndarray:
+def _rows(routes, batch, steps) -> tuple[np.ndarray, np.ndarray]:
     """Per-layer (B*T, k) ids and weights -> (B, T, L, k) arrays."""
     ids = torch.stack([r[0] for r in routes], dim=1).reshape(batch, steps, len(routes), -1)
     weights = torch.stack([r[1] for r in routes], dim=1).reshape(batch, steps, len(routes), -1)
