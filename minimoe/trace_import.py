@@ -8,7 +8,11 @@
    (`moe_layers`): a model with dense first layers (DeepSeek-V3 `first_k_dense_replace`) or interleaved
    dense/MoE layers (Llama 4) may report rows for every layer; only the MoE ones belong in a trace.
 
-2. JSONL routing logs, one JSON object per line and token:
+2. SGLang `return_routed_experts`: `meta_info["routed_experts"]` is a base64 string of int32 values ordered
+   (token, layer, slot); non-MoE layers hold -1. `from_sglang` decodes and reshapes each payload to
+   (tokens, num_layers, top_k) and hands over to `from_vllm` (with moe_layers="auto" by default).
+
+3. JSONL routing logs, one JSON object per line and token:
 
        {"request": 7, "phase": "decode", "domain": "math", "position": 12,
         "experts": [[3, 17], [5, 1], ...], "weights": [[0.61, 0.39], [0.7, 0.3], ...]}
@@ -25,6 +29,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 
 import numpy as np
@@ -37,7 +43,8 @@ def from_vllm(routed_experts, num_experts: int, prompt_lengths=None, domains=Non
     """Requests' vLLM `routed_experts` arrays, each (S-1, num_layers, top_k), as one Trace (request r = index r).
 
     prompt_lengths: tokens of each request's prompt (rows before it are prefill, after it decode); None marks
-    every phase unknown. domains: one label per request or None. moe_layers: layer indices to keep (axis 1).
+    every phase unknown. domains: one label per request or None. moe_layers: layer indices to keep (axis 1),
+    None = all, "auto" = the layers holding at least one expert id (dense layers reported as all -1 go).
     """
     arrays = [np.asarray(a) for a in routed_experts]
     if not arrays:
@@ -51,6 +58,8 @@ def from_vllm(routed_experts, num_experts: int, prompt_lengths=None, domains=Non
                              f"request 0 has {arrays[0].shape[1:]}")
     lengths = np.array([a.shape[0] for a in arrays])
     experts = np.concatenate(arrays)  # (N, num_layers, top_k)
+    if isinstance(moe_layers, str) and moe_layers == "auto":
+        moe_layers = np.flatnonzero((experts >= 0).any(axis=(0, 2)))
     if moe_layers is not None:
         layer_ids = np.asarray(moe_layers)
         if layer_ids.ndim != 1 or layer_ids.dtype.kind not in "iu" or layer_ids.size == 0 or \
@@ -75,6 +84,24 @@ def from_vllm(routed_experts, num_experts: int, prompt_lengths=None, domains=Non
     request = np.repeat(np.cumsum(keep) - 1, lengths)
     return Trace(experts=experts, request=request, phase=phase, domain=domain, num_experts=num_experts,
                  top_k=experts.shape[2], model=model)
+
+
+def from_sglang(payloads, num_layers: int, top_k: int, num_experts: int, prompt_lengths=None, domains=None,
+                moe_layers="auto", model: str = "") -> Trace:
+    """SGLang routed-experts payloads (base64 int32, or already-decoded arrays), one per request, as a Trace."""
+    arrays = []
+    for index, payload in enumerate(payloads):
+        if isinstance(payload, (str, bytes)):
+            try:
+                payload = np.frombuffer(base64.b64decode(payload, validate=True), dtype="<i4")
+            except (binascii.Error, ValueError) as error:
+                raise ValueError(f"payloads[{index}] is not base64 of int32 values ({error})") from None
+        flat = np.asarray(payload).reshape(-1)
+        if flat.size % (num_layers * top_k):
+            raise ValueError(f"payloads[{index}] has {flat.size} ids, not a multiple of num_layers·top_k = "
+                             f"{num_layers}·{top_k}")
+        arrays.append(flat.reshape(-1, num_layers, top_k))
+    return from_vllm(arrays, num_experts, prompt_lengths, domains, moe_layers, model)
 
 
 def _phase_code(value, line: int) -> int:

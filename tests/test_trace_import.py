@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minimoe.trace_import import from_jsonl, from_vllm
+from minimoe.trace_import import from_jsonl, from_sglang, from_vllm
 from minimoe.traces import Trace
 
 FUZZ = settings(max_examples=25, deadline=None)
@@ -145,3 +145,22 @@ def test_from_jsonl_fuzz_only_value_errors(lines):
     except ValueError:
         return
     trace.validate()
+
+
+def test_from_sglang_decodes_base64_and_drops_dense_layers():
+    import base64
+    trace, prompt, labels = reference(4, num_layers=2)
+    starts, ends = trace.request_ranges()
+    payloads = []
+    for s, e in zip(starts, ends):
+        rows = np.full((e - s, 3, 2), -1, np.int32)  # layer 0 is dense: all -1
+        rows[:, 1:] = trace.experts[s:e]
+        payloads.append(base64.b64encode(rows.astype("<i4").tobytes()).decode())
+    imported = from_sglang(payloads, num_layers=3, top_k=2, num_experts=16, prompt_lengths=prompt,
+                           domains=list(labels), model="m")
+    trace.weights = None
+    assert imported == trace
+    with pytest.raises(ValueError, match="not base64"):
+        from_sglang(["@@@"], num_layers=3, top_k=2, num_experts=16)
+    with pytest.raises(ValueError, match="multiple of"):
+        from_sglang([np.zeros(5, np.int32)], num_layers=3, top_k=2, num_experts=16)
