@@ -1,8 +1,9 @@
 """transformers interop: the same weights, two implementations, identical logits.
 
 ``from_hf(hf_model) -> Transformer`` and ``to_hf(model) -> transformers model`` move a model across by
-renaming tensors; no tensor is transposed, permuted or re-rounded, so a round trip is exact
-(``torch.equal`` for every tensor). transformers' decoder-only families all share Llama's layout:
+renaming tensors (and transposing stacked expert weights, see ``minimoe.hf_moe``); no value is permuted or
+re-rounded, so a round trip is exact (``torch.equal`` for every tensor) in any dtype. Both copy the tensors
+and keep their dtype and device. transformers' decoder-only families all share Llama's layout:
 
     ours                            transformers
     embed.weight                    model.embed_tokens.weight
@@ -15,9 +16,10 @@ renaming tensors; no tensor is transposed, permuted or re-rounded, so a round tr
     lm_head.weight                  lm_head.weight                              (tied: the embedding)
 
 What differs between families is the config and the MoE feed-forward block, so the conversion dispatches
-on ``config.model_type`` to a *family* object (``minimoe.hf_llama.LlamaFamily`` is the model):
-``config_from_hf``, ``config_to_hf``, ``matches`` and ``moe_family`` (None for dense models, else the
-name ``minimoe.hf_moe`` uses to convert that family's MoE blocks). ``FAMILIES`` lists the supported ones.
+on ``config.model_type`` to a *family* (``minimoe.hf_llama.LlamaFamily`` documents the interface;
+``minimoe.hf_moe_models`` holds Mixtral, Qwen3-MoE and OLMoE). An MoE layer's block (``mlp.gate``,
+``mlp.experts.*``) is converted as a whole by ``minimoe.hf_moe``. ``FAMILIES`` lists what is supported.
+DeepSeek-V3 and Llama 4 convert at block level only (``minimoe.hf_moe``): their attention is out of scope.
 
 No hub access: models are built from configs, or read from a local directory with ``load_hf(path)``.
 """
@@ -27,9 +29,11 @@ from __future__ import annotations
 import torch
 
 from .hf_llama import LlamaFamily
+from .hf_moe import load_moe_block_state_from_hf, moe_block_state_to_hf
+from .hf_moe_models import MixtralFamily, OlmoeFamily, Qwen3MoeFamily
 from .model import ModelConfig, Transformer
 
-FAMILIES = {family.model_type: family for family in (LlamaFamily,)}
+FAMILIES = {family.model_type: family for family in (LlamaFamily, MixtralFamily, Qwen3MoeFamily, OlmoeFamily)}
 
 TOP_LEVEL_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                    "lm_head.weight": "lm_head.weight"}
@@ -56,14 +60,6 @@ def family_of(model_type: str):
     return FAMILIES[model_type]
 
 
-def _moe_module():
-    try:
-        from . import hf_moe
-    except ImportError as err:
-        raise ValueError(f"MoE conversion needs minimoe.hf_moe, which could not be imported ({err})") from None
-    return hf_moe
-
-
 # --------------------------------------------------------------------------------------------------
 # configs
 # --------------------------------------------------------------------------------------------------
@@ -79,25 +75,24 @@ def config_to_hf(config: ModelConfig, model_type: str | None = None):
     the model came from transformers, else the first family that can hold the config."""
     import transformers
 
-    family = _family_for(config, model_type)
-    config_class = getattr(transformers, family.hf_config_class)
-    return config_class(**family.config_to_hf(config))
+    family, settings = _family_for(config, model_type)
+    return getattr(transformers, family.hf_config_class)(**settings)
 
 
 def _family_for(config: ModelConfig, model_type: str | None):
+    """(family, its transformers config keyword arguments); a ValueError says why no family fits."""
     if model_type is None:
         model_type = config.extra.get("hf_model_type")
     if model_type is not None:
         family = family_of(model_type)
-        if not family.matches(config):
-            raise ValueError(f"a {model_type!r} model cannot hold this config (moe={config.moe}, "
-                             f"qk_norm={config.qk_norm!r})")
-        return family
+        return family, family.config_to_hf(config)
+    reasons = []
     for family in FAMILIES.values():
-        if family.matches(config):
-            return family
-    raise ValueError(f"no supported transformers family holds this config (moe={config.moe}, "
-                     f"qk_norm={config.qk_norm!r}); supported: {sorted(FAMILIES)}")
+        try:
+            return family, family.config_to_hf(config)
+        except ValueError as err:
+            reasons.append(str(err))
+    raise ValueError("no supported transformers family holds this config: " + "; ".join(reasons))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,14 +125,13 @@ def from_hf(hf_model) -> Transformer:
         used.add(theirs)
     for index, layer in enumerate(model.layers):
         if config.is_moe_layer(index):
-            hf_block = hf_model.model.layers[index].mlp
-            layer.ffn = _moe_module().moe_from_hf_block(hf_block, family.moe_family).to(
-                device=reference.device, dtype=reference.dtype)
-            used.update(f"model.layers.{index}.mlp.{key}" for key in hf_block.state_dict())
+            block_state = hf_model.model.layers[index].mlp.state_dict()
+            load_moe_block_state_from_hf(layer.ffn, block_state, family.moe_family)  # checks every key and shape
+            used.update(f"model.layers.{index}.mlp.{key}" for key in block_state)
     unused = sorted(set(hf_state) - used)
     if unused:
         raise ValueError(f"{family.hf_class} holds tensors our model has no place for: {unused[:8]}")
-    model.load_state_dict(state, strict=False)  # strict=False only for the MoE blocks, set above
+    model.load_state_dict(state, strict=False)  # strict=False only for the MoE blocks, loaded above
     return model.train(hf_model.training)
 
 
@@ -150,13 +144,14 @@ def to_hf(model: Transformer, model_type: str | None = None, attn_implementation
 
     if not isinstance(model, Transformer):
         raise TypeError(f"to_hf expects a minimoe Transformer, got {type(model).__name__}")
-    family = _family_for(model.config, model_type)
-    hf_config = config_to_hf(model.config, family.model_type)
+    family, settings = _family_for(model.config, model_type)
+    hf_config = getattr(transformers, family.hf_config_class)(**settings)
     hf_config._attn_implementation = attn_implementation
     hf_model = getattr(transformers, family.hf_class)(hf_config)
     state = state_to_hf(model, family.model_type)
     expected = hf_model.state_dict()
-    wrong = sorted(set(expected) ^ set(state)) + [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    wrong = sorted(set(expected) ^ set(state))
+    wrong += [key for key in state if key in expected and state[key].shape != expected[key].shape]
     if wrong:
         raise ValueError(f"our weights do not fit {family.hf_class}: {wrong[:8]}")
     with torch.no_grad():
@@ -170,14 +165,14 @@ def to_hf(model: Transformer, model_type: str | None = None, attn_implementation
 
 def state_to_hf(model: Transformer, model_type: str | None = None) -> dict[str, torch.Tensor]:
     """Our weights under transformers names (detached copies), ready for ``load_state_dict``."""
-    family = _family_for(model.config, model_type)
+    family, _ = _family_for(model.config, model_type)
     state = {}
     for name, tensor in model.state_dict().items():
         if _moe_layer_index(model, name) is None:
             state[hf_name(name)] = tensor.detach().clone()
     for index, layer in enumerate(model.layers):
         if model.config.is_moe_layer(index):
-            block_state = _moe_module().moe_block_state_to_hf(layer.ffn, family.moe_family)
+            block_state = moe_block_state_to_hf(layer.ffn, family.moe_family)
             state.update({f"model.layers.{index}.mlp.{key}": value.detach().clone()
                           for key, value in block_state.items()})
     return state

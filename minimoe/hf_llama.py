@@ -111,25 +111,22 @@ def common_to_hf(config: ModelConfig) -> dict:
 
 
 class LlamaFamily:
-    """``LlamaForCausalLM`` <-> a dense ``Transformer`` (no q/k norm, SwiGLU in every layer)."""
+    """``LlamaForCausalLM`` <-> a dense ``Transformer`` (no q/k norm, SwiGLU in every layer).
 
-    model_type = "llama"
-    hf_class = "LlamaForCausalLM"
-    hf_config_class = "LlamaConfig"
-    moe_family = None  # dense: the feed-forward weights map name by name
+    A family: ``config_from_hf`` reads a transformers config; ``config_to_hf`` returns the keyword arguments
+    of ``hf_config_class`` or raises a ValueError naming what the family cannot hold; ``moe_family`` is the
+    ``minimoe.hf_moe`` name of its MoE blocks (None: dense).
+    """
+
+    model_type, hf_class, hf_config_class, moe_family = "llama", "LlamaForCausalLM", "LlamaConfig", None
 
     @staticmethod
     def config_from_hf(hf_config) -> ModelConfig:
         return ModelConfig(**common_from_hf(hf_config, qk_norm=None), intermediate_size=hf_config.intermediate_size)
 
     @staticmethod
-    def matches(config: ModelConfig) -> bool:
-        """Can a Llama model hold this config? (``to_hf`` uses it to pick a family.)"""
-        return config.moe is None and config.qk_norm is None
-
-    @staticmethod
     def config_to_hf(config: ModelConfig) -> dict:
         if config.moe is not None or config.qk_norm is not None:
-            raise ValueError(f"a Llama model has no MoE layers and no q/k norm; got moe={config.moe}, "
-                             f"qk_norm={config.qk_norm!r}")
+            raise ValueError(f"a 'llama' model has no MoE layers and no q/k norm, got "
+                             f"moe={'set' if config.moe is not None else None}, qk_norm={config.qk_norm!r}")
         return dict(common_to_hf(config), intermediate_size=config.intermediate_size, mlp_bias=False)

@@ -252,7 +252,7 @@ def test_sliding_window_is_rejected():
 
 def test_unsupported_models_and_arguments_are_rejected():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16))
-    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported; supported: .*'llama'"):
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported; supported: .*'llama', 'mixtral'"):
         from_hf(gpt2)
     with pytest.raises(TypeError, match="expects a LlamaForCausalLM .* got LlamaModel"):
         from_hf(LlamaModel(tiny_llama_config()))
@@ -261,9 +261,9 @@ def test_unsupported_models_and_arguments_are_rejected():
     with pytest.raises(TypeError, match="got LlamaForCausalLM"):
         to_hf(LlamaForCausalLM(tiny_llama_config()))
     head_norm = make_model(qk_norm="head")
-    with pytest.raises(ValueError, match="no supported transformers family holds this config .*qk_norm='head'"):
+    with pytest.raises(ValueError, match="no supported transformers family holds this config: .*qk_norm='head'"):
         to_hf(head_norm)
-    with pytest.raises(ValueError, match="a 'llama' model cannot hold this config .*qk_norm='full'"):
+    with pytest.raises(ValueError, match="a 'llama' model has no MoE layers and no q/k norm, got moe=None, qk_norm='full'"):
         to_hf(make_model(qk_norm="full"), model_type="llama")
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
         to_hf(make_model(), model_type="gpt2")
