@@ -18,8 +18,9 @@ full (not sliding-window) attention, no MLP biases. Anything else raises a Value
 because a silently different model is worse than no model. The token ids (bos / eos / pad) do not change
 the logits; they travel in ``ModelConfig.extra`` so that a round trip keeps them.
 
-The helpers ``rope_from_hf``, ``rope_to_hf``, ``check_hf_common`` and ``common_from_hf`` are shared by the
-MoE families (Mixtral, Qwen3-MoE, OLMoE), whose attention and RoPE are Llama's.
+The helpers ``rope_from_hf``, ``rope_to_hf``, ``check_hf_common``, ``common_from_hf`` and ``common_to_hf`` are
+shared by the MoE families (``minimoe.hf_moe_models``: Mixtral, Qwen3-MoE, OLMoE), whose attention and RoPE
+are Llama's.
 """
 
 from __future__ import annotations
@@ -32,13 +33,10 @@ TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def rope_from_hf(hf_config) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from a transformers config's ``rope_parameters``."""
-    params = dict(getattr(hf_config, "rope_parameters", None) or {})
-    if not params and getattr(hf_config, "rope_theta", None) is not None:  # transformers < 5 spelling
-        params = {"rope_type": "default", "rope_theta": hf_config.rope_theta,
-                  **(getattr(hf_config, "rope_scaling", None) or {})}
-    if "rope_layers" in params or any(isinstance(v, dict) for v in params.values()):
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})  # transformers >= 5 keeps RoPE here
+    if any(isinstance(value, dict) for value in params.values()):
         raise ValueError(f"per-layer-type rope_parameters are not supported, got {params}")
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_type = params.get("rope_type", "default")
     partial = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None))
     if partial not in (None, 1, 1.0):
         raise ValueError(f"partial_rotary_factor={partial} is not supported: RoPE must rotate the whole head (1.0)")
