@@ -1,0 +1,248 @@
+"""Workload-aware request grouping: which GPU (data-parallel rank) each request runs on.
+
+A request's tokens start their all-to-all on the request's GPU. Paper 2's finding that the experts a
+request uses in prefill predict those it uses in decode (and ELDR's use of it, REFERENCES.md §3) means
+that requests with similar prefill *signatures* can share a node with the experts they will need.
+
+The signature of request ``q`` is its expert histogram over the fitting tokens (by default its prefill
+tokens), one distribution per layer: ``x[q, l, e] = (pairs of q routed to e in layer l) / tokens of q``.
+
+Methods of :func:`group` (all *balanced*: with ``balance="requests"`` GPU ``g`` gets exactly
+``R // G + (g < R % G)`` requests; with ``balance="tokens"`` GPUs get about equal fitting tokens):
+
+* ``random``    a seeded random balanced assignment (the baseline);
+* ``domain``    requests sorted by domain label then id, cut into consecutive GPU chunks, so each node
+                serves few domains;
+* ``signature`` without a placement: balanced k-means of the signatures (k-means++ start, then
+                Lloyd steps whose assignment step respects the capacities) into one cluster per node,
+                then again inside each node into its GPUs. With ``placement=``: each request goes to the
+                node where, under that placement and the routing rule of ``Placement.route``, its
+                fitting tokens reach the fewest remote nodes, then to the GPU of that node holding most of
+                its experts.
+
+The balanced assignment maximises the summed score greedily (requests with the largest regret
+first), then improves it by pairwise exchanges between every two bins. :func:`group_and_place`
+alternates signature grouping and locality placement and keeps the best round by fitted traffic.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from minimoe.placement import Placement, place
+from minimoe.topology import Topology
+
+METHODS = ("random", "domain", "signature")
+
+
+def group(trace, topology: Topology, method: str = "signature", seed: int = 0, placement: Placement | None = None,
+          tokens=None, balance: str = "requests") -> np.ndarray:
+    """Source GPU rank of every request, int64 (num_requests,). See the module docstring."""
+    if not isinstance(topology, Topology):
+        raise TypeError(f"topology must be a minimoe.topology.Topology, got {type(topology).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"unknown grouping method {method!r}; expected one of {list(METHODS)}")
+    if balance not in ("requests", "tokens"):
+        raise ValueError(f"balance must be 'requests' or 'tokens', got {balance!r}")
+    num_requests = int(trace.request.max()) + 1 if trace.request.size else 0
+    rows = _fit_rows(trace, tokens)
+    size = np.ones(num_requests) if balance == "requests" else \
+        np.bincount(trace.request[rows], minlength=num_requests).astype(float)
+    num_gpus = topology.num_gpus
+    rng = np.random.default_rng(seed)
+    if method in ("random", "domain"):
+        if method == "random":
+            order = rng.permutation(num_requests)
+        else:
+            if not (trace.domain.shape[0] == trace.experts.shape[0] and trace.experts.shape[0] > 0):
+                raise ValueError("grouping method 'domain' needs a trace with domain labels")
+            labels = trace.domain[np.searchsorted(trace.request, np.arange(num_requests))]
+            order = np.lexsort((np.arange(num_requests), labels))
+        return _cut(order, size, num_gpus)
+    gpu_capacity = _capacity(size, num_gpus)
+    node_capacity = gpu_capacity.reshape(topology.num_nodes, -1).sum(1)
+    if placement is not None:
+        placement.check_topology(topology)
+        node_score = -_remote_cost(trace, placement, rows, num_requests)
+        node = _assign(node_score, node_capacity, size)
+        gpu_score = _hosted_pairs(trace, placement, rows, num_requests)
+    else:
+        signature = _signatures(trace, rows, num_requests)
+        node = _balanced_kmeans(signature, node_capacity, size, rng)
+    sources = np.empty(num_requests, dtype=np.int64)
+    for n in range(topology.num_nodes):
+        members = np.flatnonzero(node == n)
+        capacity = gpu_capacity[n * topology.gpus_per_node:(n + 1) * topology.gpus_per_node]
+        if placement is not None:
+            local = _assign(gpu_score[members][:, n * topology.gpus_per_node:(n + 1) * topology.gpus_per_node],
+                            capacity, size[members])
+        else:
+            local = _balanced_kmeans(signature[members], capacity, size[members], rng)
+        sources[members] = n * topology.gpus_per_node + local
+    return sources
+
+
+def group_and_place(trace, topology: Topology, rounds: int = 2, seed: int = 0, tokens=None,
+                    balance: str = "requests", **place_options):
+    """Alternate signature grouping and locality placement; returns (sources, placement) of the round
+    with the least fitted inter-node traffic. ``place_options`` go to ``place(..., method="locality")``."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
+    rows = _fit_rows(trace, tokens)
+    mask = np.zeros(trace.experts.shape[0], dtype=bool)
+    mask[rows] = True
+    num_requests = int(trace.request.max()) + 1
+    sources = group(trace, topology, "signature", seed=seed, tokens=mask, balance=balance)
+    placement = place(trace, topology, "locality", sources=sources, tokens=mask, **place_options)
+    cost_of = _remote_cost(trace, placement, rows, num_requests)
+    best = (cost_of[np.arange(num_requests), sources // topology.gpus_per_node].sum(), sources, placement)
+    for _ in range(rounds):
+        sources = group(trace, topology, "signature", seed=seed, placement=placement, tokens=mask, balance=balance)
+        placement = place(trace, topology, "locality", sources=sources, tokens=mask, **place_options)
+        cost_of = _remote_cost(trace, placement, rows, num_requests)
+        cost = cost_of[np.arange(num_requests), sources // topology.gpus_per_node].sum()
+        if cost < best[0]:
+            best = (cost, sources, placement)
+    return best[1], best[2]
+
+
+# ---- fitting data -----------------------------------------------------------------------------------------
+def _fit_rows(trace, tokens):
+    """Row indices of the fitting tokens: the mask if given, else prefill tokens, else all tokens."""
+    if tokens is not None:
+        tokens = np.asarray(tokens)
+        if tokens.dtype != bool or tokens.shape != (trace.experts.shape[0],):
+            raise ValueError(f"tokens must be a bool mask of shape ({trace.experts.shape[0]},), "
+                             f"got dtype {tokens.dtype} shape {tokens.shape}")
+        return np.flatnonzero(tokens)
+    prefill = np.flatnonzero(trace.phase == 0)
+    return prefill if prefill.size else np.arange(trace.experts.shape[0])
+
+
+def _signatures(trace, rows, num_requests):
+    """(R, L*E) float32: per request and layer, the expert histogram divided by the request's tokens."""
+    experts = trace.experts[rows].astype(np.int64)  # (T, L, k)
+    num_layers, num_experts = experts.shape[1], trace.num_experts
+    column = np.arange(num_layers)[None, :, None] * num_experts + experts
+    request = np.broadcast_to(trace.request[rows][:, None, None], experts.shape)
+    valid = experts >= 0
+    width = num_layers * num_experts
+    counts = np.bincount(request[valid] * width + column[valid], minlength=num_requests * width)
+    signature = counts.reshape(num_requests, width).astype(np.float32)
+    tokens = np.bincount(trace.request[rows], minlength=num_requests)
+    return signature / np.maximum(tokens, 1)[:, None]
+
+
+def _remote_cost(trace, placement, rows, num_requests):
+    """(R, N): remote nodes summed over a request's fitting tokens and layers, if it ran on node n."""
+    per_node, num_nodes = placement.gpus_per_node, placement.num_nodes
+    cost = np.zeros((num_requests, num_nodes))
+    request = trace.request[rows]
+    for layer in range(placement.num_layers):
+        experts = trace.experts[rows, layer].astype(np.int64)
+        valid = experts >= 0
+        for node in range(num_nodes):
+            source = np.full(len(rows), node * per_node)
+            slots = placement.route(layer, experts, source, rows)
+            nodes = np.sort(np.where(valid, placement.node_of_slot[np.maximum(slots, 0)], node), axis=1)
+            first = np.ones(nodes.shape, dtype=bool)
+            first[:, 1:] = nodes[:, 1:] != nodes[:, :-1]
+            remote = (first & (nodes != node)).sum(axis=1)
+            cost[:, node] += np.bincount(request, weights=remote, minlength=num_requests)
+    return cost
+
+
+def _hosted_pairs(trace, placement, rows, num_requests):
+    """(R, G): fitting pairs of each request whose expert has a replica on GPU g."""
+    hosts = placement.hosts("gpu")  # (L, E, G)
+    score = np.zeros((num_requests, placement.num_gpus))
+    request = trace.request[rows]
+    for layer in range(placement.num_layers):
+        experts = trace.experts[rows, layer].astype(np.int64)
+        valid = experts >= 0
+        per_token = (hosts[layer][np.maximum(experts, 0)] * valid[..., None]).sum(axis=1)  # (T, G)
+        for gpu in range(placement.num_gpus):
+            score[:, gpu] += np.bincount(request, weights=per_token[:, gpu], minlength=num_requests)
+    return score
+
+
+# ---- balanced assignment ----------------------------------------------------------------------------------
+def _capacity(size, num_bins):
+    """Target total size per bin: equal counts (unit sizes) or equal shares of the total."""
+    if np.all(size == 1):
+        count = len(size)
+        return (count // num_bins + (np.arange(num_bins) < count % num_bins)).astype(float)
+    return np.full(num_bins, size.sum() / num_bins)
+
+
+def _cut(order, size, num_bins):
+    """Bin of each item when ``order`` is cut into consecutive chunks of the target sizes."""
+    capacity = _capacity(size, num_bins)
+    bins = np.empty(len(order), dtype=np.int64)
+    if np.all(size == 1):
+        bins[order] = np.repeat(np.arange(num_bins), capacity.astype(np.int64))
+        return bins
+    centre = np.cumsum(size[order]) - size[order] / 2  # an item goes to the chunk holding its middle
+    bins[order] = np.minimum((centre / capacity[0]).astype(np.int64), num_bins - 1)
+    return bins
+
+
+def _assign(score, capacity, size, passes=10):
+    """Bin per item maximising sum score[i, bin[i]] with each bin's total size within its capacity."""
+    num_items, num_bins = score.shape
+    exact = np.all(size == 1)
+    limit = capacity if exact else capacity + size.max()  # token balance: allow one request of slack
+    ordered = np.sort(score, axis=1)
+    regret = ordered[:, -1] - (ordered[:, -2] if num_bins > 1 else 0)
+    bins, used = np.empty(num_items, dtype=np.int64), np.zeros(num_bins)
+    for item in np.lexsort((-size, -regret)):
+        fits = used + size[item] <= limit + 1e-9
+        choice = int(np.argmax(np.where(fits, score[item], -np.inf))) if fits.any() else int(np.argmin(used - limit))
+        bins[item] = choice
+        used[choice] += size[item]
+    for _ in range(passes):  # pairwise exchanges between bins a and b
+        improved = False
+        for a in range(num_bins):
+            for b in range(a + 1, num_bins):
+                in_a, in_b = np.flatnonzero(bins == a), np.flatnonzero(bins == b)
+                want_b = score[in_a, b] - score[in_a, a]
+                want_a = score[in_b, a] - score[in_b, b]
+                order_a, order_b = in_a[np.argsort(-want_b)], in_b[np.argsort(-want_a)]
+                for i, j in zip(order_a, order_b):
+                    gain = score[i, b] - score[i, a] + score[j, a] - score[j, b]
+                    if gain <= 1e-12:
+                        break
+                    moved = size[i] - size[j]
+                    if not exact and (used[b] + moved > limit[b] + 1e-9 or used[a] - moved > limit[a] + 1e-9):
+                        continue
+                    bins[i], bins[j] = b, a
+                    used[a] -= moved
+                    used[b] += moved
+                    improved = True
+        if not improved:
+            break
+    return bins
+
+
+def _balanced_kmeans(points, capacity, size, rng, iterations=20):
+    """Balanced k-means: cluster per point (n,), clusters sized by ``capacity`` (k,)."""
+    num_points, num_clusters = len(points), len(capacity)
+    if num_clusters == 1 or num_points == 0:
+        return np.zeros(num_points, dtype=np.int64)
+    centres = [points[rng.integers(num_points)]]
+    for _ in range(1, num_clusters):  # k-means++ seeding
+        distance = np.min([((points - c) ** 2).sum(1) for c in centres], axis=0)
+        total = distance.sum()
+        pick = rng.choice(num_points, p=distance / total) if total > 0 else rng.integers(num_points)
+        centres.append(points[pick])
+    centres = np.stack(centres)
+    labels = None
+    for _ in range(iterations):
+        score = 2 * points @ centres.T - (centres ** 2).sum(1)[None, :]  # -|x - c|^2 + |x|^2
+        new = _assign(score.astype(np.float64), capacity, size)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        for c in range(num_clusters):
+            if (labels == c).any():
+                centres[c] = points[labels == c].mean(0)
+    return labels

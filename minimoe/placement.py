@@ -1,0 +1,282 @@
+"""Expert placement: which GPU slots hold which experts, in every MoE layer.
+
+A placement of ``E`` logical experts on ``G`` GPUs with ``R`` physical slots per layer (``R >= E``,
+``R`` a multiple of ``G``) is the table ``phy2log[l, s]`` = the expert held by slot ``s`` of layer ``l``;
+slot ``s`` lives on GPU ``s // (R / G)`` and node ``GPU // gpus_per_node`` (DeepSeek-EPLB's convention,
+also used by vLLM and SGLang). Experts with several slots are *replicas*; ``R - E`` slots are spares.
+
+Which replica serves a token (``Placement.route``) is fixed here so that traffic accounting and the
+expert-parallel layer agree: **nearest first** — a replica on the token's own GPU, else one on its
+node, else any; among equally near replicas the token takes ``candidates[token_index % count]``
+(candidates in slot order), which spreads tokens evenly, like vLLM's ``position % replica_count``.
+
+Methods of :func:`place` (fitted per layer on a trace's routing):
+
+* ``contiguous``  expert ``e`` on GPU ``floor(e * G / E)`` (what engines do by default);
+* ``round_robin`` expert ``e`` on GPU ``e % G``;
+  both fill spare slots with copies of the experts with the highest load per replica, in GPU order;
+* ``eplb``        DeepSeek's load balancer (``minimoe.eplb``), on the trace's per-expert token counts;
+* ``locality``    co-activation and demand aware placement (``minimoe.locality``).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from minimoe.eplb import eplb, eplb_numpy, replicate_experts  # noqa: F401  (eplb is an entry point)
+from minimoe.topology import Topology
+
+METHODS = ("contiguous", "round_robin", "eplb", "locality")
+
+
+class Placement:
+    """``phy2log`` (L, R) int64 on ``num_nodes x gpus_per_node`` GPUs; validated on construction."""
+
+    def __init__(self, phy2log, num_experts: int, num_nodes: int, gpus_per_node: int, method: str = ""):
+        phy2log = np.asarray(phy2log)
+        if phy2log.ndim != 2 or phy2log.dtype.kind not in "iu":
+            raise ValueError(f"phy2log must be a 2-D integer array [num_layers, num_slots], "
+                             f"got dtype {phy2log.dtype} shape {phy2log.shape}")
+        self.phy2log = phy2log.astype(np.int64)
+        self.topology = Topology(num_nodes=num_nodes, gpus_per_node=gpus_per_node)
+        if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        self.num_experts = int(num_experts)
+        self.method = str(method)
+        self.validate()
+
+    # ---- shape --------------------------------------------------------------------------------------------
+    num_layers = property(lambda self: self.phy2log.shape[0])
+    num_slots = property(lambda self: self.phy2log.shape[1])
+    num_gpus = property(lambda self: self.topology.num_gpus)
+    num_nodes = property(lambda self: self.topology.num_nodes)
+    gpus_per_node = property(lambda self: self.topology.gpus_per_node)
+    slots_per_gpu = property(lambda self: self.num_slots // self.num_gpus)
+
+    @property
+    def gpu_of_slot(self) -> np.ndarray:
+        return np.arange(self.num_slots) // self.slots_per_gpu  # (R,)
+
+    @property
+    def node_of_slot(self) -> np.ndarray:
+        return self.gpu_of_slot // self.gpus_per_node  # (R,)
+
+    def replica_counts(self) -> np.ndarray:
+        """(L, E) number of slots of each expert."""
+        offsets = (np.arange(self.num_layers) * self.num_experts)[:, None]
+        return np.bincount((self.phy2log + offsets).ravel(),
+                           minlength=self.num_layers * self.num_experts).reshape(self.num_layers, -1)
+
+    def hosts(self, level: str = "node") -> np.ndarray:
+        """(L, E, nodes or GPUs) bool: does that node/GPU hold a replica of the expert?"""
+        owner = self.node_of_slot if level == "node" else self.gpu_of_slot
+        size = self.num_nodes if level == "node" else self.num_gpus
+        table = np.zeros((self.num_layers, self.num_experts, size), dtype=bool)
+        layers = np.repeat(np.arange(self.num_layers), self.num_slots)
+        table[layers, self.phy2log.ravel(), np.tile(owner, self.num_layers)] = True
+        return table
+
+    # ---- checks -------------------------------------------------------------------------------------------
+    def validate(self) -> "Placement":
+        """Raise ValueError unless every expert has a slot and every GPU the same slot count."""
+        if self.num_slots == 0 or self.num_layers == 0:
+            raise ValueError(f"phy2log must have at least one layer and one slot, got shape {self.phy2log.shape}")
+        if self.num_slots % self.num_gpus:
+            raise ValueError(f"{self.num_slots} slots per layer do not divide over {self.num_gpus} GPUs "
+                             f"({self.num_nodes} nodes x {self.gpus_per_node}); slots per GPU must be equal")
+        if self.num_slots < self.num_experts:
+            raise ValueError(f"{self.num_slots} slots cannot hold {self.num_experts} experts")
+        low, high = int(self.phy2log.min()), int(self.phy2log.max())
+        if low < 0 or high >= self.num_experts:
+            raise ValueError(f"phy2log holds expert ids in [{low}, {high}], expected [0, {self.num_experts - 1}]")
+        counts = self.replica_counts()
+        if (counts == 0).any():
+            layer, expert = np.argwhere(counts == 0)[0]
+            raise ValueError(f"expert {expert} of layer {layer} has no slot (unplaced); "
+                             f"every expert needs at least one")
+        assert (counts.sum(1) == self.num_slots).all()  # replicas counted: every slot holds one expert
+        return self
+
+    def check_topology(self, topology: Topology) -> None:
+        if (topology.num_nodes, topology.gpus_per_node) != (self.num_nodes, self.gpus_per_node):
+            raise ValueError(f"placement is for {self.num_nodes}x{self.gpus_per_node} GPUs, "
+                             f"topology is {topology.num_nodes}x{topology.gpus_per_node}")
+        if topology.slots_per_gpu is not None and topology.slots_per_gpu != self.slots_per_gpu:
+            raise ValueError(f"placement has {self.slots_per_gpu} slots per GPU, topology {topology.slots_per_gpu}")
+
+    # ---- routing: which replica serves a token ------------------------------------------------------------
+    def candidate_table(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """For source GPU g and expert e: the nearest replicas ``cand[g, e, :count[g, e]]`` in slot order.
+
+        Returns ``cand`` (G, E, maxcnt) int64 (-1 padded) and ``count`` (G, E) int64.
+        """
+        slot_of = np.argsort(self.phy2log[layer], kind="stable")  # slots grouped by expert, in slot order
+        counts = np.bincount(self.phy2log[layer], minlength=self.num_experts)  # (E,)
+        max_count = int(counts.max())
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        column = np.arange(max_count)
+        valid = column[None, :] < counts[:, None]  # (E, maxcnt)
+        slots = np.where(valid, slot_of[np.minimum(starts[:, None] + column, self.num_slots - 1)], -1)
+        gpus = np.arange(self.num_gpus)
+        slot_gpu = self.gpu_of_slot[slots]  # (E, maxcnt)
+        distance = np.where(slot_gpu[None] == gpus[:, None, None], 0,
+                            np.where(slot_gpu[None] // self.gpus_per_node
+                                     == (gpus // self.gpus_per_node)[:, None, None], 1, 2))  # (G, E, maxcnt)
+        distance = np.where(valid[None], distance, 3)
+        best = distance == distance.min(axis=2, keepdims=True)
+        order = np.argsort(~best, axis=2, kind="stable")  # nearest first, slot order kept
+        cand = np.take_along_axis(np.broadcast_to(slots, distance.shape), order, axis=2)
+        count = best.sum(axis=2)
+        cand = np.where(column[None, None, :] < count[..., None], cand, -1)
+        return cand, count
+
+    def route(self, layer: int, experts: np.ndarray, source_gpu: np.ndarray, token_index: np.ndarray):
+        """Slot serving each (token, expert): experts (T, k) (-1 = none), source_gpu (T,), token_index (T,).
+
+        Returns (T, k) int64 slots, -1 where the expert is -1.
+        """
+        cand, count = self.candidate_table(layer)
+        experts = np.asarray(experts, dtype=np.int64)
+        safe = np.maximum(experts, 0)
+        source = np.asarray(source_gpu, dtype=np.int64)[:, None]
+        pick = np.asarray(token_index, dtype=np.int64)[:, None] % count[source, safe]
+        return np.where(experts >= 0, cand[source, safe, pick], -1)
+
+    # ---- export -------------------------------------------------------------------------------------------
+    def to_eplb(self):
+        """DeepSeek-EPLB form as torch int64 tensors (like ``eplb``): ``phy2log [L, R]``,
+        ``log2phy [L, E, maxcnt]`` (slots of each expert in slot order, -1 padded), ``logcnt [L, E]``."""
+        import torch
+
+        counts = self.replica_counts()
+        max_count = int(counts.max())
+        log2phy = np.full((self.num_layers, self.num_experts, max_count), -1, dtype=np.int64)
+        for layer in range(self.num_layers):
+            order = np.argsort(self.phy2log[layer], kind="stable")
+            rank = np.arange(self.num_slots) - np.repeat(np.cumsum(counts[layer]) - counts[layer], counts[layer])
+            log2phy[layer, self.phy2log[layer, order], rank] = order
+        return tuple(torch.from_numpy(a) for a in (self.phy2log.copy(), log2phy, counts.astype(np.int64)))
+
+    def to_dict(self) -> dict:
+        return dict(format="minimoe.placement/1", method=self.method, num_experts=self.num_experts,
+                    num_nodes=self.num_nodes, gpus_per_node=self.gpus_per_node, phy2log=self.phy2log.tolist())
+
+    def save(self, path) -> None:
+        with open(path, "w") as file:
+            json.dump(self.to_dict(), file)
+
+    @classmethod
+    def load(cls, path) -> "Placement":
+        with open(path) as file:
+            try:
+                data = json.load(file)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"placement file {os.fspath(path)!r} is not JSON: {error}") from error
+        keys = {"format", "method", "num_experts", "num_nodes", "gpus_per_node", "phy2log"}
+        if not isinstance(data, dict) or set(data) != keys or data["format"] != "minimoe.placement/1":
+            raise ValueError(f"placement file {os.fspath(path)!r} must be a minimoe.placement/1 object "
+                             f"with keys {sorted(keys)}")
+        table = np.asarray(data["phy2log"])
+        if table.dtype.kind not in "iu":
+            raise ValueError(f"placement file {os.fspath(path)!r}: phy2log must be a 2-D list of ints")
+        return cls(table, data["num_experts"], data["num_nodes"], data["gpus_per_node"], data["method"])
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Placement) and self.to_dict() == other.to_dict())
+
+    def __repr__(self) -> str:
+        return (f"Placement(method={self.method!r}, layers={self.num_layers}, experts={self.num_experts}, "
+                f"slots={self.num_slots}, gpus={self.num_nodes}x{self.gpus_per_node})")
+
+
+# ---- fitting data ---------------------------------------------------------------------------------------
+def trace_loads(trace, tokens=None) -> np.ndarray:
+    """(L, E) float64 number of tokens routed to each expert (over the selected tokens)."""
+    experts = trace.experts if tokens is None else trace.experts[tokens]
+    num_layers, num_experts = experts.shape[1], trace.num_experts
+    layer_of = np.broadcast_to(np.arange(num_layers)[None, :, None], experts.shape)
+    valid = experts >= 0
+    flat = (layer_of[valid].astype(np.int64) * num_experts + experts[valid])
+    return np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts).astype(float)
+
+
+def _check_trace(trace, num_experts):
+    for attribute in ("experts", "request", "num_experts", "top_k"):
+        if not hasattr(trace, attribute):
+            raise TypeError(f"trace must be a minimoe.traces.Trace, got {type(trace).__name__}")
+    if num_experts is not None and num_experts != trace.num_experts:
+        raise ValueError(f"num_experts={num_experts} does not match the trace's num_experts={trace.num_experts}")
+    if trace.experts.size and int(trace.experts.max()) >= trace.num_experts:
+        raise ValueError(f"trace routes to expert {int(trace.experts.max())} but declares "
+                         f"num_experts={trace.num_experts}")
+
+
+def _static_layout(num_layers, num_experts, topology, num_slots, loads, method):
+    num_gpus = topology.num_gpus
+    slots_per_gpu = num_slots // num_gpus
+    experts = np.arange(num_experts)
+    primary_gpu = experts * num_gpus // num_experts if method == "contiguous" else experts % num_gpus
+    phy2log = np.empty((num_layers, num_slots), dtype=np.int64)
+    for layer in range(num_layers):
+        slot2log, _, _ = replicate_experts(loads[layer][None], num_slots)  # extra slots: hottest per replica
+        extras = slot2log[0, num_experts:]
+        gpu_lists = [list(experts[primary_gpu == gpu]) for gpu in range(num_gpus)]
+        free = [gpu for gpu in range(num_gpus) for _ in range(slots_per_gpu - len(gpu_lists[gpu]))]
+        for gpu, expert in zip(free, extras):
+            gpu_lists[gpu].append(int(expert))
+        phy2log[layer] = np.concatenate([sorted(lst) for lst in gpu_lists])
+    return phy2log
+
+
+def place(trace, topology: Topology, method: str = "locality", **options) -> Placement:
+    """Place every layer's experts on ``topology``; see the module docstring for the methods.
+
+    Common options: ``num_replicas`` (physical slots per layer, default ``num_experts`` or
+    ``topology.slots_per_gpu * num_gpus``), ``tokens`` (bool (N,) mask of the tokens to fit on),
+    ``num_experts`` (checked against the trace). ``eplb``: ``policy`` ("global" | "hierarchical" |
+    "auto", default "auto" = hierarchical when ``num_groups`` is a multiple of the node count) and
+    ``num_groups`` (default 1). ``locality``: see ``minimoe.locality.place_locality``.
+    """
+    if not isinstance(topology, Topology):
+        raise TypeError(f"topology must be a minimoe.topology.Topology, got {type(topology).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"unknown placement method {method!r}; expected one of {list(METHODS)}")
+    _check_trace(trace, options.pop("num_experts", None))
+    num_experts, num_layers = trace.num_experts, trace.experts.shape[1]
+    num_slots = topology.num_slots(options.pop("num_replicas", None), num_experts)
+    tokens = options.pop("tokens", None)
+    if tokens is not None:
+        tokens = np.asarray(tokens)
+        if tokens.dtype != bool or tokens.shape != (trace.experts.shape[0],):
+            raise ValueError(f"tokens must be a bool mask of shape ({trace.experts.shape[0]},), "
+                             f"got dtype {tokens.dtype} shape {tokens.shape}")
+    loads = trace_loads(trace, tokens)
+    grid = (topology.num_nodes, topology.gpus_per_node)
+
+    if method in ("contiguous", "round_robin"):
+        if options:
+            raise ValueError(f"unknown options {sorted(options)} for method {method!r}")
+        phy2log = _static_layout(num_layers, num_experts, topology, num_slots, loads, method)
+    elif method == "eplb":
+        policy = options.pop("policy", "auto")
+        num_groups = options.pop("num_groups", 1)
+        if options:
+            raise ValueError(f"unknown options {sorted(options)} for method 'eplb'")
+        if policy not in ("auto", "global", "hierarchical"):
+            raise ValueError(f"eplb policy must be 'auto', 'global' or 'hierarchical', got {policy!r}")
+        if policy == "global":
+            num_groups, nodes = 1, 1
+        else:
+            nodes = topology.num_nodes
+            if policy == "hierarchical" and num_groups % nodes:
+                raise ValueError(f"hierarchical eplb needs num_groups={num_groups} to be a multiple of "
+                                 f"num_nodes={nodes}")
+        phy2log, _, _ = eplb_numpy(loads, num_slots, num_groups, nodes, topology.num_gpus)
+    else:
+        from minimoe.locality import place_locality
+
+        sources = options.pop("sources", None)
+        phy2log = place_locality(trace, topology, num_slots, sources=sources, tokens=tokens, **options)
+    return Placement(phy2log, num_experts, *grid, method=method)
