@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minimoe.moe import MoEConfig, MoELayer, expert_capacity, grouped_matmul, grouped_mm_supported
+from minimoe.moe import MoEConfig, MoELayer, choose_backend, expert_capacity, grouped_matmul, grouped_mm_supported
 from minimoe.router import load_balancing_loss, router_probabilities, router_z_loss
 
 
@@ -87,7 +87,7 @@ def test_layer_equals_brute_force(router, capacity_factor):
     capacity_factor=st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.25, 2.0]),
     router=st.sampled_from(["softmax", "deepseek_v3", "llama4"]),
     shared=st.integers(0, 2),
-    backend=st.sampled_from(["auto", "fallback"]),
+    backend=st.sampled_from(["auto", "grouped_mm", "per_group"]),
     seed=st.integers(0, 2**16),
 )
 def test_loop_equals_grouped_values_and_gradients(
@@ -108,6 +108,8 @@ def test_loop_equals_grouped_values_and_gradients(
         layer.router.e_score_correction_bias.normal_(0, 0.3)
     x = torch.randn(tokens, hidden)
     out_loop, grads_loop, dropped_loop, aux_loop = _run(layer, x, "loop")
+    if backend == "grouped_mm" and (hidden % 4 or ffn % 4 or not hasattr(torch, "_grouped_mm")):
+        backend = "auto"  # torch._grouped_mm needs rows of 16 bytes (4 floats); "auto" falls back
     out_grouped, grads_grouped, dropped_grouped, aux_grouped = _run(layer, x, "grouped", backend)
     torch.testing.assert_close(out_grouped, out_loop, rtol=1e-5, atol=1e-5)
     for g_grouped, g_loop in zip(grads_grouped, grads_loop):
@@ -169,7 +171,7 @@ def test_zero_token_batch(impl, capacity_factor, shape):
     assert layer.last_routing.expert_ids.shape == (0, 2)
 
 
-@pytest.mark.parametrize("backend", ["auto", "fallback"])
+@pytest.mark.parametrize("backend", ["grouped_mm", "per_group"])
 def test_an_expert_that_receives_no_token(backend):
     layer = _layer(hidden=16, num_experts=4, top_k=2)
     with torch.no_grad():  # positive inputs, expert 3's router row negative: it never wins
@@ -224,13 +226,20 @@ def test_grouped_matmul_backends_and_support_rules():
     x, w = torch.randn(10, 8), torch.randn(3, 8, 4)
     ends = torch.tensor([3, 3, 10], dtype=torch.int32)
     want = torch.cat([x[:3] @ w[0], x[3:] @ w[2]])
-    for backend in ("auto", "fallback"):
+    for backend in ("grouped_mm", "per_group"):
         torch.testing.assert_close(grouped_matmul(x, w, ends, backend), want)
+        torch.testing.assert_close(grouped_matmul(x, w, [3, 3, 10], backend), want)
+    short = grouped_matmul(x, w, [3, 3, 7], "per_group")  # rows past the last end come back as zeros
+    assert torch.count_nonzero(short[7:]) == 0
     assert grouped_mm_supported(x, w) == hasattr(torch, "_grouped_mm")
     assert not grouped_mm_supported(x.double(), w.double())
     assert not grouped_mm_supported(torch.randn(10, 5), torch.randn(3, 5, 4))  # 20-byte rows
+    assert choose_backend("auto", x.double(), [w.double()]) == "per_group"
+    assert choose_backend("auto", x, [w]) == ("grouped_mm" if hasattr(torch, "_grouped_mm") else "per_group")
     with pytest.raises(ValueError, match="cuda"):
-        grouped_matmul(x, w, ends, backend="cuda")
+        choose_backend("cuda", x, [w])
+    with pytest.raises(ValueError, match="auto"):
+        grouped_matmul(x, w, ends, backend="auto")
 
 
 def test_bfloat16_grouped_path_close_to_float32():
