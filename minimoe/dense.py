@@ -180,8 +180,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, d) with S = past + T
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, nh, S, d)
-        # One fused kernel for softmax(q k^T / sqrt(d) + mask) v. mask=None means nothing is cached yet and
-        # nothing is padded: the plain causal mask (S == T), which the kernel builds itself.
+        # One fused kernel for softmax(q k^T / sqrt(d) + mask) v. mask=None means no padding and either
+        # nothing cached (the plain causal mask, S == T, which the kernel builds itself) or one new token.
         is_causal = mask is None and t > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, nh, T, d)
         y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
@@ -196,10 +196,11 @@ def build_attention_mask(padding_mask, num_new, num_past, dtype, device, batch_s
     query may read itself only: a row with nothing to read would make softmax's backward pass (which subtracts
     two huge logsumexps) return exploding gradients. Real tokens never read padding, so their outputs are the
     same either way; outputs at padding positions are meaningless and differ from transformers'.
-    Returns None when the plain causal mask suffices (no padding, no cache).
+    Returns None when no mask is needed beyond the kernel's own causal one (no padding, and either nothing
+    cached or a single new token).
     """
-    if padding_mask is None and num_past == 0:
-        return None
+    if padding_mask is None and (num_past == 0 or num_new == 1):
+        return None  # plain causal (nothing cached), or one new token that may read everything before it
     if padding_mask is not None and not bool(((padding_mask == 0) | (padding_mask == 1)).all()):
         raise ValueError("a 2D attention_mask must hold only 0 (padding) and 1 (token)")
     total = num_past + num_new

@@ -46,10 +46,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds "
                          f"max_seq_len={model.config.max_seq_len}")
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # nothing is padded: the model's causal mask is all we need (and it is faster)
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    # positions count only real tokens, so a left-padded prompt starts at position 0
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, T)
+        positions = torch.arange(prompt_len, device=input_ids.device).expand(batch, prompt_len)  # (B, T)
+    else:  # positions count only real tokens, so a left-padded prompt starts at position 0
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, T)
     cache = model.new_cache(batch, total)
     logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, last_only=True)
 
@@ -63,7 +65,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
         tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
         if eos_token_id is not None and bool(finished.all()):
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
         positions = positions[:, -1:] + 1  # (B, 1)
         logits = model(next_ids[:, None], attention_mask=attention_mask, position_ids=positions, cache=cache)
     return tokens
