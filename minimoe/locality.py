@@ -14,9 +14,12 @@ pairs) of every node and GPU stays ``<= (1 + epsilon) * mean`` whenever that is 
 
 Algorithm (all counts vectorised with numpy; exact for the fitting tokens):
 
-1. **Initial partition** of the experts onto nodes, one home each. Known sources: regret-ordered greedy
-   on the demand ``d[e, n]`` (pairs of ``e`` from tokens of node ``n``). Unknown: graph growing on the
-   co-activation matrix ``A[e, f]`` (tokens choosing both), heaviest expert as the seed of each node.
+1. **Initial partition** of the experts onto nodes, one home each, ``R / N`` at most per node. Known
+   sources: experts in decreasing regret order (best minus second-best demand ``d[e, n]``, the pairs of
+   ``e`` from tokens of node ``n``) each take their best node with room under the cap. Unknown: graph
+   growing on the co-activation matrix ``A[e, f]`` (tokens choosing both): every node is seeded with a
+   heavy expert, then the least-loaded node repeatedly takes the free expert most co-activated with it.
+   A repair pass then moves load off any node still over the cap, cheapest moves first.
 2. **Refinement** (Kernighan–Lin / Fiduccia–Mattheyses style). With ``cnt[t, n]`` = experts of ``t`` on
    ``n`` and ``c[t, n] = 0`` if ``n = s(t)`` else 1, moving ``e`` from ``a`` to ``b`` saves
    ``sum_{t ∋ e} [cnt[t,a] = 1] c[t,a] - [cnt[t,b] = 0] c[t,b]``; swapping ``e`` (on ``a``) with ``f``
@@ -24,7 +27,9 @@ Algorithm (all counts vectorised with numpy; exact for the fitting tokens):
    move and swap gains are computed at once; the best non-overlapping feasible ones are applied, and a
    round whose true cost did not drop is undone and retried with only its best operation (whose gain
    is exact). Stops when no feasible operation saves anything.
-3. **Replicas** fill the ``R - E`` spare slots. Known sources: a copy of ``e`` on node ``n`` makes ``e``
+3. **Replicas** fill the ``R - E`` spare slots. Each node first reserves the spares its GPUs need to
+   stay under the GPU cap (copies of its hottest experts, checked by LPT packing). Known sources, with
+   the other spares: a copy of ``e`` on node ``n`` makes ``e``
    local to the tokens of ``n``; candidates are ranked by that saving and the best few are evaluated
    exactly under the routing rule of ``Placement.route`` (nearest replica, ties by token index), also
    counting tokens of third nodes that now split between replicas; the best is kept while it saves
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from minimoe.locality_slots import fill_spares, pack_gpus
 from minimoe.topology import Topology
 
 
@@ -62,9 +68,8 @@ def place_locality(trace, topology: Topology, num_slots: int, sources=None, toke
         rows = rows[np.linspace(0, len(rows) - 1, max_fit_tokens).astype(np.int64)]
     source_gpu = None
     if sources is not None:
-        from minimoe.traffic import request_sources  # validation shared with measure
-
-        source_gpu = request_sources(trace, topology, sources)[trace.request[rows]]
+        num_requests = int(trace.request.max()) + 1 if trace.request.size else 0
+        source_gpu = topology.request_ranks(num_requests, sources)[trace.request[rows]]
     phy2log = np.empty((trace.experts.shape[1], num_slots), dtype=np.int64)
     for layer in range(trace.experts.shape[1]):
         experts = trace.experts[rows, layer].astype(np.int64)
@@ -76,8 +81,6 @@ def place_locality(trace, topology: Topology, num_slots: int, sources=None, toke
 def place_layer(experts, num_experts, topology, num_slots, source_gpu, token_index, epsilon=0.1, rounds=50,
                 locality_replicas=True):
     """One layer: experts (T, k) (-1 = none), source_gpu (T,) or None, token_index (T,) -> phy2log (R,)."""
-    from minimoe.locality_slots import fill_spares, pack_gpus
-
     num_nodes = topology.num_nodes
     keep = (experts >= 0).any(axis=1)
     experts, token_index = experts[keep], np.asarray(token_index)[keep]
@@ -90,7 +93,8 @@ def place_layer(experts, num_experts, topology, num_slots, source_gpu, token_ind
         home = np.zeros(num_experts, dtype=np.int64)
     else:
         home = _initial_partition(graph, slots_per_node, cap)
-        home = _refine(graph, home, slots_per_node, cap, rounds)
+        if len(graph.pair_expert):  # no fitting token: nothing to refine
+            home = _refine(graph, home, slots_per_node, cap, rounds)
     gpu_cap = (1 + epsilon) * graph.load.sum() / topology.num_gpus
     gpu_shape = (topology.gpus_per_node, num_slots // topology.num_gpus)
     copies, served = fill_spares(graph, home, slots_per_node, cap, token_index, gpu_shape, gpu_cap,

@@ -26,6 +26,7 @@ import os
 import numpy as np
 
 from minimoe.eplb import eplb, eplb_numpy, replicate_experts  # noqa: F401  (eplb is an entry point)
+from minimoe.locality import place_locality
 from minimoe.topology import Topology
 
 METHODS = ("contiguous", "round_robin", "eplb", "locality")
@@ -275,8 +276,6 @@ def place(trace, topology: Topology, method: str = "locality", **options) -> Pla
                                  f"num_nodes={nodes}")
         phy2log, _, _ = eplb_numpy(loads, num_slots, num_groups, nodes, topology.num_gpus)
     else:
-        from minimoe.locality import place_locality
-
         sources = options.pop("sources", None)
         phy2log = place_locality(trace, topology, num_slots, sources=sources, tokens=tokens, **options)
     return Placement(phy2log, num_experts, *grid, method=method)

@@ -111,6 +111,20 @@ class Topology:
             raise ValueError(f"node must be in [0, {self.num_nodes}), got {node}")
         return np.arange(node * self.gpus_per_node, (node + 1) * self.gpus_per_node)
 
+    def request_ranks(self, num_requests: int, sources=None) -> np.ndarray:
+        """GPU rank of every request, int64 (num_requests,): ``sources`` checked, or round-robin
+        ``request % num_gpus`` when it is None (the default data-parallel spread)."""
+        if sources is None:
+            return np.arange(num_requests) % self.num_gpus
+        sources = np.asarray(sources)
+        if sources.ndim != 1 or sources.dtype.kind not in "iu" or len(sources) < num_requests:
+            raise ValueError(f"sources must be a 1-d integer array with one GPU rank per request "
+                             f"({num_requests}), got dtype {sources.dtype} shape {sources.shape}")
+        if sources.size and (sources.min() < 0 or sources.max() >= self.num_gpus):
+            raise ValueError(f"sources must be GPU ranks in [0, {self.num_gpus}), "
+                             f"got range [{sources.min()}, {sources.max()}]")
+        return sources.astype(np.int64)
+
     def num_slots(self, num_replicas: int | None = None, num_experts: int | None = None) -> int:
         """Physical slots per layer, checked against this topology.
 

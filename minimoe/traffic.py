@@ -19,7 +19,8 @@ index is the token's row in the trace). With ``node(r) = r // gpus_per_node``:
   i.e. 1 byte, adds ``hidden / 128 * 4`` bytes of scales) plus combine ``hidden * combine_bytes_per_element``.
 * **balance**: ``tokens_per_rank`` = pairs each GPU computes; ``load_max_over_mean``, its inverse and
   Jain's index ``(sum x)^2 / (G sum x^2)``; ``sent_bytes_per_rank`` (de-duplicated per GPU) and the
-  busiest sender.
+  busiest sender; ``source_tokens_per_rank`` = evaluated tokens starting on each GPU (the grouping's
+  balance) and ``source_max_over_mean``.
 * **matrices**: ``rank_matrix[a, b]`` de-duplicated bytes GPU a sends GPU b (one copy per remote GPU);
   ``node_matrix[m, n]`` hierarchical bytes: RDMA from node m to node n off the diagonal, NVLink hops
   inside node n on the diagonal (so it sums to ``intra_node_bytes + inter_node_bytes``).
@@ -85,6 +86,8 @@ class TrafficReport:
     busiest_sender: int
     busiest_sender_bytes: float
     time_s: float
+    source_tokens_per_rank: np.ndarray
+    source_max_over_mean: float
     rank_matrix: np.ndarray
     node_matrix: np.ndarray
     per_layer: dict = field(repr=False)
@@ -92,6 +95,11 @@ class TrafficReport:
     @property
     def dedup_node_bytes(self) -> float:  # the de-duplicated per-node volume is the inter-node volume
         return self.inter_node_bytes
+
+    def as_dict(self) -> dict:
+        """The scalar totals (JSON-ready); matrices and per-layer arrays stay on the object."""
+        return {name: value for name, value in vars(self).items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
     def summary(self) -> str:
         gb = 1e9
@@ -104,17 +112,7 @@ class TrafficReport:
 
 def request_sources(trace, topology: Topology, sources=None) -> np.ndarray:
     """Source GPU of every request (R,) int64; ``None`` = round-robin ``request % num_gpus``."""
-    num_requests = int(trace.request.max()) + 1 if trace.request.size else 0
-    if sources is None:
-        return np.arange(num_requests) % topology.num_gpus
-    sources = np.asarray(sources)
-    if sources.ndim != 1 or sources.dtype.kind not in "iu" or len(sources) < num_requests:
-        raise ValueError(f"sources must be a 1-d integer array with one GPU rank per request "
-                         f"({num_requests}), got dtype {sources.dtype} shape {sources.shape}")
-    if sources.size and (sources.min() < 0 or sources.max() >= topology.num_gpus):
-        raise ValueError(f"sources must be GPU ranks in [0, {topology.num_gpus}), "
-                         f"got range [{sources.min()}, {sources.max()}]")
-    return sources.astype(np.int64)
+    return topology.request_ranks(int(trace.request.max()) + 1 if trace.request.size else 0, sources)
 
 
 def _token_bytes(hidden_size, bytes_per_element, combine_bytes_per_element) -> tuple[float, float]:
@@ -255,6 +253,8 @@ def measure(trace, placement: Placement, topology: Topology, sources=None, hidde
     pl["sent_bytes_per_rank"] = pl["rank_matrix"].sum(2)  # (L, G)
     sent = pl["sent_bytes_per_rank"].sum(0)
     total_pairs = pl["pairs"].sum()
+    source_tokens = np.bincount(request_gpu[trace.request[rows]], minlength=num_gpus)
+    source_ratio = float(source_tokens.max() / source_tokens.mean()) if num_tokens else float("nan")
     ratio = (lambda a: float(a.sum() / total_pairs)) if total_pairs else (lambda a: float("nan"))
     return TrafficReport(
         num_tokens=num_tokens, num_layers=num_layers, bytes_per_token=token_bytes, pairs=int(total_pairs),
@@ -270,5 +270,6 @@ def measure(trace, placement: Placement, topology: Topology, sources=None, hidde
         load_max_over_mean_worst=float(np.max(pl["load_max_over_mean"])),
         load_mean_over_max=float(np.mean(pl["load_mean_over_max"])), jain_index=float(np.mean(pl["jain_index"])),
         busiest_sender=int(np.argmax(sent)), busiest_sender_bytes=float(sent.max()),
-        time_s=float(pl["time_s"].sum()), rank_matrix=pl["rank_matrix"].sum(0), node_matrix=pl["node_matrix"].sum(0),
+        time_s=float(pl["time_s"].sum()), source_tokens_per_rank=source_tokens, source_max_over_mean=source_ratio,
+        rank_matrix=pl["rank_matrix"].sum(0), node_matrix=pl["node_matrix"].sum(0),
         per_layer=pl)

@@ -166,3 +166,13 @@ def test_place_errors():
         place(trace, topology, "locality", epsilon=-0.5)
     with pytest.raises(ValueError, match="GPU ranks"):
         place(trace, topology, "locality", sources=np.full(trace.num_requests, 9))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_fitting_tokens_still_places_every_expert(method):
+    trace = small_trace(4, num_experts=2, top_k=1)
+    topology = Topology(num_nodes=3, gpus_per_node=2)  # fewer experts than nodes
+    for sources in (None, np.arange(trace.num_requests) % 6):
+        options = dict(sources=sources) if method == "locality" else {}
+        placement = place(trace, topology, method, num_replicas=6, tokens=np.zeros(trace.num_tokens, bool), **options)
+        assert (placement.replica_counts() >= 1).all()

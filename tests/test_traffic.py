@@ -141,10 +141,16 @@ def test_measure_equals_brute_force(seed, shape, extra_slots, use_sources, fp8, 
     assert report.busiest_sender == int(np.argmax(sent))
     assert report.busiest_sender_bytes == pytest.approx(sent.max())
     assert report.time_s == pytest.approx(ref["time"])
+    starts = np.bincount([src[trace.request[t]] for t in rows], minlength=topology.num_gpus)
+    np.testing.assert_array_equal(report.source_tokens_per_rank, starts)
+    if len(rows):
+        assert report.source_max_over_mean == pytest.approx(starts.max() / starts.mean())
     # identities between views
     assert report.node_matrix.sum() == pytest.approx(report.intra_node_bytes + report.inter_node_bytes)
     assert report.rank_matrix.sum() == pytest.approx(report.dedup_rank_bytes)
     assert report.per_layer["inter_node_bytes"].sum() == pytest.approx(report.inter_node_bytes)
+    totals = report.as_dict()
+    assert totals["inter_node_bytes"] == report.inter_node_bytes and "rank_matrix" not in totals
 
 
 def test_uniform_baseline_published_numbers():
