@@ -12,6 +12,8 @@ A run directory holds everything needed to use or resume it:
     train_config.json                the TrainConfig of the run
     trainer_state.pt                 optimizer state and step, for ``resume=True``
     log.json                         training loss per step, per-domain validation loss per evaluation
+    validation_tokens.npz            the tokenised validation split, so the reported losses can be checked
+                                     anywhere (the code corpus is the running Python's standard library)
 
 Data order is a pure function of the seed (``tokenizer.batch_iterator``), so resuming skips the batches
 already seen and continues exactly where the run stopped.
@@ -139,6 +141,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, resume: bool = False, pro
     for _ in range(start_step):  # the data order is fixed by the seed: skip what was already seen
         next(batches)
     val_tokens, val_domains = data["validation"]
+    save_token_arrays(out / "validation_tokens.npz", val_tokens, val_domains)
     val_batches = validation_batches(val_tokens, val_domains, cfg.seq_len, cfg.batch_size)
 
     model.train()
@@ -180,13 +183,25 @@ def save_checkpoint(model: Transformer, optimizer, step: int, log: dict, out: Pa
     (out / "log.json").write_text(json.dumps(log) + "\n")
 
 
-def validation_losses(run_dir, cfg: TrainConfig | None = None, device="cpu") -> dict:
-    """Per-domain loss of the saved model on its whole validation split (the numbers a run reports)."""
+def save_token_arrays(path: Path, token_arrays: list[np.ndarray], domains: list[str]) -> None:
+    """Documents as one int32 stream + offsets + domain labels (loadable with allow_pickle=False)."""
+    offsets = np.cumsum([0] + [len(a) for a in token_arrays])
+    np.savez_compressed(path, tokens=np.concatenate(token_arrays).astype(np.int32), offsets=offsets,
+                        domains=np.asarray(domains, dtype=str))
+
+
+def load_token_arrays(path: Path) -> tuple[list[np.ndarray], list[str]]:
+    with np.load(path, allow_pickle=False) as f:
+        tokens, offsets, domains = f["tokens"], f["offsets"], f["domains"]
+    return [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])], [str(d) for d in domains]
+
+
+def validation_losses(run_dir, device="cpu") -> dict:
+    """Per-domain loss of a saved run on its whole validation split (the numbers a run reports)."""
     run_dir = Path(run_dir)
-    cfg = cfg or TrainConfig(**json.loads((run_dir / "train_config.json").read_text()))
+    cfg = TrainConfig(**json.loads((run_dir / "train_config.json").read_text()))
     model = Transformer.load(run_dir, device=device)
-    tokenizer, data, _ = prepare_data(cfg, run_dir / "tokenizer.json")
-    batches = validation_batches(*data["validation"], cfg.seq_len, cfg.batch_size)
+    batches = validation_batches(*load_token_arrays(run_dir / "validation_tokens.npz"), cfg.seq_len, cfg.batch_size)
     return evaluate(model, batches, device, 0)
 
 
@@ -211,10 +226,11 @@ PRESETS = {
     "shipped": dict(
         model=dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
                    tie_word_embeddings=True, max_seq_len=512,
-                   moe=dict(num_experts=32, top_k=2, intermediate_size=96, num_shared_experts=1,
+                   moe=dict(num_experts=32, top_k=2, intermediate_size=64, num_shared_experts=1,
                             aux_loss_coef=0.01, z_loss_coef=0.001)),
-        train=dict(steps=3000, batch_size=32, seq_len=256, max_chars_per_domain=1_000_000, vocab_size=4096,
-                   eval_every=500, checkpoint_every=500),
+        train=dict(steps=2000, batch_size=32, seq_len=256, lr=2e-3, min_lr=2e-4, warmup=100,
+                   max_chars_per_domain=2_500_000, vocab_size=4096, eval_every=250, eval_batches=0,
+                   checkpoint_every=500),
     ),
 }
 
