@@ -1,0 +1,317 @@
+"""MoE layer forward: minimoe's MoELayer against transformers' MixtralSparseMoeBlock.
+
+Both run the same weights on the same inputs (our layer is converted from the transformers
+block with ``minimoe.hf_moe``). Work counted: 6·T·k·H·F FLOPs (three H×F matmuls per (token,
+expert) pair); the router and the permutations are not counted. The matmul ceiling is a
+measured dense matmul in the layer's dtype (bf16 8192³ on CUDA; on CPU the layer's dtype at
+2048³). transformers is timed with its two expert implementations: "eager" (a loop over
+experts; what a block built from a config runs) and "grouped_mm" (what a model loaded with
+``from_pretrained`` picks in transformers 5 when torch supports it).
+
+    PYTHONPATH=. python benchmarks/bench_moe.py --device cpu                 # small fp32 shapes
+    PYTHONPATH=. python benchmarks/bench_moe.py --device cuda --ablations    # Mixtral-8x7B shapes, bf16
+
+Timing: warm-up calls first, then the median of ``--reps`` calls, each bracketed by CUDA events
+(CPU: perf_counter), the variants taking turns call by call; inputs rotate among three
+random sets. Results go to stdout and, with
+``--out PREFIX``, to PREFIX.json and PREFIX.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+from minimoe.hf_moe import moe_from_hf_block, transformers_dropped_group_value
+from minimoe.moe import MoEConfig, MoELayer, choose_backend
+
+
+def one_call_ms(fn, x, device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(x)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn(x)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def median_ms(fn, inputs, reps: int, warmup: int, device: str) -> float:
+    return interleaved_median_ms({"fn": fn}, inputs, reps, warmup, device)["fn"]
+
+
+def interleaved_median_ms(fns: dict, inputs, reps: int, warmup: int, device: str) -> dict:
+    """Median time of each function, taking turns call by call (so load from elsewhere hits all alike)."""
+    for i in range(warmup):
+        for fn in fns.values():
+            fn(inputs[i % len(inputs)])
+    times = {name: [] for name in fns}
+    for i in range(reps):
+        for name, fn in fns.items():
+            times[name].append(one_call_ms(fn, inputs[i % len(inputs)], device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_tflops(device: str, dtype: torch.dtype, n: int, reps: int) -> float:
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    ms = median_ms(lambda x: x @ b, [a], reps, 3, device)
+    return 2 * n**3 / ms / 1e9
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="default: 512 4096 16384 (cuda), 64 256 1024 (cpu)")
+    p.add_argument("--hidden", type=int, default=None, help="default 4096 (cuda), 512 (cpu)")
+    p.add_argument("--ffn", type=int, default=None, help="default 14336 (cuda), 1024 (cpu)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--reps", type=int, default=None, help="default 30 (cuda), 10 (cpu)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--ablations", action="store_true", help="also time variants of our layer")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one call of ours")
+    p.add_argument("--check", action="store_true", help="first check the fast path on this device (values, grads)")
+    p.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md")
+    args = p.parse_args(argv)
+    if args.check:
+        print("\n".join(device_checks(args.device)), flush=True)
+    cuda = args.device == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    tokens_list = args.tokens or ([512, 4096, 16384] if cuda else [64, 256, 1024])
+    hidden, ffn = args.hidden or (4096 if cuda else 512), args.ffn or (14336 if cuda else 1024)
+    reps = args.reps or (30 if cuda else 10)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    config = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_local_experts=args.experts,
+                           num_experts_per_tok=args.top_k)  # fmt: skip
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.02)  # transformers' Mixtral initializer_range
+    block = block.to(device=args.device, dtype=dtype).eval()
+    ours = moe_from_hf_block(block, "mixtral").eval()
+    variants = {
+        "ours": lambda x: ours(x),
+        "hf eager": lambda x: _hf_call(block, config, "eager", x),
+        "hf grouped_mm": lambda x: _hf_call(block, config, "grouped_mm", x),
+    }
+    if args.ablations:
+        variants["ours, B column-major"] = _ours_variant(ours, block, column_major=True)
+        variants["ours, always grouped_mm"] = _ours_variant(ours, block, backend="grouped_mm")
+        variants["ours, always per-expert mm"] = _ours_variant(ours, block, backend="per_group")
+        variants["ours, loop path"] = _ours_variant(ours, block, impl="loop")
+        fused = FusedGateUpLayer(hidden, ours.config).to(device=args.device, dtype=dtype).eval()
+        fused.load_state_dict(ours.state_dict())
+        variants["ours, one gate_up product + bmm combine"] = lambda x: fused(x)
+
+    matmul_n = 8192 if cuda else 2048
+    with torch.inference_mode():
+        ceiling = matmul_tflops(args.device, dtype, matmul_n, 10 if cuda else 3)
+        rows = []
+        for num_tokens in tokens_list:
+            gen = torch.Generator(device=args.device).manual_seed(num_tokens)
+            inputs = [torch.randn(1, num_tokens, hidden, device=args.device, dtype=dtype, generator=gen) for _ in range(3)]
+            reference = block.float()(inputs[0].float()) if num_tokens <= 16384 else None  # fp32 eager reference
+            block.to(dtype)
+            row = {"tokens": num_tokens}
+            for name, fn in variants.items():
+                out = fn(inputs[0])
+                row[f"err {name}"] = None if reference is None else relative_error(out, reference)
+            for name, ms in interleaved_median_ms(variants, inputs, reps, 5, args.device).items():
+                row[f"ms {name}"] = ms
+            if args.ablations and cuda:
+                row["ms launch ours (CPU side)"] = launch_ms(lambda: ours(inputs[0]), reps)
+                row["ms ours as CUDA graph"] = graph_replay_ms(ours, inputs[0], reps)
+            flops = 6 * num_tokens * args.top_k * hidden * ffn
+            row["tflops ours"] = flops / row["ms ours"] / 1e9
+            rows.append(row)
+            del reference
+            if args.profile and cuda:
+                print(f"-- profile of ours at {num_tokens} tokens", flush=True)
+                print(profile_table(lambda: ours(inputs[0])), flush=True)
+        ceiling = max(ceiling, matmul_tflops(args.device, dtype, matmul_n, 10 if cuda else 3))  # again, after
+    for row in rows:
+        row["pct of matmul"] = 100 * row["tflops ours"] / ceiling
+
+    meta = {
+        "command": "python " + " ".join(sys.argv if argv is None else ["benchmarks/bench_moe.py", *argv]),
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "threads": None if cuda else args.threads,
+        "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
+        "hidden": hidden, "ffn": ffn, "experts": args.experts, "top_k": args.top_k, "reps": reps,
+        "matmul": f"{matmul_n}^3 {dtype}", "matmul_tflops": ceiling,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }  # fmt: skip
+    table = format_table(rows, list(variants), meta)
+    print(table)
+    if args.out:
+        with open(args.out + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+def launch_ms(fn, reps: int) -> float:
+    """CPU time to enqueue one call (the GPU idle at the start), median."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def graph_replay_ms(layer, x, reps: int) -> float:
+    """The same forward captured once as a CUDA graph and replayed: no CPU launch overhead."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            layer(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            layer(static_x)
+    except Exception as err:  # noqa: BLE001 - reported in the table as NaN
+        print(f"CUDA graph capture failed: {str(err).splitlines()[0]}", flush=True)
+        return float("nan")
+    return median_ms(lambda _: graph.replay(), [static_x], reps, 3, "cuda")
+
+
+class FusedGateUpLayer(MoELayer):
+    """Ablation: run 1's grouped path (one (S, 2F) gate_up product, index_copy + bmm combine)."""
+
+    def _experts_grouped(self, x, routing, kept):
+        (T, H), k, E, Fe = x.shape, routing.top_k, self.config.num_experts, self.config.intermediate_size
+        sorted_ids, order = torch.sort(routing.expert_ids.reshape(-1), stable=True)
+        group_ends = torch.searchsorted(sorted_ids, torch.arange(1, E + 1, device=x.device)).to(torch.int32)
+        rows = x.index_select(0, order // k)
+        gate_up = torch._grouped_mm(rows, self.gate_up_proj, offs=group_ends)
+        expert_out = torch._grouped_mm(F.silu(gate_up[:, :Fe]) * gate_up[:, Fe:], self.down_proj, offs=group_ends)
+        pair_out = torch.empty_like(expert_out).index_copy_(0, order, expert_out).view(T, k, H)
+        return torch.bmm(routing.weights.to(x.dtype).unsqueeze(1), pair_out).squeeze(1)
+
+
+def device_checks(device: str) -> list[str]:
+    """torch._grouped_mm support here, and loop == grouped (values and gradients) on this device."""
+    lines = [f"transformers {transformers.__version__}: DeepSeek-V3 dropped groups = {transformers_dropped_group_value()}"]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(64, 32, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(4, 32, 48, device=device, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([16, 16, 40, 64], device=device, dtype=torch.int32)
+        try:
+            y = torch._grouped_mm(x, w, offs=offs)
+            want = torch.cat([x[:16] @ w[0], x[16:40] @ w[2], x[40:] @ w[3]])
+            gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+            wx, ww = torch.autograd.grad(want, (x, w), torch.ones_like(y))
+            errs = [relative_error(a, b) for a, b in ((y, want), (gx, wx), (gw, ww))]
+            lines.append(f"torch._grouped_mm {dtype} on {device}: runs; rel. err out/dx/dw {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e}")
+        except Exception as err:  # noqa: BLE001 - reported, not hidden
+            lines.append(f"torch._grouped_mm {dtype} on {device}: fails: {str(err).splitlines()[0]}")
+    for dtype, backend in ((torch.float32, "auto"), (torch.bfloat16, "grouped_mm"), (torch.bfloat16, "per_group")):
+        for router, capacity_factor in (("softmax", 0.0), ("softmax", 0.8), ("deepseek_v3", 0.0), ("llama4", 1.0)):
+            groups = dict(n_group=4, topk_group=2, routed_scaling_factor=2.5) if router == "deepseek_v3" else {}
+            config = MoEConfig(num_experts=16, top_k=1 if router == "llama4" else 4, intermediate_size=96, router=router,
+                               num_shared_experts=1, capacity_factor=capacity_factor, aux_loss_coef=0.01, **groups)
+            torch.manual_seed(0)
+            layer = MoELayer(128, config).to(device=device, dtype=dtype)
+            layer.reset_parameters(std=0.1)
+            layer.grouped_backend = backend
+            x = torch.randn(300, 128, device=device, dtype=dtype)
+            results = []
+            for impl in ("loop", "grouped"):
+                layer.impl = impl
+                xi = x.clone().requires_grad_(True)
+                out = layer(xi)
+                grads = torch.autograd.grad((out.float() ** 2).sum() + layer.aux_loss, [xi, *layer.parameters()])
+                results.append((out, grads, layer.dropped_tokens))
+            (out_l, grads_l, drop_l), (out_g, grads_g, drop_g) = results
+            worst = max(relative_error(a, b) for a, b in zip(grads_g, grads_l))
+            used = choose_backend(backend, x, [layer.down_proj])
+            lines.append(f"loop vs grouped ({used}) {dtype} {router} capacity {capacity_factor}: "
+                         f"out {relative_error(out_g, out_l):.1e}, worst grad {worst:.1e}, dropped {drop_l}/{drop_g}")
+    return lines
+
+
+def profile_table(fn) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+
+
+def _hf_call(block, config, implementation, x):
+    config._experts_implementation = implementation
+    return block(x)
+
+
+def _ours_variant(ours, block, column_major=False, backend="auto", impl="grouped"):
+    """A copy of our layer with one knob changed (the same weights)."""
+    variant = moe_from_hf_block(block, "mixtral").eval()
+    variant.grouped_backend, variant.impl = backend, impl
+    if column_major:  # the same values, stored like transformers' [E, 2F, H] / [E, H, F]
+        with torch.no_grad():
+            variant.gate_up_proj.data = ours.gate_up_proj.detach().transpose(1, 2).contiguous().transpose(1, 2)
+            variant.down_proj.data = ours.down_proj.detach().transpose(1, 2).contiguous().transpose(1, 2)
+    return lambda x: variant(x)
+
+
+def format_table(rows, names, meta) -> str:
+    lines = [
+        f"MoE forward, {meta['device']}, {meta['dtype']}, torch {meta['torch']}, transformers {meta['transformers']}",
+        f"H={meta['hidden']} F={meta['ffn']} E={meta['experts']} k={meta['top_k']}; matmul ceiling "
+        f"{meta['matmul']}: {meta['matmul_tflops']:.3g} TFLOP/s; median of {meta['reps']} calls; {meta['date']}",
+        f"command: {meta['command']}",
+        "",
+        "| tokens | ms ours | ms transformers (eager) | ratio | ms transformers (grouped_mm) | ratio "
+        "| TFLOP/s ours | % of matmul | rel. err ours / hf eager vs fp32 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        errs = "n/a" if r["err ours"] is None else f"{r['err ours']:.1e} / {r['err hf eager']:.1e}"
+        lines.append(
+            f"| {r['tokens']} | {r['ms ours']:.3f} | {r['ms hf eager']:.3f} | {r['ms hf eager'] / r['ms ours']:.2f}x "
+            f"| {r['ms hf grouped_mm']:.3f} | {r['ms hf grouped_mm'] / r['ms ours']:.2f}x | {r['tflops ours']:.3g} "
+            f"| {r['pct of matmul']:.0f}% | {errs} |"
+        )
+    main_columns = {"ms ours", "ms hf eager", "ms hf grouped_mm"}
+    extra = [key for key in rows[0] if key.startswith("ms ") and key not in main_columns]
+    if extra:
+        lines += ["", "| tokens | " + " | ".join(extra) + " |", "|---:|" + "---:|" * len(extra)]
+        for r in rows:
+            lines.append(f"| {r['tokens']} | " + " | ".join(f"{r[key]:.3f}" for key in extra) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
