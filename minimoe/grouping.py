@@ -82,16 +82,18 @@ def group(trace, topology: Topology, method: str = "signature", seed: int = 0, p
 
 
 def group_and_place(trace, topology: Topology, rounds: int = 2, seed: int = 0, tokens=None,
-                    balance: str = "requests", **place_options):
-    """Alternate signature grouping and locality placement; returns (sources, placement) of the round
-    with the least fitted inter-node traffic. ``place_options`` go to ``place(..., method="locality")``."""
+                    balance: str = "requests", init: str = "signature", **place_options):
+    """Alternate grouping and locality placement; returns (sources, placement) of the round with the least
+    fitted inter-node traffic. Round 0 groups with method ``init`` (placement-free), then places with
+    sources; each further round regroups against the placement (``group(..., placement=)``) and places
+    again. ``place_options`` go to ``place(..., method="locality")`` (e.g. ``num_replicas``, ``epsilon``)."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
     rows = _fit_rows(trace, tokens)
     mask = np.zeros(trace.experts.shape[0], dtype=bool)
     mask[rows] = True
     num_requests = int(trace.request.max()) + 1
-    sources = group(trace, topology, "signature", seed=seed, tokens=mask, balance=balance)
+    sources = group(trace, topology, init, seed=seed, tokens=mask, balance=balance)
     placement = place(trace, topology, "locality", sources=sources, tokens=mask, **place_options)
     cost_of = _remote_cost(trace, placement, rows, num_requests)
     best = (cost_of[np.arange(num_requests), sources // topology.gpus_per_node].sum(), sources, placement)

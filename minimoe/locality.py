@@ -205,13 +205,17 @@ def _lightest_open(node_load, node_count, target):
     return int(np.argmin(np.where(node_count < target, node_load, np.inf)))
 
 
-def _refine(graph, home, slots_per_node, cap, rounds):
-    """Batched KL/FM improvement of ``home`` under slot and load caps (see module docstring, step 2)."""
+def _refine(graph, home, slots_per_node, cap, rounds, tolerance=1e-4):
+    """Batched KL/FM improvement of ``home`` under slot and load caps (see module docstring, step 2).
+    Stops after ``rounds`` rounds or once a round saves less than ``tolerance`` of the cost."""
     load, num_experts = graph.load, graph.num_experts
     home = _repair(graph, home, slots_per_node, cap)
     cost = graph.cost(home)
     batch = max(1, num_experts // 8)
-    for _ in range(rounds):
+    for round_index in range(rounds):
+        if round_index and previous - cost < tolerance * cost:
+            break
+        previous = cost
         move, swap = graph.gains(home)
         node_load = np.bincount(home, weights=load, minlength=graph.num_nodes)
         node_count = np.bincount(home, minlength=graph.num_nodes)

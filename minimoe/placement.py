@@ -236,9 +236,11 @@ def place(trace, topology: Topology, method: str = "locality", **options) -> Pla
 
     Common options: ``num_replicas`` (physical slots per layer, default ``num_experts`` or
     ``topology.slots_per_gpu * num_gpus``), ``tokens`` (bool (N,) mask of the tokens to fit on),
-    ``num_experts`` (checked against the trace). ``eplb``: ``policy`` ("global" | "hierarchical" |
-    "auto", default "auto" = hierarchical when ``num_groups`` is a multiple of the node count) and
-    ``num_groups`` (default 1). ``locality``: see ``minimoe.locality.place_locality``.
+    ``num_experts`` (checked against the trace), ``sources`` (per-request GPU rank from
+    ``minimoe.grouping``; only ``locality`` uses it, the other methods do not depend on sources).
+    ``eplb``: ``policy`` ("global" | "hierarchical" | "auto", default "auto" = hierarchical when
+    ``num_groups`` is a multiple of the node count) and ``num_groups`` (default 1). ``locality``:
+    ``epsilon``, ``rounds``, ``locality_replicas``, ``max_fit_tokens`` (``minimoe.locality.place_locality``).
     """
     if not isinstance(topology, Topology):
         raise TypeError(f"topology must be a minimoe.topology.Topology, got {type(topology).__name__}")
@@ -255,16 +257,18 @@ def place(trace, topology: Topology, method: str = "locality", **options) -> Pla
                              f"got dtype {tokens.dtype} shape {tokens.shape}")
     loads = trace_loads(trace, tokens)
     grid = (topology.num_nodes, topology.gpus_per_node)
+    sources = options.pop("sources", None)
+    allowed = dict(eplb={"policy", "num_groups"},
+                   locality={"epsilon", "rounds", "locality_replicas", "max_fit_tokens"}).get(method, set())
+    if set(options) - allowed:
+        raise ValueError(f"unknown options {sorted(set(options) - allowed)} for method {method!r}; "
+                         f"expected some of {sorted(allowed | {'num_replicas', 'tokens', 'sources', 'num_experts'})}")
 
     if method in ("contiguous", "round_robin"):
-        if options:
-            raise ValueError(f"unknown options {sorted(options)} for method {method!r}")
         phy2log = _static_layout(num_layers, num_experts, topology, num_slots, loads, method)
     elif method == "eplb":
         policy = options.pop("policy", "auto")
         num_groups = options.pop("num_groups", 1)
-        if options:
-            raise ValueError(f"unknown options {sorted(options)} for method 'eplb'")
         if policy not in ("auto", "global", "hierarchical"):
             raise ValueError(f"eplb policy must be 'auto', 'global' or 'hierarchical', got {policy!r}")
         if policy == "global":
@@ -276,6 +280,5 @@ def place(trace, topology: Topology, method: str = "locality", **options) -> Pla
                                  f"num_nodes={nodes}")
         phy2log, _, _ = eplb_numpy(loads, num_slots, num_groups, nodes, topology.num_gpus)
     else:
-        sources = options.pop("sources", None)
         phy2log = place_locality(trace, topology, num_slots, sources=sources, tokens=tokens, **options)
     return Placement(phy2log, num_experts, *grid, method=method)

@@ -111,3 +111,12 @@ def test_bad_arguments():
         group(trace, topology, "signature", placement=place(trace, Topology(num_nodes=1, gpus_per_node=4), "contiguous"))
     with pytest.raises(ValueError, match="rounds"):
         group_and_place(trace, topology, rounds=-1)
+
+
+def test_group_and_place_finds_the_planted_optimum():
+    trace = planted_trace(num_requests=32)
+    topology = Topology(num_nodes=4, gpus_per_node=2)
+    for init in ("domain", "signature", "random"):
+        sources, placement = group_and_place(trace, topology, rounds=2, init=init, num_replicas=40)
+        report = measure(trace, placement, topology, sources=sources, tokens=trace.phase == 1)
+        assert report.inter_node_bytes == 0, init

@@ -150,8 +150,10 @@ def test_place_errors():
         place(trace, topology, "locality", num_experts=16)
     with pytest.raises(ValueError, match="not a multiple of num_gpus=3"):
         place(trace, Topology(num_nodes=3, gpus_per_node=1), "contiguous")  # 8 experts on 3 GPUs
-    with pytest.raises(ValueError, match="unknown options"):
-        place(trace, topology, "contiguous", sources=np.zeros(6, int))
+    with pytest.raises(ValueError, match=r"unknown options \['epsilon'\] for method 'contiguous'"):
+        place(trace, topology, "contiguous", epsilon=0.1)
+    with pytest.raises(ValueError, match=r"unknown options \['eps'\] for method 'locality'"):
+        place(trace, topology, "locality", eps=0.1)
     with pytest.raises(ValueError, match="eplb policy"):
         place(trace, topology, "eplb", policy="local")
     with pytest.raises(ValueError, match="hierarchical eplb needs num_groups=1"):
