@@ -2,13 +2,15 @@
 
 Families and the transformers block each one converts (transformers >= 5.17):
 
-| family        | block                      | router              | experts (per block)                         |
-|---------------|----------------------------|---------------------|---------------------------------------------|
-| "mixtral"     | ``MixtralSparseMoeBlock``  | ``gate.weight``     | ``experts.gate_up_proj`` [E, 2F, H],        |
-| "qwen3_moe"   | ``Qwen3MoeSparseMoeBlock`` | (E, H)              | ``experts.down_proj`` [E, H, F]             |
-| "olmoe"       | ``OlmoeSparseMoeBlock``    |                     |                                             |
-| "deepseek_v3" | ``DeepseekV3MoE``          | ``gate.weight``, ``gate.e_score_correction_bias`` | same, plus ``shared_experts.{gate,up,down}_proj.weight`` |
-| "llama4"      | ``Llama4TextMoe``          | ``router.weight``   | ``experts.gate_up_proj`` [E, H, 2F], ``experts.down_proj`` [E, F, H], ``shared_expert.*`` |
+| family        | block                      | keys (relative to the block) and transformers' shapes      |
+|---------------|----------------------------|-------------------------------------------------------------|
+| "mixtral"     | ``MixtralSparseMoeBlock``  | ``gate.weight`` (E, H), ``experts.gate_up_proj`` (E, 2F, H), |
+| "qwen3_moe"   | ``Qwen3MoeSparseMoeBlock`` | ``experts.down_proj`` (E, H, F)                              |
+| "olmoe"       | ``OlmoeSparseMoeBlock``    |                                                             |
+| "deepseek_v3" | ``DeepseekV3MoE``          | the same plus ``gate.e_score_correction_bias`` (E,) and      |
+|               |                            | ``shared_experts.{gate,up,down}_proj.weight``               |
+| "llama4"      | ``Llama4TextMoe``          | ``router.weight`` (E, H), ``experts.gate_up_proj`` (E, H, 2F),|
+|               |                            | ``experts.down_proj`` (E, F, H), ``shared_expert.*``         |
 
 transformers stores the fused gate/up projection with the gate in the first F rows (columns
 for Llama 4), like ``minimoe.moe``; only the transposition differs (see the layout in moe.py).

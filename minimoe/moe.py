@@ -244,8 +244,10 @@ class MoELayer(nn.Module):
 
     After each forward: ``last_routing`` (RoutingResult), ``last_kept`` ((T, k) bool, False =
     dropped by capacity; None when dropless), ``capacity`` (int or None), ``dropped_tokens``
-    (int: dropped (token, expert) pairs) and ``aux_loss`` (float32 scalar,
-    aux_loss_coef·load-balancing + z_loss_coef·z-loss; zero when both coefficients are 0).
+    (int: dropped (token, expert) pairs; in capacity mode reading it syncs with the device) and
+    ``aux_loss`` (float32 scalar, aux_loss_coef·load-balancing + z_loss_coef·z-loss; zero when
+    both coefficients are 0). ``impl`` ("grouped" or "loop") and ``grouped_backend`` ("auto",
+    "grouped_mm", "per_group"; use "grouped_mm" under CUDA-graph capture) can be changed at any time.
     """
 
     def __init__(self, hidden_size: int, config: MoEConfig, impl: str = "grouped", init_std: float = 0.02):
