@@ -23,6 +23,15 @@ Methods of :func:`group` (all *balanced*: with ``balance="requests"`` GPU ``g`` 
 The balanced assignment maximises the summed score greedily (requests with the largest regret
 first), then improves it by pairwise exchanges between every two bins. :func:`group_and_place`
 alternates signature grouping and locality placement and keeps the best round by fitted traffic.
+
+Typical protocol (fit on prefill, evaluate on held-out decode of the same requests)::
+
+    prefill, decode = trace.phase == 0, trace.phase == 1
+    sources, placement = group_and_place(trace, topology, tokens=prefill, num_replicas=R)
+    report = measure(trace, placement, topology, sources=sources, tokens=decode)
+
+New requests against a fixed placement: ``group(new_trace, topology, placement=placement)``.
+Masks (``tokens=``) keep request ids aligned, unlike ``Trace.select``, which renumbers requests.
 """
 from __future__ import annotations
 
@@ -209,6 +218,13 @@ def _assign(score, capacity, size, passes=10):
                 want_b = score[in_a, b] - score[in_a, a]
                 want_a = score[in_b, a] - score[in_b, b]
                 order_a, order_b = in_a[np.argsort(-want_b)], in_b[np.argsort(-want_a)]
+                if exact:  # unit sizes: the best exchanges pair the i-th most eager of a with the i-th of b
+                    pairs = min(len(order_a), len(order_b))
+                    gain = np.sort(want_b)[::-1][:pairs] + np.sort(want_a)[::-1][:pairs]
+                    count = int(np.argmin(gain > 1e-12)) if (gain <= 1e-12).any() else pairs
+                    bins[order_a[:count]], bins[order_b[:count]] = b, a
+                    improved |= count > 0
+                    continue
                 for i, j in zip(order_a, order_b):
                     gain = score[i, b] - score[i, a] + score[j, a] - score[j, b]
                     if gain <= 1e-12:
