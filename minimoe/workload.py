@@ -1,0 +1,92 @@
+"""A serving workload from the offline corpora: prompts from four domains, recorded as an expert trace.
+
+The paper's traces are requests sent to a deployed model. Ours are built the same way, offline:
+
+    held-out documents (test split, never trained on) of each domain
+      -> a random window of text per request (a "prompt"), equal numbers per domain, shuffled
+      -> tokenised by the model's own tokenizer (minimoe BPE or a transformers tokenizer)
+      -> prefill + greedy decode of `max_new_tokens`, every routing decision recorded (``recording.record``)
+
+``bundled_trace()`` does this for the checkpoint shipped in ``checkpoints/`` and is what the findings
+script, the placement experiments and ``minimoe report`` start from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .data import DOMAINS, load_corpus, split_documents
+from .traces import Trace
+
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "moe-4domain"
+
+
+def corpus_prompts(num_per_domain: int, prompt_chars: tuple[int, int] = (200, 400), seed: int = 0,
+                   max_chars_per_domain: int = 2_500_000, split: str = "test", corpus_seed: int = 0,
+                   domains=DOMAINS) -> tuple[list[str], list[str]]:
+    """(texts, domains): ``num_per_domain`` random windows of held-out text per domain, in a shuffled order.
+
+    ``corpus_seed`` and ``max_chars_per_domain`` must be the training run's, so that ``split`` names the same
+    documents the model never saw.
+    """
+    if num_per_domain < 1 or not 0 < prompt_chars[0] <= prompt_chars[1]:
+        raise ValueError(f"need num_per_domain >= 1 and 0 < min <= max prompt chars, got {num_per_domain}, {prompt_chars}")
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split must be train, validation or test, got {split!r}")
+    corpus = load_corpus(domains=domains, max_chars_per_domain=max_chars_per_domain, seed=corpus_seed)
+    docs = getattr(split_documents([d for name in domains for d in corpus[name]], seed=corpus_seed), split)
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for domain in domains:
+        pool = [d.text for d in docs if d.domain == domain and len(d.text) > prompt_chars[0]]
+        if not pool:
+            raise ValueError(f"the {split} split has no {domain} document longer than {prompt_chars[0]} characters")
+        for _ in range(num_per_domain):
+            text = pool[rng.integers(len(pool))]
+            length = int(rng.integers(prompt_chars[0], prompt_chars[1] + 1))
+            start = int(rng.integers(0, max(1, len(text) - length)))
+            texts.append(text[start : start + length])
+            labels.append(domain)
+    order = rng.permutation(len(texts))  # requests arrive mixed, not grouped by domain
+    return [texts[i] for i in order], [labels[i] for i in order]
+
+
+def record_workload(model, tokenize, texts: list[str], domains: list[str], max_new_tokens: int = 32,
+                    batch_size: int = 64, name: str | None = None) -> Trace:
+    """Tokenise ``texts`` with ``tokenize(str) -> list[int]`` and record prefill + decode routing."""
+    from .recording import record
+
+    prompts = [tokenize(text) for text in texts]
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise ValueError(f"prompts {empty[:5]} tokenise to nothing")
+    return record(model, prompts, max_new_tokens, domains, batch_size=batch_size, name=name)
+
+
+def minimoe_tokenize(model_dir):
+    """A ``str -> list[int]`` for a minimoe run directory: <|bos|> + BPE ids (how training saw documents)."""
+    from .tokenizer import BOS, load_tokenizer
+
+    tokenizer = load_tokenizer(Path(model_dir) / "tokenizer.json")
+    bos = tokenizer.token_to_id(BOS)
+    return lambda text: [bos] + tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def bundled_trace(num_per_domain: int = 500, max_new_tokens: int = 32, seed: int = 0, model_dir=BUNDLED_MODEL,
+                  batch_size: int = 64) -> Trace:
+    """The workload trace of a minimoe checkpoint (default: the bundled 4-domain MoE), recorded on CPU."""
+    import torch
+
+    from .model import Transformer
+
+    model_dir = Path(model_dir)
+    train_config = json.loads((model_dir / "train_config.json").read_text())
+    texts, domains = corpus_prompts(num_per_domain, seed=seed, corpus_seed=train_config["seed"],
+                                    max_chars_per_domain=train_config["max_chars_per_domain"])
+    torch.manual_seed(seed)
+    model = Transformer.load(model_dir).eval()
+    return record_workload(model, minimoe_tokenize(model_dir), texts, domains, max_new_tokens, batch_size,
+                           name=f"minimoe:{model_dir.name}")
