@@ -1,4 +1,4 @@
-"""Recording traces: run prompts through a model (prefill, then greedy decode) and log every routing decision.
+"""Recording traces: run prompts through a model (prefill, then decode) and log every routing decision.
 
 Serving a request has two phases. Prefill runs the whole prompt through the model in one pass (P tokens);
 decode then produces one token per step, feeding each generated token back through the model with the KV
@@ -7,7 +7,7 @@ which k experts it goes to. `record` captures those decisions:
 
     prefill:  logits = model(prompt)              -> P rows, phase 0
     decode:   for g in 1..max_new_tokens:
-                  token_g = argmax(logits[-1])
+                  token_g = pick(logits[-1])      argmax (greedy, temperature=0) or a seeded sample
                   logits = model(token_g, cache)  -> 1 row, phase 1
 
 so a request yields P + max_new_tokens rows (fewer if `eos_token_id` stops it: the eos token is not fed).
@@ -172,8 +172,17 @@ def _rows(routes, batch, steps) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def record(model, prompts, max_new_tokens: int, domains=None, *, batch_size: int = 1,
-           eos_token_id: int | None = None, name: str | None = None) -> Trace:
-    """Prefill + greedy decode of every prompt; the routing of every processed token, as a Trace."""
+           eos_token_id: int | None = None, name: str | None = None, temperature: float = 0.0,
+           top_p: float = 1.0, seed: int = 0) -> Trace:
+    """Prefill + decode of every prompt; the routing of every processed token, as a Trace.
+
+    Decoding is greedy by default; ``temperature > 0`` samples (nucleus ``top_p``) from a generator seeded
+    with ``seed``, as serving systems usually do — greedy decoding of a small model tends to loop on a few
+    tokens, which makes decode routing far narrower than real traffic.
+    """
+    from minimoe.generate import sample_next
+
+    generator = torch.Generator().manual_seed(seed)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -202,7 +211,7 @@ def record(model, prompts, max_new_tokens: int, domains=None, *, batch_size: int
             decode_ids, decode_w, alive = [], [], []
             running = torch.ones(b, dtype=torch.bool, device=device)
             for _ in range(max_new_tokens):
-                next_ids = logits.argmax(-1)  # (B,)
+                next_ids = sample_next(logits.float().cpu(), temperature, top_p, generator).to(device)  # (B,)
                 if eos_token_id is not None:
                     running &= next_ids != eos_token_id
                     if not running.any():

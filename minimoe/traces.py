@@ -348,6 +348,7 @@ def concat(traces: list[Trace]) -> Trace:
 
 
 def record(model, prompts, max_new_tokens: int, domains=None, **options) -> Trace:
-    """Run prefill + greedy decode of each prompt on `model` and record its routing (see minimoe.recording)."""
+    """Run prefill + decode (greedy, or sampled with ``temperature``) of each prompt on `model` and record its
+    routing (see minimoe.recording)."""
     from minimoe.recording import record as _record  # torch is imported only when recording
     return _record(model, prompts, max_new_tokens, domains=domains, **options)

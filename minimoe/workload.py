@@ -55,15 +55,21 @@ def corpus_prompts(num_per_domain: int, prompt_chars: tuple[int, int] = (200, 40
 
 
 def record_workload(model, tokenize, texts: list[str], domains: list[str], max_new_tokens: int = 32,
-                    batch_size: int = 64, name: str | None = None) -> Trace:
-    """Tokenise ``texts`` with ``tokenize(str) -> list[int]`` and record prefill + decode routing."""
+                    batch_size: int = 64, name: str | None = None, temperature: float = 1.0, top_p: float = 0.9,
+                    seed: int = 0) -> Trace:
+    """Tokenise ``texts`` with ``tokenize(str) -> list[int]`` and record prefill + decode routing.
+
+    Decode samples like a server does (temperature 1, nucleus 0.9, seeded): greedy decoding of a small model
+    loops on a few tokens and would make decode traffic unrealistically narrow.
+    """
     from .recording import record
 
     prompts = [tokenize(text) for text in texts]
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:
         raise ValueError(f"prompts {empty[:5]} tokenise to nothing")
-    return record(model, prompts, max_new_tokens, domains, batch_size=batch_size, name=name)
+    return record(model, prompts, max_new_tokens, domains, batch_size=batch_size, name=name,
+                  temperature=temperature, top_p=top_p, seed=seed)
 
 
 def minimoe_tokenize(model_dir):
@@ -89,4 +95,4 @@ def bundled_trace(num_per_domain: int = 500, max_new_tokens: int = 32, seed: int
     torch.manual_seed(seed)
     model = Transformer.load(model_dir).eval()
     return record_workload(model, minimoe_tokenize(model_dir), texts, domains, max_new_tokens, batch_size,
-                           name=f"minimoe:{model_dir.name}")
+                           name=f"minimoe:{model_dir.name}", seed=seed)

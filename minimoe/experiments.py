@@ -1,0 +1,159 @@
+"""The placement experiments of paper 2, on any trace: fit on one part of the traffic, measure on held-out decode.
+
+Protocol (REFERENCES.md §4). Each request has prefill tokens and ``D`` decode tokens. The first ``window``
+decode tokens of every request are the *online window*; the evaluated tokens are the decode tokens after it,
+the same for every method and fitting mode, so every number below is measured on traffic no method saw,
+except the oracle, which is fitted on exactly those tokens (the upper bound of what a static layout can do):
+
+    fit mode   fitted on                                   question it answers
+    prefill    every request's prefill tokens              does prefill predict decode? (the paper's premise)
+    online     the first `window` decode tokens            refit as decode goes: prediction error shrinks
+    oracle     the evaluated tokens themselves             how much structure is there at all?
+
+Methods, each giving a placement (expert -> GPU slots) and sources (request -> GPU):
+
+    contiguous, round_robin, eplb   placement only; requests spread by random balanced grouping
+    locality                        co-activation-aware placement; random grouping (placement alone)
+    grouping                        signature grouping against the contiguous placement (grouping alone)
+    grouping+locality               grouping and locality placement fitted jointly (group_and_place)
+
+All methods of one comparison get the same replica budget ``num_replicas`` (slots per layer). The headline
+metric is de-duplicated inter-node bytes (a token crosses to a node once however many of its experts live
+there, as hierarchical all-to-all kernels send it); per-(token, expert) inter-node bytes are reported too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .grouping import group, group_and_place
+from .placement import place
+from .topology import Topology
+from .traffic import measure, uniform_nodes_per_token
+
+METHODS = ("contiguous", "round_robin", "eplb", "locality", "grouping", "grouping+locality")
+FIT_MODES = ("prefill", "online", "oracle")
+DEFAULT_TOPOLOGIES = ((2, 2), (4, 2), (2, 4), (4, 4))
+
+
+def decode_index(trace) -> np.ndarray:
+    """(N,) position of each token among its request's decode tokens (-1 for prefill/unknown tokens)."""
+    decode = trace.phase == 1
+    index = np.full(trace.num_tokens, -1, dtype=np.int64)
+    rows = np.flatnonzero(decode)
+    if rows.size:
+        first = np.zeros(trace.num_requests, dtype=np.int64)
+        # the first decode row of each request: the minimum row index among its decode rows
+        first_rows = np.full(trace.num_requests, np.iinfo(np.int64).max)
+        np.minimum.at(first_rows, trace.request[rows], rows)
+        first[:] = first_rows
+        index[rows] = rows - first[trace.request[rows]]
+    return index
+
+
+def masks(trace, window: int = 8) -> dict[str, np.ndarray]:
+    """Boolean token masks: the fitting set of each fit mode and the evaluated set ("eval")."""
+    if trace.num_tokens == 0 or not (trace.phase == 1).any():
+        raise ValueError("the experiments need a trace with decode tokens (phase 1)")
+    index = decode_index(trace)
+    evaluated = index >= window
+    if not evaluated.any():
+        raise ValueError(f"no decode token lies after the online window of {window} tokens; lower `window`")
+    return {"prefill": trace.phase == 0, "online": (index >= 0) & (index < window), "oracle": evaluated,
+            "eval": evaluated}
+
+
+def fit(trace, topology: Topology, method: str, fit_tokens: np.ndarray, num_replicas: int, seed: int = 0):
+    """(placement, sources) of one method fitted on the tokens in ``fit_tokens``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    random_sources = group(trace, topology, "random", seed=seed)
+    if method in ("contiguous", "round_robin", "eplb"):
+        return place(trace, topology, method, tokens=fit_tokens, num_replicas=num_replicas), random_sources
+    if method == "locality":
+        placement = place(trace, topology, "locality", tokens=fit_tokens, num_replicas=num_replicas,
+                          sources=random_sources)
+        return placement, random_sources
+    if method == "grouping":
+        placement = place(trace, topology, "contiguous", tokens=fit_tokens, num_replicas=num_replicas)
+        sources = group(trace, topology, "signature", seed=seed, placement=placement, tokens=fit_tokens)
+        return placement, sources
+    sources, placement = group_and_place(trace, topology, seed=seed, tokens=fit_tokens, num_replicas=num_replicas)
+    return placement, sources
+
+
+def compare(trace, topology: Topology, num_replicas: int | None = None, fit_modes=FIT_MODES, methods=METHODS,
+            window: int = 8, seed: int = 0, hidden_size: int = 7168) -> list[dict]:
+    """One row per (fit mode, method): traffic of the evaluated tokens, and reductions vs the baselines."""
+    token_sets = masks(trace, window)
+    num_replicas = num_replicas or trace.num_experts
+    rows = []
+    for mode in fit_modes:
+        reports = {}
+        for method in methods:
+            placement, sources = fit(trace, topology, method, token_sets[mode], num_replicas, seed)
+            reports[method] = measure(trace, placement, topology, sources=sources, tokens=token_sets["eval"],
+                                      hidden_size=hidden_size)
+        for method, report in reports.items():
+            row = dict(topology=f"{topology.num_nodes}x{topology.gpus_per_node}", num_replicas=num_replicas,
+                       fit=mode, method=method, inter_node_bytes=report.inter_node_bytes,
+                       pair_bytes_inter=report.pair_bytes_inter, intra_node_bytes=report.intra_node_bytes,
+                       remote_nodes_per_token=report.remote_nodes_per_token,
+                       pair_node_local_fraction=report.pair_node_local_fraction,
+                       load_max_over_mean=report.load_max_over_mean)
+            for base in ("contiguous", "eplb"):
+                if base in reports:
+                    row[f"cut_vs_{base}"] = 1 - report.inter_node_bytes / max(reports[base].inter_node_bytes, 1e-30)
+                    row[f"pair_cut_vs_{base}"] = 1 - report.pair_bytes_inter / max(reports[base].pair_bytes_inter, 1e-30)
+            rows.append(row)
+    return rows
+
+
+def uniform_baseline(trace, topology: Topology) -> dict:
+    """Nodes a token reaches if routing were uniform (REFERENCES.md §4) — and what contiguous placement sees."""
+    nodes = uniform_nodes_per_token(trace.num_experts, trace.top_k, topology.num_nodes)
+    return dict(topology=f"{topology.num_nodes}x{topology.gpus_per_node}", uniform_nodes_per_token=nodes,
+                uniform_remote_nodes_per_token=nodes * (topology.num_nodes - 1) / topology.num_nodes)
+
+
+def drift(trace, topology: Topology, fit_mix: dict[str, float], eval_mix: dict[str, float],
+          num_replicas: int | None = None, seed: int = 0, hidden_size: int = 7168) -> list[dict]:
+    """Fit on requests drawn with one domain mix, evaluate on other requests drawn with another.
+
+    Half the requests (random) form the history, the other half the new traffic. Placements are fitted on all
+    tokens of history requests sampled by ``fit_mix`` (domain -> weight); new requests sampled by ``eval_mix``
+    are grouped by their own prefill against that placement, and their decode tokens are measured.
+    """
+    rng = np.random.default_rng(seed)
+    domains = trace.request_domains()
+    half = rng.permutation(trace.num_requests) < trace.num_requests // 2
+    picked = {}
+    for name, mix, pool in (("fit", fit_mix, half), ("eval", eval_mix, ~half)):
+        unknown = sorted(set(mix) - set(domains))
+        if unknown:
+            raise ValueError(f"{name}_mix names domains {unknown} that the trace does not have")
+        weights = np.array([mix.get(d, 0.0) for d in domains]) * pool
+        count = int(min(pool.sum(), (weights > 0).sum()) * 0.5)
+        picked[name] = rng.choice(trace.num_requests, size=count, replace=False, p=weights / weights.sum())
+    fit_tokens = np.isin(trace.request, picked["fit"])
+    eval_requests = np.isin(np.arange(trace.num_requests), picked["eval"])
+    evaluated = eval_requests[trace.request] & (trace.phase == 1)
+    prefill_new = eval_requests[trace.request] & (trace.phase == 0)
+    num_replicas = num_replicas or trace.num_experts
+    rows, reports = [], {}
+    random_sources = group(trace, topology, "random", seed=seed)
+    for method in ("contiguous", "eplb", "locality", "grouping+locality"):
+        base = "locality" if method == "grouping+locality" else method
+        placement = place(trace, topology, base, tokens=fit_tokens, num_replicas=num_replicas,
+                          sources=random_sources if base == "locality" else None)
+        sources = random_sources
+        if method == "grouping+locality":
+            sources = group(trace, topology, "signature", seed=seed, placement=placement, tokens=prefill_new)
+        reports[method] = measure(trace, placement, topology, sources=sources, tokens=evaluated,
+                                  hidden_size=hidden_size)
+    for method, report in reports.items():
+        rows.append(dict(method=method, inter_node_bytes=report.inter_node_bytes,
+                         cut_vs_contiguous=1 - report.inter_node_bytes / reports["contiguous"].inter_node_bytes,
+                         cut_vs_eplb=1 - report.inter_node_bytes / reports["eplb"].inter_node_bytes,
+                         load_max_over_mean=report.load_max_over_mean))
+    return rows
