@@ -1,0 +1,287 @@
+"""The three findings of paper 2 on an expert-activation trace, each next to the baseline it has to beat.
+
+("Scaling Multi-Node Mixture-of-Experts Inference Using Expert Activation Patterns", arXiv 2604.23150.)
+The paper observes three properties of real MoE serving traces. A number alone proves nothing: a finite
+sample of perfectly balanced, domain-blind, memoryless routing also shows some imbalance, some divergence
+between domains and some correlation. So every finding below is printed with what chance alone gives.
+The statistics themselves are those of ``minimoe.analysis`` (its docstring has the formulas).
+
+(a) Load is imbalanced, and the imbalance varies by layer (and workload).
+    Per layer: max/mean load, Gini and normalised entropy, for all tokens, per phase and per domain.
+    Baseline 1, *uniform routing*: the same number of tokens each sent to k distinct experts drawn
+    uniformly (``uniform_imbalance``, exact sampling); its max/mean is > 1 only by sampling noise.
+    Baseline 2, *resampling noise*: a bootstrap over requests resamples every layer's max/mean (its 2.5-97.5
+    percentiles are printed); the most and the least imbalanced layers differ when the first stays above
+    the second in at least 97.5% of the resamples (paired, so the upward bias a bootstrap gives a maximum
+    affects both alike).
+(b) Expert popularity is domain specific.
+    Per layer, the Jensen-Shannon divergence (bits) between the expert-popularity vectors of two domains.
+    Baseline: JS between two random halves (by request) of ONE domain, over ``num_splits`` random splits of
+    every domain (mean and max). Each half holds half the requests, so it is noisier than a whole domain
+    and the baseline is, if anything, too high: a conservative bar.
+(c) Prefill predicts decode.
+    Per request, the Pearson correlation between its prefill and its decode expert histograms (all L·E
+    cells). Baseline: the same correlation for shuffled pairs (prefill of one request vs decode of another,
+    ``num_shuffles`` random derangements); and a stricter one, shuffled *within* a domain, which keeps
+    what the domain alone predicts and removes only what is specific to the request. Reported: mean and
+    median of the matched values, the baselines' mean, median and 95th percentile, and the fraction of
+    requests whose matched correlation exceeds that 95th percentile (5% by chance).
+
+``python -m minimoe.findings`` records the bundled model's workload (``minimoe.workload.bundled_trace``:
+held-out prompts of four domains, prefill + 32 greedy decode tokens) or reads ``--trace FILE`` and prints
+the table; ``benchmarks/results/findings.txt`` holds the output of the default run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from minimoe.analysis import gini, js_divergence, layer_imbalance, max_over_mean, \
+    normalized_entropy, prefill_decode_similarity
+from minimoe.traces import Trace
+
+DEFAULT_REQUESTS_PER_DOMAIN = 500  # x 4 domains = 2000 requests, about 260 K routed tokens
+IMBALANCE_STATS = ("max_over_mean", "gini", "entropy")
+
+
+def request_loads(trace: Trace) -> np.ndarray:
+    """int64 (R, L, E): how many of request r's (token, slot) choices went to expert e in layer l."""
+    r, l, e = trace.num_requests, trace.num_layers, trace.num_experts
+    cells = (trace.request[:, None, None].astype(np.int64) * l + np.arange(l)[None, :, None]) * (e + 1) \
+        + trace.experts.astype(np.int64) + 1  # (N, L, k); expert -1 lands in column 0, dropped below
+    counts = np.bincount(cells.ravel(), minlength=r * l * (e + 1))
+    return counts.reshape(r, l, e + 1)[:, :, 1:]
+
+
+# ---- (a) imbalance -------------------------------------------------------------------------------------------
+def uniform_imbalance(num_tokens: int, num_experts: int, top_k: int, draws: int = 20, seed: int = 0) -> dict:
+    """Imbalance statistics (each (draws,)) of ``num_tokens`` tokens routed to k distinct uniform experts."""
+    if num_tokens < 1 or draws < 1 or not 1 <= top_k <= num_experts:
+        raise ValueError(f"need num_tokens >= 1, draws >= 1, 1 <= top_k <= num_experts, got "
+                         f"{num_tokens}, {draws}, {top_k}, {num_experts}")
+    rng = np.random.default_rng(seed)
+    loads = np.zeros((draws, num_experts), np.int64)
+    for draw in range(draws):
+        for start in range(0, num_tokens, 65536):  # chunks keep the random keys small
+            keys = rng.random((min(65536, num_tokens - start), num_experts), dtype=np.float32)
+            chosen = np.argpartition(keys, top_k - 1, axis=1)[:, :top_k]  # a uniform k-subset per token
+            loads[draw] += np.bincount(chosen.ravel(), minlength=num_experts)
+    return dict(max_over_mean=max_over_mean(loads), gini=gini(loads), entropy=normalized_entropy(loads))
+
+
+def bootstrap_max_over_mean(loads: np.ndarray, draws: int = 200, seed: int = 0) -> np.ndarray:
+    """(draws, L): each layer's max/mean when the R requests of ``loads`` (R, L, E) are resampled."""
+    rng = np.random.default_rng(seed)
+    r = loads.shape[0]
+    weights = rng.multinomial(r, np.full(r, 1 / r), size=draws).astype(np.float64)  # (draws, R)
+    resampled = (weights @ loads.reshape(r, -1)).reshape(draws, *loads.shape[1:])  # (draws, L, E)
+    return max_over_mean(resampled)
+
+
+def _imbalance_group(trace: Trace, seed: int) -> tuple[dict, np.ndarray]:
+    stats = layer_imbalance(trace)
+    uniform = uniform_imbalance(trace.num_tokens, trace.num_experts, trace.top_k, seed=seed)
+    resampled = bootstrap_max_over_mean(request_loads(trace), seed=seed)  # (draws, L)
+    low, high = np.percentile(resampled, [2.5, 97.5], axis=0)
+    return dict(tokens=trace.num_tokens, requests=trace.num_requests,
+                **{name: stats[name].tolist() for name in IMBALANCE_STATS},
+                max_over_mean_ci=[low.tolist(), high.tolist()], hottest_expert=stats["load"].argmax(1).tolist(),
+                uniform={name: float(uniform[name].mean()) for name in IMBALANCE_STATS}
+                | dict(max_over_mean_p95=float(np.percentile(uniform["max_over_mean"], 95)))), resampled
+
+
+def imbalance_finding(trace: Trace, seed: int = 0) -> dict:
+    groups = {"all": trace, "prefill": trace.where(phase="prefill"), "decode": trace.where(phase="decode")}
+    if trace.has_domain:
+        groups |= {str(d): trace.where(domain=str(d)) for d in np.unique(trace.domain)}
+    result, resampled = {}, None
+    for name, group in groups.items():
+        if group.num_tokens:
+            result[name], draws = _imbalance_group(group, seed)
+            resampled = draws if name == "all" else resampled
+    overall = result["all"]
+    most, least = int(np.argmax(overall["max_over_mean"])), int(np.argmin(overall["max_over_mean"]))
+    # paired bootstrap: in how many resamples is the most imbalanced layer still above the least one
+    confidence = float((resampled[:, most] > resampled[:, least]).mean())
+    return dict(groups=result, most_imbalanced_layer=most, least_imbalanced_layer=least,
+                layers_differ_confidence=confidence, layers_differ=bool(confidence >= 0.975),
+                above_uniform=bool(min(overall["max_over_mean"]) > overall["uniform"]["max_over_mean_p95"]))
+
+
+# ---- (b) domain specificity ----------------------------------------------------------------------------------
+def domain_finding(trace: Trace, num_splits: int = 100, seed: int = 0) -> dict:
+    if not trace.has_domain:
+        raise ValueError("the domain finding needs a trace with domain labels")
+    loads = request_loads(trace).astype(np.float64)  # (R, L, E)
+    request_domain = trace.request_domains()
+    labels = [str(d) for d in np.unique(request_domain)]
+    popularity = np.stack([loads[request_domain == d].sum(0) for d in labels])  # (D, L, E)
+    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+    per_pair = {f"{a}-{b}": js_divergence(popularity[labels.index(a)], popularity[labels.index(b)]).tolist()
+                for a, b in pairs}  # (L,) each
+    rng = np.random.default_rng(seed)
+    baseline = {}
+    for d in labels:
+        members = np.flatnonzero(request_domain == d)
+        if len(members) < 2:
+            raise ValueError(f"domain {d!r} has {len(members)} request(s); a random split needs at least 2")
+        splits = np.empty((num_splits, trace.num_layers))
+        for split in range(num_splits):
+            order = rng.permutation(members)
+            half = len(order) // 2
+            splits[split] = js_divergence(loads[order[:half]].sum(0), loads[order[half:]].sum(0))
+        baseline[d] = splits  # (num_splits, L)
+    every_split = np.concatenate(list(baseline.values()))  # (D * num_splits, L)
+    between = np.array(list(per_pair.values()))  # (pairs, L)
+    return dict(labels=labels, requests={d: int((request_domain == d).sum()) for d in labels},
+                pairs={name: dict(mean=float(np.mean(v)), per_layer=v) for name, v in per_pair.items()},
+                between_per_layer=dict(min=between.min(0).tolist(), mean=between.mean(0).tolist()),
+                num_splits=num_splits,
+                baseline={d: dict(mean=float(s.mean(1).mean()), max=float(s.mean(1).max())) for d, s in baseline.items()},
+                baseline_per_layer=dict(mean=every_split.mean(0).tolist(), max=every_split.max(0).tolist()),
+                between_min=float(between.mean(1).min()), between_mean=float(between.mean()),
+                baseline_mean=float(every_split.mean()), baseline_max=float(every_split.mean(1).max()),
+                above_baseline=bool((between.min(0) > every_split.max(0)).all()))
+
+
+# ---- (c) prefill predicts decode -----------------------------------------------------------------------------
+def _summary(shuffles: list[np.ndarray]) -> dict:
+    """Mean, median, p95 of all shuffled values pooled, and the largest mean of one shuffle."""
+    values = np.concatenate(shuffles)
+    return dict(mean=float(values.mean()), median=float(np.median(values)), p95=float(np.percentile(values, 95)),
+                max_shuffle_mean=float(max(s.mean() for s in shuffles)))
+
+
+def prefill_decode_finding(trace: Trace, num_shuffles: int = 10, seed: int = 0) -> dict:
+    runs = [prefill_decode_similarity(trace, seed=seed + s) for s in range(num_shuffles)]
+    matched = runs[0].matched  # (n,) the same in every run; only the pairing of the shuffled values changes
+    result = dict(metric="pearson", requests=len(matched), num_shuffles=num_shuffles,
+                  matched=dict(mean=float(matched.mean()), median=float(np.median(matched))),
+                  shuffled=_summary([run.shuffled for run in runs]))
+    result["fraction_above_shuffled_p95"] = float((matched > result["shuffled"]["p95"]).mean())
+    if trace.has_domain:
+        by_domain = [trace.where(domain=str(d)) for d in np.unique(trace.domain)]
+        within = [np.concatenate([prefill_decode_similarity(part, seed=seed + s).shuffled for part in by_domain])
+                  for s in range(num_shuffles)]  # one within-domain shuffle of every request per entry
+        result["within_domain"] = _summary(within)
+        result["fraction_above_within_domain_p95"] = float((matched > result["within_domain"]["p95"]).mean())
+    # a permutation test on the mean: the matched mean beats the mean of every shuffle
+    result["above_baseline"] = bool(result["matched"]["mean"] > result["shuffled"]["max_shuffle_mean"])
+    return result
+
+
+def findings(trace: Trace, seed: int = 0, num_splits: int = 100, num_shuffles: int = 10) -> dict:
+    """The three findings of ``trace`` with their baselines, as a JSON-ready dict (see the module docstring)."""
+    if not isinstance(trace, Trace):
+        raise TypeError(f"trace must be a minimoe.traces.Trace, got {type(trace).__name__}")
+    if trace.num_tokens == 0:
+        raise ValueError("the trace is empty")
+    domains = trace.request_domains()
+    return dict(
+        trace=dict(model=trace.model, tokens=trace.num_tokens, requests=trace.num_requests,
+                   layers=trace.num_layers, experts=trace.num_experts, top_k=trace.top_k,
+                   prefill_tokens=int((trace.phase == 0).sum()), decode_tokens=int((trace.phase == 1).sum()),
+                   requests_per_domain={str(d): int((domains == d).sum()) for d in np.unique(domains)}),
+        imbalance=imbalance_finding(trace, seed),
+        domain=domain_finding(trace, num_splits, seed) if trace.has_domain else None,
+        prefill_decode=prefill_decode_finding(trace, num_shuffles, seed),
+    )
+
+
+# ---- the printed table ---------------------------------------------------------------------------------------
+def _row(label: str, values, fmt: str = "{:6.3f}", extra: str = "") -> str:
+    return f"  {label:<26s}" + "".join(f"  {fmt.format(v):>13s}" for v in values) + (f"   {extra}" if extra else "")
+
+
+def format_findings(result: dict) -> str:
+    """The findings as a plain-text table (what ``python -m minimoe.findings`` prints)."""
+    info, imbalance, domain, paired = result["trace"], result["imbalance"], result["domain"], result["prefill_decode"]
+    layers = range(info["layers"])
+    lines = [f"trace {info['model'] or '(unnamed)'}: {info['requests']:,} requests "
+             + "(" + ", ".join(f"{d} {n}" for d, n in info["requests_per_domain"].items()) + "), "
+             f"{info['tokens']:,} tokens ({info['prefill_tokens']:,} prefill, {info['decode_tokens']:,} decode), "
+             f"{info['layers']} MoE layers, {info['experts']} experts, top-{info['top_k']}", ""]
+    header = _row("", [f"layer {l}" for l in layers], "{}", "uniform routing, same tokens")
+    groups = imbalance["groups"]
+    lines += ["(a) Load imbalance per layer (max/mean load; 1 = balanced)", header]
+    for name, group in groups.items():
+        lines.append(_row(f"{name} ({group['tokens']:,} tok)", group["max_over_mean"], extra=
+                          f"{group['uniform']['max_over_mean']:.3f} (p95 {group['uniform']['max_over_mean_p95']:.3f})"))
+    low, high = groups["all"]["max_over_mean_ci"]
+    lines.append(_row("all: bootstrap 2.5-97.5%", [f"{a:.2f}-{b:.2f}" for a, b in zip(low, high)], "{}"))
+    for stat, label in (("gini", "Gini"), ("entropy", "entropy / log E")):
+        lines.append(_row(f"all: {label}", groups["all"][stat], extra=f"{groups['all']['uniform'][stat]:.3f}"))
+    lines.append(_row("all: hottest expert", groups["all"]["hottest_expert"], "{}"))
+    lines += [f"  -> every layer above uniform p95: {imbalance['above_uniform']}; layer "
+              f"{imbalance['most_imbalanced_layer']} above layer {imbalance['least_imbalanced_layer']} in "
+              f"{imbalance['layers_differ_confidence']:.1%} of bootstrap resamples (differ: "
+              f"{imbalance['layers_differ']})", ""]
+    if domain is not None:
+        lines += [f"(b) Domain specificity: JS divergence (bits) between domains' expert popularity",
+                  _row("", [f"layer {l}" for l in layers], "{}", "mean over layers")]
+        for name, pair in domain["pairs"].items():
+            lines.append(_row(name, pair["per_layer"], extra=f"{pair['mean']:.4f}"))
+        per_layer = domain["baseline_per_layer"]
+        lines.append(_row(f"random halves: mean", per_layer["mean"], "{:6.4f}", f"{domain['baseline_mean']:.4f}"))
+        lines.append(_row(f"random halves: max", per_layer["max"], "{:6.4f}",
+                          f"{domain['baseline_max']:.4f}  ({domain['num_splits']} splits of each domain)"))
+        lines += [f"  -> smallest between-domain JS {domain['between_min']:.4f} = "
+                  f"{domain['between_min'] / domain['baseline_max']:.1f}x the largest random-split JS "
+                  f"{domain['baseline_max']:.4f}; above the baseline in every layer: {domain['above_baseline']}", ""]
+    lines += [f"(c) Prefill predicts decode: Pearson r of each request's prefill and decode expert histograms "
+              f"({paired['requests']:,} requests)",
+              f"  {'':<26s}  {'mean':>8s}  {'median':>8s}  {'p95':>8s}  {'max mean':>8s}   requests above p95"]
+    lines.append(f"  {'matched (own decode)':<26s}  {paired['matched']['mean']:8.3f}  {paired['matched']['median']:8.3f}")
+    for key, label, frac in (("shuffled", "shuffled across requests", "fraction_above_shuffled_p95"),
+                             ("within_domain", "shuffled within a domain", "fraction_above_within_domain_p95")):
+        if key in paired:
+            s = paired[key]
+            lines.append(f"  {label:<26s}  {s['mean']:8.3f}  {s['median']:8.3f}  {s['p95']:8.3f}  "
+                         f"{s['max_shuffle_mean']:8.3f}   {paired[frac]:.1%} of matched (5% by chance)")
+    lines.append(f"  -> the matched mean beats the mean of each of {paired['num_shuffles']} shuffles "
+                 f"(max mean column): {paired['above_baseline']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minimoe.findings", description=(
+        "The three findings of paper 2 (imbalance by layer, domain-specific experts, prefill predicts decode), "
+        "each with its baseline, on a trace file or on a fresh recording of the bundled 4-domain model."))
+    parser.add_argument("--trace", help="a trace .npz file (default: record the bundled model)")
+    parser.add_argument("--requests-per-domain", type=int, default=DEFAULT_REQUESTS_PER_DOMAIN,
+                        help="requests per domain to record from the bundled model (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="decode tokens per request (default: 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and baselines (default: 0)")
+    parser.add_argument("--save-trace", help="also save the recorded trace to this .npz file")
+    parser.add_argument("--out", help="write the findings as JSON to this file")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    if args.trace:
+        trace = Trace.load(args.trace)
+    else:
+        if args.requests_per_domain < 2:
+            parser.error(f"--requests-per-domain must be >= 2, got {args.requests_per_domain}")
+        from minimoe.workload import bundled_trace
+
+        trace = bundled_trace(args.requests_per_domain, args.max_new_tokens, seed=args.seed)
+        if args.save_trace:
+            trace.save(args.save_trace)
+    recorded = time.perf_counter()
+    result = findings(trace, seed=args.seed)
+    print(format_findings(result))
+    print(f"\n(trace {'loaded' if args.trace else 'recorded'} in {recorded - started:.1f} s, "
+          f"findings computed in {time.perf_counter() - recorded:.1f} s)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
