@@ -2,6 +2,9 @@
 
     minimoe demo       build a tiny Llama 3, train it for a few seconds, prove it equals transformers, generate
     minimoe train      train a small multi-domain MoE language model offline (presets: tiny, shipped)
+    minimoe trace      record an expert-activation trace (prefill + decode) of a minimoe or transformers model
+    minimoe findings   the paper's three observations on a trace, each with its baseline
+    minimoe report     the main job: traces -> every placement/grouping method -> table + HTML report
 """
 
 from __future__ import annotations
@@ -25,6 +28,40 @@ def _train(args) -> int:
     print(summarise(log))
     print(f"checkpoint: {train_config.out_dir}")
     return 0
+
+
+def _trace(args) -> int:
+    from .workload import BUNDLED_MODEL, corpus_prompts, minimoe_tokenize, record_workload
+
+    texts, domains = corpus_prompts(args.requests_per_domain, seed=args.seed)
+    if args.hf:
+        from transformers import AutoTokenizer
+
+        from .hf import load_hf
+
+        model = load_hf(args.hf).eval()
+        hf_tokenizer = AutoTokenizer.from_pretrained(args.hf, local_files_only=True)
+        tokenize = lambda text: hf_tokenizer(text)["input_ids"]  # noqa: E731
+        name = f"hf:{args.hf}"
+    else:
+        from .model import Transformer
+
+        model_dir = args.model or BUNDLED_MODEL
+        model, tokenize, name = Transformer.load(model_dir).eval(), minimoe_tokenize(model_dir), None
+    trace = record_workload(model, tokenize, texts, domains, args.new_tokens, args.batch_size, name=name,
+                            temperature=args.temperature, seed=args.seed)
+    trace.save(args.out)
+    print(f"{trace.num_requests} requests, {trace.num_tokens} tokens, {trace.num_layers} MoE layers -> {args.out}")
+    return 0
+
+
+def _forward(module_name):
+    def run(args) -> int:
+        import importlib
+
+        return importlib.import_module(f"minimoe.{module_name}").main(args.rest)
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,10 +91,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bf16", action="store_true", help="autocast matmuls to bfloat16")
     train.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     train.set_defaults(func=_train)
+
+    trace = sub.add_parser("trace", help="record an expert-activation trace of a minimoe or transformers MoE model "
+                                         "on held-out prompts of the four domains")
+    source = trace.add_mutually_exclusive_group()
+    source.add_argument("--model", help="minimoe run directory (default: the bundled checkpoint)")
+    source.add_argument("--hf", help="local transformers model directory (with its tokenizer), e.g. a Mixtral")
+    trace.add_argument("--out", default="trace.npz")
+    trace.add_argument("--requests-per-domain", type=int, default=100)
+    trace.add_argument("--new-tokens", type=int, default=32)
+    trace.add_argument("--temperature", type=float, default=0.7, help="decode sampling temperature (0 = greedy)")
+    trace.add_argument("--batch-size", type=int, default=64)
+    trace.add_argument("--seed", type=int, default=0)
+    trace.set_defaults(func=_trace)
+
+    for name, text in (("findings", "the paper's three observations on a trace, with baselines"),
+                       ("report", "the main job: record traces, fit every placement and grouping method, print "
+                                  "the comparison and write an HTML report")):
+        command = sub.add_parser(name, help=text, add_help=False)
+        command.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        command.set_defaults(func=_forward(name))
     return parser
 
 
+FORWARDED = ("findings", "report")  # these parse their own arguments (python -m minimoe.<name> works too)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in FORWARDED:
+        return _forward(argv[0])(argparse.Namespace(rest=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

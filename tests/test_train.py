@@ -1,0 +1,95 @@
+"""Training: the loss goes down, resuming equals an uninterrupted run, and the bundled checkpoint is what it says."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimoe.model import ModelConfig, Transformer
+from minimoe.moe import MoEConfig
+from minimoe.train import PRESETS, TrainConfig, learning_rate, preset, train, validation_losses
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "checkpoints" / "moe-4domain"
+
+TINY_MODEL = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, tie_word_embeddings=True,
+                         max_seq_len=64, moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=32,
+                                                       aux_loss_coef=0.01, z_loss_coef=0.001))
+
+
+def tiny_run(out_dir, steps, **overrides):
+    return TrainConfig(out_dir=str(out_dir), steps=steps, batch_size=4, seq_len=32, warmup=2, eval_every=3,
+                       eval_batches=1, checkpoint_every=3, max_chars_per_domain=20_000, vocab_size=300,
+                       **overrides)
+
+
+def test_loss_decreases_and_run_directory_is_complete(tmp_path):
+    log = train(TINY_MODEL, tiny_run(tmp_path, 12, lr=1e-2), progress=False)
+    losses = log["train_loss"]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
+    # per-domain validation losses, for the domains that have validation documents at this tiny corpus size
+    evaluated = set(log["eval"][-1]) - {"step"}
+    assert len(evaluated) >= 2 and evaluated <= {"code", "math", "chat", "general"}
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json", "log.json",
+                 "trainer_state.pt", "validation_tokens.npz"):
+        assert (tmp_path / name).is_file(), name
+    reloaded = validation_losses(tmp_path)
+    # the last evaluation used one batch per domain; the full split is close to it, and finite
+    assert all(torch.isfinite(torch.tensor(v)) for v in reloaded.values())
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    torch.set_num_threads(1)
+    straight = train(TINY_MODEL, tiny_run(tmp_path / "straight", 6), progress=False)
+    train(TINY_MODEL, tiny_run(tmp_path / "resumed", 3), progress=False)
+    resumed = train(TINY_MODEL, tiny_run(tmp_path / "resumed", 6), resume=True, progress=False)
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], abs=1e-4)
+    a = Transformer.load(tmp_path / "straight").state_dict()
+    b = Transformer.load(tmp_path / "resumed").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(steps=110, warmup=10, lr=1.0, min_lr=0.1)
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(10, cfg) == pytest.approx(1.0)
+    assert learning_rate(60, cfg) == pytest.approx(0.55)  # half-way down the cosine
+    assert learning_rate(110, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(steps=0), "steps"), (dict(lr=-1.0), "lr"),
+                                        (dict(min_lr=1.0, lr=0.1), "min_lr"), (dict(warmup=-1), "warmup")])
+def test_bad_train_config(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        preset("huge")
+
+
+def test_bundled_checkpoint_matches_its_preset_and_reproduces_its_losses():
+    model = Transformer.load(BUNDLED)
+    model_config, train_config = preset("shipped")
+    assert model.config.moe == model_config.moe
+    assert model.config.hidden_size == model_config.hidden_size and model.config.num_layers == model_config.num_layers
+    assert model.num_parameters() == 3_982_464
+    assert json.loads((BUNDLED / "train_config.json").read_text())["steps"] == PRESETS["shipped"]["train"]["steps"]
+
+    # the losses the README reports, recomputed from the shipped files
+    readme = (BUNDLED / "README.md").read_text()
+    reported = dict(re.findall(r"(code|math|chat|general) (\d\.\d{4})", readme.split("Recomputed on a CPU")[1]))
+    assert set(reported) == {"code", "math", "chat", "general"}
+    torch.set_num_threads(1)
+    measured = validation_losses(BUNDLED)
+    for domain, value in reported.items():
+        assert measured[domain] == pytest.approx(float(value), abs=2e-4), domain
+    # and the training run's own last evaluation (on the GPU) agrees to its 3 printed decimals
+    last = json.loads((BUNDLED / "log.json").read_text())["eval"][-1]
+    for domain in reported:
+        assert measured[domain] == pytest.approx(last[domain], abs=2e-3)
