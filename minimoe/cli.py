@@ -31,10 +31,10 @@ def _train(args) -> int:
 
 
 def _trace(args) -> int:
-    from .workload import BUNDLED_MODEL, corpus_prompts, minimoe_tokenize, record_workload
+    from .workload import BUNDLED_MODEL, corpus_prompts, minimoe_tokenize, record_workload, run_prompts
 
-    texts, domains = corpus_prompts(args.requests_per_domain, seed=args.seed)
     if args.hf:
+        texts, domains = corpus_prompts(args.requests_per_domain, seed=args.seed)
         from transformers import AutoTokenizer
 
         from .hf import load_hf
@@ -47,6 +47,7 @@ def _trace(args) -> int:
         from .model import Transformer
 
         model_dir = args.model or BUNDLED_MODEL
+        texts, domains = run_prompts(model_dir, args.requests_per_domain, args.seed)
         model, tokenize, name = Transformer.load(model_dir).eval(), minimoe_tokenize(model_dir), None
     trace = record_workload(model, tokenize, texts, domains, args.new_tokens, args.batch_size, name=name,
                             temperature=args.temperature, seed=args.seed)

@@ -82,6 +82,13 @@ def minimoe_tokenize(model_dir):
     return lambda text: [bos] + tokenizer.encode(text, add_special_tokens=False).ids
 
 
+def run_prompts(model_dir, num_per_domain: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Held-out prompts for a minimoe run directory: the test split of the corpus that run trained on."""
+    train_config = json.loads((Path(model_dir) / "train_config.json").read_text())
+    return corpus_prompts(num_per_domain, seed=seed, corpus_seed=train_config["seed"],
+                          max_chars_per_domain=train_config["max_chars_per_domain"])
+
+
 def bundled_trace(num_per_domain: int = 500, max_new_tokens: int = 32, seed: int = 0, model_dir=BUNDLED_MODEL,
                   batch_size: int = 64, temperature: float = 0.7, top_p: float = 0.9) -> Trace:
     """The workload trace of a minimoe checkpoint (default: the bundled 4-domain MoE), recorded on CPU."""
@@ -90,9 +97,7 @@ def bundled_trace(num_per_domain: int = 500, max_new_tokens: int = 32, seed: int
     from .model import Transformer
 
     model_dir = Path(model_dir)
-    train_config = json.loads((model_dir / "train_config.json").read_text())
-    texts, domains = corpus_prompts(num_per_domain, seed=seed, corpus_seed=train_config["seed"],
-                                    max_chars_per_domain=train_config["max_chars_per_domain"])
+    texts, domains = run_prompts(model_dir, num_per_domain, seed)
     torch.manual_seed(seed)
     model = Transformer.load(model_dir).eval()
     return record_workload(model, minimoe_tokenize(model_dir), texts, domains, max_new_tokens, batch_size,
