@@ -186,6 +186,7 @@ def test_static_figure_has_one_trace_group_per_setting_and_capacity():
     assert [button.label for button in menu.buttons] == [setting_label(s) for s in settings_]
     (slider,) = figure.layout.sliders
     assert [step.label for step in slider.steps] == ["dropless", "0.5", "1", "2"] and slider.active == 2
+    assert figure.layout.xaxis3.range[1] > 2  # the "lost" axis holds the largest top-k (2)
     initially = [i for i, trace in enumerate(figure.data) if trace.visible]
     assert initially == list(range(2 * TRACES_PER_SETTING, 3 * TRACES_PER_SETTING))  # setting 0, capacity 1.0
     for s, (setting, button) in enumerate(zip(settings_, menu.buttons)):

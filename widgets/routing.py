@@ -74,35 +74,28 @@ class RoutingData:
 
     def summary(self) -> str:
         """One line: the setting, tokens per expert, the capacity and what was dropped."""
-        lost_any = int((self.dropped_per_token > 0).sum())
-        lost_all = int((self.dropped_per_token == self.top_k).sum())
+        lost_any, lost_all = int((self.dropped_per_token > 0).sum()), int((self.dropped_per_token == self.top_k).sum())
         capacity = "dropless" if self.capacity is None else f"capacity C={self.capacity}"
-        return (f"{self.family} top-{self.top_k}, {capacity}: tokens per expert "
-                f"{self.tokens_per_expert.tolist()}; dropped {self.dropped_pairs} of "
-                f"{self.num_tokens * self.top_k} choices ({lost_any} tokens lost an expert, {lost_all} lost all)")
+        return (f"{self.family} top-{self.top_k}, {capacity}: tokens per expert {self.tokens_per_expert.tolist()}; "
+                f"dropped {self.dropped_pairs} of {self.num_tokens * self.top_k} choices "
+                f"({lost_any} tokens lost an expert, {lost_all} lost all)")
+
+    def title(self) -> str:
+        """The summary as a two-line figure title."""
+        head, _, tail = self.summary().partition(": ")
+        return f"{head}<br><sup>{tail}</sup>"
 
 
-def routing_data(
-    logits: torch.Tensor,
-    family: str = "softmax",
-    top_k: int = 2,
-    capacity_factor: float = 0.0,
-    *,
-    bias: torch.Tensor | None = None,
-    n_group: int = 1,
-    topk_group: int = 1,
-    norm_topk_prob: bool = True,
-    routed_scaling_factor: float = 1.0,
-) -> RoutingData:
+def routing_data(logits: torch.Tensor, family: str = "softmax", top_k: int = 2, capacity_factor: float = 0.0, *,
+                 bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+                 routed_scaling_factor: float = 1.0) -> RoutingData:
     """Route ``logits`` (T, E) with ``minimoe``'s own layer and capacity rule.
 
     ``bias``, ``n_group``, ``topk_group`` and ``routed_scaling_factor`` are DeepSeek-V3's
     (``bias`` is its ``e_score_correction_bias``); ``norm_topk_prob`` applies to softmax and
     DeepSeek-V3. The logits are routed in float32. Invalid settings raise ``MoEConfig``'s errors.
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"logits must be a 2-D float tensor (tokens, experts), got {shape}")
+    _check_logits(logits)
     if family not in ROUTER_FAMILIES:
         raise ValueError(f"family must be one of {ROUTER_FAMILIES}, got {family!r}")
     if bias is not None and family != "deepseek_v3":
@@ -123,6 +116,12 @@ def routing_data(
     weights = torch.zeros(logits.shape, dtype=torch.float32).scatter_(1, routing.expert_ids, routing.weights)
     return RoutingData(family, top_k, float(capacity_factor), routing, router_probabilities(routing), weights, kept,
                        layer.capacity, layer.dropped_tokens)
+
+
+def _check_logits(logits) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a 2-D float tensor (tokens, experts), got {shape}")
 
 
 def example_logits(num_tokens: int = 24, num_experts: int = 8, skew: float = 1.5, seed: int = 0) -> torch.Tensor:
@@ -157,9 +156,9 @@ def _traces(data: RoutingData, show: str, zmax: float) -> list[tuple[go.BaseTrac
     traces = [(heatmap, 2, 1)]
     for name, mask, symbol, color in (("kept choice", data.kept, "circle-open", KEPT_COLOR),
                                       ("dropped choice", ~data.kept, "x", DROPPED_COLOR)):
-        traces.append((go.Scatter(x=data.routing.expert_ids[mask].tolist(), y=token_ids[mask].tolist(), mode="markers",
-                                  name=name, legendgroup=name,
-                                  marker=dict(symbol=symbol, size=9, color=color, line=dict(width=2, color=color)),
+        marker = dict(symbol=symbol, size=9, color=color, line=dict(width=2, color=color))
+        traces.append((go.Scatter(x=data.routing.expert_ids[mask].tolist(), y=token_ids[mask].tolist(),
+                                  mode="markers", name=name, legendgroup=name, marker=marker,
                                   hovertemplate=f"token %{{y}} → expert %{{x}}: {name}<extra></extra>"), 2, 1))
     dropped_per_expert = data.tokens_per_expert - data.kept_per_expert
     for name, counts, color in (("kept choice", data.kept_per_expert, KEPT_COLOR),
@@ -176,41 +175,34 @@ def _traces(data: RoutingData, show: str, zmax: float) -> list[tuple[go.BaseTrac
     return traces
 
 
-TRACES_PER_SETTING = 7  # heatmap, kept/dropped markers, kept/dropped bars per expert, capacity line, bars per token
+TRACES_PER_SETTING = 7  # heatmap, kept/dropped markers, kept/dropped bars, capacity line, lost bars
 
 
-def _grid(data: RoutingData) -> go.Figure:
+def _grid(datas: list[RoutingData], show: str) -> tuple[go.Figure, float]:
+    """An empty 2 × 2 grid sized for ``datas``, and the colour scale's top for the heatmaps."""
     figure = make_subplots(rows=2, cols=2, shared_xaxes=True, shared_yaxes=True, column_widths=[0.84, 0.16],
                            row_heights=[0.25, 0.75], specs=[[{}, None], [{}, {}]], horizontal_spacing=0.02,
                            vertical_spacing=0.04)
-    figure.update_layout(barmode="stack", height=260 + 18 * data.num_tokens, margin=dict(t=90, r=20),
-                         legend=dict(orientation="h", x=1.0, xanchor="right", y=1.0, yanchor="bottom"), plot_bgcolor="white")
+    legend = dict(orientation="h", x=1.0, xanchor="right", y=1.0, yanchor="bottom")
+    figure.update_layout(barmode="stack", height=260 + 18 * datas[0].num_tokens, margin=dict(t=90, r=20),
+                         legend=legend, plot_bgcolor="white")
     figure.update_yaxes(autorange="reversed", title_text="token", row=2, col=1)
     figure.update_yaxes(autorange="reversed", row=2, col=2)
     figure.update_yaxes(title_text="choices", row=1, col=1)
     figure.update_xaxes(title_text="expert", dtick=1, row=2, col=1)
-    figure.update_xaxes(title_text="lost", dtick=1, range=[0, data.top_k + 0.5], row=2, col=2)
-    return figure
-
-
-def _zmax(datas: list[RoutingData], show: str) -> float:
-    if show == "probabilities":
-        return 1.0
-    return max(1.0, max(float(d.weights.max()) for d in datas))
+    max_top_k = max(d.top_k for d in datas)
+    figure.update_xaxes(title_text="lost", dtick=1, range=[0, max_top_k + 0.5], row=2, col=2)
+    zmax = 1.0 if show == "probabilities" else max(1.0, max(float(d.weights.max()) for d in datas))
+    return figure, zmax
 
 
 def routing_heatmap(data: RoutingData, show: str = "probabilities") -> go.Figure:
     """The figure of one setting (what the widget draws)."""
-    figure = _grid(data)
-    for trace, row, col in _traces(data, show, _zmax([data], show)):
+    figure, zmax = _grid([data], show)
+    for trace, row, col in _traces(data, show, zmax):
         figure.add_trace(trace, row=row, col=col)
-    figure.update_layout(title=dict(text=_title(data), font=dict(size=13)))
+    figure.update_layout(title=dict(text=data.title(), font=dict(size=13)))
     return figure
-
-
-def _title(data: RoutingData) -> str:
-    head, _, tail = data.summary().partition(": ")
-    return f"{head}<br><sup>{tail}</sup>"
 
 
 def setting_label(setting: dict) -> str:
@@ -233,16 +225,15 @@ def routing_figure(logits: torch.Tensor, settings: list[dict] | None = None,
                    capacity_factors: tuple[float, ...] = CAPACITY_FACTORS, show: str = "probabilities",
                    active_capacity: int = 3) -> go.Figure:
     """A static figure: a dropdown over router ``settings`` (dicts of ``routing_data`` arguments)
-    and a slider over ``capacity_factors``; every combination is precomputed. The dropdown swaps
-    in that setting's slider, so it shows the setting at capacity factor ``capacity_factors[active_capacity]``."""
+    and a slider over ``capacity_factors``, every combination precomputed. Choosing a setting
+    swaps in its own slider and shows it at ``capacity_factors[active_capacity]``."""
     settings = default_settings(logits.shape[1]) if settings is None else list(settings)
     if not settings or not capacity_factors:
         raise ValueError("routing_figure needs at least one setting and one capacity factor")
     if not 0 <= active_capacity < len(capacity_factors):
-        raise ValueError(f"active_capacity={active_capacity} must index capacity_factors (length {len(capacity_factors)})")
+        raise ValueError(f"active_capacity={active_capacity} must index {len(capacity_factors)} capacity factors")
     datas = [[routing_data(logits, capacity_factor=cf, **setting) for cf in capacity_factors] for setting in settings]
-    zmax = _zmax([d for row in datas for d in row], show)
-    figure = _grid(datas[0][0])
+    figure, zmax = _grid([d for row in datas for d in row], show)
     for row in datas:
         for data in row:
             for trace, r, c in _traces(data, show, zmax):
@@ -255,20 +246,20 @@ def routing_figure(logits: torch.Tensor, settings: list[dict] | None = None,
 
     def slider(s: int) -> dict:
         steps = [dict(method="update", label="dropless" if cf <= 0 else f"{cf:g}",
-                      args=[{"visible": visible(s, c)}, {"title.text": _title(datas[s][c])}])
+                      args=[{"visible": visible(s, c)}, {"title.text": datas[s][c].title()}])
                  for c, cf in enumerate(capacity_factors)]
         return dict(active=active_capacity, steps=steps, currentvalue=dict(prefix="capacity factor: "),
                     pad=dict(t=40), x=0, len=0.84)
 
     buttons = [dict(method="update", label=setting_label(setting),
                     args=[{"visible": visible(s, active_capacity)},
-                          {"title.text": _title(datas[s][active_capacity]), "sliders": [slider(s)]}])
+                          {"title.text": datas[s][active_capacity].title(), "sliders": [slider(s)]}])
                for s, setting in enumerate(settings)]
     for i, on in enumerate(visible(0, active_capacity)):
         figure.data[i].visible = on
-    figure.update_layout(title=dict(text=_title(datas[0][active_capacity]), font=dict(size=13)), sliders=[slider(0)],
-                         updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.18,
-                                           yanchor="top", showactive=True)])
+    menu = dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.18, yanchor="top", showactive=True)
+    figure.update_layout(title=dict(text=datas[0][active_capacity].title(), font=dict(size=13)),
+                         sliders=[slider(0)], updatemenus=[menu])
     return figure
 
 
@@ -289,6 +280,7 @@ class RoutingWidget:
                  bias: torch.Tensor | None = None):
         import ipywidgets as widgets
 
+        _check_logits(logits)
         self.logits, self.bias = logits, bias
         num_experts = logits.shape[1]
         self.n_group = n_group if n_group is not None else default_settings(num_experts)[2]["n_group"]
@@ -300,12 +292,11 @@ class RoutingWidget:
                                                    description="capacity", readout_format=".2f"),
             "show": widgets.ToggleButtons(value=show, options=list(SHOW_OPTIONS), description="heatmap"),
         }
-        self.summary = widgets.Label()
-        self.output = widgets.Output()
-        note = widgets.Label("capacity factor 0 = dropless")
-        self.panel = widgets.VBox([widgets.HBox([self.controls["top_k"], self.controls["family"]]),
-                                   widgets.HBox([self.controls["capacity_factor"], note]), self.controls["show"],
-                                   self.summary, self.output])
+        self.summary, self.output = widgets.Label(), widgets.Output()
+        controls, note = self.controls, widgets.Label("capacity factor 0 = dropless")
+        self.panel = widgets.VBox([widgets.HBox([controls["top_k"], controls["family"]]),
+                                   widgets.HBox([controls["capacity_factor"], note]), controls["show"], self.summary,
+                                   self.output])
         for control in self.controls.values():
             control.observe(self.update, names="value")
         self.update()
