@@ -171,3 +171,29 @@ def test_prefill_decode_widget_updates_when_the_request_changes():
     assert widget.data.request == other and widget.data.pearson == expected.pearson
     np.testing.assert_allclose(widget.figure.data[1].y, expected.decode[0] / expected.decode[0].sum())
     assert f"Request {other}" in widget.figure.layout.title.text
+
+
+@pytest.fixture
+def ipython_shell(monkeypatch):
+    """An IPython shell for one test, so the widgets draw; Output.append_display_data records what it gets
+    (a terminal shell's formatter does not produce the plotly MIME bundle a kernel does)."""
+    import ipywidgets
+    from IPython.core.interactiveshell import InteractiveShell
+
+    def append_display_data(self, obj):
+        self.outputs = self.outputs + ({"output_type": "display_data", "figure": obj},)
+
+    monkeypatch.setattr(ipywidgets.Output, "append_display_data", append_display_data)
+    shell = InteractiveShell.instance()
+    yield shell
+    InteractiveShell.clear_instance()
+
+
+def test_widgets_draw_into_their_output_in_ipython(ipython_shell):
+    trace = random_trace(10)
+    for widget, control, value in ((LoadHeatmapWidget(trace), "domain", "chat"),
+                                   (PrefillDecodeWidget(trace), "request", 4)):
+        assert [out["figure"] for out in widget.output.outputs] == [widget.figure]
+        widget.controls[control].value = value
+        assert [out["figure"] for out in widget.output.outputs] == [widget.figure]  # replaced, not appended
+        assert (widget.data.domain if control == "domain" else widget.data.request) == value

@@ -125,14 +125,14 @@ class LoadHeatmapWidget:
     def update(self, change=None) -> None:
         """Recompute and redraw (called by both dropdowns)."""
         from IPython import get_ipython
-        from IPython.display import clear_output, display
 
         self.data = load_heatmap_data(self.trace, self.controls["domain"].value, self.controls["phase"].value)
         self.figure = load_heatmap(self.data)
         if get_ipython() is not None:  # outside IPython (tests, scripts) there is nowhere to draw
-            with self.output:
-                clear_output(wait=True)
-                display(self.figure)
+            # replace the output's content directly: displaying a plotly figure inside `with self.output:`
+            # never returns under nbclient (nbconvert --execute, the book build)
+            self.output.outputs = ()
+            self.output.append_display_data(self.figure)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display

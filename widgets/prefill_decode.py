@@ -169,14 +169,14 @@ class PrefillDecodeWidget:
     def update(self, change=None) -> None:
         """Recompute and redraw (called by the selector)."""
         from IPython import get_ipython
-        from IPython.display import clear_output, display
 
         self.data = prefill_decode_data(self.trace, self.controls["request"].value)
         self.figure = prefill_decode_view(self.data)
         if get_ipython() is not None:  # outside IPython (tests, scripts) there is nowhere to draw
-            with self.output:
-                clear_output(wait=True)
-                display(self.figure)
+            # replace the output's content directly: displaying a plotly figure inside `with self.output:`
+            # never returns under nbclient (nbconvert --execute, the book build)
+            self.output.outputs = ()
+            self.output.append_display_data(self.figure)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
