@@ -142,7 +142,8 @@ def domain_finding(trace: Trace, num_splits: int = 100, seed: int = 0) -> dict:
                 pairs={name: dict(mean=float(np.mean(v)), per_layer=v) for name, v in per_pair.items()},
                 between_per_layer=dict(min=between.min(0).tolist(), mean=between.mean(0).tolist()),
                 num_splits=num_splits,
-                baseline={d: dict(mean=float(s.mean(1).mean()), max=float(s.mean(1).max())) for d, s in baseline.items()},
+                baseline={d: dict(mean=float(s.mean(1).mean()), max=float(s.mean(1).max()))
+                          for d, s in baseline.items()},
                 baseline_per_layer=dict(mean=every_split.mean(0).tolist(), max=every_split.max(0).tolist()),
                 between_min=float(between.mean(1).min()), between_mean=float(between.mean()),
                 baseline_mean=float(every_split.mean()), baseline_max=float(every_split.mean(1).max()),
@@ -236,7 +237,8 @@ def format_findings(result: dict) -> str:
     lines += [f"(c) Prefill predicts decode: Pearson r of each request's prefill and decode expert histograms "
               f"({paired['requests']:,} requests)",
               f"  {'':<26s}  {'mean':>8s}  {'median':>8s}  {'p95':>8s}  {'max mean':>8s}   requests above p95"]
-    lines.append(f"  {'matched (own decode)':<26s}  {paired['matched']['mean']:8.3f}  {paired['matched']['median']:8.3f}")
+    matched = paired["matched"]
+    lines.append(f"  {'matched (own decode)':<26s}  {matched['mean']:8.3f}  {matched['median']:8.3f}")
     for key, label, frac in (("shuffled", "shuffled across requests", "fraction_above_shuffled_p95"),
                              ("within_domain", "shuffled within a domain", "fraction_above_within_domain_p95")):
         if key in paired:
