@@ -26,14 +26,17 @@ from minimoe.hf import to_hf
 from minimoe.model import ModelConfig, Transformer
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def best_times(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Best wall time of each of two functions, timed alternately so that a burst of load on a shared
+    machine hits both of them, not one."""
+    ours(), theirs()  # warm-up
+    best = [float("inf"), float("inf")]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for i, fn in enumerate((ours, theirs)):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
 
 
 def bench(args, dtype: torch.dtype) -> list[dict]:
@@ -48,8 +51,7 @@ def bench(args, dtype: torch.dtype) -> list[dict]:
     tokens = torch.randint(0, args.vocab, (args.batch, args.prompt))
     rows = []
     with torch.inference_mode():
-        t_ours = best_time(lambda: ours(tokens), args.repeats)
-        t_theirs = best_time(lambda: theirs(tokens).logits, args.repeats)
+        t_ours, t_theirs = best_times(lambda: ours(tokens), lambda: theirs(tokens).logits, args.repeats)
         rows.append(dict(what="forward", dtype=str(dtype).removeprefix("torch."),
                          ours=args.batch * args.prompt / t_ours, theirs=args.batch * args.prompt / t_theirs))
 
@@ -59,9 +61,11 @@ def bench(args, dtype: torch.dtype) -> list[dict]:
                                      pad_token_id=0)
         if dtype == torch.float32:  # bf16 rounding may flip near-ties between the two implementations
             assert torch.equal(ours_out, theirs_out), "greedy tokens differ from transformers"
-        t_ours = best_time(lambda: generate(ours, prompt, args.new), args.repeats)
-        t_theirs = best_time(lambda: theirs.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new,
-                                                     do_sample=False, pad_token_id=0), args.repeats)
+        t_ours, t_theirs = best_times(
+            lambda: generate(ours, prompt, args.new),
+            lambda: theirs.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
+                                    pad_token_id=0),
+            args.repeats)
         rows.append(dict(what="decode", dtype=str(dtype).removeprefix("torch."),
                          ours=args.batch * args.new / t_ours, theirs=args.batch * args.new / t_theirs))
     return rows
@@ -79,7 +83,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="write the table (markdown) here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -277,10 +277,12 @@ class Transformer(nn.Module):
         return model.to(device=device, dtype=dtype)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Next-token cross-entropy: logits[:, t] predicts labels[:, t + 1]; ``ignore_index`` labels are skipped.
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, shift: bool = True) -> torch.Tensor:
+    """Next-token cross-entropy; ``ignore_index`` labels are skipped; mean over the scored tokens.
 
-    Mean over the predicted (non-ignored) tokens, as transformers' causal-LM loss computes it.
+    ``shift=True`` (transformers' convention, ``labels`` = the input ids): logits[:, t] predicts labels[:, t + 1].
+    ``shift=False`` (``labels`` already hold each position's next token, as ``tokenizer.batch_iterator`` yields
+    them): logits[:, t] predicts labels[:, t].
     """
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
@@ -289,6 +291,6 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
     out_of_range = labels[valid][(labels[valid] < 0) | (labels[valid] >= vocab)]
     if out_of_range.numel():
         raise ValueError(f"label {int(out_of_range[0])} is invalid: labels must be in [0, {vocab}) or {ignore_index}")
-    shift_logits = logits[:, :-1].reshape(-1, vocab).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1), ignore_index=ignore_index)

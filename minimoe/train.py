@@ -103,8 +103,8 @@ def evaluate(model: Transformer, batches: dict[str, list], device, max_batches: 
             y = torch.from_numpy(batch.labels).to(device)
             with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
-            n = int((y[:, 1:] != -100).sum())
-            total += lm_loss(logits.float(), y).item() * n
+            n = int((y != -100).sum())
+            total += lm_loss(logits.float(), y, shift=False).item() * n  # y[:, t] is the token after x[:, t]
             count += n
         losses[domain] = total / max(count, 1)
     model.train()
@@ -155,7 +155,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, resume: bool = False, pro
             group["lr"] = learning_rate(step, cfg)
         with torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = model(x)
-        loss = lm_loss(logits.float(), y)
+        loss = lm_loss(logits.float(), y, shift=False)  # the batches' labels are already the next tokens
         total = loss + model.moe_aux_loss()
         if not torch.isfinite(total):
             raise FloatingPointError(f"loss became {total.item()} at step {step}; lower lr (now {cfg.lr})")

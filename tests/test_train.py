@@ -93,3 +93,23 @@ def test_bundled_checkpoint_matches_its_preset_and_reproduces_its_losses():
     last = json.loads((BUNDLED / "log.json").read_text())["eval"][-1]
     for domain in reported:
         assert measured[domain] == pytest.approx(last[domain], abs=2e-3)
+
+
+def test_training_scores_the_next_token_not_the_one_after():
+    # regression: the batches' labels are already shifted; scoring them with a second shift trained the model
+    # to predict the token two positions ahead
+    import numpy as np
+
+    from minimoe.model import lm_loss
+    from minimoe.tokenizer import batch_iterator
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 50, size=40).astype(np.int32) for _ in range(6)]
+    batch = next(batch_iterator(docs, ["code"] * 6, seq_len=16, batch_size=3, seed=0))
+    x, y = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.labels)
+    logits = torch.randn(3, 16, 50)
+    # brute force: position t of the window is scored against the token that follows it in the stream
+    terms = [-torch.log_softmax(logits[b, t], -1)[y[b, t]] for b in range(3) for t in range(16) if y[b, t] != -100]
+    assert lm_loss(logits, y, shift=False) == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)
+    following = y[:, :-1] != -100
+    assert torch.equal(x[:, 1:][following], y[:, :-1][following])  # labels[t] == inputs[t + 1]
