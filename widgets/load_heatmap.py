@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 
 from minimoe.analysis import expert_load, max_over_mean
 from minimoe.traces import Trace
+from minimoe.widgets._panel import FigurePanel
 
 ALL = "all"
 PHASES = (ALL, "prefill", "decode")
@@ -103,7 +104,7 @@ def load_heatmap_figure(trace: Trace, domains: list[str] | None = None, phases=P
     return _layout(figure, _title(combos[0]), trace.num_layers)
 
 
-class LoadHeatmapWidget:
+class LoadHeatmapWidget(FigurePanel):
     """Domain and phase dropdowns over a trace's expert-load heatmap.
 
     ``controls`` maps "domain" and "phase" to their ipywidgets Dropdowns; changing either recomputes
@@ -124,17 +125,5 @@ class LoadHeatmapWidget:
 
     def update(self, change=None) -> None:
         """Recompute and redraw (called by both dropdowns)."""
-        from IPython import get_ipython
-
         self.data = load_heatmap_data(self.trace, self.controls["domain"].value, self.controls["phase"].value)
-        self.figure = load_heatmap(self.data)
-        if get_ipython() is not None:  # outside IPython (tests, scripts) there is nowhere to draw
-            # replace the output's content directly: displaying a plotly figure inside `with self.output:`
-            # never returns under nbclient (nbconvert --execute, the book build)
-            self.output.outputs = ()
-            self.output.append_display_data(self.figure)
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.panel)
+        self.draw(load_heatmap(self.data))

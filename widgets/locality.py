@@ -32,6 +32,7 @@ from minimoe.experiments import FIT_MODES, METHODS, fit, masks
 from minimoe.placement import Placement
 from minimoe.topology import Topology
 from minimoe.traffic import TrafficReport, measure
+from minimoe.widgets._panel import FigurePanel
 
 COLOR_BY = ("domain", "load")
 TOPOLOGIES = ("2x2", "4x2", "2x4", "4x4")
@@ -267,7 +268,7 @@ def locality_figure(results: list[LocalityData], color_by: str = "domain") -> go
 # ---------------------------------------------------------------------------------------------
 # The live widget.
 # ---------------------------------------------------------------------------------------------
-class LocalityWidget:
+class LocalityWidget(FigurePanel):
     """Method, topology, fit-mode, layer and colour selectors over ``locality_data`` of one trace.
 
     ``controls`` maps "method", "topology", "fit", "layer" and "color_by" to their ipywidgets; changing
@@ -299,21 +300,9 @@ class LocalityWidget:
 
     def update(self, change=None) -> None:
         """Recompute (or reuse) the data and redraw (called by every control)."""
-        from IPython import get_ipython
-        from IPython.display import clear_output, display
-
         key = tuple(self.controls[name].value for name in ("method", "topology", "fit", "layer"))
         if key not in self.cache:
             self.cache[key] = locality_data(self.trace, key[0], key[1], fit_mode=key[2], layer=key[3], **self.options)
         self.data = self.cache[key]
-        self.figure = locality_view(self.data, self.controls["color_by"].value)
         self.summary.value = self.data.summary()
-        if get_ipython() is not None:  # outside IPython (tests, scripts) there is nowhere to draw
-            with self.output:
-                clear_output(wait=True)
-                display(self.figure)
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.panel)
+        self.draw(locality_view(self.data, self.controls["color_by"].value))

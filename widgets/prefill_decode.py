@@ -27,6 +27,7 @@ from plotly.subplots import make_subplots
 
 from minimoe.analysis import expert_load, prefill_decode_similarity
 from minimoe.traces import Trace
+from minimoe.widgets._panel import FigurePanel
 
 PREFILL_COLOR, DECODE_COLOR = "#1f77b4", "#ff7f0e"
 
@@ -143,7 +144,7 @@ def prefill_decode_figure(trace: Trace, requests: list[int] | None = None) -> go
     return figure
 
 
-class PrefillDecodeWidget:
+class PrefillDecodeWidget(FigurePanel):
     """A request selector over a trace's prefill-vs-decode histograms.
 
     ``controls["request"]`` is an ipywidgets Dropdown whose options are the requests with both phases,
@@ -168,17 +169,5 @@ class PrefillDecodeWidget:
 
     def update(self, change=None) -> None:
         """Recompute and redraw (called by the selector)."""
-        from IPython import get_ipython
-
         self.data = prefill_decode_data(self.trace, self.controls["request"].value)
-        self.figure = prefill_decode_view(self.data)
-        if get_ipython() is not None:  # outside IPython (tests, scripts) there is nowhere to draw
-            # replace the output's content directly: displaying a plotly figure inside `with self.output:`
-            # never returns under nbclient (nbconvert --execute, the book build)
-            self.output.outputs = ()
-            self.output.append_display_data(self.figure)
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.panel)
+        self.draw(prefill_decode_view(self.data))

@@ -29,6 +29,7 @@ from plotly.subplots import make_subplots
 
 from minimoe.moe import MoEConfig, MoELayer
 from minimoe.router import ROUTER_FAMILIES, RoutingResult, router_probabilities
+from minimoe.widgets._panel import FigurePanel
 
 SHOW_OPTIONS = ("probabilities", "weights")
 CAPACITY_FACTORS = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # 0 = dropless
@@ -266,7 +267,7 @@ def routing_figure(logits: torch.Tensor, settings: list[dict] | None = None,
 # ---------------------------------------------------------------------------------------------
 # The live widget.
 # ---------------------------------------------------------------------------------------------
-class RoutingWidget:
+class RoutingWidget(FigurePanel):
     """Controls for top-k, router family, capacity factor and what the heatmap shows.
 
     ``controls`` maps "top_k", "family", "capacity_factor" and "show" to their ipywidgets;
@@ -313,18 +314,6 @@ class RoutingWidget:
 
     def update(self, change=None) -> None:
         """Recompute and redraw (called by every control)."""
-        from IPython import get_ipython
-        from IPython.display import clear_output, display
-
         self.data = routing_data(self.logits, **self.settings())
-        self.figure = routing_heatmap(self.data, show=self.controls["show"].value)
         self.summary.value = self.data.summary()
-        if get_ipython() is not None:  # outside IPython (tests, scripts) there is nowhere to draw
-            with self.output:
-                clear_output(wait=True)
-                display(self.figure)
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.panel)
+        self.draw(routing_heatmap(self.data, show=self.controls["show"].value))
