@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimoe.dense import FeedForward  # the shared expert is a plain SwiGLU
 from minimoe.router import (
     DROPPED_GROUP_VALUES,
     ROUTER_FAMILIES,
@@ -162,19 +163,6 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return math.ceil(num_tokens * top_k * capacity_factor / num_experts - 1e-9)
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): one shared expert (names as in transformers' MLPs)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 # ---------------------------------------------------------------------------------------------
 # Grouped matrix multiply: rows [ends[e-1], ends[e]) of x times weight[e].
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +256,7 @@ class MoELayer(nn.Module):
         )  # fmt: skip
         self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * Fe))  # (E, H, 2F): [gate | up]
         self.down_proj = nn.Parameter(torch.empty(E, Fe, H))  # (E, F, H)
-        self.shared_expert = SwiGLU(H, config.shared_width) if config.shared_width else None
+        self.shared_expert = FeedForward(H, config.shared_width) if config.shared_width else None
         self.reset_parameters(init_std)
         self.last_routing: RoutingResult | None = None
         self.last_kept: torch.Tensor | None = None
