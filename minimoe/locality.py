@@ -254,6 +254,18 @@ def _candidates(move, swap, limit):
     return ops
 
 
+def _swap_or_move(home, node_load, node_count, e, f, a, b, moved_load) -> None:
+    """In place: expert e goes from node a to b and, for a swap (f >= 0), expert f from b to a."""
+    home[e] = b
+    if f >= 0:
+        home[f] = a
+    else:
+        node_count[a] -= 1
+        node_count[b] += 1
+    node_load[a] -= moved_load
+    node_load[b] += moved_load
+
+
 def _apply(ops, home, node_load, node_count, load, slots_per_node, cap, limit):
     """Apply up to ``limit`` feasible operations touching distinct experts; None if none applies."""
     home, node_load, node_count = home.copy(), node_load.copy(), node_count.copy()
@@ -270,13 +282,7 @@ def _apply(ops, home, node_load, node_count, load, slots_per_node, cap, limit):
             continue
         if f < 0 and node_count[b] >= slots_per_node:
             continue
-        home[e] = b
-        if f >= 0:
-            home[f] = a
-        else:
-            node_count[a] -= 1
-            node_count[b] += 1
-        node_load[a], node_load[b] = new_a, new_b
+        _swap_or_move(home, node_load, node_count, e, f, a, b, delta)
         touched.update((e, f))
         applied += 1
         if applied >= limit:
@@ -313,14 +319,7 @@ def _repair(graph, home, slots_per_node, cap, max_rounds=50):
                     continue
             if e in touched or f in touched or node_load[a] <= cap + 1e-9 or node_load[b] + moved > cap + 1e-9:
                 continue
-            home[e] = b
-            if f >= 0:
-                home[f] = a
-            else:
-                node_count[a] -= 1
-                node_count[b] += 1
-            node_load[a] -= moved
-            node_load[b] += moved
+            _swap_or_move(home, node_load, node_count, e, f, a, b, moved)
             touched.update((e, f))
             applied += 1
         if not applied:
