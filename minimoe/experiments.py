@@ -42,11 +42,9 @@ def decode_index(trace) -> np.ndarray:
     index = np.full(trace.num_tokens, -1, dtype=np.int64)
     rows = np.flatnonzero(decode)
     if rows.size:
-        first = np.zeros(trace.num_requests, dtype=np.int64)
         # the first decode row of each request: the minimum row index among its decode rows
-        first_rows = np.full(trace.num_requests, np.iinfo(np.int64).max)
-        np.minimum.at(first_rows, trace.request[rows], rows)
-        first[:] = first_rows
+        first = np.full(trace.num_requests, np.iinfo(np.int64).max)
+        np.minimum.at(first, trace.request[rows], rows)
         index[rows] = rows - first[trace.request[rows]]
     return index
 
