@@ -7,6 +7,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 from minimoe.generate import generate, sample_next
 from minimoe.hf import to_hf
 from minimoe.model import ModelConfig, Transformer
+from batches import left_padded
 
 LLAMA31_SMALL = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
@@ -21,11 +22,7 @@ def make_model(seed=0, **overrides) -> Transformer:
 
 def prompts(lengths=(7, 4, 1), vocab=64, seed=1):
     """Left-padded prompts (pad id 0) and their attention mask."""
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.randint(1, vocab, (len(lengths), width), generator=generator)
-    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
-    return ids.masked_fill(mask == 0, 0), mask
+    return left_padded(lengths, vocab, seed, low=1)
 
 
 def hf_greedy(hf_model, ids, mask, max_new_tokens, eos_token_id=None, pad_token_id=0):

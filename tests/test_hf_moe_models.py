@@ -9,6 +9,7 @@ from minimoe.generate import generate
 from minimoe.hf import config_from_hf, config_to_hf, from_hf, load_hf, state_to_hf, to_hf
 from minimoe.model import ModelConfig, Transformer, lm_loss
 from minimoe.moe import MoEConfig
+from batches import left_padded
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -53,11 +54,7 @@ def make_hf(name, seed=0, attn="eager"):
 
 
 def left_padded_batch(lengths=(11, 6, 2), vocab=96, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.randint(3, vocab, (len(lengths), width), generator=generator)
-    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
-    return ids.masked_fill(mask == 0, 0), mask
+    return left_padded(lengths, vocab, seed, low=3)
 
 
 def moe_layers(model):
