@@ -7,7 +7,7 @@ Same config, same weights, same threads, same dtype. Prints a table and, with --
 
 forward tokens/s = batch * seq_len / time of one full forward (logits for every position);
 decode tokens/s  = batch * new_tokens / time of greedy generation after the prompt (prefill included,
-                   so this is what a user waits for), ours with ``minimoe.generate`` and transformers with
+                   so this is what a user waits for), ours with ``minimoe.model.generate`` and transformers with
                    ``generate(do_sample=False)``; both produce the same tokens, which is asserted.
 """
 
@@ -21,7 +21,7 @@ import time
 import torch
 import transformers
 
-from minimoe.generate import generate
+from minimoe.model import generate
 from minimoe.hf import to_hf
 from minimoe.model import ModelConfig, Transformer
 

@@ -1,7 +1,7 @@
 """MoE layer forward: minimoe's MoELayer against transformers' MixtralSparseMoeBlock.
 
 Both run the same weights on the same inputs (our layer is converted from the transformers
-block with ``minimoe.hf_moe``). Work counted: 6·T·k·H·F FLOPs (three H×F matmuls per (token,
+block with ``minimoe.hf.moe_blocks``). Work counted: 6·T·k·H·F FLOPs (three H×F matmuls per (token,
 expert) pair); the router and the permutations are not counted. The matmul ceiling is a
 measured dense matmul in the layer's dtype (bf16 8192³ on CUDA; on CPU the layer's dtype at
 2048³). transformers is timed with its two expert implementations: "eager" (a loop over
@@ -32,8 +32,8 @@ import transformers
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from minimoe.hf_moe import moe_from_hf_block, transformers_dropped_group_value
-from minimoe.moe import MoEConfig, MoELayer, choose_backend
+from minimoe.hf.moe_blocks import moe_from_hf_block, transformers_dropped_group_value
+from minimoe.model.moe import MoEConfig, MoELayer, choose_backend
 
 
 def one_call_ms(fn, x, device: str) -> float:

@@ -2,7 +2,7 @@
 
 Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_placement.py [--quick]
 Prints a table and writes benchmarks/results/placement_cpu.txt. The trace is synthetic
-(minimoe.synthetic: 4 domains, skewed popularity, per-request preferences), 20 480 tokens, top-8.
+(minimoe.traces.synthetic: 4 domains, skewed popularity, per-request preferences), 20 480 tokens, top-8.
 """
 import argparse
 import os
@@ -13,11 +13,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from minimoe.grouping import group, group_and_place  # noqa: E402
+from minimoe.placement import group, group_and_place  # noqa: E402
 from minimoe.placement import place  # noqa: E402
-from minimoe.synthetic import synthetic_trace  # noqa: E402
-from minimoe.topology import Topology  # noqa: E402
-from minimoe.traffic import measure, uniform_nodes_per_token  # noqa: E402
+from minimoe.traces import synthetic_trace  # noqa: E402
+from minimoe.placement import Topology  # noqa: E402
+from minimoe.placement import measure, uniform_nodes_per_token  # noqa: E402
 
 
 def main():

@@ -14,13 +14,13 @@ import sys
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from minimoe.demo import run_demo
 
     return run_demo(steps=args.steps, seed=args.seed, out=args.out)
 
 
 def _train(args) -> int:
-    from .train import preset, summarise, train
+    from minimoe.data.train import preset, summarise, train
 
     model_config, train_config = preset(args.preset, out_dir=args.out, steps=args.steps, device=args.device,
                                         seed=args.seed, bf16=args.bf16 or None)
@@ -31,20 +31,20 @@ def _train(args) -> int:
 
 
 def _trace(args) -> int:
-    from .workload import BUNDLED_MODEL, corpus_prompts, minimoe_tokenize, record_workload, run_prompts
+    from minimoe.traces.workload import BUNDLED_MODEL, corpus_prompts, minimoe_tokenize, record_workload, run_prompts
 
     if args.hf:
         texts, domains = corpus_prompts(args.requests_per_domain, seed=args.seed)
         from transformers import AutoTokenizer
 
-        from .hf import load_hf
+        from minimoe.hf.convert import load_hf
 
         model = load_hf(args.hf).eval()
         hf_tokenizer = AutoTokenizer.from_pretrained(args.hf, local_files_only=True)
         tokenize = lambda text: hf_tokenizer(text)["input_ids"]  # noqa: E731
         name = f"hf:{args.hf}"
     else:
-        from .model import Transformer
+        from minimoe.model.transformer import Transformer
 
         model_dir = args.model or BUNDLED_MODEL
         texts, domains = run_prompts(model_dir, args.requests_per_domain, args.seed)
@@ -56,11 +56,14 @@ def _trace(args) -> int:
     return 0
 
 
-def _forward(module_name):
+FORWARDED = {"findings": "minimoe.traces.findings", "report": "minimoe.placement.report"}  # own argument parsers
+
+
+def _forward(command):
     def run(args) -> int:
         import importlib
 
-        return importlib.import_module(f"minimoe.{module_name}").main(args.rest)
+        return importlib.import_module(FORWARDED[command]).main(args.rest)
 
     return run
 
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mixture-of-Experts language models, small enough to read: Llama 3 block, MoE routing, "
                     "expert activation traces, expert placement.",
     )
-    from . import __version__
+    from minimoe import __version__
 
     parser.add_argument("--version", action="version", version=f"minimoe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -113,9 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         command.set_defaults(func=_forward(name))
     return parser
-
-
-FORWARDED = ("findings", "report")  # these parse their own arguments (python -m minimoe.<name> works too)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from .generate import generate
-from .model import ModelConfig, Transformer, lm_loss
+from minimoe.model.generate import generate
+from minimoe.model.transformer import ModelConfig, Transformer, lm_loss
 
 DEMO_CONFIG = dict(vocab_size=256, hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                    intermediate_size=256, max_seq_len=256, tie_word_embeddings=False,
@@ -52,7 +52,7 @@ def train_bytes(model: Transformer, data: torch.Tensor, steps: int, seq_len: int
 
 
 def run_demo(steps: int = 150, seed: int = 0, out: str | None = None) -> int:
-    from .hf import to_hf
+    from minimoe.hf.convert import to_hf
 
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(**DEMO_CONFIG))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minimoe import analysis
+from minimoe.traces import analysis
 from minimoe.traces import Trace
 
 FUZZ = settings(max_examples=25, deadline=None)

@@ -24,10 +24,10 @@ import yaml
 from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer, models, trainers
 
-from minimoe import corpora_math
-from minimoe.data import (DOMAINS, Document, _package_dir, chunk_text, corpus_stats, load_corpus,
+from minimoe.data import math_problems as corpora_math
+from minimoe.data.corpora import (DOMAINS, Document, _package_dir, chunk_text, corpus_stats, load_corpus,
                           split_documents)
-from minimoe.tokenizer import (IGNORE_INDEX, SPECIAL_TOKENS, batch_iterator, encode_documents, load_tokenizer,
+from minimoe.data.tokenizer import (IGNORE_INDEX, SPECIAL_TOKENS, batch_iterator, encode_documents, load_tokenizer,
                                save_tokenizer, train_tokenizer, validation_batches)
 
 FUZZ = settings(max_examples=25, deadline=None)
@@ -305,7 +305,7 @@ def test_tokenizer_is_byte_identical_across_runs_and_processes(tmp_path):
     assert first.to_str() == second.to_str()
     save_tokenizer(first, tmp_path)
     (tmp_path / "texts.json").write_text(json.dumps(texts))
-    code = ("import json,sys;from minimoe.tokenizer import train_tokenizer as t;"
+    code = ("import json,sys;from minimoe.data import train_tokenizer as t;"
             "sys.stdout.write(t(json.load(open(sys.argv[1])), vocab_size=600).to_str(pretty=True))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "texts.json")], capture_output=True, text=True,
                          check=True, env={"PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "99", "RAYON_NUM_THREADS": "1"})

@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from minimoe.dense import (Attention, FeedForward, KVCache, RMSNorm, apply_rope, build_attention_mask,
+from minimoe.model.dense import (Attention, FeedForward, KVCache, RMSNorm, apply_rope, build_attention_mask,
                            ffn_hidden_size, repeat_kv, rope_cos_sin, rope_inv_freq)
 
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minimoe.eplb import balanced_packing, eplb, eplb_numpy, replicate_experts
+from minimoe.placement.eplb import balanced_packing, eplb, eplb_numpy, replicate_experts
 
 WEIGHT = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
           [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]

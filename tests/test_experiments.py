@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from minimoe.experiments import METHODS, compare, decode_index, drift, fit, masks, uniform_baseline
-from minimoe.report import check_targets, format_table, main
-from minimoe.synthetic import planted_trace, synthetic_trace
-from minimoe.topology import Topology
-from minimoe.traffic import measure
+from minimoe.placement.experiments import METHODS, compare, decode_index, drift, fit, masks, uniform_baseline
+from minimoe.placement.report import check_targets, format_table, main
+from minimoe.traces import planted_trace, synthetic_trace
+from minimoe.placement import Topology
+from minimoe.placement import measure
 
 
 def test_decode_index_and_masks_partition_the_decode_tokens():

@@ -1,4 +1,4 @@
-"""minimoe.findings: planted traces whose answer is known by construction, then the bundled model.
+"""minimoe.traces.findings: planted traces whose answer is known by construction, then the bundled model.
 
 The planted traces are built with ``Trace`` directly. Each token of request r (domain d) picks its k experts
 in layer l by sampling without replacement (Gumbel top-k) from
@@ -17,10 +17,10 @@ import json
 import numpy as np
 import pytest
 
-from minimoe import analysis
-from minimoe.findings import findings, format_findings, main, request_loads, uniform_imbalance
+from minimoe.traces import analysis
+from minimoe.traces.findings import findings, format_findings, main, request_loads, uniform_imbalance
 from minimoe.traces import Trace
-from minimoe.workload import bundled_trace
+from minimoe.traces import bundled_trace
 
 
 def planted(seed=0, num_domains=4, requests_per_domain=30, prompt_len=24, decode_len=16, num_experts=16, top_k=2,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from minimoe.generate import generate, sample_next
+from minimoe.model.generate import generate, sample_next
 from minimoe.hf import to_hf
 from minimoe.model import ModelConfig, Transformer
 from batches import left_padded

@@ -4,12 +4,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minimoe.grouping import METHODS, group, group_and_place
+from minimoe.placement.grouping import METHODS, group, group_and_place
 from minimoe.placement import Placement, place
-from minimoe.synthetic import planted_trace, synthetic_trace
-from minimoe.topology import Topology
+from minimoe.traces import planted_trace, synthetic_trace
+from minimoe.placement import Topology
 from minimoe.traces import Trace
-from minimoe.traffic import measure
+from minimoe.placement import measure
 
 
 @settings(max_examples=25, deadline=None)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from minimoe.hf import config_from_hf, config_to_hf, from_hf, hf_name, load_hf, state_to_hf, to_hf
+from minimoe.hf.convert import config_from_hf, config_to_hf, from_hf, hf_name, load_hf, state_to_hf, to_hf
 from minimoe.model import ModelConfig, Transformer, lm_loss
 
 TOL = dict(rtol=1e-5, atol=1e-5)

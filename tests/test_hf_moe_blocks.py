@@ -9,7 +9,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-from minimoe.hf_moe import (
+from minimoe.hf.moe_blocks import (
     load_moe_block_state_from_hf,
     moe_block_state_to_hf,
     moe_config_from_hf,
@@ -17,7 +17,7 @@ from minimoe.hf_moe import (
     moe_from_hf_block,
     transformers_dropped_group_value,
 )
-from minimoe.moe import MoEConfig, MoELayer
+from minimoe.model import MoEConfig, MoELayer
 
 H = 32
 

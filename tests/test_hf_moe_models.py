@@ -5,10 +5,10 @@ import torch
 from transformers import (MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen3MoeConfig,
                           Qwen3MoeForCausalLM)
 
-from minimoe.generate import generate
-from minimoe.hf import config_from_hf, config_to_hf, from_hf, load_hf, state_to_hf, to_hf
+from minimoe.model import generate
+from minimoe.hf.convert import config_from_hf, config_to_hf, from_hf, load_hf, state_to_hf, to_hf
 from minimoe.model import ModelConfig, Transformer, lm_loss
-from minimoe.moe import MoEConfig
+from minimoe.model import MoEConfig
 from batches import left_padded
 
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -4,14 +4,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minimoe.grouping import group
-from minimoe.locality import _Hypergraph
-from minimoe.locality_slots import _Routing
+from minimoe.placement import group
+from minimoe.placement.locality import _Hypergraph
+from minimoe.placement.locality_slots import _Routing
 from minimoe.placement import Placement, place
-from minimoe.synthetic import planted_trace, synthetic_trace
-from minimoe.topology import Topology
+from minimoe.traces import planted_trace, synthetic_trace
+from minimoe.placement import Topology
 from minimoe.traces import Trace
-from minimoe.traffic import measure
+from minimoe.placement import measure
 
 
 def brute_cost(experts, home, pin):

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minimoe.eplb import eplb_numpy
-from minimoe.placement import METHODS, Placement, place, trace_loads
-from minimoe.synthetic import synthetic_trace
-from minimoe.topology import Topology
+from minimoe.placement.eplb import eplb_numpy
+from minimoe.placement.methods import METHODS, Placement, place, trace_loads
+from minimoe.traces import synthetic_trace
+from minimoe.placement import Topology
 from minimoe.traces import Trace
 
 
@@ -93,7 +93,7 @@ def test_save_load_round_trip(tmp_path):
         Placement.load(tmp_path / "range.json")
     del data["method"]
     (tmp_path / "keys.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="minimoe.placement/1"):
+    with pytest.raises(ValueError, match="minimoe.placement.methods/1"):
         Placement.load(tmp_path / "keys.json")
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from minimoe.generate import generate
+from minimoe.model import generate
 from minimoe.model import ModelConfig, Transformer
-from minimoe.moe import MoEConfig
+from minimoe.model import MoEConfig
 from minimoe.traces import record
 
 NEW_TOKENS = 4

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from minimoe.router import (
+from minimoe.model.router import (
     Router,
     deepseek_v3_topk,
     llama4_topk,

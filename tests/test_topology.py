@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from minimoe.topology import Topology
+from minimoe.placement import Topology
 
 
 def test_shape_and_ranks():

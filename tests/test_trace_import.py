@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minimoe.trace_import import from_jsonl, from_sglang, from_vllm
+from minimoe.traces import from_jsonl, from_sglang, from_vllm
 from minimoe.traces import Trace
 
 FUZZ = settings(max_examples=25, deadline=None)

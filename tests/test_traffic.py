@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minimoe.placement import Placement
-from minimoe.topology import Topology
+from minimoe.placement import Topology
 from minimoe.traces import Trace
-from minimoe.traffic import measure, request_sources, uniform_nodes_per_token
+from minimoe.placement import measure, request_sources, uniform_nodes_per_token
 
 
 def random_trace(rng, num_tokens, num_layers, num_experts, top_k, num_requests, holes=True):

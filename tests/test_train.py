@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from minimoe.model import ModelConfig, Transformer
-from minimoe.moe import MoEConfig
-from minimoe.train import PRESETS, TrainConfig, learning_rate, preset, train, validation_losses
+from minimoe.model import MoEConfig
+from minimoe.data.train import PRESETS, TrainConfig, learning_rate, preset, train, validation_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "checkpoints" / "moe-4domain"
@@ -101,7 +101,7 @@ def test_training_scores_the_next_token_not_the_one_after():
     import numpy as np
 
     from minimoe.model import lm_loss
-    from minimoe.tokenizer import batch_iterator
+    from minimoe.data.tokenizer import batch_iterator
 
     rng = np.random.default_rng(0)
     docs = [rng.integers(3, 50, size=40).astype(np.int32) for _ in range(6)]

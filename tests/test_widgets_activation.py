@@ -1,4 +1,4 @@
-"""The activation widgets: their data functions against brute force and minimoe.analysis, the live widgets
+"""The activation widgets: their data functions against brute force and minimoe.traces.analysis, the live widgets
 updating when a selector changes, and the static figures' dropdown entries."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minimoe import analysis
+from minimoe.traces import analysis
 from minimoe.traces import Trace
 from minimoe.widgets.load_heatmap import LoadHeatmapWidget, load_heatmap_data, load_heatmap_figure
 from minimoe.widgets.prefill_decode import PrefillDecodeWidget, example_requests, prefill_decode_data, \

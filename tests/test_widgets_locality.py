@@ -5,10 +5,10 @@ figure has one dropdown entry and one trace group per precomputed (method, topol
 import numpy as np
 import pytest
 
-from minimoe.experiments import METHODS, fit, masks
-from minimoe.synthetic import synthetic_trace
-from minimoe.topology import Topology
-from minimoe.traffic import measure
+from minimoe.placement.experiments import METHODS, fit, masks
+from minimoe.traces import synthetic_trace
+from minimoe.placement import Topology
+from minimoe.placement import measure
 from minimoe.widgets.locality import (
     MB,
     TRACES_PER_RESULT,
@@ -93,7 +93,7 @@ def test_expert_colour_is_the_domain_that_uses_it_most():
 
 
 def test_planted_partition_draws_each_domain_on_its_own_node():
-    from minimoe.synthetic import planted_trace
+    from minimoe.traces import planted_trace
 
     trace = planted_trace(num_domains=2, experts_per_domain=6, num_requests=16, tokens_per_request=16, top_k=3)
     data = locality_data(trace, "grouping+locality", "2x2", fit_mode="oracle", window=2, spare_slots_per_gpu=0)

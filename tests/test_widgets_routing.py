@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minimoe.moe import MoEConfig, MoELayer
-from minimoe.router import deepseek_v3_topk, llama4_topk, router_probabilities, softmax_topk
+from minimoe.model import MoEConfig, MoELayer
+from minimoe.model.router import deepseek_v3_topk, llama4_topk, router_probabilities, softmax_topk
 from minimoe.widgets.routing import (
     TRACES_PER_SETTING,
     RoutingWidget,

@@ -7,7 +7,7 @@ layer,
 
 so a row's maximum is that layer's max/mean imbalance (paper 2, finding 1: load is uneven and the
 imbalance differs from layer to layer and from workload to workload). ``load`` is
-``minimoe.analysis.expert_load`` of the tokens ``trace.where(phase, domain)`` selects; the pure function
+``minimoe.traces.analysis.expert_load`` of the tokens ``trace.where(phase, domain)`` selects; the pure function
 ``load_heatmap_data`` computes it. Two views are built on it:
 
 - ``LoadHeatmapWidget``: domain and phase dropdowns that redraw the heatmap, for the live notebook;
@@ -23,8 +23,8 @@ from typing import NamedTuple
 import numpy as np
 import plotly.graph_objects as go
 
-from minimoe.analysis import expert_load, max_over_mean
-from minimoe.traces import Trace
+from minimoe.traces.analysis import expert_load, max_over_mean
+from minimoe.traces.format import Trace
 from minimoe.widgets._panel import FigurePanel
 
 ALL = "all"
@@ -49,7 +49,7 @@ def domain_options(trace: Trace) -> list[str]:
 def load_heatmap_data(trace: Trace, domain: str = ALL, phase: str = ALL) -> LoadData:
     """The expert load of the tokens of ``domain`` (or "all") in ``phase`` ("all", "prefill", "decode")."""
     if not isinstance(trace, Trace):
-        raise TypeError(f"trace must be a minimoe.traces.Trace, got {type(trace).__name__}")
+        raise TypeError(f"trace must be a minimoe.traces.format.Trace, got {type(trace).__name__}")
     if domain not in domain_options(trace):
         raise ValueError(f"domain must be one of {domain_options(trace)}, got {domain!r}")
     if phase not in PHASES:

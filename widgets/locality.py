@@ -3,13 +3,13 @@
 Left, the cluster of one MoE layer: nodes side by side, each a frame around its GPUs, each GPU a column
 of its physical expert slots, each slot labelled with the expert it holds (a replicated expert appears
 in several slots). A slot is coloured by the domain that uses its expert most (the largest share in
-``minimoe.analysis.domain_popularity``), or by the evaluated (token, expert) pairs it serves. Right, the
+``minimoe.traces.analysis.domain_popularity``), or by the evaluated (token, expert) pairs it serves. Right, the
 de-duplicated node-to-node bytes of ``TrafficReport.node_matrix`` over all layers: off the diagonal the
 RDMA copies node m sends node n (one per token and remote node), on the diagonal the NVLink hops inside
-node n (REFERENCES.md §4; ``minimoe.traffic``).
+node n (REFERENCES.md §4; ``minimoe.placement.traffic``).
 
 Everything comes from one pure function, ``locality_data(trace, method, topology, ...)``, which runs the
-fitting protocol of ``minimoe.experiments`` (``masks``, ``fit``) and ``minimoe.traffic.measure``: fit a
+fitting protocol of ``minimoe.placement.experiments`` (``masks``, ``fit``) and ``minimoe.placement.traffic.measure``: fit a
 method on the prefill / online-window / oracle tokens, evaluate it on the held-out decode tokens.
 Which slot serves which pair is ``Placement.route``'s rule, the one ``measure`` uses. Two views:
 
@@ -27,11 +27,11 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from minimoe.analysis import domain_popularity
-from minimoe.experiments import FIT_MODES, METHODS, fit, masks
-from minimoe.placement import Placement
-from minimoe.topology import Topology
-from minimoe.traffic import TrafficReport, measure
+from minimoe.traces.analysis import domain_popularity
+from minimoe.placement.experiments import FIT_MODES, METHODS, fit, masks
+from minimoe.placement.methods import Placement
+from minimoe.placement.topology import Topology
+from minimoe.placement.traffic import TrafficReport, measure
 from minimoe.widgets._panel import FigurePanel
 
 COLOR_BY = ("domain", "load")
@@ -98,8 +98,8 @@ class LocalityData:
 def locality_data(trace, method: str = "grouping+locality", topology="4x2", fit_mode: str = "prefill",
                   layer: int = 0, num_replicas: int | None = None, spare_slots_per_gpu: int = 1, window: int = 8,
                   seed: int = 0, hidden_size: int = 7168) -> LocalityData:
-    """Fit ``method`` (``minimoe.experiments.METHODS``) on the ``fit_mode`` tokens of ``trace`` (prefill,
-    online, oracle; ``minimoe.experiments.masks``), measure it on the evaluated decode tokens, and lay out
+    """Fit ``method`` (``minimoe.placement.experiments.METHODS``) on the ``fit_mode`` tokens of ``trace`` (prefill,
+    online, oracle; ``minimoe.placement.experiments.masks``), measure it on the evaluated decode tokens, and lay out
     ``layer`` for drawing. ``num_replicas`` defaults to ``default_replicas(E, topology, spare_slots_per_gpu)``."""
     topology = parse_topology(topology)
     if method not in METHODS:

@@ -6,9 +6,9 @@ its generated tokens (decode),
     prefill[l, e] = #(prompt token, slot) of r routed to e in layer l          (the same for decode),
 
 drawn side by side as shares of the phase's choices in the layer, with the Pearson correlation r of the
-two histograms over all L·E cells (paper 2, finding 3; the number ``minimoe.analysis.
+two histograms over all L·E cells (paper 2, finding 3; the number ``minimoe.traces.analysis.
 prefill_decode_similarity`` reports as the request's ``matched`` value) and the per-layer correlations.
-The pure function ``prefill_decode_data`` computes it from ``minimoe.analysis.expert_load`` of the request's
+The pure function ``prefill_decode_data`` computes it from ``minimoe.traces.analysis.expert_load`` of the request's
 tokens. Two views are built on it:
 
 - ``PrefillDecodeWidget``: a request selector (labelled with domain and r) that redraws the bars;
@@ -25,8 +25,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from minimoe.analysis import expert_load, prefill_decode_similarity
-from minimoe.traces import Trace
+from minimoe.traces.analysis import expert_load, prefill_decode_similarity
+from minimoe.traces.format import Trace
 from minimoe.widgets._panel import FigurePanel
 
 PREFILL_COLOR, DECODE_COLOR = "#1f77b4", "#ff7f0e"
@@ -51,7 +51,7 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 def prefill_decode_data(trace: Trace, request: int) -> PrefillDecodeData:
     """The prefill and decode expert histograms of one request, and their correlation."""
     if not isinstance(trace, Trace):
-        raise TypeError(f"trace must be a minimoe.traces.Trace, got {type(trace).__name__}")
+        raise TypeError(f"trace must be a minimoe.traces.format.Trace, got {type(trace).__name__}")
     if isinstance(request, bool) or not isinstance(request, (int, np.integer)) \
             or not 0 <= request < trace.num_requests:
         raise ValueError(f"request must be an int in [0, {trace.num_requests}), got {request!r}")

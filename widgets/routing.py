@@ -7,9 +7,9 @@ with the capacity C = ceil(T·k/E · capacity_factor) drawn as a line (GShard, L
 to the right, how many of its k choices each token lost.
 
 Everything is computed by one pure function, ``routing_data(logits, family, top_k,
-capacity_factor, ...)``, which runs the logits through a ``minimoe.moe.MoELayer`` whose router
+capacity_factor, ...)``, which runs the logits through a ``minimoe.model.moe.MoELayer`` whose router
 weight is the identity matrix: the layer's router sees exactly the given logits, and its own
-selection rule (``minimoe.router``) and capacity rule decide. Nothing is re-implemented here.
+selection rule (``minimoe.model.router``) and capacity rule decide. Nothing is re-implemented here.
 Two views are built on it:
 
 - ``RoutingWidget``: ipywidgets controls (top-k, router family, capacity factor, what the heatmap
@@ -27,8 +27,8 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from minimoe.moe import MoEConfig, MoELayer
-from minimoe.router import ROUTER_FAMILIES, RoutingResult, router_probabilities
+from minimoe.model.moe import MoEConfig, MoELayer
+from minimoe.model.router import ROUTER_FAMILIES, RoutingResult, router_probabilities
 from minimoe.widgets._panel import FigurePanel
 
 SHOW_OPTIONS = ("probabilities", "weights")
@@ -44,7 +44,7 @@ class RoutingData:
     top_k: int
     capacity_factor: float
     routing: RoutingResult  # the layer's own routing result
-    probabilities: torch.Tensor  # (T, E) router probabilities (``minimoe.router.router_probabilities``)
+    probabilities: torch.Tensor  # (T, E) router probabilities (``minimoe.model.router.router_probabilities``)
     weights: torch.Tensor  # (T, E) the weight of each chosen expert, 0 elsewhere
     kept: torch.Tensor  # (T, k) bool, False = the choice was dropped by the capacity limit
     capacity: int | None  # C, or None when dropless

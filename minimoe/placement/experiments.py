@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .grouping import group, group_and_place
-from .placement import place
-from .topology import Topology
-from .traffic import measure, uniform_nodes_per_token
+from minimoe.placement.grouping import group, group_and_place
+from minimoe.placement.methods import place
+from minimoe.placement.topology import Topology
+from minimoe.placement.traffic import measure, uniform_nodes_per_token
 
 METHODS = ("contiguous", "round_robin", "eplb", "locality", "grouping", "grouping+locality")
 FIT_MODES = ("prefill", "online", "oracle")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minimoe.traces import Trace
+from minimoe.traces.format import Trace
 
 
 def synthetic_trace(num_requests: int = 64, tokens_per_request: int = 32, num_layers: int = 2,

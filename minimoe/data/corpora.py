@@ -54,8 +54,8 @@ from typing import Iterable, Iterator, NamedTuple
 
 import yaml
 
-from minimoe.corpora_chat import render_conversation, templated_conversations
-from minimoe.corpora_math import math_worksheets
+from minimoe.data.chat import render_conversation, templated_conversations
+from minimoe.data.math_problems import math_worksheets
 
 DOMAINS = ("code", "math", "chat", "general")
 DEFAULT_MAX_CHARS_PER_DOMAIN = 1_000_000

@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from minimoe.locality_slots import fill_spares, pack_gpus
-from minimoe.topology import Topology
+from minimoe.placement.locality_slots import fill_spares, pack_gpus
+from minimoe.placement.topology import Topology
 
 
 def place_locality(trace, topology: Topology, num_slots: int, sources=None, tokens=None, epsilon: float = 0.1,

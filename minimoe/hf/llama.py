@@ -19,14 +19,14 @@ because a silently different model is worse than no model. The token ids (bos / 
 the logits; they travel in ``ModelConfig.extra`` so that a round trip keeps them.
 
 The helpers ``rope_from_hf``, ``rope_to_hf``, ``check_hf_common``, ``common_from_hf`` and ``common_to_hf`` are
-shared by the MoE families (``minimoe.hf_moe_models``: Mixtral, Qwen3-MoE, OLMoE), whose attention and RoPE
+shared by the MoE families (``minimoe.hf.moe_models``: Mixtral, Qwen3-MoE, OLMoE), whose attention and RoPE
 are Llama's.
 """
 
 from __future__ import annotations
 
-from .dense import ROPE_SCALING_KEYS
-from .model import ModelConfig
+from minimoe.model.dense import ROPE_SCALING_KEYS
+from minimoe.model.transformer import ModelConfig
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -113,7 +113,7 @@ class LlamaFamily:
 
     A family: ``config_from_hf`` reads a transformers config; ``config_to_hf`` returns the keyword arguments
     of ``hf_config_class`` or raises a ValueError naming what the family cannot hold; ``moe_family`` is the
-    ``minimoe.hf_moe`` name of its MoE blocks (None: dense).
+    ``minimoe.hf.moe_blocks`` name of its MoE blocks (None: dense).
     """
 
     model_type, hf_class, hf_config_class, moe_family = "llama", "LlamaForCausalLM", "LlamaConfig", None

@@ -35,7 +35,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from minimoe.data import DOMAINS, Document
+from minimoe.data.corpora import DOMAINS, Document
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2

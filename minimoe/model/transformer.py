@@ -4,8 +4,8 @@
     block:  h = x + attn(attn_norm(x));  out = h + ffn(ffn_norm(h))        (pre-norm, "Llama 3 Herd", §2)
 
 ``ffn`` is a SwiGLU ``FeedForward`` or, for the layers listed in ``ModelConfig.moe_layers``, a
-``minimoe.moe.MoELayer`` (Llama 4 interleaves them; DeepSeek-V3 keeps its first layers dense).
-The same weights give the same logits as transformers' ``LlamaForCausalLM`` (see ``minimoe.hf``).
+``minimoe.model.moe.MoELayer`` (Llama 4 interleaves them; DeepSeek-V3 keeps its first layers dense).
+The same weights give the same logits as transformers' ``LlamaForCausalLM`` (see ``minimoe.hf.convert``).
 Checkpoints are a directory with ``config.json`` and ``model.safetensors``.
 """
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .dense import Attention, FeedForward, KVCache, RMSNorm, build_attention_mask, ffn_hidden_size, rope_cos_sin, rope_inv_freq
+from minimoe.model.dense import Attention, FeedForward, KVCache, RMSNorm, build_attention_mask, ffn_hidden_size, rope_cos_sin, rope_inv_freq
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -46,7 +46,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qk_norm: str | None = None  # None | "head" (Qwen3) | "full" (OLMoE)
     attention_bias: bool = False
-    moe: object | None = None  # a minimoe.moe.MoEConfig (or its dict) for the MoE layers
+    moe: object | None = None  # a minimoe.model.moe.MoEConfig (or its dict) for the MoE layers
     moe_layers: list[int] | None = None  # which layers are MoE; None: all layers when `moe` is set
     init_std: float = 0.02
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the tokenizer used); not read by the model
@@ -74,7 +74,7 @@ class ModelConfig:
         if self.rope_scaling is not None:
             rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # validates the keys
         if isinstance(self.moe, dict):
-            from .moe import MoEConfig
+            from minimoe.model.moe import MoEConfig
 
             self.moe = MoEConfig.from_dict(self.moe)
         if self.moe_layers is not None:
@@ -128,7 +128,7 @@ class Block(nn.Module):
                               c.qk_norm, c.rms_norm_eps, c.attention_bias)
         self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         if c.is_moe_layer(layer_idx):
-            from .moe import MoELayer
+            from minimoe.model.moe import MoELayer
 
             self.ffn = MoELayer(c.hidden_size, c.moe)
         else:

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from minimoe.placement import Placement, place
-from minimoe.topology import Topology
+from minimoe.placement.methods import Placement, place
+from minimoe.placement.topology import Topology
 
 METHODS = ("random", "domain", "signature")
 
@@ -47,7 +47,7 @@ def group(trace, topology: Topology, method: str = "signature", seed: int = 0, p
           tokens=None, balance: str = "requests") -> np.ndarray:
     """Source GPU rank of every request, int64 (num_requests,). See the module docstring."""
     if not isinstance(topology, Topology):
-        raise TypeError(f"topology must be a minimoe.topology.Topology, got {type(topology).__name__}")
+        raise TypeError(f"topology must be a minimoe.placement.topology.Topology, got {type(topology).__name__}")
     if method not in METHODS:
         raise ValueError(f"unknown grouping method {method!r}; expected one of {list(METHODS)}")
     if balance not in ("requests", "tokens"):

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minimoe.traces import Trace
+from minimoe.traces.format import Trace
 
 
 def _grouped_counts(group, ids, num_groups: int, num_values: int) -> np.ndarray:

@@ -38,8 +38,8 @@ from math import comb
 
 import numpy as np
 
-from minimoe.placement import Placement
-from minimoe.topology import Topology
+from minimoe.placement.methods import Placement
+from minimoe.placement.topology import Topology
 
 _PER_LAYER = ("pairs", "gpu_local_pairs", "node_local_pairs", "remote_ranks", "remote_nodes", "nodes_touched",
               "nvlink_hops", "intra_pairs", "inter_pairs")
@@ -196,7 +196,7 @@ def measure(trace, placement: Placement, topology: Topology, sources=None, hidde
     of ``trace``).
     """
     if not isinstance(placement, Placement):
-        raise TypeError(f"placement must be a minimoe.placement.Placement, got {type(placement).__name__}")
+        raise TypeError(f"placement must be a minimoe.placement.methods.Placement, got {type(placement).__name__}")
     placement.check_topology(topology)
     if trace.num_experts != placement.num_experts or trace.experts.shape[1] != placement.num_layers:
         raise ValueError(f"trace has {trace.experts.shape[1]} layers x {trace.num_experts} experts, placement "

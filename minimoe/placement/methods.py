@@ -15,8 +15,8 @@ Methods of :func:`place` (fitted per layer on a trace's routing):
 * ``contiguous``  expert ``e`` on GPU ``floor(e * G / E)`` (what engines do by default);
 * ``round_robin`` expert ``e`` on GPU ``e % G``;
   both fill spare slots with copies of the experts with the highest load per replica, in GPU order;
-* ``eplb``        DeepSeek's load balancer (``minimoe.eplb``), on the trace's per-expert token counts;
-* ``locality``    co-activation and demand aware placement (``minimoe.locality``).
+* ``eplb``        DeepSeek's load balancer (``minimoe.placement.eplb``), on the trace's per-expert token counts;
+* ``locality``    co-activation and demand aware placement (``minimoe.placement.locality``).
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import os
 
 import numpy as np
 
-from minimoe.eplb import eplb, eplb_numpy, replicate_experts  # noqa: F401  (eplb is an entry point)
-from minimoe.locality import place_locality
-from minimoe.topology import Topology
+from minimoe.placement.eplb import eplb, eplb_numpy, replicate_experts  # noqa: F401  (eplb is an entry point)
+from minimoe.placement.locality import place_locality
+from minimoe.placement.topology import Topology
 
 METHODS = ("contiguous", "round_robin", "eplb", "locality")
 
@@ -161,7 +161,7 @@ class Placement:
         return tuple(torch.from_numpy(a) for a in (self.phy2log.copy(), log2phy, counts.astype(np.int64)))
 
     def to_dict(self) -> dict:
-        return dict(format="minimoe.placement/1", method=self.method, num_experts=self.num_experts,
+        return dict(format="minimoe.placement.methods/1", method=self.method, num_experts=self.num_experts,
                     num_nodes=self.num_nodes, gpus_per_node=self.gpus_per_node, phy2log=self.phy2log.tolist())
 
     def save(self, path) -> None:
@@ -176,8 +176,8 @@ class Placement:
             except json.JSONDecodeError as error:
                 raise ValueError(f"placement file {os.fspath(path)!r} is not JSON: {error}") from error
         keys = {"format", "method", "num_experts", "num_nodes", "gpus_per_node", "phy2log"}
-        if not isinstance(data, dict) or set(data) != keys or data["format"] != "minimoe.placement/1":
-            raise ValueError(f"placement file {os.fspath(path)!r} must be a minimoe.placement/1 object "
+        if not isinstance(data, dict) or set(data) != keys or data["format"] != "minimoe.placement.methods/1":
+            raise ValueError(f"placement file {os.fspath(path)!r} must be a minimoe.placement.methods/1 object "
                              f"with keys {sorted(keys)}")
         table = np.asarray(data["phy2log"])
         if table.dtype.kind not in "iu":
@@ -206,7 +206,7 @@ def trace_loads(trace, tokens=None) -> np.ndarray:
 def _check_trace(trace, num_experts):
     for attribute in ("experts", "request", "num_experts", "top_k"):
         if not hasattr(trace, attribute):
-            raise TypeError(f"trace must be a minimoe.traces.Trace, got {type(trace).__name__}")
+            raise TypeError(f"trace must be a minimoe.traces.format.Trace, got {type(trace).__name__}")
     if num_experts is not None and num_experts != trace.num_experts:
         raise ValueError(f"num_experts={num_experts} does not match the trace's num_experts={trace.num_experts}")
     if trace.experts.size and int(trace.experts.max()) >= trace.num_experts:
@@ -237,13 +237,13 @@ def place(trace, topology: Topology, method: str = "locality", **options) -> Pla
     Common options: ``num_replicas`` (physical slots per layer, default ``num_experts`` or
     ``topology.slots_per_gpu * num_gpus``), ``tokens`` (bool (N,) mask of the tokens to fit on),
     ``num_experts`` (checked against the trace), ``sources`` (per-request GPU rank from
-    ``minimoe.grouping``; only ``locality`` uses it, the other methods do not depend on sources).
+    ``minimoe.placement.grouping``; only ``locality`` uses it, the other methods do not depend on sources).
     ``eplb``: ``policy`` ("global" | "hierarchical" | "auto", default "auto" = hierarchical when
     ``num_groups`` is a multiple of the node count) and ``num_groups`` (default 1). ``locality``:
-    ``epsilon``, ``rounds``, ``locality_replicas``, ``max_fit_tokens`` (``minimoe.locality.place_locality``).
+    ``epsilon``, ``rounds``, ``locality_replicas``, ``max_fit_tokens`` (``minimoe.placement.locality.place_locality``).
     """
     if not isinstance(topology, Topology):
-        raise TypeError(f"topology must be a minimoe.topology.Topology, got {type(topology).__name__}")
+        raise TypeError(f"topology must be a minimoe.placement.topology.Topology, got {type(topology).__name__}")
     if method not in METHODS:
         raise ValueError(f"unknown placement method {method!r}; expected one of {list(METHODS)}")
     _check_trace(trace, options.pop("num_experts", None))

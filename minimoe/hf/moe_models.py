@@ -1,7 +1,7 @@
 """Config conversion for transformers' MoE language models: Mixtral, Qwen3-MoE and OLMoE.
 
 All three are Llama's decoder with the SwiGLU replaced by a softmax top-k MoE block (converted by
-``minimoe.hf_moe``); they differ in three places:
+``minimoe.hf.moe_blocks``); they differ in three places:
 
     family      MoE layers                         q/k RMSNorm                        expert width field
     mixtral     every layer                        none                               intermediate_size
@@ -19,12 +19,12 @@ where transformers has none (router jitter for Qwen3-MoE / OLMoE, the z-loss): l
 
 from __future__ import annotations
 
-from .hf_llama import common_from_hf, common_to_hf
-from .model import ModelConfig
+from minimoe.hf.llama import common_from_hf, common_to_hf
+from minimoe.model.transformer import ModelConfig
 
 
 def _moe_config_from_hf(hf_config, family: str):
-    from .hf_moe import moe_config_from_hf
+    from minimoe.hf.moe_blocks import moe_config_from_hf
 
     return moe_config_from_hf(hf_config, family)
 

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import DOMAINS, load_corpus, split_documents
-from .model import ModelConfig, Transformer, lm_loss
-from .tokenizer import batch_iterator, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer, \
+from minimoe.data.corpora import DOMAINS, load_corpus, split_documents
+from minimoe.model.transformer import ModelConfig, Transformer, lm_loss
+from minimoe.data.tokenizer import batch_iterator, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer, \
     validation_batches
 
 
@@ -239,7 +239,7 @@ def preset(name: str, **train_overrides) -> tuple[ModelConfig, TrainConfig]:
     """(ModelConfig, TrainConfig) of a named preset; keyword arguments override TrainConfig fields."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    from .moe import MoEConfig
+    from minimoe.model.moe import MoEConfig
 
     model_kwargs = dict(PRESETS[name]["model"])
     moe = MoEConfig(**model_kwargs.pop("moe"))

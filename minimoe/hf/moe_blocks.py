@@ -13,10 +13,10 @@ Families and the transformers block each one converts (transformers >= 5.17):
 |               |                            | ``experts.down_proj`` (E, F, H), ``shared_expert.*``         |
 
 transformers stores the fused gate/up projection with the gate in the first F rows (columns
-for Llama 4), like ``minimoe.moe``; only the transposition differs (see the layout in moe.py).
+for Llama 4), like ``minimoe.model.moe``; only the transposition differs (see the layout in moe.py).
 
 Scope: this module converts MoE *blocks*. Full-model conversion of Mixtral, Qwen3-MoE and
-OLMoE lives in ``minimoe.hf`` and uses these functions; DeepSeek-V3 (multi-head latent
+OLMoE lives in ``minimoe.hf.convert`` and uses these functions; DeepSeek-V3 (multi-head latent
 attention) and Llama 4 (chunked attention, no-RoPE layers, qk-norm) are converted at block
 level only: their attention variants are out of scope for minimoe.
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimoe.moe import MoEConfig, MoELayer
+from minimoe.model.moe import MoEConfig, MoELayer
 
 FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "llama4")
 _SOFTMAX_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")

@@ -1,7 +1,7 @@
 """transformers interop: the same weights, two implementations, identical logits.
 
 ``from_hf(hf_model) -> Transformer`` and ``to_hf(model) -> transformers model`` move a model across by
-renaming tensors (and transposing stacked expert weights, see ``minimoe.hf_moe``); no value is permuted or
+renaming tensors (and transposing stacked expert weights, see ``minimoe.hf.moe_blocks``); no value is permuted or
 re-rounded, so a round trip is exact (``torch.equal`` for every tensor) in any dtype. Both copy the tensors
 and keep their dtype and device. transformers' decoder-only families all share Llama's layout:
 
@@ -16,10 +16,10 @@ and keep their dtype and device. transformers' decoder-only families all share L
     lm_head.weight                  lm_head.weight                              (tied: the embedding)
 
 What differs between families is the config and the MoE feed-forward block, so the conversion dispatches
-on ``config.model_type`` to a *family* (``minimoe.hf_llama.LlamaFamily`` documents the interface;
-``minimoe.hf_moe_models`` holds Mixtral, Qwen3-MoE and OLMoE). An MoE layer's block (``mlp.gate``,
-``mlp.experts.*``) is converted as a whole by ``minimoe.hf_moe``. ``FAMILIES`` lists what is supported.
-DeepSeek-V3 and Llama 4 convert at block level only (``minimoe.hf_moe``): their attention is out of scope.
+on ``config.model_type`` to a *family* (``minimoe.hf.llama.LlamaFamily`` documents the interface;
+``minimoe.hf.moe_models`` holds Mixtral, Qwen3-MoE and OLMoE). An MoE layer's block (``mlp.gate``,
+``mlp.experts.*``) is converted as a whole by ``minimoe.hf.moe_blocks``. ``FAMILIES`` lists what is supported.
+DeepSeek-V3 and Llama 4 convert at block level only (``minimoe.hf.moe_blocks``): their attention is out of scope.
 
 No hub access: models are built from configs, or read from a local directory with ``load_hf(path)``.
 """
@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import torch
 
-from .hf_llama import LlamaFamily
-from .hf_moe import load_moe_block_state_from_hf, moe_block_state_to_hf
-from .hf_moe_models import MixtralFamily, OlmoeFamily, Qwen3MoeFamily
-from .model import ModelConfig, Transformer
+from minimoe.hf.llama import LlamaFamily
+from minimoe.hf.moe_blocks import load_moe_block_state_from_hf, moe_block_state_to_hf
+from minimoe.hf.moe_models import MixtralFamily, OlmoeFamily, Qwen3MoeFamily
+from minimoe.model.transformer import ModelConfig, Transformer
 
 FAMILIES = {family.model_type: family for family in (LlamaFamily, MixtralFamily, Qwen3MoeFamily, OlmoeFamily)}
 

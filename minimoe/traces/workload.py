@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DOMAINS, load_corpus, split_documents
-from .traces import Trace
+from minimoe.data.corpora import DOMAINS, load_corpus, split_documents
+from minimoe.traces.format import Trace
 
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "moe-4domain"
+BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "moe-4domain"
 
 
 def corpus_prompts(num_per_domain: int, prompt_chars: tuple[int, int] = (200, 400), seed: int = 0,
@@ -63,7 +63,7 @@ def record_workload(model, tokenize, texts: list[str], domains: list[str], max_n
     model loops on a few tokens and makes decode traffic unrealistically narrow (its expert load has nothing
     in common with prefill's), while temperature 1 lets a 4 M-parameter model drift off its prompt's domain.
     """
-    from .recording import record
+    from minimoe.traces.recording import record
 
     prompts = [tokenize(text) for text in texts]
     empty = [i for i, p in enumerate(prompts) if not p]
@@ -75,7 +75,7 @@ def record_workload(model, tokenize, texts: list[str], domains: list[str], max_n
 
 def minimoe_tokenize(model_dir):
     """A ``str -> list[int]`` for a minimoe run directory: <|bos|> + BPE ids (how training saw documents)."""
-    from .tokenizer import BOS, load_tokenizer
+    from minimoe.data.tokenizer import BOS, load_tokenizer
 
     tokenizer = load_tokenizer(Path(model_dir) / "tokenizer.json")
     bos = tokenizer.token_to_id(BOS)
@@ -94,7 +94,7 @@ def bundled_trace(num_per_domain: int = 500, max_new_tokens: int = 32, seed: int
     """The workload trace of a minimoe checkpoint (default: the bundled 4-domain MoE), recorded on CPU."""
     import torch
 
-    from .model import Transformer
+    from minimoe.model.transformer import Transformer
 
     model_dir = Path(model_dir)
     texts, domains = run_prompts(model_dir, num_per_domain, seed)

@@ -346,9 +346,3 @@ def concat(traces: list[Trace]) -> Trace:
                  num_experts=first.num_experts, top_k=first.top_k, model=first.model,
                  weights=None if first.weights is None else np.concatenate([t.weights for t in traces]))
 
-
-def record(model, prompts, max_new_tokens: int, domains=None, **options) -> Trace:
-    """Run prefill + decode (greedy, or sampled with ``temperature``) of each prompt on `model` and record its
-    routing (see minimoe.recording)."""
-    from minimoe.recording import record as _record  # torch is imported only when recording
-    return _record(model, prompts, max_new_tokens, domains=domains, **options)

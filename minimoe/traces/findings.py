@@ -4,7 +4,7 @@
 The paper observes three properties of real MoE serving traces. A number alone proves nothing: a finite
 sample of perfectly balanced, domain-blind, memoryless routing also shows some imbalance, some divergence
 between domains and some correlation. So every finding below is printed with what chance alone gives.
-The statistics themselves are those of ``minimoe.analysis`` (its docstring has the formulas).
+The statistics themselves are those of ``minimoe.traces.analysis`` (its docstring has the formulas).
 
 (a) Load is imbalanced, and the imbalance varies by layer (and workload).
     Per layer: max/mean load, Gini and normalised entropy, for all tokens, per phase and per domain.
@@ -27,7 +27,7 @@ The statistics themselves are those of ``minimoe.analysis`` (its docstring has t
     median of the matched values, the baselines' mean, median and 95th percentile, and the fraction of
     requests whose matched correlation exceeds that 95th percentile (5% by chance).
 
-``python -m minimoe.findings`` records the bundled model's workload (``minimoe.workload.bundled_trace``:
+``python -m minimoe.traces.findings`` records the bundled model's workload (``minimoe.traces.workload.bundled_trace``:
 held-out prompts of four domains, prefill + 32 greedy decode tokens) or reads ``--trace FILE`` and prints
 the table; ``benchmarks/results/findings.txt`` holds the output of the default run.
 """
@@ -41,9 +41,9 @@ import time
 
 import numpy as np
 
-from minimoe.analysis import gini, js_divergence, layer_imbalance, max_over_mean, \
+from minimoe.traces.analysis import gini, js_divergence, layer_imbalance, max_over_mean, \
     normalized_entropy, prefill_decode_similarity
-from minimoe.traces import Trace
+from minimoe.traces.format import Trace
 
 DEFAULT_REQUESTS_PER_DOMAIN = 500  # x 4 domains = 2000 requests, about 260 K routed tokens
 IMBALANCE_STATS = ("max_over_mean", "gini", "entropy")
@@ -179,7 +179,7 @@ def prefill_decode_finding(trace: Trace, num_shuffles: int = 10, seed: int = 0) 
 def findings(trace: Trace, seed: int = 0, num_splits: int = 100, num_shuffles: int = 10) -> dict:
     """The three findings of ``trace`` with their baselines, as a JSON-ready dict (see the module docstring)."""
     if not isinstance(trace, Trace):
-        raise TypeError(f"trace must be a minimoe.traces.Trace, got {type(trace).__name__}")
+        raise TypeError(f"trace must be a minimoe.traces.format.Trace, got {type(trace).__name__}")
     if trace.num_tokens == 0:
         raise ValueError("the trace is empty")
     domains = trace.request_domains()
@@ -200,7 +200,7 @@ def _row(label: str, values, fmt: str = "{:6.3f}", extra: str = "") -> str:
 
 
 def format_findings(result: dict) -> str:
-    """The findings as a plain-text table (what ``python -m minimoe.findings`` prints)."""
+    """The findings as a plain-text table (what ``python -m minimoe.traces.findings`` prints)."""
     info, imbalance, domain, paired = result["trace"], result["imbalance"], result["domain"], result["prefill_decode"]
     layers = range(info["layers"])
     lines = [f"trace {info['model'] or '(unnamed)'}: {info['requests']:,} requests "
@@ -251,7 +251,7 @@ def format_findings(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minimoe.findings", description=(
+    parser = argparse.ArgumentParser(prog="python -m minimoe.traces.findings", description=(
         "The three findings of paper 2 (imbalance by layer, domain-specific experts, prefill predicts decode), "
         "each with its baseline, on a trace file or on a fresh recording of the bundled 4-domain model."))
     parser.add_argument("--trace", help="a trace .npz file (default: record the bundled model)")
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.requests_per_domain < 2:
             parser.error(f"--requests-per-domain must be >= 2, got {args.requests_per_domain}")
-        from minimoe.workload import bundled_trace
+        from minimoe.traces.workload import bundled_trace
 
         trace = bundled_trace(args.requests_per_domain, args.max_new_tokens, seed=args.seed)
         if args.save_trace:

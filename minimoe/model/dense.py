@@ -16,7 +16,7 @@ Read top to bottom:
                      Optional q/k RMSNorm covers Qwen3 ("head": per head) and OLMoE ("full": over the projection).
 4. ``FeedForward``    SwiGLU: down(silu(gate(x)) * up(x)); Meta sizes the hidden layer with ``ffn_hidden_size``.
 
-The pre-norm block and the full language model live in ``minimoe.model``.
+The pre-norm block and the full language model live in ``minimoe.model.transformer``.
 """
 
 from __future__ import annotations

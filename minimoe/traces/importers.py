@@ -35,7 +35,7 @@ import json
 
 import numpy as np
 
-from minimoe.traces import PHASES, Trace, _as_count
+from minimoe.traces.format import PHASES, Trace, _as_count
 
 
 def from_vllm(routed_experts, num_experts: int, prompt_lengths=None, domains=None, moe_layers=None,

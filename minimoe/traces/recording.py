@@ -37,7 +37,7 @@ import inspect
 import numpy as np
 import torch
 
-from minimoe.traces import Trace
+from minimoe.traces.format import Trace
 
 ROUTER_PATHS = ("mlp.gate", "feed_forward.router", "block_sparse_moe.gate")
 
@@ -180,7 +180,7 @@ def record(model, prompts, max_new_tokens: int, domains=None, *, batch_size: int
     with ``seed``, as serving systems usually do — greedy decoding of a small model tends to loop on a few
     tokens, which makes decode routing far narrower than real traffic.
     """
-    from minimoe.generate import sample_next
+    from minimoe.model.generate import sample_next
 
     generator = torch.Generator().manual_seed(seed)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:

@@ -1,6 +1,6 @@
 """The Mixture-of-Experts layer: a router, E SwiGLU experts, optional shared experts.
 
-For a token x (size H) the router (``minimoe.router``) picks k experts e_1..e_k with weights
+For a token x (size H) the router (``minimoe.model.router``) picks k experts e_1..e_k with weights
 w_1..w_k, and the layer returns
 
     y = Σ_j w_j · E_{e_j}(x) + S(x),        E_e(x) = (silu(x W_g^e) ⊙ x W_u^e) W_d^e
@@ -15,7 +15,7 @@ directly (x @ W):
     gate_up_proj  (E, H, 2F)   columns [0, F) are W_g (gate), columns [F, 2F) are W_u (up)
     down_proj     (E, F, H)
 (transformers' Mixtral/Qwen3-MoE/OLMoE/DeepSeek-V3 store the transposes [E, 2F, H] and
-[E, H, F]; Llama 4 stores this layout. ``minimoe.hf_moe`` converts.)
+[E, H, F]; Llama 4 stores this layout. ``minimoe.hf.moe_blocks`` converts.)
 
 Two ways to compute the same thing (a test proves they agree, values and gradients):
 ``impl="loop"``     the reference: for each expert, gather its tokens, run it, add back.
@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minimoe.dense import FeedForward  # the shared expert is a plain SwiGLU
-from minimoe.router import (
+from minimoe.model.dense import FeedForward  # the shared expert is a plain SwiGLU
+from minimoe.model.router import (
     DROPPED_GROUP_VALUES,
     ROUTER_FAMILIES,
     Router,

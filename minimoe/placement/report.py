@@ -1,10 +1,10 @@
 """``minimoe report``: the main job. Traces -> every placement and grouping method -> a table and an HTML report.
 
     trace     recorded from the bundled 4-domain MoE (or ``--model DIR``), or read from ``--trace FILE``
-    findings  the paper's three observations, each next to its baseline (``minimoe.findings``)
+    findings  the paper's three observations, each next to its baseline (``minimoe.traces.findings``)
     compare   for every topology and replica budget: contiguous, round-robin, EPLB, locality, grouping,
               grouping + locality, each fitted three ways (prefill / online window / oracle) and measured on
-              held-out decode tokens (``minimoe.experiments``); the uniform-routing baseline; drift
+              held-out decode tokens (``minimoe.placement.experiments``); the uniform-routing baseline; drift
     targets   the issue's bar at 4 nodes x 2 GPUs, printed as PASS / MISS with the measured numbers
     HTML      figures (plotly.js embedded once, so the file opens offline) and the tables
 
@@ -19,9 +19,9 @@ import json
 import time
 from pathlib import Path
 
-from .experiments import DEFAULT_TOPOLOGIES, FIT_MODES, METHODS, compare, drift, uniform_baseline
-from .topology import Topology
-from .traces import Trace
+from minimoe.placement.experiments import DEFAULT_TOPOLOGIES, FIT_MODES, METHODS, compare, drift, uniform_baseline
+from minimoe.placement.topology import Topology
+from minimoe.traces.format import Trace
 
 TARGET_TOPOLOGY = (4, 2)
 
@@ -29,7 +29,7 @@ TARGET_TOPOLOGY = (4, 2)
 def build_trace(args) -> Trace:
     if args.trace:
         return Trace.load(args.trace)
-    from .workload import BUNDLED_MODEL, bundled_trace
+    from minimoe.traces.workload import BUNDLED_MODEL, bundled_trace
 
     return bundled_trace(num_per_domain=args.requests_per_domain, max_new_tokens=args.new_tokens, seed=args.seed,
                          model_dir=args.model or BUNDLED_MODEL, temperature=args.temperature)
@@ -111,7 +111,7 @@ def write_html(path: Path, text: str, rows: list[dict], trace: Trace) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="minimoe report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", help="a trace .npz (minimoe.traces format); default: record the model")
+    parser.add_argument("--trace", help="a trace .npz (minimoe.traces.format format); default: record the model")
     parser.add_argument("--model", help="a minimoe run directory to record (default: the bundled checkpoint)")
     parser.add_argument("--requests-per-domain", type=int, default=500)
     parser.add_argument("--new-tokens", type=int, default=32, help="decode tokens per request")
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                 f"({int((trace.phase == 0).sum())} prefill, {int((trace.phase == 1).sum())} decode), "
                 f"{trace.num_layers} MoE layers, {trace.num_experts} experts, top-{trace.top_k}"]
     try:
-        from .findings import findings, format_findings
+        from minimoe.traces.findings import findings, format_findings
 
         sections.append(format_findings(findings(trace, seed=args.seed)))
     except ImportError:  # the findings module is optional for traces without domains or decode tokens

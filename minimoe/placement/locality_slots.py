@@ -1,6 +1,6 @@
 """From a node partition to slots: replicas in the spare slots, then experts onto the GPUs of each node.
 
-Steps 3 and 4 of the locality placement (``minimoe.locality`` explains the objective). The node a
+Steps 3 and 4 of the locality placement (``minimoe.placement.locality`` explains the objective). The node a
 (token, expert) pair is served on follows ``Placement.route`` exactly at node granularity: the token's
 own node if it holds a replica, else the replicas in slot order (node order) picked by
 ``token_index % count``. ``copies[e, n]`` counts the slots of expert ``e`` on node ``n``; ``served[e, n]``

@@ -15,7 +15,7 @@ Two link classes matter for the all-to-all of dispatch/combine (REFERENCES.md §
 
 These are the defaults below (bytes per second, seconds). They are data-sheet peaks: measured NCCL
 all-to-all between two H200s reached 327 GB/s at 1 GiB and 15 GB/s at 1 MiB (REFERENCES.md §6), so
-the time model in ``minimoe.traffic`` is a cross-check, not a prediction.
+the time model in ``minimoe.placement.traffic`` is a cross-check, not a prediction.
 """
 from __future__ import annotations
 

@@ -1,0 +1,17 @@
+"""The model: a Llama 3 decoder whose feed-forward can be a Mixture-of-Experts layer.
+
+Read in this order: ``dense`` (RMSNorm, RoPE with Llama 3.1 scaling, grouped-query attention with a KV cache,
+SwiGLU; chapter 1), ``router`` and ``moe`` (top-k routers, load-balancing losses, the MoE layer; chapter 2),
+``transformer`` (the whole language model, its loss and checkpoints) and ``generate`` (sampling).
+Everything else in minimoe builds on this part; it imports nothing from the others.
+"""
+
+from minimoe.model.dense import Attention, FeedForward, KVCache, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from minimoe.model.generate import generate
+from minimoe.model.moe import MoEConfig, MoELayer, expert_capacity
+from minimoe.model.router import Router, RoutingResult, load_balancing_loss, router_z_loss
+from minimoe.model.transformer import Block, ModelConfig, Transformer, lm_loss
+
+__all__ = ["Attention", "Block", "FeedForward", "KVCache", "ModelConfig", "MoEConfig", "MoELayer", "RMSNorm",
+           "Router", "RoutingResult", "Transformer", "apply_rope", "expert_capacity", "generate",
+           "lm_loss", "load_balancing_loss", "rope_cos_sin", "rope_inv_freq", "router_z_loss"]

@@ -1,0 +1,17 @@
+"""Placement and grouping: where each expert lives, where each request runs, and what that costs.
+
+``topology`` describes nodes x GPUs; ``eplb`` is DeepSeek's load balancer; ``methods`` places experts on GPU
+slots (contiguous, round-robin, EPLB, locality); ``locality`` and ``locality_slots`` are the co-activation
+partitioner; ``grouping`` assigns requests to GPUs; ``traffic`` counts the all-to-all bytes and load of a
+placement; ``experiments`` fits on prefill and evaluates on held-out decode; ``report`` is the main job
+(``minimoe report``). Chapters 6 and 7 teach this part.
+"""
+
+from minimoe.placement.eplb import eplb
+from minimoe.placement.grouping import group, group_and_place
+from minimoe.placement.methods import Placement, place, trace_loads
+from minimoe.placement.topology import Topology
+from minimoe.placement.traffic import TrafficReport, measure, request_sources, uniform_nodes_per_token
+
+__all__ = ["Placement", "Topology", "TrafficReport", "eplb", "group", "group_and_place", "measure", "place",
+           "request_sources", "trace_loads", "uniform_nodes_per_token"]
