@@ -56,14 +56,21 @@ def _trace(args) -> int:
     return 0
 
 
-FORWARDED = {"findings": "minimoe.traces.findings", "report": "minimoe.placement.report"}  # own argument parsers
+# Commands whose module parses its own arguments: name -> (module with `main(argv) -> int`, help line).
+# A module listed here raises ValueError (or OSError) with a message naming the flag or file, the bad value and
+# what was expected; `main` below turns that into one line on stderr and exit code 2.
+FORWARDED = {
+    "findings": ("minimoe.traces.findings", "the paper's three observations on a trace, with baselines"),
+    "report": ("minimoe.placement.report", "the main job: record traces, fit every placement and grouping "
+                                           "method, print the comparison and write an HTML report"),
+}
 
 
 def _forward(command):
     def run(args) -> int:
         import importlib
 
-        return importlib.import_module(FORWARDED[command]).main(args.rest)
+        return importlib.import_module(FORWARDED[command][0]).main(args.rest)
 
     return run
 
@@ -109,9 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--seed", type=int, default=0)
     trace.set_defaults(func=_trace)
 
-    for name, text in (("findings", "the paper's three observations on a trace, with baselines"),
-                       ("report", "the main job: record traces, fit every placement and grouping method, print "
-                                  "the comparison and write an HTML report")):
+    for name, (_, text) in FORWARDED.items():
         command = sub.add_parser(name, help=text, add_help=False)
         command.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         command.set_defaults(func=_forward(name))
