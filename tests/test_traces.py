@@ -310,3 +310,43 @@ def test_duplicate_members_are_rejected():
         data = zip_members(members + [("experts.npy", npy_bytes(arrays["experts"]))])
     with pytest.raises(ValueError, match="appears twice"):
         load_bytes(bytes(data))
+
+
+# ---- one label for the whole file; errors that name the file, the token and the layer -------------------------
+def test_a_single_domain_string_labels_every_token(tmp_path):
+    trace = random_trace(13, domains=False)
+    arrays = trace_arrays(trace)
+    arrays["domain"] = np.array("code")  # 0-d: one workload per file, as hand-made traces often are
+    path = tmp_path / "code.npz"
+    path.write_bytes(write_npz(arrays))
+    loaded = Trace.load(path)
+    assert loaded.domain.shape == (trace.num_tokens,) and set(loaded.domain.tolist()) == {"code"}
+    assert loaded.request_domains().tolist() == ["code"] * trace.num_requests
+    assert loaded.where(domain="code").num_tokens == trace.num_tokens
+    built = Trace(experts=trace.experts, request=trace.request, phase=trace.phase, domain="code",
+                  num_experts=trace.num_experts, top_k=trace.top_k, model=trace.model)
+    assert np.array_equal(built.domain, loaded.domain)
+    loaded.save(tmp_path / "again.npz")
+    assert Trace.load(tmp_path / "again.npz") == loaded  # saved as one label per token
+    empty = Trace(experts=np.zeros((0, 1, 2)), request=[], phase=[], domain="code", num_experts=8, top_k=2)
+    assert empty.domain.shape == (0,)
+
+
+def test_errors_of_a_loaded_file_name_the_file_token_and_layer(tmp_path):
+    trace = random_trace(14)
+    arrays = trace_arrays(trace)
+    arrays["experts"] = arrays["experts"].copy()
+    arrays["experts"][5, 2, 1] = 8  # num_experts is 8: ids 0..7
+    path = tmp_path / "bad-ids.npz"
+    path.write_bytes(write_npz(arrays))
+    request = int(trace.request[5])
+    with pytest.raises(ValueError, match=rf"bad-ids\.npz.*token 5 \(request {request}\) has \[.*8\] in MoE layer 2"):
+        Trace.load(path)
+    arrays = trace_arrays(trace)
+    arrays["phase"] = np.full_like(arrays["phase"], 3)
+    path = tmp_path / "bad-phase.npz"
+    path.write_bytes(write_npz(arrays))
+    with pytest.raises(ValueError, match=r"trace file '.*bad-phase\.npz': phase values"):
+        Trace.load(path)
+    with pytest.raises(FileNotFoundError):
+        Trace.load(tmp_path / "missing.npz")

@@ -10,10 +10,26 @@ Activation Patterns", arXiv 2604.23150): for N tokens, L MoE layers and top-k ro
     phase[n]          0 = prefill (prompt token), 1 = decode (generated token), -1 = unknown
     domain[n]         a label of the request's workload ("code", "math", ...), or an empty array
 
-Everything downstream (analysis, placement, grouping, traffic) reads only this type. The file format is an
-.npz archive with exactly the arrays of ARCHITECTURE.md, readable by `numpy.load(path, allow_pickle=False)`.
-Loading trusts nothing: every dtype, shape, id range and metadata field is checked, object arrays and
-pickles are refused, and any damaged file raises ValueError naming what was wrong.
+Everything downstream (analysis, placement, grouping, traffic) reads only this type. The file is an .npz
+archive, readable by ``numpy.load(path, allow_pickle=False)``, holding exactly these arrays:
+
+| array         | dtype, shape             | meaning                                                         |
+|---------------|--------------------------|-----------------------------------------------------------------|
+| ``experts``   | int16 (N, L, k)          | expert ids of each token at each MoE layer; -1 = none           |
+| ``request``   | int32 (N,)               | request id of each token: 0..R-1, each request contiguous, in order |
+| ``phase``     | int8 (N,)                | 0 prefill, 1 decode, -1 unknown                                 |
+| ``domain``    | unicode (N,), () or (0,) | workload label of each token, constant within a request; a 0-d  |
+|               |                          | string labels every token (one workload per file); (0,) = none  |
+| ``weights``   | float16 (N, L, k), optional | routing weights                                              |
+| ``model``     | unicode ()               | the model's name (may be empty)                                 |
+| ``num_experts``, ``top_k`` | integer ()  | routed experts per MoE layer, experts chosen per token          |
+
+Only MoE layers belong in ``experts``: dense layers of models that interleave them (DeepSeek-V3's first
+layers, Llama 4) are left out, so axis 1 counts MoE layers. A 0-d ``domain`` is expanded to one label per
+token when loaded (and saved that way). Loading trusts nothing: every dtype, shape, id range and metadata
+field is checked, object arrays and pickles are refused, and any damaged file raises ValueError naming the
+file and what was wrong (for an expert id out of range: the token and layer). ``minimoe.traces.importers``
+converts serving-system logs (vLLM, SGLang, JSONL) to this format.
 """
 
 from __future__ import annotations
@@ -56,7 +72,7 @@ class Trace:
     experts: np.ndarray        # int16 (N, L, k): expert ids per token and MoE layer, -1 = none
     request: np.ndarray        # int32 (N,): request id of each token, dense 0..R-1, contiguous, in order
     phase: np.ndarray          # int8 (N,): 0 prefill, 1 decode, -1 unknown
-    domain: np.ndarray         # unicode (N,) or shape (0,) when unknown
+    domain: np.ndarray         # unicode (N,); a str (or 0-d array) labels every token; shape (0,) = unknown
     num_experts: int
     top_k: int
     model: str = ""
@@ -68,6 +84,8 @@ class Trace:
         self.request = _as_int("request", self.request, np.int32)
         self.phase = _as_int("phase", self.phase, np.int8)
         self.domain = np.zeros(0, "<U1") if self.domain is None else np.asarray(self.domain)
+        if self.domain.ndim == 0 and self.domain.dtype.kind == "U":  # one label for the whole trace
+            self.domain = np.full(self.experts.shape[0] if self.experts.ndim else 0, self.domain)
         if self.domain.size == 0 and self.domain.ndim == 1:
             self.domain = self.domain.astype("<U1")
         self.num_experts = _as_count("num_experts", self.num_experts)
@@ -117,7 +135,7 @@ class Trace:
             if getattr(self, name).shape != (n,):
                 raise ValueError(f"{name} must have shape ({n},) like experts, got {getattr(self, name).shape}")
         if self.domain.dtype.kind != "U" or self.domain.ndim != 1 or self.domain.shape[0] not in (0, n):
-            raise ValueError(f"domain must be a unicode array of shape ({n},) or (0,), "
+            raise ValueError(f"domain must be a unicode array of shape ({n},), a single string, or shape (0,), "
                              f"got dtype {self.domain.dtype} shape {self.domain.shape}")
         if self.weights is not None:
             if not isinstance(self.weights, np.ndarray) or self.weights.dtype != np.float16:
@@ -129,10 +147,12 @@ class Trace:
                 raise ValueError("weights must be finite (found NaN or inf, e.g. a value beyond float16 range)")
         if n == 0:
             return
-        low, high = int(self.experts.min()), int(self.experts.max())
-        if low < -1 or high >= self.num_experts:
-            raise ValueError(f"experts ids must be in [-1, num_experts-1={self.num_experts - 1}], "
-                             f"got range [{low}, {high}]")
+        outside = (self.experts < -1) | (self.experts >= self.num_experts)
+        if outside.any():
+            token, layer, _ = np.argwhere(outside)[0]
+            raise ValueError(f"experts ids must be in [-1, num_experts-1={self.num_experts - 1}]: token {token} "
+                             f"(request {self.request[token]}) has {self.experts[token, layer].tolist()} in MoE "
+                             f"layer {layer}; the whole trace spans [{self.experts.min()}, {self.experts.max()}]")
         ordered = np.sort(self.experts, axis=2)  # (N, L, k)
         repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
         if repeated.any():
@@ -247,7 +267,10 @@ class Trace:
 
     @classmethod
     def load(cls, path) -> Trace:
-        """Read and validate a trace file; any problem raises ValueError."""
+        """Read and validate a trace file (a path or a binary file object).
+
+        Raises FileNotFoundError for a missing path, and ValueError naming the file for anything else.
+        """
         arrays = _read_npz(path)
         missing = [name for name in _REQUIRED if name not in arrays]
         unknown = sorted(set(arrays) - set(_REQUIRED) - set(_OPTIONAL))
@@ -272,8 +295,14 @@ class Trace:
                 raise ValueError(f"trace file {_label(path)}: {name} must be a 0-d integer array, "
                                  f"got dtype {value.dtype} shape {value.shape}")
             meta[name] = int(value)
-        return cls(experts=arrays["experts"], request=arrays["request"], phase=arrays["phase"],
-                   domain=arrays["domain"], model=str(model), weights=arrays.get("weights"), **meta)
+        if arrays["domain"].ndim > 1:
+            raise ValueError(f"trace file {_label(path)}: domain must have shape (N,), () or (0,), "
+                             f"got {arrays['domain'].shape}")
+        try:
+            return cls(experts=arrays["experts"], request=arrays["request"], phase=arrays["phase"],
+                       domain=arrays["domain"], model=str(model), weights=arrays.get("weights"), **meta)
+        except ValueError as error:
+            raise ValueError(f"trace file {_label(path)}: {error}") from None
 
 
 def _label(path) -> str:
