@@ -1,0 +1,165 @@
+"""The soft-prompt compressor: base LM + LoRA + k learned memory tokens -> k embeddings a frozen LM reads.
+
+ICAE (Ge et al. 2024, "In-context Autoencoder for Context Compression in a Large Language Model"):
+
+    encoder:  h = LM_lora( layout(embed(context) (B, n, H), memory (k, H)) ; mask, position_ids )   (B, S, H)
+              memory_out = h[:, memory slots]                                                      (B, k, H)
+    decoder:  logits = LM( [embed(bos), memory_out, embed(prompt), embed(target)] )   the same LM, adapters off
+    loss:     cross-entropy of the target tokens only
+
+Only the LoRA matrices (peft; Hu et al. 2022, "LoRA: Low-Rank Adaptation of Large Language Models") and the
+memory embeddings train; the base weights are frozen and shared by encoder and decoder (the decoder runs
+with the adapters disabled). ``h`` is the output of the final RMSNorm (the last hidden state transformers
+returns). The mask and position ids come from ``minimoe.compress.masks`` and are the only thing that differs
+between ICAE-global and PIC.
+
+500xCompressor (Li et al. 2025, "500xCompressor: Generalized Prompt Compression for Large Language Models")
+hands the decoder the memory tokens' keys and values of every layer instead of the last hidden states:
+``memory_cache`` returns them as a ``KVCache`` the frozen decoder continues from.
+
+``encode_chunk_by_chunk`` is the readable reference for PIC: it compresses one chunk at a time, carrying the
+memory of earlier chunks as keys/values in a cache; the single masked pass of ``encode`` must agree with it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minimoe.compress.masks import MEMORY, TEXT, Layout
+from minimoe.model.dense import KVCache, rope_cos_sin
+from minimoe.model.transformer import Transformer
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask (True = may read) -> float mask added to the attention scores (0 or the most negative float)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def final_hidden(model: Transformer, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    """The model's blocks and final RMSNorm without the LM head: (B, T, H) -> (B, T, H).
+
+    attention_mask: bool (B or 1, 1, T, past + T) or None (causal); position_ids int (B or 1, T).
+    """
+    b, t, _ = inputs_embeds.shape
+    past = cache.length if cache is not None else 0
+    if past + t > model.config.max_seq_len:
+        raise ValueError(f"{past + t} positions are longer than the model's max_seq_len={model.config.max_seq_len}")
+    position_ids = position_ids.to(inputs_embeds.device).expand(b, t)
+    cos, sin = rope_cos_sin(model.inv_freq, position_ids, inputs_embeds.dtype)  # (B, T, head_dim)
+    mask = None if attention_mask is None else additive_mask(attention_mask.to(inputs_embeds.device),
+                                                              inputs_embeds.dtype)
+    x = inputs_embeds
+    for layer in model.layers:
+        x = layer(x, cos, sin, mask, cache)
+    if cache is not None:
+        cache.advance(t)
+    return model.norm(x)
+
+
+class Compressor(nn.Module):
+    """Compress a context (B, n) into ``num_memory`` embeddings (B, k, H) for the frozen ``base`` to read.
+
+    base: a minimoe ``Transformer`` (its weights are frozen in place); lora_rank / lora_alpha: the peft
+    ``LoraConfig`` on ``target_modules`` of every block; seed: initialises the memory embeddings
+    (normal, std = the base embedding's std). Trainable: LoRA A/B and ``memory`` (k, H).
+    """
+
+    def __init__(self, base: Transformer, num_memory: int, lora_rank: int = 8, lora_alpha: float = 16.0,
+                 target_modules=LORA_TARGETS, seed: int = 0):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        if isinstance(num_memory, bool) or not isinstance(num_memory, int) or num_memory < 1:
+            raise ValueError(f"num_memory must be a positive int, got {num_memory!r}")
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+            raise ValueError(f"lora_rank must be a positive int, got {lora_rank!r}")
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(target_modules))
+        self.peft = get_peft_model(base, config)  # LoRA layers injected into `base` in place
+        self.base = base
+        self.num_memory = num_memory
+        generator = torch.Generator().manual_seed(seed)
+        std = float(base.embed.weight.detach().float().std())
+        weight = torch.randn(num_memory, base.config.hidden_size, generator=generator) * std
+        self.memory = nn.Parameter(weight.to(base.embed.weight.device, base.embed.weight.dtype))  # (k, H)
+
+    # ---- encoder -------------------------------------------------------------------------------------
+    def _check(self, context_ids: torch.Tensor, layout: Layout) -> None:
+        if context_ids.ndim != 2 or context_ids.is_floating_point():
+            raise ValueError(f"context_ids must be an integer tensor (B, n), got {tuple(context_ids.shape)}")
+        if context_ids.shape[1] != layout.num_text or layout.num_memory != self.num_memory:
+            raise ValueError(f"the layout holds {layout.num_text} text and {layout.num_memory} memory tokens; got a "
+                             f"context of {context_ids.shape[1]} tokens and a compressor of {self.num_memory}")
+        size, limit = layout.kind.numel(), self.base.config.max_seq_len
+        if size > limit:
+            raise ValueError(f"context ({layout.num_text}) + memory ({layout.num_memory}) = {size} slots, longer than "
+                             f"the model's max_seq_len={limit}")
+        if int(layout.position_ids.max()) >= limit:
+            raise ValueError(f"the layout uses position {int(layout.position_ids.max())}, beyond the model's "
+                             f"max_seq_len={limit}")
+
+    def _laid_out(self, context_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """(B, S, H): the text embeddings and the memory embeddings in the layout's slot order."""
+        b = context_ids.shape[0]
+        text = self.base.embed(context_ids)  # (B, n, H)
+        memory = self.memory[None].expand(b, -1, -1).to(text.dtype)  # (B, k, H)
+        stacked = torch.cat([text, memory], dim=1)  # (B, n + k, H): text first, then memory
+        order = torch.where(layout.kind == MEMORY, layout.source + layout.num_text, layout.source)  # slot -> row
+        return stacked[:, order.to(stacked.device)]
+
+    def encode(self, context_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """One masked pass: context (B, n) int -> memory embeddings (B, k, H), in memory-token order."""
+        self._check(context_ids, layout)
+        h = final_hidden(self.base, self._laid_out(context_ids, layout), layout.attention_mask, layout.position_ids)
+        return h[:, layout.slots(MEMORY).to(h.device)]  # (B, k, H)
+
+    def memory_cache(self, context_ids: torch.Tensor, layout: Layout, extra: int) -> tuple[KVCache, int]:
+        """500xCompressor: the memory tokens' keys/values of every layer, in a cache with room for ``extra``
+        more tokens, and the position the decoder continues at (one past the layout's largest)."""
+        self._check(context_ids, layout)
+        b, size = context_ids.shape[0], layout.kind.numel()
+        full = self.base.new_cache(b, size)
+        final_hidden(self.base, self._laid_out(context_ids, layout), layout.attention_mask, layout.position_ids, full)
+        keep = layout.slots(MEMORY).to(context_ids.device)
+        cache = self.base.new_cache(b, self.num_memory + extra)
+        for layer in range(len(cache.keys)):
+            cache.keys[layer][:, :, :self.num_memory] = full.keys[layer][:, :, keep]
+            cache.values[layer][:, :, :self.num_memory] = full.values[layer][:, :, keep]
+        cache.length = self.num_memory
+        return cache, int(layout.position_ids.max()) + 1
+
+    def encode_chunk_by_chunk(self, context_ids: torch.Tensor, layout: Layout, mem_sees_prev_mem: bool) -> torch.Tensor:
+        """The reference loop for a PIC layout: chunk j's text and memory run in one forward call whose cache
+        holds only earlier chunks' memory keys/values; its text keys/values are dropped afterwards."""
+        self._check(context_ids, layout)
+        b = context_ids.shape[0]
+        text = self.base.embed(context_ids)  # (B, n, H)
+        cache = self.base.new_cache(b, layout.kind.numel())
+        outputs = []
+        for j in range(int(layout.chunk.max()) + 1):
+            text_slots = torch.nonzero((layout.chunk == j) & (layout.kind == TEXT)).squeeze(1)
+            memory_slots = torch.nonzero((layout.chunk == j) & (layout.kind == MEMORY)).squeeze(1)
+            length, count, past = len(text_slots), len(memory_slots), cache.length
+            x = torch.cat([text[:, layout.source[text_slots]],
+                           self.memory[layout.source[memory_slots]][None].expand(b, -1, -1).to(text.dtype)], dim=1)
+            positions = layout.position_ids[:, torch.cat([text_slots, memory_slots])]  # (1, L + m)
+            mask = torch.ones(length + count, past + length + count, dtype=torch.bool).tril(past)  # causal
+            mask[:length, :past] = False  # text never reads earlier memory
+            mask[length:, :past] = mem_sees_prev_mem  # memory reads earlier memory if allowed
+            h = final_hidden(self.base, x, mask[None, None].to(x.device), positions, cache)
+            outputs.append(h[:, length:])  # (B, m, H)
+            for layer in range(len(cache.keys)):  # keep this chunk's memory keys/values, drop its text
+                for store in (cache.keys[layer], cache.values[layer]):
+                    store[:, :, past:past + count] = store[:, :, past + length:past + length + count].clone()
+            cache.length = past + count
+        return torch.cat(outputs, dim=1)  # (B, k, H)
+
+    # ---- decoder -------------------------------------------------------------------------------------
+    def decoder(self):
+        """Context manager: inside it, ``self.base`` is the frozen base LM (LoRA adapters off)."""
+        return self.peft.disable_adapter()

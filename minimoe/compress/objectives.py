@@ -1,0 +1,102 @@
+"""Training objectives and answer generation for a compressor whose output a frozen decoder reads.
+
+Every objective is one (context, prompt, target) triple (ICAE, Ge et al. 2024, §3): the compressor turns the
+context into memory, the frozen decoder reads ``[bos, memory, prompt]`` and is scored on ``target``:
+
+    autoencoding   context = x,        prompt = an "repeat" cue,   target = x + [eos]   (reconstruct the context)
+    continuation   context = x[:c],    prompt = [],                target = x[c:]       (language modelling)
+    QA             context = document, prompt = question,          target = answer + [eos]
+
+    loss = - mean over target tokens of log p_decoder(target_t | bos, memory, prompt, target_<t)
+
+Only the decoder's *inputs* change between objectives, never its weights. Sequences of different lengths are
+right-padded for training (causal attention never reads the padding after a token) and left-padded for
+generation (positions count real slots only, as transformers' ``generate`` does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minimoe.model.transformer import Transformer, lm_loss
+
+IGNORE = -100
+
+
+def autoencoding_example(context: list[int], cue: list[int], eos_id: int) -> tuple[list[int], list[int], list[int]]:
+    """(context, prompt, target) asking the decoder to reproduce the context after a cue."""
+    return list(context), list(cue), list(context) + [eos_id]
+
+
+def continuation_example(tokens: list[int], split: int) -> tuple[list[int], list[int], list[int]]:
+    """(tokens[:split], [], tokens[split:]): continue the text the memory stands for."""
+    if not 0 < split < len(tokens):
+        raise ValueError(f"split must lie inside the {len(tokens)} tokens, got {split}")
+    return list(tokens[:split]), [], list(tokens[split:])
+
+
+def qa_example(context: list[int], question: list[int], answer: list[int], eos_id: int):
+    """(context, question, answer + [eos])."""
+    return list(context), list(question), list(answer) + [eos_id]
+
+
+def decoder_loss(model: Transformer, prefix: torch.Tensor, prompts: list[list[int]], targets: list[list[int]],
+                 pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy of ``targets`` for a decoder reading ``prefix`` (B, P, H) embeddings, then the prompt.
+
+    prefix: what replaces the context (``[bos, memory]``, ``[bos, context]`` embedded, or just ``[bos]``).
+    """
+    if len(prompts) != prefix.shape[0] or len(targets) != prefix.shape[0]:
+        raise ValueError(f"need one prompt and one target per row: {prefix.shape[0]} rows, {len(prompts)} prompts, "
+                         f"{len(targets)} targets")
+    b, p = prefix.shape[:2]
+    longest = max(len(q) + len(t) for q, t in zip(prompts, targets))
+    ids = torch.full((b, longest), pad_id, dtype=torch.long)
+    labels = torch.full((b, p + longest), IGNORE, dtype=torch.long)
+    for row, (prompt, target) in enumerate(zip(prompts, targets)):
+        ids[row, :len(prompt) + len(target)] = torch.tensor(prompt + target)
+        labels[row, p + len(prompt):p + len(prompt) + len(target)] = torch.tensor(target)
+    device = prefix.device
+    x = torch.cat([prefix, model.embed(ids.to(device)).to(prefix.dtype)], dim=1)  # (B, P + T, H)
+    logits = model(inputs_embeds=x)  # (B, P + T, V)
+    return lm_loss(logits.float(), labels.to(device), ignore_index=IGNORE)  # shift: logits[t] predicts label[t+1]
+
+
+@torch.no_grad()
+def greedy_from_embeds(model: Transformer, prefixes: list[torch.Tensor], max_new_tokens: int,
+                       stop_ids: set[int]) -> list[list[int]]:
+    """Greedy continuations of a batch of embedded prompts (each (P_i, H)), left-padded, with a KV cache.
+
+    Returns the generated ids of every row, cut before the first id in ``stop_ids``.
+    """
+    b, longest = len(prefixes), max(len(prefix) for prefix in prefixes)
+    total = longest + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {total} positions exceed "
+                         f"max_seq_len={model.config.max_seq_len}")
+    first = prefixes[0]
+    x = first.new_zeros(b, longest, first.shape[-1])  # (B, P, H), left-padded
+    attention = torch.zeros(b, longest, dtype=torch.long, device=first.device)
+    for row, prefix in enumerate(prefixes):
+        x[row, longest - len(prefix):] = prefix
+        attention[row, longest - len(prefix):] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, P): real slots count from 0
+    cache = model.new_cache(b, total)
+    cache.keys = [k.to(x.dtype) for k in cache.keys]
+    cache.values = [v.to(x.dtype) for v in cache.values]
+    mask = None if bool(attention.all()) else attention
+    logits = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, cache=cache, last_only=True)
+    generated = []
+    for _ in range(max_new_tokens):
+        next_ids = logits[:, -1].argmax(-1)  # (B,)
+        generated.append(next_ids)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = model(next_ids[:, None], attention_mask=mask, position_ids=positions, cache=cache)
+    rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(b)]
+    out = []
+    for row in rows:
+        cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+        out.append(row[:cut])
+    return out
