@@ -54,8 +54,8 @@ def test_from_vllm_keeps_only_moe_layers_and_drops_empty_requests():
     (dict(routed_experts=[np.zeros((2, 3), int)]), "routed_experts\\[0\\]"),
     (dict(routed_experts=[np.zeros((2, 3, 2), float)]), "integer"),
     (dict(routed_experts=[np.zeros((2, 3, 2), int), np.zeros((2, 4, 2), int)]), "routed_experts\\[1\\]"),
-    (dict(routed_experts=[np.full((2, 3, 2), 16)]), "experts ids"),
-    (dict(routed_experts=[np.zeros((2, 3, 2), int)]), "repeats"),
+    (dict(routed_experts=[np.full((2, 3, 2), 16)]), r"routed_experts\[0\] row 0, layer 0 holds \[16, 16\]"),
+    (dict(routed_experts=[np.zeros((2, 3, 2), int)]), r"repeats an expert id: \[0, 0\] \(all 0: SGLang and vLLM"),
     (dict(routed_experts=[np.array([[[0, 1]]])], prompt_lengths=[2]), "prompt_lengths"),
     (dict(routed_experts=[np.array([[[0, 1]]])], domains=["a", "b"]), "domains"),
     (dict(routed_experts=[np.array([[[0, 1]]])], moe_layers=[1]), "moe_layers"),
@@ -100,8 +100,8 @@ def test_from_jsonl_round_trip(tmp_path):
 @pytest.mark.parametrize("line, message", [
     ("{not json", "line 1: not valid JSON"),
     ("[" * 100000, "line 1: not valid JSON"),
-    ('[1, 2]', "line 1: expected an object"),
-    ('{"request": 0}', "line 1: expected an object"),
+    ('[1, 2]', "line 1: expected a JSON object"),
+    ('{"request": 0}', "line 1: no 'experts' field"),
     ('{"request": 0, "experts": [[1, 2]], "colour": 1}', "unknown keys"),
     ('{"request": true, "experts": [[1, 2]]}', "request must be"),
     ('{"request": 0, "experts": [1, 2]}', "per-layer lists"),
@@ -164,3 +164,96 @@ def test_from_sglang_decodes_base64_and_drops_dense_layers():
         from_sglang(["@@@"], num_layers=3, top_k=2, num_experts=16)
     with pytest.raises(ValueError, match="multiple of"):
         from_sglang([np.zeros(5, np.int32)], num_layers=3, top_k=2, num_experts=16)
+
+
+# ---- dense layers that arrive as 0, not -1 (SGLang and vLLM capture buffers start as zeros) --------------------
+def zero_dense_layer(top_k=1):
+    """4 tokens, 2 layers: layer 0 is dense (never written: all 0), layer 1 routes to [3, 5, 7, 1] (+ 2, 4, ...)."""
+    rows = np.zeros((4, 2, top_k), np.int32)
+    rows[:, 1, 0] = [3, 5, 7, 1]
+    if top_k == 2:
+        rows[:, 1, 1] = [2, 4, 6, 0]
+    return rows
+
+
+def b64(array, dtype="<i4"):
+    import base64
+    return base64.b64encode(np.asarray(array).astype(dtype).tobytes()).decode()
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_sglang_dense_layer_of_zeros_is_dropped_when_told_and_named_when_not(top_k):
+    rows = zero_dense_layer(top_k)
+    payload = b64(rows)
+    told = from_sglang([payload], num_layers=2, top_k=top_k, num_experts=8, moe_layers=[1])
+    assert told.num_layers == 1 and told.experts[:, 0].tolist() == rows[:, 1].tolist()
+    assert told.experts[:, 0, 0].tolist() == [3, 5, 7, 1]
+    for moe_layers in ("auto", None):  # guessing is refused, and the error names the cause
+        with pytest.raises(ValueError, match="dense layer") as error:
+            from_sglang([payload], num_layers=2, top_k=top_k, num_experts=8, moe_layers=moe_layers)
+        assert "zero-filled buffers" in str(error.value) and "moe_layers" in str(error.value)
+    if top_k == 1:  # asked to keep it, the degenerate layer is kept as routing
+        kept = from_sglang([payload], num_layers=2, top_k=1, num_experts=8, keep_degenerate=True)
+        assert kept.num_layers == 2 and (kept.experts[:, 0] == 0).all()
+
+
+def test_vllm_dense_layers_zero_or_minus_one_and_degenerate_routing():
+    rows = zero_dense_layer()
+    requests = [rows[:3], rows[3:]]  # the degenerate check looks at all requests together
+    with pytest.raises(ValueError, match="cannot tell whether layer 0 is a dense layer"):
+        from_vllm(requests, num_experts=8, moe_layers="auto")
+    with pytest.raises(ValueError, match="layer 0: every one of the 4 tokens has expert ids \\[0\\]"):
+        from_vllm(requests, num_experts=8)
+    trace = from_vllm([r.astype(np.uint8) for r in requests], num_experts=8, moe_layers=[1])  # vLLM's uint8 ids
+    assert trace.experts[:, 0, 0].tolist() == [3, 5, 7, 1] and trace.request.tolist() == [0, 0, 0, 1]
+    marked = rows.copy()
+    marked[:, 0] = -1  # an explicit "no expert": auto drops it, keeping every layer refuses it
+    assert from_vllm([marked], num_experts=8, moe_layers="auto") == from_vllm([marked], num_experts=8, moe_layers=[1])
+    with pytest.raises(ValueError, match="layer 0 holds no expert id"):
+        from_vllm([marked], num_experts=8)
+    collapsed = rows.copy()
+    collapsed[:, 1] = 6  # a router that sent every token to expert 6
+    with pytest.raises(ValueError, match="keep_degenerate=True"):
+        from_vllm([collapsed], num_experts=8, moe_layers=[1])
+    assert (from_vllm([collapsed], num_experts=8, moe_layers=[1], keep_degenerate=True).experts == 6).all()
+    with pytest.raises(ValueError, match="moe_layers must be distinct"):
+        from_vllm([rows], num_experts=8, moe_layers=[1, 1])
+
+
+# ---- narrow wire dtypes -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_narrow_wire_dtypes_decode_when_named_and_errors_say_which_dtype_was_assumed(dtype):
+    trace, prompt, _ = reference(5, num_layers=2, num_experts=16)
+    starts, ends = trace.request_ranges()
+    arrays = [trace.experts[s:e] for s, e in zip(starts, ends)]
+    payloads = [b64(a, "<" + np.dtype(dtype).str[1:]) for a in arrays]
+    imported = from_sglang(payloads, num_layers=2, top_k=2, num_experts=16, prompt_lengths=prompt, dtype=dtype,
+                           moe_layers=None)
+    assert np.array_equal(imported.experts, trace.experts) and np.array_equal(imported.phase, trace.phase)
+    as_meta = [{"routed_experts": p, "routed_experts_dtype": dtype} for p in payloads]  # the dtype travels along
+    assert from_sglang(as_meta, num_layers=2, top_k=2, num_experts=16, prompt_lengths=prompt, moe_layers=None) \
+        == imported
+    with pytest.raises(ValueError, match=f"says routed_experts_dtype='{dtype}', but dtype='int32'"):
+        from_sglang(as_meta, num_layers=2, top_k=2, num_experts=16, dtype="int32")
+    with pytest.raises(ValueError, match=r"payloads\[0\].*(decoded as int32|int32 values).*dtype="):
+        from_sglang(payloads[:1], num_layers=2, top_k=2, num_experts=16, moe_layers=None)
+
+
+def test_wire_dtype_errors():
+    with pytest.raises(ValueError, match=r"payloads\[0\] decoded as int32: token 0, layer 0 holds \[16843009, 16843009\]"):
+        from_sglang([b64(np.ones(8, np.uint8), "u1")], num_layers=1, top_k=2, num_experts=16)
+    with pytest.raises(ValueError, match="3 bytes, not a whole number of uint16 values"):
+        from_sglang([b64([1, 2, 3], "u1")], num_layers=1, top_k=1, num_experts=16, dtype="uint16")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        from_sglang([b64([1], "u1")], num_layers=1, top_k=1, num_experts=16, dtype="float32")
+    with pytest.raises(ValueError, match="or -1 written in an unsigned dtype"):
+        from_sglang([b64([255, 1], "u1")], num_layers=1, top_k=2, num_experts=16, dtype="uint8")
+    with pytest.raises(ValueError, match="dict without 'routed_experts'"):
+        from_sglang([{"prompt_tokens": 3}], num_layers=1, top_k=1, num_experts=16)
+
+
+def test_one_domain_label_for_every_request():
+    trace, prompt, _ = reference(6)
+    starts, ends = trace.request_ranges()
+    imported = from_vllm([trace.experts[s:e] for s, e in zip(starts, ends)], num_experts=16, domains="code")
+    assert imported.has_domain and set(imported.domain.tolist()) == {"code"}

@@ -1,14 +1,16 @@
 """Expert-activation traces: which experts each token used, in every MoE layer, prefill and decode.
 
 ``format`` defines the ``Trace`` type and its strict ``.npz`` file format (it knows nothing of models);
-``recording`` records traces from minimoe and transformers MoE models; ``importers`` converts vLLM, SGLang and
-JSONL routing logs; ``workload`` is the bundled model's multi-domain workload; ``synthetic`` makes traces with
-known structure; ``analysis`` and ``findings`` measure imbalance, domain specificity and how well prefill
-predicts decode. Chapter 4 teaches this part.
+``recording`` records traces from minimoe and transformers MoE models; ``importers`` converts vLLM and SGLang
+routed-experts captures, ``importers_jsonl`` JSONL routing logs, and ``convert`` (the ``minimoe import``
+command) any of them to a trace file; ``workload`` is the bundled model's multi-domain workload; ``synthetic``
+makes traces with known structure; ``analysis`` and ``findings`` measure imbalance, domain specificity and
+how well prefill predicts decode. Chapter 4 teaches this part.
 """
 
 from minimoe.traces.format import PHASES, Trace, concat
-from minimoe.traces.importers import from_jsonl, from_sglang, from_vllm
+from minimoe.traces.importers import from_sglang, from_vllm
+from minimoe.traces.importers_jsonl import from_jsonl
 from minimoe.traces.recording import record
 from minimoe.traces.synthetic import planted_trace, synthetic_trace
 from minimoe.traces.workload import BUNDLED_MODEL, bundled_trace

@@ -1,51 +1,59 @@
-"""Importers: routing records written by serving systems, converted to a minimoe `Trace`.
+"""Importers: the routed-experts arrays of serving systems, converted to a minimoe `Trace`.
 
 1. vLLM routed experts (`enable_return_routed_experts=True`, the "rollout router replay" capture). For each
    request vLLM returns one integer array `routed_experts` of shape (S - 1, num_layers, top_k): S is the
    prompt length plus the number of generated tokens, and the last generated token has no row because it was
    never fed back through the model. Rows 0..P-1 are the prompt (prefill), rows P.. the decode steps.
-   `from_vllm` takes the list of those arrays. Which layers are MoE layers is the caller's knowledge
-   (`moe_layers`): a model with dense first layers (DeepSeek-V3 `first_k_dense_replace`) or interleaved
-   dense/MoE layers (Llama 4) may report rows for every layer; only the MoE ones belong in a trace.
+   `from_vllm` takes the list of those arrays, in any integer dtype (vLLM picks uint8 for up to 256 experts).
 
-2. SGLang `return_routed_experts`: `meta_info["routed_experts"]` is a base64 string of int32 values ordered
-   (token, layer, slot); non-MoE layers hold -1. `from_sglang` decodes and reshapes each payload to
-   (tokens, num_layers, top_k) and hands over to `from_vllm` (with moe_layers="auto" by default).
+2. SGLang `return_routed_experts`: `meta_info["routed_experts"]` is a base64 string of the same values,
+   flattened in (token, layer, slot) order. The wire dtype is int32 unless the producer says otherwise (a
+   proposed SGLang option writes uint16 or uint8 and names it in `meta_info["routed_experts_dtype"]`).
+   `from_sglang` decodes each payload with that dtype, reshapes it to (tokens, num_layers, top_k) and hands
+   over to `from_vllm`. An error about a payload always says which dtype it was decoded as.
 
-3. JSONL routing logs, one JSON object per line and token:
+Dense layers. Both systems capture into buffers that start as zeros and that only MoE layers write, so a
+model with dense layers (DeepSeek-V3's first `first_k_dense_replace` layers, Llama 4's interleaved ones)
+reports them as rows of **0**, not -1: "every token chose expert 0". Nothing in the values tells such a
+layer from a router that really sent every token to expert 0, so the importers never guess:
 
-       {"request": 7, "phase": "decode", "domain": "math", "position": 12,
-        "experts": [[3, 17], [5, 1], ...], "weights": [[0.61, 0.39], [0.7, 0.3], ...]}
+    moe_layers=[...]     the MoE layers, by index into axis 1 (the model config knows them): the safe choice
+    moe_layers="auto"    drop the layers that hold only -1 (an explicit "no expert"); a layer where every
+                         token has the same ids (all 0 included) is ambiguous and raises ValueError
+    moe_layers=None      keep every layer
+and, whichever is chosen, a kept layer whose routing is degenerate (at least two tokens, every token the same
+ids) is refused unless `keep_degenerate=True`; a row that repeats an id (top-k > 1 over a zero-filled
+layer) is refused with that cause named. With a single token and top-1, a zero-filled layer cannot be told
+from routing: pass `moe_layers`.
 
-   request   int or str, required: requests may interleave in the file (as a server batches them); each
-             request's tokens are gathered in order of first appearance of the request
-   experts   required: one list of expert ids per MoE layer (shorter lists are padded with -1)
-   phase     optional: "prefill" / "decode" / "unknown" or 0 / 1 / -1 (default unknown)
-   domain    optional str: if any line has one, every line must
-   position  optional int: orders tokens within a request (default: order of lines)
-   weights   optional: same nesting as experts; if any line has weights, every line must
-   Blank lines are skipped; any other malformed line raises ValueError naming its line number.
+Routing logs written as text (JSONL) are read by `minimoe.traces.importers_jsonl`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 
 import numpy as np
 
-from minimoe.traces.format import PHASES, Trace, _as_count
+from minimoe.traces.format import Trace, _as_count
+
+DENSE_LAYER_CAUSE = ("SGLang and vLLM capture routed experts into zero-filled buffers that dense layers never "
+                     "write, so a dense layer arrives as expert 0 for every token")
 
 
 def from_vllm(routed_experts, num_experts: int, prompt_lengths=None, domains=None, moe_layers=None,
-              model: str = "") -> Trace:
-    """Requests' vLLM `routed_experts` arrays, each (S-1, num_layers, top_k), as one Trace (request r = index r).
+              keep_degenerate: bool = False, model: str = "") -> Trace:
+    """Requests' vLLM `routed_experts` arrays as one Trace (request r = array r; arrays without rows vanish).
 
-    prompt_lengths: tokens of each request's prompt (rows before it are prefill, after it decode); None marks
-    every phase unknown. domains: one label per request or None. moe_layers: layer indices to keep (axis 1),
-    None = all, "auto" = the layers holding at least one expert id (dense layers reported as all -1 go).
+    routed_experts: one integer array (S-1, num_layers, top_k) per request, any integer dtype.
+    num_experts: routed experts per MoE layer. prompt_lengths: (R,) ints, the prompt rows of each request
+    (rows before it are prefill, after it decode); None marks every phase unknown. domains: one label per
+    request, a single str for all, or None. moe_layers: a list of layer indices to keep, "auto" or None
+    (see the module docstring for dense layers); keep_degenerate: keep a layer where every token has the same
+    ids. Raises ValueError naming the request, row and layer of a bad value.
     """
+    num_experts = _as_count("num_experts", num_experts)
     arrays = [np.asarray(a) for a in routed_experts]
     if not arrays:
         raise ValueError("routed_experts is empty: expected one array per request")
@@ -56,16 +64,15 @@ def from_vllm(routed_experts, num_experts: int, prompt_lengths=None, domains=Non
         if array.shape[1:] != arrays[0].shape[1:]:
             raise ValueError(f"routed_experts[{index}] has (layers, top_k) = {array.shape[1:]}, "
                              f"request 0 has {arrays[0].shape[1:]}")
+        outside = (array < -1) | (array >= num_experts)
+        if outside.any():
+            row, layer, _ = np.argwhere(outside)[0]
+            raise ValueError(f"routed_experts[{index}] row {row}, layer {layer} holds {array[row, layer].tolist()}: "
+                             f"expert ids must be in [-1, num_experts-1={num_experts - 1}]")
     lengths = np.array([a.shape[0] for a in arrays])
-    experts = np.concatenate(arrays)  # (N, num_layers, top_k)
-    if isinstance(moe_layers, str) and moe_layers == "auto":
-        moe_layers = np.flatnonzero((experts >= 0).any(axis=(0, 2)))
-    if moe_layers is not None:
-        layer_ids = np.asarray(moe_layers)
-        if layer_ids.ndim != 1 or layer_ids.dtype.kind not in "iu" or layer_ids.size == 0 or \
-                layer_ids.min() < 0 or layer_ids.max() >= experts.shape[1]:
-            raise ValueError(f"moe_layers must be layer indices in [0, {experts.shape[1]}), got {moe_layers!r}")
-        experts = experts[:, layer_ids]
+    experts = np.concatenate([a.astype(np.int64) for a in arrays])  # (N, num_layers, top_k)
+    experts = experts[:, _moe_layer_ids(experts, moe_layers, keep_degenerate)]
+    _check_rows(experts, lengths, keep_degenerate)
     phase = np.full(len(experts), -1, np.int8)
     if prompt_lengths is not None:
         prompt_lengths = np.asarray(prompt_lengths)
@@ -76,7 +83,9 @@ def from_vllm(routed_experts, num_experts: int, prompt_lengths=None, domains=Non
         position = np.arange(len(experts)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         phase[:] = position >= np.repeat(prompt_lengths, lengths)
     domain = None
-    if domains is not None:
+    if isinstance(domains, str):
+        domain = domains  # one label for every token
+    elif domains is not None:
         if len(domains) != len(arrays):
             raise ValueError(f"domains must have one label per request ({len(arrays)}), got {len(domains)}")
         domain = np.repeat(np.asarray(domains, dtype=str), lengths)
@@ -86,109 +95,133 @@ def from_vllm(routed_experts, num_experts: int, prompt_lengths=None, domains=Non
                  top_k=experts.shape[2], model=model)
 
 
+def _degenerate(layer: np.ndarray) -> bool:
+    """Whether at least two tokens and all of them carry the same ids: layer (N, k)."""
+    return layer.shape[0] >= 2 and bool((layer == layer[:1]).all())
+
+
+def _moe_layer_ids(experts: np.ndarray, moe_layers, keep_degenerate: bool) -> np.ndarray:
+    """The indices (axis 1 of experts (N, L, k)) of the layers to keep."""
+    num_layers = experts.shape[1]
+    if isinstance(moe_layers, str) and moe_layers == "auto":
+        ids = []
+        for layer in range(num_layers):
+            values = experts[:, layer]
+            if values.size and (values == -1).all():
+                continue  # the explicit "no expert" marker: a dense layer
+            if not keep_degenerate and values.size and (_degenerate(values) or not values.any()):
+                raise ValueError(
+                    f"moe_layers='auto' cannot tell whether layer {layer} is a dense layer: every token has expert "
+                    f"ids {values[0].tolist()} ({DENSE_LAYER_CAUSE}); pass moe_layers=[...] listing the MoE layers, "
+                    "or keep_degenerate=True if this really is the routing")
+            ids.append(layer)
+        if not ids:
+            raise ValueError(f"moe_layers='auto' found no MoE layer: all {num_layers} layers hold only -1")
+        return np.array(ids)
+    if moe_layers is None:
+        return np.arange(num_layers)
+    if isinstance(moe_layers, str):
+        raise ValueError(f"moe_layers must be a list of layer indices, 'auto' or None, got {moe_layers!r}")
+    ids = np.asarray(moe_layers)
+    if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= num_layers \
+            or len(set(ids.tolist())) != ids.size:
+        raise ValueError(f"moe_layers must be distinct layer indices in [0, {num_layers}), got {moe_layers!r}")
+    return ids
+
+
+def _check_rows(experts: np.ndarray, lengths: np.ndarray, keep_degenerate: bool) -> None:
+    """Refuse kept layers that cannot be routing: all -1, repeated ids in a row, or (unless kept) degenerate."""
+    starts = np.cumsum(lengths) - lengths
+
+    def where(token: int) -> str:
+        request = int(np.searchsorted(starts, token, side="right")) - 1
+        while lengths[request] == 0:
+            request -= 1
+        return f"routed_experts[{request}] row {token - starts[request]}"
+
+    for layer in range(experts.shape[1]):
+        values = experts[:, layer]  # (N, k)
+        if values.size == 0:
+            continue
+        if (values == -1).all():
+            raise ValueError(f"layer {layer} holds no expert id (all -1): a dense layer; leave it out with "
+                             "moe_layers=[...] or moe_layers='auto'")
+        ordered = np.sort(values, axis=1)
+        repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(axis=1)
+        if repeated.any():
+            token = int(np.flatnonzero(repeated)[0])
+            zeros = " (all 0: " + DENSE_LAYER_CAUSE + "; list the MoE layers in moe_layers)" \
+                if not values[token].any() else ""
+            raise ValueError(f"{where(token)}, layer {layer} repeats an expert id: {values[token].tolist()}{zeros}; "
+                             "top-k ids must be distinct")
+        if _degenerate(values) and not keep_degenerate:
+            raise ValueError(f"layer {layer}: every one of the {len(values)} tokens has expert ids "
+                             f"{values[0].tolist()}; this is a dense layer if the ids are all 0 ({DENSE_LAYER_CAUSE}) "
+                             "or a collapsed router: leave it out with moe_layers=[...], or pass keep_degenerate=True")
+
+
+WIRE_DTYPES = ("int32", "int16", "uint16", "uint8", "int64")
+
+
+def _wire_dtype(name) -> np.dtype:
+    if str(name) not in WIRE_DTYPES:
+        raise ValueError(f"dtype must be one of {WIRE_DTYPES} (the payload's integer wire dtype), got {name!r}")
+    return np.dtype(str(name)).newbyteorder("<")
+
+
 def from_sglang(payloads, num_layers: int, top_k: int, num_experts: int, prompt_lengths=None, domains=None,
-                moe_layers="auto", model: str = "") -> Trace:
-    """SGLang routed-experts payloads (base64 int32, or already-decoded arrays), one per request, as a Trace."""
+                moe_layers="auto", keep_degenerate: bool = False, dtype: str | None = None,
+                model: str = "") -> Trace:
+    """SGLang routed-experts payloads, one per request, as a Trace.
+
+    A payload is a base64 string (or bytes), an already-decoded integer array, or SGLang's ``meta_info`` dict
+    holding ``routed_experts`` (and optionally ``routed_experts_dtype``). dtype: the wire dtype of base64
+    payloads, one of WIRE_DTYPES, little-endian; None = the payload's ``routed_experts_dtype`` or int32.
+    The other arguments are those of `from_vllm`. Raises ValueError naming the payload and the dtype assumed.
+    """
+    num_layers, top_k = _as_count("num_layers", num_layers), _as_count("top_k", top_k)
+    num_experts = _as_count("num_experts", num_experts)
+    if num_layers < 1 or top_k < 1:
+        raise ValueError(f"num_layers and top_k must be >= 1, got num_layers={num_layers}, top_k={top_k}")
+    if dtype is not None:
+        _wire_dtype(dtype)
     arrays = []
     for index, payload in enumerate(payloads):
+        assumed = "the array's own dtype"
+        if isinstance(payload, dict):
+            if "routed_experts" not in payload:
+                raise ValueError(f"payloads[{index}] is a dict without 'routed_experts' (keys {sorted(payload)})")
+            said = payload.get("routed_experts_dtype")
+            if said is not None and dtype is not None and str(said) != str(dtype):
+                raise ValueError(f"payloads[{index}] says routed_experts_dtype={said!r}, but dtype={dtype!r} was "
+                                 "passed")
+            wire, payload = _wire_dtype(said or dtype or "int32"), payload["routed_experts"]
+        else:
+            wire = _wire_dtype(dtype or "int32")
         if isinstance(payload, (str, bytes)):
+            assumed = wire.name
             try:
-                payload = np.frombuffer(base64.b64decode(payload, validate=True), dtype="<i4")
+                raw = base64.b64decode(payload, validate=True)
             except (binascii.Error, ValueError) as error:
-                raise ValueError(f"payloads[{index}] is not base64 of int32 values ({error})") from None
+                raise ValueError(f"payloads[{index}] is not base64 ({error})") from None
+            if len(raw) % wire.itemsize:
+                raise ValueError(f"payloads[{index}] holds {len(raw)} bytes, not a whole number of {assumed} values "
+                                 f"({wire.itemsize} bytes each): pass the producer's wire dtype as dtype=")
+            payload = np.frombuffer(raw, dtype=wire)
         flat = np.asarray(payload).reshape(-1)
         if flat.size % (num_layers * top_k):
-            raise ValueError(f"payloads[{index}] has {flat.size} ids, not a multiple of num_layers·top_k = "
-                             f"{num_layers}·{top_k}")
-        arrays.append(flat.reshape(-1, num_layers, top_k))
-    return from_vllm(arrays, num_experts, prompt_lengths, domains, moe_layers, model)
-
-
-def _phase_code(value, line: int) -> int:
-    code = PHASES.get(value, value) if isinstance(value, str) else value
-    if isinstance(code, bool) or code not in (-1, 0, 1):
-        raise ValueError(f"line {line}: phase must be one of {list(PHASES)} or -1/0/1, got {value!r}")
-    return code
-
-
-def _padded(rows, line: int, name: str, top_k: int, fill, kind, num_experts: int = 0):
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
-        raise ValueError(f"line {line}: {name} must be a non-empty list of per-layer lists, got {rows!r}")
-    for row in rows:
-        for value in row:
-            ok = isinstance(value, int) and not isinstance(value, bool) if kind == "int" else \
-                isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok:
-                raise ValueError(f"line {line}: {name} must hold {kind}s, got {value!r}")
-            if kind == "int" and not -1 <= value < num_experts:
-                raise ValueError(f"line {line}: expert id {value} outside [-1, num_experts-1={num_experts - 1}]")
-    if any(len(r) > top_k for r in rows):
-        raise ValueError(f"line {line}: {name} has a layer with more than top_k={top_k} entries")
-    return [r + [fill] * (top_k - len(r)) for r in rows]
-
-
-def from_jsonl(path_or_lines, num_experts: int, top_k: int | None = None, model: str = "") -> Trace:
-    """A JSONL routing log (schema in the module docstring) as a Trace. top_k: None = widest layer list."""
-    num_experts = _as_count("num_experts", num_experts)
-    if top_k is not None and _as_count("top_k", top_k) < 1:
-        raise ValueError(f"top_k must be a positive int or None, got {top_k}")
-    lines = path_or_lines
-    if isinstance(path_or_lines, (str, bytes)) or hasattr(path_or_lines, "__fspath__"):
-        with open(path_or_lines, encoding="utf-8") as file:
-            lines = file.read().splitlines()
-    records = []
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as error:
-            raise ValueError(f"line {number}: not valid JSON ({error})") from None
-        if not isinstance(record, dict) or "request" not in record or "experts" not in record:
-            raise ValueError(f"line {number}: expected an object with 'request' and 'experts', got {text[:80]!r}")
-        unknown = set(record) - {"request", "phase", "domain", "position", "experts", "weights"}
-        if unknown:
-            raise ValueError(f"line {number}: unknown keys {sorted(unknown)}")
-        if not isinstance(record["request"], (int, str)) or isinstance(record["request"], bool):
-            raise ValueError(f"line {number}: request must be an int or str, got {record['request']!r}")
-        records.append((number, record))
-    if not records:
-        raise ValueError("the routing log has no records")
-    width = top_k if top_k is not None else max(
-        (len(r) for _, rec in records if isinstance(rec["experts"], list)
-         for r in rec["experts"] if isinstance(r, list)), default=0)
-    num_layers = None
-    for key in ("domain", "weights", "position"):
-        present = {key in rec for _, rec in records}
-        if len(present) > 1:
-            raise ValueError(f"'{key}' is given on some lines and missing on others: give it on all or none")
-    order: dict = {}  # request key -> dense id in order of first appearance
-    rows = []
-    for number, rec in records:
-        experts = _padded(rec["experts"], number, "experts", width, -1, "int", num_experts)
-        num_layers = len(experts) if num_layers is None else num_layers
-        if len(experts) != num_layers:
-            raise ValueError(f"line {number}: {len(experts)} layers of experts, earlier lines have {num_layers}")
-        weights = None
-        if "weights" in rec:
-            weights = _padded(rec["weights"], number, "weights", width, 0.0, "number")
-            if [len(r) for r in rec["weights"]] != [len(r) for r in rec["experts"]]:
-                raise ValueError(f"line {number}: weights must have the same nesting as experts")
-        if "domain" in rec and not isinstance(rec["domain"], str):
-            raise ValueError(f"line {number}: domain must be a str, got {rec['domain']!r}")
-        position = rec.get("position", number)
-        if not isinstance(position, int) or isinstance(position, bool):
-            raise ValueError(f"line {number}: position must be an int, got {position!r}")
-        request = order.setdefault(rec["request"], len(order))
-        rows.append((request, position, number, experts, weights, _phase_code(rec.get("phase", -1), number),
-                     rec.get("domain")))
-    rows.sort(key=lambda row: (row[0], row[1]))
-    for previous, row in zip(rows, rows[1:]):
-        if (previous[0], previous[1]) == (row[0], row[1]):
-            raise ValueError(f"lines {previous[2]} and {row[2]}: request {row[0]} repeats position {row[1]}")
-    has_weights = "weights" in records[0][1]
-    return Trace(experts=np.array([row[3] for row in rows], dtype=np.int64).reshape(len(rows), num_layers, width),
-                 request=[row[0] for row in rows], phase=[row[5] for row in rows],
-                 domain=[row[6] for row in rows] if "domain" in records[0][1] else None,
-                 num_experts=num_experts, top_k=width, model=model,
-                 weights=np.array([row[4] for row in rows], dtype=np.float64) if has_weights else None)
+            hint = "" if assumed == "the array's own dtype" else "; if the producer used another wire dtype, pass it as dtype="
+            raise ValueError(f"payloads[{index}] (decoded as {assumed}) has {flat.size} ids, not a multiple of "
+                             f"num_layers·top_k = {num_layers}·{top_k}{hint}")
+        rows = flat.reshape(-1, num_layers, top_k)
+        if rows.dtype.kind in "iu":
+            outside = (rows.astype(np.int64) < -1) | (rows.astype(np.int64) >= num_experts)
+            if outside.any():
+                row, layer, _ = np.argwhere(outside)[0]
+                hint = " (or -1 written in an unsigned dtype)" if rows.dtype.kind == "u" else ""
+                raise ValueError(f"payloads[{index}] decoded as {assumed}: token {row}, layer {layer} holds "
+                                 f"{rows[row, layer].tolist()}, outside [-1, num_experts-1={num_experts - 1}]{hint}; "
+                                 f"if the producer used another wire dtype ({', '.join(WIRE_DTYPES)}; uint8 and "
+                                 "uint16 are common for up to 256 / 65536 experts) pass it as dtype=")
+        arrays.append(rows)
+    return from_vllm(arrays, num_experts, prompt_lengths, domains, moe_layers, keep_degenerate, model)

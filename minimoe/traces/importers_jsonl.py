@@ -1,0 +1,304 @@
+"""JSONL routing logs (one JSON object per line), converted to a minimoe `Trace`.
+
+Two layouts are read; blank lines are skipped and any malformed line raises ValueError naming the file and
+line number.
+
+Per token (one line per token, every MoE layer on it):
+
+    {"request": 7, "phase": "decode", "domain": "math", "position": 12,
+     "experts": [[3, 17], [5, 1], ...], "weights": [[0.61, 0.39], [0.7, 0.3], ...]}
+
+Long form (one line per (token, layer), as profilers hooked into a serving engine write them), optionally
+led by a meta record:
+
+    {"type": "meta", "model_id": "Qwen/Qwen3-30B-A3B", "layers_logged": [0, 1], "top_k": 8, "num_experts": 128}
+    {"type": "route", "req_id": "r0", "token_idx": 0, "layer": 0, "topk_ids": [...], "topk_weights": [...]}
+
+The long form is recognised by a ``type`` key or a layer field; its records are grouped back into tokens by
+(request, position) and the layers of a token are ordered as ``layers_logged`` lists them (else by layer
+number). The meta record gives ``model_id`` (or ``model``), ``num_experts``, ``top_k`` and ``layers_logged``;
+arguments of `from_jsonl` that contradict it raise ValueError.
+
+Fields. ``fields`` maps our names to the log's: the defaults are our names for the per-token layout and
+{"request": "req_id", "position": "token_idx", "layer": "layer", "experts": "topk_ids",
+"weights": "topk_weights"} for the long form. Keys a log has and we do not read raise ValueError unless
+listed in ``ignore``.
+
+    request   int or str: requests may interleave (as a server batches them); they are numbered in order of
+              first appearance. Mapped to None: the log names no requests, and every token is put in one
+              request 0, in log order -- per-request analyses of such a trace mean nothing
+    experts   expert ids (one list per layer per token, or one list per record); shorter lists are padded
+              with -1 up to top_k
+    position  int: orders tokens within a request (per-token layout: default the order of lines)
+    phase     "prefill" / "decode" / "unknown" or 0 / 1 / -1; absent: unknown (never guessed)
+    domain    str; if any line has one, every line must
+    weights   same nesting as experts; if any line has weights, every line must
+
+What a log cannot tell is left unknown, never invented: without a phase field every phase is -1 (a token's
+position or its first forward pass says nothing reliable about prefill and decode: prompts are prefilled in
+chunks and cached prefixes are skipped). When ``token_idx`` restarts at every forward pass (the index of the
+token in the batch, not in its request), (request, position, layer) repeats: that is an error, unless
+``positions="per_pass"`` says so; then the n-th record of a (request, position, layer) belongs to the
+request's n-th forward pass and tokens are ordered by (pass, position), which is their order only if the log
+was written in time order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from minimoe.traces.format import PHASES, Trace, _as_count
+
+OUR_FIELDS = ("request", "position", "layer", "experts", "weights", "phase", "domain")
+LONG_FORM_FIELDS = {"request": "req_id", "position": "token_idx", "layer": "layer", "experts": "topk_ids",
+                    "weights": "topk_weights", "phase": "phase", "domain": "domain"}
+META_KEYS = ("type", "model_id", "model", "num_experts", "top_k", "layers_logged")
+POSITIONS = ("field", "per_pass")
+
+
+def from_jsonl(path_or_lines, num_experts: int | None = None, top_k: int | None = None, model: str | None = None,
+               fields: dict | None = None, positions: str = "field", ignore=()) -> Trace:
+    """A JSONL routing log (either layout of the module docstring) as a Trace.
+
+    path_or_lines: a path or an iterable of lines. num_experts, top_k, model: None = from the meta record
+    (top_k: else the widest list of ids; model: else ""). fields: {our name: the log's name, or None for an
+    absent request field}. positions: "field" or "per_pass". ignore: log keys to skip.
+    Raises ValueError naming the file and line; FileNotFoundError for a missing path.
+    """
+    source, lines = "", path_or_lines
+    if isinstance(path_or_lines, (str, bytes)) or hasattr(path_or_lines, "__fspath__"):
+        source = f"{os.fsdecode(path_or_lines)}: "
+        with open(path_or_lines, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    try:
+        return _from_lines(lines, num_experts, top_k, model, fields, positions, set(ignore))
+    except ValueError as error:
+        raise ValueError(f"{source}{error}") from None
+
+
+def _from_lines(lines, num_experts, top_k, model, fields, positions, ignore) -> Trace:
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    records = []
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise ValueError(f"line {number}: not valid JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"line {number}: expected a JSON object, got {text[:80]!r}")
+        records.append((number, {key: value for key, value in record.items() if key not in ignore}))
+    if not records:
+        raise ValueError("the routing log has no records")
+    fields = dict(fields or {})
+    unknown = sorted(set(fields) - set(OUR_FIELDS))
+    if unknown:
+        raise ValueError(f"fields maps unknown names {unknown}; our names are {list(OUR_FIELDS)}")
+    long_form = any("type" in rec or LONG_FORM_FIELDS["layer"] in rec or fields.get("layer", "") in rec
+                    for _, rec in records)
+    names = {**(LONG_FORM_FIELDS if long_form else {f: f for f in OUR_FIELDS}), **fields}
+    meta = _meta(records) if long_form else {}
+    num_experts = _agree("num_experts", num_experts, meta.get("num_experts"))
+    if num_experts is None:
+        raise ValueError("num_experts is unknown: pass num_experts= or give it in a meta record")
+    top_k = _agree("top_k", top_k, meta.get("top_k"))
+    model = model if model is not None else meta.get("model", "")
+    routes = [(n, rec) for n, rec in records if rec.get("type", "route") != "meta"]
+    tokens = _tokens(routes, names, long_form, positions, meta.get("layers_logged"))
+    return _trace(tokens, names, num_experts, top_k, model)
+
+
+def _agree(name: str, given, said):
+    if given is not None:
+        given = _as_count(name, given)
+        if given < 1:
+            raise ValueError(f"{name} must be a positive int, got {given}")
+        if said is not None and said != given:
+            raise ValueError(f"{name}={given} was passed, but the meta record says {name}={said}")
+        return given
+    return said
+
+
+def _meta(records) -> dict:
+    """The meta record's contents (model, num_experts, top_k, layers_logged); {} if there is none."""
+    metas = [(n, rec) for n, rec in records if rec.get("type") == "meta"]
+    if len(metas) > 1:
+        raise ValueError(f"lines {metas[0][0]} and {metas[1][0]}: more than one meta record")
+    for number, rec in records:
+        if rec.get("type", "route") not in ("meta", "route"):
+            raise ValueError(f"line {number}: unknown record type {rec['type']!r}; expected 'meta' or 'route'")
+    if not metas:
+        return {}
+    number, rec = metas[0]
+    unknown = sorted(set(rec) - set(META_KEYS))
+    if unknown:
+        raise ValueError(f"line {number}: the meta record has unknown keys {unknown} (skip them with ignore=)")
+    meta = {}
+    if "model_id" in rec or "model" in rec:
+        meta["model"] = rec.get("model_id", rec.get("model"))
+        if not isinstance(meta["model"], str):
+            raise ValueError(f"line {number}: model_id must be a str, got {meta['model']!r}")
+    for key in ("num_experts", "top_k"):
+        if key in rec:
+            if not _is_int(rec[key]) or rec[key] < 1:
+                raise ValueError(f"line {number}: {key} must be a positive int, got {rec[key]!r}")
+            meta[key] = rec[key]
+    if "layers_logged" in rec:
+        layers = rec["layers_logged"]
+        if not isinstance(layers, list) or not layers or not all(_is_int(x) for x in layers) \
+                or len(set(layers)) != len(layers):
+            raise ValueError(f"line {number}: layers_logged must be a non-empty list of distinct ints, got {layers!r}")
+        meta["layers_logged"] = layers
+    return meta
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _get(rec: dict, names: dict, field: str, number: int, required: bool):
+    name = names.get(field)
+    if name is None or name not in rec:
+        if required:
+            raise ValueError(f"line {number}: no {name!r} field ({field}; map it with fields={{{field!r}: ...}}); "
+                             f"the record has keys {sorted(rec)}")
+        return None
+    return rec[name]
+
+
+def _tokens(routes, names, long_form, positions, layers_logged) -> list[dict]:
+    """Group records into tokens: [{"request", "order", "line", "experts": {layer: ids}, ...}] in file order."""
+    read = {names[f] for f in OUR_FIELDS if names.get(f) is not None} | ({"type"} if long_form else set())
+    tokens, seen, with_position = {}, {}, set()
+    for number, rec in routes:
+        request = 0 if names.get("request") is None else _get(rec, names, "request", number, True)
+        if not isinstance(request, (int, str)) or isinstance(request, bool):
+            raise ValueError(f"line {number}: request must be an int or str, got {request!r}")
+        position = _get(rec, names, "position", number, long_form and names.get("request") is not None)
+        with_position.add(position is not None)
+        if len(with_position) > 1:
+            label = f"'{names['position']}'" + ("" if names["position"] == "position" else " (position)")
+            raise ValueError(f"line {number}: {label} is given on some lines and missing on others: give it on "
+                             "all or none")
+        if position is None:
+            position = number  # the order of lines
+        if not _is_int(position):
+            raise ValueError(f"line {number}: position must be an int, got {position!r}")
+        layer = _get(rec, names, "layer", number, True) if long_form else None
+        if long_form and not _is_int(layer):
+            raise ValueError(f"line {number}: layer must be an int, got {layer!r}")
+        if long_form and layers_logged is not None and layer not in layers_logged:
+            raise ValueError(f"line {number}: layer {layer} is not in the meta record's layers_logged {layers_logged}")
+        key = (request, position, layer)
+        passes = seen.setdefault(key, [])
+        if passes and positions == "field":
+            what = "position" if not long_form else f"{names['position']} {position} at layer"
+            raise ValueError(f"lines {passes[0]} and {number}: request {request!r} repeats {what} "
+                             f"{position if not long_form else layer}: positions restart (e.g. at every forward "
+                             "pass) or records repeat; pass positions='per_pass' if the log was written in time order")
+        order = (len(passes), position)  # (forward pass, position)
+        passes.append(number)
+        token = tokens.setdefault((request, order), {"request": request, "order": order, "line": number,
+                                                     "experts": {}, "weights": {}, "phase": [], "domain": []})
+        experts = _get(rec, names, "experts", number, True)
+        unknown = sorted(set(rec) - read)
+        if unknown:
+            raise ValueError(f"line {number}: unknown keys {unknown} (map them with fields= or skip them with ignore=)")
+        token["experts"][layer] = experts if long_form else (number, experts)
+        if names.get("weights") in rec:
+            token["weights"][layer] = rec[names["weights"]] if long_form else (number, rec[names["weights"]])
+        for field in ("phase", "domain"):
+            if names.get(field) in rec:
+                token[field].append((number, rec[names[field]]))
+    tokens = list(tokens.values())
+    if long_form:
+        layers = layers_logged if layers_logged is not None else sorted({l for t in tokens for l in t["experts"]})
+        for token in tokens:
+            missing = [layer for layer in layers if layer not in token["experts"]]
+            if missing:
+                raise ValueError(f"line {token['line']}: request {token['request']!r} position {token['order'][1]} "
+                                 f"has no record for layers {missing} (the log covers layers {layers})")
+            token["experts"] = (token["line"], [token["experts"][layer] for layer in layers])
+            if token["weights"]:
+                if len(token["weights"]) != len(layers):
+                    raise ValueError(f"line {token['line']}: weights are given for some layers of a token only")
+                token["weights"] = (token["line"], [token["weights"][layer] for layer in layers])
+    else:
+        for token in tokens:
+            token["experts"] = token["experts"][None]
+            token["weights"] = token["weights"].get(None, {})
+    return tokens
+
+
+def _phase_code(value, line: int) -> int:
+    code = PHASES.get(value, value) if isinstance(value, str) else value
+    if isinstance(code, bool) or code not in (-1, 0, 1):
+        raise ValueError(f"line {line}: phase must be one of {list(PHASES)} or -1/0/1, got {value!r}")
+    return code
+
+
+def _one(values: list, field: str, token: dict):
+    """The single value a token's records give for a field (None if none), refusing disagreement."""
+    distinct = {json.dumps(v) for _, v in values}
+    if len(distinct) > 1:
+        raise ValueError(f"lines {values[0][0]} and {values[-1][0]}: the records of one token disagree on {field}: "
+                         f"{sorted(distinct)}")
+    return values[0][1] if values else None
+
+
+def _padded(rows, line: int, name: str, top_k: int, fill, kind, num_experts: int = 0):
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+        raise ValueError(f"line {line}: {name} must be a non-empty list of per-layer lists, got {str(rows)[:80]}")
+    for row in rows:
+        for value in row:
+            ok = _is_int(value) if kind == "int" else isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok:
+                raise ValueError(f"line {line}: {name} must hold {kind}s, got {value!r}")
+            if kind == "int" and not -1 <= value < num_experts:
+                raise ValueError(f"line {line}: expert id {value} outside [-1, num_experts-1={num_experts - 1}]")
+    if any(len(r) > top_k for r in rows):
+        raise ValueError(f"line {line}: {name} has a layer with more than top_k={top_k} entries")
+    return [r + [fill] * (top_k - len(r)) for r in rows]
+
+
+def _trace(tokens, names, num_experts, top_k, model) -> Trace:
+    for field in ("domain", "weights"):
+        present = {bool(t[field]) for t in tokens}
+        if len(present) > 1:
+            label = f"'{names.get(field)}'" + ("" if names.get(field) == field else f" ({field})")
+            raise ValueError(f"{label} is given on some lines and missing on others: "
+                             "give it on all or none")
+    width = top_k if top_k is not None else max(
+        (len(r) for t in tokens if isinstance(t["experts"][1], list) for r in t["experts"][1] if isinstance(r, list)),
+        default=1)
+    order: dict = {}  # request key -> dense id in order of first appearance
+    rows = []
+    for token in tokens:
+        line, experts = token["experts"]
+        experts = _padded(experts, line, "experts", width, -1, "int", num_experts)
+        if rows and len(experts) != len(rows[0][2]):
+            raise ValueError(f"line {line}: {len(experts)} layers of experts, earlier lines have {len(rows[0][2])}")
+        weights = None
+        if token["weights"]:
+            weights = _padded(token["weights"][1], line, "weights", width, 0.0, "number")
+            if [len(r) for r in token["weights"][1]] != [len(r) for r in token["experts"][1]]:
+                raise ValueError(f"line {line}: weights must have the same nesting as experts")
+        domain = _one(token["domain"], "domain", token)
+        if domain is not None and not isinstance(domain, str):
+            raise ValueError(f"line {line}: domain must be a str, got {domain!r}")
+        phase = _one(token["phase"], "phase", token)
+        request = order.setdefault(token["request"], len(order))
+        rows.append((request, token["order"], experts, weights, -1 if phase is None else _phase_code(phase, line),
+                     domain))
+    rows.sort(key=lambda row: (row[0], row[1]))
+    has_weights = rows[0][3] is not None
+    return Trace(experts=np.array([row[2] for row in rows], dtype=np.int64).reshape(len(rows), -1, width),
+                 request=[row[0] for row in rows], phase=[row[4] for row in rows],
+                 domain=[row[5] for row in rows] if rows[0][5] is not None else None,
+                 num_experts=num_experts, top_k=width, model=model,
+                 weights=np.array([row[3] for row in rows], dtype=np.float64) if has_weights else None)
