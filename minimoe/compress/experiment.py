@@ -1,0 +1,221 @@
+"""``minimoe pic-experiment``: PIC vs the ICAE-global baseline at several compression ratios, end to end.
+
+    prepare   BPE on the project's corpora + QA text; pretrain the reader (a Llama) on both; score its bounds:
+              the frozen reader with the full context (upper) and with no context (lower)
+    grid      for every ratio and seed: a global and a PIC compressor (same steps, data order, LoRA rank and
+              memory count; only the mask differs), plus PIC ablations (layout, memory-to-memory attention)
+    report    test EM / F1 mean ± sd over seeds, dev-F1 curves, steps and seconds to reach the global
+              baseline's best dev F1, the global baseline's memory-to-text attention
+
+Settings run in worker processes spread over the visible GPUs (``--workers``); each writes one JSON file, and
+``summary.json`` / ``results.md`` in ``--out`` collect them. Everything is seeded: the same command gives the
+same data, models and batches (up to GPU non-determinism).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minimoe.compress.analysis import locality, memory_attention
+from minimoe.compress.masks import build_layout
+from minimoe.compress.report import summarise, write_report
+from minimoe.compress.setup import Prepared, load_prepared, prepare
+from minimoe.compress.training import evaluate_compressor, train_compressor
+
+
+@dataclass
+class ExperimentConfig:
+    """Every size of the experiment (see PRESETS)."""
+
+    context_tokens: int = 512  # n: the compressed context; 4x / 16x / 64x leave 128 / 32 / 8 memory tokens
+    block_tokens: int = 64  # one paragraph (person) per block; an answer never crosses a block
+    chunk_size: int = 128  # PIC's chunk (a multiple of block_tokens)
+    questions_per_document: int = 4
+    pretrain_documents: int = 20000
+    train_documents: int = 4000
+    dev_documents: int = 64
+    test_documents: int = 128
+    corpus_chars: int = 400_000  # per domain of minimoe.data's corpora
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    intermediate_size: int = 768
+    qa_fraction: float = 0.75  # share of pretraining rows that are QA documents (the rest: corpus text)
+    pretrain_steps: int = 4000
+    pretrain_batch: int = 64
+    pretrain_lr: float = 2e-3
+    pretrain_max_seconds: float = 200.0
+    ratios: tuple = (4, 16, 64)
+    seeds: tuple = (0, 1, 2)
+    ablation_ratio: int = 16
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+    lora_rank: int = 16
+    eval_every: int = 50
+    dev_limit: int = 256
+    device: str = "cuda"
+    bf16: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.chunk_size % self.block_tokens or self.context_tokens % self.chunk_size:
+            raise ValueError(f"need block_tokens ({self.block_tokens}) | chunk_size ({self.chunk_size}) | "
+                             f"context_tokens ({self.context_tokens})")
+        for ratio in self.ratios + (self.ablation_ratio,):
+            if self.chunk_size % ratio:
+                raise ValueError(f"ratio {ratio} does not divide chunk_size {self.chunk_size}")
+
+
+PRESETS = {
+    "gpu": {},
+    "cpu": dict(context_tokens=96, block_tokens=48, chunk_size=48, questions_per_document=2, pretrain_documents=60,
+                train_documents=24, dev_documents=4, test_documents=4, corpus_chars=20_000, vocab_size=400,
+                hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                pretrain_steps=4, pretrain_batch=4, ratios=(4, 16), seeds=(0, 1), ablation_ratio=16, steps=4,
+                batch_size=2, lora_rank=2, eval_every=2, dev_limit=8, device="cpu", bf16=False),
+}
+
+PIC = dict(layout="append", mem_sees_prev_mem=False, positions="continue")  # PIC's default: only the mask changes
+ABLATIONS = {"pic-interleave": dict(PIC, layout="interleave"),
+             "pic-mem2mem": dict(PIC, mem_sees_prev_mem=True),
+             "pic-interleave-mem2mem": dict(PIC, layout="interleave", mem_sees_prev_mem=True)}
+
+
+def settings(cfg: ExperimentConfig) -> list[dict]:
+    """Every compressor to train: (method, ratio, seed) with the mask options of the method."""
+    out = []
+    for seed in cfg.seeds:
+        for ratio in cfg.ratios:
+            out.append(dict(method="global", ratio=ratio, seed=seed, variant="global", options={}))
+            out.append(dict(method="pic", ratio=ratio, seed=seed, variant="pic", options=PIC))
+        for name, options in ABLATIONS.items():
+            out.append(dict(method=name, ratio=cfg.ablation_ratio, seed=seed, variant="pic", options=options))
+    for setting in out:
+        setting["name"] = f"{setting['method']}_{setting['ratio']}x_seed{setting['seed']}"
+    return out
+
+
+def run_setting(cfg: ExperimentConfig, prepared: Prepared, setting: dict, progress: bool = True) -> dict:
+    """Train and score one compressor; returns its JSON-able result."""
+    layout = build_layout(setting["variant"], cfg.context_tokens, setting["ratio"],
+                          cfg.chunk_size if setting["variant"] == "pic" else None, **setting["options"])
+    started = time.perf_counter()
+    common = dict(bos_id=prepared.bos_id, stop_ids=prepared.stop_ids, decode=prepared.decode)
+    compressor, log = train_compressor(
+        prepared.base, layout, prepared.train, prepared.dev, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+        lora_rank=cfg.lora_rank, seed=setting["seed"], eval_every=cfg.eval_every, pad_id=prepared.pad_id,
+        device=cfg.device, bf16=cfg.bf16, dev_limit=cfg.dev_limit, progress=progress, desc=setting["name"], **common)
+    compressor.eval()
+    test = evaluate_compressor(compressor, layout, prepared.test, bf16=cfg.bf16, **common)
+    result = {**setting, "num_memory": layout.num_memory, "test": test, "curve": log["curve"],
+              "loss": log["loss"][::10], "train_seconds": log["train_seconds"],
+              "wall_seconds": round(time.perf_counter() - started, 1)}
+    if setting["variant"] == "global" and setting["seed"] == cfg.seeds[0]:
+        contexts = prepared.dev.contexts[:16].to(cfg.device)
+        maps = memory_attention(compressor, contexts, layout)  # (L, k, n)
+        result["attention"] = {"last_layer": [[round(x, 5) for x in row] for row in maps[-1].tolist()],
+                               "per_layer": [locality(m, cfg.chunk_size) for m in maps],
+                               "mean_over_layers": locality(maps.mean(0), cfg.chunk_size)}
+    return result
+
+
+def _worker(cfg: ExperimentConfig, out: Path, index: int, count: int, progress: bool) -> None:
+    prepared = load_prepared(cfg, out)
+    for setting in settings(cfg)[index::count]:
+        path = out / "runs" / f"{setting['name']}.json"
+        if path.is_file():
+            continue
+        result = run_setting(cfg, prepared, setting, progress)
+        path.write_text(json.dumps(result) + "\n")
+
+
+def _launch_workers(cfg: ExperimentConfig, out: Path, workers: int, config_path: Path) -> None:
+    gpus = torch.cuda.device_count() if cfg.device == "cuda" else 0
+    processes = []
+    for index in range(workers):
+        env = dict(os.environ, OMP_NUM_THREADS="1", NCCL_NVLS_ENABLE="0")
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+        command = [sys.executable, "-m", "minimoe.compress.experiment", "--worker", f"{index}/{workers}",
+                   "--config", str(config_path), "--out", str(out), "--no-progress"]
+        processes.append(subprocess.Popen(command, env=env))
+    failed = [p.args for p in processes if p.wait() != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} worker(s) failed, first: {' '.join(failed[0])}")
+
+
+def run(cfg: ExperimentConfig, out: Path, workers: int = 1, progress: bool = True) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(exist_ok=True)
+    config_path = out / "experiment_config.json"
+    config_path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    prepare(cfg, out, progress=progress)
+    if workers > 1:
+        _launch_workers(cfg, out, workers, config_path)
+    else:
+        _worker(cfg, out, 0, 1, progress)
+    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    summary = summarise(cfg, json.loads((out / "prepare.json").read_text()), results)
+    write_report(summary, out)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minimoe pic-experiment", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                        help="sizes: cpu (seconds, a smoke run) or gpu (the recorded H200 run) (default: %(default)s)")
+    parser.add_argument("--out", default="runs/pic", help="output directory (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes, spread over the visible GPUs")
+    parser.add_argument("--steps", type=int, help="override the compressor training steps")
+    parser.add_argument("--pretrain-steps", type=int, help="override the base model's pretraining steps")
+    parser.add_argument("--device", help="override the device (cpu or cuda)")
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    for flag in ("steps", "pretrain_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.device not in (None, "cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
+    torch.set_num_threads(1 if args.worker else max(1, min(4, os.cpu_count() or 1)))
+    if args.config:
+        values = json.loads(Path(args.config).read_text())
+        cfg = ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    else:
+        overrides = {k: v for k, v in dict(steps=args.steps, pretrain_steps=args.pretrain_steps,
+                                              device=args.device).items() if v is not None}
+        cfg = ExperimentConfig(**{**PRESETS[args.preset], **overrides})
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda (the gpu preset's) but no CUDA device is visible; use --device cpu")
+    out = Path(args.out)
+    if args.worker:
+        index, count = (int(x) for x in args.worker.split("/"))
+        _worker(cfg, out, index, count, not args.no_progress)
+        return 0
+    summary = run(cfg, out, args.workers, progress=not args.no_progress)
+    print((out / "results.md").read_text())
+    return 0 if summary else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

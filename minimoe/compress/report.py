@@ -1,0 +1,113 @@
+"""The PIC experiment's tables: scores with their bounds, the ratio trend, time to target, attention locality.
+
+Relative gains follow the paper's convention, (PIC - global) / global in percent, computed on the seed means.
+Time to target at the middle ratio: for every seed, the target is the best dev F1 the global baseline of that
+seed reached; each method's cost is the steps (and training seconds) of its first evaluation at or above it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from minimoe.compress.analysis import mean_sd, time_to_target
+
+METHOD_ORDER = ("global", "pic", "pic-interleave", "pic-mem2mem", "pic-interleave-mem2mem")
+
+
+def _scores(runs: list[dict]) -> dict:
+    em, f1 = mean_sd(r["test"]["em"] for r in runs), mean_sd(r["test"]["f1"] for r in runs)
+    return {"em": em[0], "em_sd": em[1], "f1": f1[0], "f1_sd": f1[1], "seeds": len(runs),
+            "num_memory": runs[0]["num_memory"], "train_seconds": mean_sd(r["train_seconds"] for r in runs)[0]}
+
+
+def _mean_curve(runs: list[dict]) -> list[dict]:
+    steps = [p["step"] for p in runs[0]["curve"]]
+    return [{"step": s, "seconds": float(np.mean([r["curve"][i]["seconds"] for r in runs])),
+             "f1": float(np.mean([r["curve"][i]["f1"] for r in runs])),
+             "f1_sd": mean_sd(r["curve"][i]["f1"] for r in runs)[1]} for i, s in enumerate(steps)]
+
+
+def summarise(cfg, prepare_info: dict, results: list[dict]) -> dict:
+    if not results:
+        raise ValueError("no finished runs to summarise")
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["method"], r["ratio"]), []).append(r)
+    table = [{"method": m, "ratio": ratio, **_scores(runs)} for (m, ratio), runs in
+             sorted(groups.items(), key=lambda kv: (kv[0][1], METHOD_ORDER.index(kv[0][0])))]
+    gains = []
+    for ratio in sorted({r for _, r in groups}):
+        if ("global", ratio) in groups and ("pic", ratio) in groups:
+            g, p = _scores(groups[("global", ratio)]), _scores(groups[("pic", ratio)])
+            gains.append({"ratio": ratio, "f1_gain_percent": 100 * (p["f1"] - g["f1"]) / max(g["f1"], 1e-9),
+                          "em_gain_percent": 100 * (p["em"] - g["em"]) / max(g["em"], 1e-9)})
+    ratios = sorted(cfg.ratios)
+    middle = ratios[len(ratios) // 2]
+    reach = {}
+    globals_by_seed = {r["seed"]: r for r in groups.get(("global", middle), [])}
+    for method in ("global", "pic"):
+        rows = []
+        for r in groups.get((method, middle), []):
+            if r["seed"] not in globals_by_seed:
+                continue
+            target = max(p["f1"] for p in globals_by_seed[r["seed"]]["curve"])
+            hit = time_to_target(r["curve"], target)
+            rows.append({"seed": r["seed"], "target_f1": target, **(hit or {"step": None, "seconds": None})})
+        reached = [row for row in rows if row["step"] is not None]
+        reach[method] = {"per_seed": rows, "reached": len(reached), "of": len(rows),
+                         "steps": mean_sd(row["step"] for row in reached)[0] if reached else None,
+                         "seconds": mean_sd(row["seconds"] for row in reached)[0] if reached else None}
+    if reach.get("global", {}).get("steps") and reach.get("pic", {}).get("steps"):
+        reach["pic_over_global_steps"] = reach["pic"]["steps"] / reach["global"]["steps"]
+        reach["pic_over_global_seconds"] = reach["pic"]["seconds"] / reach["global"]["seconds"]
+    attention = next((r["attention"] for r in results if "attention" in r and r["ratio"] == middle), None)
+    return {"bounds": prepare_info["bounds"], "pretrain": prepare_info["pretrain"], "device": prepare_info["device"],
+            "table": table, "gains": gains, "time_to_target": {"ratio": middle, **reach},
+            "curves": {f"{m}_{ratio}x": _mean_curve(runs) for (m, ratio), runs in groups.items()},
+            "attention": attention, "config": {k: list(v) if isinstance(v, tuple) else v
+                                                for k, v in vars(cfg).items()}}
+
+
+def markdown(summary: dict) -> str:
+    b = summary["bounds"]
+    lines = [f"Device: {summary['device']}. Reader: {summary['pretrain']['parameters']:,} parameters, pretrained "
+             f"{summary['pretrain']['steps']} steps in {summary['pretrain']['seconds']} s.", "",
+             "| reader input | dev EM | dev F1 | test EM | test F1 |", "|---|---:|---:|---:|---:|"]
+    for mode, label in (("full", "full context (upper bound)"), ("none", "no context (lower bound)")):
+        lines.append(f"| {label} | {b[f'dev_{mode}']['em']:.1f} | {b[f'dev_{mode}']['f1']:.1f} | "
+                     f"{b[f'test_{mode}']['em']:.1f} | {b[f'test_{mode}']['f1']:.1f} |")
+    lines += ["", "| method | ratio | memory | seeds | test EM (mean ± sd) | test F1 (mean ± sd) | train s |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in summary["table"]:
+        lines.append(f"| {row['method']} | {row['ratio']}x | {row['num_memory']} | {row['seeds']} | "
+                     f"{row['em']:.1f} ± {row['em_sd']:.1f} | {row['f1']:.1f} ± {row['f1_sd']:.1f} | "
+                     f"{row['train_seconds']:.0f} |")
+    lines += ["", "| ratio | PIC vs global, F1 (relative) | EM (relative) |", "|---:|---:|---:|"]
+    lines += [f"| {g['ratio']}x | {g['f1_gain_percent']:+.1f}% | {g['em_gain_percent']:+.1f}% |"
+              for g in summary["gains"]]
+    t = summary["time_to_target"]
+    lines += ["", f"Time to reach the global baseline's best dev F1 at {t['ratio']}x (per seed, mean over seeds "
+                  "that reached it):", "", "| method | reached | steps | train seconds |", "|---|---:|---:|---:|"]
+    for method in ("global", "pic"):
+        if method in t:
+            m = t[method]
+            steps = "-" if m["steps"] is None else f"{m['steps']:.0f}"
+            seconds = "-" if m["seconds"] is None else f"{m['seconds']:.1f}"
+            lines.append(f"| {method} | {m['reached']}/{m['of']} | {steps} | {seconds} |")
+    if "pic_over_global_seconds" in t:
+        lines.append(f"\nPIC needs {100 * t['pic_over_global_steps']:.0f}% of the baseline's steps and "
+                     f"{100 * t['pic_over_global_seconds']:.0f}% of its training seconds.")
+    if summary["attention"]:
+        a = summary["attention"]["mean_over_layers"]
+        lines.append(f"\nGlobal baseline's memory-to-text attention (mean over layers): a memory token puts "
+                     f"{100 * a['window_mass']:.1f}% of its attention in its best window of one PIC chunk "
+                     f"(uniform: {100 * a['uniform_window_mass']:.1f}%); order correlation {a['order']:+.2f}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(summary: dict, out: Path) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(summary))

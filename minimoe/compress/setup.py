@@ -1,0 +1,131 @@
+"""The experiment's fixed parts: tokenizer, QA splits, the pretrained reader and its bounds.
+
+The reader is a Llama (``minimoe.model``) pretrained from scratch on rows of two kinds:
+    corpus rows   windows of the project's four corpora (``minimoe.data``: code, math, chat, general)
+    QA rows       ``<bos> context  \\nQuestion: q1\\nAnswer: a1\\n  \\nQuestion: q2 ...`` from the train split
+so that it reads extractive questions well with the context in front of it (the upper bound) and cannot
+guess them without (the lower bound). Its weights are rounded to bfloat16 once trained, so the checkpoint
+saved (half the bytes) *is* the model every compressor reads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minimoe.compress.qa_data import answer_text, generate_documents, pack, question_prompt
+from minimoe.compress.training import QASet, build_qa_set, evaluate_reader, pretrain_base
+from minimoe.data.corpora import DOMAINS, load_corpus
+from minimoe.data.tokenizer import BOS, EOS, PAD, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
+from minimoe.model.transformer import ModelConfig, Transformer
+
+
+@dataclass
+class Prepared:
+    tokenizer: object
+    base: Transformer
+    train: QASet
+    dev: QASet
+    test: QASet
+    bos_id: int
+    pad_id: int
+    stop_ids: set
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids).strip()
+
+
+def _approximate_tokens(text: str) -> list[int]:
+    return [0] * (len(text) // 3 + 1)  # only to size paragraphs of the tokenizer's own training text
+
+
+def _qa_sets(cfg, encode, pad_id: int) -> dict[str, QASet]:
+    sizes = {"train": cfg.train_documents, "dev": cfg.dev_documents, "test": cfg.test_documents}
+    return {split: build_qa_set(generate_documents(split, count, cfg.seed, encode, cfg.context_tokens,
+                                                   cfg.block_tokens, cfg.questions_per_document),
+                                encode, cfg.block_tokens, pad_id)
+            for split, count in sizes.items()}
+
+
+def model_config(cfg, vocab_size: int, row_tokens: int) -> ModelConfig:
+    max_seq_len = max(2 * cfg.context_tokens, 64 * -(-row_tokens // 64))  # room for context + memory and a QA row
+    return ModelConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                       num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
+                       max_seq_len=max_seq_len, tie_word_embeddings=True, rope_theta=10000.0)
+
+
+def pretraining_rows(cfg, tokenizer, encode, bos_id: int, pad_id: int) -> np.ndarray:
+    """(N, T) int32: QA rows and corpus windows, shuffled (seeded), padded with ``pad_id``."""
+    documents = generate_documents("train", cfg.pretrain_documents, cfg.seed + 1, encode, cfg.context_tokens,
+                                   cfg.block_tokens, cfg.questions_per_document)
+    qa_rows = []
+    for document in documents:
+        row = [bos_id] + pack(document, encode, cfg.block_tokens, pad_id)
+        for question in document.questions:
+            row += encode(question_prompt(question)) + encode(answer_text(question))
+        qa_rows.append(row)
+    length = max(len(row) for row in qa_rows)
+    corpus = load_corpus(max_chars_per_domain=cfg.corpus_chars, seed=cfg.seed)
+    stream = np.concatenate(encode_documents(tokenizer, [doc for d in DOMAINS for doc in corpus[d]]))
+    num_corpus = int(round(len(qa_rows) * (1 - cfg.qa_fraction) / cfg.qa_fraction))
+    starts = np.random.default_rng(cfg.seed).integers(0, max(1, len(stream) - length), num_corpus)
+    rows = np.full((len(qa_rows) + num_corpus, length), pad_id, dtype=np.int32)
+    for i, row in enumerate(qa_rows):
+        rows[i, :len(row)] = row
+    for i, start in enumerate(starts):
+        window = stream[start:start + length]
+        rows[len(qa_rows) + i, :len(window)] = window
+    return rows[np.random.default_rng(cfg.seed).permutation(len(rows))]
+
+
+def prepare(cfg, out: Path, progress: bool = True) -> dict:
+    """Tokenizer, reader and bounds into ``out`` (skipped when ``out/prepare.json`` exists); returns that info."""
+    info_path = out / "prepare.json"
+    if info_path.is_file():
+        return json.loads(info_path.read_text())
+    corpus = load_corpus(max_chars_per_domain=cfg.corpus_chars, seed=cfg.seed)
+    qa_text = [d.text() for d in generate_documents("train", 400, cfg.seed + 2, _approximate_tokens,
+                                                    cfg.context_tokens, cfg.block_tokens)]
+    tokenizer = train_tokenizer([doc.text for d in DOMAINS for doc in corpus[d]] + qa_text, vocab_size=cfg.vocab_size)
+    save_tokenizer(tokenizer, out / "tokenizer.json")
+    prepared = load_prepared(cfg, out, base=False)
+    rows = pretraining_rows(cfg, tokenizer, prepared.encode, prepared.bos_id, prepared.pad_id)
+    model, log = pretrain_base(model_config(cfg, tokenizer.get_vocab_size(), rows.shape[1]), rows, cfg.pretrain_steps,
+                               cfg.pretrain_batch, cfg.pretrain_lr, cfg.device, cfg.bf16, cfg.seed, prepared.pad_id,
+                               cfg.pretrain_max_seconds, progress)
+    model = model.to(torch.bfloat16)
+    model.save(out / "base")  # bfloat16 weights: the reader every compressor uses
+    base = Transformer.load(out / "base", device=cfg.device, dtype=torch.float32).eval()
+    bounds = {}
+    for split in ("dev", "test"):
+        data = getattr(prepared, split)
+        for mode in ("full", "none"):
+            bounds[f"{split}_{mode}"] = evaluate_reader(base, data, mode, prepared.bos_id, prepared.stop_ids,
+                                                        prepared.decode)
+    info = {"pretrain": {**log, "rows": int(rows.shape[0]), "row_tokens": int(rows.shape[1]),
+                         "parameters": base.num_parameters()}, "bounds": bounds,
+            "questions": {s: len(getattr(prepared, s).doc) for s in ("train", "dev", "test")},
+            "device": torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu"}
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def load_prepared(cfg, out: Path, base: bool = True) -> Prepared:
+    """Tokenizer and QA sets (regenerated: they are a pure function of cfg and the tokenizer) and the reader."""
+    tokenizer = load_tokenizer(out / "tokenizer.json")
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    pad_id, bos_id = tokenizer.token_to_id(PAD), tokenizer.token_to_id(BOS)
+    newline = encode("\n")
+    if len(newline) != 1:
+        raise ValueError(f"the tokenizer encodes a newline as {newline}; the answers stop at a one-token newline")
+    sets = _qa_sets(cfg, encode, pad_id)
+    model = Transformer.load(out / "base", device=cfg.device, dtype=torch.float32).eval() if base else None
+    return Prepared(tokenizer, model, sets["train"], sets["dev"], sets["test"], bos_id, pad_id,
+                    {newline[0], tokenizer.token_to_id(EOS)})
