@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minimoe.model.moe import MoEConfig, MoELayer, choose_backend, expert_capacity, grouped_matmul, grouped_mm_supported
-from minimoe.model.router import load_balancing_loss, router_probabilities, router_z_loss
+from minimoe.model.router import (load_balancing_loss, moe_aux_loss, pooled_load_balancing_loss, router_probabilities,
+                                  router_z_loss)
 
 
 def _config(router="softmax", **kw):
@@ -201,6 +202,53 @@ def test_aux_loss_is_the_weighted_sum_of_the_router_losses():
     silent = _layer()
     silent(torch.randn(4, 32))
     assert silent.aux_loss.item() == 0.0 and silent.aux_loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("router", ["softmax", "deepseek_v3", "llama4"])
+def test_moe_aux_loss_conventions_over_layers(router):
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    layers = {}
+    for convention in ("per_layer", "pooled"):
+        kw = dict(router=router, aux_loss_coef=0.3, z_loss_coef=0.02, aux_loss_convention=convention)
+        if router == "llama4":
+            kw.update(top_k=1)
+        layers[convention] = [_layer(seed=seed, **kw) for seed in range(3)]
+        h = x
+        for layer in layers[convention]:
+            h = layer(h)
+    per_layer, pooled = layers["per_layer"], layers["pooled"]
+    torch.testing.assert_close(moe_aux_loss(per_layer), sum(layer.aux_loss for layer in per_layer))
+    routings = [layer.last_routing for layer in pooled]
+    want = 0.3 * pooled_load_balancing_loss([router_probabilities(r) for r in routings],
+                                            [r.expert_ids for r in routings], 8)
+    want = want + sum(0.02 * router_z_loss(r.logits) for r in routings)
+    torch.testing.assert_close(moe_aux_loss(pooled), want)
+    assert moe_aux_loss(pooled).requires_grad
+    # one layer: the two conventions agree
+    torch.testing.assert_close(moe_aux_loss(pooled[:1]), pooled[0].aux_loss)
+    # padding left out: the same as running only the real tokens
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, :3] = False
+    for group in (per_layer, pooled):
+        masked = moe_aux_loss(group, mask)
+        h = x[mask]
+        for layer in group:
+            h = layer(h)
+        torch.testing.assert_close(masked, moe_aux_loss(group))
+    with pytest.raises(ValueError, match="different aux_loss_convention"):
+        moe_aux_loss([per_layer[0], pooled[1]])
+    with pytest.raises(ValueError, match="token_mask has 4 entries"):
+        moe_aux_loss(pooled, torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="forward pass first"):
+        moe_aux_loss([_layer(aux_loss_convention="pooled")])
+
+
+def test_config_files_written_before_the_loss_convention_existed_mean_per_layer():
+    d = _config(aux_loss_coef=0.01).to_dict()
+    assert d.pop("aux_loss_convention") == "per_layer"
+    assert MoEConfig.from_dict(d).aux_loss_convention == "per_layer"
+    with pytest.raises(ValueError, match="aux_loss_convention='mean' must be one of"):
+        _config(aux_loss_convention="mean")
 
 
 def test_shared_experts_are_one_wide_swiglu():

@@ -10,6 +10,7 @@ from minimoe.model.router import (
     deepseek_v3_topk,
     llama4_topk,
     load_balancing_loss,
+    pooled_load_balancing_loss,
     router_probabilities,
     router_z_loss,
     softmax_topk,
@@ -133,6 +134,32 @@ def test_load_balancing_loss_matches_brute_force_and_transformers(top_k):
     assert loss.item() == pytest.approx(num_experts * brute, rel=1e-6)
     theirs = load_balancing_loss_func((logits,), num_experts=num_experts, top_k=top_k)
     assert loss.item() == pytest.approx(theirs.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("num_layers, top_k", [(2, 1), (3, 2), (4, 3)])
+def test_pooled_loss_over_several_layers_is_transformers_load_balancing_loss_func(num_layers, top_k):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    logits = [_logits(10 + layer, tokens=12, experts=6) for layer in range(num_layers)]  # (T, E) per layer
+    results = [softmax_topk(x, top_k) for x in logits]
+    probs, ids = [router_probabilities(r) for r in results], [r.expert_ids for r in results]
+    pooled = pooled_load_balancing_loss(probs, ids, 6)
+    theirs = load_balancing_loss_func(tuple(logits), num_experts=6, top_k=top_k)
+    assert pooled.item() == pytest.approx(theirs.item(), rel=1e-6)
+    # the per-layer convention is the sum of one-layer losses: a different number, not a rescaled one
+    per_layer = sum(load_balancing_loss(p, i, 6) for p, i in zip(probs, ids))
+    assert per_layer.item() == pytest.approx(
+        sum(load_balancing_loss_func((x,), num_experts=6, top_k=top_k).item() for x in logits), rel=1e-6)
+    assert per_layer.item() > 1.5 * pooled.item()
+    # transformers' attention_mask leaves padding out of every layer's statistics
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    keep = mask.reshape(-1).bool()
+    masked = pooled_load_balancing_loss([p[keep] for p in probs], [i[keep] for i in ids], 6)
+    theirs = load_balancing_loss_func(tuple(logits), num_experts=6, top_k=top_k, attention_mask=mask)
+    assert masked.item() == pytest.approx(theirs.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="one router_probs and one expert_ids tensor per layer"):
+        pooled_load_balancing_loss(probs, ids[:1], 6)
 
 
 def test_load_balancing_loss_is_top_k_for_a_uniform_router():

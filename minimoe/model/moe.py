@@ -33,6 +33,11 @@ Capacity (GShard, Lepikhin et al. 2020): by default the layer is dropless. With
 ``capacity_factor > 0`` each expert takes at most C = ceil(T·k/E · capacity_factor) pairs;
 pairs beyond C are dropped in token order (the first C tokens that chose an expert keep it),
 contribute nothing, and are counted in ``dropped_tokens``.
+
+Auxiliary losses: each layer computes its own ``aux_loss`` (``minimoe.model.router``: load balancing and
+z-loss); ``minimoe.model.router.moe_aux_loss(layers)`` combines the layers of a model under ``MoEConfig.aux_loss_convention``:
+"per_layer" sums the layers' losses, "pooled" computes the load-balancing term once on the router statistics
+of all layers together (transformers' ``load_balancing_loss_func``). For a single layer both are the same.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from torch import nn
 
 from minimoe.model.dense import FeedForward  # the shared expert is a plain SwiGLU
 from minimoe.model.router import (
+    AUX_LOSS_CONVENTIONS,
     DROPPED_GROUP_VALUES,
     ROUTER_FAMILIES,
     Router,
@@ -74,6 +80,7 @@ class MoEConfig:
     dropped_group_value: str = "-inf"  # deepseek_v3: "-inf" (DeepSeek) or "zero" (older transformers)
     capacity_factor: float = 0.0  # 0 = dropless; > 0: C = ceil(T·k/E · capacity_factor)
     aux_loss_coef: float = 0.0  # weight of the load-balancing loss in aux_loss
+    aux_loss_convention: str = "per_layer"  # over layers: "per_layer" (sum) or "pooled" (transformers), see router.py
     z_loss_coef: float = 0.0  # weight of the router z-loss in aux_loss
     router_jitter: float = 0.0  # multiplicative router-input noise in training, in [0, 1)
 
@@ -127,6 +134,8 @@ class MoEConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not 0 <= self.router_jitter < 1:
             raise ValueError(f"router_jitter={self.router_jitter} must be in [0, 1)")
+        if self.aux_loss_convention not in AUX_LOSS_CONVENTIONS:
+            raise ValueError(f"aux_loss_convention={self.aux_loss_convention!r} must be one of {AUX_LOSS_CONVENTIONS}")
 
     @property
     def shared_width(self) -> int:
@@ -138,14 +147,18 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":
-        """Build from ``to_dict()`` output; every field must be present, no other key allowed."""
+        """Build from ``to_dict()`` output; every field must be present, no other key allowed (except the fields
+        added later, in LATER_FIELDS: a file written before one existed means its default)."""
         if not isinstance(d, dict):
             raise TypeError(f"MoEConfig.from_dict expects a dict, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(d) - names), sorted(names - set(d))
+        unknown, missing = sorted(set(d) - names), sorted(names - set(d) - LATER_FIELDS)
         if unknown or missing:
             raise ValueError(f"MoEConfig dict has unknown keys {unknown} and missing keys {missing}")
         return cls(**d)
+
+
+LATER_FIELDS = {"aux_loss_convention"}  # checkpoints written before it trained with "per_layer", its default
 
 
 def _require_int(name: str, value) -> None:

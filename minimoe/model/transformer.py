@@ -237,10 +237,13 @@ class Transformer(nn.Module):
             return attention_mask.to(x.dtype)
         raise ValueError(f"attention_mask must be 2D (B, S) or 4D (B, 1, T, S), got {attention_mask.ndim}D")
 
-    def moe_aux_loss(self) -> torch.Tensor:
-        """Sum of the MoE layers' auxiliary losses from the last forward (0 for a dense model)."""
-        losses = [layer.ffn.aux_loss for layer in self.layers if hasattr(layer.ffn, "aux_loss")]
-        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.embed.weight.device)
+    def moe_aux_loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The MoE layers' auxiliary loss from the last forward, combined under ``MoEConfig.aux_loss_convention``
+        (``minimoe.model.router.moe_aux_loss``; attention_mask (B, T): padding left out); 0 for a dense model."""
+        from minimoe.model.router import moe_aux_loss
+
+        layers = [layer.ffn for layer in self.layers if hasattr(layer.ffn, "aux_loss")]
+        return moe_aux_loss(layers, attention_mask) if layers else torch.zeros((), device=self.embed.weight.device)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
