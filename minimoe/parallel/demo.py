@@ -1,0 +1,306 @@
+"""``minimoe ep-demo``: expert parallelism for real, on the ranks ``torchrun`` starts.
+
+    torchrun --nproc_per_node=4 -m minimoe ep-demo                      a random MoE layer, every wire format
+    torchrun --nproc_per_node=4 -m minimoe ep-demo --model bundled      the bundled model: logits vs one process
+    torchrun --nproc_per_node=4 -m minimoe ep-demo --trace bundled --placement locality --gpus-per-node 2
+                                                                         replay a trace: measured vs predicted bytes
+
+Every rank builds the same model from ``--seed``, takes its share of the batch (rank r holds tokens
+[r·T, (r+1)·T)), runs the layer expert-parallel and compares its outputs with the single-process layer on
+the whole batch. Rank 0 prints, per wire format, the largest difference, the bytes sent per link class
+and direction (summed over ranks), the time of dispatch, experts and combine (slowest rank), the pairs
+each rank computed and their max/mean. gloo on CPUs, NCCL when CUDA is available (``--backend``).
+Without torchrun it runs as one process.
+
+Several "nodes" on one host: ``--gpus-per-node 2`` with 4 ranks makes ranks {0,1} and {2,3} two nodes, so the
+hierarchical format and the intra/inter-node counters can be exercised on one machine (the link speeds are
+then those of the host, not of a network). Across real nodes, start the same command on each node with
+``--nnodes`` and a rendezvous, e.g. on two nodes of 8 GPUs:
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=ep \\
+        -m minimoe ep-demo --gpus-per-node 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+from minimoe.parallel.comm import DEFAULT_TIMEOUT_S, all_reduce_sum, destroy_process_group, group_rank_size, \
+    init_process_group
+from minimoe.parallel.dispatch import WIRE_FORMATS, TrafficCounters
+from minimoe.parallel.layer import ExpertParallelMoE, expert_parallel
+
+PLACEMENTS = ("contiguous", "round_robin", "eplb", "locality")
+GROUPINGS = ("round_robin", "random", "domain", "signature")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not np.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minimoe ep-demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a minimoe checkpoint directory, or 'bundled': run the whole model "
+                                   "expert-parallel and compare its logits with one process")
+    p.add_argument("--trace", help="a trace .npz, or 'bundled' (record the bundled model's workload, small): "
+                                   "replay it through the exchange")
+    p.add_argument("--wire-format", default="all", choices=(*WIRE_FORMATS, "all"), help="default: all three")
+    p.add_argument("--placement", default="contiguous", choices=PLACEMENTS,
+                   help="expert placement, fitted on the routing at hand (default: %(default)s)")
+    p.add_argument("--replicas", type=_positive, default=None,
+                   help="physical slots per layer (default: num_experts rounded up to a multiple of the ranks)")
+    p.add_argument("--gpus-per-node", type=_positive, default=None,
+                   help="ranks per 'node' (default: all ranks are one node); must divide the number of ranks")
+    p.add_argument("--grouping", default="round_robin", choices=GROUPINGS,
+                   help="--trace: which rank each request runs on (default: %(default)s = request %% ranks)")
+    p.add_argument("--experts", type=_positive, default=16, help="random layer: num_experts (default: %(default)s)")
+    p.add_argument("--top-k", type=_positive, default=4, help="random layer: top_k (default: %(default)s)")
+    p.add_argument("--hidden", type=_positive, default=None,
+                   help="hidden size (default: 64 for the random layer, 7168 for --trace, as DeepSeek-V3)")
+    p.add_argument("--intermediate", type=_positive, default=32, help="random layer: expert width (default: 32)")
+    p.add_argument("--shared-experts", type=int, default=0, choices=(0, 1, 2), help="random layer (default: 0)")
+    p.add_argument("--capacity-factor", type=_non_negative_float, default=0.0,
+                   help="random layer: 0 = dropless (default), else capacity C = ceil(T·k/E · factor)")
+    p.add_argument("--tokens-per-rank", type=_positive, default=32,
+                   help="random layer: tokens per rank; --model: sequences of 16 tokens per rank (default: 32)")
+    p.add_argument("--requests-per-domain", type=_positive, default=8, help="--trace bundled (default: 8)")
+    p.add_argument("--new-tokens", type=_positive, default=16, help="--trace bundled: decode tokens (default: 16)")
+    p.add_argument("--iters", type=_positive, default=3, help="timed repetitions (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default: %(default)s)")
+    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="(default: %(default)s)")
+    p.add_argument("--timeout", type=_non_negative_float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds before a collective gives up (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--json", help="rank 0 writes the results here as JSON")
+    return p
+
+
+def _topology(args, world: int):
+    from minimoe.placement import Topology
+
+    per_node = args.gpus_per_node or world
+    if world % per_node:
+        raise ValueError(f"--gpus-per-node {per_node} does not divide the {world} ranks")
+    return Topology(num_nodes=world // per_node, gpus_per_node=per_node)
+
+
+def _routing_trace(expert_ids: list[torch.Tensor], request: np.ndarray, num_experts: int, top_k: int):
+    """A Trace of recorded routing: expert_ids[l] (N, k) per layer, request (N,) dense ids."""
+    from minimoe.traces import Trace
+
+    experts = np.stack([e.cpu().numpy() for e in expert_ids], axis=1)  # (N, L, k)
+    return Trace(experts=experts, request=request, phase=np.zeros(len(request), dtype=np.int8), domain=None,
+                 num_experts=num_experts, top_k=top_k, model="ep-demo")
+
+
+def _place(trace, topology, method: str, replicas: int | None, num_experts: int, sources=None, tokens=None):
+    from minimoe.placement import place
+
+    slots = replicas or -(-num_experts // topology.num_gpus) * topology.num_gpus
+    extra = {"sources": sources} if method == "locality" and sources is not None else {}
+    return place(trace, topology, method, num_replicas=slots, tokens=tokens, **extra)
+
+
+def _max_over_ranks(value: float, device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return float(tensor)
+
+
+def _load(ep_layers, world, device) -> np.ndarray:
+    pairs = torch.zeros(world, dtype=torch.int64, device=device)
+    pairs[group_rank_size()[0]] = sum(int(layer.received_pairs) for layer in ep_layers)
+    return all_reduce_sum(pairs).cpu().numpy()
+
+
+def _row(fmt, error, ep_layers, world, device, times) -> dict:
+    counters = TrafficCounters()
+    for layer in ep_layers:
+        counters.merge(layer.counters)
+    counters = counters.summed()
+    load = _load(ep_layers, world, device)
+    row = dict(wire_format=fmt, max_abs_error=error, **counters.as_dict(), pairs_per_rank=load.tolist(),
+               load_max_over_mean=float(load.max() / max(load.mean(), 1e-12)))
+    row.update({f"{name}_ms": 1e3 * _max_over_ranks(t, device) for name, t in times.items()})
+    return row
+
+
+def run_layer(args, world, rank, device, dtype) -> list[dict]:
+    """A random MoE layer, every wire format, against the single-process layer."""
+    from minimoe.model import MoEConfig, MoELayer
+
+    torch.manual_seed(args.seed)
+    config = MoEConfig(num_experts=args.experts, top_k=args.top_k, intermediate_size=args.intermediate,
+                       num_shared_experts=args.shared_experts, capacity_factor=args.capacity_factor)
+    hidden, tokens = args.hidden or 64, args.tokens_per_rank
+    moe = MoELayer(hidden, config).to(device=device, dtype=dtype)
+    x_all = torch.randn(world * tokens, hidden, generator=torch.Generator().manual_seed(args.seed + 1))
+    x_all = x_all.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        reference = moe(x_all)  # (G·T, H) the single-process layer on the whole batch
+    trace = _routing_trace([moe.last_routing.expert_ids], np.repeat(np.arange(world), tokens), args.experts,
+                           args.top_k)
+    placement = _place(trace, _topology(args, world), args.placement, args.replicas, args.experts)
+    mine = slice(rank * tokens, (rank + 1) * tokens)
+    index = torch.arange(mine.start, mine.stop, device=device)  # global token index, as in the trace
+    rows = []
+    for fmt in (WIRE_FORMATS if args.wire_format == "all" else (args.wire_format,)):
+        layer = ExpertParallelMoE(moe, placement, 0, None, fmt)
+        with torch.no_grad():
+            out = layer(x_all[mine], token_index=index)
+            error = _max_over_ranks(float((out.float() - reference[mine].float()).abs().max()), device)
+            counters, layer.timed, times = layer.counters, True, {"dispatch": 0.0, "experts": 0.0, "combine": 0.0}
+            layer.counters = TrafficCounters()  # time without counting
+            for _ in range(args.iters):
+                layer(x_all[mine], token_index=index)
+                times = {k: v + layer.last_times[k] / args.iters for k, v in times.items()}
+            layer.counters = counters
+        rows.append(_row(fmt, error, [layer], world, device, times))
+    return rows
+
+
+def run_model(args, world, rank, device, dtype) -> list[dict]:
+    """A minimoe checkpoint expert-parallel: logits against one process."""
+    import copy
+
+    from minimoe.model import MoELayer, Transformer
+    from minimoe.traces import BUNDLED_MODEL
+
+    model = Transformer.load(BUNDLED_MODEL if args.model == "bundled" else args.model).to(device=device, dtype=dtype)
+    model.eval()
+    seqs, length = args.tokens_per_rank, 16
+    ids = torch.randint(0, model.config.vocab_size, (world * seqs, length),
+                        generator=torch.Generator().manual_seed(args.seed)).to(device)
+    with torch.no_grad():
+        reference = model(ids)  # (G·B, T, V)
+    moes = [b.ffn for b in model.layers if isinstance(b.ffn, MoELayer)]
+    trace = _routing_trace([m.last_routing.expert_ids for m in moes], np.repeat(np.arange(world), seqs * length),
+                           moes[0].config.num_experts, moes[0].config.top_k)
+    placement = _place(trace, _topology(args, world), args.placement, args.replicas, trace.num_experts)
+    mine = slice(rank * seqs, (rank + 1) * seqs)
+    rows = []
+    for fmt in (WIRE_FORMATS if args.wire_format == "all" else (args.wire_format,)):
+        parallel = expert_parallel(copy.deepcopy(model), placement, None, fmt)
+        layers = [b.ffn for b in parallel.layers if isinstance(b.ffn, ExpertParallelMoE)]
+        with torch.no_grad():
+            logits = parallel(ids[mine])
+        error = _max_over_ranks(float((logits.float() - reference[mine].float()).abs().max()), device)
+        rows.append(_row(fmt, error, layers, world, device, {}))
+    return rows
+
+
+def run_replay(args, world, rank, device, dtype) -> list[dict]:
+    """Replay a trace: measured bytes and time next to minimoe.placement.measure."""
+    from minimoe.placement import group, measure
+    from minimoe.parallel.replay import predicted_bytes, replay
+    from minimoe.traces import Trace, bundled_trace
+
+    if args.trace == "bundled":
+        trace = bundled_trace(num_per_domain=args.requests_per_domain, max_new_tokens=args.new_tokens,
+                              seed=args.seed)
+    else:
+        if not os.path.isfile(args.trace):
+            raise FileNotFoundError(f"--trace {args.trace!r}: no such file (expected a trace .npz or 'bundled')")
+        trace = Trace.load(args.trace)
+    topology = _topology(args, world)
+    fit = trace.phase == 0 if (trace.phase == 0).any() and (trace.phase == 1).any() else None
+    held_out = None if fit is None else ~fit  # fit on prefill, replay decode (held out)
+    sources = None if args.grouping == "round_robin" else group(trace, topology, args.grouping, seed=args.seed,
+                                                                 tokens=fit)
+    placement = _place(trace, topology, args.placement, args.replicas, trace.num_experts, sources, fit)
+    hidden = args.hidden or 7168
+    report = measure(trace, placement, topology, sources=sources, hidden_size=hidden,
+                     bytes_per_element=torch.finfo(dtype).bits // 8,
+                     combine_bytes_per_element=torch.finfo(dtype).bits // 8, tokens=held_out)
+    rows = []
+    for fmt in (WIRE_FORMATS if args.wire_format == "all" else (args.wire_format,)):
+        result = replay(trace, placement, sources, fmt, None, hidden, dtype, device, held_out, seed=args.seed)
+        predicted = predicted_bytes(report, fmt, topology)
+        c = result.counters
+        rows.append(dict(wire_format=fmt, placement=args.placement, grouping=args.grouping, steps=result.steps,
+                         tokens=result.tokens, **c.as_dict(), predicted_intra_bytes=predicted["intra"],
+                         predicted_inter_bytes=predicted["inter"],
+                         bytes_match=c.link_bytes("intra") == predicted["intra"]
+                         and c.link_bytes("inter") == predicted["inter"],
+                         dispatch_ms=1e3 * result.dispatch_s, combine_ms=1e3 * result.combine_s,
+                         pairs_per_rank=result.received_pairs.tolist(),
+                         load_max_over_mean=result.load_max_over_mean))
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        head = f"{r['wire_format']:>13s}"
+        if "max_abs_error" in r:
+            head += f"  max |EP - one process| {r['max_abs_error']:.2e}"
+        if "bytes_match" in r:
+            head += (f"  predicted intra {r['predicted_intra_bytes'] / 1e6:.3f} MB inter "
+                     f"{r['predicted_inter_bytes'] / 1e6:.3f} MB: {'equal' if r['bytes_match'] else 'DIFFERENT'}")
+        lines.append(head)
+        for d in ("dispatch", "combine"):
+            timing = f", {r[d + '_ms']:.3f} ms" if f"{d}_ms" in r else ""
+            lines.append(f"{'':15s}{d:8s} intra {r[f'{d}_intra_bytes'] / 1e6:9.3f} MB  inter "
+                         f"{r[f'{d}_inter_bytes'] / 1e6:9.3f} MB  local rows {r[f'{d}_local_rows']}{timing}")
+        if "experts_ms" in r:
+            lines.append(f"{'':15s}experts  {r['experts_ms']:.3f} ms")
+        lines.append(f"{'':15s}pairs per rank {r['pairs_per_rank']}, max/mean {r['load_max_over_mean']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.model and args.trace:
+        raise ValueError("--model and --trace are two different runs: give one of them")
+    if args.model and args.model != "bundled" and not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model!r}: no such directory (expected a minimoe checkpoint "
+                                "or 'bundled')")
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        device = init_process_group(None if args.backend == "auto" else args.backend, args.timeout)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() and args.backend != "gloo" else "cpu")
+    try:
+        rank, world = group_rank_size()
+        dtype = getattr(torch, args.dtype)
+        run = run_model if args.model else run_replay if args.trace else run_layer
+        rows = run(args, world, rank, device, dtype)
+        if rank == 0:
+            backend = torch.distributed.get_backend() if distributed else "one process"
+            print(f"ep-demo: {world} ranks ({backend}, {device.type}), {args.dtype}, placement {args.placement}, "
+                  f"{args.gpus_per_node or world} ranks per node")
+            print(format_rows(rows))
+            if args.json:
+                with open(args.json, "w") as file:
+                    json.dump(dict(world_size=world, args=vars(args), rows=rows), file, indent=1)
+    finally:
+        if distributed:
+            destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""Dispatch and combine: token rows to the ranks holding their experts and back, in three wire formats.
+
+Rank r holds T tokens x (T, H), each routed to k physical slots (``RouteTable.route``; -1 = none or
+dropped) with weights w (T, k). Slot s lives on rank s // slots_per_gpu, node rank // gpus_per_node.
+A **leg** is one exchange: pick rows of an input, sorted by destination rank; exchange the per-rank
+counts (one all-to-all of G integers, the leg's only host sync); exchange the rows and their routing
+metadata (``Exchange``). Every row carries m (slot, weight) entries; the receiver computes
+y_n = Σ_j w_nj · E_{s_nj}(x_n) over its valid entries (``minimoe.parallel.experts``), and **combine** runs
+the legs backwards, each returned row added to the row it came from (index_add), so the source ends with
+y_t = Σ_j w_tj · E_j(x_t). The three formats differ in what a row is (REFERENCES: Megatron-LM and
+torchtitan token dispatchers; DeepEP, Zhao et al. 2025):
+
+* ``token_expert`` — one row per (token, expert) pair, m = 1 (low-latency kernels, Megatron, torchtitan):
+  a token with two experts on one rank travels twice.
+* ``token_rank`` — one row per (token, destination rank), m = k, the entries of other ranks set to -1
+  (DeepEP normal kernels, de-duplicated per rank).
+* ``hierarchical`` — leg A sends one row per (token, remote *node*) to the rank with the token's local
+  index on that node (the *entry* rank), carrying the global slots of that node; leg B is ``token_rank``
+  inside each node over the rows [own tokens; rows received in leg A]. Combine reduces at the entry rank
+  before the one return trip over the node boundary. ``gpus_per_node`` comes from the placement, so
+  "nodes" may be groups of ranks on one host.
+
+Rows a rank sends itself go through the all-to-all as a local copy; ``TrafficCounters`` counts what
+crosses to another rank, per link class (intra-node, inter-node) and direction: the hidden-state
+payload in ``bytes`` (what ``minimoe.placement.measure`` counts), the routing metadata separately.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from minimoe.parallel.comm import all_reduce_sum, exchange, exchange_counts, group_rank_size
+
+WIRE_FORMATS = ("token_expert", "token_rank", "hierarchical")
+DIRECTIONS, LINKS = ("dispatch", "combine"), ("intra", "inter")
+
+
+@dataclass
+class TrafficCounters:
+    """What this rank sent to *other* ranks: ``bytes[(direction, link)]``, ``rows[(direction, link)]``,
+    ``meta_bytes`` (routing metadata, 8 bytes per entry) and ``local_rows[direction]`` (rows kept local)."""
+
+    bytes: dict = field(default_factory=lambda: {(d, link): 0 for d in DIRECTIONS for link in LINKS})
+    rows: dict = field(default_factory=lambda: {(d, link): 0 for d in DIRECTIONS for link in LINKS})
+    local_rows: dict = field(default_factory=lambda: {d: 0 for d in DIRECTIONS})
+    meta_bytes: int = 0
+
+    def add(self, direction: str, splits: list[int], row_bytes: int, rank: int, gpus_per_node: int,
+            meta_bytes_per_row: int = 0) -> None:
+        for dest, count in enumerate(splits):
+            if dest == rank:
+                self.local_rows[direction] += count
+                continue
+            link = "intra" if dest // gpus_per_node == rank // gpus_per_node else "inter"
+            self.rows[(direction, link)] += count
+            self.bytes[(direction, link)] += count * row_bytes
+            self.meta_bytes += count * meta_bytes_per_row
+
+    def merge(self, other: "TrafficCounters") -> "TrafficCounters":
+        """Add ``other``'s counts to these (e.g. the layers of a model); returns self."""
+        for key in self.bytes:
+            self.bytes[key] += other.bytes[key]
+            self.rows[key] += other.rows[key]
+        for key in self.local_rows:
+            self.local_rows[key] += other.local_rows[key]
+        self.meta_bytes += other.meta_bytes
+        return self
+
+    def link_bytes(self, link: str) -> int:
+        """Dispatch + combine bytes over one link class."""
+        return self.bytes[("dispatch", link)] + self.bytes[("combine", link)]
+
+    def summed(self, group=None) -> "TrafficCounters":
+        """The counters of all ranks added up (a collective)."""
+        keys = [(d, link) for d in DIRECTIONS for link in LINKS]
+        values = [self.bytes[k] for k in keys] + [self.rows[k] for k in keys] \
+            + [self.local_rows[d] for d in DIRECTIONS] + [self.meta_bytes]
+        device = "cuda" if dist.is_initialized() and dist.get_backend(group) == "nccl" else "cpu"
+        total = all_reduce_sum(torch.tensor(values, dtype=torch.int64, device=device), group, "counter sum").tolist()
+        out = TrafficCounters()
+        out.bytes = dict(zip(keys, total[:4]))
+        out.rows = dict(zip(keys, total[4:8]))
+        out.local_rows = dict(zip(DIRECTIONS, total[8:10]))
+        out.meta_bytes = total[10]
+        return out
+
+    def as_dict(self) -> dict:
+        out = {f"{d}_{link}_bytes": v for (d, link), v in self.bytes.items()}
+        out.update({f"{d}_{link}_rows": v for (d, link), v in self.rows.items()})
+        out.update({f"{d}_local_rows": v for d, v in self.local_rows.items()}, meta_bytes=self.meta_bytes)
+        return out
+
+
+@dataclass
+class Leg:
+    """One exchange: ``src_row`` (N,) rows of the leg's input in send order, the host split lists, and the
+    input's row count (where combine adds the returned rows)."""
+
+    src_row: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    num_rows: int
+
+
+@dataclass
+class Handle:
+    """What combine needs to undo a dispatch (DeepEP calls it the handle)."""
+
+    wire_format: str
+    legs: list[Leg]
+    num_tokens: int
+    group: object
+    requires_grad: bool
+    rank: int
+    gpus_per_node: int
+    counters: TrafficCounters | None
+
+
+@dataclass
+class Dispatched:
+    """Rows received by this rank: ``rows`` (N, H), ``slots`` (N, m) int64 local slot ids (-1 = not for this
+    rank), ``weights`` (N, m) float32, and the ``handle`` for :func:`combine`."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    weights: torch.Tensor
+    handle: Handle
+
+
+# ---- send lists: which input rows go to which rank, sorted by destination -------------------------------
+def _by_destination(hit: torch.Tensor):
+    """hit (R, D) bool -> positions p of the True entries sorted by column then row: (row, column) = (p % R, p // R)
+    for the first hit.sum() entries of the returned order (the rest are padding)."""
+    order = torch.argsort((~hit).T.reshape(-1).to(torch.uint8), stable=True)  # (D·R,)
+    return order % hit.shape[0], order // hit.shape[0]
+
+
+def per_pair(slots, num_gpus, slots_per_gpu):
+    """``token_expert`` send list: (src_row (P,), counts (G,), meta slots (P, 1) local, entry index (P,))."""
+    k = slots.shape[1]
+    dest = torch.where(slots >= 0, slots // slots_per_gpu, num_gpus).reshape(-1)  # (R·k,), none -> G
+    order = torch.argsort(dest, stable=True)
+    counts = torch.bincount(dest, minlength=num_gpus + 1)[:num_gpus]
+    return order // k, counts, (slots.reshape(-1)[order] % slots_per_gpu).unsqueeze(1), order
+
+
+def per_rank(slots, num_gpus, slots_per_gpu):
+    """``token_rank`` send list: (src_row (P,), counts (G,), meta slots (P, m) local or -1)."""
+    rows = slots.shape[0]
+    dest = torch.where(slots >= 0, slots // slots_per_gpu, num_gpus)  # (R, m)
+    hit = torch.zeros(rows, num_gpus + 1, dtype=torch.bool, device=slots.device).scatter_(1, dest, True)[:, :-1]
+    src_row, dest_row = _by_destination(hit)
+    meta = torch.where(dest[src_row] == dest_row.unsqueeze(1), slots[src_row] % slots_per_gpu, -1)
+    return src_row, hit.sum(0), meta
+
+
+def per_node(slots, num_gpus, slots_per_gpu, gpus_per_node, rank):
+    """``hierarchical`` leg A send list: one row per (token, remote node) to the entry rank; meta = global
+    slots on that node, else -1. Returns (src_row (P,), counts (G,), meta (P, m))."""
+    rows, num_nodes = slots.shape[0], num_gpus // gpus_per_node
+    node = torch.where(slots >= 0, slots // slots_per_gpu // gpus_per_node, num_nodes)  # (R, m)
+    remote = torch.where(node == rank // gpus_per_node, num_nodes, node)
+    hit = torch.zeros(rows, num_nodes + 1, dtype=torch.bool, device=slots.device).scatter_(1, remote, True)[:, :-1]
+    src_row, node_row = _by_destination(hit)
+    entry = torch.arange(num_nodes, device=slots.device) * gpus_per_node + rank % gpus_per_node
+    counts = torch.zeros(num_gpus, dtype=torch.int64, device=slots.device).index_add_(0, entry, hit.sum(0))
+    meta = torch.where(node[src_row] == node_row.unsqueeze(1), slots[src_row], -1)
+    return src_row, counts, meta
+
+
+# ---- legs ----------------------------------------------------------------------------------------------
+def _send(rows, weights, src_row, counts, meta, h: Handle, what: str, weight_index=None):
+    send, recv = exchange_counts(counts, h.group)
+    n = sum(send)
+    src_row, meta = src_row[:n], meta[:n]
+    sent_weights = weights[src_row] if weight_index is None else weights.reshape(-1)[weight_index[:n]].unsqueeze(1)
+    recv_rows, recv_weights, recv_slots = exchange(
+        rows.index_select(0, src_row), send, recv, h.group, weights=sent_weights, slots=meta,
+        requires_grad=h.requires_grad, what=what)
+    if h.counters is not None:
+        h.counters.add("dispatch", send, rows.shape[1] * rows.element_size(), h.rank, h.gpus_per_node,
+                       8 * meta.shape[1])
+    h.legs.append(Leg(src_row, send, recv, rows.shape[0]))
+    return recv_rows, recv_weights, recv_slots
+
+
+def _return(out_rows: torch.Tensor, leg: Leg, h: Handle, what: str) -> torch.Tensor:
+    back, _, _ = exchange(out_rows, leg.recv_splits, leg.send_splits, h.group, requires_grad=h.requires_grad,
+                          what=what)  # (N, H) in send order
+    if h.counters is not None:
+        h.counters.add("combine", leg.recv_splits, out_rows.shape[1] * out_rows.element_size(), h.rank,
+                       h.gpus_per_node)
+    return out_rows.new_zeros(leg.num_rows, out_rows.shape[1]).index_add(0, leg.src_row, back)
+
+
+def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout, wire_format: str = "token_rank",
+             group=None, counters: TrafficCounters | None = None, requires_grad: bool | None = None) -> Dispatched:
+    """Send this rank's token rows to the ranks holding their slots (a collective: every rank calls it).
+
+    x (T, H) float on the backend's device; slots (T, k) int64 global slot ids (-1 = none); weights (T, k)
+    float32; ``layout``: the ``Placement`` or ``RouteTable`` (for slots_per_gpu, gpus_per_node, num_gpus);
+    ``requires_grad`` (default: whether x or weights need a gradient) must agree on all ranks.
+    Raises ValueError on bad shapes, an unknown ``wire_format`` or a group that is not the placement's size.
+    """
+    if wire_format not in WIRE_FORMATS:
+        raise ValueError(f"wire_format must be one of {WIRE_FORMATS}, got {wire_format!r}")
+    if x.dim() != 2 or slots.shape != weights.shape or slots.dim() != 2 or slots.shape[0] != x.shape[0]:
+        raise ValueError(f"dispatch needs x (T, H), slots (T, k) and weights (T, k); got {tuple(x.shape)}, "
+                         f"{tuple(slots.shape)}, {tuple(weights.shape)}")
+    rank, size = group_rank_size(group)
+    num_gpus, spg, gpn = layout.num_gpus, layout.slots_per_gpu, layout.gpus_per_node
+    if size != num_gpus:
+        raise ValueError(f"the placement is for {num_gpus} GPUs but the process group has {size} ranks")
+    if requires_grad is None:
+        requires_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)
+    h = Handle(wire_format, [], x.shape[0], group, bool(requires_grad), rank, gpn, counters)
+    weights = weights.float()
+    if wire_format == "token_expert":
+        src_row, counts, meta, pair = per_pair(slots, num_gpus, spg)
+        rows, w, s = _send(x, weights, src_row, counts, meta, h, "dispatch", weight_index=pair)
+    elif wire_format == "token_rank":
+        src_row, counts, meta = per_rank(slots, num_gpus, spg)
+        rows, w, s = _send(x, weights, src_row, counts, meta, h, "dispatch")
+    else:
+        src_row, counts, meta = per_node(slots, num_gpus, spg, gpn, rank)
+        rows_a, w_a, s_a = _send(x, weights, src_row, counts, meta, h, "dispatch leg A (inter-node)")
+        here = torch.where(slots >= 0, slots // spg // gpn, -1) == rank // gpn
+        slots_b = torch.cat([torch.where(here, slots, -1), s_a])  # (T + N_A, k) global slots on this node
+        inputs = torch.cat([x, rows_a]), torch.cat([weights, w_a])
+        src_row, counts, meta = per_rank(slots_b, num_gpus, spg)
+        rows, w, s = _send(*inputs, src_row, counts, meta, h, "dispatch leg B (intra-node)")
+    return Dispatched(rows, s, w, h)
+
+
+def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
+    """Return each received row's expert output to its source and sum per token: (N, H) -> (T, H).
+
+    ``expert_out`` row n must be Σ_j w_nj E_{s_nj}(rows_n) for the rows of the matching :func:`dispatch`.
+    A collective, like dispatch.
+    """
+    h = handle
+    if h.wire_format != "hierarchical":
+        return _return(expert_out, h.legs[0], h, "combine")
+    leg_a, leg_b = h.legs
+    partial = _return(expert_out, leg_b, h, "combine leg B (intra-node)")  # (T + N_A, H)
+    return partial[:h.num_tokens] + _return(partial[h.num_tokens:], leg_a, h, "combine leg A (inter-node)")

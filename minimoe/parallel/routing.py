@@ -1,0 +1,95 @@
+"""Which physical slot serves each (token, expert) pair, and which pairs the capacity keeps — on the device.
+
+**Replica choice.** ``minimoe.placement.Placement.route`` fixes the rule (nearest replica first: same GPU,
+then same node, then any; among equally near replicas the one at ``token_index % count``, candidates in slot
+order). :class:`RouteTable` precomputes ``Placement.candidate_table`` for one layer as tensors, so routing
+a batch is three gathers on the token's device with no host sync:
+
+    count = count_table[src, e]          pick = token_index % count          slot = cand[src, e, pick]
+
+and the slot lives on rank ``slot // slots_per_gpu`` as its local slot ``slot % slots_per_gpu``. Because
+traffic accounting (``minimoe.placement.measure``) uses the same rule, the bytes the real exchange moves
+equal the bytes it predicts.
+
+**Capacity across ranks.** The single-process MoE layer keeps a (token, expert) pair iff fewer than
+C = ceil(T·k/E · capacity_factor) earlier pairs (in token order) chose the same expert, T being all tokens
+of the batch (GShard, Lepikhin et al. 2020). With the batch split over ranks in rank order, rank r keeps its
+pair iff
+
+    (pairs of expert e on ranks < r) + (earlier pairs of e on rank r) < C,    T = Σ_r T_r,
+
+so every rank all-gathers one vector [T_r, count_r(e) for each e] (E + 1 integers) and the expert-parallel
+layer drops exactly the pairs the single-process layer drops, before they travel.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from minimoe.model.moe import expert_capacity
+from minimoe.parallel.comm import all_gather_rows
+
+
+class RouteTable:
+    """``Placement.route`` for one layer as tensors on ``device``.
+
+    ``cand`` (G, E, maxcnt) int64 (-1 padded) and ``count`` (G, E) int64 are ``Placement.candidate_table``;
+    ``slots_per_gpu`` and ``gpus_per_node`` come from the placement.
+    """
+
+    def __init__(self, placement, layer: int, device=None):
+        if not 0 <= layer < placement.num_layers:
+            raise ValueError(f"layer={layer} is not a layer of the placement (it has {placement.num_layers})")
+        cand, count = placement.candidate_table(layer)
+        self.cand = torch.as_tensor(cand, dtype=torch.int64, device=device)
+        self.count = torch.as_tensor(count, dtype=torch.int64, device=device)
+        self.num_gpus, self.num_experts = placement.num_gpus, placement.num_experts
+        self.slots_per_gpu, self.gpus_per_node = placement.slots_per_gpu, placement.gpus_per_node
+        self.layer = layer
+        self.slot_experts = torch.as_tensor(np.asarray(placement.phy2log[layer]), dtype=torch.int64, device=device)
+
+    def to(self, device) -> "RouteTable":
+        for name in ("cand", "count", "slot_experts"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def route(self, expert_ids: torch.Tensor, source_rank: int, token_index: torch.Tensor) -> torch.Tensor:
+        """Global slot of each pair: expert_ids (T, k) int (-1 = none), token_index (T,) int -> (T, k) int64.
+
+        -1 where the expert id is -1. Equals ``Placement.route(layer, expert_ids, source, token_index)``.
+        """
+        if not 0 <= source_rank < self.num_gpus:
+            raise ValueError(f"source_rank={source_rank} is not a rank of the placement's {self.num_gpus} GPUs")
+        experts = expert_ids.to(torch.int64)
+        valid = experts >= 0
+        safe = experts.clamp(min=0)  # (T, k)
+        count = self.count[source_rank][safe]  # (T, k) equally near replicas
+        pick = token_index.to(torch.int64).unsqueeze(1) % count  # (T, k)
+        slots = self.cand[source_rank][safe, pick]  # (T, k)
+        return slots.masked_fill(~valid, -1)
+
+    def rank_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rank holding each slot (-1 stays -1)."""
+        return torch.where(slots >= 0, slots // self.slots_per_gpu, -1)
+
+
+def capacity_kept(expert_ids: torch.Tensor, num_experts: int, top_k: int, capacity_factor: float,
+                  group=None) -> tuple[torch.Tensor | None, int | None]:
+    """(T, k) bool keep-mask of this rank's pairs under the global capacity, and C (None, None if dropless).
+
+    Collective (when ``capacity_factor > 0``): every rank of ``group`` must call it, in the same order.
+    """
+    if capacity_factor <= 0:
+        return None, None
+    flat = expert_ids.reshape(-1).to(torch.int64)  # (S,), pairs in token order
+    counts = torch.bincount(flat, minlength=num_experts)  # (E,)
+    mine = torch.cat([torch.tensor([expert_ids.shape[0]], device=flat.device), counts])  # (E + 1,)
+    everyone = all_gather_rows(mine, group, "capacity count all-gather")  # (G, E + 1)
+    rank = 0 if not torch.distributed.is_initialized() else torch.distributed.get_rank(group)
+    capacity = expert_capacity(int(everyone[:, 0].sum()), top_k, num_experts, capacity_factor)
+    before = everyone[:rank, 1:].sum(0)  # (E,) pairs of each expert on earlier ranks
+    sorted_ids, order = torch.sort(flat, stable=True)  # token order kept inside each expert
+    starts = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=flat.device))  # (E,)
+    place_sorted = torch.arange(flat.numel(), device=flat.device) - starts[sorted_ids] + before[sorted_ids]
+    place = torch.empty_like(place_sorted).scatter_(0, order, place_sorted)  # (S,) global place within expert
+    return (place < capacity).view_as(expert_ids), capacity
