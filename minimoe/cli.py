@@ -1,30 +1,162 @@
-"""The ``minimoe`` command. Each subcommand is a thin wrapper over a function of the package.
+"""The ``minimoe`` command (also ``python -m minimoe``). Each subcommand is a thin wrapper over the package.
 
-    minimoe demo       build a tiny Llama 3, train it for a few seconds, prove it equals transformers, generate
-    minimoe train      train a small multi-domain MoE language model offline (presets: tiny, shipped)
-    minimoe trace      record an expert-activation trace (prefill + decode) of a minimoe or transformers model
+    minimoe report     the main job: a trace -> the findings and every placement/grouping method -> report/
     minimoe findings   the paper's three observations on a trace, each with its baseline
-    minimoe report     the main job: traces -> every placement/grouping method -> table + HTML report
+    minimoe trace      record an expert-activation trace (prefill + decode) of a minimoe or transformers model
+    minimoe train      train a small multi-domain MoE language model offline (presets: tiny, shipped)
+    minimoe demo       build a tiny Llama 3, train it for a few seconds, prove it equals transformers, generate
+
+Errors a user can act on (a bad flag value, an unreadable or malformed file) print one line naming the flag or
+file, the bad value and what was expected, and exit with status 2; ``minimoe --debug ...`` shows the traceback.
+Commands that compute take ``--threads`` (default: half the CPU cores, at most 8 — two busy processes each
+using every core slow each other down many times over).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
 import sys
+from pathlib import Path
+
+DEFAULT_TOPOLOGIES = "2x2,4x2,2x4,4x4"
 
 
+# ---- argument types: validate while parsing, so a bad value never reaches minutes of work -----------------------
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _float_at_least(minimum: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {text!r}") from None
+        if not value >= minimum or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a finite number >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = f"number >= {minimum}"
+    return parse
+
+
+def _topologies(text: str) -> list:
+    from minimoe.placement.topology import Topology
+
+    try:
+        topologies = [Topology.parse(part) for part in text.split(",")]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error}; give a comma-separated list such as {DEFAULT_TOPOLOGIES}")
+    if len({str(t) for t in topologies}) != len(topologies):
+        raise argparse.ArgumentTypeError(f"{text!r} lists a topology twice")
+    return topologies
+
+
+def default_threads() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+positive = _int_at_least(1)
+non_negative = _int_at_least(0)
+
+
+# ---- output paths: checked before the work, created only when there is something to write ----------------------
+def check_output_file(flag: str, path: str, suffix: str | None = None) -> Path:
+    """Check that ``path`` can be written (by writing to it and removing what did not exist before)."""
+    path = Path(path)
+    if suffix and path.suffix != suffix:
+        raise ValueError(f"{flag} {path}: expected a file name ending in {suffix}")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder, expected a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
+    if not existed:
+        path.unlink()
+    return path
+
+
+@contextlib.contextmanager
+def output_dir(flag: str, path: str):
+    """Create the folder ``path`` now (so an unwritable place fails before the work) and remove it again if
+    the work fails before anything was written into it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: exists and is not a folder")
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".minimoe-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
+    try:
+        yield path
+    except BaseException:
+        for folder in created:  # innermost first; only folders this command made and left empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def check_input_file(flag: str, path: str | None) -> None:
+    if path is not None and not Path(path).is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+
+
+def check_model_dir(flag: str, path: str | None) -> None:
+    if path is not None and not (Path(path) / "config.json").is_file():
+        raise ValueError(f"{flag} {path}: not a model folder (expected {Path(path) / 'config.json'})")
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- the commands --------------------------------------------------------------------------------------------------
 def _demo(args) -> int:
     from minimoe.demo import run_demo
 
-    return run_demo(steps=args.steps, seed=args.seed, out=args.out)
+    if not args.out:
+        return run_demo(steps=args.steps, seed=args.seed, out=None)
+    with output_dir("--out", args.out) as out:
+        return run_demo(steps=args.steps, seed=args.seed, out=str(out))
 
 
 def _train(args) -> int:
     from minimoe.data.train import preset, summarise, train
 
-    model_config, train_config = preset(args.preset, out_dir=args.out, steps=args.steps, device=args.device,
-                                        seed=args.seed, bf16=args.bf16 or None)
-    log = train(model_config, train_config, resume=args.resume)
+    if args.resume and not (Path(args.out) / "trainer_state.pt").is_file():
+        raise ValueError(f"--resume: {args.out} holds no run to resume (no trainer_state.pt); drop --resume to "
+                         f"start a new run there")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is visible to torch on this machine")
+    with output_dir("--out", args.out) as out:
+        model_config, train_config = preset(args.preset, out_dir=str(out), steps=args.steps, device=args.device,
+                                            seed=args.seed, bf16=args.bf16 or None)
+        log = train(model_config, train_config, resume=args.resume)
     print(summarise(log))
     print(f"checkpoint: {train_config.out_dir}")
     return 0
@@ -33,7 +165,10 @@ def _train(args) -> int:
 def _trace(args) -> int:
     from minimoe.traces.workload import BUNDLED_MODEL, corpus_prompts, minimoe_tokenize, record_workload, run_prompts
 
+    out = check_output_file("--out", args.out, ".npz")
+    check_model_dir("--model", args.model)
     if args.hf:
+        check_model_dir("--hf", args.hf)
         texts, domains = corpus_prompts(args.requests_per_domain, seed=args.seed)
         from transformers import AutoTokenizer
 
@@ -50,19 +185,105 @@ def _trace(args) -> int:
         texts, domains = run_prompts(model_dir, args.requests_per_domain, args.seed)
         model, tokenize, name = Transformer.load(model_dir).eval(), minimoe_tokenize(model_dir), None
     trace = record_workload(model, tokenize, texts, domains, args.new_tokens, args.batch_size, name=name,
-                            temperature=args.temperature, seed=args.seed)
-    trace.save(args.out)
-    print(f"{trace.num_requests} requests, {trace.num_tokens} tokens, {trace.num_layers} MoE layers -> {args.out}")
+                            temperature=args.temperature, seed=args.seed, progress=True)
+    trace.save(out)
+    print(f"{trace.num_requests} requests, {trace.num_tokens} tokens, {trace.num_layers} MoE layers -> {out}")
     return 0
 
 
+def _load_or_record(args):
+    """The trace a findings/report run works on: ``--trace FILE`` or a recording of ``--model``."""
+    from minimoe.traces.format import Trace
+
+    if args.trace:
+        return Trace.load(args.trace)
+    from minimoe.traces.workload import BUNDLED_MODEL, bundled_trace
+
+    progress(f"recording {4 * args.requests_per_domain} requests of the four domains "
+             f"({args.new_tokens} decode tokens each)")
+    return bundled_trace(num_per_domain=args.requests_per_domain, max_new_tokens=args.new_tokens, seed=args.seed,
+                         model_dir=args.model or BUNDLED_MODEL, temperature=args.temperature, progress=True)
+
+
+def _findings(args) -> int:
+    import json
+
+    from minimoe.traces.findings import findings, format_findings
+
+    check_input_file("--trace", args.trace)
+    out = check_output_file("--out", args.out, ".json") if args.out else None
+    save = check_output_file("--save-trace", args.save_trace, ".npz") if args.save_trace else None
+    trace = _load_or_record(args)
+    if save:
+        trace.save(save)
+    progress("findings: imbalance, domain specificity, prefill -> decode")
+    result = findings(trace, seed=args.seed)
+    print(format_findings(result))
+    if out:
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _report(args) -> int:
+    check_input_file("--trace", args.trace)
+    check_model_dir("--model", args.model)
+    with output_dir("--out", args.out) as out:
+        return _report_into(args, out)
+
+
+def _report_into(args, out: Path) -> int:
+    import json
+    import time
+
+    from minimoe.placement.report import Stopwatch, check_topologies, format_report, json_ready, run_report
+    from minimoe.placement.report_html import write_html
+
+    if not args.trace:  # check what can be checked before recording for minutes
+        from minimoe.traces.workload import BUNDLED_MODEL
+
+        config = json.loads((Path(args.model or BUNDLED_MODEL) / "config.json").read_text())
+        num_experts = (config.get("moe") or {}).get("num_experts")
+        if num_experts is None:
+            raise ValueError(f"--model {args.model}: a dense model has no experts to place")
+        try:
+            check_topologies(args.topologies, num_experts)
+        except ValueError as error:
+            raise ValueError(f"--topologies: {error}") from None
+        if args.window is not None and args.window >= args.new_tokens:
+            raise ValueError(f"--window {args.window} must be smaller than --new-tokens {args.new_tokens}: the "
+                             f"decode tokens after the window are the held-out set")
+    started = time.perf_counter()
+    trace = _load_or_record(args)
+    try:
+        check_topologies(args.topologies, trace.num_experts)
+    except ValueError as error:
+        raise ValueError(f"--topologies: {error}") from None
+    try:
+        result = run_report(trace, args.topologies, window=args.window, seed=args.seed,
+                            hidden_size=args.hidden_size, progress=Stopwatch(progress))
+    except ValueError as error:
+        if "online window" in str(error):
+            raise ValueError(f"--window {args.window}: {error}") from None
+        raise
+    text = format_report(result)
+    print(text)
+    if not args.trace:
+        trace.save(out / "trace.npz")
+    (out / "report.txt").write_text(text + "\n")
+    (out / "report.json").write_text(json.dumps(json_ready(result), indent=1) + "\n")
+    write_html(out / "report.html", result, text)
+    written = ", ".join(str(out / name) for name in ("report.html", "report.txt", "report.json")
+                        + (() if args.trace else ("trace.npz",)))
+    print(f"\nwrote {written} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+# ---- the parser ----------------------------------------------------------------------------------------------------
 # Commands whose module parses its own arguments: name -> (module with `main(argv) -> int`, help line).
 # A module listed here raises ValueError (or OSError) with a message naming the flag or file, the bad value and
 # what was expected; `main` below turns that into one line on stderr and exit code 2.
 FORWARDED = {
-    "findings": ("minimoe.traces.findings", "the paper's three observations on a trace, with baselines"),
-    "report": ("minimoe.placement.report", "the main job: record traces, fit every placement and grouping "
-                                           "method, print the comparison and write an HTML report"),
+    "ep-demo": ("minimoe.parallel.demo", "expert parallelism for real under torchrun: check, bytes, time, trace replay"),
 }
 
 
@@ -75,46 +296,107 @@ def _forward(command):
     return run
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message and where to read more, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_threads(parser) -> None:
+    parser.add_argument("--threads", metavar="N", type=positive, default=default_threads(),
+                        help="CPU threads for torch (default: half the cores, at most 8: %(default)s here)")
+
+
+def _add_workload(parser, requests_default: int) -> None:
+    """The flags that describe a recording of the bundled (or another minimoe) model."""
+    parser.add_argument("--requests-per-domain", metavar="N", type=_int_at_least(2), default=requests_default,
+                        help="held-out prompts recorded per domain (4 domains; default: %(default)s)")
+    parser.add_argument("--new-tokens", metavar="N", type=positive, default=32,
+                        help="decode tokens recorded per request (default: %(default)s)")
+    parser.add_argument("--temperature", metavar="T", type=_float_at_least(0.0), default=0.7,
+                        help="decode sampling temperature, 0 = greedy (default: %(default)s)")
+    parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the prompts, sampling and baselines "
+                                                             "(default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="minimoe",
-        description="Mixture-of-Experts language models, small enough to read: Llama 3 block, MoE routing, "
-                    "expert activation traces, expert placement.",
-    )
     from minimoe import __version__
 
+    parser = Parser(
+        prog="minimoe",
+        description="Mixture-of-Experts language models, small enough to read: Llama 3 block, MoE routing, "
+                    "expert activation traces, expert placement.")
     parser.add_argument("--version", action="version", version=f"minimoe {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="train a tiny Llama 3 for a few seconds, check it against transformers, "
-                                       "generate text")
-    demo.add_argument("--steps", type=int, default=150, help="training steps (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    demo.add_argument("--out", default=None, help="directory to save the trained checkpoint to (optional)")
-    demo.set_defaults(func=_demo)
+    report = sub.add_parser(
+        "report", help="the main job: findings and every placement/grouping method on a trace, as text and HTML",
+        description="Record the bundled 4-domain MoE model's routing on held-out prompts (or read --trace), print "
+                    "the three findings with their baselines, fit every placement and grouping method on prefill, "
+                    "on an online decode window and as an oracle, measure each on held-out decode tokens for "
+                    "every topology, and write report.html, report.txt, report.json (and the recorded trace.npz) "
+                    "to --out.")
+    source = report.add_mutually_exclusive_group()
+    source.add_argument("--trace", metavar="FILE", help="a trace .npz file to report on instead of recording one")
+    source.add_argument("--model", metavar="DIR", help="a minimoe run folder to record (default: the bundled checkpoint)")
+    _add_workload(report, 500)
+    report.add_argument("--window", metavar="N", type=positive, default=None,
+                        help="decode tokens per request in the online fitting window; the tokens after it are "
+                             "the held-out set (default: a quarter of the decode length, at most 8)")
+    report.add_argument("--topologies", metavar="LIST", type=_topologies, default=_topologies(DEFAULT_TOPOLOGIES),
+                        help=f"comma-separated NODESxGPUS clusters to compare (default: {DEFAULT_TOPOLOGIES})")
+    report.add_argument("--hidden-size", metavar="N", type=positive, default=7168,
+                        help="hidden size for byte counts, bf16 (default: %(default)s, DeepSeek-V3's)")
+    report.add_argument("--out", metavar="DIR", default="report", help="output folder (default: %(default)s)")
+    _add_threads(report)
+    report.set_defaults(func=_report)
 
-    train = sub.add_parser("train", help="train a small multi-domain MoE language model offline")
-    train.add_argument("--preset", default="tiny", help="model and training sizes: tiny or shipped (default: %(default)s)")
-    train.add_argument("--out", default="runs/tiny-moe", help="run directory (default: %(default)s)")
-    train.add_argument("--steps", type=int, default=None, help="override the preset's number of steps")
-    train.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    train.add_argument("--seed", type=int, default=None, help="override the seed (default: the preset's, 0)")
-    train.add_argument("--bf16", action="store_true", help="autocast matmuls to bfloat16")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    train.set_defaults(func=_train)
+    findings = sub.add_parser("findings", help="the paper's three observations on a trace, with baselines",
+                              description="Imbalance by layer, domain-specific experts and prefill predicting "
+                                          "decode, each next to what chance alone gives, on --trace or on a "
+                                          "fresh recording of the bundled model.")
+    source = findings.add_mutually_exclusive_group()
+    source.add_argument("--trace", metavar="FILE", help="a trace .npz file (default: record the bundled model)")
+    source.add_argument("--model", metavar="DIR", help="a minimoe run folder to record (default: the bundled checkpoint)")
+    _add_workload(findings, 500)
+    findings.add_argument("--save-trace", metavar="FILE", help="also save the recorded trace to this .npz file")
+    findings.add_argument("--out", metavar="FILE", help="write the findings as JSON to this file")
+    _add_threads(findings)
+    findings.set_defaults(func=_findings)
 
     trace = sub.add_parser("trace", help="record an expert-activation trace of a minimoe or transformers MoE model "
                                          "on held-out prompts of the four domains")
     source = trace.add_mutually_exclusive_group()
-    source.add_argument("--model", help="minimoe run directory (default: the bundled checkpoint)")
-    source.add_argument("--hf", help="local transformers model directory (with its tokenizer), e.g. a Mixtral")
-    trace.add_argument("--out", default="trace.npz")
-    trace.add_argument("--requests-per-domain", type=int, default=100)
-    trace.add_argument("--new-tokens", type=int, default=32)
-    trace.add_argument("--temperature", type=float, default=0.7, help="decode sampling temperature (0 = greedy)")
-    trace.add_argument("--batch-size", type=int, default=64)
-    trace.add_argument("--seed", type=int, default=0)
+    source.add_argument("--model", metavar="DIR", help="minimoe run folder (default: the bundled checkpoint)")
+    source.add_argument("--hf", metavar="DIR", help="local transformers model folder (with its tokenizer), e.g. a Mixtral")
+    _add_workload(trace, 100)
+    trace.add_argument("--batch-size", metavar="N", type=positive, default=64, help="prompts per forward pass "
+                                                                        "(default: %(default)s)")
+    trace.add_argument("--out", metavar="FILE", default="trace.npz", help="trace file to write (default: %(default)s)")
+    _add_threads(trace)
     trace.set_defaults(func=_trace)
+
+    train = sub.add_parser("train", help="train a small multi-domain MoE language model offline")
+    train.add_argument("--preset", default="tiny", choices=("tiny", "shipped"),
+                       help="model and training sizes (default: %(default)s)")
+    train.add_argument("--out", metavar="DIR", default="runs/tiny-moe", help="run folder (default: %(default)s)")
+    train.add_argument("--steps", metavar="N", type=positive, default=None, help="override the preset's number of steps")
+    train.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default: %(default)s)")
+    train.add_argument("--seed", metavar="N", type=int, default=None, help="override the preset's seed (0)")
+    train.add_argument("--bf16", action="store_true", help="autocast matmuls to bfloat16")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    _add_threads(train)
+    train.set_defaults(func=_train)
+
+    demo = sub.add_parser("demo", help="train a tiny Llama 3 for a few seconds, check it against transformers, "
+                                       "generate text")
+    demo.add_argument("--steps", metavar="N", type=positive, default=150, help="training steps (default: %(default)s)")
+    demo.add_argument("--seed", metavar="N", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--out", metavar="DIR", default=None, help="folder to save the trained checkpoint to (optional)")
+    _add_threads(demo)
+    demo.set_defaults(func=_demo)
 
     for name, (_, text) in FORWARDED.items():
         command = sub.add_parser(name, help=text, add_help=False)
@@ -123,16 +405,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """``--steps -3`` -> ``--steps=-3``: argparse would take ``-3``/``-2x2`` for an option and say only
+    "expected one argument"; joined, the value reaches its type check, which names what is wrong."""
+    out = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"-\d", token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for an error the user can act on)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in FORWARDED:
-        return _forward(argv[0])(argparse.Namespace(rest=argv[1:]))
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    return args.func(args)
+    debug = "--debug" in argv[:1] or os.environ.get("MINIMOE_DEBUG") == "1"
+    if argv[:1] == ["--debug"]:
+        argv = argv[1:]
+    argv = _join_dash_values(argv)
+    if argv and argv[0] in FORWARDED:  # these parse their own arguments
+        args = argparse.Namespace(command=argv[0], func=_forward(argv[0]), rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return 0
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as error:
+        if debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"minimoe {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"minimoe {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -28,14 +28,12 @@ def test_trace_then_findings_then_report_on_the_bundled_model(tmp_path, capsys):
 
     assert main(["report", "--trace", str(trace_path), "--topologies", "2x2", "--window", "4",
                  "--out", str(tmp_path / "report")]) == 0
-    rows = json.loads((tmp_path / "report" / "rows.json").read_text())
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
     assert {r["method"] for r in rows} >= {"contiguous", "eplb", "grouping+locality"}
     assert all(np.isfinite(r["inter_node_bytes"]) for r in rows)
 
 
 def test_unknown_command_and_bad_arguments_fail_clearly(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         main(["frobnicate"])
-    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="unknown preset 'huge'"):
-        main(["train", "--preset", "huge", "--out", "/tmp/never"])
+    assert stop.value.code == 2 and "invalid choice: 'frobnicate'" in capsys.readouterr().err

@@ -1,12 +1,10 @@
 """The experiment protocol and the main job, on traces whose answer is known."""
 
-import json
 
 import numpy as np
 import pytest
 
 from minimoe.placement.experiments import METHODS, compare, decode_index, drift, fit, masks, uniform_baseline
-from minimoe.placement.report import check_targets, format_table, main
 from minimoe.traces import planted_trace, synthetic_trace
 from minimoe.placement import Topology
 from minimoe.placement import measure
@@ -85,20 +83,3 @@ def test_drift_reports_every_method_against_both_baselines():
     assert rows["contiguous"]["cut_vs_contiguous"] == 0 and rows["eplb"]["cut_vs_eplb"] == 0
     with pytest.raises(ValueError, match="domains"):
         drift(trace, Topology(num_nodes=2, gpus_per_node=2), {"code": 1.0}, mix_b)
-
-
-def test_report_runs_end_to_end_on_a_trace_file(tmp_path, capsys):
-    trace = planted_trace(num_domains=4, experts_per_domain=8, num_requests=32, tokens_per_request=24, top_k=4)
-    trace.save(tmp_path / "t.npz")
-    assert main(["--trace", str(tmp_path / "t.npz"), "--topologies", "2x2,4x2", "--window", "2",
-                 "--out", str(tmp_path / "out")]) == 0
-    printed = capsys.readouterr().out
-    assert "PASS  4x2, 32 slots/layer, grouping+locality fitted on prefill: cut vs contiguous >= 35%: 100.0%" in printed
-    rows = json.loads((tmp_path / "out" / "rows.json").read_text())
-    assert {r["topology"] for r in rows} == {"2x2", "4x2"} and {r["num_replicas"] for r in rows} == {32, 36, 40}
-    assert len(rows) == 4 * len(METHODS) * 3  # (2x2: 32, 36; 4x2: 32, 40) x methods x fit modes
-    html = (tmp_path / "out" / "report.html").read_text()
-    # plotly.js is embedded (once), no script is fetched from the network: the page opens offline
-    assert html.count("plotly.js v") >= 1 and html.count("<script") >= 4 and '<script src="http' not in html
-    assert "grouping+locality" in format_table(rows)
-    assert len(check_targets(rows)) == 2 * 3  # two replica budgets at 4x2, three checks each

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from minimoe.traces import analysis
-from minimoe.traces.findings import findings, format_findings, main, request_loads, uniform_imbalance
+from minimoe.cli import main
+from minimoe.traces.findings import findings, format_findings, request_loads, uniform_imbalance
 from minimoe.traces import Trace
 from minimoe.traces import bundled_trace
 
@@ -133,15 +134,15 @@ def test_request_specific_prediction_beats_both_baselines():
     assert result["fraction_above_within_domain_p95"] > 0.5
 
 
-def test_main_reads_a_trace_and_writes_json(tmp_path, capsys):
+def test_the_command_reads_a_trace_and_writes_json(tmp_path, capsys):
     trace = planted(domain_strength=(0.0, 1.0, 1.0))
     trace.save(tmp_path / "t.npz")
-    assert main(["--trace", str(tmp_path / "t.npz"), "--out", str(tmp_path / "f.json")]) == 0
+    assert main(["findings", "--trace", str(tmp_path / "t.npz"), "--out", str(tmp_path / "f.json")]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(format_findings(findings(trace)))
     assert json.loads((tmp_path / "f.json").read_text()) == json.loads(json.dumps(findings(trace)))
     with pytest.raises(SystemExit):
-        main(["--requests-per-domain", "1"])
+        main(["findings", "--requests-per-domain", "1"])
 
 
 def test_bad_input():

@@ -49,16 +49,43 @@ def decode_index(trace) -> np.ndarray:
     return index
 
 
+def default_window(trace, largest: int = 8) -> int:
+    """The online window used when none is given: a quarter of the longest request's decode, 1 to ``largest``.
+
+    32 decode tokens per request give the window of 8 used throughout the book; a trace recorded with 8 decode
+    tokens gets 2, so the default always leaves held-out decode tokens to evaluate on.
+    """
+    index = decode_index(trace)
+    longest = int(index.max()) + 1 if index.size and index.max() >= 0 else 0
+    return int(min(largest, max(1, longest // 4)))
+
+
 def masks(trace, window: int = 8) -> dict[str, np.ndarray]:
-    """Boolean token masks: the fitting set of each fit mode and the evaluated set ("eval")."""
+    """Boolean token masks: the fitting set of each fit mode and the evaluated set ("eval").
+
+    Raises ValueError when ``window`` < 1 or no decode token lies after it (the message names the longest
+    decode so the window can be chosen)."""
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"the online window must be an integer >= 1 (decode tokens per request to fit on), "
+                         f"got {window!r}")
     if trace.num_tokens == 0 or not (trace.phase == 1).any():
         raise ValueError("the experiments need a trace with decode tokens (phase 1)")
     index = decode_index(trace)
     evaluated = index >= window
     if not evaluated.any():
-        raise ValueError(f"no decode token lies after the online window of {window} tokens; lower `window`")
+        raise ValueError(f"no decode token lies after the online window of {window} tokens: the longest request "
+                         f"decodes {int(index.max()) + 1}; use a window of at most {int(index.max())}")
     return {"prefill": trace.phase == 0, "online": (index >= 0) & (index < window), "oracle": evaluated,
             "eval": evaluated}
+
+
+def cut(method_bytes: float, baseline_bytes: float) -> float | None:
+    """The fraction of the baseline's bytes a method saves, ``1 - method / baseline`` (<= 1; negative when the
+    method moves more). None when the baseline moves nothing (one node has no inter-node traffic): a saving
+    of nothing is undefined, not 100%."""
+    if baseline_bytes <= 0:
+        return None
+    return 1.0 - method_bytes / baseline_bytes
 
 
 def fit(trace, topology: Topology, method: str, fit_tokens: np.ndarray, num_replicas: int, seed: int = 0):
@@ -101,8 +128,8 @@ def compare(trace, topology: Topology, num_replicas: int | None = None, fit_mode
                        load_max_over_mean=report.load_max_over_mean)
             for base in ("contiguous", "eplb"):
                 if base in reports:
-                    row[f"cut_vs_{base}"] = 1 - report.inter_node_bytes / max(reports[base].inter_node_bytes, 1e-30)
-                    row[f"pair_cut_vs_{base}"] = 1 - report.pair_bytes_inter / max(reports[base].pair_bytes_inter, 1e-30)
+                    row[f"cut_vs_{base}"] = cut(report.inter_node_bytes, reports[base].inter_node_bytes)
+                    row[f"pair_cut_vs_{base}"] = cut(report.pair_bytes_inter, reports[base].pair_bytes_inter)
             rows.append(row)
     return rows
 
@@ -132,6 +159,9 @@ def drift(trace, topology: Topology, fit_mix: dict[str, float], eval_mix: dict[s
             raise ValueError(f"{name}_mix names domains {unknown} that the trace does not have")
         weights = np.array([mix.get(d, 0.0) for d in domains]) * pool
         count = int(min(pool.sum(), (weights > 0).sum()) * 0.5)
+        if count < 1:
+            raise ValueError(f"too few requests to draw the {name} half of the drift test "
+                             f"({trace.num_requests} requests in the trace)")
         picked[name] = rng.choice(trace.num_requests, size=count, replace=False, p=weights / weights.sum())
     fit_tokens = np.isin(trace.request, picked["fit"])
     eval_requests = np.isin(np.arange(trace.num_requests), picked["eval"])
@@ -151,7 +181,7 @@ def drift(trace, topology: Topology, fit_mix: dict[str, float], eval_mix: dict[s
                                   hidden_size=hidden_size)
     for method, report in reports.items():
         rows.append(dict(method=method, inter_node_bytes=report.inter_node_bytes,
-                         cut_vs_contiguous=1 - report.inter_node_bytes / reports["contiguous"].inter_node_bytes,
-                         cut_vs_eplb=1 - report.inter_node_bytes / reports["eplb"].inter_node_bytes,
+                         cut_vs_contiguous=cut(report.inter_node_bytes, reports["contiguous"].inter_node_bytes),
+                         cut_vs_eplb=cut(report.inter_node_bytes, reports["eplb"].inter_node_bytes),
                          load_max_over_mean=report.load_max_over_mean))
     return rows

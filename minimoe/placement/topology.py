@@ -91,6 +91,24 @@ class Topology:
                 "the GPUs do not divide into equal nodes")
         return cls(num_nodes=num_gpus // gpus_per_node, gpus_per_node=gpus_per_node, **links)
 
+    @classmethod
+    def parse(cls, text: str, **links) -> "Topology":
+        """``"4x2"`` -> 4 nodes of 2 GPUs. Raises ValueError naming the text and the expected form."""
+        parts = str(text).strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"topology {text!r} is not of the form NODESxGPUS, e.g. 4x2 (4 nodes of 2 GPUs)")
+        nodes, gpus = int(parts[0]), int(parts[1])
+        if nodes < 1 or gpus < 1:
+            raise ValueError(f"topology {text!r} needs at least 1 node and 1 GPU per node")
+        return cls(num_nodes=nodes, gpus_per_node=gpus, **links)
+
+    def fits(self, num_experts: int) -> str | None:
+        """None if ``num_experts`` experts fill this topology's GPUs evenly (no replicas), else the reason."""
+        if num_experts % self.num_gpus:
+            return (f"{self} has {self.num_gpus} GPUs, which cannot hold {num_experts} experts evenly "
+                    f"(num_experts must be a multiple of nodes x GPUs per node)")
+        return None
+
     @property
     def num_gpus(self) -> int:
         return self.num_nodes * self.gpus_per_node

@@ -27,17 +27,15 @@ The statistics themselves are those of ``minimoe.traces.analysis`` (its docstrin
     median of the matched values, the baselines' mean, median and 95th percentile, and the fraction of
     requests whose matched correlation exceeds that 95th percentile (5% by chance).
 
-``python -m minimoe.traces.findings`` records the bundled model's workload (``minimoe.traces.workload.bundled_trace``:
-held-out prompts of four domains, prefill + 32 greedy decode tokens) or reads ``--trace FILE`` and prints
-the table; ``benchmarks/results/findings.txt`` holds the output of the default run.
+A finding that a trace cannot support (one domain label, no decode tokens, a single request, ...) is
+returned as ``{"unavailable": reason}`` and printed as "not measured: reason"; the others are still measured.
+
+``minimoe findings`` records the bundled model's workload (``minimoe.traces.bundled_trace``: held-out prompts
+of four domains, prefill + 32 sampled decode tokens) or reads ``--trace FILE`` and prints the table;
+``benchmarks/results/findings.txt`` holds the output of the default run.
 """
 
 from __future__ import annotations
-
-import argparse
-import json
-import sys
-import time
 
 import numpy as np
 
@@ -106,17 +104,40 @@ def imbalance_finding(trace: Trace, seed: int = 0) -> dict:
             resampled = draws if name == "all" else resampled
     overall = result["all"]
     most, least = int(np.argmax(overall["max_over_mean"])), int(np.argmin(overall["max_over_mean"]))
-    # paired bootstrap: in how many resamples is the most imbalanced layer still above the least one
-    confidence = float((resampled[:, most] > resampled[:, least]).mean())
-    return dict(groups=result, most_imbalanced_layer=most, least_imbalanced_layer=least,
-                layers_differ_confidence=confidence, layers_differ=bool(confidence >= 0.975),
+    comparison = dict(most_imbalanced_layer=most, least_imbalanced_layer=least, layers_differ_confidence=None,
+                      layers_differ=None, layers_differ_unavailable=None)
+    if trace.num_layers < 2:
+        comparison["layers_differ_unavailable"] = "comparing layers needs at least 2 MoE layers; the trace has 1"
+    elif trace.num_requests < 2:
+        comparison["layers_differ_unavailable"] = ("comparing layers resamples requests and needs at least 2; "
+                                                   "the trace has 1")
+    else:
+        # paired bootstrap: in how many resamples is the most imbalanced layer still above the least one
+        confidence = float((resampled[:, most] > resampled[:, least]).mean())
+        comparison.update(layers_differ_confidence=confidence, layers_differ=bool(confidence >= 0.975))
+    return dict(groups=result, **comparison,
                 above_uniform=bool(min(overall["max_over_mean"]) > overall["uniform"]["max_over_mean_p95"]))
 
 
 # ---- (b) domain specificity ----------------------------------------------------------------------------------
-def domain_finding(trace: Trace, num_splits: int = 100, seed: int = 0) -> dict:
+def domain_unavailable(trace: Trace) -> str | None:
+    """Why the domain finding cannot be measured on ``trace`` (None when it can)."""
     if not trace.has_domain:
-        raise ValueError("the domain finding needs a trace with domain labels")
+        return "the trace has no domain labels"
+    labels, counts = np.unique(trace.request_domains(), return_counts=True)
+    if len(labels) < 2:
+        return f"comparing domains needs at least 2 domain labels; every request is labelled {str(labels[0])!r}"
+    if counts.max() < 2:
+        return "the random-halves baseline needs a domain with at least 2 requests; every domain has 1"
+    return None
+
+
+def domain_finding(trace: Trace, num_splits: int = 100, seed: int = 0) -> dict:
+    """JS divergence between domains vs random halves of one domain; domains with one request are compared
+    but give no baseline. Raises ValueError when ``domain_unavailable`` gives a reason."""
+    reason = domain_unavailable(trace)
+    if reason:
+        raise ValueError(f"the domain finding cannot be measured: {reason}")
     loads = request_loads(trace).astype(np.float64)  # (R, L, E)
     request_domain = trace.request_domains()
     labels = [str(d) for d in np.unique(request_domain)]
@@ -129,7 +150,7 @@ def domain_finding(trace: Trace, num_splits: int = 100, seed: int = 0) -> dict:
     for d in labels:
         members = np.flatnonzero(request_domain == d)
         if len(members) < 2:
-            raise ValueError(f"domain {d!r} has {len(members)} request(s); a random split needs at least 2")
+            continue  # one request cannot be split in halves: this domain gives no baseline
         splits = np.empty((num_splits, trace.num_layers))
         for split in range(num_splits):
             order = rng.permutation(members)
@@ -139,6 +160,7 @@ def domain_finding(trace: Trace, num_splits: int = 100, seed: int = 0) -> dict:
     every_split = np.concatenate(list(baseline.values()))  # (D * num_splits, L)
     between = np.array(list(per_pair.values()))  # (pairs, L)
     return dict(labels=labels, requests={d: int((request_domain == d).sum()) for d in labels},
+                baseline_domains=sorted(baseline),
                 pairs={name: dict(mean=float(np.mean(v)), per_layer=v) for name, v in per_pair.items()},
                 between_per_layer=dict(min=between.min(0).tolist(), mean=between.mean(0).tolist()),
                 num_splits=num_splits,
@@ -158,15 +180,31 @@ def _summary(shuffles: list[np.ndarray]) -> dict:
                 max_shuffle_mean=float(max(s.mean() for s in shuffles)))
 
 
+def prefill_decode_unavailable(trace: Trace) -> str | None:
+    """Why prefill -> decode prediction cannot be measured on ``trace`` (None when it can)."""
+    if not (trace.phase == 1).any():
+        return "the trace has no decode tokens (phase 1)"
+    if not (trace.phase == 0).any():
+        return "the trace has no prefill tokens (phase 0)"
+    try:
+        prefill_decode_similarity(trace, seed=0)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def prefill_decode_finding(trace: Trace, num_shuffles: int = 10, seed: int = 0) -> dict:
+    """Matched vs shuffled prefill/decode correlations. Raises ValueError when ``prefill_decode_unavailable``
+    gives a reason."""
     runs = [prefill_decode_similarity(trace, seed=seed + s) for s in range(num_shuffles)]
     matched = runs[0].matched  # (n,) the same in every run; only the pairing of the shuffled values changes
     result = dict(metric="pearson", requests=len(matched), num_shuffles=num_shuffles,
                   matched=dict(mean=float(matched.mean()), median=float(np.median(matched))),
                   shuffled=_summary([run.shuffled for run in runs]))
     result["fraction_above_shuffled_p95"] = float((matched > result["shuffled"]["p95"]).mean())
-    if trace.has_domain:
-        by_domain = [trace.where(domain=str(d)) for d in np.unique(trace.domain)]
+    by_domain = [trace.where(domain=str(d)) for d in np.unique(trace.domain)] if trace.has_domain else []
+    by_domain = [part for part in by_domain if prefill_decode_unavailable(part) is None]  # >= 2 usable requests
+    if len(by_domain) >= 2:  # with one domain, shuffling within it is the plain shuffle again
         within = [np.concatenate([prefill_decode_similarity(part, seed=seed + s).shuffled for part in by_domain])
                   for s in range(num_shuffles)]  # one within-domain shuffle of every request per entry
         result["within_domain"] = _summary(within)
@@ -183,14 +221,17 @@ def findings(trace: Trace, seed: int = 0, num_splits: int = 100, num_shuffles: i
     if trace.num_tokens == 0:
         raise ValueError("the trace is empty")
     domains = trace.request_domains()
+    domain_reason, paired_reason = domain_unavailable(trace), prefill_decode_unavailable(trace)
     return dict(
         trace=dict(model=trace.model, tokens=trace.num_tokens, requests=trace.num_requests,
                    layers=trace.num_layers, experts=trace.num_experts, top_k=trace.top_k,
                    prefill_tokens=int((trace.phase == 0).sum()), decode_tokens=int((trace.phase == 1).sum()),
                    requests_per_domain={str(d): int((domains == d).sum()) for d in np.unique(domains)}),
         imbalance=imbalance_finding(trace, seed),
-        domain=domain_finding(trace, num_splits, seed) if trace.has_domain else None,
-        prefill_decode=prefill_decode_finding(trace, num_shuffles, seed),
+        # a finding the trace cannot support is {"unavailable": why}, and the others are still measured
+        domain={"unavailable": domain_reason} if domain_reason else domain_finding(trace, num_splits, seed),
+        prefill_decode=({"unavailable": paired_reason} if paired_reason
+                        else prefill_decode_finding(trace, num_shuffles, seed)),
     )
 
 
@@ -200,7 +241,7 @@ def _row(label: str, values, fmt: str = "{:6.3f}", extra: str = "") -> str:
 
 
 def format_findings(result: dict) -> str:
-    """The findings as a plain-text table (what ``python -m minimoe.traces.findings`` prints)."""
+    """The findings as a plain-text table (what ``minimoe findings`` prints)."""
     info, imbalance, domain, paired = result["trace"], result["imbalance"], result["domain"], result["prefill_decode"]
     layers = range(info["layers"])
     lines = [f"trace {info['model'] or '(unnamed)'}: {info['requests']:,} requests "
@@ -218,11 +259,16 @@ def format_findings(result: dict) -> str:
     for stat, label in (("gini", "Gini"), ("entropy", "entropy / log E")):
         lines.append(_row(f"all: {label}", groups["all"][stat], extra=f"{groups['all']['uniform'][stat]:.3f}"))
     lines.append(_row("all: hottest expert", groups["all"]["hottest_expert"], "{}"))
-    lines += [f"  -> every layer above uniform p95: {imbalance['above_uniform']}; layer "
-              f"{imbalance['most_imbalanced_layer']} above layer {imbalance['least_imbalanced_layer']} in "
-              f"{imbalance['layers_differ_confidence']:.1%} of bootstrap resamples (differ: "
-              f"{imbalance['layers_differ']})", ""]
-    if domain is not None:
+    if imbalance["layers_differ"] is None:
+        verdict = f"layers not compared ({imbalance['layers_differ_unavailable']})"
+    else:
+        verdict = (f"layer {imbalance['most_imbalanced_layer']} above layer {imbalance['least_imbalanced_layer']} "
+                   f"in {imbalance['layers_differ_confidence']:.1%} of bootstrap resamples "
+                   f"(differ: {imbalance['layers_differ']})")
+    lines += [f"  -> every layer above uniform p95: {imbalance['above_uniform']}; {verdict}", ""]
+    if "unavailable" in domain:
+        lines += [f"(b) Domain specificity: not measured: {domain['unavailable']}", ""]
+    else:
         lines += [f"(b) Domain specificity: JS divergence (bits) between domains' expert popularity",
                   _row("", [f"layer {l}" for l in layers], "{}", "mean over layers")]
         for name, pair in domain["pairs"].items():
@@ -230,10 +276,15 @@ def format_findings(result: dict) -> str:
         per_layer = domain["baseline_per_layer"]
         lines.append(_row(f"random halves: mean", per_layer["mean"], "{:6.4f}", f"{domain['baseline_mean']:.4f}"))
         lines.append(_row(f"random halves: max", per_layer["max"], "{:6.4f}",
-                          f"{domain['baseline_max']:.4f}  ({domain['num_splits']} splits of each domain)"))
-        lines += [f"  -> smallest between-domain JS {domain['between_min']:.4f} = "
-                  f"{domain['between_min'] / domain['baseline_max']:.1f}x the largest random-split JS "
-                  f"{domain['baseline_max']:.4f}; above the baseline in every layer: {domain['above_baseline']}", ""]
+                          f"{domain['baseline_max']:.4f}  ({domain['num_splits']} splits of "
+                          + ", ".join(domain["baseline_domains"]) + ")"))
+        ratio = (f"{domain['between_min'] / domain['baseline_max']:.1f}x" if domain["baseline_max"] > 0
+                 else "infinitely above")
+        lines += [f"  -> smallest between-domain JS {domain['between_min']:.4f} = {ratio} the largest random-split "
+                  f"JS {domain['baseline_max']:.4f}; above the baseline in every layer: {domain['above_baseline']}", ""]
+    if "unavailable" in paired:
+        lines.append(f"(c) Prefill predicts decode: not measured: {paired['unavailable']}")
+        return "\n".join(lines)
     lines += [f"(c) Prefill predicts decode: Pearson r of each request's prefill and decode expert histograms "
               f"({paired['requests']:,} requests)",
               f"  {'':<26s}  {'mean':>8s}  {'median':>8s}  {'p95':>8s}  {'max mean':>8s}   requests above p95"]
@@ -249,41 +300,3 @@ def format_findings(result: dict) -> str:
                  f"(max mean column): {paired['above_baseline']}")
     return "\n".join(lines)
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minimoe.traces.findings", description=(
-        "The three findings of paper 2 (imbalance by layer, domain-specific experts, prefill predicts decode), "
-        "each with its baseline, on a trace file or on a fresh recording of the bundled 4-domain model."))
-    parser.add_argument("--trace", help="a trace .npz file (default: record the bundled model)")
-    parser.add_argument("--requests-per-domain", type=int, default=DEFAULT_REQUESTS_PER_DOMAIN,
-                        help="requests per domain to record from the bundled model (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="decode tokens per request (default: 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and baselines (default: 0)")
-    parser.add_argument("--save-trace", help="also save the recorded trace to this .npz file")
-    parser.add_argument("--out", help="write the findings as JSON to this file")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    if args.trace:
-        trace = Trace.load(args.trace)
-    else:
-        if args.requests_per_domain < 2:
-            parser.error(f"--requests-per-domain must be >= 2, got {args.requests_per_domain}")
-        from minimoe.traces.workload import bundled_trace
-
-        trace = bundled_trace(args.requests_per_domain, args.max_new_tokens, seed=args.seed)
-        if args.save_trace:
-            trace.save(args.save_trace)
-    recorded = time.perf_counter()
-    result = findings(trace, seed=args.seed)
-    print(format_findings(result))
-    print(f"\n(trace {'loaded' if args.trace else 'recorded'} in {recorded - started:.1f} s, "
-          f"findings computed in {time.perf_counter() - recorded:.1f} s)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -173,12 +173,13 @@ def _rows(routes, batch, steps) -> tuple[np.ndarray, np.ndarray]:
 @torch.no_grad()
 def record(model, prompts, max_new_tokens: int, domains=None, *, batch_size: int = 1,
            eos_token_id: int | None = None, name: str | None = None, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int = 0) -> Trace:
+           top_p: float = 1.0, seed: int = 0, progress: bool = False) -> Trace:
     """Prefill + decode of every prompt; the routing of every processed token, as a Trace.
 
     Decoding is greedy by default; ``temperature > 0`` samples (nucleus ``top_p``) from a generator seeded
     with ``seed``, as serving systems usually do — greedy decoding of a small model tends to loop on a few
-    tokens, which makes decode routing far narrower than real traffic.
+    tokens, which makes decode routing far narrower than real traffic. ``progress=True`` shows a progress bar
+    over the batches (on stderr).
     """
     from minimoe.model.generate import sample_next
 
@@ -196,7 +197,10 @@ def record(model, prompts, max_new_tokens: int, domains=None, *, batch_size: int
         device = next(model.parameters()).device
         model.eval()
         experts, weights, phases, requests = [], [], [], []
-        for first in range(0, len(prompts), batch_size):
+        from tqdm.auto import tqdm
+
+        for first in tqdm(range(0, len(prompts), batch_size), desc="recording", unit="batch", disable=not progress,
+                          total=-(-len(prompts) // batch_size)):
             batch = prompts[first:first + batch_size]
             b, width = len(batch), max(len(p) for p in batch)
             ids = torch.zeros(b, width, dtype=torch.long, device=device)

@@ -56,7 +56,7 @@ def corpus_prompts(num_per_domain: int, prompt_chars: tuple[int, int] = (200, 40
 
 def record_workload(model, tokenize, texts: list[str], domains: list[str], max_new_tokens: int = 32,
                     batch_size: int = 64, name: str | None = None, temperature: float = 0.7, top_p: float = 0.9,
-                    seed: int = 0) -> Trace:
+                    seed: int = 0, progress: bool = False) -> Trace:
     """Tokenise ``texts`` with ``tokenize(str) -> list[int]`` and record prefill + decode routing.
 
     Decode samples like a chat server does (temperature 0.7, nucleus 0.9, seeded): greedy decoding of a small
@@ -70,7 +70,7 @@ def record_workload(model, tokenize, texts: list[str], domains: list[str], max_n
     if empty:
         raise ValueError(f"prompts {empty[:5]} tokenise to nothing")
     return record(model, prompts, max_new_tokens, domains, batch_size=batch_size, name=name,
-                  temperature=temperature, top_p=top_p, seed=seed)
+                  temperature=temperature, top_p=top_p, seed=seed, progress=progress)
 
 
 def minimoe_tokenize(model_dir):
@@ -90,7 +90,7 @@ def run_prompts(model_dir, num_per_domain: int, seed: int = 0) -> tuple[list[str
 
 
 def bundled_trace(num_per_domain: int = 500, max_new_tokens: int = 32, seed: int = 0, model_dir=BUNDLED_MODEL,
-                  batch_size: int = 64, temperature: float = 0.7, top_p: float = 0.9) -> Trace:
+                  batch_size: int = 64, temperature: float = 0.7, top_p: float = 0.9, progress: bool = False) -> Trace:
     """The workload trace of a minimoe checkpoint (default: the bundled 4-domain MoE), recorded on CPU."""
     import torch
 
@@ -101,4 +101,5 @@ def bundled_trace(num_per_domain: int = 500, max_new_tokens: int = 32, seed: int
     torch.manual_seed(seed)
     model = Transformer.load(model_dir).eval()
     return record_workload(model, minimoe_tokenize(model_dir), texts, domains, max_new_tokens, batch_size,
-                           name=f"minimoe:{model_dir.name}", temperature=temperature, top_p=top_p, seed=seed)
+                           name=f"minimoe:{model_dir.name}", temperature=temperature, top_p=top_p, seed=seed,
+                           progress=progress)
