@@ -60,6 +60,7 @@ class ExperimentConfig:
     ratios: tuple = (4, 16, 64)
     seeds: tuple = (0, 1, 2)
     ablation_ratio: int = 16
+    ablations: bool = True
     steps: int = 1000
     batch_size: int = 16
     lr: float = 1e-3
@@ -80,7 +81,7 @@ class ExperimentConfig:
 
 
 PRESETS = {
-    "gpu": {},
+    "gpu": dict(pretrain_documents=12000),
     "cpu": dict(context_tokens=96, block_tokens=48, chunk_size=48, questions_per_document=2, pretrain_documents=60,
                 train_documents=24, dev_documents=4, test_documents=4, corpus_chars=20_000, vocab_size=400,
                 hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
@@ -101,7 +102,7 @@ def settings(cfg: ExperimentConfig) -> list[dict]:
         for ratio in cfg.ratios:
             out.append(dict(method="global", ratio=ratio, seed=seed, variant="global", options={}))
             out.append(dict(method="pic", ratio=ratio, seed=seed, variant="pic", options=PIC))
-        for name, options in ABLATIONS.items():
+        for name, options in (ABLATIONS.items() if cfg.ablations else ()):
             out.append(dict(method=name, ratio=cfg.ablation_ratio, seed=seed, variant="pic", options=options))
     for setting in out:
         setting["name"] = f"{setting['method']}_{setting['ratio']}x_seed{setting['seed']}"
@@ -181,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="worker processes, spread over the visible GPUs")
     parser.add_argument("--steps", type=int, help="override the compressor training steps")
     parser.add_argument("--pretrain-steps", type=int, help="override the base model's pretraining steps")
+    parser.add_argument("--pretrain-seconds", type=float, help="override the pretraining time limit (seconds)")
     parser.add_argument("--device", help="override the device (cpu or cuda)")
+    parser.add_argument("--ratios", type=int, nargs="+", help="override the compression ratios (each divides the chunk)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
+    parser.add_argument("--no-ablations", action="store_true", help="skip the PIC ablations")
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -202,8 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         values = json.loads(Path(args.config).read_text())
         cfg = ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     else:
-        overrides = {k: v for k, v in dict(steps=args.steps, pretrain_steps=args.pretrain_steps,
-                                              device=args.device).items() if v is not None}
+        overrides = {k: v for k, v in dict(steps=args.steps, pretrain_steps=args.pretrain_steps, device=args.device,
+                                              pretrain_max_seconds=args.pretrain_seconds,
+                                              ratios=tuple(args.ratios) if args.ratios else None,
+                                              seeds=tuple(args.seeds) if args.seeds else None).items()
+                     if v is not None}
+        if args.no_ablations:
+            overrides["ablations"] = False
         cfg = ExperimentConfig(**{**PRESETS[args.preset], **overrides})
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda (the gpu preset's) but no CUDA device is visible; use --device cpu")

@@ -86,10 +86,14 @@ def greedy_from_embeds(model: Transformer, prefixes: list[torch.Tensor], max_new
     cache.values = [v.to(x.dtype) for v in cache.values]
     mask = None if bool(attention.all()) else attention
     logits = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, cache=cache, last_only=True)
-    generated = []
+    generated, finished = [], torch.zeros(b, dtype=torch.bool, device=x.device)
+    stops = torch.tensor(sorted(stop_ids), device=x.device)
     for _ in range(max_new_tokens):
         next_ids = logits[:, -1].argmax(-1)  # (B,)
         generated.append(next_ids)
+        finished |= torch.isin(next_ids, stops)
+        if bool(finished.all()):
+            break
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
         positions = positions[:, -1:] + 1

@@ -46,10 +46,22 @@ def _approximate_tokens(text: str) -> list[int]:
     return [0] * (len(text) // 3 + 1)  # only to size paragraphs of the tokenizer's own training text
 
 
-def _qa_sets(cfg, encode, pad_id: int) -> dict[str, QASet]:
+def _batch_encoder(tokenizer):
+    """Token counts of " " + s for each sentence s, from one encoding of all of them (byte-level BPE splits
+    at the spaces, so the counts add up), assigning each token to the sentence its first character is in."""
+    def count_each(sentences: list[str]) -> list[int]:
+        starts = np.cumsum([0] + [len(s) + 1 for s in sentences[:-1]])  # where " " + sentence i begins
+        encoding = tokenizer.encode("".join(" " + s for s in sentences), add_special_tokens=False)
+        owner = np.searchsorted(starts, [start for start, _ in encoding.offsets], side="right") - 1
+        return np.bincount(owner, minlength=len(sentences)).tolist()
+    return count_each
+
+
+def _qa_sets(cfg, encode, pad_id: int, tokenizer) -> dict[str, QASet]:
     sizes = {"train": cfg.train_documents, "dev": cfg.dev_documents, "test": cfg.test_documents}
     return {split: build_qa_set(generate_documents(split, count, cfg.seed, encode, cfg.context_tokens,
-                                                   cfg.block_tokens, cfg.questions_per_document),
+                                                   cfg.block_tokens, cfg.questions_per_document,
+                                                   _batch_encoder(tokenizer)),
                                 encode, cfg.block_tokens, pad_id)
             for split, count in sizes.items()}
 
@@ -64,7 +76,7 @@ def model_config(cfg, vocab_size: int, row_tokens: int) -> ModelConfig:
 def pretraining_rows(cfg, tokenizer, encode, bos_id: int, pad_id: int) -> np.ndarray:
     """(N, T) int32: QA rows and corpus windows, shuffled (seeded), padded with ``pad_id``."""
     documents = generate_documents("train", cfg.pretrain_documents, cfg.seed + 1, encode, cfg.context_tokens,
-                                   cfg.block_tokens, cfg.questions_per_document)
+                                   cfg.block_tokens, cfg.questions_per_document, _batch_encoder(tokenizer))
     qa_rows = []
     for document in documents:
         row = [bos_id] + pack(document, encode, cfg.block_tokens, pad_id)
@@ -125,7 +137,7 @@ def load_prepared(cfg, out: Path, base: bool = True) -> Prepared:
     newline = encode("\n")
     if len(newline) != 1:
         raise ValueError(f"the tokenizer encodes a newline as {newline}; the answers stop at a one-token newline")
-    sets = _qa_sets(cfg, encode, pad_id)
+    sets = _qa_sets(cfg, encode, pad_id, tokenizer)
     model = Transformer.load(out / "base", device=cfg.device, dtype=torch.float32).eval() if base else None
     return Prepared(tokenizer, model, sets["train"], sets["dev"], sets["test"], bos_id, pad_id,
                     {newline[0], tokenizer.token_to_id(EOS)})
