@@ -151,7 +151,7 @@ def test_ours_exported_gives_the_same_logits_loss_and_gradients(model_type):
 
 
 def test_config_round_trip_and_moe_fields():
-    model = ours_to_hf_model("qwen3_moe", norm_topk_prob=True, aux_loss_coef=0.01)
+    model = ours_to_hf_model("qwen3_moe", norm_topk_prob=True, aux_loss_coef=0.01, aux_loss_convention="pooled")
     hf_config = config_to_hf(model.config, "qwen3_moe")
     assert (hf_config.num_experts, hf_config.num_experts_per_tok, hf_config.moe_intermediate_size) == (8, 2, 32)
     assert hf_config.output_router_logits and hf_config.router_aux_loss_coef == 0.01

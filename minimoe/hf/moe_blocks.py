@@ -23,9 +23,20 @@ level only: their attention variants are out of scope for minimoe.
 DeepSeek-V3's dropped-group convention is a property of the installed transformers code, not
 of the config: ``transformers_dropped_group_value()`` measures it on a four-expert router
 (transformers 5.17 and 5.24 both fill dropped groups with -inf, like DeepSeek's own code).
+
+Trust the modules, not the flags: a transformers block computes with the attributes and tensors
+it was built with (``gate.top_k``, ``gate.norm_topk_prob``, the weights' shapes), which a config
+edited afterwards no longer describes. ``moe_config_of_block`` reads those; a config passed
+along contributes only the training knobs, and a flag that disagrees with the block is reported
+with a warning. The load-balancing loss follows transformers: Mixtral, Qwen3-MoE and OLMoE pool
+it over layers (``aux_loss_convention="pooled"``, coefficient ``router_aux_loss_coef`` when
+``output_router_logits``); transformers' DeepSeek-V3 and Llama 4 compute none (coefficient 0).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +83,9 @@ def moe_config_from_hf(hf_config, family: str) -> MoEConfig:
         hf_config = hf_config.get_text_config()  # Llama 4's composite config -> its text config
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise ValueError(f"only SwiGLU (hidden_act='silu') experts are supported, got {hf_config.hidden_act!r}")
-    aux_loss_coef = float(hf_config.router_aux_loss_coef) if getattr(hf_config, "output_router_logits", False) else 0.0
-    common = dict(top_k=hf_config.num_experts_per_tok, aux_loss_coef=aux_loss_coef)
+    balanced = family in _SOFTMAX_FAMILIES and getattr(hf_config, "output_router_logits", False)
+    aux_loss_coef = float(hf_config.router_aux_loss_coef) if balanced else 0.0  # as transformers trains it
+    common = dict(top_k=hf_config.num_experts_per_tok, aux_loss_coef=aux_loss_coef, aux_loss_convention="pooled")
     if family == "mixtral":
         return MoEConfig(
             num_experts=hf_config.num_local_experts, intermediate_size=hf_config.intermediate_size,
@@ -99,26 +111,67 @@ def moe_config_from_hf(hf_config, family: str) -> MoEConfig:
     )  # fmt: skip
 
 
-def moe_config_from_hf_block(hf_block: nn.Module, family: str) -> MoEConfig:
-    """The MoEConfig read off a transformers MoE block's own attributes and weight shapes."""
-    _check_family(family)
-    if family == "deepseek_v3":
-        return moe_config_from_hf(hf_block.config, family)
-    experts = hf_block.experts
+def _check_silu(module: nn.Module, what: str) -> None:
+    act = getattr(module, "act_fn", None) or getattr(module, "activation_fn", None)
     probe = torch.linspace(-4, 4, 9)
-    if not torch.allclose(experts.act_fn(probe), F.silu(probe)):
-        raise ValueError(f"only SwiGLU (silu) experts are supported, the block uses {experts.act_fn}")
+    if act is None or not torch.allclose(act(probe), F.silu(probe)):
+        raise ValueError(f"only SwiGLU (silu) experts are supported, the block's {what} uses {act}")
+
+
+def moe_config_from_hf_block(hf_block: nn.Module, family: str) -> MoEConfig:
+    """The MoEConfig read off a transformers MoE block's own attributes and weight shapes.
+
+    No training knobs: aux_loss_coef is 0 (the convention is transformers', "pooled")."""
+    _check_family(family)
+    experts = hf_block.experts
+    _check_silu(experts, "experts")
     if family == "llama4":
+        _check_silu(hf_block.shared_expert, "shared expert")
         return MoEConfig(
-            num_experts=hf_block.router.num_experts, top_k=hf_block.router.top_k,
+            num_experts=hf_block.router.weight.shape[0], top_k=hf_block.router.top_k,
             intermediate_size=experts.gate_up_proj.shape[2] // 2, router="llama4", num_shared_experts=1,
+            aux_loss_convention="pooled",
         )  # fmt: skip
-    gate = hf_block.gate
+    gate, width = hf_block.gate, experts.gate_up_proj.shape[1] // 2
+    if family == "deepseek_v3":
+        _check_silu(hf_block.shared_experts, "shared experts")
+        shared = hf_block.shared_experts.gate_proj.weight.shape[0]  # n_shared_experts · moe_intermediate_size
+        return MoEConfig(
+            num_experts=gate.weight.shape[0], top_k=gate.top_k, intermediate_size=width, router="deepseek_v3",
+            norm_topk_prob=bool(gate.norm_topk_prob), n_group=gate.num_group, topk_group=gate.topk_group,
+            routed_scaling_factor=float(gate.routed_scaling_factor),
+            dropped_group_value=transformers_dropped_group_value(), aux_loss_convention="pooled",
+            num_shared_experts=shared // width if shared % width == 0 else 1,
+            shared_intermediate_size=None if shared % width == 0 else shared,
+        )  # fmt: skip
     return MoEConfig(
-        num_experts=gate.num_experts, top_k=gate.top_k, intermediate_size=experts.gate_up_proj.shape[1] // 2,
-        router="softmax", norm_topk_prob=bool(getattr(gate, "norm_topk_prob", True)),
-        router_jitter=float(getattr(hf_block, "jitter_noise", 0.0)),
+        num_experts=gate.weight.shape[0], top_k=gate.top_k, intermediate_size=width,
+        router="softmax", norm_topk_prob=bool(getattr(gate, "norm_topk_prob", True)),  # Mixtral always renormalises
+        router_jitter=float(getattr(hf_block, "jitter_noise", 0.0)), aux_loss_convention="pooled",
     )  # fmt: skip
+
+
+TRAINING_FIELDS = ("aux_loss_coef", "aux_loss_convention", "z_loss_coef", "capacity_factor")
+
+
+def moe_config_of_block(hf_block: nn.Module, family: str, hf_config=None) -> MoEConfig:
+    """The MoEConfig a transformers block computes with: its modules' attributes and weight shapes, plus the
+    training knobs (``TRAINING_FIELDS``) of ``hf_config`` when given. A config flag that disagrees with the block
+    is named in a UserWarning; the block wins, because it is what transformers runs."""
+    computed = moe_config_from_hf_block(hf_block, family)
+    if hf_config is None:
+        return computed
+    flags = moe_config_from_hf(hf_config, family)
+    differ = [f"{f.name}={getattr(flags, f.name)!r} in the config, {getattr(computed, f.name)!r} in the block"
+              for f in dataclasses.fields(MoEConfig) if f.name not in TRAINING_FIELDS
+              and f.name not in ("num_shared_experts", "shared_intermediate_size")
+              and getattr(flags, f.name) != getattr(computed, f.name)]
+    if flags.shared_width != computed.shared_width:
+        differ.append(f"shared expert width {flags.shared_width} in the config, {computed.shared_width} in the block")
+    if differ:
+        warnings.warn(f"{type(hf_block).__name__}: the config does not describe the block it built ("
+                      + "; ".join(differ) + "): converted as the block computes", UserWarning, stacklevel=2)
+    return dataclasses.replace(computed, **{name: getattr(flags, name) for name in TRAINING_FIELDS})
 
 
 def _hf_shapes(layer: MoELayer, family: str) -> dict[str, tuple[int, ...]]:
@@ -194,10 +247,11 @@ def load_moe_block_state_from_hf(layer: MoELayer, state: dict[str, torch.Tensor]
 def moe_from_hf_block(hf_block: nn.Module, family: str, hf_config=None) -> MoELayer:
     """A MoELayer holding a copy of a transformers MoE block's weights (same dtype and device).
 
-    The config comes from ``hf_config`` when given, else from the block's attributes.
+    The computation follows the block's own attributes and weights (``moe_config_of_block``); ``hf_config``, when
+    given, adds the training knobs (the load-balancing coefficient and convention).
     """
     _check_family(family)
-    config = moe_config_from_hf(hf_config, family) if hf_config is not None else moe_config_from_hf_block(hf_block, family)
+    config = moe_config_of_block(hf_block, family, hf_config)
     state = dict(hf_block.state_dict())
     router_key = "router.weight" if family == "llama4" else "gate.weight"
     if router_key not in state or state[router_key].dim() != 2:

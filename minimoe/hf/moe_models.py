@@ -13,11 +13,20 @@ Mixtral always renormalises the top-k weights; Qwen3-MoE and OLMoE do iff ``norm
 What changes the computed function and has no place in our model is rejected with a ValueError:
 sliding windows, OLMoE's ``clip_qkv``, capacity limits (transformers' blocks are dropless), shared
 experts or non-softmax routers. Training-only knobs travel where they can (Mixtral's router jitter, the
-load-balancing coefficient as ``router_aux_loss_coef`` with ``output_router_logits``) and are dropped
-where transformers has none (router jitter for Qwen3-MoE / OLMoE, the z-loss): logits do not change.
+load-balancing coefficient as ``router_aux_loss_coef`` with ``output_router_logits``); where transformers
+cannot hold one, the logits do not change but training would, so a UserWarning names it:
+
+- the load-balancing loss: transformers pools router statistics over all layers (``load_balancing_loss_func``),
+  so a model converted from transformers gets ``aux_loss_convention="pooled"`` and keeps the same strength.
+  Exporting a "per_layer" model with several MoE layers copies the coefficient, and the balance term of the
+  exported model is weaker (by about the number of MoE layers for well-balanced routers);
+- the router z-loss (transformers' Mixtral, Qwen3-MoE and OLMoE have none) and router jitter for Qwen3-MoE /
+  OLMoE are dropped.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from minimoe.hf.llama import common_from_hf, common_to_hf
 from minimoe.model.transformer import ModelConfig
@@ -45,8 +54,21 @@ def _check_moe(config: ModelConfig, family: str, qk_norm: str | None, every_laye
         raise ValueError(f"every layer of a {family!r} model is MoE, got moe_layers={config.moe_layers}")
 
 
-def _moe_to_hf(config: ModelConfig) -> dict:
+def _moe_to_hf(config: ModelConfig, family: str) -> dict:
     moe = config.moe
+    lost = []
+    num_moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_layers))
+    if moe.aux_loss_coef > 0 and moe.aux_loss_convention == "per_layer" and num_moe_layers > 1:
+        lost.append(f"the load-balancing loss sums {num_moe_layers} per-layer losses here (aux_loss_convention="
+                    f"'per_layer'), transformers pools them, so router_aux_loss_coef={moe.aux_loss_coef} balances less "
+                    "strongly there; set aux_loss_convention='pooled' to train alike")
+    if moe.z_loss_coef > 0:
+        lost.append(f"transformers has no router z-loss: z_loss_coef={moe.z_loss_coef} is dropped")
+    if moe.router_jitter > 0 and family != "mixtral":
+        lost.append(f"transformers' {family} has no router jitter: router_jitter={moe.router_jitter} is dropped")
+    if lost:
+        warnings.warn(f"exporting to {family!r} changes training (not the logits): " + "; ".join(lost),
+                      UserWarning, stacklevel=4)
     return dict(num_experts_per_tok=moe.top_k, output_router_logits=moe.aux_loss_coef > 0,
                 router_aux_loss_coef=moe.aux_loss_coef if moe.aux_loss_coef > 0 else 0.001)
 
@@ -64,9 +86,9 @@ class MixtralFamily:
         _check_moe(config, "mixtral", qk_norm=None, every_layer=True)
         if not config.moe.norm_topk_prob:
             raise ValueError("a 'mixtral' model renormalises its top-k weights, got norm_topk_prob=False")
-        return dict(common_to_hf(config), **_moe_to_hf(config), intermediate_size=config.moe.intermediate_size,
-                    num_local_experts=config.moe.num_experts, router_jitter_noise=config.moe.router_jitter,
-                    sliding_window=None)
+        return dict(common_to_hf(config), **_moe_to_hf(config, "mixtral"),
+                    intermediate_size=config.moe.intermediate_size, num_local_experts=config.moe.num_experts,
+                    router_jitter_noise=config.moe.router_jitter, sliding_window=None)
 
 
 class Qwen3MoeFamily:
@@ -88,10 +110,10 @@ class Qwen3MoeFamily:
     def config_to_hf(config: ModelConfig) -> dict:
         _check_moe(config, "qwen3_moe", qk_norm="head", every_layer=False)
         dense_layers = [i for i in range(config.num_layers) if not config.is_moe_layer(i)]
-        return dict(common_to_hf(config), **_moe_to_hf(config), intermediate_size=config.intermediate_size,
-                    moe_intermediate_size=config.moe.intermediate_size, num_experts=config.moe.num_experts,
-                    norm_topk_prob=config.moe.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=dense_layers,
-                    use_sliding_window=False)
+        return dict(common_to_hf(config), **_moe_to_hf(config, "qwen3_moe"),
+                    intermediate_size=config.intermediate_size, moe_intermediate_size=config.moe.intermediate_size,
+                    num_experts=config.moe.num_experts, norm_topk_prob=config.moe.norm_topk_prob,
+                    decoder_sparse_step=1, mlp_only_layers=dense_layers, use_sliding_window=False)
 
 
 class OlmoeFamily:
@@ -114,7 +136,8 @@ class OlmoeFamily:
         if config.head_dim * config.num_heads != config.hidden_size:
             raise ValueError(f"an 'olmoe' model needs head_dim * num_heads == hidden_size, got head_dim="
                              f"{config.head_dim}, num_heads={config.num_heads}, hidden_size={config.hidden_size}")
-        settings = dict(common_to_hf(config), **_moe_to_hf(config), intermediate_size=config.moe.intermediate_size,
-                        num_experts=config.moe.num_experts, norm_topk_prob=config.moe.norm_topk_prob, clip_qkv=None)
+        settings = dict(common_to_hf(config), **_moe_to_hf(config, "olmoe"),
+                        intermediate_size=config.moe.intermediate_size, num_experts=config.moe.num_experts,
+                        norm_topk_prob=config.moe.norm_topk_prob, clip_qkv=None)
         del settings["head_dim"]  # OlmoeConfig derives it
         return settings
