@@ -284,6 +284,7 @@ def _report_into(args, out: Path) -> int:
 # what was expected; `main` below turns that into one line on stderr and exit code 2.
 FORWARDED = {
     "ep-demo": ("minimoe.parallel.demo", "expert parallelism for real under torchrun: check, bytes, time, trace replay"),
+    "import": ("minimoe.traces.convert", "convert a vLLM, SGLang or JSONL routing capture to a trace file"),
 }
 
 
