@@ -191,7 +191,7 @@ def _trace(args) -> int:
     return 0
 
 
-def _load_or_record(args):
+def _load_or_record(args, say=progress):
     """The trace a findings/report run works on: ``--trace FILE`` or a recording of ``--model``."""
     from minimoe.traces.format import Trace
 
@@ -199,8 +199,8 @@ def _load_or_record(args):
         return Trace.load(args.trace)
     from minimoe.traces.workload import BUNDLED_MODEL, bundled_trace
 
-    progress(f"recording {4 * args.requests_per_domain} requests of the four domains "
-             f"({args.new_tokens} decode tokens each)")
+    say(f"recording {4 * args.requests_per_domain} requests of the four domains ({args.new_tokens} decode "
+        f"tokens each)")
     return bundled_trace(num_per_domain=args.requests_per_domain, max_new_tokens=args.new_tokens, seed=args.seed,
                          model_dir=args.model or BUNDLED_MODEL, temperature=args.temperature, progress=True)
 
@@ -252,15 +252,15 @@ def _report_into(args, out: Path) -> int:
         if args.window is not None and args.window >= args.new_tokens:
             raise ValueError(f"--window {args.window} must be smaller than --new-tokens {args.new_tokens}: the "
                              f"decode tokens after the window are the held-out set")
-    started = time.perf_counter()
-    trace = _load_or_record(args)
+    started, stopwatch = time.perf_counter(), Stopwatch(progress)
+    trace = _load_or_record(args, stopwatch)
     try:
         check_topologies(args.topologies, trace.num_experts)
     except ValueError as error:
         raise ValueError(f"--topologies: {error}") from None
     try:
         result = run_report(trace, args.topologies, window=args.window, seed=args.seed,
-                            hidden_size=args.hidden_size, progress=Stopwatch(progress))
+                            hidden_size=args.hidden_size, progress=stopwatch)
     except ValueError as error:
         if "online window" in str(error):
             raise ValueError(f"--window {args.window}: {error}") from None
