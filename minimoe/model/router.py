@@ -3,7 +3,8 @@
 A router is a linear map from a token's hidden state x (size H) to one logit per expert,
 ``logits = x @ W_r^T`` (shape (T, E)), followed by a *selection rule* that keeps k experts per
 token and a *weighting rule* that says how much each kept expert counts. Real models differ
-only in those two rules (REFERENCES.md §2):
+only in those two rules (as implemented in transformers 5: ``MixtralSparseMoeBlock``, ``DeepseekV3MoE``,
+``Llama4TextMoe``):
 
 softmax top-k (Mixtral, Qwen3-MoE, OLMoE; Shazeer et al. 2017, "Outrageously Large NNs")
     p = softmax(logits) in float32;  ids = top-k of p;  w = p[ids], divided by Σ w when

@@ -72,21 +72,29 @@ def _field(text: str) -> tuple[str, str]:
     return ours, theirs
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the message and where to read more), like the other commands."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="minimoe import", description="Convert a vLLM, SGLang or JSONL routing capture to a minimoe trace file.",
     )
     parser.add_argument("source", help="the capture: .npy/.npz (vLLM), a text file of SGLang payloads, or .jsonl")
-    parser.add_argument("--out", required=True, help="the trace file to write (.npz)")
-    parser.add_argument("--format", choices=FORMATS, default="auto", help="the source's format (default: %(default)s, "
-                                                                          "from the file name and first record)")
-    parser.add_argument("--num-experts", type=_positive_int, help="routed experts per MoE layer (JSONL: default "
-                                                                  "from the meta record)")
-    parser.add_argument("--top-k", type=_positive_int, help="experts per token (SGLang: required; JSONL: default "
-                                                            "from the meta record, else the widest list)")
-    parser.add_argument("--num-layers", type=_positive_int, help="layers per token in an SGLang payload (required "
-                                                                 "for SGLang)")
-    parser.add_argument("--moe-layers", type=_moe_layers, default=None,
+    parser.add_argument("--out", required=True, metavar="TRACE", help="the trace file to write (.npz)")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="the source's format (default: %(default)s, from the file name and first record)")
+    parser.add_argument("--num-experts", type=_positive_int, metavar="E",
+                        help="routed experts per MoE layer (JSONL: default from the meta record)")
+    parser.add_argument("--top-k", type=_positive_int, metavar="K",
+                        help="experts per token (SGLang: required; JSONL: default from the meta record, else the "
+                             "widest list)")
+    parser.add_argument("--num-layers", type=_positive_int, metavar="L",
+                        help="layers per token in an SGLang payload (required for SGLang)")
+    parser.add_argument("--moe-layers", type=_moe_layers, default=None, metavar="LAYERS",
                         help="vLLM/SGLang: which layers are MoE layers: comma-separated indices (the safe choice: "
                              "dense layers arrive as expert 0), 'auto' (drop layers holding only -1) or 'all' "
                              "(default: all for vLLM, auto for SGLang)")
@@ -96,12 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=WIRE_DTYPES, default=None,
                         help="SGLang: the wire dtype of base64 payloads (default: the payload's routed_experts_dtype, "
                              "else int32)")
-    parser.add_argument("--prompt-lengths", type=_counts, default=None,
+    parser.add_argument("--prompt-lengths", type=_counts, default=None, metavar="P1,P2,...",
                         help="vLLM/SGLang: comma-separated prompt rows per request (rows after them are decode); "
                              "default: phases unknown (a vLLM .npz may hold them as 'prompt_lengths')")
-    parser.add_argument("--domain", default=None, help="one domain label for every token (e.g. code)")
-    parser.add_argument("--model", default=None, help="the model's name stored in the trace (JSONL: default from "
-                                                       "the meta record)")
+    parser.add_argument("--domain", default=None, metavar="LABEL", help="one domain label for every token (e.g. code)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="the model's name stored in the trace (JSONL: default from the meta record)")
     parser.add_argument("--field", type=_field, action="append", default=[], metavar="OURS=THEIRS",
                         help="JSONL: the log's name for one of our fields, e.g. --field request=rid (repeatable)")
     parser.add_argument("--no-request-field", action="store_true",
@@ -127,8 +135,8 @@ def guess_format(path: Path) -> str:
             record = json.loads(first)
         except json.JSONDecodeError:
             return "sglang"  # a bare base64 line
-        sglang = isinstance(record, str) or (isinstance(record, dict) and ({"routed_experts", "meta_info"} & set(record)))
-        return "sglang" if sglang else "jsonl"
+        holds_payload = isinstance(record, dict) and bool({"routed_experts", "meta_info"} & set(record))
+        return "sglang" if isinstance(record, str) or holds_payload else "jsonl"
     raise ValueError(f"{path}: cannot tell the format from the suffix {suffix!r}; pass --format vllm, sglang or jsonl")
 
 

@@ -210,7 +210,8 @@ def from_sglang(payloads, num_layers: int, top_k: int, num_experts: int, prompt_
             payload = np.frombuffer(raw, dtype=wire)
         flat = np.asarray(payload).reshape(-1)
         if flat.size % (num_layers * top_k):
-            hint = "" if assumed == "the array's own dtype" else "; if the producer used another wire dtype, pass it as dtype="
+            hint = "" if assumed == "the array's own dtype" else \
+                "; if the producer used another wire dtype, pass it as dtype="
             raise ValueError(f"payloads[{index}] (decoded as {assumed}) has {flat.size} ids, not a multiple of "
                              f"num_layers·top_k = {num_layers}·{top_k}{hint}")
         rows = flat.reshape(-1, num_layers, top_k)
