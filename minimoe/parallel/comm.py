@@ -11,7 +11,8 @@ Pᵀ sends every row back where it came from: the same call with the splits swap
 ``y = A2A(x; send, recv)`` is ``dx = A2A(dy; recv, send)`` (Megatron-LM and DeepSpeed wrap the call in a
 custom autograd function the same way). :class:`Exchange` moves a leg's token rows together with their
 routing metadata (float32 weights, which are differentiable, and integer slot ids, which are not) in ONE
-autograd node, so the backward runs its exchanges in one fixed order on every rank.
+autograd node, so the backward runs its exchanges in one fixed order on every rank; in the forward they
+travel in one packed byte buffer, so a leg is one all-to-all.
 
 Every rank must build the same graph: when gradients are wanted, ``Exchange`` is given a leaf ``anchor``
 that requires grad, so its outputs join the graph even on a rank whose own rows do not (a rank with no
@@ -81,7 +82,9 @@ def group_rank_size(group=None) -> tuple[int, int]:
 
 
 def _timeout_s(group) -> str:
-    return f"{_TIMEOUT_S:g} s" if _TIMEOUT_S is not None else "the timeout it was created with"
+    if _TIMEOUT_S is not None and (group is None or group is dist.group.WORLD):
+        return f"{_TIMEOUT_S:g} s"
+    return "the timeout the group was created with"
 
 
 def _failed(what: str, group, error: Exception) -> RuntimeError:
@@ -144,51 +147,86 @@ def all_reduce_sum(tensor: torch.Tensor, group=None, what: str = "all-reduce") -
 
 
 # ---- the differentiable exchange ------------------------------------------------------------------------
-def _pack_meta(weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """(N, m) float32 weights and (N, m) int slot ids -> one (N, 2m) float32 buffer (slots bit-cast)."""
-    return torch.cat([weights.float(), slots.to(torch.int32).view(torch.float32)], dim=1)
+def _layout(specs: list[tuple[torch.dtype, int]]) -> tuple[list[int], int]:
+    """Byte offset of each (dtype, columns) part in a packed row (8-byte aligned) and the row width (16-aligned)."""
+    offsets, width = [], 0
+    for dtype, columns in specs:
+        width = -(-width // 8) * 8
+        offsets.append(width)
+        width += columns * torch.empty((), dtype=dtype).element_size()
+    return offsets, -(-width // 16) * 16
+
+
+def packed_all_to_all(parts: list[tuple[torch.Tensor, torch.Tensor | None]], send_splits, recv_splits, group=None,
+                      what: str = "all-to-all") -> list[torch.Tensor]:
+    """Exchange several row-aligned tensors in ONE all-to-all: each row of a byte buffer holds row n of every part.
+
+    parts: (tensor (R, c), index (N,) or None): row n of the part is ``tensor[index[n]]`` (gathered straight
+    into the buffer) or ``tensor[n]``. Returns one (N', c) view per part into the received buffer.
+    """
+    specs = [(t.dtype, t.shape[1]) for t, _ in parts]
+    offsets, width = _layout(specs)
+    first, index = parts[0]
+    rows = first.shape[0] if index is None else index.shape[0]
+    buffer = torch.empty(rows, width, dtype=torch.uint8, device=first.device)
+    size = [torch.empty((), dtype=d).element_size() for d, _ in specs]
+    for (tensor, index), offset, (dtype, columns), nbytes in zip(parts, offsets, specs, size):
+        view = buffer[:, offset:offset + columns * nbytes].view(dtype)  # (N, c), strided
+        if index is None:
+            view.copy_(tensor)
+        else:
+            torch.index_select(tensor, 0, index, out=view)
+    out = all_to_all(buffer, send_splits, recv_splits, group, what)
+    return [out[:, o:o + c * b].view(d) for o, (d, c), b in zip(offsets, specs, size)]
 
 
 class Exchange(torch.autograd.Function):
-    """One leg of dispatch or combine: rows, and optionally their (weights, slot ids), to other ranks.
+    """One leg of dispatch or combine: rows of x, and optionally their routing metadata, to other ranks.
 
-    forward(rows (N, H), weights (N, m) float32 or None, slots (N, m) int or None, send_splits, recv_splits,
-    group, what, anchor) -> (rows (N', H), weights (N', m) or None, slots (N', m) int64 or None).
-    backward: the same exchange with the splits swapped, for the rows' and the weights' gradients (in that
-    order, on every rank).
+    forward(x (R, H), src_row (N,) int64 or None, weights (N, m) float32 or None, slots (N, m) int or None,
+    send_splits, recv_splits, group, what, anchor) -> (x[src_row] exchanged (N', H), weights (N', m) float32
+    or None, slots (N', m) int64 or None). With metadata, the gather writes into one packed buffer and a
+    single all-to-all moves everything. backward: the same exchange with the splits swapped, for the rows'
+    gradient and then the weights' (two all-to-alls in that order, on every rank), and the gather's adjoint
+    (index_add into x's rows).
     """
 
     @staticmethod
-    def forward(ctx, rows, weights, slots, send_splits, recv_splits, group, what, anchor):
-        ctx.splits, ctx.group, ctx.what, ctx.has_weights = (send_splits, recv_splits), group, what, weights is not None
-        out_rows = all_to_all(rows, send_splits, recv_splits, group, f"{what} (rows)")
+    def forward(ctx, x, src_row, weights, slots, send_splits, recv_splits, group, what, anchor):
+        ctx.splits, ctx.group, ctx.what = (send_splits, recv_splits), group, what
+        ctx.has_weights, ctx.num_rows = weights is not None, x.shape[0]
+        ctx.save_for_backward(src_row)
         if weights is None:
-            return out_rows, None, None
-        meta = all_to_all(_pack_meta(weights, slots), send_splits, recv_splits, group, f"{what} (routing)")
-        m = weights.shape[1]
-        out_slots = meta[:, m:].contiguous().view(torch.int32).to(torch.int64)
+            rows = x if src_row is None else x.index_select(0, src_row)
+            return all_to_all(rows, send_splits, recv_splits, group, f"{what} (rows)"), None, None
+        out_rows, out_weights, out_slots = packed_all_to_all(
+            [(x, src_row), (weights.float(), None), (slots.to(torch.int32), None)], send_splits, recv_splits,
+            group, what)
+        out_slots = out_slots.to(torch.int64)
         ctx.mark_non_differentiable(out_slots)
-        return out_rows, meta[:, :m], out_slots
+        return out_rows, out_weights, out_slots
 
     @staticmethod
     def backward(ctx, grad_rows, grad_weights, _grad_slots):
         send, recv = ctx.splits
-        grad_in = all_to_all(grad_rows, recv, send, ctx.group, f"{ctx.what} backward (rows)")
+        (src_row,) = ctx.saved_tensors
+        grad_x = all_to_all(grad_rows.contiguous(), recv, send, ctx.group, f"{ctx.what} backward (rows)")
+        if src_row is not None:
+            grad_x = grad_x.new_zeros(ctx.num_rows, grad_x.shape[1]).index_add_(0, src_row, grad_x)
         grad_w = None
         if ctx.has_weights:
             grad_w = all_to_all(grad_weights.contiguous(), recv, send, ctx.group, f"{ctx.what} backward (weights)")
-        return grad_in, grad_w, None, None, None, None, None, None
+        return grad_x, None, grad_w, None, None, None, None, None, None
 
 
-def exchange(rows, send_splits, recv_splits, group=None, weights=None, slots=None, requires_grad=False,
+def exchange(x, send_splits, recv_splits, group=None, src_row=None, weights=None, slots=None, requires_grad=False,
              what="exchange"):
-    """Differentiable all-to-all of ``rows`` (and routing metadata); see :class:`Exchange`.
-
-    ``requires_grad`` must be the same on every rank: True ties the outputs to the autograd graph even where
-    the local inputs need no gradient, so every rank runs the reverse exchange in backward.
+    """Differentiable all-to-all of ``x[src_row]`` (all of x when src_row is None) and routing metadata; see
+    :class:`Exchange`. ``requires_grad`` must be the same on every rank: True ties the outputs to the autograd
+    graph even where the local inputs need no gradient, so every rank runs the reverse exchange in backward.
     """
     anchor = torch.zeros((), requires_grad=True) if requires_grad else None
     if weights is not None and (slots is None or weights.shape != slots.shape):
         raise ValueError(f"weights and slots must have the same shape (N, m), got {tuple(weights.shape)} and "
                          f"{None if slots is None else tuple(slots.shape)}")
-    return Exchange.apply(rows, weights, slots, send_splits, recv_splits, group, what, anchor)
+    return Exchange.apply(x, src_row, weights, slots, send_splits, recv_splits, group, what, anchor)

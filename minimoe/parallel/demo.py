@@ -162,7 +162,12 @@ def run_layer(args, world, rank, device, dtype) -> list[dict]:
         reference = moe(x_all)  # (G·T, H) the single-process layer on the whole batch
     trace = _routing_trace([moe.last_routing.expert_ids], np.repeat(np.arange(world), tokens), args.experts,
                            args.top_k)
-    placement = _place(trace, _topology(args, world), args.placement, args.replicas, args.experts)
+    topology = _topology(args, world)
+    placement = _place(trace, topology, args.placement, args.replicas, args.experts)
+    kept = moe.last_routing.expert_ids if moe.last_kept is None else \
+        moe.last_routing.expert_ids.masked_fill(~moe.last_kept, -1)
+    report = _predict(_routing_trace([kept], trace.request, args.experts, args.top_k), placement, topology,
+                      np.arange(world), hidden, dtype)
     mine = slice(rank * tokens, (rank + 1) * tokens)
     index = torch.arange(mine.start, mine.stop, device=device)  # global token index, as in the trace
     rows = []
@@ -177,8 +182,26 @@ def run_layer(args, world, rank, device, dtype) -> list[dict]:
                 layer(x_all[mine], token_index=index)
                 times = {k: v + layer.last_times[k] / args.iters for k, v in times.items()}
             layer.counters = counters
-        rows.append(_row(fmt, error, [layer], world, device, times))
+        rows.append(_row(fmt, error, [layer], world, device, times) | _compare(layer.counters.summed(), report, fmt,
+                                                                               topology))
     return rows
+
+
+def _predict(trace, placement, topology, sources, hidden: int, dtype, tokens=None):
+    from minimoe.placement import measure
+
+    size = torch.finfo(dtype).bits // 8
+    return measure(trace, placement, topology, sources=sources, hidden_size=hidden, bytes_per_element=size,
+                   combine_bytes_per_element=size, tokens=tokens)
+
+
+def _compare(counters, report, fmt, topology) -> dict:
+    """measure's prediction for ``fmt`` next to what the counters saw."""
+    from minimoe.parallel.replay import predicted_bytes
+
+    predicted = predicted_bytes(report, fmt, topology)
+    return dict(predicted_intra_bytes=predicted["intra"], predicted_inter_bytes=predicted["inter"],
+                bytes_match=all(counters.link_bytes(link) == predicted[link] for link in ("intra", "inter")))
 
 
 def run_model(args, world, rank, device, dtype) -> list[dict]:
@@ -213,8 +236,8 @@ def run_model(args, world, rank, device, dtype) -> list[dict]:
 
 def run_replay(args, world, rank, device, dtype) -> list[dict]:
     """Replay a trace: measured bytes and time next to minimoe.placement.measure."""
-    from minimoe.placement import group, measure
-    from minimoe.parallel.replay import predicted_bytes, replay
+    from minimoe.placement import group
+    from minimoe.parallel.replay import replay
     from minimoe.traces import Trace, bundled_trace
 
     if args.trace == "bundled":
@@ -231,19 +254,13 @@ def run_replay(args, world, rank, device, dtype) -> list[dict]:
                                                                  tokens=fit)
     placement = _place(trace, topology, args.placement, args.replicas, trace.num_experts, sources, fit)
     hidden = args.hidden or 7168
-    report = measure(trace, placement, topology, sources=sources, hidden_size=hidden,
-                     bytes_per_element=torch.finfo(dtype).bits // 8,
-                     combine_bytes_per_element=torch.finfo(dtype).bits // 8, tokens=held_out)
+    report = _predict(trace, placement, topology, sources, hidden, dtype, held_out)
     rows = []
     for fmt in (WIRE_FORMATS if args.wire_format == "all" else (args.wire_format,)):
         result = replay(trace, placement, sources, fmt, None, hidden, dtype, device, held_out, seed=args.seed)
-        predicted = predicted_bytes(report, fmt, topology)
-        c = result.counters
         rows.append(dict(wire_format=fmt, placement=args.placement, grouping=args.grouping, steps=result.steps,
-                         tokens=result.tokens, **c.as_dict(), predicted_intra_bytes=predicted["intra"],
-                         predicted_inter_bytes=predicted["inter"],
-                         bytes_match=c.link_bytes("intra") == predicted["intra"]
-                         and c.link_bytes("inter") == predicted["inter"],
+                         tokens=result.tokens, **result.counters.as_dict(),
+                         **_compare(result.counters, report, fmt, topology),
                          dispatch_ms=1e3 * result.dispatch_s, combine_ms=1e3 * result.combine_s,
                          pairs_per_rank=result.received_pairs.tolist(),
                          load_max_over_mean=result.load_max_over_mean))

@@ -176,9 +176,8 @@ def _send(rows, weights, src_row, counts, meta, h: Handle, what: str, weight_ind
     n = sum(send)
     src_row, meta = src_row[:n], meta[:n]
     sent_weights = weights[src_row] if weight_index is None else weights.reshape(-1)[weight_index[:n]].unsqueeze(1)
-    recv_rows, recv_weights, recv_slots = exchange(
-        rows.index_select(0, src_row), send, recv, h.group, weights=sent_weights, slots=meta,
-        requires_grad=h.requires_grad, what=what)
+    recv_rows, recv_weights, recv_slots = exchange(rows, send, recv, h.group, src_row=src_row, weights=sent_weights,
+                                                   slots=meta, requires_grad=h.requires_grad, what=what)
     if h.counters is not None:
         h.counters.add("dispatch", send, rows.shape[1] * rows.element_size(), h.rank, h.gpus_per_node,
                        8 * meta.shape[1])
