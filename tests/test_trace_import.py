@@ -240,8 +240,8 @@ def test_narrow_wire_dtypes_decode_when_named_and_errors_say_which_dtype_was_ass
 
 
 def test_wire_dtype_errors():
-    four_ones = r"\[16843009, 16843009\]"  # eight uint8 ones read as two int32s
-    with pytest.raises(ValueError, match=rf"payloads\[0\] decoded as int32: token 0, layer 0 holds {four_ones}"):
+    two_int32s = r"\[16843009, 16843009\]"  # eight uint8 ones read as two int32 values
+    with pytest.raises(ValueError, match=rf"payloads\[0\] decoded as int32: token 0, layer 0 holds {two_int32s}"):
         from_sglang([b64(np.ones(8, np.uint8), "u1")], num_layers=1, top_k=2, num_experts=16)
     with pytest.raises(ValueError, match="3 bytes, not a whole number of uint16 values"):
         from_sglang([b64([1, 2, 3], "u1")], num_layers=1, top_k=1, num_experts=16, dtype="uint16")
