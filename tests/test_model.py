@@ -229,3 +229,10 @@ def test_checkpoint_not_matching_its_config_is_rejected(tmp_path):
     save_file(tensors, path)
     with pytest.raises(ValueError, match="missing keys .*'hidden_size'"):
         Transformer.load(tmp_path)
+
+
+def test_saving_a_tied_config_whose_head_was_replaced_is_refused(tmp_path):
+    model = make_model(tie_word_embeddings=True)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.embed.weight))  # the config now lies
+    with pytest.raises(ValueError, match="lm_head.weight is not embed.weight"):
+        model.save(tmp_path / "ckpt")

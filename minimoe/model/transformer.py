@@ -255,6 +255,9 @@ class Transformer(nn.Module):
         self.config.save(directory / CONFIG_FILE)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
+            if self.lm_head.weight is not self.embed.weight:  # the head was replaced after the model was built
+                raise ValueError("config.tie_word_embeddings is True but lm_head.weight is not embed.weight: "
+                                 "tie them again, or set tie_word_embeddings=False to save both")
             del state["lm_head.weight"]  # stored once, as embed.weight
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
