@@ -52,16 +52,17 @@ class ExperimentConfig:
     num_heads: int = 8
     num_kv_heads: int = 4
     intermediate_size: int = 768
-    qa_fraction: float = 0.75  # share of pretraining rows that are QA documents (the rest: corpus text)
-    pretrain_steps: int = 4000
+    qa_fraction: float = 0.85  # share of pretraining rows that are QA documents (the rest: corpus text)
+    pretrain_questions: int = 12  # questions after each pretraining context
+    pretrain_steps: int = 3500
     pretrain_batch: int = 64
     pretrain_lr: float = 2e-3
-    pretrain_max_seconds: float = 200.0
+    pretrain_max_seconds: float = 150.0
     ratios: tuple = (4, 16, 64)
     seeds: tuple = (0, 1, 2)
     ablation_ratio: int = 16
     ablations: bool = True
-    steps: int = 1000
+    steps: int = 400
     batch_size: int = 16
     lr: float = 1e-3
     lora_rank: int = 16
@@ -81,8 +82,9 @@ class ExperimentConfig:
 
 
 PRESETS = {
-    "gpu": dict(pretrain_documents=12000),
+    "gpu": dict(pretrain_documents=8000),
     "cpu": dict(context_tokens=96, block_tokens=48, chunk_size=48, questions_per_document=2, pretrain_documents=60,
+                pretrain_questions=2,
                 train_documents=24, dev_documents=4, test_documents=4, corpus_chars=20_000, vocab_size=400,
                 hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
                 pretrain_steps=4, pretrain_batch=4, ratios=(4, 16), seeds=(0, 1), ablation_ratio=16, steps=4,

@@ -10,6 +10,7 @@ saved (half the bytes) *is* the model every compressor reads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,13 +75,21 @@ def model_config(cfg, vocab_size: int, row_tokens: int) -> ModelConfig:
 
 
 def pretraining_rows(cfg, tokenizer, encode, bos_id: int, pad_id: int) -> np.ndarray:
-    """(N, T) int32: QA rows and corpus windows, shuffled (seeded), padded with ``pad_id``."""
+    """(N, T) int32: QA rows and corpus windows, shuffled (seeded), padded with ``pad_id``.
+
+    A QA row keeps the first p paragraphs of a document, p uniform in 1 .. context_tokens / block_tokens (short
+    contexts first teach the lookup, long ones its reach), then up to ``pretrain_questions`` questions about them.
+    """
     documents = generate_documents("train", cfg.pretrain_documents, cfg.seed + 1, encode, cfg.context_tokens,
-                                   cfg.block_tokens, cfg.questions_per_document, _batch_encoder(tokenizer))
+                                   cfg.block_tokens, 10 * cfg.pretrain_questions, _batch_encoder(tokenizer))
+    rng = np.random.default_rng(cfg.seed + 1)
     qa_rows = []
     for document in documents:
-        row = [bos_id] + pack(document, encode, cfg.block_tokens, pad_id)
-        for question in document.questions:
+        keep = int(rng.integers(1, len(document.paragraphs) + 1))
+        questions = [q for q in document.questions if q.paragraph < keep][:cfg.pretrain_questions]
+        short = dataclasses.replace(document, paragraphs=document.paragraphs[:keep])
+        row = [bos_id] + pack(short, encode, cfg.block_tokens, pad_id)
+        for question in questions:
             row += encode(question_prompt(question)) + encode(answer_text(question))
         qa_rows.append(row)
     length = max(len(row) for row in qa_rows)
@@ -102,11 +111,15 @@ def prepare(cfg, out: Path, progress: bool = True) -> dict:
     info_path = out / "prepare.json"
     if info_path.is_file():
         return json.loads(info_path.read_text())
-    corpus = load_corpus(max_chars_per_domain=cfg.corpus_chars, seed=cfg.seed)
-    qa_text = [d.text() for d in generate_documents("train", 400, cfg.seed + 2, _approximate_tokens,
-                                                    cfg.context_tokens, cfg.block_tokens)]
-    tokenizer = train_tokenizer([doc.text for d in DOMAINS for doc in corpus[d]] + qa_text, vocab_size=cfg.vocab_size)
-    save_tokenizer(tokenizer, out / "tokenizer.json")
+    if (out / "tokenizer.json").is_file():  # a tokenizer given with the run (e.g. from an earlier prepare)
+        tokenizer = load_tokenizer(out / "tokenizer.json")
+    else:
+        corpus = load_corpus(max_chars_per_domain=cfg.corpus_chars, seed=cfg.seed)
+        qa_text = [d.text() for d in generate_documents("train", 400, cfg.seed + 2, _approximate_tokens,
+                                                        cfg.context_tokens, cfg.block_tokens)]
+        tokenizer = train_tokenizer([doc.text for d in DOMAINS for doc in corpus[d]] + qa_text,
+                                    vocab_size=cfg.vocab_size)
+        save_tokenizer(tokenizer, out / "tokenizer.json")
     prepared = load_prepared(cfg, out, base=False)
     rows = pretraining_rows(cfg, tokenizer, prepared.encode, prepared.bos_id, prepared.pad_id)
     model, log = pretrain_base(model_config(cfg, tokenizer.get_vocab_size(), rows.shape[1]), rows, cfg.pretrain_steps,
