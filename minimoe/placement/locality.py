@@ -39,8 +39,10 @@ Algorithm (all counts vectorised with numpy; exact for the fitting tokens):
    the cap whose own requests use that expert most (known sources), else the least loaded one; then
    swaps between the busiest and idlest GPU of a node while they lower its maximum.
 
-This is our own design in the spirit of Occult/TACG/ELDR (REFERENCES.md §3); the paper's exact algorithm
-is not public.
+This is minimoe's own design, in the spirit of Occult [luo2025occult] and ExFlow [yao2024exflow] (experts used
+together kept together) with Kernighan-Lin [kernighan1970graph] and Fiduccia-Mattheyses [fiduccia1982linear]
+refinement; the expert-activation paper [bambhaniya2026expert] does not publish its algorithm (keys of
+book/references.bib).
 """
 from __future__ import annotations
 
