@@ -5,7 +5,7 @@ layer,
 
     relative[l, e] = load[l, e] / mean_e' load[l, e']        (1 = its fair share, 0 = never chosen),
 
-so a row's maximum is that layer's max/mean imbalance (paper 2, finding 1: load is uneven and the
+so a row's maximum is that layer's max/mean imbalance (the expert-activation paper's finding 1: load is uneven and the
 imbalance differs from layer to layer and from workload to workload). ``load`` is
 ``minimoe.traces.analysis.expert_load`` of the tokens ``trace.where(phase, domain)`` selects; the pure function
 ``load_heatmap_data`` computes it. Two views are built on it:

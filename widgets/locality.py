@@ -6,7 +6,7 @@ in several slots). A slot is coloured by the domain that uses its expert most (t
 ``minimoe.traces.analysis.domain_popularity``), or by the evaluated (token, expert) pairs it serves. Right, the
 de-duplicated node-to-node bytes of ``TrafficReport.node_matrix`` over all layers: off the diagonal the
 RDMA copies node m sends node n (one per token and remote node), on the diagonal the NVLink hops inside
-node n (REFERENCES.md §4; ``minimoe.placement.traffic``).
+node n (``minimoe.placement.traffic``).
 
 Everything comes from one pure function, ``locality_data(trace, method, topology, ...)``, which runs the
 fitting protocol of ``minimoe.placement.experiments`` (``masks``, ``fit``) and ``minimoe.placement.traffic.measure``: fit a

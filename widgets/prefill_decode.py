@@ -6,7 +6,7 @@ its generated tokens (decode),
     prefill[l, e] = #(prompt token, slot) of r routed to e in layer l          (the same for decode),
 
 drawn side by side as shares of the phase's choices in the layer, with the Pearson correlation r of the
-two histograms over all L·E cells (paper 2, finding 3; the number ``minimoe.traces.analysis.
+two histograms over all L·E cells (the expert-activation paper's finding 3; the number ``minimoe.traces.analysis.
 prefill_decode_similarity`` reports as the request's ``matched`` value) and the per-layer correlations.
 The pure function ``prefill_decode_data`` computes it from ``minimoe.traces.analysis.expert_load`` of the request's
 tokens. Two views are built on it:

@@ -1,6 +1,7 @@
-"""The placement experiments of paper 2, on any trace: fit on one part of the traffic, measure on held-out decode.
+"""The placement experiments of the expert-activation paper [bambhaniya2026expert] (book/references.bib), on
+any trace: fit on one part of the traffic, measure on held-out decode.
 
-Protocol (REFERENCES.md §4). Each request has prefill tokens and ``D`` decode tokens. The first ``window``
+Protocol (chapter 7 of the book draws it). Each request has prefill tokens and ``D`` decode tokens. The first ``window``
 decode tokens of every request are the *online window*; the evaluated tokens are the decode tokens after it,
 the same for every method and fitting mode, so every number below is measured on traffic no method saw,
 except the oracle, which is fitted on exactly those tokens (the upper bound of what a static layout can do):
@@ -135,7 +136,7 @@ def compare(trace, topology: Topology, num_replicas: int | None = None, fit_mode
 
 
 def uniform_baseline(trace, topology: Topology) -> dict:
-    """Nodes a token reaches if routing were uniform (REFERENCES.md §4) — and what contiguous placement sees."""
+    """Nodes a token reaches if routing were uniform (chapter 6 derives it) — and what contiguous placement sees."""
     nodes = uniform_nodes_per_token(trace.num_experts, trace.top_k, topology.num_nodes)
     return dict(topology=f"{topology.num_nodes}x{topology.gpus_per_node}", uniform_nodes_per_token=nodes,
                 uniform_remote_nodes_per_token=nodes * (topology.num_nodes - 1) / topology.num_nodes)

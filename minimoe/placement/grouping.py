@@ -1,7 +1,8 @@
 """Workload-aware request grouping: which GPU (data-parallel rank) each request runs on.
 
-A request's tokens start their all-to-all on the request's GPU. Paper 2's finding that the experts a
-request uses in prefill predict those it uses in decode (and ELDR's use of it, REFERENCES.md §3) means
+A request's tokens start their all-to-all on the request's GPU. The finding of the expert-activation paper
+[bambhaniya2026expert] that the experts a request uses in prefill predict those it uses in decode (which ELDR
+[choi2026eldr] also uses; keys of book/references.bib) means
 that requests with similar prefill *signatures* can share a node with the experts they will need.
 
 The signature of request ``q`` is its expert histogram over the fitting tokens (by default its prefill

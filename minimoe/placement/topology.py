@@ -5,16 +5,17 @@ GPU (rank) ``r`` lives on node ``r // gpus_per_node``; ranks are numbered node b
 ``torchrun`` numbers them. Every GPU holds the same number of *physical expert slots* per layer; a slot
 holds one logical expert, and an expert may hold several slots (replicas).
 
-Two link classes matter for the all-to-all of dispatch/combine (REFERENCES.md §3–4):
+Two link classes matter for the all-to-all of dispatch/combine:
 
 * **intra-node** (NVLink/NVSwitch): H100/H200 SXM have 18 NVLink-4 links of 25 GB/s per direction,
-  i.e. 450 GB/s per GPU per direction (NVIDIA's "900 GB/s bidirectional"). One-hop latency is of the
-  order of 1–2 µs.
-* **inter-node** (RDMA): one 400 Gb/s InfiniBand NDR (ConnectX-7) NIC per GPU, as in DGX/HGX H100/H200,
-  i.e. 50 GB/s per GPU per direction; end-to-end RDMA latency a few µs.
+  i.e. 450 GB/s per GPU per direction (NVIDIA's "900 GB/s bidirectional" [nvidia2024h200]). One-hop latency
+  is of the order of 1–2 µs.
+* **inter-node** (RDMA): one 400 Gb/s InfiniBand NDR (ConnectX-7) NIC per GPU, as in DGX/HGX H100/H200
+  [nvidia2023dgxh100], i.e. 50 GB/s per GPU per direction; end-to-end RDMA latency a few µs.
 
 These are the defaults below (bytes per second, seconds). They are data-sheet peaks: measured NCCL
-all-to-all between two H200s reached 327 GB/s at 1 GiB and 15 GB/s at 1 MiB (REFERENCES.md §6), so
+all-to-all between two H200s reached 324.1 GB/s at 1 GiB and 10.4 GB/s at 1 MiB per rank
+(benchmarks/results/alltoall_nccl_h200x2.txt [minimoe2026alltoall]; keys of book/references.bib), so
 the time model in ``minimoe.placement.traffic`` is a cross-check, not a prediction.
 """
 from __future__ import annotations

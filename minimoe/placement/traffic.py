@@ -1,4 +1,5 @@
-"""All-to-all traffic of expert parallelism, counted on a trace (REFERENCES.md §4).
+"""All-to-all traffic of expert parallelism, counted on a trace (per (token, expert) and per destination node, as
+DeepEP's low-latency and normal kernels send it [deepseek2025deepep]; keys of book/references.bib).
 
 For MoE layer ``l`` every token ``t`` starts on its source GPU ``src(t)`` (the GPU its request was
 grouped onto) and is sent to the GPUs holding its ``k`` experts; each (token, expert) *pair* is served
@@ -48,7 +49,7 @@ _PER_LAYER = ("pairs", "gpu_local_pairs", "node_local_pairs", "remote_ranks", "r
 def uniform_nodes_per_token(num_experts: int, top_k: int, num_nodes: int) -> float:
     """Expected distinct nodes a token touches when its k experts are uniform without replacement and
     the E experts are spread as evenly as possible over the nodes: sum_n 1 - C(E - E_n, k) / C(E, k).
-    With E_n = E / G for all n this is G (1 - C(E - E/G, k) / C(E, k)) (REFERENCES.md §4)."""
+    With E_n = E / G for all n this is G (1 - C(E - E/G, k) / C(E, k)) (chapter 6 of the book derives it)."""
     for name, value in (("num_experts", num_experts), ("top_k", top_k), ("num_nodes", num_nodes)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -1,6 +1,8 @@
-"""Analysis of expert-activation traces: the three properties paper 2 builds on, each with its baseline.
+"""Analysis of expert-activation traces: the three properties of the expert-activation paper, each with its
+baseline.
 
-("Scaling Multi-Node Mixture-of-Experts Inference Using Expert Activation Patterns", arXiv 2604.23150.)
+("Scaling Multi-Node Mixture-of-Experts Inference Using Expert Activation Patterns", arXiv 2604.23150,
+[bambhaniya2026expert]; the keys in brackets are entries of book/references.bib.)
 Notation: a trace has N tokens, L MoE layers, E experts, top-k routing; `experts[n, l, s]` is the expert of
 token n in layer l at slot s (-1 = none, ignored everywhere below).
 
@@ -9,7 +11,7 @@ token n in layer l at slot s (-1 = none, ignored everywhere below).
        Gini          = Σ_i Σ_j |x_i - x_j| / (2 E² μ)   (0 = equal, → 1 = one expert takes everything)
        entropy       = -Σ p_e log p_e / log E,  p = x / Σx   (1 = uniform, 0 = a single expert)
 2. Domain specificity. popularity_d[l] = load of the tokens of domain d, normalised per layer. Two domains
-   differ by the Jensen-Shannon divergence (base 2, in [0, 1]), averaged over layers:
+   differ by the Jensen-Shannon divergence [lin1991divergence] (base 2, in [0, 1]), averaged over layers:
        JS(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m),  m = (p + q) / 2,  0·log 0 = 0.
    Finite samples make JS > 0 even for identical distributions, so the baseline is the JS between two
    random halves (by request) of one domain: a real domain effect must clearly exceed it.
@@ -18,7 +20,8 @@ token n in layer l at slot s (-1 = none, ignored everywhere below).
    quantity for mismatched pairs (prefill of one request vs decode of another, a random derangement).
 4. Structure used by placement: co-activation C[l, i, j] = #tokens choosing both i and j in layer l (i ≠ j;
    the diagonal holds load[l, i]); transitions T[l, i, j] = #(token, slot, slot') with expert i in layer l
-   and expert j in layer l + 1 (k² pairs per token), the inter-layer affinity of ExFlow-style placement.
+   and expert j in layer l + 1 (k² pairs per token), the inter-layer affinity of ExFlow-style placement
+   [yao2024exflow].
 
 Everything is vectorised with numpy bincount over flattened indices; only loops over layers or slot pairs.
 """

@@ -1,6 +1,7 @@
-"""The three findings of paper 2 on an expert-activation trace, each next to the baseline it has to beat.
+"""The three findings of the expert-activation paper on a trace, each next to the baseline it has to beat.
 
-("Scaling Multi-Node Mixture-of-Experts Inference Using Expert Activation Patterns", arXiv 2604.23150.)
+("Scaling Multi-Node Mixture-of-Experts Inference Using Expert Activation Patterns", arXiv 2604.23150,
+[bambhaniya2026expert] in book/references.bib.)
 The paper observes three properties of real MoE serving traces. A number alone proves nothing: a finite
 sample of perfectly balanced, domain-blind, memoryless routing also shows some imbalance, some divergence
 between domains and some correlation. So every finding below is printed with what chance alone gives.

@@ -6,7 +6,8 @@ Each request belongs to one of ``num_domains`` domains. Per layer, expert ``e`` 
 
 with independent normal terms of standard deviations ``popularity_std``, ``domain_std``, ``request_std``
 and 1, and the token takes the ``top_k`` highest scores. So load is skewed (popularity), domain
-specific (domain) and persistent within a request (request): the three properties of paper 2, with
+specific (domain) and persistent within a request (request): the three properties of the expert-activation paper
+[bambhaniya2026expert], with
 knobs to turn them off. The first ``prefill_fraction`` of each request's tokens are marked prefill.
 """
 from __future__ import annotations

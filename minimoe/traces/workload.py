@@ -5,7 +5,7 @@ The paper's traces are requests sent to a deployed model. Ours are built the sam
     held-out documents (test split, never trained on) of each domain
       -> a random window of text per request (a "prompt"), equal numbers per domain, shuffled
       -> tokenised by the model's own tokenizer (minimoe BPE or a transformers tokenizer)
-      -> prefill + greedy decode of `max_new_tokens`, every routing decision recorded (``recording.record``)
+      -> prefill + sampled decode of `max_new_tokens`, every routing decision recorded (``recording.record``)
 
 ``bundled_trace()`` does this for the checkpoint shipped in ``checkpoints/`` and is what the findings
 script, the placement experiments and ``minimoe report`` start from.
