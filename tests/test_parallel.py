@@ -1,8 +1,8 @@
 """Expert parallelism on real processes (gloo on CPU) against the single-process MoE layer and the accounting.
 
 One launch of 4 processes runs everything in this module (sub-groups give world sizes 1 to 4): many random
-cases (placements with and without replicas, 1 or 2 "nodes", every wire format, top-k 1 to 8, capacity
-on and off, three router families, shared experts, ranks with no tokens) compare outputs and gradients
+cases (placements with and without replicas, 1 or 2 "nodes", every wire format and the static-shape mode,
+top-k 1 to 8, capacity on and off, three router families, shared experts, ranks with no tokens) compare outputs and gradients
 (input, router, experts, shared expert) with ``MoELayer`` on the ranks' concatenated batch at fp32,
 rtol = atol = 1e-5, and the byte counters and per-rank loads with ``minimoe.placement.measure``; the bundled
 model gives the same logits expert-parallel; mismatched configurations are reported before any exchange.
@@ -54,9 +54,13 @@ def make_case(seed: int) -> dict:
         tokens[rng.integers(world)] = 0
     tokens[rng.integers(world)] += 1  # at least one token in the batch
     n_group = 2 if family == "deepseek_v3" and num_experts % 2 == 0 and top_k <= num_experts // 2 else 1
-    return dict(seed=seed, world=world, wire_format=WIRE_FORMATS[(seed // 32) % 3], num_nodes=num_nodes,
+    wire_format = WIRE_FORMATS[(seed // 32) % 3]
+    static = wire_format == "token_rank" and seed % 3 == 0  # fixed shapes: same T everywhere, dropless
+    if static:
+        tokens[:] = int(rng.integers(1, 8))
+    return dict(seed=seed, world=world, wire_format=wire_format, static=static, num_nodes=num_nodes,
                 family=family, num_experts=num_experts, top_k=top_k, phy2log=phy2log.tolist(),
-                tokens=tokens.tolist(), capacity_factor=float(rng.choice([0.0, 0.0, 0.5, 1.0, 1.5])),
+                tokens=tokens.tolist(), capacity_factor=0.0 if static else float(rng.choice([0.0, 0.0, 0.5, 1.0, 1.5])),
                 shared=int(rng.integers(0, 2)), hidden=int(rng.choice([8, 12, 16])), width=int(rng.choice([4, 8])),
                 n_group=n_group, norm=bool(rng.random() < 0.7))
 
@@ -89,7 +93,7 @@ def run_case(case, group, rank) -> dict:
     (reference * grad_out).sum().backward()
     placement = Placement(np.array([case["phy2log"]]), case["num_experts"], case["num_nodes"],
                           world // case["num_nodes"])
-    layer = ExpertParallelMoE(moe, placement, 0, group, case["wire_format"])
+    layer = ExpertParallelMoE(moe, placement, 0, group, case["wire_format"], static=case["static"])
     first = sum(tokens[:rank])
     mine = slice(first, first + tokens[rank])
     x = xs[rank].clone().requires_grad_()
@@ -121,8 +125,12 @@ def run_case(case, group, rank) -> dict:
     report = measure(trace, placement, placement.topology, sources=np.array(busy), hidden_size=hidden,
                      bytes_per_element=4, combine_bytes_per_element=4)
     counted = layer.counters.summed(group)
-    predicted = predicted_bytes(report, case["wire_format"], placement.topology)
-    checks["bytes == measure"] = all(counted.link_bytes(link) == predicted[link] for link in ("intra", "inter"))
+    if case["static"]:  # every token to every other rank, both ways
+        remote = 2 * sum(tokens) * (world - 1) * hidden * 4
+        checks["bytes == G·T rows"] = counted.link_bytes("intra") + counted.link_bytes("inter") == remote
+    else:
+        predicted = predicted_bytes(report, case["wire_format"], placement.topology)
+        checks["bytes == measure"] = all(counted.link_bytes(link) == predicted[link] for link in ("intra", "inter"))
     pairs = torch.zeros(world, dtype=torch.int64)
     pairs[rank] = layer.received_pairs
     pairs = all_reduce_sum(pairs, group)
@@ -236,6 +244,7 @@ def test_the_cases_cover_what_they_claim(outcomes):
     assert seen == {(w, f) for w in (1, 2, 3, 4) for f in WIRE_FORMATS}
     assert {c["case"]["top_k"] for c in cases} == set(range(1, 9))
     assert {c["case"]["family"] for c in cases} == {"softmax", "deepseek_v3", "llama4"}
+    assert {c["case"]["world"] for c in cases if c["case"]["static"]} == {1, 2, 3, 4}
     assert any(c["received_nothing"] for c in cases), "no rank ever received zero rows"
     assert any(c["case"]["tokens"][0] == 0 for c in cases), "no rank ever sent zero rows"
     assert any(c["dropped"] > 0 for c in cases), "capacity never dropped a pair"

@@ -20,6 +20,12 @@ torchtitan token dispatchers; DeepEP, Zhao et al. 2025):
   before the one return trip over the node boundary. ``gpus_per_node`` comes from the placement, so
   "nodes" may be groups of ranks on one host.
 
+**Static shapes** (``static=True``, ``token_rank`` only, for decode): every rank sends each of its T tokens
+to every rank (entries of other ranks -1), so the splits are [T]·G on all ranks — no count exchange, no
+host sync, and dispatch + combine can be captured in a CUDA graph (DeepEP's low-latency kernels also use
+fixed-size buffers). It moves G·T rows per rank whatever the routing: no more than ``token_rank`` when
+almost every token reaches every rank (top-8 over 2 ranks), more otherwise. Every rank must pass the same T.
+
 Rows a rank sends itself go through the all-to-all as a local copy; ``TrafficCounters`` counts what
 crosses to another rank, per link class (intra-node, inter-node) and direction: the hidden-state
 payload in ``bytes`` (what ``minimoe.placement.measure`` counts), the routing metadata separately.
@@ -116,6 +122,7 @@ class Handle:
     rank: int
     gpus_per_node: int
     counters: TrafficCounters | None
+    static: bool = False
 
 
 @dataclass
@@ -156,6 +163,16 @@ def per_rank(slots, num_gpus, slots_per_gpu):
     return src_row, hit.sum(0), meta
 
 
+def every_rank(slots, num_gpus, slots_per_gpu):
+    """``static`` send list: every row to every rank; meta = local slots on that rank, else -1."""
+    rows = slots.shape[0]
+    src_row = torch.arange(rows, device=slots.device).repeat(num_gpus)  # (G·R,)
+    dest_row = torch.arange(num_gpus, device=slots.device).repeat_interleave(rows)
+    dest = torch.where(slots >= 0, slots // slots_per_gpu, -1)
+    meta = torch.where(dest[src_row] == dest_row.unsqueeze(1), slots[src_row] % slots_per_gpu, -1)
+    return src_row, meta
+
+
 def per_node(slots, num_gpus, slots_per_gpu, gpus_per_node, rank):
     """``hierarchical`` leg A send list: one row per (token, remote node) to the entry rank; meta = global
     slots on that node, else -1. Returns (src_row (P,), counts (G,), meta (P, m))."""
@@ -171,8 +188,8 @@ def per_node(slots, num_gpus, slots_per_gpu, gpus_per_node, rank):
 
 
 # ---- legs ----------------------------------------------------------------------------------------------
-def _send(rows, weights, src_row, counts, meta, h: Handle, what: str, weight_index=None):
-    send, recv = exchange_counts(counts, h.group)
+def _send(rows, weights, src_row, counts, meta, h: Handle, what: str, weight_index=None, splits=None):
+    send, recv = exchange_counts(counts, h.group) if splits is None else (splits, splits)
     n = sum(send)
     src_row, meta = src_row[:n], meta[:n]
     sent_weights = weights[src_row] if weight_index is None else weights.reshape(-1)[weight_index[:n]].unsqueeze(1)
@@ -191,16 +208,20 @@ def _return(out_rows: torch.Tensor, leg: Leg, h: Handle, what: str) -> torch.Ten
     if h.counters is not None:
         h.counters.add("combine", leg.recv_splits, out_rows.shape[1] * out_rows.element_size(), h.rank,
                        h.gpus_per_node)
+    if h.static:  # row t of every chunk is token t: a sum over the G chunks, no scatter
+        return back.view(-1, leg.num_rows, back.shape[1]).sum(0)
     return out_rows.new_zeros(leg.num_rows, out_rows.shape[1]).index_add(0, leg.src_row, back)
 
 
 def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout, wire_format: str = "token_rank",
-             group=None, counters: TrafficCounters | None = None, requires_grad: bool | None = None) -> Dispatched:
+             group=None, counters: TrafficCounters | None = None, requires_grad: bool | None = None,
+             static: bool = False) -> Dispatched:
     """Send this rank's token rows to the ranks holding their slots (a collective: every rank calls it).
 
     x (T, H) float on the backend's device; slots (T, k) int64 global slot ids (-1 = none); weights (T, k)
     float32; ``layout``: the ``Placement`` or ``RouteTable`` (for slots_per_gpu, gpus_per_node, num_gpus);
-    ``requires_grad`` (default: whether x or weights need a gradient) must agree on all ranks.
+    ``requires_grad`` (default: whether x or weights need a gradient) must agree on all ranks; ``static``:
+    fixed shapes, no host sync (``token_rank`` only; every rank must pass the same T).
     Raises ValueError on bad shapes, an unknown ``wire_format`` or a group that is not the placement's size.
     """
     if wire_format not in WIRE_FORMATS:
@@ -214,9 +235,14 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout
         raise ValueError(f"the placement is for {num_gpus} GPUs but the process group has {size} ranks")
     if requires_grad is None:
         requires_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)
-    h = Handle(wire_format, [], x.shape[0], group, bool(requires_grad), rank, gpn, counters)
+    if static and wire_format != "token_rank":
+        raise ValueError(f"static=True needs wire_format='token_rank', got {wire_format!r}")
+    h = Handle(wire_format, [], x.shape[0], group, bool(requires_grad), rank, gpn, counters, static)
     weights = weights.float()
-    if wire_format == "token_expert":
+    if static:
+        src_row, meta = every_rank(slots, num_gpus, spg)
+        rows, w, s = _send(x, weights, src_row, None, meta, h, "dispatch", splits=[x.shape[0]] * num_gpus)
+    elif wire_format == "token_expert":
         src_row, counts, meta, pair = per_pair(slots, num_gpus, spg)
         rows, w, s = _send(x, weights, src_row, counts, meta, h, "dispatch", weight_index=pair)
     elif wire_format == "token_rank":

@@ -41,10 +41,13 @@ class ExpertParallelMoE(nn.Module):
 
     placement: a ``minimoe.placement.Placement`` for ``group``'s size; layer: its layer index for this MoE
     layer; wire_format: one of ``WIRE_FORMATS``. ``counters`` (``TrafficCounters``) accumulate this rank's
-    sent bytes over forwards. Raises ValueError when the placement does not fit the layer or the group.
+    sent bytes over forwards; ``static`` (``token_rank``, dropless): fixed shapes and no host sync, for
+    decode under a CUDA graph (see ``minimoe.parallel.dispatch``; every rank must bring the same number of
+    tokens, checked once per size). Raises ValueError when the placement does not fit the layer or the group.
     """
 
-    def __init__(self, moe: MoELayer, placement, layer: int = 0, group=None, wire_format: str = "token_rank"):
+    def __init__(self, moe: MoELayer, placement, layer: int = 0, group=None, wire_format: str = "token_rank",
+                 static: bool = False):
         super().__init__()
         if not isinstance(moe, MoELayer):
             raise TypeError(f"moe must be a minimoe.model.MoELayer, got {type(moe).__name__}")
@@ -58,7 +61,10 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"the placement has {placement.num_experts} experts, the MoE layer "
                              f"{moe.config.num_experts}")
         self.hidden_size, self.config, self.group, self.rank = moe.hidden_size, moe.config, group, rank
-        self.placement, self.layer, self.wire_format = placement, layer, wire_format
+        if static and (wire_format != "token_rank" or moe.config.capacity_factor > 0):
+            raise ValueError(f"static=True (fixed shapes for decode) needs wire_format='token_rank' and a dropless "
+                             f"layer, got {wire_format!r} and capacity_factor={moe.config.capacity_factor}")
+        self.placement, self.layer, self.wire_format, self.static = placement, layer, wire_format, static
         self.route_table = RouteTable(placement, layer, device=moe.gate_up_proj.device)
         spg = placement.slots_per_gpu
         local = self.route_table.slot_experts[rank * spg:(rank + 1) * spg]  # (S,) logical expert of each slot
@@ -99,7 +105,7 @@ class ExpertParallelMoE(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         clock = _Clock(tokens.device, self.timed)
         sent = dispatch(tokens, slots, routing.weights, self.route_table, self.wire_format, self.group,
-                        self.counters, needs_grad)
+                        self.counters, needs_grad, self.static)
         clock.lap("dispatch")
         expert_out = local_experts(sent.rows, sent.slots, sent.weights, self.gate_up_proj, self.down_proj,
                                    routing.scales_input, self.grouped_backend)  # (N, H)
@@ -116,13 +122,15 @@ class ExpertParallelMoE(nn.Module):
         return out.reshape(x.shape)
 
     def _agree(self, tokens: torch.Tensor) -> None:
-        key = (tokens.dtype, tokens.shape[1])
+        key = (tokens.dtype, tokens.shape[1], tokens.shape[0] if self.static else None)
         if key in self._checked:
             return
         _, size = group_rank_size(self.group)
         fields = fingerprint(self.config.num_experts, self.config.top_k, tokens.shape[1], tokens.dtype,
                              self.placement, self.layer, size, WIRE_FORMATS.index(self.wire_format),
                              self.config.capacity_factor)
+        if self.static:  # fixed shapes: every rank must bring the same number of tokens
+            fields["tokens per rank (static)"] = tokens.shape[0]
         check_fingerprint(fields, self.group, tokens.device, f"expert-parallel MoE layer {self.layer}")
         self._checked.add(key)
 
