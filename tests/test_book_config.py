@@ -4,7 +4,9 @@
 - the book is built offline: notebooks are executed by the build, and no launch button needs the network;
 - every notebook sets a plotly renderer that embeds plotly.js (figures show in the static book, offline);
 - notebooks are stored without outputs, except the cells whose output nbval checks (``# NBVAL_CHECK_OUTPUT``),
-  which must keep the output of a run (an execution count) so that ``pytest --nbval-lax`` can compare it.
+  which must keep the output of a run (an execution count) so that ``pytest --nbval-lax`` can compare it;
+- every notebook that runs torch sets its thread count, so that the run times it states and the numbers it
+  asserts hold on a 2-core machine (two threads per process on two shared cores can be many times slower).
 
 Running the notebooks themselves is nbval's job: ``pytest --nbval-lax --nbval-current-env book/``.
 """
@@ -147,3 +149,11 @@ def test_notebook_has_title_and_version_cell(path):
         f"{path.name} needs a version cell marked # NBVAL_IGNORE_OUTPUT (STYLE.md, 'The book')"
     assert notebook["metadata"].get("kernelspec", {}).get("name") == "python3", \
         f"{path.name}: the kernelspec must be python3 so nbval and the book build find the kernel"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_sets_the_torch_thread_count(path):
+    code = "\n".join(source(cell) for cell in code_cells(path))
+    if re.search(r"^\s*import torch\b", code, re.M):
+        assert re.search(r"^\s*torch\.set_num_threads\(", code, re.M), \
+            f"{path.name} imports torch but never calls torch.set_num_threads(...)"
