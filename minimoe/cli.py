@@ -285,6 +285,7 @@ def _report_into(args, out: Path) -> int:
 FORWARDED = {
     "ep-demo": ("minimoe.parallel.demo", "expert parallelism for real under torchrun: check, bytes, time, trace replay"),
     "import": ("minimoe.traces.convert", "convert a vLLM, SGLang or JSONL routing capture to a trace file"),
+    "pic-experiment": ("minimoe.compress.experiment", "PIC vs ICAE-global soft-prompt compression at 4x/16x/64x"),
 }
 
 

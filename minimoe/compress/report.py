@@ -42,8 +42,8 @@ def summarise(cfg, prepare_info: dict, results: list[dict]) -> dict:
     for ratio in sorted({r for _, r in groups}):
         if ("global", ratio) in groups and ("pic", ratio) in groups:
             g, p = _scores(groups[("global", ratio)]), _scores(groups[("pic", ratio)])
-            gains.append({"ratio": ratio, "f1_gain_percent": 100 * (p["f1"] - g["f1"]) / max(g["f1"], 1e-9),
-                          "em_gain_percent": 100 * (p["em"] - g["em"]) / max(g["em"], 1e-9)})
+            relative = {key: None if g[key] == 0 else 100 * (p[key] - g[key]) / g[key] for key in ("f1", "em")}
+            gains.append({"ratio": ratio, "f1_gain_percent": relative["f1"], "em_gain_percent": relative["em"]})
     ratios = sorted(cfg.ratios)
     middle = ratios[len(ratios) // 2]
     reach = {}
@@ -86,7 +86,8 @@ def markdown(summary: dict) -> str:
                      f"{row['em']:.1f} ± {row['em_sd']:.1f} | {row['f1']:.1f} ± {row['f1_sd']:.1f} | "
                      f"{row['train_seconds']:.0f} |")
     lines += ["", "| ratio | PIC vs global, F1 (relative) | EM (relative) |", "|---:|---:|---:|"]
-    lines += [f"| {g['ratio']}x | {g['f1_gain_percent']:+.1f}% | {g['em_gain_percent']:+.1f}% |"
+    percent = lambda value: "n/a (global scored 0)" if value is None else f"{value:+.1f}%"  # noqa: E731
+    lines += [f"| {g['ratio']}x | {percent(g['f1_gain_percent'])} | {percent(g['em_gain_percent'])} |"
               for g in summary["gains"]]
     t = summary["time_to_target"]
     lines += ["", f"Time to reach the global baseline's best dev F1 at {t['ratio']}x (per seed, mean over seeds "

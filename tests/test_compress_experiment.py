@@ -1,0 +1,85 @@
+"""The PIC experiment end to end at CPU size (the same code as the recorded GPU run), and its command line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from minimoe.compress.analysis import locality, time_to_target
+from minimoe.compress.experiment import PRESETS, ExperimentConfig, main, run, settings
+from minimoe.compress.report import markdown
+
+TINY = {**PRESETS["cpu"], "corpus_chars": 5_000, "pretrain_documents": 16, "train_documents": 8, "dev_documents": 2,
+        "test_documents": 2, "steps": 2, "eval_every": 1, "dev_limit": 4, "ablations": False}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("pic")
+    cfg = ExperimentConfig(**TINY)
+    return cfg, out, run(cfg, out, workers=1, progress=False)
+
+
+def test_every_setting_ran_with_equal_steps_and_seeds(finished):
+    cfg, out, summary = finished
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    assert sorted(r["name"] for r in runs) == sorted(s["name"] for s in settings(cfg))
+    assert {(r["method"], r["ratio"]) for r in runs} == {(m, r) for m in ("global", "pic") for r in cfg.ratios}
+    for r in runs:
+        assert [p["step"] for p in r["curve"]] == [1, 2]
+        assert r["num_memory"] == cfg.context_tokens // r["ratio"]
+        assert 0 <= r["test"]["em"] <= 100 and 0 <= r["test"]["f1"] <= 100 and r["test"]["count"] == 4
+
+
+def test_summary_means_and_spreads_come_from_the_runs(finished):
+    cfg, out, summary = finished
+    runs = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    for row in summary["table"]:
+        values = [r["test"]["f1"] for r in runs if r["method"] == row["method"] and r["ratio"] == row["ratio"]]
+        assert row["seeds"] == len(cfg.seeds) == len(values)
+        assert row["f1"] == pytest.approx(np.mean(values)) and row["f1_sd"] == pytest.approx(np.std(values, ddof=1))
+    assert set(summary["bounds"]) == {"dev_full", "dev_none", "test_full", "test_none"}
+    assert summary["time_to_target"]["ratio"] == 16 and summary["time_to_target"]["global"]["of"] == 2
+    attention = summary["attention"]
+    assert len(attention["last_layer"]) == cfg.context_tokens // 16  # k rows of n text columns
+    assert all(0 < sum(row) <= 1 + 1e-4 for row in attention["last_layer"])  # text share of each memory row
+    text = (out / "results.md").read_text()
+    assert text == markdown(summary) and "full context (upper bound)" in text and "| pic | 16x |" in text
+
+
+def test_settings_pair_methods_and_list_ablations():
+    cfg = ExperimentConfig(**{**TINY, "ablations": True})
+    names = [s["name"] for s in settings(cfg)]
+    assert len(names) == len(set(names)) == len(cfg.seeds) * (2 * len(cfg.ratios) + 3)
+    assert "pic-interleave-mem2mem_16x_seed1" in names and "global_4x_seed0" in names
+
+
+def test_locality_and_time_to_target_by_hand():
+    uniform = torch.full((2, 8), 1 / 8)
+    assert locality(uniform, 2)["window_mass"] == pytest.approx(0.25)
+    diagonal = torch.zeros(2, 8)
+    diagonal[0, :4], diagonal[1, 4:] = 0.25, 0.25
+    result = locality(diagonal, 4)
+    assert result["window_mass"] == pytest.approx(1.0) and result["order"] == pytest.approx(1.0)
+    assert result["centres"] == [1.5, 5.5]
+    curve = [{"step": 10, "seconds": 1.0, "f1": 5.0}, {"step": 20, "seconds": 2.0, "f1": 9.0}]
+    assert time_to_target(curve, 8.0) == {"step": 20, "seconds": 2.0} and time_to_target(curve, 10.0) is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--device", "tpu"], "--device must be cpu or cuda"),
+    (["--ratios", "5"], "ratio 5 does not divide chunk_size 48"),
+])
+def test_command_line_rejects_bad_values(argv, message):
+    with pytest.raises(ValueError, match=message):
+        main(argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_gpu_preset_without_cuda_says_so():
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        main(["--preset", "gpu"])
