@@ -96,17 +96,21 @@ def _failed(what: str, group, error: Exception) -> RuntimeError:
 
 # ---- plain collectives (no autograd) --------------------------------------------------------------------
 def all_to_all(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group=None,
-               what: str = "all-to-all") -> torch.Tensor:
-    """Rows (sum(send_splits), ...) -> (sum(recv_splits), ...): chunk d of ``rows`` goes to rank d.
+               what: str = "all-to-all", pad_rows: int = 0) -> torch.Tensor:
+    """Rows (sum(send_splits), ...) -> (sum(recv_splits) + pad_rows, ...): chunk d of ``rows`` goes to rank d;
+    ``pad_rows`` zero rows follow the received ones (a row that gathers can point at for "nothing").
 
-    With one rank (or no process group) it returns ``rows`` itself. Raises RuntimeError naming ``what`` when
+    With one rank (or no process group) the rows stay where they are. Raises RuntimeError naming ``what`` when
     a peer fails or times out.
     """
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return rows
-    out = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
+        return torch.cat([rows, rows.new_zeros(pad_rows, *rows.shape[1:])]) if pad_rows else rows
+    received = sum(recv_splits)
+    out = rows.new_empty((received + pad_rows, *rows.shape[1:]))
+    if pad_rows:
+        out[received:].zero_()
     try:
-        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        dist.all_to_all_single(out[:received], rows.contiguous(), recv_splits, send_splits, group=group)
     except RuntimeError as error:
         raise _failed(what, group, error) from error
     return out
@@ -184,21 +188,21 @@ class Exchange(torch.autograd.Function):
     """One leg of dispatch or combine: rows of x, and optionally their routing metadata, to other ranks.
 
     forward(x (R, H), src_row (N,) int64 or None, weights (N, m) float32 or None, slots (N, m) int or None,
-    send_splits, recv_splits, group, what, anchor) -> (x[src_row] exchanged (N', H), weights (N', m) float32
-    or None, slots (N', m) int64 or None). With metadata, the gather writes into one packed buffer and a
+    send_splits, recv_splits, group, what, anchor, pad_rows) -> (x[src_row] exchanged (N' [+ pad_rows zero rows,
+    rows only], H), weights (N', m) float32 or None, slots (N', m) int64 or None). With metadata, the gather writes into one packed buffer and a
     single all-to-all moves everything. backward: the same exchange with the splits swapped, for the rows'
     gradient and then the weights' (two all-to-alls in that order, on every rank), and the gather's adjoint
     (index_add into x's rows).
     """
 
     @staticmethod
-    def forward(ctx, x, src_row, weights, slots, send_splits, recv_splits, group, what, anchor):
-        ctx.splits, ctx.group, ctx.what = (send_splits, recv_splits), group, what
+    def forward(ctx, x, src_row, weights, slots, send_splits, recv_splits, group, what, anchor, pad_rows=0):
+        ctx.splits, ctx.group, ctx.what, ctx.pad_rows = (send_splits, recv_splits), group, what, pad_rows
         ctx.has_weights, ctx.num_rows = weights is not None, x.shape[0]
         ctx.save_for_backward(src_row)
         if weights is None:
             rows = x if src_row is None else x.index_select(0, src_row)
-            return all_to_all(rows, send_splits, recv_splits, group, f"{what} (rows)"), None, None
+            return all_to_all(rows, send_splits, recv_splits, group, f"{what} (rows)", pad_rows), None, None
         out_rows, out_weights, out_slots = packed_all_to_all(
             [(x, src_row), (weights.float(), None), (slots.to(torch.int32), None)], send_splits, recv_splits,
             group, what)
@@ -210,17 +214,18 @@ class Exchange(torch.autograd.Function):
     def backward(ctx, grad_rows, grad_weights, _grad_slots):
         send, recv = ctx.splits
         (src_row,) = ctx.saved_tensors
+        grad_rows = grad_rows[:grad_rows.shape[0] - ctx.pad_rows]  # the zero rows were no one's
         grad_x = all_to_all(grad_rows.contiguous(), recv, send, ctx.group, f"{ctx.what} backward (rows)")
         if src_row is not None:
             grad_x = grad_x.new_zeros(ctx.num_rows, grad_x.shape[1]).index_add_(0, src_row, grad_x)
         grad_w = None
         if ctx.has_weights:
             grad_w = all_to_all(grad_weights.contiguous(), recv, send, ctx.group, f"{ctx.what} backward (weights)")
-        return grad_x, None, grad_w, None, None, None, None, None, None
+        return grad_x, None, grad_w, None, None, None, None, None, None, None
 
 
 def exchange(x, send_splits, recv_splits, group=None, src_row=None, weights=None, slots=None, requires_grad=False,
-             what="exchange"):
+             what="exchange", pad_rows: int = 0):
     """Differentiable all-to-all of ``x[src_row]`` (all of x when src_row is None) and routing metadata; see
     :class:`Exchange`. ``requires_grad`` must be the same on every rank: True ties the outputs to the autograd
     graph even where the local inputs need no gradient, so every rank runs the reverse exchange in backward.
@@ -229,4 +234,4 @@ def exchange(x, send_splits, recv_splits, group=None, src_row=None, weights=None
     if weights is not None and (slots is None or weights.shape != slots.shape):
         raise ValueError(f"weights and slots must have the same shape (N, m), got {tuple(weights.shape)} and "
                          f"{None if slots is None else tuple(slots.shape)}")
-    return Exchange.apply(x, src_row, weights, slots, send_splits, recv_splits, group, what, anchor)
+    return Exchange.apply(x, src_row, weights, slots, send_splits, recv_splits, group, what, anchor, pad_rows)

@@ -6,8 +6,10 @@ A **leg** is one exchange: pick rows of an input, sorted by destination rank; ex
 counts (one all-to-all of G integers, the leg's only host sync); exchange the rows and their routing
 metadata (``Exchange``). Every row carries m (slot, weight) entries; the receiver computes
 y_n = Σ_j w_nj · E_{s_nj}(x_n) over its valid entries (``minimoe.parallel.experts``), and **combine** runs
-the legs backwards, each returned row added to the row it came from (index_add), so the source ends with
-y_t = Σ_j w_tj · E_j(x_t). The three formats differ in what a row is (REFERENCES: Megatron-LM and
+the legs backwards, each input row summing the rows that came back for it, so the source ends with
+y_t = Σ_j w_tj · E_j(x_t). The sum is a gather and a reduction, not a scatter-add: dispatch remembers
+where each (destination, row) pair sits in the send order (a zero row stands for "not sent"), which
+avoids atomic additions (slow in bfloat16) and makes the result deterministic. The three formats differ in what a row is (REFERENCES: Megatron-LM and
 torchtitan token dispatchers; DeepEP, Zhao et al. 2025):
 
 * ``token_expert`` — one row per (token, expert) pair, m = 1 (low-latency kernels, Megatron, torchtitan):
@@ -101,13 +103,16 @@ class TrafficCounters:
 
 @dataclass
 class Leg:
-    """One exchange: ``src_row`` (N,) rows of the leg's input in send order, the host split lists, and the
-    input's row count (where combine adds the returned rows)."""
+    """One exchange: ``src_row`` (N,) rows of the leg's input in send order, the host split lists, the input's
+    row count, and ``position`` (A, B) int64: where each (destination, input row) pair landed in the send order
+    (N = nowhere), summed over dimension ``sum_dim`` to return one row per input row."""
 
     src_row: torch.Tensor
     send_splits: list[int]
     recv_splits: list[int]
     num_rows: int
+    position: torch.Tensor | None = None
+    sum_dim: int = 0
 
 
 @dataclass
@@ -137,30 +142,32 @@ class Dispatched:
 
 
 # ---- send lists: which input rows go to which rank, sorted by destination -------------------------------
+# Each builder returns (src_row (P,), counts (G,), meta (P, m), order (P,), grid): the first N = Σ counts
+# entries are the rows to send, in destination order; ``order`` maps send position -> cell of the
+# (destination, input row) grid of shape ``grid`` whose cells are the candidate (row, destination) pairs.
 def _by_destination(hit: torch.Tensor):
-    """hit (R, D) bool -> positions p of the True entries sorted by column then row: (row, column) = (p % R, p // R)
-    for the first hit.sum() entries of the returned order (the rest are padding)."""
-    order = torch.argsort((~hit).T.reshape(-1).to(torch.uint8), stable=True)  # (D·R,)
-    return order % hit.shape[0], order // hit.shape[0]
+    """hit (R, D) bool -> order (D·R,) of the grid cells (d, r), True cells first, sorted by d then r."""
+    return torch.argsort((~hit).T.reshape(-1).to(torch.uint8), stable=True)
 
 
 def per_pair(slots, num_gpus, slots_per_gpu):
-    """``token_expert`` send list: (src_row (P,), counts (G,), meta slots (P, 1) local, entry index (P,))."""
+    """``token_expert``: one row per valid (token, expert) pair; grid (R, k), meta = local slot (P, 1)."""
     k = slots.shape[1]
     dest = torch.where(slots >= 0, slots // slots_per_gpu, num_gpus).reshape(-1)  # (R·k,), none -> G
     order = torch.argsort(dest, stable=True)
     counts = torch.bincount(dest, minlength=num_gpus + 1)[:num_gpus]
-    return order // k, counts, (slots.reshape(-1)[order] % slots_per_gpu).unsqueeze(1), order
+    return order // k, counts, (slots.reshape(-1)[order] % slots_per_gpu).unsqueeze(1), order, (slots.shape[0], k)
 
 
 def per_rank(slots, num_gpus, slots_per_gpu):
-    """``token_rank`` send list: (src_row (P,), counts (G,), meta slots (P, m) local or -1)."""
+    """``token_rank``: one row per (token, destination rank); grid (G, R), meta = local slots there, else -1."""
     rows = slots.shape[0]
     dest = torch.where(slots >= 0, slots // slots_per_gpu, num_gpus)  # (R, m)
     hit = torch.zeros(rows, num_gpus + 1, dtype=torch.bool, device=slots.device).scatter_(1, dest, True)[:, :-1]
-    src_row, dest_row = _by_destination(hit)
+    order = _by_destination(hit)
+    src_row, dest_row = order % rows, order // rows
     meta = torch.where(dest[src_row] == dest_row.unsqueeze(1), slots[src_row] % slots_per_gpu, -1)
-    return src_row, hit.sum(0), meta
+    return src_row, hit.sum(0), meta, order, (num_gpus, rows)
 
 
 def every_rank(slots, num_gpus, slots_per_gpu):
@@ -174,43 +181,52 @@ def every_rank(slots, num_gpus, slots_per_gpu):
 
 
 def per_node(slots, num_gpus, slots_per_gpu, gpus_per_node, rank):
-    """``hierarchical`` leg A send list: one row per (token, remote node) to the entry rank; meta = global
-    slots on that node, else -1. Returns (src_row (P,), counts (G,), meta (P, m))."""
+    """``hierarchical`` leg A: one row per (token, remote node) to the entry rank; grid (nodes, R);
+    meta = global slots on that node, else -1."""
     rows, num_nodes = slots.shape[0], num_gpus // gpus_per_node
     node = torch.where(slots >= 0, slots // slots_per_gpu // gpus_per_node, num_nodes)  # (R, m)
     remote = torch.where(node == rank // gpus_per_node, num_nodes, node)
     hit = torch.zeros(rows, num_nodes + 1, dtype=torch.bool, device=slots.device).scatter_(1, remote, True)[:, :-1]
-    src_row, node_row = _by_destination(hit)
+    order = _by_destination(hit)
+    src_row, node_row = order % rows, order // rows
     entry = torch.arange(num_nodes, device=slots.device) * gpus_per_node + rank % gpus_per_node
     counts = torch.zeros(num_gpus, dtype=torch.int64, device=slots.device).index_add_(0, entry, hit.sum(0))
     meta = torch.where(node[src_row] == node_row.unsqueeze(1), slots[src_row], -1)
-    return src_row, counts, meta
+    return src_row, counts, meta, order, (num_nodes, rows)
 
 
 # ---- legs ----------------------------------------------------------------------------------------------
-def _send(rows, weights, src_row, counts, meta, h: Handle, what: str, weight_index=None, splits=None):
+def _send(rows, weights, send_list, h: Handle, what: str, pairs: bool = False, splits=None):
+    src_row, counts, meta, order, grid = send_list
     send, recv = exchange_counts(counts, h.group) if splits is None else (splits, splits)
     n = sum(send)
     src_row, meta = src_row[:n], meta[:n]
-    sent_weights = weights[src_row] if weight_index is None else weights.reshape(-1)[weight_index[:n]].unsqueeze(1)
+    sent_weights = weights.reshape(-1)[order[:n]].unsqueeze(1) if pairs else weights[src_row]
     recv_rows, recv_weights, recv_slots = exchange(rows, send, recv, h.group, src_row=src_row, weights=sent_weights,
                                                    slots=meta, requires_grad=h.requires_grad, what=what)
     if h.counters is not None:
         h.counters.add("dispatch", send, rows.shape[1] * rows.element_size(), h.rank, h.gpus_per_node,
                        8 * meta.shape[1])
-    h.legs.append(Leg(src_row, send, recv, rows.shape[0]))
+    position = None
+    if order is not None:  # inverse permutation: send position of every grid cell; cells not sent -> n
+        cell = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        position = cell.clamp_max(n).view(grid)
+    h.legs.append(Leg(src_row, send, recv, rows.shape[0], position, 1 if pairs else 0))
     return recv_rows, recv_weights, recv_slots
 
 
 def _return(out_rows: torch.Tensor, leg: Leg, h: Handle, what: str) -> torch.Tensor:
-    back, _, _ = exchange(out_rows, leg.recv_splits, leg.send_splits, h.group, requires_grad=h.requires_grad,
-                          what=what)  # (N, H) in send order
+    """Send the rows back and add up, per input row, the rows that came back (a gather and a sum: no atomics)."""
+    back = exchange(out_rows, leg.recv_splits, leg.send_splits, h.group, requires_grad=h.requires_grad, what=what,
+                    pad_rows=0 if h.static else 1)[0]  # (N [+ 1 zero row], H) in send order
     if h.counters is not None:
         h.counters.add("combine", leg.recv_splits, out_rows.shape[1] * out_rows.element_size(), h.rank,
                        h.gpus_per_node)
-    if h.static:  # row t of every chunk is token t: a sum over the G chunks, no scatter
-        return back.view(-1, leg.num_rows, back.shape[1]).sum(0)
-    return out_rows.new_zeros(leg.num_rows, out_rows.shape[1]).index_add(0, leg.src_row, back)
+    hidden = back.shape[1]
+    if h.static:  # row t of every chunk is token t
+        return back.view(-1, leg.num_rows, hidden).sum(0)
+    gathered = back.index_select(0, leg.position.reshape(-1)).view(*leg.position.shape, hidden)
+    return gathered.sum(leg.sum_dim)
 
 
 def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout, wire_format: str = "token_rank",
@@ -241,21 +257,19 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout
     weights = weights.float()
     if static:
         src_row, meta = every_rank(slots, num_gpus, spg)
-        rows, w, s = _send(x, weights, src_row, None, meta, h, "dispatch", splits=[x.shape[0]] * num_gpus)
+        rows, w, s = _send(x, weights, (src_row, None, meta, None, None), h, "dispatch",
+                           splits=[x.shape[0]] * num_gpus)
     elif wire_format == "token_expert":
-        src_row, counts, meta, pair = per_pair(slots, num_gpus, spg)
-        rows, w, s = _send(x, weights, src_row, counts, meta, h, "dispatch", weight_index=pair)
+        rows, w, s = _send(x, weights, per_pair(slots, num_gpus, spg), h, "dispatch", pairs=True)
     elif wire_format == "token_rank":
-        src_row, counts, meta = per_rank(slots, num_gpus, spg)
-        rows, w, s = _send(x, weights, src_row, counts, meta, h, "dispatch")
+        rows, w, s = _send(x, weights, per_rank(slots, num_gpus, spg), h, "dispatch")
     else:
-        src_row, counts, meta = per_node(slots, num_gpus, spg, gpn, rank)
-        rows_a, w_a, s_a = _send(x, weights, src_row, counts, meta, h, "dispatch leg A (inter-node)")
+        rows_a, w_a, s_a = _send(x, weights, per_node(slots, num_gpus, spg, gpn, rank), h,
+                                 "dispatch leg A (inter-node)")
         here = torch.where(slots >= 0, slots // spg // gpn, -1) == rank // gpn
         slots_b = torch.cat([torch.where(here, slots, -1), s_a])  # (T + N_A, k) global slots on this node
         inputs = torch.cat([x, rows_a]), torch.cat([weights, w_a])
-        src_row, counts, meta = per_rank(slots_b, num_gpus, spg)
-        rows, w, s = _send(*inputs, src_row, counts, meta, h, "dispatch leg B (intra-node)")
+        rows, w, s = _send(*inputs, per_rank(slots_b, num_gpus, spg), h, "dispatch leg B (intra-node)")
     return Dispatched(rows, s, w, h)
 
 
