@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="suffix of the result files, e.g. gpu")
     parser.add_argument("--machine", required=True, help="the machine the run used, in words")
     parser.add_argument("--command", required=True, help="the command that produced the run")
+    parser.add_argument("--notes", help="a markdown file appended to the .md (what the numbers mean, misses)")
     args = parser.parse_args(argv)
     run = Path(args.run_dir)
     for name in ("summary.json", "results.md"):
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"pic_{args.name}.json").write_text(json.dumps(summary, indent=1) + "\n")
     header = f"# PIC vs ICAE-global: recorded run\n\nMachine: {args.machine}\n\nCommand:\n\n    {args.command}\n\n"
-    (RESULTS / f"pic_{args.name}.md").write_text(header + (run / "results.md").read_text())
+    notes = "" if args.notes is None else "\n" + Path(args.notes).read_text()
+    (RESULTS / f"pic_{args.name}.md").write_text(header + (run / "results.md").read_text() + notes)
     print(f"wrote {RESULTS / f'pic_{args.name}.md'} and pic_{args.name}.json")
     return 0
 
