@@ -3,8 +3,9 @@
 Read in this order: ``masks`` (the causal, ICAE-global, PIC-chunked and gist masks, with their position ids),
 ``compressor`` (base LM + LoRA + memory tokens; the frozen decoder reads the memory), ``objectives``
 (autoencoding, continuation, QA; greedy answers), ``metrics`` (SQuAD EM / F1), ``qa_data`` (generated
-offline QA documents), ``training`` (pretraining the reader, training and scoring compressors), ``analysis``
-(memory-to-text attention, time to reach a target) and ``experiment`` (``minimoe pic-experiment``).
+offline QA documents), ``training`` (pretraining the reader, training and scoring compressors), ``setup``
+(tokenizer, QA splits, the reader and its bounds), ``analysis`` (memory-to-text attention, time to reach a
+target), ``report`` (the tables) and ``experiment`` (``minimoe pic-experiment``).
 This part builds on ``minimoe.model`` and ``minimoe.data``.
 """
 

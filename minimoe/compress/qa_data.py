@@ -98,7 +98,7 @@ class QADocument:
         return "\n".join(self.paragraphs)
 
 
-def _person(rng: random.Random, split: str, family: list[str], firsts: list[str]) -> tuple[str, dict]:
+def _person(rng: random.Random, family: list[str], firsts: list[str]) -> tuple[str, dict]:
     name = f"{rng.choice(firsts)} {rng.choice(family)}"
     values = {"birthplace": rng.choice(CITIES), "birth_year": str(rng.randint(1800, 1999)),
               "profession": rng.choice(PROFESSIONS), "employer": rng.choice(COMPANIES),
@@ -135,7 +135,7 @@ def generate_documents(split: str, num_documents: int, seed: int, tokenize: Call
         firsts = rng.sample(FIRST_NAMES[split], k=max(2, num_paragraphs // 2))  # shared first names too
         paragraphs, facts, names = [], [], set()
         while len(paragraphs) < num_paragraphs:
-            name, values = _person(rng, split, families, firsts)
+            name, values = _person(rng, families, firsts)
             if name in names:
                 continue
             names.add(name)
