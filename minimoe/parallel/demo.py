@@ -1,8 +1,8 @@
 """``minimoe ep-demo``: expert parallelism for real, on the ranks ``torchrun`` starts.
 
-    torchrun --nproc_per_node=4 -m minimoe ep-demo                      a random MoE layer, every wire format
-    torchrun --nproc_per_node=4 -m minimoe ep-demo --model bundled      the bundled model: logits vs one process
-    torchrun --nproc_per_node=4 -m minimoe ep-demo --trace bundled --placement locality --gpus-per-node 2
+    torchrun --standalone --nproc_per_node=4 -m minimoe ep-demo                      a random MoE layer, every wire format
+    torchrun --standalone --nproc_per_node=4 -m minimoe ep-demo --model bundled      the bundled model: logits vs one process
+    torchrun --standalone --nproc_per_node=4 -m minimoe ep-demo --trace bundled --placement locality --gpus-per-node 2
                                                                          replay a trace: measured vs predicted bytes
 
 Every rank builds the same model from ``--seed``, takes its share of the batch (rank r holds tokens

@@ -1,0 +1,268 @@
+"""The pieces of expert parallelism in one process, each against an independent reference, and the command.
+
+Routing on the device equals ``Placement.route``; the send lists equal a brute-force loop; a rank's experts
+equal ``MoELayer``; capacity across ranks equals the single-process mask; the layer with no process group
+equals ``MoELayer`` (values and gradients, every wire format); bad inputs raise clear errors; ``minimoe
+ep-demo`` runs under ``torchrun`` with 2 gloo ranks and reports bytes equal to the accounting.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minimoe.model import ModelConfig, MoEConfig, MoELayer, Transformer
+from minimoe.parallel import (WIRE_FORMATS, ExpertParallelMoE, RouteTable, TrafficCounters, capacity_kept, dispatch,
+                              expert_parallel, local_experts)
+from minimoe.parallel.checks import check_fingerprint, fingerprint, placement_hash
+from minimoe.parallel.demo import main as ep_demo
+from minimoe.parallel.dispatch import per_node, per_pair, per_rank
+from minimoe.parallel.replay import replay_steps
+from minimoe.placement import Placement
+from minimoe.traces import synthetic_trace
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_placement(rng, num_experts, num_nodes, gpus_per_node, extra_per_gpu=0, layers=1):
+    num_gpus = num_nodes * gpus_per_node
+    slots = (-(-num_experts // num_gpus) + extra_per_gpu) * num_gpus
+    rows = [rng.permutation(np.concatenate([np.arange(num_experts), rng.integers(0, num_experts, slots - num_experts)]))
+            for _ in range(layers)]
+    return Placement(np.stack(rows), num_experts, num_nodes, gpus_per_node)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_route_table_equals_placement_route(seed):
+    rng = np.random.default_rng(seed)
+    placement = random_placement(rng, int(rng.integers(3, 20)), int(rng.integers(1, 3)), int(rng.integers(1, 4)),
+                                 extra_per_gpu=int(rng.integers(0, 3)), layers=2)
+    experts = rng.integers(-1, placement.num_experts, size=(50, 3))
+    token_index = rng.integers(0, 1000, size=50)
+    for layer in range(2):
+        table = RouteTable(placement, layer)
+        for source in range(placement.num_gpus):
+            expected = placement.route(layer, experts, np.full(50, source), token_index)
+            got = table.route(torch.as_tensor(experts), source, torch.as_tensor(token_index)).numpy()
+            np.testing.assert_array_equal(got, expected)
+
+
+def brute_force_send_list(slots, num_gpus, spg, gpn, rank, unit):
+    """(src_row, destination rank, meta row) by loops, sorted by destination then row (then pair)."""
+    sends = []
+    for row, row_slots in enumerate(slots.tolist()):
+        if unit == "pair":
+            sends += [(s // spg, row, j, [s % spg]) for j, s in enumerate(row_slots) if s >= 0]
+        elif unit == "rank":
+            for d in sorted({s // spg for s in row_slots if s >= 0}):
+                sends.append((d, row, 0, [s % spg if s >= 0 and s // spg == d else -1 for s in row_slots]))
+        else:  # node: to the entry rank of each remote node
+            for n in sorted({s // spg // gpn for s in row_slots if s >= 0} - {rank // gpn}):
+                meta = [s if s >= 0 and s // spg // gpn == n else -1 for s in row_slots]
+                sends.append((n * gpn + rank % gpn, row, 0, meta))
+    sends.sort(key=lambda item: item[:3])
+    return sends
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("unit", ["pair", "rank", "node"])
+def test_send_lists_equal_a_brute_force_loop(seed, unit):
+    rng = np.random.default_rng(seed)
+    num_nodes, gpn, spg = 2, int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    num_gpus = num_nodes * gpn
+    slots = rng.integers(-1, num_gpus * spg, size=(int(rng.integers(0, 12)), int(rng.integers(1, 5))))
+    rank = int(rng.integers(num_gpus))
+    t = torch.as_tensor(slots)
+    if unit == "pair":
+        src_row, counts, meta, _, _ = per_pair(t, num_gpus, spg)
+    elif unit == "rank":
+        src_row, counts, meta, _, _ = per_rank(t, num_gpus, spg)
+    else:
+        src_row, counts, meta, _, _ = per_node(t, num_gpus, spg, gpn, rank)
+    expected = brute_force_send_list(slots, num_gpus, spg, gpn, rank, unit)
+    n = len(expected)
+    assert counts.tolist() == np.bincount([d for d, *_ in expected], minlength=num_gpus).tolist()
+    assert src_row[:n].tolist() == [row for _, row, _, _ in expected]
+    assert meta[:n].tolist() == [m for *_, m in expected]
+
+
+def test_local_experts_equal_the_moe_layer_values_and_gradients():
+    torch.manual_seed(0)
+    moe = MoELayer(16, MoEConfig(num_experts=6, top_k=3, intermediate_size=8))
+    phy2log = torch.tensor([3, 0, 5, 1, 2, 4, 0, 5])  # 8 local slots, experts 0 and 5 twice
+    x = torch.randn(11, 16, requires_grad=True)
+    routing = moe.router(x)
+    replica = {e: [s for s in range(8) if phy2log[s] == e] for e in range(6)}
+    slots = torch.tensor([[replica[e][t % len(replica[e])] for e in row]
+                          for t, row in enumerate(routing.expert_ids.tolist())])
+    gate_up = moe.gate_up_proj[phy2log]
+    down = moe.down_proj[phy2log]
+    out = local_experts(x, slots, routing.weights, gate_up, down)
+    reference = moe._experts_loop(x, routing, None)
+    torch.testing.assert_close(out, reference, **TOL)
+    grads = torch.autograd.grad(out.square().sum(), [x, moe.gate_up_proj], retain_graph=True)
+    expected = torch.autograd.grad(reference.square().sum(), [x, moe.gate_up_proj])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_local_experts_skip_entries_of_other_ranks():
+    torch.manual_seed(1)
+    rows, gate_up, down = torch.randn(4, 8), torch.randn(2, 8, 12), torch.randn(2, 6, 8)
+    slots = torch.tensor([[0, -1], [-1, -1], [1, 0], [-1, 1]])
+    weights = torch.rand(4, 2)
+    out = local_experts(rows, slots, weights, gate_up, down)
+
+    def expert(s, v):
+        h = v @ gate_up[s]
+        return (torch.nn.functional.silu(h[:6]) * h[6:]) @ down[s]
+
+    expected = torch.stack([sum((weights[n, j] * expert(s, rows[n]) for j, s in enumerate(slots[n].tolist()) if s >= 0),
+                                torch.zeros(8)) for n in range(4)])
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0, 1.25])
+def test_capacity_in_one_process_equals_the_moe_layer_mask(factor):
+    torch.manual_seed(2)
+    moe = MoELayer(8, MoEConfig(num_experts=4, top_k=2, intermediate_size=4, capacity_factor=factor))
+    moe(torch.randn(30, 8))
+    kept, capacity = capacity_kept(moe.last_routing.expert_ids, 4, 2, factor)
+    assert capacity == moe.capacity
+    assert torch.equal(kept, moe.last_kept)
+    assert capacity_kept(moe.last_routing.expert_ids, 4, 2, 0.0) == (None, None)
+
+
+@pytest.mark.parametrize("wire_format, static", [(f, False) for f in WIRE_FORMATS] + [("token_rank", True)])
+def test_the_layer_without_a_process_group_equals_the_moe_layer(wire_format, static):
+    torch.manual_seed(3)
+    moe = MoELayer(12, MoEConfig(num_experts=5, top_k=2, intermediate_size=6, num_shared_experts=1))
+    placement = Placement(np.array([[0, 1, 2, 3, 4, 2]]), 5, 1, 1)
+    layer = ExpertParallelMoE(moe, placement, 0, None, wire_format, static=static)
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(layer(x2), moe(x), **TOL)
+    layer(x2).sum().backward()
+    moe(x).sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, **TOL)
+    torch.testing.assert_close(layer.router.weight.grad, moe.router.weight.grad, **TOL)
+    gate_up, down = layer.gather_experts(grads=True)
+    torch.testing.assert_close(gate_up, moe.gate_up_proj.grad, **TOL)
+    assert layer.counters.bytes == {key: 0 for key in layer.counters.bytes}  # one rank: nothing leaves it
+
+
+def test_expert_parallel_swaps_every_moe_layer_and_keeps_the_logits():
+    torch.manual_seed(4)
+    config = ModelConfig(vocab_size=50, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=24,
+                         moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=8), moe_layers=[0, 2])
+    model = Transformer(config).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    reference = model(ids)
+    placement = Placement(np.array([[0, 1, 2, 3], [3, 2, 1, 0]]), 4, 1, 1)
+    parallel = expert_parallel(model, placement)
+    assert sum(isinstance(b.ffn, ExpertParallelMoE) for b in parallel.layers) == 2
+    torch.testing.assert_close(parallel(ids), reference, **TOL)
+    with pytest.raises(ValueError, match="3 MoE layers|2 MoE layers but the placement has 1"):
+        expert_parallel(Transformer(config), Placement(np.array([[0, 1, 2, 3]]), 4, 1, 1))
+
+
+def test_bad_inputs_raise_clear_errors():
+    moe = MoELayer(8, MoEConfig(num_experts=4, top_k=2, intermediate_size=4))
+    one_gpu = Placement(np.array([[0, 1, 2, 3]]), 4, 1, 1)
+    with pytest.raises(ValueError, match="placement is for 2 GPUs .* process group has 1 ranks"):
+        ExpertParallelMoE(moe, Placement(np.array([[0, 1, 2, 3]]), 4, 2, 1))
+    with pytest.raises(ValueError, match="placement has 5 experts, the MoE layer 4"):
+        ExpertParallelMoE(moe, Placement(np.array([[0, 1, 2, 3, 4]]), 5, 1, 1))
+    with pytest.raises(ValueError, match="wire_format must be one of"):
+        ExpertParallelMoE(moe, one_gpu, wire_format="per_token")
+    with pytest.raises(ValueError, match="static=True .*token_rank"):
+        ExpertParallelMoE(moe, one_gpu, wire_format="token_expert", static=True)
+    layer = ExpertParallelMoE(moe, one_gpu)
+    with pytest.raises(ValueError, match=r"expects \(B, T, 8\) or \(T, 8\), got \(3, 5\)"):
+        layer(torch.randn(3, 5))
+    with pytest.raises(TypeError, match="dtype torch.float64 differs"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+    table = RouteTable(one_gpu, 0)
+    with pytest.raises(ValueError, match="layer=1 is not a layer of the placement"):
+        RouteTable(one_gpu, 1)
+    with pytest.raises(ValueError, match="dispatch needs x"):
+        dispatch(torch.randn(3, 8), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), table)
+    with pytest.raises(ValueError, match="wire_format must be one of"):
+        dispatch(torch.randn(2, 8), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), table, "rows")
+    with pytest.raises(ValueError, match="in \\['torch.float32'"):
+        fingerprint(4, 2, 8, torch.int8, one_gpu, 0, 1, 0, 0.0)
+
+
+def test_fingerprints_and_placement_hashes():
+    a = Placement(np.array([[0, 1, 2, 3]]), 4, 1, 2)
+    b = Placement(np.array([[1, 0, 2, 3]]), 4, 1, 2)
+    assert placement_hash(a, 0) == placement_hash(Placement(np.array([[0, 1, 2, 3]]), 4, 1, 2), 0)
+    assert placement_hash(a, 0) != placement_hash(b, 0)
+    check_fingerprint(fingerprint(4, 2, 8, torch.float32, a, 0, 1, 1, 0.0))  # one process: nothing to disagree
+
+
+def test_traffic_counters_classify_links_and_add_up():
+    counters = TrafficCounters()
+    counters.add("dispatch", [3, 5, 7, 11], row_bytes=10, rank=1, gpus_per_node=2, meta_bytes_per_row=8)
+    assert counters.local_rows["dispatch"] == 5
+    assert counters.rows[("dispatch", "intra")] == 3 and counters.rows[("dispatch", "inter")] == 18
+    assert counters.bytes[("dispatch", "inter")] == 180 and counters.meta_bytes == 8 * 21
+    total = TrafficCounters().merge(counters).merge(counters)
+    assert total.link_bytes("intra") == 60 and total.as_dict()["dispatch_local_rows"] == 10
+
+
+def test_replay_steps_cover_every_row_once_and_decode_steps_one_token_per_request():
+    trace = synthetic_trace(num_requests=12, num_experts=8, top_k=2, num_layers=2, seed=0)
+    steps = replay_steps(trace, max_step_tokens=7)
+    rows = np.concatenate(steps)
+    assert sorted(rows.tolist()) == list(range(trace.num_tokens))
+    for step in steps:
+        if (trace.phase[step] == 1).all():
+            assert len(set(trace.request[step].tolist())) == len(step)
+        else:
+            assert len(step) <= 7
+    with pytest.raises(ValueError, match="max_step_tokens must be a positive int"):
+        replay_steps(trace, max_step_tokens=0)
+
+
+def test_the_command_checks_its_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ep_demo(["--gpus-per-node", "0"])
+    assert exit_info.value.code == 2 and "expected a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--gpus-per-node 3 does not divide the 1 ranks"):
+        ep_demo(["--gpus-per-node", "3", "--experts", "4", "--top-k", "2", "--hidden", "8"])
+    with pytest.raises(FileNotFoundError, match="--model '/no/such/dir'"):
+        ep_demo(["--model", "/no/such/dir"])
+    with pytest.raises(FileNotFoundError, match="--trace '/no/such.npz'"):
+        ep_demo(["--trace", "/no/such.npz"])
+    with pytest.raises(ValueError, match="give one of them"):
+        ep_demo(["--model", "bundled", "--trace", "bundled"])
+
+
+def test_the_command_in_one_process(capsys):
+    assert ep_demo(["--experts", "6", "--top-k", "2", "--hidden", "8", "--tokens-per-rank", "5", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("max |EP - one process| 0.00e+00") == 3 and out.count(": equal") == 3
+
+
+def test_torchrun_ep_demo_on_two_gloo_ranks(tmp_path):
+    """``torchrun -m minimoe ep-demo``: two ranks as two "nodes", every wire format, results as JSON."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minimoe",
+               "ep-demo", "--backend", "gloo", "--gpus-per-node", "1", "--experts", "8", "--top-k", "3", "--hidden",
+               "16", "--replicas", "10", "--placement", "eplb", "--capacity-factor", "1.0", "--iters", "1",
+               "--timeout", "60", "--json", str(tmp_path / "out.json")]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["world_size"] == 2 and [r["wire_format"] for r in result["rows"]] == list(WIRE_FORMATS)
+    for row in result["rows"]:
+        assert row["max_abs_error"] <= 1e-5 and row["bytes_match"], row
+        assert row["dispatch_inter_bytes"] > 0 and row["dispatch_intra_bytes"] == 0  # one GPU per "node"
