@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimoe.parallel import WIRE_FORMATS, RouteTable, combine, destroy_process_group, dispatch, init_process_group  # noqa: E402
+from minimoe.parallel import (WIRE_FORMATS, RouteTable, combine, destroy_process_group, dispatch,  # noqa: E402
+                              init_process_group)
 from minimoe.parallel import demo  # noqa: E402
-from minimoe.parallel.comm import all_to_all  # noqa: E402
 from minimoe.placement import Placement  # noqa: E402
 
 HIDDEN, EXPERTS, TOP_K = 7168, 256, 8
@@ -134,7 +134,8 @@ def measure_variant(tokens, fmt, static, graph, placement, rank, world, device, 
             ours, only = graphed(case.ours, device), graphed(case.dispatch_only, device)
         except Exception as error:  # record why capture failed instead of stopping the run
             return dict(format=variant_name(fmt, static, graph), tokens_per_rank=tokens, error=repr(error)[:300])
-    both, dispatch_time, raw = timed(ours, device, iters), timed(only, device, iters), timed(case.raw_pair, device, iters)
+    both, dispatch_time = timed(ours, device, iters), timed(only, device, iters)
+    raw = timed(case.raw_pair, device, iters)
     return dict(format=variant_name(fmt, static, graph), tokens_per_rank=tokens,
                 dispatch_MiB_per_rank=case.sent_bytes / 2**20, dispatch_us=dispatch_time * 1e6,
                 combine_us=(both - dispatch_time) * 1e6, ours_us=both * 1e6, raw_us=raw * 1e6,

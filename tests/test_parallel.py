@@ -2,10 +2,11 @@
 
 One launch of 4 processes runs everything in this module (sub-groups give world sizes 1 to 4): many random
 cases (placements with and without replicas, 1 or 2 "nodes", every wire format and the static-shape mode,
-top-k 1 to 8, capacity on and off, three router families, shared experts, ranks with no tokens) compare outputs and gradients
-(input, router, experts, shared expert) with ``MoELayer`` on the ranks' concatenated batch at fp32,
-rtol = atol = 1e-5, and the byte counters and per-rank loads with ``minimoe.placement.measure``; the bundled
-model gives the same logits expert-parallel; mismatched configurations are reported before any exchange.
+top-k 1 to 8, capacity on and off, three router families, shared experts, ranks with no tokens) compare
+outputs and gradients (input, router, experts, shared expert) with ``MoELayer`` on the ranks'
+concatenated batch at fp32, rtol = atol = 1e-5, and the byte counters and per-rank loads with
+``minimoe.placement.measure``; the bundled model gives the same logits expert-parallel; mismatched
+configurations are reported before any exchange.
 
 A second phase in the same processes breaks ranks on purpose: in group {0, 1} rank 1 raises before the
 exchange and rank 0's dispatch must fail at once (gloo: the peer's connection closes); in group {2, 3},
@@ -48,7 +49,8 @@ def make_case(seed: int) -> dict:
         slots = num_experts
     else:
         slots = (-(-num_experts // world) + int(rng.integers(0, 3))) * world
-    phy2log = rng.permutation(np.concatenate([np.arange(num_experts), rng.integers(0, num_experts, slots - num_experts)]))
+    extra = rng.integers(0, num_experts, slots - num_experts)  # replicas
+    phy2log = rng.permutation(np.concatenate([np.arange(num_experts), extra]))
     tokens = rng.integers(0, 10, size=world)
     if world > 1 and rng.random() < 0.4:
         tokens[rng.integers(world)] = 0

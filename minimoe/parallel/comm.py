@@ -188,11 +188,11 @@ class Exchange(torch.autograd.Function):
     """One leg of dispatch or combine: rows of x, and optionally their routing metadata, to other ranks.
 
     forward(x (R, H), src_row (N,) int64 or None, weights (N, m) float32 or None, slots (N, m) int or None,
-    send_splits, recv_splits, group, what, anchor, pad_rows) -> (x[src_row] exchanged (N' [+ pad_rows zero rows,
-    rows only], H), weights (N', m) float32 or None, slots (N', m) int64 or None). With metadata, the gather writes into one packed buffer and a
-    single all-to-all moves everything. backward: the same exchange with the splits swapped, for the rows'
-    gradient and then the weights' (two all-to-alls in that order, on every rank), and the gather's adjoint
-    (index_add into x's rows).
+    send_splits, recv_splits, group, what, anchor, pad_rows) -> (x[src_row] exchanged: (N', H), plus
+    ``pad_rows`` zero rows when there is no metadata; weights (N', m) float32 or None; slots (N', m) int64 or
+    None). With metadata, the gather writes into one packed buffer and a single all-to-all moves everything.
+    backward: the same exchange with the splits swapped, for the rows' gradient and then the weights' (two
+    all-to-alls in that order, on every rank), and the gather's adjoint (index_add into x's rows).
     """
 
     @staticmethod

@@ -1,9 +1,11 @@
 """``minimoe ep-demo``: expert parallelism for real, on the ranks ``torchrun`` starts.
 
-    torchrun --standalone --nproc_per_node=4 -m minimoe ep-demo                      a random MoE layer, every wire format
-    torchrun --standalone --nproc_per_node=4 -m minimoe ep-demo --model bundled      the bundled model: logits vs one process
+    torchrun --standalone --nproc_per_node=4 -m minimoe ep-demo
+        a random MoE layer, every wire format, against one process
+    torchrun --standalone --nproc_per_node=4 -m minimoe ep-demo --model bundled
+        the bundled model expert-parallel: logits against one process
     torchrun --standalone --nproc_per_node=4 -m minimoe ep-demo --trace bundled --placement locality --gpus-per-node 2
-                                                                         replay a trace: measured vs predicted bytes
+        replay a trace through the exchange: measured bytes and time next to minimoe.placement.measure
 
 Every rank builds the same model from ``--seed``, takes its share of the batch (rank r holds tokens
 [r·T, (r+1)·T)), runs the layer expert-parallel and compares its outputs with the single-process layer on

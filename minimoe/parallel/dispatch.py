@@ -9,8 +9,10 @@ y_n = Σ_j w_nj · E_{s_nj}(x_n) over its valid entries (``minimoe.parallel.expe
 the legs backwards, each input row summing the rows that came back for it, so the source ends with
 y_t = Σ_j w_tj · E_j(x_t). The sum is a gather and a reduction, not a scatter-add: dispatch remembers
 where each (destination, row) pair sits in the send order (a zero row stands for "not sent"), which
-avoids atomic additions (slow in bfloat16) and makes the result deterministic. The three formats differ in what a row is (REFERENCES: Megatron-LM and
-torchtitan token dispatchers; DeepEP, Zhao et al. 2025):
+avoids atomic additions (slow in bfloat16) and makes the result deterministic.
+
+The three formats differ in what a row is (Megatron-LM's and torchtitan's token dispatchers; DeepEP,
+DeepSeek-AI 2025):
 
 * ``token_expert`` — one row per (token, expert) pair, m = 1 (low-latency kernels, Megatron, torchtitan):
   a token with two experts on one rank travels twice.
