@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minimoe.placement import group
-from minimoe.placement.locality import _Hypergraph
+from minimoe.placement.hypergraph import Hypergraph
 from minimoe.placement.locality_slots import _Routing
 from minimoe.placement import Placement, place
 from minimoe.traces import planted_trace, synthetic_trace
@@ -33,7 +33,7 @@ def test_move_and_swap_gains_are_exact(seed, num_nodes, pinned):
     experts = np.argsort(rng.random((30, num_experts)), axis=1)[:, :top_k]
     experts[rng.random(experts.shape) < 0.15] = -1
     pin = rng.integers(0, num_nodes, 30) if pinned else None
-    graph = _Hypergraph(experts, num_experts, num_nodes, pin)
+    graph = Hypergraph(experts, num_experts, num_nodes, pin)
     home = rng.integers(0, num_nodes, num_experts)
     base = brute_cost(experts, home, pin)
     assert graph.cost(home) == base
@@ -60,7 +60,7 @@ def test_replica_routing_matches_placement_route(seed, num_nodes, per_node):
     experts = np.argsort(rng.random((num_tokens, num_experts)), axis=1)[:, :top_k]
     source_gpu = rng.integers(0, num_nodes * per_node, num_tokens)
     token_index = rng.integers(0, 500, num_tokens)
-    graph = _Hypergraph(experts, num_experts, num_nodes, source_gpu // per_node)
+    graph = Hypergraph(experts, num_experts, num_nodes, source_gpu // per_node)
     home = rng.integers(0, num_nodes, num_experts)
     copies = np.zeros((num_experts, num_nodes), dtype=np.int64)
     copies[np.arange(num_experts), home] = 1

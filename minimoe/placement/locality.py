@@ -48,23 +48,37 @@ from __future__ import annotations
 
 import numpy as np
 
+from minimoe.placement.hypergraph import Hypergraph, partition_mtkahypar
 from minimoe.placement.locality_slots import fill_spares, pack_gpus
+from minimoe.placement.refinement import fit_slots, improve, refine, repair
 from minimoe.placement.topology import Topology
 
 
+PARTITIONERS = ("fm", "mtkahypar")
+START_ROUNDS, START_EDGES = 8, 4096  # starting partitions are ranked after 8 rounds on <= 4096 hyperedges
+
+
 def place_locality(trace, topology: Topology, num_slots: int, sources=None, tokens=None, epsilon: float = 0.1,
-                   rounds: int = 50, locality_replicas: bool = True, max_fit_tokens: int | None = None):
+                   rounds: int = 50, locality_replicas: bool = True, max_fit_tokens: int | None = None,
+                   partitioner: str = "fm", seed: int = 0, restarts: int = 2):
     """phy2log (L, num_slots) int64 for every layer of ``trace`` (see the module docstring).
 
     sources: per-request GPU rank (known sources) or None. tokens: bool (N,) mask of fitting tokens.
     epsilon: node/GPU load <= (1 + epsilon) * mean. rounds: refinement rounds per layer.
     locality_replicas: False uses spare slots for balance only. max_fit_tokens: evenly subsample the
-    fitting tokens to at most this many (speed).
+    fitting tokens to at most this many (speed). partitioner: "fm" (step 1-2 below, our own) or
+    "mtkahypar" (Mt-KaHyPar on the same hypergraph; optional, ``pip install mtkahypar``). seed: the
+    partitioner's seed (Mt-KaHyPar's; "fm" is deterministic without one).
+    Raises ValueError naming a bad option, ImportError when Mt-KaHyPar is asked for and missing.
     """
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < 10:
         raise ValueError(f"epsilon must be a number in [0, 10), got {epsilon!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
+    if partitioner not in PARTITIONERS:
+        raise ValueError(f"partitioner must be one of {list(PARTITIONERS)}, got {partitioner!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     rows = np.arange(trace.experts.shape[0]) if tokens is None else np.flatnonzero(tokens)
     if max_fit_tokens is not None and len(rows) > max_fit_tokens:
         rows = rows[np.linspace(0, len(rows) - 1, max_fit_tokens).astype(np.int64)]
@@ -76,28 +90,24 @@ def place_locality(trace, topology: Topology, num_slots: int, sources=None, toke
     for layer in range(trace.experts.shape[1]):
         experts = trace.experts[rows, layer].astype(np.int64)
         phy2log[layer] = place_layer(experts, trace.num_experts, topology, num_slots, source_gpu, rows,
-                                     epsilon, rounds, locality_replicas)
+                                     epsilon, rounds, locality_replicas, partitioner, seed, restarts)
     return phy2log
 
 
 def place_layer(experts, num_experts, topology, num_slots, source_gpu, token_index, epsilon=0.1, rounds=50,
-                locality_replicas=True):
+                locality_replicas=True, partitioner="fm", seed=0, restarts=2):
     """One layer: experts (T, k) (-1 = none), source_gpu (T,) or None, token_index (T,) -> phy2log (R,)."""
     num_nodes = topology.num_nodes
     keep = (experts >= 0).any(axis=1)
     experts, token_index = experts[keep], np.asarray(token_index)[keep]
     source_gpu = None if source_gpu is None else np.asarray(source_gpu)[keep]
     pin = None if source_gpu is None else source_gpu // topology.gpus_per_node
-    graph = _Hypergraph(experts, num_experts, num_nodes, pin)
+    graph = Hypergraph(experts, num_experts, num_nodes, pin)  # one hyperedge per token (replica routing)
     slots_per_node = num_slots // num_nodes
     cap = (1 + epsilon) * graph.load.sum() / num_nodes
-    if num_nodes == 1:
-        home = np.zeros(num_experts, dtype=np.int64)
-    else:
-        home = _initial_partition(graph, slots_per_node, cap)
-        if len(graph.pair_expert):  # no fitting token: nothing to refine
-            home = _refine(graph, home, slots_per_node, cap, rounds)
     gpu_cap = (1 + epsilon) * graph.load.sum() / topology.num_gpus
+    graph.slot_need = slot_need(graph.load, num_slots, gpu_cap)
+    home = node_partition(graph.merged(), slots_per_node, cap, partitioner, rounds, seed, restarts)
     gpu_shape = (topology.gpus_per_node, num_slots // topology.num_gpus)
     copies, served = fill_spares(graph, home, slots_per_node, cap, token_index, gpu_shape, gpu_cap,
                                  locality_replicas)
@@ -110,220 +120,107 @@ def place_layer(experts, num_experts, topology, num_slots, source_gpu, token_ind
     return pack_gpus(copies, served, topology, num_slots // topology.num_gpus, demand_gpu, gpu_cap)
 
 
-class _Hypergraph:
-    """The fitting tokens of one layer as pairs (token, expert) plus the within-token expert pairs."""
-
-    def __init__(self, experts, num_experts, num_nodes, pin):
-        self.experts, self.num_experts, self.num_nodes, self.pin = experts, num_experts, num_nodes, pin
-        num_tokens, top_k = experts.shape
-        valid = experts >= 0
-        self.valid = valid
-        self.pair_token = np.broadcast_to(np.arange(num_tokens)[:, None], experts.shape)[valid]  # (P,)
-        self.pair_expert = experts[valid]  # (P,)
-        self.load = np.bincount(self.pair_expert, minlength=num_experts).astype(float)  # (E,)
-        first, second = np.nonzero(~np.eye(top_k, dtype=bool))  # ordered position pairs i != j
-        both = valid[:, first] & valid[:, second]  # (T, k(k-1))
-        self.co_key = (experts[:, first] * num_experts + experts[:, second])[both]
-        self.co_position = (np.arange(num_tokens)[:, None] * top_k + first[None, :])[both]  # flat (t, i)
-        self.pair_position = np.flatnonzero(valid.ravel())  # flat (t, i) of every pair
-        # c[t, n]: 0 for the token's own node (traffic there is free), 1 elsewhere
-        self.charge = np.ones((num_tokens, num_nodes))
-        if pin is not None:
-            self.charge[np.arange(num_tokens), pin] = 0.0
-
-    def counts(self, home):
-        """cnt (T, N): experts of each token on each node."""
-        num_tokens = self.experts.shape[0]
-        return np.bincount(self.pair_token * self.num_nodes + home[self.pair_expert],
-                           minlength=num_tokens * self.num_nodes).reshape(num_tokens, self.num_nodes)
-
-    def cost(self, home) -> float:
-        return float(((self.counts(home) > 0) * self.charge).sum())
-
-    def coactivation(self) -> np.ndarray:
-        return np.bincount(self.co_key, minlength=self.num_experts ** 2).reshape(self.num_experts, -1)
-
-    def gains(self, home):
-        """move_gain (E, N) and swap_gain (E, E), exact for a single operation."""
-        cnt = self.counts(home)
-        flat_cnt, flat_charge = cnt.ravel(), self.charge.ravel()
-        where = self.pair_token * self.num_nodes + home[self.pair_expert]  # flat (t, node of e)
-        leave = (flat_cnt[where] == 1) * flat_charge[where]  # (P,)
-        join = (cnt == 0) * self.charge  # (T, N)
-        move = np.stack([np.bincount(self.pair_expert, weights=leave - join[:, n][self.pair_token],
-                                     minlength=self.num_experts) for n in range(self.num_nodes)], axis=1)
-        leave_at = np.zeros(self.valid.size)
-        leave_at[self.pair_position] = leave
-        shared = np.bincount(self.co_key, weights=leave_at[self.co_position],
-                             minlength=self.num_experts ** 2).reshape(self.num_experts, -1)
-        swap = move[:, home].T + move[:, home] - shared - shared.T  # [e, f]: e -> home[f], f -> home[e]
-        swap[home[:, None] == home[None, :]] = -np.inf
-        move[np.arange(self.num_experts), home] = -np.inf
-        return move, swap
+def slot_need(load, num_slots, gpu_cap):
+    """(E,) slots each expert needs on its node: one, plus one more copy while its load per copy exceeds a
+    GPU's cap and spare slots remain (hottest per copy first, like EPLB's replication)."""
+    need = np.ones(len(load), dtype=np.int64)
+    for _ in range(num_slots - len(load)):
+        expert = int(np.argmax(load / need))
+        if load[expert] / need[expert] <= gpu_cap:
+            break
+        need[expert] += 1
+    return need
 
 
-def _initial_partition(graph, slots_per_node, cap):
+def node_partition(graph, slots_per_node, cap, partitioner="fm", rounds=50, seed=0, restarts=2):
+    """home (E,) int64: the node of every expert, at most ``slots_per_node`` experts and (where achievable)
+    load ``cap`` per node, minimising ``graph.cost`` (steps 1-2 of the module docstring)."""
+    if graph.num_nodes == 1:
+        return np.zeros(graph.num_experts, dtype=np.int64)
+    if partitioner == "mtkahypar":
+        home = partition_mtkahypar(graph, cap, seed=seed)
+        return repair(graph, fit_slots(graph, home, slots_per_node, cap), slots_per_node, cap)
+    if not len(graph.pair_expert):  # no fitting token: nothing to refine
+        return _initial_partition(graph, slots_per_node, cap)
+    rng = np.random.default_rng(seed)
+    sample = graph.sample(START_EDGES, rng)  # the starts are compared on a sample, cheaply
+    sample_cap = cap * sample.load.sum() / graph.load.sum()
+    starts = [_initial_partition(graph, slots_per_node, cap)]
+    if graph.pin is not None:  # the co-activation start too
+        starts.append(_initial_partition(graph, slots_per_node, cap, use_sources=False))
+    for _ in range(restarts):
+        starts.append(_random_partition(graph, slots_per_node, cap, rng))
+    starts = [refine(sample, home, slots_per_node, sample_cap, min(rounds, START_ROUNDS)) for home in starts]
+    best = starts[int(np.argmin([sample.cost(home) for home in starts]))]
+    return improve(graph, best, slots_per_node, cap, rounds)
+
+
+def _random_partition(graph, slots_per_node, cap, rng):
+    """Experts in a random order, each to the least-loaded node with room (balanced, unstructured)."""
+    target = _slot_targets(graph, slots_per_node)
+    home = np.empty(graph.num_experts, dtype=np.int64)
+    node_load, node_count = np.zeros(graph.num_nodes), np.zeros(graph.num_nodes, dtype=np.int64)
+    for expert in rng.permutation(graph.num_experts):
+        node = _lightest_open(node_load, node_count, target, graph.slot_need[expert])
+        home[expert] = node
+        node_load[node] += graph.load[expert]
+        node_count[node] += graph.slot_need[expert]
+    return home
+
+
+def _slot_targets(graph, slots_per_node):
+    """(N,) slots each node fills in a starting partition: the experts' slots spread evenly."""
+    total = int(graph.slot_need.sum())
+    target = np.full(graph.num_nodes, total // graph.num_nodes)
+    target[: total % graph.num_nodes] += 1
+    return np.minimum(target, slots_per_node)
+
+
+def _initial_partition(graph, slots_per_node, cap, use_sources=True):
     num_experts, num_nodes, load = graph.num_experts, graph.num_nodes, graph.load
+    need = graph.slot_need
     home = np.full(num_experts, -1, dtype=np.int64)
     node_load, node_count = np.zeros(num_nodes), np.zeros(num_nodes, dtype=np.int64)
-    target = np.full(num_nodes, num_experts // num_nodes)
-    target[: num_experts % num_nodes] += 1
-    target = np.minimum(target, slots_per_node)
+    target = _slot_targets(graph, slots_per_node)
 
     def fits(expert, node):
-        return node_count[node] < target[node] and node_load[node] + load[expert] <= cap
+        return node_count[node] + need[expert] <= target[node] and node_load[node] + load[expert] <= cap
 
     def assign(expert, node):
         home[expert] = node
         node_load[node] += load[expert]
-        node_count[node] += 1
+        node_count[node] += need[expert]
 
-    if graph.pin is not None:  # regret greedy on demand
-        demand = np.bincount(graph.pair_expert * num_nodes + graph.pin[graph.pair_token],
-                             minlength=num_experts * num_nodes).reshape(num_experts, num_nodes).astype(float)
+    if graph.pin is not None and use_sources:  # regret greedy on demand
+        demand = graph.demand()
         ordered = np.sort(demand, axis=1)
         regret = ordered[:, -1] - (ordered[:, -2] if num_nodes > 1 else 0)
         for expert in np.lexsort((-load, -regret)):
             choices = [n for n in np.argsort(-demand[expert], kind="stable") if fits(expert, n)]
-            assign(expert, choices[0] if choices else _lightest_open(node_load, node_count, target))
+            assign(expert, choices[0] if choices else _lightest_open(node_load, node_count, target, need[expert]))
         return home
-    affinity = graph.coactivation().astype(float)  # simultaneous graph growing, lightest node picks next
+    affinity = graph.coactivation()  # simultaneous graph growing, lightest node picks next
     score = np.zeros((num_nodes, num_experts))
     while (home < 0).any():
         node = _lightest_open(node_load, node_count, target)
         free = home < 0
+        room = free & (node_count[node] + need <= target[node])
         if node_count[node] == 0:  # seed: the heaviest free expert
             expert = int(np.argmax(np.where(free, load, -1.0)))
         else:
-            ok = free & (node_load[node] + load <= cap)
-            expert = int(np.argmax(np.where(ok, score[node], -1.0))) if ok.any() else \
-                int(np.argmax(np.where(free, -load, -np.inf)))
+            ok = room & (node_load[node] + load <= cap)
+            if ok.any():  # the free expert most co-activated with the node's experts
+                expert = int(np.argmax(np.where(ok, score[node], -np.inf)))
+            else:  # nothing fits under the cap: the lightest one
+                expert = int(np.argmin(np.where(room if room.any() else free, load, np.inf)))
         assign(expert, node)
         score[node] += affinity[expert]
     return home
 
 
-def _lightest_open(node_load, node_count, target):
-    return int(np.argmin(np.where(node_count < target, node_load, np.inf)))
-
-
-def _refine(graph, home, slots_per_node, cap, rounds, tolerance=1e-4):
-    """Batched KL/FM improvement of ``home`` under slot and load caps (see module docstring, step 2).
-    Stops after ``rounds`` rounds or once a round saves less than ``tolerance`` of the cost."""
-    load, num_experts = graph.load, graph.num_experts
-    home = _repair(graph, home, slots_per_node, cap)
-    cost = graph.cost(home)
-    batch = max(1, num_experts // 8)
-    for round_index in range(rounds):
-        if round_index and previous - cost < tolerance * cost:
-            break
-        previous = cost
-        move, swap = graph.gains(home)
-        node_load = np.bincount(home, weights=load, minlength=graph.num_nodes)
-        node_count = np.bincount(home, minlength=graph.num_nodes)
-        candidates = _candidates(move, swap, 4 * num_experts)
-        if not candidates:
-            break
-        trial = _apply(candidates, home, node_load, node_count, load, slots_per_node, cap, batch)
-        if trial is None:
-            break
-        new_cost = graph.cost(trial)
-        if new_cost < cost - 1e-9:
-            home, cost = trial, new_cost
-            continue
-        single = _apply(candidates, home, node_load, node_count, load, slots_per_node, cap, 1)
-        if single is None or graph.cost(single) >= cost - 1e-9:
-            break
-        home, cost, batch = single, graph.cost(single), max(1, batch // 2)
-    return home
-
-
-def _candidates(move, swap, limit):
-    """Positive-gain operations, best first: (gain, e, f_or_-1, target_node)."""
-    ops = []
-    flat = swap.ravel()
-    positive = np.flatnonzero(flat > 1e-9)
-    if positive.size > limit:
-        positive = positive[np.argpartition(-flat[positive], limit)[:limit]]
-    num_experts = swap.shape[0]
-    for index in positive:
-        e, f = divmod(int(index), num_experts)
-        if e < f:
-            ops.append((float(flat[index]), e, f, -1))
-    for e, n in np.argwhere(move > 1e-9):
-        ops.append((float(move[e, n]), int(e), -1, int(n)))
-    ops.sort(key=lambda op: (-op[0], op[1], op[2], op[3]))
-    return ops
-
-
-def _swap_or_move(home, node_load, node_count, e, f, a, b, moved_load) -> None:
-    """In place: expert e goes from node a to b and, for a swap (f >= 0), expert f from b to a."""
-    home[e] = b
-    if f >= 0:
-        home[f] = a
-    else:
-        node_count[a] -= 1
-        node_count[b] += 1
-    node_load[a] -= moved_load
-    node_load[b] += moved_load
-
-
-def _apply(ops, home, node_load, node_count, load, slots_per_node, cap, limit):
-    """Apply up to ``limit`` feasible operations touching distinct experts; None if none applies."""
-    home, node_load, node_count = home.copy(), node_load.copy(), node_count.copy()
-    touched, applied = set(), 0
-    for gain, e, f, target in ops:
-        if e in touched or f in touched:
-            continue
-        a = home[e]
-        b = target if f < 0 else home[f]
-        delta = load[e] - (0.0 if f < 0 else load[f])  # load moving from a to b
-        new_a, new_b = node_load[a] - delta, node_load[b] + delta
-        worst = max(new_a, new_b)
-        if worst > cap + 1e-9 and worst >= max(node_load[a], node_load[b]):  # only repairs may exceed cap
-            continue
-        if f < 0 and node_count[b] >= slots_per_node:
-            continue
-        _swap_or_move(home, node_load, node_count, e, f, a, b, delta)
-        touched.update((e, f))
-        applied += 1
-        if applied >= limit:
-            break
-    return home if applied else None
-
-
-def _repair(graph, home, slots_per_node, cap, max_rounds=50):
-    """While a node is over the load cap: apply, cheapest first, swaps/moves that lower it and keep the
-    receiving node under the cap (gains recomputed between rounds)."""
-    load, num_nodes, num_experts = graph.load, graph.num_nodes, graph.num_experts
-    home = home.copy()
-    for _ in range(max_rounds):
-        node_load = np.bincount(home, weights=load, minlength=num_nodes)
-        node_count = np.bincount(home, minlength=num_nodes)
-        if node_load.max() <= cap + 1e-9:
-            break
-        move, swap = graph.gains(home)
-        over = node_load[home] > cap + 1e-9  # (E,) experts on an overloaded node
-        gain = np.concatenate([np.where(over[:, None] & (load[:, None] > load[None, :]), swap, -np.inf).ravel(),
-                               np.where(over[:, None], move, -np.inf).ravel()])
-        touched, applied = set(), 0
-        for index in np.argsort(-gain, kind="stable"):
-            if not np.isfinite(gain[index]):
-                break
-            if index < num_experts ** 2:
-                e, f = divmod(int(index), num_experts)
-                a, b = home[e], home[f]
-                moved = load[e] - load[f]
-            else:
-                e, b = divmod(int(index) - num_experts ** 2, num_nodes)
-                f, a, moved = -1, home[e], load[e]
-                if node_count[b] >= slots_per_node:
-                    continue
-            if e in touched or f in touched or node_load[a] <= cap + 1e-9 or node_load[b] + moved > cap + 1e-9:
-                continue
-            _swap_or_move(home, node_load, node_count, e, f, a, b, moved)
-            touched.update((e, f))
-            applied += 1
-        if not applied:
-            break
-    return home
+def _lightest_open(node_load, node_count, target, need=1):
+    """The least-loaded node with room for ``need`` more slots (else with any room, else the emptiest)."""
+    for room in (node_count + need <= target, node_count < target):
+        if room.any():
+            return int(np.argmin(np.where(room, node_load, np.inf)))
+    return int(np.argmin(node_count))

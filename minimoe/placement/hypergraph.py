@@ -1,0 +1,190 @@
+"""Expert placement as hypergraph partitioning: experts are vertices, tokens are hyperedges.
+
+One MoE layer's fitting tokens define a hypergraph. Vertex ``e`` is an expert, with weight
+``load[e]`` = the (token, expert) pairs routed to it; every token is a hyperedge holding the experts it
+chose. Placing experts on ``N`` nodes is a partition ``home: expert -> node``. A de-duplicating
+(hierarchical) all-to-all sends a token once to each node other than its own that serves one of its
+experts, so when token ``t`` starts on node ``s(t)`` the inter-node volume is
+
+    cost(home) = sum_t w_t * | { home[e] : e in t } \\ { s(t) } |                               (1)
+
+Known sources are *fixed vertices*: one extra vertex per node, pinned to that node, joins the hyperedge of
+every token that starts there. With ``lambda_t`` = the number of distinct nodes hyperedge ``t`` touches
+(its *connectivity*), (1) is then exactly the connectivity metric that hypergraph partitioners minimise,
+
+    km1(home) = sum_t w_t * (lambda_t - 1)                                                        (2)
+
+(without sources, (1) counts ``lambda_t`` itself, which differs from (2) by the constant ``sum_t w_t``:
+the minimisers agree). Tokens with the same expert set and source node are one hyperedge of weight
+``w_t`` = their count (``merge``), which shrinks the fitting set of a small model by orders of magnitude.
+Balance constraint: every node's load ``sum_{home[e] = n} load[e] <= (1 + epsilon) * mean``.
+
+``Hypergraph.gains`` gives the exact change of (1) for every single move and swap at once (the
+Kernighan–Lin / Fiduccia–Mattheyses gains used by ``minimoe.placement.locality``);
+``partition_mtkahypar`` hands the same hypergraph to Mt-KaHyPar (Gottesbüren, Heuer, Maas, Sanders,
+Schlag: "Scalable High-Quality Hypergraph Partitioning", ACM TOPS 2024; fixed vertices and the (λ−1)
+objective as in its documentation, https://github.com/kahypar/mt-kahypar), an optional dependency.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+MTKAHYPAR_PRESETS = ("default", "quality", "highest_quality", "deterministic", "deterministic_quality")
+
+
+class Hypergraph:
+    """The tokens of one layer: experts (T, k) int64 (-1 = none), source node pin (T,) or None,
+    weight (T,) tokens each row stands for (default 1), slot_need (E,) slots each expert takes on its node
+    (default 1; a second vertex weight). Pairs (token, expert) are flattened for numpy."""
+
+    def __init__(self, experts, num_experts, num_nodes, pin=None, weight=None, slot_need=None):
+        self.experts, self.num_experts, self.num_nodes, self.pin = experts, num_experts, num_nodes, pin
+        self.slot_need = np.ones(num_experts, dtype=np.int64) if slot_need is None else np.asarray(slot_need)
+        num_tokens, top_k = experts.shape
+        self.weight = np.ones(num_tokens) if weight is None else np.asarray(weight, dtype=float)  # (T,)
+        valid = experts >= 0
+        self.valid = valid
+        self.pair_token = np.broadcast_to(np.arange(num_tokens)[:, None], experts.shape)[valid]  # (P,)
+        self.pair_expert = experts[valid]  # (P,)
+        self.pair_weight = self.weight[self.pair_token]  # (P,)
+        self.load = np.bincount(self.pair_expert, weights=self.pair_weight, minlength=num_experts)  # (E,)
+        first, second = np.nonzero(~np.eye(top_k, dtype=bool))  # ordered position pairs i != j
+        both = valid[:, first] & valid[:, second]  # (T, k(k-1))
+        self.co_key = (experts[:, first] * num_experts + experts[:, second])[both]
+        self.co_position = (np.arange(num_tokens)[:, None] * top_k + first[None, :])[both]  # flat (t, i)
+        self.pair_position = np.flatnonzero(valid.ravel())  # flat (t, i) of every pair
+        # c[t, n] * w_t: what reaching node n costs token t (0 on its own node, where traffic is free)
+        self.charge = np.ones((num_tokens, num_nodes))
+        if pin is not None:
+            self.charge[np.arange(num_tokens), pin] = 0.0
+        self.charge *= self.weight[:, None]
+
+    def merged(self) -> "Hypergraph":
+        """The same objective with identical hyperedges (same expert set, same source node) merged."""
+        experts = np.sort(np.where(self.experts >= 0, self.experts, np.iinfo(np.int64).max), axis=1)
+        experts = np.where(experts == np.iinfo(np.int64).max, -1, experts)
+        keys = experts if self.pin is None else np.column_stack([experts, self.pin])
+        order = np.lexsort(keys.T[::-1])  # rows sorted; equal rows end up next to each other
+        ordered = keys[order]
+        first = np.ones(len(keys), dtype=bool)
+        first[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+        unique, group = ordered[first], np.cumsum(first) - 1
+        weight = np.bincount(group, weights=self.weight[order], minlength=len(unique))
+        pin = None if self.pin is None else unique[:, -1]
+        return Hypergraph(unique[:, :self.experts.shape[1]], self.num_experts, self.num_nodes, pin, weight,
+                          self.slot_need)
+
+    def sample(self, count: int, rng) -> "Hypergraph":
+        """At most ``count`` hyperedges drawn without replacement (all of them if there are fewer), same weights."""
+        if self.experts.shape[0] <= count:
+            return self
+        rows = np.sort(rng.choice(self.experts.shape[0], size=count, replace=False))
+        return Hypergraph(self.experts[rows], self.num_experts, self.num_nodes,
+                          None if self.pin is None else self.pin[rows], self.weight[rows], self.slot_need)
+
+    def node_slots(self, home) -> np.ndarray:
+        """(N,) slots the experts of each node take."""
+        return np.bincount(home, weights=self.slot_need, minlength=self.num_nodes).astype(np.int64)
+
+    def counts(self, home):
+        """cnt (T, N): experts of each token on each node."""
+        num_tokens = self.experts.shape[0]
+        return np.bincount(self.pair_token * self.num_nodes + home[self.pair_expert],
+                           minlength=num_tokens * self.num_nodes).reshape(num_tokens, self.num_nodes)
+
+    def cost(self, home) -> float:
+        """Equation (1): weighted remote nodes (all nodes touched when sources are unknown)."""
+        return float(((self.counts(home) > 0) * self.charge).sum())
+
+    def km1(self, home) -> float:
+        """Equation (2): the connectivity metric, with the source node counted as a pin when known."""
+        touched = self.counts(home) > 0
+        if self.pin is not None:
+            touched[np.arange(len(self.pin)), self.pin] = True
+        return float(((touched.sum(axis=1) - 1) * self.weight).sum())
+
+    def coactivation(self) -> np.ndarray:
+        """(E, E) weighted number of tokens choosing both experts."""
+        weight = self.weight[self.co_position // self.experts.shape[1]]
+        return np.bincount(self.co_key, weights=weight, minlength=self.num_experts ** 2).reshape(self.num_experts, -1)
+
+    def demand(self) -> np.ndarray:
+        """(E, N) pairs of each expert coming from tokens that start on node n (needs sources)."""
+        return np.bincount(self.pair_expert * self.num_nodes + self.pin[self.pair_token], weights=self.pair_weight,
+                           minlength=self.num_experts * self.num_nodes).reshape(self.num_experts, self.num_nodes)
+
+    def gains(self, home):
+        """move_gain (E, N) and swap_gain (E, E): the exact drop of (1) for one move or swap.
+
+        Moving ``e`` from ``a`` to ``b`` saves ``sum_{t ∋ e} [cnt[t,a] = 1] c[t,a] - [cnt[t,b] = 0] c[t,b]``;
+        swapping ``e`` (on ``a``) with ``f`` (on ``b``) saves both move gains minus the tokens holding both
+        (for which nothing changes)."""
+        cnt = self.counts(home)
+        flat_cnt, flat_charge = cnt.ravel(), self.charge.ravel()
+        where = self.pair_token * self.num_nodes + home[self.pair_expert]  # flat (t, node of e)
+        leave = (flat_cnt[where] == 1) * flat_charge[where]  # (P,)
+        join = (cnt == 0) * self.charge  # (T, N)
+        move = np.stack([np.bincount(self.pair_expert, weights=leave - join[:, n][self.pair_token],
+                                     minlength=self.num_experts) for n in range(self.num_nodes)], axis=1)
+        leave_at = np.zeros(self.valid.size)
+        leave_at[self.pair_position] = leave
+        shared = np.bincount(self.co_key, weights=leave_at[self.co_position],
+                             minlength=self.num_experts ** 2).reshape(self.num_experts, -1)
+        swap = move[:, home].T + move[:, home] - shared - shared.T  # [e, f]: e -> home[f], f -> home[e]
+        swap[home[:, None] == home[None, :]] = -np.inf
+        move[np.arange(self.num_experts), home] = -np.inf
+        return move, swap
+
+
+# ---- Mt-KaHyPar ------------------------------------------------------------------------------------------
+_MTKAHYPAR = {}  # the library's process-wide thread pool: Mt-KaHyPar may be initialised once per process
+
+
+def _mtkahypar(threads: int):
+    try:
+        import mtkahypar
+    except ImportError as error:
+        raise ImportError("partitioner='mtkahypar' needs the optional Mt-KaHyPar package; install it with "
+                          "`pip install mtkahypar` (or `pip install 'minimoe[partition]'`), or use "
+                          "partitioner='fm'") from error
+    if "initializer" not in _MTKAHYPAR:
+        _MTKAHYPAR["initializer"] = mtkahypar.initialize(threads, False)
+        _MTKAHYPAR["threads"] = threads
+    return mtkahypar, _MTKAHYPAR["initializer"]
+
+
+def partition_mtkahypar(graph: Hypergraph, max_node_load: float, seed: int = 0, preset: str = "default",
+                        threads: int = 1) -> np.ndarray:
+    """home (E,) int64: Mt-KaHyPar's km1 partition of ``graph`` into ``graph.num_nodes`` blocks.
+
+    Vertex weights are expert loads (rounded to integers), so no block exceeds ``max_node_load`` where
+    Mt-KaHyPar finds such a partition; known sources become one fixed vertex per node. Deterministic for a
+    given ``seed`` with ``threads=1`` (or a ``deterministic*`` preset). The number of experts per node is
+    not constrained here (the caller repairs it). Raises ImportError (how to install) when Mt-KaHyPar is
+    missing and ValueError for an unknown preset."""
+    if preset not in MTKAHYPAR_PRESETS:
+        raise ValueError(f"mtkahypar preset must be one of {list(MTKAHYPAR_PRESETS)}, got {preset!r}")
+    mtkahypar, initializer = _mtkahypar(threads)
+    num_experts, num_nodes = graph.num_experts, graph.num_nodes
+    pinned = graph.pin is not None
+    pins = [row[row >= 0].tolist() for row in graph.experts]
+    if pinned:
+        pins = [p + [num_experts + int(n)] for p, n in zip(pins, graph.pin)]
+    keep = [i for i, p in enumerate(pins) if len(p) > 1]  # a one-pin hyperedge is never cut
+    edges = [pins[i] for i in keep]
+    edge_weight = np.maximum(np.rint(graph.weight[keep]), 1).astype(np.int64).tolist()
+    # Mt-KaHyPar 1.7 crashes on zero-weight fixed vertices: each node's source vertex weighs 1
+    vertex_weight = np.rint(graph.load).astype(np.int64).tolist() + [1] * (num_nodes if pinned else 0)
+    mtkahypar.set_seed(int(seed))
+    context = initializer.context_from_preset(getattr(mtkahypar.PresetType, preset.upper()))
+    context.set_partitioning_parameters(num_nodes, 0.03, mtkahypar.Objective.KM1)
+    context.logging = False
+    # a block may always hold its heaviest expert, and all blocks together the whole load
+    limit = int(np.ceil(max(max_node_load, graph.load.max(initial=0), graph.load.sum() / num_nodes)))
+    context.set_individual_target_block_weights([limit + int(pinned)] * num_nodes)
+    hypergraph = initializer.create_hypergraph(context, len(vertex_weight), len(edges), edges, vertex_weight,
+                                               edge_weight)
+    if pinned:
+        hypergraph.add_fixed_vertices([-1] * num_experts + list(range(num_nodes)), num_nodes)
+    block = np.asarray(hypergraph.partition(context).get_partition(), dtype=np.int64)
+    return block[:num_experts]
