@@ -83,3 +83,13 @@ def test_command_line_rejects_bad_values(argv, message):
 def test_gpu_preset_without_cuda_says_so():
     with pytest.raises(ValueError, match="no CUDA device is visible"):
         main(["--preset", "gpu"])
+
+
+def test_prepare_only_scores_the_bounds_and_a_later_run_reuses_them(tmp_path, capsys):
+    args = ["--preset", "cpu", "--out", str(tmp_path), "--pretrain-steps", "2", "--no-progress", "--prepare-only"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["bounds"]) == {"dev_full", "dev_none", "test_full", "test_none"}
+    assert printed["pretrain_steps"] == 2 and not (tmp_path / "runs").exists()
+    stamp = (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns
+    assert main(args) == 0 and (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns == stamp

@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-ablations", action="store_true", help="skip the PIC ablations")
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="only train the tokenizer and the reader and score its bounds (prepare.json in --out); a "
+                             "later run with the same --out reuses them")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -223,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         index, count = (int(x) for x in args.worker.split("/"))
         _worker(cfg, out, index, count, not args.no_progress)
+        return 0
+    if args.prepare_only:
+        out.mkdir(parents=True, exist_ok=True)
+        info = prepare(cfg, out, progress=not args.no_progress)
+        print(json.dumps({"bounds": info["bounds"], "pretrain_steps": info["pretrain"]["steps"],
+                          "pretrain_seconds": info["pretrain"]["seconds"]}, indent=1))
         return 0
     summary = run(cfg, out, args.workers, progress=not args.no_progress)
     print((out / "results.md").read_text())
