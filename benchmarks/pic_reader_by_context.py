@@ -17,7 +17,7 @@ import torch
 
 from minimoe.compress.experiment import ExperimentConfig
 from minimoe.compress.qa_data import generate_documents
-from minimoe.compress.setup import _batch_encoder, load_prepared
+from minimoe.compress.setup import sentence_token_counter, load_prepared
 from minimoe.compress.training import build_qa_set, evaluate_reader
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     for paragraphs in (1, 2, 4, 8):
         tokens = paragraphs * cfg.block_tokens
         docs = generate_documents("dev", args.documents, 5, prepared.encode, tokens, cfg.block_tokens, 2,
-                                  _batch_encoder(prepared.tokenizer))
+                                  sentence_token_counter(prepared.tokenizer))
         data = build_qa_set(docs, prepared.encode, cfg.block_tokens, prepared.pad_id)
         scores = evaluate_reader(prepared.base, data, "full", prepared.bos_id, prepared.stop_ids, prepared.decode)
         print(f"| {tokens} | {paragraphs} | {scores['count']} | {scores['em']:.1f} | {scores['f1']:.1f} |", flush=True)

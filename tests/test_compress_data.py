@@ -4,7 +4,7 @@ import pytest
 
 from minimoe.compress.qa_data import (FIRST_NAMES, LAST_NAMES, answer_text, generate_documents, pack,
                                       question_prompt)
-from minimoe.compress.setup import _batch_encoder
+from minimoe.compress.setup import sentence_token_counter
 from minimoe.data.tokenizer import train_tokenizer
 
 
@@ -56,7 +56,7 @@ def test_splits_share_no_names_and_are_seeded():
 
 def test_fast_counter_equals_tokenizing_each_sentence(tokenizer):
     sentences = ["Talira Venmor was born in Port Ardel.", "Talira Venmor has 3 children.", "It is 1873."]
-    assert _batch_encoder(tokenizer)(sentences) == [len(encoder(tokenizer)(" " + s)) for s in sentences]
+    assert sentence_token_counter(tokenizer)(sentences) == [len(encoder(tokenizer)(" " + s)) for s in sentences]
 
 
 def test_prompt_and_answer_format():

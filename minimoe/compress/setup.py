@@ -47,7 +47,7 @@ def _approximate_tokens(text: str) -> list[int]:
     return [0] * (len(text) // 3 + 1)  # only to size paragraphs of the tokenizer's own training text
 
 
-def _batch_encoder(tokenizer):
+def sentence_token_counter(tokenizer):
     """Token counts of " " + s for each sentence s, from one encoding of all of them (byte-level BPE splits
     at the spaces, so the counts add up), assigning each token to the sentence its first character is in."""
     def count_each(sentences: list[str]) -> list[int]:
@@ -62,7 +62,7 @@ def _qa_sets(cfg, encode, pad_id: int, tokenizer) -> dict[str, QASet]:
     sizes = {"train": cfg.train_documents, "dev": cfg.dev_documents, "test": cfg.test_documents}
     return {split: build_qa_set(generate_documents(split, count, cfg.seed, encode, cfg.context_tokens,
                                                    cfg.block_tokens, cfg.questions_per_document,
-                                                   _batch_encoder(tokenizer)),
+                                                   sentence_token_counter(tokenizer)),
                                 encode, cfg.block_tokens, pad_id)
             for split, count in sizes.items()}
 
@@ -81,7 +81,7 @@ def pretraining_rows(cfg, tokenizer, encode, bos_id: int, pad_id: int) -> np.nda
     contexts first teach the lookup, long ones its reach), then up to ``pretrain_questions`` questions about them.
     """
     documents = generate_documents("train", cfg.pretrain_documents, cfg.seed + 1, encode, cfg.context_tokens,
-                                   cfg.block_tokens, 10 * cfg.pretrain_questions, _batch_encoder(tokenizer))
+                                   cfg.block_tokens, 10 * cfg.pretrain_questions, sentence_token_counter(tokenizer))
     rng = np.random.default_rng(cfg.seed + 1)
     qa_rows = []
     for document in documents:
