@@ -50,6 +50,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -91,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=_positive, default=3, help="timed repetitions (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default: %(default)s)")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="(default: %(default)s)")
-    p.add_argument("--timeout", type=_non_negative_float, default=DEFAULT_TIMEOUT_S,
+    p.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
                    help="seconds before a collective gives up (default: %(default)s)")
+    p.add_argument("--threads", type=_positive, default=1,
+                   help="CPU threads per rank (default: %(default)s; the ranks share the machine's cores)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--json", help="rank 0 writes the results here as JSON")
     return p
@@ -296,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model and args.model != "bundled" and not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r}: no such directory (expected a minimoe checkpoint "
                                 "or 'bundled')")
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    torch.set_num_threads(args.threads)
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
         device = init_process_group(None if args.backend == "auto" else args.backend, args.timeout)
