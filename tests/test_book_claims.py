@@ -17,6 +17,7 @@ to that rule, and that its sources can be opened:
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import math
 import re
@@ -133,6 +134,7 @@ def bib_keys() -> set[str]:
     return set(BIB_KEY.findall(BIB.read_text()))
 
 
+@functools.lru_cache(maxsize=None)
 def docstrings(path: Path) -> str:
     tree = ast.parse(path.read_text())
     nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
