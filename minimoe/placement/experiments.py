@@ -18,12 +18,17 @@ Methods, each giving a placement (expert -> GPU slots) and sources (request -> G
     grouping                        signature grouping against the contiguous placement (grouping alone)
     grouping+locality               grouping and locality placement fitted jointly (group_and_place)
 
+``compare_partitioners`` sets the locality placement's two node partitioners side by side (minimoe's FM
+refinement and Mt-KaHyPar) on the same hypergraph, slot budget and load cap.
+
 All methods of one comparison get the same replica budget ``num_replicas`` (slots per layer). The headline
 metric is de-duplicated inter-node bytes (a token crosses to a node once however many of its experts live
 there, as hierarchical all-to-all kernels send it); per-(token, expert) inter-node bytes are reported too.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -34,6 +39,7 @@ from minimoe.placement.traffic import measure, uniform_nodes_per_token
 
 METHODS = ("contiguous", "round_robin", "eplb", "locality", "grouping", "grouping+locality")
 FIT_MODES = ("prefill", "online", "oracle")
+PARTITIONERS = ("fm", "mtkahypar")  # node partitioners of the locality placement (minimoe.placement.locality)
 DEFAULT_TOPOLOGIES = ((2, 2), (4, 2), (2, 4), (4, 4))
 
 
@@ -89,23 +95,52 @@ def cut(method_bytes: float, baseline_bytes: float) -> float | None:
     return 1.0 - method_bytes / baseline_bytes
 
 
-def fit(trace, topology: Topology, method: str, fit_tokens: np.ndarray, num_replicas: int, seed: int = 0):
-    """(placement, sources) of one method fitted on the tokens in ``fit_tokens``."""
+def fit(trace, topology: Topology, method: str, fit_tokens: np.ndarray, num_replicas: int, seed: int = 0,
+        partitioner: str | None = None):
+    """(placement, sources) of one method fitted on the tokens in ``fit_tokens``. ``partitioner``: the node
+    partitioner of the locality placements ("fm" or "mtkahypar"; None = ``place``'s default)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     random_sources = group(trace, topology, "random", seed=seed)
     if method in ("contiguous", "round_robin", "eplb"):
         return place(trace, topology, method, tokens=fit_tokens, num_replicas=num_replicas), random_sources
+    chosen = {} if partitioner is None else dict(partitioner=partitioner)
     if method == "locality":
         placement = place(trace, topology, "locality", tokens=fit_tokens, num_replicas=num_replicas,
-                          sources=random_sources)
+                          sources=random_sources, **chosen)
         return placement, random_sources
     if method == "grouping":
         placement = place(trace, topology, "contiguous", tokens=fit_tokens, num_replicas=num_replicas)
         sources = group(trace, topology, "signature", seed=seed, placement=placement, tokens=fit_tokens)
         return placement, sources
-    sources, placement = group_and_place(trace, topology, seed=seed, tokens=fit_tokens, num_replicas=num_replicas)
+    sources, placement = group_and_place(trace, topology, seed=seed, tokens=fit_tokens, num_replicas=num_replicas,
+                                         **chosen)
     return placement, sources
+
+
+def compare_partitioners(trace, topology: Topology, num_replicas: int | None = None, partitioners=PARTITIONERS,
+                         window: int = 8, seed: int = 0, hidden_size: int = 7168) -> list[dict]:
+    """Locality placement with each node partitioner, next to contiguous and EPLB: one row per method
+    (``locality[fm]``, ``locality[mtkahypar]``), all fitted on prefill with the same random request sources,
+    slot budget and node load cap, and measured on the held-out decode tokens. Raises ImportError (how to
+    install it) when ``partitioners`` names Mt-KaHyPar and it is missing."""
+    token_sets = masks(trace, window)
+    num_replicas = num_replicas or trace.num_experts
+    reports, seconds = {}, {}
+    for method in ("contiguous", "eplb", *(f"locality[{p}]" for p in partitioners)):
+        start = time.perf_counter()
+        partitioner = method[len("locality["):-1] if method.startswith("locality[") else None
+        placement, sources = fit(trace, topology, "locality" if partitioner else method, token_sets["prefill"],
+                                 num_replicas, seed, partitioner)
+        seconds[method] = time.perf_counter() - start
+        reports[method] = measure(trace, placement, topology, sources=sources, tokens=token_sets["eval"],
+                                  hidden_size=hidden_size)
+    return [dict(topology=f"{topology.num_nodes}x{topology.gpus_per_node}", num_replicas=num_replicas, fit="prefill",
+                 method=method, inter_node_bytes=report.inter_node_bytes,
+                 load_max_over_mean=report.load_max_over_mean, fit_seconds=seconds[method],
+                 cut_vs_contiguous=cut(report.inter_node_bytes, reports["contiguous"].inter_node_bytes),
+                 cut_vs_eplb=cut(report.inter_node_bytes, reports["eplb"].inter_node_bytes))
+            for method, report in reports.items()]
 
 
 def compare(trace, topology: Topology, num_replicas: int | None = None, fit_modes=FIT_MODES, methods=METHODS,

@@ -137,10 +137,17 @@ class Hypergraph:
 
 
 # ---- Mt-KaHyPar ------------------------------------------------------------------------------------------
-_MTKAHYPAR = {}  # the library's process-wide thread pool: Mt-KaHyPar may be initialised once per process
+_MTKAHYPAR = {}  # Mt-KaHyPar's thread pool is process-wide: it is initialised once, with one thread
 
 
-def _mtkahypar(threads: int):
+def mtkahypar_available() -> bool:
+    """Is the optional Mt-KaHyPar package importable?"""
+    import importlib.util
+
+    return importlib.util.find_spec("mtkahypar") is not None
+
+
+def _mtkahypar():
     try:
         import mtkahypar
     except ImportError as error:
@@ -148,43 +155,54 @@ def _mtkahypar(threads: int):
                           "`pip install mtkahypar` (or `pip install 'minimoe[partition]'`), or use "
                           "partitioner='fm'") from error
     if "initializer" not in _MTKAHYPAR:
-        _MTKAHYPAR["initializer"] = mtkahypar.initialize(threads, False)
-        _MTKAHYPAR["threads"] = threads
+        _MTKAHYPAR["initializer"] = mtkahypar.initialize(1, False)
     return mtkahypar, _MTKAHYPAR["initializer"]
 
 
-def partition_mtkahypar(graph: Hypergraph, max_node_load: float, seed: int = 0, preset: str = "default",
-                        threads: int = 1) -> np.ndarray:
-    """home (E,) int64: Mt-KaHyPar's km1 partition of ``graph`` into ``graph.num_nodes`` blocks.
+def mtkahypar_input(graph: Hypergraph):
+    """The hypergraph as Mt-KaHyPar takes it: (vertex weights, hyperedges, hyperedge weights, fixed blocks).
 
-    Vertex weights are expert loads (rounded to integers), so no block exceeds ``max_node_load`` where
-    Mt-KaHyPar finds such a partition; known sources become one fixed vertex per node. Deterministic for a
-    given ``seed`` with ``threads=1`` (or a ``deterministic*`` preset). The number of experts per node is
-    not constrained here (the caller repairs it). Raises ImportError (how to install) when Mt-KaHyPar is
-    missing and ValueError for an unknown preset."""
+    Vertices ``0..E-1`` are the experts (weight = load, rounded); with known sources, vertex ``E + n`` is
+    node ``n``'s source, fixed to block ``n`` and pinned to every hyperedge starting there (weight 1:
+    Mt-KaHyPar 1.7 crashes on zero-weight fixed vertices). One-pin hyperedges are left out (never cut)."""
+    num_experts, num_nodes = graph.num_experts, graph.num_nodes
+    pins = [row[row >= 0].tolist() for row in graph.experts]
+    if graph.pin is not None:
+        pins = [p + [num_experts + int(n)] for p, n in zip(pins, graph.pin)]
+    keep = [i for i, p in enumerate(pins) if len(p) > 1]
+    edge_weight = np.maximum(np.rint(graph.weight[keep]), 1).astype(np.int64).tolist()
+    vertex_weight = np.rint(graph.load).astype(np.int64).tolist()
+    fixed = [-1] * num_experts
+    if graph.pin is not None:
+        vertex_weight += [1] * num_nodes
+        fixed += list(range(num_nodes))
+    return vertex_weight, [pins[i] for i in keep], edge_weight, fixed
+
+
+def partition_mtkahypar(graph: Hypergraph, max_node_load: float, seed: int = 0,
+                        preset: str = "default") -> np.ndarray:
+    """home (E,) int64: Mt-KaHyPar's km1 partition of ``graph`` into ``graph.num_nodes`` blocks, on one thread.
+
+    No block's load exceeds ``max_node_load`` where Mt-KaHyPar finds such a partition (a block may always
+    hold its heaviest expert); known sources are fixed vertices (``mtkahypar_input``). The number of experts
+    per node is not constrained here (the caller repairs it). Same ``seed``, same result: the
+    ``deterministic*`` presets guarantee it; the others are deterministic on one thread unless a
+    refinement step runs into Mt-KaHyPar's time limit (at least 5 s). Raises ImportError saying how to
+    install Mt-KaHyPar when it is missing, ValueError for an unknown preset."""
     if preset not in MTKAHYPAR_PRESETS:
         raise ValueError(f"mtkahypar preset must be one of {list(MTKAHYPAR_PRESETS)}, got {preset!r}")
-    mtkahypar, initializer = _mtkahypar(threads)
-    num_experts, num_nodes = graph.num_experts, graph.num_nodes
-    pinned = graph.pin is not None
-    pins = [row[row >= 0].tolist() for row in graph.experts]
-    if pinned:
-        pins = [p + [num_experts + int(n)] for p, n in zip(pins, graph.pin)]
-    keep = [i for i, p in enumerate(pins) if len(p) > 1]  # a one-pin hyperedge is never cut
-    edges = [pins[i] for i in keep]
-    edge_weight = np.maximum(np.rint(graph.weight[keep]), 1).astype(np.int64).tolist()
-    # Mt-KaHyPar 1.7 crashes on zero-weight fixed vertices: each node's source vertex weighs 1
-    vertex_weight = np.rint(graph.load).astype(np.int64).tolist() + [1] * (num_nodes if pinned else 0)
+    mtkahypar, initializer = _mtkahypar()
+    vertex_weight, edges, edge_weight, fixed = mtkahypar_input(graph)
+    num_nodes = graph.num_nodes
     mtkahypar.set_seed(int(seed))
     context = initializer.context_from_preset(getattr(mtkahypar.PresetType, preset.upper()))
-    context.set_partitioning_parameters(num_nodes, 0.03, mtkahypar.Objective.KM1)
+    context.set_partitioning_parameters(num_nodes, 0.03, mtkahypar.Objective.KM1)  # epsilon: overridden below
     context.logging = False
-    # a block may always hold its heaviest expert, and all blocks together the whole load
     limit = int(np.ceil(max(max_node_load, graph.load.max(initial=0), graph.load.sum() / num_nodes)))
-    context.set_individual_target_block_weights([limit + int(pinned)] * num_nodes)
+    context.set_individual_target_block_weights([limit + int(graph.pin is not None)] * num_nodes)
     hypergraph = initializer.create_hypergraph(context, len(vertex_weight), len(edges), edges, vertex_weight,
                                                edge_weight)
-    if pinned:
-        hypergraph.add_fixed_vertices([-1] * num_experts + list(range(num_nodes)), num_nodes)
+    if graph.pin is not None:
+        hypergraph.add_fixed_vertices(fixed, num_nodes)
     block = np.asarray(hypergraph.partition(context).get_partition(), dtype=np.int64)
-    return block[:num_experts]
+    return block[:graph.num_experts]

@@ -12,21 +12,27 @@ vertices, tokens = hyperedges) with the connectivity metric; known sources add o
 hyperedge. Constraints: every node has ``R / N`` slots, every GPU ``R / G``, and the load (token-expert
 pairs) of every node and GPU stays ``<= (1 + epsilon) * mean`` whenever that is achievable.
 
-Algorithm (all counts vectorised with numpy; exact for the fitting tokens):
+Algorithm (all counts vectorised with numpy; exact for the fitting tokens). Identical hyperedges are merged
+into weights first (``minimoe.placement.hypergraph``); an expert hotter than one GPU's share takes more than
+one of its node's slots (``slot_need``: room for the copies the GPU step needs).
 
-1. **Initial partition** of the experts onto nodes, one home each, ``R / N`` at most per node. Known
-   sources: experts in decreasing regret order (best minus second-best demand ``d[e, n]``, the pairs of
-   ``e`` from tokens of node ``n``) each take their best node with room under the cap. Unknown: graph
-   growing on the co-activation matrix ``A[e, f]`` (tokens choosing both): every node is seeded with a
-   heavy expert, then the least-loaded node repeatedly takes the free expert most co-activated with it.
-   A repair pass then moves load off any node still over the cap, cheapest moves first.
-2. **Refinement** (Kernighan–Lin / Fiduccia–Mattheyses style). With ``cnt[t, n]`` = experts of ``t`` on
-   ``n`` and ``c[t, n] = 0`` if ``n = s(t)`` else 1, moving ``e`` from ``a`` to ``b`` saves
+1. **Node partition** (``node_partition``), by one of two partitioners on the same hypergraph, load cap
+   and slot limits. ``partitioner="fm"`` (the default, ours): starting partitions are (a) with known sources,
+   experts in decreasing regret order (best minus second-best demand ``d[e, n]``, the pairs of ``e`` from
+   tokens of node ``n``) each taking their best node with room under the cap; (b) graph growing on the
+   co-activation matrix ``A[e, f]`` (tokens choosing both): every node is seeded with a heavy expert, then
+   the least-loaded node repeatedly takes the free expert most co-activated with it; (c) ``restarts`` random
+   balanced ones (seeded). All are refined for a few batched rounds on a sample of the hyperedges; the best
+   goes on to step 2. ``partitioner="mtkahypar"``: Mt-KaHyPar's multilevel km1 partition (Gottesbüren et al.,
+   ACM TOPS 2024) with expert loads as vertex weights and one fixed vertex per node for the sources (an
+   optional dependency), then the fewest moves that respect the slot limits and the load cap; no step 2.
+2. **Refinement** (``minimoe.placement.refinement``). With ``cnt[t, n]`` = experts of ``t`` on ``n`` and
+   ``c[t, n] = 0`` if ``n = s(t)`` else 1, moving ``e`` from ``a`` to ``b`` saves
    ``sum_{t ∋ e} [cnt[t,a] = 1] c[t,a] - [cnt[t,b] = 0] c[t,b]``; swapping ``e`` (on ``a``) with ``f``
-   (on ``b``) saves the two move gains minus the tokens holding both (for which nothing changes). All
-   move and swap gains are computed at once; the best non-overlapping feasible ones are applied, and a
-   round whose true cost did not drop is undone and retried with only its best operation (whose gain
-   is exact). Stops when no feasible operation saves anything.
+   (on ``b``) saves the two move gains minus the tokens holding both (for which nothing changes). Batched
+   Kernighan–Lin rounds apply the best non-overlapping positive swaps and moves; Fiduccia–Mattheyses passes
+   then accept losing moves and roll back to the best prefix, which leaves the local minima the batched
+   rounds stop in.
 3. **Replicas** fill the ``R - E`` spare slots. Each node first reserves the spares its GPUs need to
    stay under the GPU cap (copies of its hottest experts, checked by LPT packing). Known sources, with
    the other spares: a copy of ``e`` on node ``n`` makes ``e``
@@ -48,7 +54,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minimoe.placement.hypergraph import Hypergraph, partition_mtkahypar
+from minimoe.placement.hypergraph import MTKAHYPAR_PRESETS, Hypergraph, partition_mtkahypar
 from minimoe.placement.locality_slots import fill_spares, pack_gpus
 from minimoe.placement.refinement import fit_slots, improve, refine, repair
 from minimoe.placement.topology import Topology
@@ -60,7 +66,7 @@ START_ROUNDS, START_EDGES = 8, 4096  # starting partitions are ranked after 8 ro
 
 def place_locality(trace, topology: Topology, num_slots: int, sources=None, tokens=None, epsilon: float = 0.1,
                    rounds: int = 50, locality_replicas: bool = True, max_fit_tokens: int | None = None,
-                   partitioner: str = "fm", seed: int = 0, restarts: int = 2):
+                   partitioner: str = "fm", seed: int = 0, restarts: int = 4, mtkahypar_preset: str = "default"):
     """phy2log (L, num_slots) int64 for every layer of ``trace`` (see the module docstring).
 
     sources: per-request GPU rank (known sources) or None. tokens: bool (N,) mask of fitting tokens.
@@ -79,6 +85,10 @@ def place_locality(trace, topology: Topology, num_slots: int, sources=None, toke
         raise ValueError(f"partitioner must be one of {list(PARTITIONERS)}, got {partitioner!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 0:
+        raise ValueError(f"restarts must be a non-negative int, got {restarts!r}")
+    if mtkahypar_preset not in MTKAHYPAR_PRESETS:
+        raise ValueError(f"mtkahypar_preset must be one of {list(MTKAHYPAR_PRESETS)}, got {mtkahypar_preset!r}")
     rows = np.arange(trace.experts.shape[0]) if tokens is None else np.flatnonzero(tokens)
     if max_fit_tokens is not None and len(rows) > max_fit_tokens:
         rows = rows[np.linspace(0, len(rows) - 1, max_fit_tokens).astype(np.int64)]
@@ -90,12 +100,13 @@ def place_locality(trace, topology: Topology, num_slots: int, sources=None, toke
     for layer in range(trace.experts.shape[1]):
         experts = trace.experts[rows, layer].astype(np.int64)
         phy2log[layer] = place_layer(experts, trace.num_experts, topology, num_slots, source_gpu, rows,
-                                     epsilon, rounds, locality_replicas, partitioner, seed, restarts)
+                                     epsilon, rounds, locality_replicas, partitioner, seed, restarts,
+                                     mtkahypar_preset)
     return phy2log
 
 
 def place_layer(experts, num_experts, topology, num_slots, source_gpu, token_index, epsilon=0.1, rounds=50,
-                locality_replicas=True, partitioner="fm", seed=0, restarts=2):
+                locality_replicas=True, partitioner="fm", seed=0, restarts=4, mtkahypar_preset="default"):
     """One layer: experts (T, k) (-1 = none), source_gpu (T,) or None, token_index (T,) -> phy2log (R,)."""
     num_nodes = topology.num_nodes
     keep = (experts >= 0).any(axis=1)
@@ -107,7 +118,8 @@ def place_layer(experts, num_experts, topology, num_slots, source_gpu, token_ind
     cap = (1 + epsilon) * graph.load.sum() / num_nodes
     gpu_cap = (1 + epsilon) * graph.load.sum() / topology.num_gpus
     graph.slot_need = slot_need(graph.load, num_slots, gpu_cap)
-    home = node_partition(graph.merged(), slots_per_node, cap, partitioner, rounds, seed, restarts)
+    home = node_partition(graph.merged(), slots_per_node, cap, partitioner, rounds, seed, restarts,
+                          mtkahypar_preset)
     gpu_shape = (topology.gpus_per_node, num_slots // topology.num_gpus)
     copies, served = fill_spares(graph, home, slots_per_node, cap, token_index, gpu_shape, gpu_cap,
                                  locality_replicas)
@@ -132,13 +144,14 @@ def slot_need(load, num_slots, gpu_cap):
     return need
 
 
-def node_partition(graph, slots_per_node, cap, partitioner="fm", rounds=50, seed=0, restarts=2):
+def node_partition(graph, slots_per_node, cap, partitioner="fm", rounds=50, seed=0, restarts=4,
+                   mtkahypar_preset="default"):
     """home (E,) int64: the node of every expert, at most ``slots_per_node`` experts and (where achievable)
     load ``cap`` per node, minimising ``graph.cost`` (steps 1-2 of the module docstring)."""
     if graph.num_nodes == 1:
         return np.zeros(graph.num_experts, dtype=np.int64)
     if partitioner == "mtkahypar":
-        home = partition_mtkahypar(graph, cap, seed=seed)
+        home = partition_mtkahypar(graph, cap, seed=seed, preset=mtkahypar_preset)
         return repair(graph, fit_slots(graph, home, slots_per_node, cap), slots_per_node, cap)
     if not len(graph.pair_expert):  # no fitting token: nothing to refine
         return _initial_partition(graph, slots_per_node, cap)
@@ -151,16 +164,19 @@ def node_partition(graph, slots_per_node, cap, partitioner="fm", rounds=50, seed
     for _ in range(restarts):
         starts.append(_random_partition(graph, slots_per_node, cap, rng))
     starts = [refine(sample, home, slots_per_node, sample_cap, min(rounds, START_ROUNDS)) for home in starts]
-    best = starts[int(np.argmin([sample.cost(home) for home in starts]))]
+    over = [np.bincount(home, weights=sample.load, minlength=graph.num_nodes).max() > sample_cap + 1e-9
+            for home in starts]  # a start the repair could not bring under the cap ranks last
+    best = starts[min(range(len(starts)), key=lambda i: (over[i], sample.cost(starts[i])))]
     return improve(graph, best, slots_per_node, cap, rounds)
 
 
 def _random_partition(graph, slots_per_node, cap, rng):
-    """Experts in a random order, each to the least-loaded node with room (balanced, unstructured)."""
+    """Experts in a random, roughly heaviest-first order, each to the least-loaded node with room (balanced,
+    unstructured)."""
     target = _slot_targets(graph, slots_per_node)
     home = np.empty(graph.num_experts, dtype=np.int64)
     node_load, node_count = np.zeros(graph.num_nodes), np.zeros(graph.num_nodes, dtype=np.int64)
-    for expert in rng.permutation(graph.num_experts):
+    for expert in np.argsort(-graph.load * rng.uniform(0.5, 1.0, graph.num_experts), kind="stable"):
         node = _lightest_open(node_load, node_count, target, graph.slot_need[expert])
         home[expert] = node
         node_load[node] += graph.load[expert]

@@ -259,7 +259,8 @@ def place(trace, topology: Topology, method: str = "locality", **options) -> Pla
     grid = (topology.num_nodes, topology.gpus_per_node)
     sources = options.pop("sources", None)
     allowed = dict(eplb={"policy", "num_groups"},
-                   locality={"epsilon", "rounds", "locality_replicas", "max_fit_tokens", "partitioner", "seed", "restarts"}).get(method, set())
+                   locality={"epsilon", "rounds", "locality_replicas", "max_fit_tokens", "partitioner", "seed", "restarts",
+                                 "mtkahypar_preset"}).get(method, set())
     if set(options) - allowed:
         raise ValueError(f"unknown options {sorted(set(options) - allowed)} for method {method!r}; "
                          f"expected some of {sorted(allowed | {'num_replicas', 'tokens', 'sources', 'num_experts'})}")

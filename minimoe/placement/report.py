@@ -7,6 +7,8 @@
                grouping + locality, each fitted three ways (on prefill, on an online decode window, and as an
                oracle on the evaluated tokens) and measured on held-out decode tokens
                (``minimoe.placement.experiments``); the uniform-routing baseline; a domain-drift test
+    partitioners  the locality placement's node partitioner, minimoe's FM refinement vs Mt-KaHyPar (when it is
+               installed), fitted on prefill, on every topology and slot budget
     summary    one line per topology: what grouping + locality fitted on prefill saves
 
 The result is a plain dict (JSON-ready) that ``format_report`` prints and ``minimoe.placement.report_html``
@@ -20,7 +22,9 @@ import time
 
 import numpy as np
 
-from minimoe.placement.experiments import FIT_MODES, METHODS, compare, default_window, drift, uniform_baseline
+from minimoe.placement.experiments import (FIT_MODES, METHODS, PARTITIONERS, compare, compare_partitioners,
+                                           default_window, drift, uniform_baseline)
+from minimoe.placement.hypergraph import mtkahypar_available
 from minimoe.placement.topology import Topology
 from minimoe.traces.findings import findings, format_findings
 from minimoe.traces.format import Trace
@@ -61,7 +65,7 @@ def run_report(trace: Trace, topologies: list[Topology], window: int | None = No
     if not (trace.phase == 1).any():
         result["unavailable"]["compare"] = ("the trace has no decode tokens (phase 1); placements are measured "
                                             "on held-out decode traffic")
-        result.update(window=None, rows=[], uniform=[], drift=None)
+        result.update(window=None, rows=[], partitioners=[], uniform=[], drift=None)
         return result
     window = default_window(trace) if window is None else window
     result["window"] = window
@@ -71,6 +75,16 @@ def run_report(trace: Trace, topologies: list[Topology], window: int | None = No
             say(f"placement and grouping: {topology} ({topology.num_gpus} GPUs), {num_replicas} slots per layer")
             rows += compare(trace, topology, num_replicas, window=window, seed=seed, hidden_size=hidden_size)
     result["rows"] = rows
+    partitioners = PARTITIONERS if mtkahypar_available() else ("fm",)
+    if "mtkahypar" not in partitioners:
+        result["unavailable"]["mtkahypar"] = ("Mt-KaHyPar is not installed (pip install mtkahypar, or "
+                                              "pip install 'minimoe[partition]')")
+    result["partitioners"] = []
+    for topology in topologies:
+        for num_replicas in slot_budgets(trace.num_experts, topology):
+            say(f"locality partitioners ({', '.join(partitioners)}): {topology}, {num_replicas} slots per layer")
+            result["partitioners"] += compare_partitioners(trace, topology, num_replicas, partitioners, window=window,
+                                                           seed=seed, hidden_size=hidden_size)
     result["uniform"] = [uniform_baseline(trace, topology) for topology in topologies]
     result["drift"] = None
     if not (trace.has_domain and set(DRIFT_FIT) <= set(trace.request_domains())):
@@ -133,6 +147,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_partitioners(rows: list[dict], missing: str | None = None) -> str:
+    """The locality placement with each node partitioner: saving vs contiguous and EPLB, and load max/mean."""
+    lines = ["Locality placement by node partitioner (minimoe.placement.locality), fitted on prefill with random "
+             "request sources,\nthe same slots and node load cap; saved = de-duplicated inter-node bytes vs "
+             "contiguous / vs EPLB on held-out decode tokens:"]
+    keyed = {(r["topology"], r["num_replicas"]): [] for r in rows}
+    for r in rows:
+        keyed[(r["topology"], r["num_replicas"])].append(r)
+    for (topology, slots), group_rows in keyed.items():
+        for r in group_rows:
+            if r["method"].startswith("locality["):
+                lines.append(f"  {topology:8s} {slots:5d} slots  {r['method']:20s} saved {_pct(r['cut_vs_contiguous'])} "
+                             f"/ {_pct(r['cut_vs_eplb'])}, load {r['load_max_over_mean']:.2f}")
+    if missing:
+        lines.append(f"  (Mt-KaHyPar not compared: {missing})")
+    return "\n".join(lines)
+
+
 def format_report(result: dict) -> str:
     """The report as plain text (what ``minimoe report`` prints and writes to report.txt)."""
     sections = [format_findings(result["findings"])]  # opens with the one-line trace summary
@@ -149,6 +181,7 @@ def format_report(result: dict) -> str:
         "prefill tokens | the first decode tokens (online) | the evaluated tokens themselves (oracle).\n\n"
         + format_table(result["rows"]))
     sections.append("Summary, fitted on prefill:\n" + "\n".join(summary_lines(result["rows"])))
+    sections.append(format_partitioners(result.get("partitioners", []), result["unavailable"].get("mtkahypar")))
     sections.append("Nodes a token would reach if routing were uniform (the contiguous baseline's expectation): "
                     + ", ".join(f"{u['topology']}: {u['uniform_nodes_per_token']:.3f} "
                                 f"({u['uniform_remote_nodes_per_token']:.3f} remote)" for u in result["uniform"]))
