@@ -2,7 +2,8 @@
 
 - every notebook in book/ is listed in book/_toc.yml, and every entry of the toc exists;
 - the book is built offline: notebooks are executed by the build, and no launch button needs the network;
-- every notebook sets a plotly renderer that embeds plotly.js (figures show in the static book, offline);
+- every notebook draws its figures with ``use_site_renderer()`` (the site serves plotly.js once, offline), and
+  live widget cells leave no dead output in the static book;
 - notebooks are stored without outputs, except the cells whose output nbval checks (``# NBVAL_CHECK_OUTPUT``),
   which must keep the output of a run (an execution count) so that ``pytest --nbval-lax`` can compare it;
 - every notebook that runs torch sets its thread count, so that the run times it states and the numbers it
@@ -108,14 +109,30 @@ def test_config_builds_offline():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_sets_an_embedding_plotly_renderer(path):
-    renderers = [match for cell in code_cells(path) for match in RENDERER_ASSIGNMENT.findall(source(cell))]
-    assert renderers, f"{path.name} never sets pio.renderers.default (figures would be missing from the book)"
-    for value in renderers:
-        parts = value.split("+")
-        # "notebook" embeds plotly.js in the output; "notebook_connected" and "iframe_connected" need a CDN
-        assert "notebook" in parts, (f"{path.name} sets pio.renderers.default = {value!r}; use "
-                                     "'plotly_mimetype+notebook', which embeds plotly.js for the offline book")
+def test_notebook_draws_figures_for_the_site(path):
+    sources = "\n".join(source(cell) for cell in code_cells(path))
+    assert "use_site_renderer()" in sources, (
+        f"{path.name} never calls minimoe.widgets.site.use_site_renderer(): its figures would be missing from "
+        "the static book, or would each embed their own copy of plotly.js")
+    assert not RENDERER_ASSIGNMENT.findall(sources), f"{path.name} sets its own plotly renderer"
+
+
+def test_the_site_serves_plotly_js_once_and_loads_nothing_from_another_host():
+    config = load_yaml("_config.yml")
+    sphinx = config["sphinx"]
+    assert "plotly_site" in sphinx["local_extensions"]  # book/_ext/plotly_site.py: one plotly.js in _static/
+    assert sphinx["config"]["nb_ipywidgets_js"] == {}  # no require.js / widget manager from a CDN
+    assert "sphinx-mathjax-offline" in sphinx["extra_extensions"]  # MathJax from the site too
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_live_widget_cells_leave_no_dead_output_in_the_site(path):
+    for cell in code_cells(path):
+        last = (source(cell).strip().splitlines() or [""])[-1]
+        if re.match(r"^\w+Widget\(", last):  # a cell that displays an ipywidgets panel
+            assert "remove-output" in cell.get("metadata", {}).get("tags", []), (
+                f"{path.name}: the widget cell {last[:40]!r} would show a dead output in the static book; tag it "
+                "remove-output (its static figure is drawn by another cell)")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
