@@ -91,6 +91,8 @@ def test_the_trace_format_knows_nothing_of_models():
     ("data", ["load_corpus", "train", "train_tokenizer"]),
     ("traces", ["Trace", "record", "from_vllm", "from_sglang", "from_jsonl", "synthetic_trace"]),
     ("placement", ["place", "Placement", "Topology", "eplb", "group", "measure"]),
+    ("parallel", ["dispatch", "combine", "ExpertParallelMoE", "expert_parallel", "WIRE_FORMATS"]),
+    ("compress", ["pic_mask", "global_mask", "gist_mask", "causal_mask", "Compressor", "exact_match", "f1_score"]),
 ])
 def test_each_part_exposes_its_main_names_and_says_which_chapter_teaches_it(part, names):
     module = importlib.import_module(f"minimoe.{part}")
