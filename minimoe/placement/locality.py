@@ -72,9 +72,11 @@ def place_locality(trace, topology: Topology, num_slots: int, sources=None, toke
     sources: per-request GPU rank (known sources) or None. tokens: bool (N,) mask of fitting tokens.
     epsilon: node/GPU load <= (1 + epsilon) * mean. rounds: refinement rounds per layer.
     locality_replicas: False uses spare slots for balance only. max_fit_tokens: evenly subsample the
-    fitting tokens to at most this many (speed). partitioner: "fm" (step 1-2 below, our own) or
-    "mtkahypar" (Mt-KaHyPar on the same hypergraph; optional, ``pip install mtkahypar``). seed: the
-    partitioner's seed (Mt-KaHyPar's; "fm" is deterministic without one).
+    fitting tokens to at most this many (speed). partitioner: "fm" (steps 1-2 of the module docstring,
+    ours) or "mtkahypar" (Mt-KaHyPar on the same hypergraph; optional, ``pip install mtkahypar``).
+    seed: the partitioners' seed (the random starts of "fm", Mt-KaHyPar's own); the same seed gives the
+    same placement. restarts: random starting partitions of "fm" besides the greedy ones.
+    mtkahypar_preset: one of ``MTKAHYPAR_PRESETS`` (``minimoe.placement.hypergraph.partition_mtkahypar``).
     Raises ValueError naming a bad option, ImportError when Mt-KaHyPar is asked for and missing.
     """
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < 10:

@@ -16,7 +16,9 @@ Methods of :func:`place` (fitted per layer on a trace's routing):
 * ``round_robin`` expert ``e`` on GPU ``e % G``;
   both fill spare slots with copies of the experts with the highest load per replica, in GPU order;
 * ``eplb``        DeepSeek's load balancer (``minimoe.placement.eplb``), on the trace's per-expert token counts;
-* ``locality``    co-activation and demand aware placement (``minimoe.placement.locality``).
+* ``locality``    co-activation and demand aware placement (``minimoe.placement.locality``): a km1 hypergraph
+                  partition of the experts onto nodes (``partitioner``: ``"fm"``, ours, the default, or
+                  ``"mtkahypar"``, the optional Mt-KaHyPar library), then replicas and GPUs.
 """
 from __future__ import annotations
 
@@ -240,7 +242,10 @@ def place(trace, topology: Topology, method: str = "locality", **options) -> Pla
     ``minimoe.placement.grouping``; only ``locality`` uses it, the other methods do not depend on sources).
     ``eplb``: ``policy`` ("global" | "hierarchical" | "auto", default "auto" = hierarchical when
     ``num_groups`` is a multiple of the node count) and ``num_groups`` (default 1). ``locality``:
-    ``epsilon``, ``rounds``, ``locality_replicas``, ``max_fit_tokens`` (``minimoe.placement.locality.place_locality``).
+    ``epsilon``, ``rounds``, ``locality_replicas``, ``max_fit_tokens``, ``partitioner`` ("fm" | "mtkahypar"),
+    ``seed``, ``restarts``, ``mtkahypar_preset`` (``minimoe.placement.locality.place_locality``).
+    Raises ValueError for an unknown method or option, ImportError when ``partitioner="mtkahypar"`` and the
+    optional Mt-KaHyPar package is missing (the message says how to install it).
     """
     if not isinstance(topology, Topology):
         raise TypeError(f"topology must be a minimoe.placement.topology.Topology, got {type(topology).__name__}")
