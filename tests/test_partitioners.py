@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from minimoe.placement import Topology, group, measure, place
 from minimoe.placement.experiments import compare_partitioners
-from minimoe.placement.hypergraph import Hypergraph, mtkahypar_input, partition_mtkahypar
+from minimoe.placement.hypergraph import Hypergraph, mtkahypar_available, mtkahypar_input, partition_mtkahypar
 from minimoe.placement.locality import node_partition, slot_need
 from minimoe.placement.refinement import MoveGains, fm_pass, improve
 from minimoe.traces import planted_trace, synthetic_trace
@@ -226,3 +226,19 @@ def test_compare_partitioners_rows():
     assert by["contiguous"]["cut_vs_contiguous"] == 0.0
     for name in ("locality[fm]", "locality[mtkahypar]"):
         assert by[name]["cut_vs_contiguous"] > 0.05  # structured routing: both partitioners find savings
+
+
+def test_report_compares_partitioners_and_says_when_mtkahypar_is_missing(monkeypatch):
+    from minimoe.placement import report
+
+    trace = synthetic_trace(num_requests=16, tokens_per_request=24, num_layers=2, num_experts=16, top_k=2, seed=1)
+    topologies = [Topology(num_nodes=2, gpus_per_node=2)]
+    if mtkahypar_available():  # (CI installs it; without it only the second half applies)
+        result = report.run_report(trace, topologies)
+        methods = [r["method"] for r in result["partitioners"]]
+        assert methods.count("locality[fm]") == methods.count("locality[mtkahypar]") == 2  # two slot budgets
+        assert "locality[mtkahypar]" in report.format_report(result)
+    monkeypatch.setattr(report, "mtkahypar_available", lambda: False)
+    result = report.run_report(trace, topologies)
+    assert {r["method"] for r in result["partitioners"]} == {"contiguous", "eplb", "locality[fm]"}
+    assert "pip install mtkahypar" in report.format_report(result)

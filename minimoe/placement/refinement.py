@@ -123,8 +123,9 @@ def repair(graph, home, slots_per_node, cap, max_rounds=50):
         over = node_load[home] > cap + 1e-9  # (E,) experts on an overloaded node
         moved = load[:, None] - load[None, :]  # a swap of e and f moves this much load off e's node
         slots = need[:, None] - need[None, :]
+        count = node_count[home]  # (E,) slots taken on each expert's node
         swap_ok = over[:, None] & (moved > 0) & (node_load[home][None, :] + moved <= cap + 1e-9) & \
-            (node_count[home][None, :] + slots <= slots_per_node) & (node_count[home][:, None] - slots <= slots_per_node)
+            (count[None, :] + slots <= slots_per_node) & (count[:, None] - slots <= slots_per_node)
         move_ok = over[:, None] & (node_count[None, :] + need[:, None] <= slots_per_node) & \
             (node_load[None, :] + load[:, None] <= cap + 1e-9)
         gain = np.concatenate([np.where(swap_ok, swap, -np.inf).ravel(), np.where(move_ok, move, -np.inf).ravel()])

@@ -158,8 +158,9 @@ def format_partitioners(rows: list[dict], missing: str | None = None) -> str:
     for (topology, slots), group_rows in keyed.items():
         for r in group_rows:
             if r["method"].startswith("locality["):
-                lines.append(f"  {topology:8s} {slots:5d} slots  {r['method']:20s} saved {_pct(r['cut_vs_contiguous'])} "
-                             f"/ {_pct(r['cut_vs_eplb'])}, load {r['load_max_over_mean']:.2f}")
+                lines.append(f"  {topology:8s} {slots:5d} slots  {r['method']:20s} saved "
+                             f"{_pct(r['cut_vs_contiguous'])} / {_pct(r['cut_vs_eplb'])}, "
+                             f"load {r['load_max_over_mean']:.2f}")
     if missing:
         lines.append(f"  (Mt-KaHyPar not compared: {missing})")
     return "\n".join(lines)
