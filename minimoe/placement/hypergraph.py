@@ -16,11 +16,11 @@ every token that starts there. With ``lambda_t`` = the number of distinct nodes 
 
 (without sources, (1) counts ``lambda_t`` itself, which differs from (2) by the constant ``sum_t w_t``:
 the minimisers agree). Tokens with the same expert set and source node are one hyperedge of weight
-``w_t`` = their count (``merge``), which shrinks the fitting set of a small model by orders of magnitude.
+``w_t`` = their count (``Hypergraph.merged``), which shrinks the fitting set of a small model by orders of magnitude.
 Balance constraint: every node's load ``sum_{home[e] = n} load[e] <= (1 + epsilon) * mean``.
 
 ``Hypergraph.gains`` gives the exact change of (1) for every single move and swap at once (the
-Kernighan–Lin / Fiduccia–Mattheyses gains used by ``minimoe.placement.locality``);
+Kernighan–Lin / Fiduccia–Mattheyses gains of ``minimoe.placement.refinement``);
 ``partition_mtkahypar`` hands the same hypergraph to Mt-KaHyPar (Gottesbüren, Heuer, Maas, Sanders,
 Schlag: "Scalable High-Quality Hypergraph Partitioning", ACM TOPS 2024; fixed vertices and the (λ−1)
 objective as in its documentation, https://github.com/kahypar/mt-kahypar), an optional dependency.
@@ -33,7 +33,7 @@ MTKAHYPAR_PRESETS = ("default", "quality", "highest_quality", "deterministic", "
 
 
 class Hypergraph:
-    """The tokens of one layer: experts (T, k) int64 (-1 = none), source node pin (T,) or None,
+    """The tokens of one layer: experts (T, k) int64 (distinct per token, -1 = none), source node pin (T,) or None,
     weight (T,) tokens each row stands for (default 1), slot_need (E,) slots each expert takes on its node
     (default 1; a second vertex weight). Pairs (token, expert) are flattened for numpy."""
 

@@ -1,7 +1,9 @@
 """Refining a partition of experts onto nodes: batched swap/move rounds, then FM passes that may climb.
 
-All of it works on ``minimoe.placement.hypergraph.Hypergraph`` (cost (1) there), under two constraints: at
-most ``slots_per_node`` experts per node and node load ``<= cap`` (where achievable).
+All of it works on ``minimoe.placement.hypergraph.Hypergraph`` (cost (1) there), under two constraints: the
+experts of a node take at most ``slots_per_node`` slots (``Hypergraph.slot_need`` each) and node load stays
+``<= cap`` (where achievable). ``home`` (E,) int64 is the node of every expert; every function returns a new
+array and leaves its input alone.
 
 * **Batched rounds** (``refine``, Kernighan–Lin style). Every move and swap gain is computed exactly at once
   (``Hypergraph.gains``); the best non-overlapping feasible positive ones are applied together, and a round
