@@ -49,6 +49,7 @@ def main():
     lines = [f"# bench_placement: {layers} layers x 256 experts, top-8, {trace.num_tokens} tokens, "
              f"topology 8x8, one core (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}); the machine is shared, "
              "so wall seconds vary: CPU seconds are this process's own",
+             f"# command: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_placement.py{' --quick' * args.quick}",
              f"# machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
              f"numpy {np.__version__}, mtkahypar {_version('mtkahypar')}",
              f"# synthetic trace built in {made:.1f} s; signature grouping of {trace.num_requests} requests "
