@@ -1,7 +1,8 @@
 """Locality placement with minimoe's FM refinement and with Mt-KaHyPar, on held-out decode traffic.
 
 Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_partitioners.py [--quick] [--cache DIR]
-Writes benchmarks/results/partitioners.md (and .json). Needs `pip install mtkahypar`.
+Writes benchmarks/results/partitioners.md (and every seed's numbers with --json FILE). Needs
+`pip install mtkahypar`.
 
 Every placement is fitted on the prefill tokens and measured on the decode tokens after each request's
 online window (``minimoe.placement.experiments.masks``), with the same random request sources (seeded
@@ -153,6 +154,7 @@ def main():
     parser.add_argument("--cache", default=None, help="folder to keep recorded traces in between runs")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the random request sources and partitioners")
     parser.add_argument("--out", default=str(RESULTS / "partitioners"), help="output path without extension")
+    parser.add_argument("--json", default=None, help="also write every seed's numbers to this JSON file")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     cache = Path(args.cache) if args.cache else None
@@ -215,7 +217,8 @@ def main():
         *NOTES,
     ]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    Path(args.out + ".json").write_text(json.dumps(records, indent=1) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
     print(lines[-1])
 
 
