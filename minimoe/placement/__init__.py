@@ -1,8 +1,8 @@
 """Placement and grouping: where each expert lives, where each request runs, and what that costs.
 
 ``topology`` describes nodes x GPUs; ``eplb`` is DeepSeek's load balancer; ``methods`` places experts on GPU
-slots (contiguous, round-robin, EPLB, locality); ``locality`` and ``locality_slots`` are the co-activation
-partitioner; ``grouping`` assigns requests to GPUs; ``traffic`` counts the all-to-all bytes and load of a
+slots (contiguous, round-robin, EPLB, locality); ``hypergraph``, ``refinement``, ``locality`` and ``locality_slots`` are the
+co-activation partitioner (its hypergraph, our FM refinement or Mt-KaHyPar, and the slot filling); ``grouping`` assigns requests to GPUs; ``traffic`` counts the all-to-all bytes and load of a
 placement; ``experiments`` fits on prefill and evaluates on held-out decode; ``report`` is the main job
 (``minimoe report``). Chapters 6 and 7 teach this part.
 """
