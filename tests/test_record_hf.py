@@ -3,7 +3,7 @@
 Reference: transformers' `generate(do_sample=False)` gives the greedy continuation; one full forward of
 prompt + continuation with `output_router_logits=True` gives every token's router logits (older
 transformers, e.g. 5.17, return none for DeepSeek-V3 / Llama 4: there the logits are computed from the
-routers' inputs and weights); the top-k rule of each family (REFERENCES.md §2) recomputed from those logits
+routers' inputs and weights); the top-k rule of each family (as transformers' MoE blocks implement it) recomputed from those logits
 gives the expected expert id sets.
 """
 

