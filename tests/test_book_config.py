@@ -120,7 +120,7 @@ def test_notebook_draws_figures_for_the_site(path):
 def test_the_site_serves_plotly_js_once_and_loads_nothing_from_another_host():
     config = load_yaml("_config.yml")
     sphinx = config["sphinx"]
-    assert "plotly_site" in sphinx["local_extensions"]  # book/_ext/plotly_site.py: one plotly.js in _static/
+    assert "offline_site" in sphinx["local_extensions"]  # book/_ext/offline_site.py: one plotly.js, lean MathJax
     assert sphinx["config"]["nb_ipywidgets_js"] == {}  # no require.js / widget manager from a CDN
     assert "sphinx-mathjax-offline" in sphinx["extra_extensions"]  # MathJax from the site too
 

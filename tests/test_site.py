@@ -31,25 +31,55 @@ def test_use_site_renderer_keeps_the_live_mimetype_and_adds_the_site_html():
         pio.renderers.default = before
 
 
-def test_the_book_extension_copies_plotly_js_into_the_site(tmp_path):
-    spec = importlib.util.spec_from_file_location("plotly_site", BOOK / "_ext" / "plotly_site.py")
+def load_extension():
+    spec = importlib.util.spec_from_file_location("offline_site", BOOK / "_ext" / "offline_site.py")
     extension = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(extension)
-    calls = {}
+    return extension
 
-    class App:
-        outdir = str(tmp_path)
-        builder = type("Builder", (), {"format": "html"})()
 
-        def add_js_file(self, name):
-            calls["js"] = name
+class FakeApp:
+    """What the extension uses of a Sphinx application: an output folder, a builder, two registrations."""
 
-        def connect(self, event, handler):
-            calls[event] = handler
+    def __init__(self, outdir):
+        self.outdir, self.builder, self.calls = str(outdir), type("Builder", (), {"format": "html"})(), {}
 
-    app = App()
+    def add_js_file(self, name):
+        self.calls["js"] = name
+
+    def connect(self, event, handler):
+        self.calls[event] = handler
+
+
+def test_the_book_extension_copies_plotly_js_and_keeps_only_the_mathjax_the_pages_use(tmp_path):
+    extension, app = load_extension(), FakeApp(tmp_path)
     extension.setup(app)
-    calls["build-finished"](app, None)
+    mathjax = tmp_path / "_static" / "mathjax"
+    for name in ("tex-chtml.js", "tex-svg-full.js", "output/chtml/fonts/woff-v2/MathJax_Main-Regular.woff",
+                 "output/svg.js", "input/tex/extensions/ams.js", "sre/mathmaps/en.json"):
+        (mathjax / name).parent.mkdir(parents=True, exist_ok=True)
+        (mathjax / name).write_text("x")
+    app.calls["build-finished"](app, None)
     copied = tmp_path / "_static" / "plotly.min.js"
-    assert calls["js"] == "plotly.min.js" and copied.stat().st_size > 1_000_000
+    assert app.calls["js"] == "plotly.min.js" and copied.stat().st_size > 1_000_000
     assert "plotly.js v" in copied.read_text()[:2000]
+    kept = sorted(p.relative_to(mathjax).as_posix() for p in mathjax.rglob("*") if p.is_file())
+    assert kept == ["input/tex/extensions/ams.js", "output/chtml/fonts/woff-v2/MathJax_Main-Regular.woff",
+                    "tex-chtml.js"]
+
+
+def test_the_book_extension_drops_remote_kernel_scripts_and_duplicates_and_sets_a_theme_mode(tmp_path):
+    extension, app = load_extension(), FakeApp(tmp_path)
+
+    class Script(str):
+        def __new__(cls, name, body=""):
+            script = super().__new__(cls, name)
+            script.attributes = {"body": body} if body else {}
+            return script
+
+    thebe = Script("", 'const THEBE_JS_URL = "https://unpkg.com/thebe"')
+    context = {"script_files": [Script("plotly.min.js"), thebe, Script("sphinx-thebe.js"), thebe,
+                                Script("plotly.min.js"), Script("sphinx_highlight.js")]}
+    extension._page(app, "intro", "page.html", context, None)
+    assert context["script_files"] == ["plotly.min.js", "sphinx_highlight.js"]
+    assert context["default_mode"] == "light"

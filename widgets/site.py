@@ -2,7 +2,7 @@
 
 ``use_site_renderer()`` makes every displayed figure carry two outputs: the plotly MIME type (what JupyterLab
 draws in a live notebook) and an HTML ``<div>`` whose script calls ``Plotly.newPlot`` on a plotly.js that the
-page already loaded (the book's ``_ext/plotly_site.py`` serves one copy for the whole site). Each chapter calls
+page already loaded (the book's ``_ext/offline_site.py`` serves one copy for the whole site). Each chapter calls
 it once, in its setup cell.
 """
 
