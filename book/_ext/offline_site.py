@@ -10,6 +10,8 @@
 - **No remote-kernel scripts.** Jupyter Book always adds sphinx-thebe's configuration script (which names a
   CDN) — twice in some builds, a JavaScript error. The book runs no remote kernel, so those scripts are dropped.
 - **A theme mode.** The theme's mode switch needs a default, or it logs an error on every page load.
+- **No developer files.** Source maps (``*.map``, read only by a browser's developer tools) and the theme's
+  message catalogues (``_static/locales``, used when the site is built, not when it is read) are removed.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def _finish(app, exception) -> None:
         static.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_plotly_js(), static / PLOTLY_JS)
         _lean_mathjax(static)
+        for source_map in static.rglob("*.map"):
+            source_map.unlink()
+        shutil.rmtree(static / "locales", ignore_errors=True)
 
 
 def _page(app, pagename, templatename, context, doctree) -> None:
