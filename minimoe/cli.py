@@ -21,38 +21,12 @@ import re
 import sys
 from pathlib import Path
 
+from minimoe.arguments import number, whole_number
+
 DEFAULT_TOPOLOGIES = "2x2,4x2,2x4,4x4"
 
 
 # ---- argument types: validate while parsing, so a bad value never reaches minutes of work -----------------------
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def _float_at_least(minimum: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {text!r}") from None
-        if not value >= minimum or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected a finite number >= {minimum}, got {text}")
-        return value
-
-    parse.__name__ = f"number >= {minimum}"
-    return parse
-
-
 def _topologies(text: str) -> list:
     from minimoe.placement.topology import Topology
 
@@ -69,8 +43,8 @@ def default_threads() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-positive = _int_at_least(1)
-non_negative = _int_at_least(0)
+positive = whole_number(1)
+non_negative = whole_number(0)
 
 
 # ---- output paths: checked before the work, created only when there is something to write ----------------------
@@ -312,11 +286,11 @@ def _add_threads(parser) -> None:
 
 def _add_workload(parser, requests_default: int) -> None:
     """The flags that describe a recording of the bundled (or another minimoe) model."""
-    parser.add_argument("--requests-per-domain", metavar="N", type=_int_at_least(2), default=requests_default,
+    parser.add_argument("--requests-per-domain", metavar="N", type=whole_number(2), default=requests_default,
                         help="held-out prompts recorded per domain (4 domains; default: %(default)s)")
     parser.add_argument("--new-tokens", metavar="N", type=positive, default=32,
                         help="decode tokens recorded per request (default: %(default)s)")
-    parser.add_argument("--temperature", metavar="T", type=_float_at_least(0.0), default=0.7,
+    parser.add_argument("--temperature", metavar="T", type=number(0.0), default=0.7,
                         help="decode sampling temperature, 0 = greedy (default: %(default)s)")
     parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the prompts, sampling and baselines "
                                                              "(default: %(default)s)")

@@ -26,6 +26,7 @@ MAY_IMPORT = {
     "compress": {"model", "data", "hf"},
 }
 ENTRY_POINTS = {"cli", "demo", "__main__"}
+SHARED = {"arguments"}  # argparse types every command may use; imports nothing from minimoe
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -61,7 +62,7 @@ def test_imports_only_go_down_the_data_flow(path):
     own = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
     for module in imported_modules(path):
         target = part_of(module)
-        if target is None or target == own or target == "__version__":
+        if target is None or target == own or target == "__version__" or target in SHARED:
             continue
         assert target != "widgets", f"{path.name} imports the widgets ({module}); the package never does"
         if own in ENTRY_POINTS:
@@ -74,8 +75,13 @@ def test_imports_only_go_down_the_data_flow(path):
 
 
 def test_every_module_lives_in_a_part():
-    loose = {p.stem for p in PACKAGE.glob("*.py")} - ENTRY_POINTS - {"__init__"}
+    loose = {p.stem for p in PACKAGE.glob("*.py")} - ENTRY_POINTS - SHARED - {"__init__"}
     assert not loose, f"modules outside the course's parts: {sorted(loose)}"
+
+
+def test_the_shared_argument_types_import_nothing_from_the_package():
+    for name in SHARED:
+        assert not imported_modules(PACKAGE / f"{name}.py"), f"minimoe.{name} imports from the package"
 
 
 def test_the_trace_format_knows_nothing_of_models():

@@ -33,6 +33,7 @@ import torch
 
 from minimoe.parallel.comm import DEFAULT_TIMEOUT_S, all_reduce_sum, destroy_process_group, group_rank_size, \
     init_process_group
+from minimoe.arguments import number, whole_number
 from minimoe.parallel.dispatch import WIRE_FORMATS, TrafficCounters
 from minimoe.parallel.layer import ExpertParallelMoE, expert_parallel
 
@@ -40,31 +41,9 @@ PLACEMENTS = ("contiguous", "round_robin", "eplb", "locality")
 GROUPINGS = ("round_robin", "random", "domain", "signature")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not np.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
-    return value
+_positive = whole_number(1)
+_positive_float = number(0, strict=True)
+_non_negative_float = number(0)
 
 
 def build_parser() -> argparse.ArgumentParser:

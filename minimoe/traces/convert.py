@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minimoe.arguments import whole_number
 from minimoe.traces.format import Trace
 from minimoe.traces.importers import WIRE_DTYPES, from_sglang, from_vllm
 from minimoe.traces.importers_jsonl import OUR_FIELDS, POSITIONS, from_jsonl
@@ -32,14 +33,7 @@ from minimoe.traces.importers_jsonl import OUR_FIELDS, POSITIONS, from_jsonl
 FORMATS = ("auto", "vllm", "sglang", "jsonl")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_positive_int = whole_number(1)
 
 
 def _moe_layers(text: str):

@@ -1,0 +1,43 @@
+"""argparse types shared by the ``minimoe`` commands: a bad value fails while the arguments are parsed.
+
+Each returns a function for ``add_argument(type=...)`` that raises ``argparse.ArgumentTypeError`` with the bad
+value and what was expected; argparse then names the flag. This module imports nothing from minimoe, so every
+part's command (``minimoe.cli``, ``minimoe.parallel.demo``, ``minimoe.traces.convert``, ...) can use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def whole_number(minimum: int):
+    """An ``int`` >= ``minimum``: ``whole_number(1)("0")`` raises "expected a whole number >= 1, got 0"."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def number(minimum: float, strict: bool = False):
+    """A finite ``float`` >= ``minimum`` (> ``minimum`` when ``strict``); NaN and infinity are refused."""
+    relation = ">" if strict else ">="
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {relation} {minimum}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected a finite number {relation} {minimum}, got {text}")
+        return value
+
+    parse.__name__ = f"number {relation} {minimum}"
+    return parse
