@@ -284,6 +284,13 @@ def _add_threads(parser) -> None:
                         help="CPU threads for torch (default: half the cores, at most 8: %(default)s here)")
 
 
+def _add_source(parser) -> None:
+    """--trace FILE or --model DIR: the trace a findings/report run works on."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--trace", metavar="FILE", help="a trace .npz file to use instead of recording one")
+    source.add_argument("--model", metavar="DIR", help="a minimoe run folder to record (default: the bundled checkpoint)")
+
+
 def _add_workload(parser, requests_default: int) -> None:
     """The flags that describe a recording of the bundled (or another minimoe) model."""
     parser.add_argument("--requests-per-domain", metavar="N", type=whole_number(2), default=requests_default,
@@ -314,9 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "on an online decode window and as an oracle, measure each on held-out decode tokens for "
                     "every topology, and write report.html, report.txt, report.json (and the recorded trace.npz) "
                     "to --out.")
-    source = report.add_mutually_exclusive_group()
-    source.add_argument("--trace", metavar="FILE", help="a trace .npz file to report on instead of recording one")
-    source.add_argument("--model", metavar="DIR", help="a minimoe run folder to record (default: the bundled checkpoint)")
+    _add_source(report)
     _add_workload(report, 500)
     report.add_argument("--window", metavar="N", type=positive, default=None,
                         help="decode tokens per request in the online fitting window; the tokens after it are "
@@ -333,9 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Imbalance by layer, domain-specific experts and prefill predicting "
                                           "decode, each next to what chance alone gives, on --trace or on a "
                                           "fresh recording of the bundled model.")
-    source = findings.add_mutually_exclusive_group()
-    source.add_argument("--trace", metavar="FILE", help="a trace .npz file (default: record the bundled model)")
-    source.add_argument("--model", metavar="DIR", help="a minimoe run folder to record (default: the bundled checkpoint)")
+    _add_source(findings)
     _add_workload(findings, 500)
     findings.add_argument("--save-trace", metavar="FILE", help="also save the recorded trace to this .npz file")
     findings.add_argument("--out", metavar="FILE", help="write the findings as JSON to this file")
