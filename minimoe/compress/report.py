@@ -73,8 +73,9 @@ def summarise(cfg, prepare_info: dict, results: list[dict]) -> dict:
 
 def markdown(summary: dict) -> str:
     b = summary["bounds"]
-    lines = [f"Device: {summary['device']}. Reader: {summary['pretrain']['parameters']:,} parameters, pretrained "
-             f"{summary['pretrain']['steps']} steps in {summary['pretrain']['seconds']} s.", "",
+    how = ("SmolLM2-135M fine-tuned" if summary["config"].get("base") == "smollm2" else "a Llama pretrained here")
+    lines = [f"Device: {summary['device']}. Reader: {how}, {summary['pretrain']['parameters']:,} parameters, "
+             f"{summary['pretrain']['steps']} training steps in {summary['pretrain']['seconds']} s.", "",
              "| reader input | dev EM | dev F1 | test EM | test F1 |", "|---|---:|---:|---:|---:|"]
     for mode, label in (("full", "full context (upper bound)"), ("none", "no context (lower bound)")):
         lines.append(f"| {label} | {b[f'dev_{mode}']['em']:.1f} | {b[f'dev_{mode}']['f1']:.1f} | "

@@ -1,10 +1,14 @@
 """The experiment's fixed parts: tokenizer, QA splits, the pretrained reader and its bounds.
 
-The reader is a Llama (``minimoe.model``) pretrained from scratch on rows of two kinds:
+The reader is a Llama (``minimoe.model``), one of two bases (``cfg.base``):
+    own       pretrained from scratch here, with a BPE trained on the project's corpora and the QA text
+    smollm2   SmolLM2-135M loaded from its GGUF file with its own tokenizer (``minimoe.compress.smollm2``),
+              then fine-tuned on the QA rows alone
+Either is trained on rows of two kinds:
     corpus rows   windows of the project's four corpora (``minimoe.data``: code, math, chat, general)
     QA rows       ``<bos> context  \\nQuestion: q1\\nAnswer: a1\\n  \\nQuestion: q2 ...`` from the train split
 so that it reads extractive questions well with the context in front of it (the upper bound) and cannot
-guess them without (the lower bound). Its weights are rounded to bfloat16 once trained, so the checkpoint
+guess them without (the lower bound); ``cfg.qa_fraction`` sets their mix. Its weights are rounded to bfloat16 once trained, so the checkpoint
 saved (half the bytes) *is* the model every compressor reads.
 """
 
@@ -17,12 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from minimoe.compress.qa_data import answer_text, generate_documents, pack, question_prompt
 from minimoe.compress.training import QASet, build_qa_set, evaluate_reader, pretrain_base
 from minimoe.data.corpora import DOMAINS, load_corpus
-from minimoe.data.tokenizer import BOS, EOS, PAD, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
+from minimoe.data.tokenizer import BOS, EOS, PAD, load_tokenizer, save_tokenizer, train_tokenizer
 from minimoe.model.transformer import ModelConfig, Transformer
+
+SPECIAL_FILE = "special_tokens.json"  # bos / eos / pad ids of a base that brings its own tokenizer
 
 
 @dataclass
@@ -93,9 +100,12 @@ def pretraining_rows(cfg, tokenizer, encode, bos_id: int, pad_id: int) -> np.nda
             row += encode(question_prompt(question)) + encode(answer_text(question))
         qa_rows.append(row)
     length = max(len(row) for row in qa_rows)
-    corpus = load_corpus(max_chars_per_domain=cfg.corpus_chars, seed=cfg.seed)
-    stream = np.concatenate(encode_documents(tokenizer, [doc for d in DOMAINS for doc in corpus[d]]))
     num_corpus = int(round(len(qa_rows) * (1 - cfg.qa_fraction) / cfg.qa_fraction))
+    stream = np.zeros(0, dtype=np.int32)
+    if num_corpus:
+        corpus = load_corpus(max_chars_per_domain=cfg.corpus_chars, seed=cfg.seed)
+        texts = [doc.text for d in DOMAINS for doc in corpus[d]]
+        stream = np.concatenate([[bos_id, *e.ids] for e in tokenizer.encode_batch(texts, add_special_tokens=False)])
     starts = np.random.default_rng(cfg.seed).integers(0, max(1, len(stream) - length), num_corpus)
     rows = np.full((len(qa_rows) + num_corpus, length), pad_id, dtype=np.int32)
     for i, row in enumerate(qa_rows):
@@ -111,7 +121,14 @@ def prepare(cfg, out: Path, progress: bool = True) -> dict:
     info_path = out / "prepare.json"
     if info_path.is_file():
         return json.loads(info_path.read_text())
-    if (out / "tokenizer.json").is_file():  # a tokenizer given with the run (e.g. from an earlier prepare)
+    initial = None
+    if cfg.base == "smollm2":
+        from minimoe.compress.smollm2 import load_smollm2
+
+        initial, tokenizer, special = load_smollm2(cfg.gguf)
+        tokenizer.save(str(out / "tokenizer.json"))
+        (out / SPECIAL_FILE).write_text(json.dumps(special) + "\n")
+    elif (out / "tokenizer.json").is_file():  # a tokenizer given with the run (e.g. from an earlier prepare)
         tokenizer = load_tokenizer(out / "tokenizer.json")
     else:
         corpus = load_corpus(max_chars_per_domain=cfg.corpus_chars, seed=cfg.seed)
@@ -122,9 +139,11 @@ def prepare(cfg, out: Path, progress: bool = True) -> dict:
         save_tokenizer(tokenizer, out / "tokenizer.json")
     prepared = load_prepared(cfg, out, base=False)
     rows = pretraining_rows(cfg, tokenizer, prepared.encode, prepared.bos_id, prepared.pad_id)
-    model, log = pretrain_base(model_config(cfg, tokenizer.get_vocab_size(), rows.shape[1]), rows, cfg.pretrain_steps,
-                               cfg.pretrain_batch, cfg.pretrain_lr, cfg.device, cfg.bf16, cfg.seed, prepared.pad_id,
-                               cfg.pretrain_max_seconds, progress)
+    config = initial.config if initial is not None else model_config(cfg, tokenizer.get_vocab_size(), rows.shape[1])
+    if rows.shape[1] > config.max_seq_len:
+        raise ValueError(f"training rows of {rows.shape[1]} tokens exceed the base's max_seq_len={config.max_seq_len}")
+    model, log = pretrain_base(config, rows, cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, cfg.device,
+                               cfg.bf16, cfg.seed, prepared.pad_id, cfg.pretrain_max_seconds, progress, initial)
     model = model.to(torch.bfloat16)
     model.save(out / "base")  # bfloat16 weights: the reader every compressor uses
     base = Transformer.load(out / "base", device=cfg.device, dtype=torch.float32).eval()
@@ -134,7 +153,7 @@ def prepare(cfg, out: Path, progress: bool = True) -> dict:
         for mode in ("full", "none"):
             bounds[f"{split}_{mode}"] = evaluate_reader(base, data, mode, prepared.bos_id, prepared.stop_ids,
                                                         prepared.decode)
-    info = {"pretrain": {**log, "rows": int(rows.shape[0]), "row_tokens": int(rows.shape[1]),
+    info = {"base": cfg.base, "pretrain": {**log, "rows": int(rows.shape[0]), "row_tokens": int(rows.shape[1]),
                          "parameters": base.num_parameters()}, "bounds": bounds,
             "questions": {s: len(getattr(prepared, s).doc) for s in ("train", "dev", "test")},
             "device": torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu"}
@@ -144,13 +163,18 @@ def prepare(cfg, out: Path, progress: bool = True) -> dict:
 
 def load_prepared(cfg, out: Path, base: bool = True) -> Prepared:
     """Tokenizer and QA sets (regenerated: they are a pure function of cfg and the tokenizer) and the reader."""
-    tokenizer = load_tokenizer(out / "tokenizer.json")
+    if (out / SPECIAL_FILE).is_file():  # a base with its own tokenizer (smollm2)
+        tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+        special = json.loads((out / SPECIAL_FILE).read_text())
+    else:
+        tokenizer = load_tokenizer(out / "tokenizer.json")
+        special = {name: tokenizer.token_to_id(token) for name, token in (("bos", BOS), ("eos", EOS), ("pad", PAD))}
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
-    pad_id, bos_id = tokenizer.token_to_id(PAD), tokenizer.token_to_id(BOS)
+    pad_id, bos_id = special["pad"], special["bos"]
     newline = encode("\n")
     if len(newline) != 1:
         raise ValueError(f"the tokenizer encodes a newline as {newline}; the answers stop at a one-token newline")
     sets = _qa_sets(cfg, encode, pad_id, tokenizer)
     model = Transformer.load(out / "base", device=cfg.device, dtype=torch.float32).eval() if base else None
     return Prepared(tokenizer, model, sets["train"], sets["dev"], sets["test"], bos_id, pad_id,
-                    {newline[0], tokenizer.token_to_id(EOS)})
+                    {newline[0], special["eos"]})

@@ -59,13 +59,16 @@ def _autocast(device: str, bf16: bool):
 
 
 def pretrain_base(config: ModelConfig, rows: np.ndarray, steps: int, batch_size: int, lr: float, device: str,
-                  bf16: bool, seed: int, pad_id: int, max_seconds: float | None = None, progress: bool = True):
+                  bf16: bool, seed: int, pad_id: int, max_seconds: float | None = None, progress: bool = True,
+                  initial: Transformer | None = None):
     """Next-token pretraining on ``rows`` (N, T) int32 token rows (padding = ``pad_id``, not scored).
 
+    ``initial`` (optional): a pretrained model to fine-tune instead of a fresh one of ``config``.
     Returns (model, log); stops early after ``max_seconds`` of training if given (the log says so).
     """
     torch.manual_seed(seed)
-    model = Transformer(config).to(device)
+    model = (initial if initial is not None else Transformer(config)).to(device)
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     rng = np.random.default_rng(seed)
     log, started = {"loss": [], "steps": 0, "stopped_early": False}, time.perf_counter()
