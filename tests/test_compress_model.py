@@ -134,6 +134,21 @@ def test_decoder_loss_scores_only_the_targets():
     torch.testing.assert_close(loss, expected, **TOL)
 
 
+def test_decoder_loss_over_a_padded_batch_is_the_mean_over_all_target_tokens():
+    model = tiny_model(1)
+    prefix = model.embed(torch.tensor([[0, 5, 6], [0, 11, 12]]))
+    prompts, targets = [[7, 8], [13]], [[9, 10], [14, 15, 16]]
+    loss = decoder_loss(model, prefix, prompts, targets, pad_id=0)
+    token_losses = []
+    for row, (prompt, target) in enumerate(zip(prompts, targets)):
+        ids = [0] + [[5, 6], [11, 12]][row] + prompt + target
+        logits = model(torch.tensor([ids]))[0]  # (T, V), unpadded: the reference
+        start = 3 + len(prompt) - 1  # the position that predicts the first target token
+        token_losses.append(torch.nn.functional.cross_entropy(logits[start:start + len(target)], torch.tensor(target),
+                                                              reduction="none"))
+    torch.testing.assert_close(loss, torch.cat(token_losses).mean(), **TOL)
+
+
 def test_greedy_from_embeds_matches_step_by_step_argmax():
     model = tiny_model(2)
     rows = [torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6])]  # different lengths: left padding

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import subprocess
@@ -64,6 +65,7 @@ class ExperimentConfig:
     seeds: tuple = (0, 1, 2)
     ablation_ratio: int = 16
     ablations: bool = True
+    ae_steps: int = 0  # autoencoding steps before the QA steps (ICAE's pretraining; same for every method)
     steps: int = 400
     batch_size: int = 16
     lr: float = 1e-3
@@ -75,6 +77,8 @@ class ExperimentConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.ae_steps < 0:
+            raise ValueError(f"--ae-steps must be >= 0, got {self.ae_steps}")
         if self.base not in BASES:
             raise ValueError(f"--base must be one of {BASES}, got {self.base!r}")
         if self.gguf is not None and self.base != "smollm2":
@@ -101,6 +105,8 @@ PRESETS = {
                 pretrain_steps=4, pretrain_batch=4, ratios=(4, 16), seeds=(0, 1), ablation_ratio=16, steps=4,
                 batch_size=2, lora_rank=2, eval_every=2, dev_limit=8, device="cpu", bf16=False),
 }
+
+AE_CUE = "\nRepeat the text:\n"  # the decoder's prompt in the autoencoding phase
 
 PIC = dict(layout="append", mem_sees_prev_mem=False, positions="continue")  # PIC's default: only the mask changes
 ABLATIONS = {"pic-interleave": dict(PIC, layout="interleave"),
@@ -132,11 +138,12 @@ def run_setting(cfg: ExperimentConfig, prepared: Prepared, setting: dict, progre
     compressor, log = train_compressor(
         prepared.base, layout, prepared.train, prepared.dev, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
         lora_rank=cfg.lora_rank, seed=setting["seed"], eval_every=cfg.eval_every, pad_id=prepared.pad_id,
-        device=cfg.device, bf16=cfg.bf16, dev_limit=cfg.dev_limit, progress=progress, desc=setting["name"], **common)
+        device=cfg.device, bf16=cfg.bf16, dev_limit=cfg.dev_limit, progress=progress, desc=setting["name"],
+        ae_steps=cfg.ae_steps, ae_cue=prepared.encode(AE_CUE), eos_id=prepared.eos_id, **common)
     compressor.eval()
     test = evaluate_compressor(compressor, layout, prepared.test, bf16=cfg.bf16, **common)
     result = {**setting, "num_memory": layout.num_memory, "test": test, "curve": log["curve"],
-              "loss": log["loss"][::10], "train_seconds": log["train_seconds"],
+              "loss": log["loss"][::10], "ae_loss": log["ae_loss"][::10], "train_seconds": log["train_seconds"],
               "wall_seconds": round(time.perf_counter() - started, 1)}
     if setting["variant"] == "global" and setting["seed"] == cfg.seeds[0]:
         contexts = prepared.dev.contexts[:16].to(cfg.device)
@@ -178,6 +185,9 @@ def run(cfg: ExperimentConfig, out: Path, workers: int = 1, progress: bool = Tru
     config_path = out / "experiment_config.json"
     config_path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     prepare(cfg, out, progress=progress)
+    if cfg.device == "cuda":  # hand the reader's training memory back before the workers share the GPUs
+        gc.collect()
+        torch.cuda.empty_cache()
     if workers > 1:
         _launch_workers(cfg, out, workers, config_path)
     else:
@@ -199,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/pic", help="output directory (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes, spread over the visible GPUs")
     parser.add_argument("--steps", type=int, help="override the compressor training steps")
+    parser.add_argument("--ae-steps", type=int, help="override the autoencoding steps before QA fine-tuning (0: none)")
     parser.add_argument("--pretrain-steps", type=int, help="override the base model's pretraining steps")
     parser.add_argument("--pretrain-seconds", type=float, help="override the pretraining time limit (seconds)")
     parser.add_argument("--device", help="override the device (cpu or cuda)")
@@ -228,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         values = json.loads(Path(args.config).read_text())
         cfg = ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     else:
-        overrides = {k: v for k, v in dict(base=args.base, gguf=args.gguf, steps=args.steps, pretrain_steps=args.pretrain_steps, device=args.device,
+        overrides = {k: v for k, v in dict(base=args.base, gguf=args.gguf, steps=args.steps, ae_steps=args.ae_steps, pretrain_steps=args.pretrain_steps, device=args.device,
                                               pretrain_max_seconds=args.pretrain_seconds,
                                               ratios=tuple(args.ratios) if args.ratios else None,
                                               seeds=tuple(args.seeds) if args.seeds else None).items()

@@ -17,8 +17,10 @@ generation (positions count real slots only, as transformers' ``generate`` does)
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from minimoe.model.transformer import Transformer, lm_loss
+from minimoe.compress.compressor import final_hidden
+from minimoe.model.transformer import Transformer
 
 IGNORE = -100
 
@@ -58,8 +60,11 @@ def decoder_loss(model: Transformer, prefix: torch.Tensor, prompts: list[list[in
         labels[row, p + len(prompt):p + len(prompt) + len(target)] = torch.tensor(target)
     device = prefix.device
     x = torch.cat([prefix, model.embed(ids.to(device)).to(prefix.dtype)], dim=1)  # (B, P + T, H)
-    logits = model(inputs_embeds=x)  # (B, P + T, V)
-    return lm_loss(logits.float(), labels.to(device), ignore_index=IGNORE)  # shift: logits[t] predicts label[t+1]
+    h = final_hidden(model, x, None, torch.arange(x.shape[1], device=device)[None])  # (B, P + T, H), causal
+    labels = labels[:, 1:].to(device)  # shift: position t predicts token t + 1
+    scored = labels != IGNORE  # (B, P + T - 1): only target tokens reach the LM head (not memory, prompt, padding)
+    logits = model.lm_head(h[:, :-1][scored])  # (N, V)
+    return F.cross_entropy(logits.float(), labels[scored])  # mean over the N target tokens
 
 
 @torch.no_grad()

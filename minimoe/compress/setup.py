@@ -42,6 +42,7 @@ class Prepared:
     bos_id: int
     pad_id: int
     stop_ids: set
+    eos_id: int
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -177,4 +178,4 @@ def load_prepared(cfg, out: Path, base: bool = True) -> Prepared:
     sets = _qa_sets(cfg, encode, pad_id, tokenizer)
     model = Transformer.load(out / "base", device=cfg.device, dtype=torch.float32).eval() if base else None
     return Prepared(tokenizer, model, sets["train"], sets["dev"], sets["test"], bos_id, pad_id,
-                    {newline[0], special["eos"]})
+                    {newline[0], special["eos"]}, special["eos"])

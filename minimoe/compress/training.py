@@ -141,12 +141,21 @@ def evaluate_compressor(compressor: Compressor, layout: Layout, data: QASet, bos
 def train_compressor(base: Transformer, layout: Layout, train: QASet, dev: QASet, *, steps: int, batch_size: int,
                      lr: float, lora_rank: int, seed: int, eval_every: int, bos_id: int, pad_id: int,
                      stop_ids: set[int], decode, device: str, bf16: bool = False, dev_limit: int | None = None,
-                     progress: bool = True, desc: str = "compressor"):
-    """QA fine-tuning of a fresh compressor on ``base``. Returns (compressor, log).
+                     progress: bool = True, desc: str = "compressor", ae_steps: int = 0,
+                     ae_cue: list[int] | None = None, eos_id: int | None = None):
+    """A fresh compressor on ``base``: ``ae_steps`` of autoencoding, then ``steps`` of QA fine-tuning.
 
-    log["curve"]: [{step, seconds, em, f1}] on the dev set every ``eval_every`` steps (seconds = training
-    time only, evaluation excluded); a batch is ``batch_size`` contexts with all their questions.
+    Autoencoding (ICAE's pretraining, Ge et al. 2024 §3.2): the frozen decoder reads ``[bos, memory, ae_cue]``
+    and is scored on the context itself (its padding dropped) + ``eos_id``, a dense signal (every context token)
+    that teaches the encoder to put the text into the memory before the sparse QA signal (a few answer tokens)
+    takes over. Each phase has its own warm-up and cosine decay; both start from the same data order.
+
+    log["curve"]: [{step, seconds, em, f1}] on the dev set every ``eval_every`` QA steps; ``step`` and
+    ``seconds`` (training time only, evaluation excluded) count the autoencoding phase too. A batch is
+    ``batch_size`` contexts (with all their questions in the QA phase).
     """
+    if ae_steps and (ae_cue is None or eos_id is None):
+        raise ValueError("ae_steps > 0 needs ae_cue (the prompt ids) and eos_id (the end of the reconstruction)")
     torch.manual_seed(seed)
     base = copy.deepcopy(base)  # peft injects the adapters in place: every run gets its own copy
     compressor = Compressor(base, layout.num_memory, lora_rank=lora_rank, lora_alpha=2.0 * lora_rank, seed=seed)
@@ -160,23 +169,32 @@ def train_compressor(base: Transformer, layout: Layout, train: QASet, dev: QASet
     bos = torch.tensor([bos_id], device=device)
     log, seconds = {"curve": [], "loss": []}, 0.0
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    bar = tqdm(range(ae_steps + steps), desc=desc, disable=not progress)
     for step in bar:
+        autoencoding = step < ae_steps
+        phase_step, phase_steps = (step, ae_steps) if autoencoding else (step - ae_steps, steps)
         sync()
         started = time.perf_counter()
-        start = (step * batch_size) % len(order)
+        start = (phase_step * batch_size) % len(order)
         docs = [int(d) for d in np.take(order, range(start, start + batch_size), mode="wrap")]
-        rows = [r for d in docs for r in by_doc[d]]
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
+            group["lr"] = lr_at(phase_step, phase_steps, lr, max(1, phase_steps // 20))
         with _autocast(device, bf16):
-            memory = compressor.encode(train.contexts[docs].to(device), layout)  # (B, k, H)
-            expand = torch.tensor([docs.index(train.doc[r]) for r in rows], device=device)
+            contexts = train.contexts[docs]  # (B, n)
+            memory = compressor.encode(contexts.to(device), layout)  # (B, k, H)
+            if autoencoding:
+                rows = list(range(len(docs)))
+                prompts = [ae_cue] * len(docs)
+                targets = [[t for t in context.tolist() if t != pad_id] + [eos_id] for context in contexts]
+                expand = torch.arange(len(docs), device=device)
+            else:
+                rows = [r for d in docs for r in by_doc[d]]
+                prompts, targets = [train.prompts[r] for r in rows], [train.targets[r] for r in rows]
+                expand = torch.tensor([docs.index(train.doc[r]) for r in rows], device=device)
             with compressor.decoder():
                 prefix = torch.cat([base.embed(bos)[None].expand(len(rows), -1, -1).to(memory.dtype),
                                     memory[expand]], dim=1)  # (rows, 1 + k, H)
-                loss = decoder_loss(base, prefix, [train.prompts[r] for r in rows], [train.targets[r] for r in rows],
-                                    pad_id)
+                loss = decoder_loss(base, prefix, prompts, targets, pad_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -185,11 +203,12 @@ def train_compressor(base: Transformer, layout: Layout, train: QASet, dev: QASet
         seconds += time.perf_counter() - started
         log["loss"].append(round(loss.item(), 4))
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
+        if not autoencoding and ((phase_step + 1) % eval_every == 0 or phase_step + 1 == steps):
             compressor.eval()
             scores = evaluate_compressor(compressor, layout, dev, bos_id, stop_ids, decode, limit=dev_limit, bf16=bf16)
             compressor.train()
             log["curve"].append({"step": step + 1, "seconds": round(seconds, 2), "em": round(scores["em"], 2),
                                  "f1": round(scores["f1"], 2)})
+    log["ae_loss"], log["loss"] = log["loss"][:ae_steps], log["loss"][ae_steps:]
     log["train_seconds"] = round(seconds, 2)
     return compressor, log
