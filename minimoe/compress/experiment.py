@@ -95,9 +95,10 @@ BASES = ("own", "smollm2")
 
 PRESETS = {
     "gpu": dict(pretrain_documents=8000),
-    # SmolLM2-135M: fine-tuned (not trained from scratch) on QA rows alone, at a fine-tuning learning rate
+    # SmolLM2-135M: fine-tuned (not trained from scratch) on QA rows alone, at a fine-tuning learning rate; its
+    # compressors autoencode before QA (trained on QA alone they stayed at the no-context bound: --ae-steps 0)
     "gpu-smollm2": dict(base="smollm2", pretrain_documents=8000, qa_fraction=1.0, pretrain_steps=600,
-                        pretrain_batch=32, pretrain_lr=1e-4, pretrain_max_seconds=300.0),
+                        pretrain_batch=32, pretrain_lr=1e-4, pretrain_max_seconds=300.0, ae_steps=300),
     "cpu": dict(context_tokens=96, block_tokens=48, chunk_size=48, questions_per_document=2, pretrain_documents=60,
                 pretrain_questions=2,
                 train_documents=24, dev_documents=4, test_documents=4, corpus_chars=20_000, vocab_size=400,
