@@ -64,7 +64,8 @@ def test_gguf_flag_without_the_smollm2_base_is_refused():
 
 def _stand_in(monkeypatch):
     """A tiny model and a tokenizer whose special tokens are not minimoe's, returned as load_smollm2 would."""
-    texts = [f"Person {i} was born in City {i % 7} in {1800 + i}. Question: Answer: Repeat the text:" for i in range(300)]
+    texts = [f"Person {i} was born in City {i % 7} in {1800 + i}. Question: Answer: Repeat the text:"
+             for i in range(300)]
     tokenizer = train_tokenizer(texts, vocab_size=400)
     special = {"bos": tokenizer.token_to_id(EOS), "eos": tokenizer.token_to_id(BOS), "pad": tokenizer.token_to_id(PAD)}
     torch.manual_seed(123)  # not the experiment's seed: a fresh model of this config would differ

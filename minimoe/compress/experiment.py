@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrain-steps", type=int, help="override the base model's pretraining steps")
     parser.add_argument("--pretrain-seconds", type=float, help="override the pretraining time limit (seconds)")
     parser.add_argument("--device", help="override the device (cpu or cuda)")
-    parser.add_argument("--ratios", type=int, nargs="+", help="override the compression ratios (each divides the chunk)")
+    parser.add_argument("--ratios", type=int, nargs="+",
+                        help="override the compression ratios (each divides the chunk)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
     parser.add_argument("--no-ablations", action="store_true", help="skip the PIC ablations")
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         values = json.loads(Path(args.config).read_text())
         cfg = ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     else:
-        overrides = {k: v for k, v in dict(base=args.base, gguf=args.gguf, steps=args.steps, ae_steps=args.ae_steps, pretrain_steps=args.pretrain_steps, device=args.device,
+        overrides = {k: v for k, v in dict(base=args.base, gguf=args.gguf, steps=args.steps, ae_steps=args.ae_steps,
+                                              pretrain_steps=args.pretrain_steps, device=args.device,
                                               pretrain_max_seconds=args.pretrain_seconds,
                                               ratios=tuple(args.ratios) if args.ratios else None,
                                               seeds=tuple(args.seeds) if args.seeds else None).items()

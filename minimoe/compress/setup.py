@@ -3,12 +3,12 @@
 The reader is a Llama (``minimoe.model``), one of two bases (``cfg.base``):
     own       pretrained from scratch here, with a BPE trained on the project's corpora and the QA text
     smollm2   SmolLM2-135M loaded from its GGUF file with its own tokenizer (``minimoe.compress.smollm2``),
-              then fine-tuned on the QA rows alone
-Either is trained on rows of two kinds:
+              then fine-tuned (its preset uses QA rows alone)
+Either is trained on rows of two kinds, mixed by ``cfg.qa_fraction``:
     corpus rows   windows of the project's four corpora (``minimoe.data``: code, math, chat, general)
     QA rows       ``<bos> context  \\nQuestion: q1\\nAnswer: a1\\n  \\nQuestion: q2 ...`` from the train split
 so that it reads extractive questions well with the context in front of it (the upper bound) and cannot
-guess them without (the lower bound); ``cfg.qa_fraction`` sets their mix. Its weights are rounded to bfloat16 once trained, so the checkpoint
+guess them without (the lower bound). Its weights are rounded to bfloat16 once trained, so the checkpoint
 saved (half the bytes) *is* the model every compressor reads.
 """
 
