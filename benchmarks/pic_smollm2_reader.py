@@ -4,8 +4,9 @@
     python benchmarks/pic_smollm2_reader.py [--documents 8]
 
 Loads the GGUF with ``minimoe.compress.smollm2.load_smollm2`` (transformers de-quantises it, ``from_hf``
-converts it) and asks the questions of dev-split documents of 512 tokens (its own tokenizer sizes the paragraphs) in the same
-format as the experiment's reader, with the full context and with none: SQuAD EM / F1 in percent.
+converts it) and asks the questions of dev-split documents of 512 tokens (its own tokenizer sizes the
+paragraphs) in the same format as the experiment's reader, with the full context and with none: SQuAD EM / F1
+in percent.
 """
 
 from __future__ import annotations
