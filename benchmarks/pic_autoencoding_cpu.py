@@ -29,22 +29,32 @@ from minimoe.compress.objectives import decoder_loss, greedy_from_embeds
 from minimoe.compress.qa_data import generate_documents
 from minimoe.compress.setup import sentence_token_counter
 from minimoe.compress.smollm2 import load_smollm2
-from minimoe.compress.training import build_qa_set, train_compressor
+from minimoe.compress.training import HANDOFFS, build_qa_set, train_compressor
 
 CONTEXT, RATIO = 64, 4
 
 
 @torch.no_grad()
-def reconstruction_losses(compressor, layout, contexts, bos_id, cue, eos_id, pad_id) -> dict[str, float]:
+def reconstruction_losses(compressor, layout, contexts, bos_id, cue, eos_id, pad_id, handoff) -> dict[str, float]:
     """Mean reconstruction cross-entropy (nats per token) with own, another's (rolled by one) and no memory."""
     base = compressor.base
-    memory = compressor.encode(contexts, layout)  # (B, k, H)
     targets = [[t for t in row.tolist() if t != pad_id] + [eos_id] for row in contexts]
     b = len(targets)
+    if handoff == "kv":
+        keys, values, start = compressor.memory_kv(contexts, layout)  # per layer (B, n_kv, k, d)
+        memories = {"own memory": (keys, values, start),
+                    "another's memory": ([k.roll(1, dims=0) for k in keys], [v.roll(1, dims=0) for v in values], start)}
+    else:
+        memory = compressor.encode(contexts, layout)  # (B, k, H)
+        memories = {"own memory": memory, "another's memory": memory.roll(1, dims=0)}
     with compressor.decoder():
         bos = base.embed(torch.tensor([bos_id]))[None].expand(b, -1, -1)  # (B, 1, H)
-        losses = {name: float(decoder_loss(base, torch.cat([bos, m], dim=1), [cue] * b, targets, pad_id))
-                  for name, m in (("own memory", memory), ("another's memory", memory.roll(1, dims=0)))}
+        losses = {}
+        for name, m in memories.items():
+            if handoff == "kv":
+                losses[name] = float(decoder_loss(base, bos, [cue] * b, targets, pad_id, memory_kv=m))
+            else:
+                losses[name] = float(decoder_loss(base, torch.cat([bos, m], dim=1), [cue] * b, targets, pad_id))
         losses["no memory"] = float(decoder_loss(base, bos, [cue] * b, targets, pad_id))
     return losses
 
@@ -53,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pic_autoencoding_cpu", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="autoencoding steps (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=4, help="contexts per step (default: %(default)s)")
+    parser.add_argument("--handoff", choices=HANDOFFS, default="embeddings",
+                        help="how the decoder reads the memory: embeddings (ICAE) or kv (500xCompressor) "
+                             "(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--held-out", type=int, default=16, help="held-out paragraphs scored (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -64,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                                 CONTEXT, special["pad"])
             for split, n in (("train", args.steps * args.batch), ("dev", args.held_out))}
     layout = build_layout("global", CONTEXT, RATIO)
+    print(f"handoff: {args.handoff}, learning rate {args.lr}")
     print(f"SmolLM2-135M loaded in {time.perf_counter() - started:.0f} s; {CONTEXT}-token paragraphs -> "
           f"{layout.num_memory} memory tokens; {args.steps} autoencoding steps of {args.batch}")
     cue, common = encode(AE_CUE), dict(bos_id=special["bos"], pad_id=special["pad"], stop_ids={special["eos"]},
@@ -73,20 +88,29 @@ def main(argv: list[str] | None = None) -> int:
     for steps in (0, args.steps):
         started = time.perf_counter()
         compressor, log = train_compressor(base, layout, sets["train"], sets["dev"], steps=0, batch_size=args.batch,
-                                           lr=1e-3, lora_rank=16, seed=0, eval_every=10**9, progress=False,
-                                           ae_steps=steps, ae_cue=cue, eos_id=special["eos"], **common)
+                                           lr=args.lr, lora_rank=16, seed=0, eval_every=10**9, progress=False,
+                                           ae_steps=steps, ae_cue=cue, eos_id=special["eos"], handoff=args.handoff,
+                                           **common)
         compressor.eval()
         results[steps] = reconstruction_losses(compressor, layout, held_out, special["bos"], cue, special["eos"],
-                                               special["pad"])
+                                               special["pad"], args.handoff)
         print(f"after {steps} steps ({time.perf_counter() - started:.0f} s): " +
               ", ".join(f"{k} {v:.3f}" for k, v in results[steps].items()), flush=True)
         if steps:
             print(f"training loss every 10 steps: {log['ae_loss'][::10]}")
-            with torch.no_grad(), compressor.decoder():
-                memory = compressor.encode(held_out[:1], layout)[0]
-                prefix = torch.cat([base.embed(torch.tensor([special["bos"]])), memory,
-                                    base.embed(torch.tensor(cue))])
-                out = greedy_from_embeds(compressor.base, [prefix], CONTEXT, {special["eos"]})[0]
+            with torch.no_grad():
+                bos = base.embed(torch.tensor([special["bos"]]))
+                cue_embeds = base.embed(torch.tensor(cue))
+                if args.handoff == "kv":
+                    memory_kv = compressor.memory_kv(held_out[:1], layout)
+                    with compressor.decoder():
+                        out = greedy_from_embeds(base, [torch.cat([bos, cue_embeds])], CONTEXT, {special["eos"]},
+                                                 memory_kv=memory_kv)[0]
+                else:
+                    memory = compressor.encode(held_out[:1], layout)[0]
+                    with compressor.decoder():
+                        out = greedy_from_embeds(base, [torch.cat([bos, memory, cue_embeds])], CONTEXT,
+                                                 {special["eos"]})[0]
             print(f"held-out paragraph: {tokenizer.decode([t for t in held_out[0].tolist() if t != special['pad']])!r}")
             print(f"reconstructed:      {tokenizer.decode(out)!r}")
     print("\n| compressor | own memory | another's memory | no memory |\n|---|---:|---:|---:|")

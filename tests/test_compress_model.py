@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from minimoe.compress.compressor import Compressor, final_hidden
+from minimoe.compress.compressor import Compressor, final_hidden, kv_cache_from
 from minimoe.compress.masks import MEMORY, TEXT, gist_mask, global_mask, pic_mask
 from minimoe.compress.objectives import decoder_loss, greedy_from_embeds
 from minimoe.hf import from_hf, to_hf
@@ -158,6 +158,45 @@ def test_greedy_from_embeds_matches_step_by_step_argmax():
         for _ in range(len(generated)):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
         assert generated == ids[len(row):]
+
+
+def test_decoder_loss_after_memory_keys_values_matches_one_row_at_a_time(context):
+    c, layout = compressor(6), pic_mask(24, 8, 4)  # LoRA perturbed: the encoder differs from the decoder
+    prompts, targets = [[7, 8], [13], [20, 21, 22]], [[9, 10], [14, 15, 16], [23]]
+    memory_kv = c.memory_kv(context, layout)
+    caches = [c.memory_cache(context[row:row + 1], layout, extra=8) for row in range(3)]  # adapters on: encoder
+    with c.decoder():
+        bos = c.base.embed(torch.zeros(3, 1, dtype=torch.long))  # (3, 1, H)
+        loss = decoder_loss(c.base, bos, prompts, targets, pad_id=0, memory_kv=memory_kv)
+        token_losses = []
+        for row, (prompt, target) in enumerate(zip(prompts, targets)):  # the reference: one row, no padding
+            ids = torch.tensor([[0] + prompt + target])
+            cache, start = caches[row]
+            logits = c.base(ids, cache=cache, position_ids=torch.arange(start, start + ids.shape[1])[None])[0]
+            first = len(prompt)  # position of the last prompt token (after bos) predicts the first target token
+            token_losses.append(torch.nn.functional.cross_entropy(logits[first:first + len(target)],
+                                                                  torch.tensor(target), reduction="none"))
+    torch.testing.assert_close(loss, torch.cat(token_losses).mean(), **TOL)
+    loss.backward()  # gradients reach the encoder through the handed-over keys/values
+    assert c.memory.grad is not None and c.memory.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in c.named_parameters() if "lora_" in n)
+
+
+def test_greedy_after_memory_keys_values_matches_step_by_step_argmax(context):
+    c, layout = compressor(6), global_mask(24, 6)
+    rows = [torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6]), torch.tensor([7])]  # left padding after the memory
+    memory_kv = c.memory_kv(context, layout)
+    with torch.no_grad():
+        kv = [c.memory_kv(context[row:row + 1], layout) for row in range(3)]  # adapters on: the encoder
+    with c.decoder():
+        out = greedy_from_embeds(c.base, [c.base.embed(r) for r in rows], 4, stop_ids={63}, memory_kv=memory_kv)
+        for row, (ids, generated) in enumerate(zip(rows, out)):
+            ids = ids.tolist()
+            for _ in range(len(generated)):
+                cache, start = kv_cache_from(c.base, kv[row], len(ids)), kv[row][2]
+                logits = c.base(torch.tensor([ids]), cache=cache, position_ids=torch.arange(start, start + len(ids))[None])
+                ids.append(int(logits[0, -1].argmax()))
+            assert generated == ids[len(rows[row]):]
 
 
 def test_compressor_errors(context):

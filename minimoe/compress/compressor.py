@@ -60,6 +60,23 @@ def final_hidden(model: Transformer, inputs_embeds: torch.Tensor, attention_mask
     return model.norm(x)
 
 
+def kv_cache_from(model: Transformer, memory_kv, extra: int) -> KVCache:
+    """A decoder cache holding the memory keys/values (500xCompressor) with room for ``extra`` more tokens.
+
+    memory_kv: (keys, values, start) with keys[layer] / values[layer] (B, n_kv_heads, k, head_dim) from
+    ``Compressor.memory_kv`` (rows already matched to the decoder's rows) and ``start``, the position the
+    decoder continues at. The copy is out of place, so gradients reach the encoder through it.
+    """
+    keys, values, _ = memory_kv
+    b, heads, k, dim = keys[0].shape
+    cache = model.new_cache(b, k + extra)
+    room = keys[0].new_zeros(b, heads, extra, dim)
+    cache.keys = [torch.cat([key, room], dim=2) for key in keys]
+    cache.values = [torch.cat([value, room], dim=2) for value in values]
+    cache.length = k
+    return cache
+
+
 class Compressor(nn.Module):
     """Compress a context (B, n) into ``num_memory`` embeddings (B, k, H) for the frozen ``base`` to read.
 
@@ -118,20 +135,31 @@ class Compressor(nn.Module):
         h = final_hidden(self.base, self._laid_out(context_ids, layout), layout.attention_mask, layout.position_ids)
         return h[:, layout.slots(MEMORY).to(h.device)]  # (B, k, H)
 
-    def memory_cache(self, context_ids: torch.Tensor, layout: Layout, extra: int) -> tuple[KVCache, int]:
-        """500xCompressor: the memory tokens' keys/values of every layer, in a cache with room for ``extra``
-        more tokens, and the position the decoder continues at (one past the layout's largest)."""
+    def memory_kv(self, context_ids: torch.Tensor, layout: Layout):
+        """500xCompressor: the memory tokens' keys and values of every layer, from one masked encoder pass.
+
+        Returns (keys, values, start): keys[layer] / values[layer] (B, n_kv_heads, k, head_dim) in memory-token
+        order (RoPE already applied at the layout's positions), and ``start``, the position the decoder
+        continues at (one past the layout's largest). Differentiable: gradients reach LoRA and ``memory``.
+        """
         self._check(context_ids, layout)
         b, size = context_ids.shape[0], layout.kind.numel()
         full = self.base.new_cache(b, size)
-        final_hidden(self.base, self._laid_out(context_ids, layout), layout.attention_mask, layout.position_ids, full)
+        x = self._laid_out(context_ids, layout)
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        full.keys = [k.to(dtype) for k in full.keys]  # the dtype attention computes keys/values in
+        full.values = [v.to(dtype) for v in full.values]
+        final_hidden(self.base, x, layout.attention_mask, layout.position_ids, full)
         keep = layout.slots(MEMORY).to(context_ids.device)
-        cache = self.base.new_cache(b, self.num_memory + extra)
-        for layer in range(len(cache.keys)):
-            cache.keys[layer][:, :, :self.num_memory] = full.keys[layer][:, :, keep]
-            cache.values[layer][:, :, :self.num_memory] = full.values[layer][:, :, keep]
-        cache.length = self.num_memory
-        return cache, int(layout.position_ids.max()) + 1
+        keys = [k[:, :, keep] for k in full.keys]  # (B, n_kv, k, d) each: a gathered copy
+        values = [v[:, :, keep] for v in full.values]
+        return keys, values, int(layout.position_ids.max()) + 1
+
+    def memory_cache(self, context_ids: torch.Tensor, layout: Layout, extra: int) -> tuple[KVCache, int]:
+        """``memory_kv`` in a ``KVCache`` with room for ``extra`` more tokens, and the position to continue at."""
+        memory_kv = self.memory_kv(context_ids, layout)
+        return kv_cache_from(self.base, memory_kv, extra), memory_kv[2]
 
     def encode_chunk_by_chunk(self, context_ids: torch.Tensor, layout: Layout, mem_sees_prev_mem: bool) -> torch.Tensor:
         """The reference loop for a PIC layout: chunk j's text and memory run in one forward call whose cache

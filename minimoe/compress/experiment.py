@@ -31,7 +31,7 @@ from minimoe.compress.analysis import locality, memory_attention
 from minimoe.compress.masks import build_layout
 from minimoe.compress.report import summarise, write_report
 from minimoe.compress.setup import Prepared, load_prepared, prepare
-from minimoe.compress.training import evaluate_compressor, train_compressor
+from minimoe.compress.training import HANDOFFS, evaluate_compressor, train_compressor
 
 
 @dataclass
@@ -66,6 +66,7 @@ class ExperimentConfig:
     ablation_ratio: int = 16
     ablations: bool = True
     ae_steps: int = 0  # autoencoding steps before the QA steps (ICAE's pretraining; same for every method)
+    handoff: str = "embeddings"  # the decoder reads the memory as "embeddings" (ICAE) or "kv" (500xCompressor)
     steps: int = 400
     batch_size: int = 16
     lr: float = 1e-3
@@ -79,6 +80,8 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.ae_steps < 0:
             raise ValueError(f"--ae-steps must be >= 0, got {self.ae_steps}")
+        if self.handoff not in HANDOFFS:
+            raise ValueError(f"--handoff must be one of {HANDOFFS}, got {self.handoff!r}")
         if self.base not in BASES:
             raise ValueError(f"--base must be one of {BASES}, got {self.base!r}")
         if self.gguf is not None and self.base != "smollm2":
@@ -95,10 +98,12 @@ BASES = ("own", "smollm2")
 
 PRESETS = {
     "gpu": dict(pretrain_documents=8000),
-    # SmolLM2-135M: fine-tuned (not trained from scratch) on QA rows alone, at a fine-tuning learning rate; its
-    # compressors autoencode before QA (trained on QA alone they stayed at the no-context bound: --ae-steps 0)
+    # SmolLM2-135M: fine-tuned (not trained from scratch) on QA rows alone, at a fine-tuning learning rate. Its
+    # compressors autoencode before QA and hand the decoder keys/values: trained on QA alone, or handing over
+    # input embeddings, their memory did not carry the context (--ae-steps 0 and --handoff embeddings)
     "gpu-smollm2": dict(base="smollm2", pretrain_documents=8000, qa_fraction=1.0, pretrain_steps=600,
-                        pretrain_batch=32, pretrain_lr=1e-4, pretrain_max_seconds=300.0, ae_steps=300),
+                        pretrain_batch=32, pretrain_lr=1e-4, pretrain_max_seconds=300.0, ae_steps=200, steps=300,
+                        handoff="kv"),
     "cpu": dict(context_tokens=96, block_tokens=48, chunk_size=48, questions_per_document=2, pretrain_documents=60,
                 pretrain_questions=2,
                 train_documents=24, dev_documents=4, test_documents=4, corpus_chars=20_000, vocab_size=400,
@@ -140,9 +145,9 @@ def run_setting(cfg: ExperimentConfig, prepared: Prepared, setting: dict, progre
         prepared.base, layout, prepared.train, prepared.dev, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
         lora_rank=cfg.lora_rank, seed=setting["seed"], eval_every=cfg.eval_every, pad_id=prepared.pad_id,
         device=cfg.device, bf16=cfg.bf16, dev_limit=cfg.dev_limit, progress=progress, desc=setting["name"],
-        ae_steps=cfg.ae_steps, ae_cue=prepared.encode(AE_CUE), eos_id=prepared.eos_id, **common)
+        ae_steps=cfg.ae_steps, ae_cue=prepared.encode(AE_CUE), eos_id=prepared.eos_id, handoff=cfg.handoff, **common)
     compressor.eval()
-    test = evaluate_compressor(compressor, layout, prepared.test, bf16=cfg.bf16, **common)
+    test = evaluate_compressor(compressor, layout, prepared.test, bf16=cfg.bf16, handoff=cfg.handoff, **common)
     result = {**setting, "num_memory": layout.num_memory, "test": test, "curve": log["curve"],
               "loss": log["loss"][::10], "ae_loss": log["ae_loss"][::10], "train_seconds": log["train_seconds"],
               "wall_seconds": round(time.perf_counter() - started, 1)}
@@ -211,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="worker processes, spread over the visible GPUs")
     parser.add_argument("--steps", type=int, help="override the compressor training steps")
     parser.add_argument("--ae-steps", type=int, help="override the autoencoding steps before QA fine-tuning (0: none)")
+    parser.add_argument("--handoff", choices=HANDOFFS,
+                        help="override how the decoder reads the memory: embeddings (ICAE: the memory's last hidden "
+                             "states as input embeddings) or kv (500xCompressor: its keys/values in every layer)")
+    parser.add_argument("--lr", type=float, help="override the compressor's peak learning rate")
     parser.add_argument("--pretrain-steps", type=int, help="override the base model's pretraining steps")
     parser.add_argument("--pretrain-seconds", type=float, help="override the pretraining time limit (seconds)")
     parser.add_argument("--device", help="override the device (cpu or cuda)")
@@ -231,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
     for flag in ("steps", "pretrain_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -242,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ExperimentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     else:
         overrides = {k: v for k, v in dict(base=args.base, gguf=args.gguf, steps=args.steps, ae_steps=args.ae_steps,
+                                              handoff=args.handoff, lr=args.lr,
                                               pretrain_steps=args.pretrain_steps, device=args.device,
                                               pretrain_max_seconds=args.pretrain_seconds,
                                               ratios=tuple(args.ratios) if args.ratios else None,

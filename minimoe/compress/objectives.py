@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minimoe.compress.compressor import final_hidden
+from minimoe.compress.compressor import final_hidden, kv_cache_from
 from minimoe.model.transformer import Transformer
 
 IGNORE = -100
@@ -43,10 +43,12 @@ def qa_example(context: list[int], question: list[int], answer: list[int], eos_i
 
 
 def decoder_loss(model: Transformer, prefix: torch.Tensor, prompts: list[list[int]], targets: list[list[int]],
-                 pad_id: int) -> torch.Tensor:
+                 pad_id: int, memory_kv=None) -> torch.Tensor:
     """Mean cross-entropy of ``targets`` for a decoder reading ``prefix`` (B, P, H) embeddings, then the prompt.
 
     prefix: what replaces the context (``[bos, memory]``, ``[bos, context]`` embedded, or just ``[bos]``).
+    memory_kv: optional (keys, values, start) of ``Compressor.memory_kv``: the decoder then reads the memory's
+    keys/values in every layer before the prefix (500xCompressor), and the prefix starts at position ``start``.
     """
     if len(prompts) != prefix.shape[0] or len(targets) != prefix.shape[0]:
         raise ValueError(f"need one prompt and one target per row: {prefix.shape[0]} rows, {len(prompts)} prompts, "
@@ -60,7 +62,13 @@ def decoder_loss(model: Transformer, prefix: torch.Tensor, prompts: list[list[in
         labels[row, p + len(prompt):p + len(prompt) + len(target)] = torch.tensor(target)
     device = prefix.device
     x = torch.cat([prefix, model.embed(ids.to(device)).to(prefix.dtype)], dim=1)  # (B, P + T, H)
-    h = final_hidden(model, x, None, torch.arange(x.shape[1], device=device)[None])  # (B, P + T, H), causal
+    t = x.shape[1]
+    if memory_kv is None:
+        h = final_hidden(model, x, None, torch.arange(t, device=device)[None])  # (B, P + T, H), causal
+    else:
+        cache, k = kv_cache_from(model, memory_kv, t), memory_kv[0][0].shape[2]
+        mask = torch.ones(t, k + t, dtype=torch.bool, device=device).tril(k)  # all memory, then causal
+        h = final_hidden(model, x, mask[None, None], memory_kv[2] + torch.arange(t, device=device)[None], cache)
     labels = labels[:, 1:].to(device)  # shift: position t predicts token t + 1
     scored = labels != IGNORE  # (B, P + T - 1): only target tokens reach the LM head (not memory, prompt, padding)
     logits = model.lm_head(h[:, :-1][scored])  # (N, V)
@@ -69,27 +77,36 @@ def decoder_loss(model: Transformer, prefix: torch.Tensor, prompts: list[list[in
 
 @torch.no_grad()
 def greedy_from_embeds(model: Transformer, prefixes: list[torch.Tensor], max_new_tokens: int,
-                       stop_ids: set[int]) -> list[list[int]]:
+                       stop_ids: set[int], memory_kv=None) -> list[list[int]]:
     """Greedy continuations of a batch of embedded prompts (each (P_i, H)), left-padded, with a KV cache.
 
-    Returns the generated ids of every row, cut before the first id in ``stop_ids``.
+    memory_kv: optional (keys, values, start) as in ``decoder_loss``: every row first reads its memory's
+    keys/values, then its prompt from position ``start``. Returns the generated ids of every row, cut before the
+    first id in ``stop_ids``.
     """
     b, longest = len(prefixes), max(len(prefix) for prefix in prefixes)
-    total = longest + max_new_tokens
+    past, start = (0, 0) if memory_kv is None else (memory_kv[0][0].shape[2], memory_kv[2])
+    total = start + longest + max_new_tokens
     if total > model.config.max_seq_len:
-        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {total} positions exceed "
-                         f"max_seq_len={model.config.max_seq_len}")
+        raise ValueError(f"prompt ({start + longest}) + max_new_tokens ({max_new_tokens}) = {total} positions "
+                         f"exceed max_seq_len={model.config.max_seq_len}")
     first = prefixes[0]
     x = first.new_zeros(b, longest, first.shape[-1])  # (B, P, H), left-padded
     attention = torch.zeros(b, longest, dtype=torch.long, device=first.device)
     for row, prefix in enumerate(prefixes):
         x[row, longest - len(prefix):] = prefix
         attention[row, longest - len(prefix):] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, P): real slots count from 0
-    cache = model.new_cache(b, total)
-    cache.keys = [k.to(x.dtype) for k in cache.keys]
-    cache.values = [v.to(x.dtype) for v in cache.values]
-    mask = None if bool(attention.all()) else attention
+    positions = start + (attention.cumsum(-1) - 1).clamp(min=0)  # (B, P): real slots count from start
+    if memory_kv is None:
+        cache = model.new_cache(b, total)
+        cache.keys = [k.to(x.dtype) for k in cache.keys]
+        cache.values = [v.to(x.dtype) for v in cache.values]
+    else:
+        keys, values, _ = memory_kv
+        cache = kv_cache_from(model, ([k.to(x.dtype) for k in keys], [v.to(x.dtype) for v in values], start),
+                              longest + max_new_tokens)
+        attention = torch.cat([attention.new_ones(b, past), attention], dim=1)  # (B, k + P): memory is real
+    mask = None if bool(attention.all()) and past == 0 else attention
     logits = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, cache=cache, last_only=True)
     generated, finished = [], torch.zeros(b, dtype=torch.bool, device=x.device)
     stops = torch.tensor(sorted(stop_ids), device=x.device)

@@ -71,11 +71,17 @@ def summarise(cfg, prepare_info: dict, results: list[dict]) -> dict:
                                                 for k, v in vars(cfg).items()}}
 
 
+HANDOFF_WORDS = {"embeddings": "input embeddings (ICAE)", "kv": "keys/values in every layer (500xCompressor)"}
+
+
 def markdown(summary: dict) -> str:
-    b = summary["bounds"]
+    b, c = summary["bounds"], summary["config"]
     how = ("SmolLM2-135M fine-tuned" if summary["config"].get("base") == "smollm2" else "a Llama pretrained here")
     lines = [f"Device: {summary['device']}. Reader: {how}, {summary['pretrain']['parameters']:,} parameters, "
-             f"{summary['pretrain']['steps']} training steps in {summary['pretrain']['seconds']} s.", "",
+             f"{summary['pretrain']['steps']} training steps in {summary['pretrain']['seconds']} s.",
+             f"Compressors: {c.get('ae_steps', 0)} autoencoding + {c['steps']} QA steps of {c['batch_size']} contexts, "
+             f"learning rate {c['lr']}, LoRA rank {c['lora_rank']}; the decoder reads the memory as "
+             f"{HANDOFF_WORDS[c.get('handoff', 'embeddings')]}.", "",
              "| reader input | dev EM | dev F1 | test EM | test F1 |", "|---|---:|---:|---:|---:|"]
     for mode, label in (("full", "full context (upper bound)"), ("none", "no context (lower bound)")):
         lines.append(f"| {label} | {b[f'dev_{mode}']['em']:.1f} | {b[f'dev_{mode}']['f1']:.1f} | "

@@ -112,29 +112,45 @@ def evaluate_reader(model: Transformer, data: QASet, mode: str, bos_id: int, sto
     return squad_scores(predictions, data.answers[:count])
 
 
+HANDOFFS = ("embeddings", "kv")
+
+
 @torch.no_grad()
 def evaluate_compressor(compressor: Compressor, layout: Layout, data: QASet, bos_id: int, stop_ids: set[int],
                         decode, batch_size: int = 64, max_new_tokens: int = 12, limit: int | None = None,
-                        bf16: bool = False) -> dict:
-    """Compress each context once, then let the frozen decoder answer its questions: EM / F1 in percent."""
+                        bf16: bool = False, handoff: str = "embeddings") -> dict:
+    """Compress each context once, then let the frozen decoder answer its questions: EM / F1 in percent.
+
+    handoff: ``"embeddings"`` (ICAE: the decoder reads ``[bos, memory, question]``) or ``"kv"``
+    (500xCompressor: the decoder reads the memory's keys/values in every layer, then ``[bos, question]``).
+    """
+    if handoff not in HANDOFFS:
+        raise ValueError(f"handoff must be one of {HANDOFFS}, got {handoff!r}")
     base = compressor.base
     device = base.embed.weight.device
     count = len(data.doc) if limit is None else min(limit, len(data.doc))
-    docs = sorted(set(data.doc[:count]))
-    memory = {}
-    for start in range(0, len(docs), batch_size):
-        chunk = docs[start:start + batch_size]
-        with _autocast(device.type, bf16):
-            out = compressor.encode(data.contexts[chunk].to(device), layout)
-        memory.update({d: out[i].float() for i, d in enumerate(chunk)})
     predictions = []
-    with compressor.decoder():
-        bos = base.embed(torch.tensor([bos_id], device=device))
-        for start in range(0, count, batch_size):
-            rows = range(start, min(count, start + batch_size))
-            prefixes = [torch.cat([bos, memory[data.doc[r]], base.embed(torch.tensor(data.prompts[r], device=device))])
-                        for r in rows]
-            predictions += [decode(out) for out in greedy_from_embeds(base, prefixes, max_new_tokens, stop_ids)]
+    for start in range(0, count, batch_size):
+        rows = list(range(start, min(count, start + batch_size)))
+        docs = sorted({data.doc[r] for r in rows})
+        contexts = data.contexts[docs].to(device)
+        expand = torch.tensor([docs.index(data.doc[r]) for r in rows], device=device)  # question -> context row
+        with _autocast(device.type, bf16):
+            if handoff == "kv":
+                keys, values, position = compressor.memory_kv(contexts, layout)
+                memory_kv = ([k[expand].float() for k in keys], [v[expand].float() for v in values], position)
+            else:
+                memory = compressor.encode(contexts, layout).float()[expand]  # (rows, k, H)
+        with compressor.decoder():
+            bos = base.embed(torch.tensor([bos_id], device=device))
+            prompts = [base.embed(torch.tensor(data.prompts[r], device=device)) for r in rows]
+            if handoff == "kv":
+                prefixes = [torch.cat([bos, prompt]) for prompt in prompts]
+                out = greedy_from_embeds(base, prefixes, max_new_tokens, stop_ids, memory_kv=memory_kv)
+            else:
+                prefixes = [torch.cat([bos, memory[i], prompt]) for i, prompt in enumerate(prompts)]
+                out = greedy_from_embeds(base, prefixes, max_new_tokens, stop_ids)
+        predictions += [decode(ids) for ids in out]
     return squad_scores(predictions, data.answers[:count])
 
 
@@ -142,7 +158,7 @@ def train_compressor(base: Transformer, layout: Layout, train: QASet, dev: QASet
                      lr: float, lora_rank: int, seed: int, eval_every: int, bos_id: int, pad_id: int,
                      stop_ids: set[int], decode, device: str, bf16: bool = False, dev_limit: int | None = None,
                      progress: bool = True, desc: str = "compressor", ae_steps: int = 0,
-                     ae_cue: list[int] | None = None, eos_id: int | None = None):
+                     ae_cue: list[int] | None = None, eos_id: int | None = None, handoff: str = "embeddings"):
     """A fresh compressor on ``base``: ``ae_steps`` of autoencoding, then ``steps`` of QA fine-tuning.
 
     Autoencoding (ICAE's pretraining, Ge et al. 2024 §3.2): the frozen decoder reads ``[bos, memory, ae_cue]``
@@ -152,8 +168,11 @@ def train_compressor(base: Transformer, layout: Layout, train: QASet, dev: QASet
 
     log["curve"]: [{step, seconds, em, f1}] on the dev set every ``eval_every`` QA steps; ``step`` and
     ``seconds`` (training time only, evaluation excluded) count the autoencoding phase too. A batch is
-    ``batch_size`` contexts (with all their questions in the QA phase).
+    ``batch_size`` contexts (with all their questions in the QA phase). ``handoff``: how the decoder reads the
+    memory, ``"embeddings"`` (ICAE) or ``"kv"`` (500xCompressor), as in ``evaluate_compressor``.
     """
+    if handoff not in HANDOFFS:
+        raise ValueError(f"handoff must be one of {HANDOFFS}, got {handoff!r}")
     if ae_steps and (ae_cue is None or eos_id is None):
         raise ValueError("ae_steps > 0 needs ae_cue (the prompt ids) and eos_id (the end of the reconstruction)")
     torch.manual_seed(seed)
@@ -180,8 +199,7 @@ def train_compressor(base: Transformer, layout: Layout, train: QASet, dev: QASet
         for group in optimizer.param_groups:
             group["lr"] = lr_at(phase_step, phase_steps, lr, max(1, phase_steps // 20))
         with _autocast(device, bf16):
-            contexts = train.contexts[docs]  # (B, n)
-            memory = compressor.encode(contexts.to(device), layout)  # (B, k, H)
+            contexts = train.contexts[docs].to(device)  # (B, n)
             if autoencoding:
                 rows = list(range(len(docs)))
                 prompts = [ae_cue] * len(docs)
@@ -191,10 +209,18 @@ def train_compressor(base: Transformer, layout: Layout, train: QASet, dev: QASet
                 rows = [r for d in docs for r in by_doc[d]]
                 prompts, targets = [train.prompts[r] for r in rows], [train.targets[r] for r in rows]
                 expand = torch.tensor([docs.index(train.doc[r]) for r in rows], device=device)
-            with compressor.decoder():
-                prefix = torch.cat([base.embed(bos)[None].expand(len(rows), -1, -1).to(memory.dtype),
-                                    memory[expand]], dim=1)  # (rows, 1 + k, H)
-                loss = decoder_loss(base, prefix, prompts, targets, pad_id)
+            if handoff == "kv":
+                keys, values, position = compressor.memory_kv(contexts, layout)  # per layer (B, n_kv, k, d)
+                memory_kv = ([k[expand] for k in keys], [v[expand] for v in values], position)
+                with compressor.decoder():
+                    prefix = base.embed(bos)[None].expand(len(rows), -1, -1).to(keys[0].dtype)  # (rows, 1, H)
+                    loss = decoder_loss(base, prefix, prompts, targets, pad_id, memory_kv=memory_kv)
+            else:
+                memory = compressor.encode(contexts, layout)  # (B, k, H)
+                with compressor.decoder():
+                    prefix = torch.cat([base.embed(bos)[None].expand(len(rows), -1, -1).to(memory.dtype),
+                                        memory[expand]], dim=1)  # (rows, 1 + k, H)
+                    loss = decoder_loss(base, prefix, prompts, targets, pad_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -205,7 +231,8 @@ def train_compressor(base: Transformer, layout: Layout, train: QASet, dev: QASet
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if not autoencoding and ((phase_step + 1) % eval_every == 0 or phase_step + 1 == steps):
             compressor.eval()
-            scores = evaluate_compressor(compressor, layout, dev, bos_id, stop_ids, decode, limit=dev_limit, bf16=bf16)
+            scores = evaluate_compressor(compressor, layout, dev, bos_id, stop_ids, decode, limit=dev_limit, bf16=bf16,
+                                         handoff=handoff)
             compressor.train()
             log["curve"].append({"step": step + 1, "seconds": round(seconds, 2), "em": round(scores["em"], 2),
                                  "f1": round(scores["f1"], 2)})
