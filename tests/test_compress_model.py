@@ -194,7 +194,8 @@ def test_greedy_after_memory_keys_values_matches_step_by_step_argmax(context):
             ids = ids.tolist()
             for _ in range(len(generated)):
                 cache, start = kv_cache_from(c.base, kv[row], len(ids)), kv[row][2]
-                logits = c.base(torch.tensor([ids]), cache=cache, position_ids=torch.arange(start, start + len(ids))[None])
+                positions = torch.arange(start, start + len(ids))[None]
+                logits = c.base(torch.tensor([ids]), cache=cache, position_ids=positions)
                 ids.append(int(logits[0, -1].argmax()))
             assert generated == ids[len(rows[row]):]
 

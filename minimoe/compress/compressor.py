@@ -15,7 +15,8 @@ between ICAE-global and PIC.
 
 500xCompressor (Li et al. 2025, "500xCompressor: Generalized Prompt Compression for Large Language Models")
 hands the decoder the memory tokens' keys and values of every layer instead of the last hidden states:
-``memory_cache`` returns them as a ``KVCache`` the frozen decoder continues from.
+``memory_kv`` returns them (differentiable, for training), ``memory_cache`` as a ``KVCache`` the frozen decoder
+continues from.
 
 ``encode_chunk_by_chunk`` is the readable reference for PIC: it compresses one chunk at a time, carrying the
 memory of earlier chunks as keys/values in a cache; the single masked pass of ``encode`` must agree with it.
