@@ -1,7 +1,8 @@
 """argparse types shared by the ``minimoe`` commands: a bad value fails while the arguments are parsed.
 
 Each returns a function for ``add_argument(type=...)`` that raises ``argparse.ArgumentTypeError`` with the bad
-value and what was expected; argparse then names the flag. This module imports nothing from minimoe, so every
+value and what was expected; argparse then names the flag. ``OneLineParser`` prints such an error as one line
+(the message and where to read more) instead of argparse's whole usage block. This module imports nothing from minimoe, so every
 part's command (``minimoe.cli``, ``minimoe.parallel.demo``, ``minimoe.traces.convert``, ...) can use it.
 """
 
@@ -41,3 +42,10 @@ def number(minimum: float, strict: bool = False):
 
     parse.__name__ = f"number {relation} {minimum}"
     return parse
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr, exit code 2: ``PROG: error: MESSAGE (see 'PROG --help')``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from minimoe.arguments import number, whole_number
+from minimoe.arguments import OneLineParser, number, whole_number
 
 DEFAULT_TOPOLOGIES = "2x2,4x2,2x4,4x4"
 
@@ -272,13 +272,6 @@ def _forward(command):
     return run
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: the message and where to read more, not the whole usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
 def _add_threads(parser) -> None:
     parser.add_argument("--threads", metavar="N", type=positive, default=default_threads(),
                         help="CPU threads for torch (default: half the cores, at most 8: %(default)s here)")
@@ -306,7 +299,7 @@ def _add_workload(parser, requests_default: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from minimoe import __version__
 
-    parser = Parser(
+    parser = OneLineParser(  # one-line errors: the message and where to read more, not the usage block
         prog="minimoe",
         description="Mixture-of-Experts language models, small enough to read: Llama 3 block, MoE routing, "
                     "expert activation traces, expert placement.")

@@ -8,7 +8,7 @@ import torch
 
 from minimoe.compress.analysis import locality, time_to_target
 from minimoe.compress.experiment import PRESETS, ExperimentConfig, main, run, settings
-from minimoe.compress.report import markdown
+from minimoe.compress.report import markdown, paired_time_ratio
 
 TINY = {**PRESETS["cpu"], "corpus_chars": 5_000, "pretrain_documents": 16, "train_documents": 8, "dev_documents": 2,
         "test_documents": 2, "steps": 2, "eval_every": 1, "dev_limit": 4, "ablations": False}
@@ -68,16 +68,45 @@ def test_locality_and_time_to_target_by_hand():
     assert time_to_target(curve, 8.0) == {"step": 20, "seconds": 2.0} and time_to_target(curve, 10.0) is None
 
 
+def test_time_ratio_pairs_the_seeds_where_both_reached_the_target():
+    def rows(steps):
+        return [{"seed": seed, "step": step, "seconds": None if step is None else step / 2}
+                for seed, step in enumerate(steps)]
+    # the baseline's slow seed 0 (450 steps) must not count: PIC missed it
+    reach = {"global": {"per_seed": rows([450, 400, 400])}, "pic": {"per_seed": rows([None, None, 400])}}
+    assert paired_time_ratio(reach) == {"paired_seeds": 1, "pic_over_global_steps": 1.0,
+                                        "pic_over_global_seconds": 1.0}
+    reach = {"global": {"per_seed": rows([250, 50])}, "pic": {"per_seed": rows([200, 150])}}
+    assert paired_time_ratio(reach)["pic_over_global_steps"] == pytest.approx(350 / 300)
+    assert paired_time_ratio({"global": {"per_seed": rows([100])}, "pic": {"per_seed": rows([None])}}) == {}
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--workers", "0"], "--workers must be >= 1, got 0"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--device", "tpu"], "--device must be cpu or cuda"),
-    (["--ratios", "5"], "ratio 5 does not divide chunk_size 48"),
-    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--workers", "0"], "argument --workers: expected a whole number >= 1, got 0"),
+    (["--steps", "0"], "argument --steps: expected a whole number >= 1, got 0"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--ratios", "0"], "argument --ratios: expected a whole number >= 1, got 0"),
+    (["--seeds", "-1"], "argument --seeds: expected a whole number >= 0, got -1"),
+    (["--lr", "inf"], "argument --lr: expected a finite number > 0, got inf"),
+    (["--pretrain-seconds", "nan"], "argument --pretrain-seconds: expected a finite number > 0, got nan"),
+    (["--handoff", "cache"], "argument --handoff: invalid choice: 'cache'"),
 ])
-def test_command_line_rejects_bad_values(argv, message):
-    with pytest.raises(ValueError, match=message):
+def test_command_line_rejects_bad_values_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and error.count("\n") == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"ratios": (5,)}, "ratio 5 does not divide chunk_size 48"),
+    ({"ratios": (0,)}, r"--ratios must be whole numbers >= 1, got \[0\]"),
+    ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
+    ({"seeds": ()}, r"--seeds must be whole numbers >= 0, got \[\]"),
+])
+def test_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ExperimentConfig(**{**TINY, **overrides})
 
 
 def test_unknown_handoff_is_refused():

@@ -200,6 +200,20 @@ def test_greedy_after_memory_keys_values_matches_step_by_step_argmax(context):
             assert generated == ids[len(rows[row]):]
 
 
+def test_memory_keys_values_must_match_the_rows_and_positions(context):
+    c, layout = compressor(6), global_mask(24, 6)
+    keys, values, start = c.memory_kv(context, layout)  # 3 rows
+    with c.decoder():
+        bos = c.base.embed(torch.zeros(2, 1, dtype=torch.long))  # 2 rows
+        with pytest.raises(ValueError, match="memory_kv holds 3 rows for 2 prefix rows"):
+            decoder_loss(c.base, bos, [[1]] * 2, [[2]] * 2, pad_id=0, memory_kv=(keys, values, start))
+        with pytest.raises(ValueError, match="memory_kv holds 3 rows for 2 prefixes"):
+            greedy_from_embeds(c.base, list(bos), 2, {63}, memory_kv=(keys, values, start))
+        late = ([k[:2] for k in keys], [v[:2] for v in values], 91)  # positions 91..96: 97 > max_seq_len=96
+        with pytest.raises(ValueError, match="positions 91..96 exceed max_seq_len=96"):
+            decoder_loss(c.base, bos, [[1, 2]] * 2, [[3, 4, 5]] * 2, pad_id=0, memory_kv=late)
+
+
 def test_compressor_errors(context):
     c = compressor(6)
     with pytest.raises(ValueError, match="layout holds 24 text and 3 memory"):

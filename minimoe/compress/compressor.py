@@ -66,13 +66,18 @@ def kv_cache_from(model: Transformer, memory_kv, extra: int) -> KVCache:
 
     memory_kv: (keys, values, start) with keys[layer] / values[layer] (B, n_kv_heads, k, head_dim) from
     ``Compressor.memory_kv`` (rows already matched to the decoder's rows) and ``start``, the position the
-    decoder continues at. The copy is out of place, so gradients reach the encoder through it.
+    decoder continues at: the tokens fed after the cache must get position ids ``start, start + 1, ...`` (the
+    cache does not store them). The cache has the keys' dtype and device; the copy is out of place, so gradients
+    reach the encoder through it. Raises ValueError when the layers do not match the model's.
     """
     keys, values, _ = memory_kv
+    if len(keys) != model.config.num_layers or len(values) != len(keys):
+        raise ValueError(f"memory_kv holds {len(keys)} layers of keys and {len(values)} of values; the model has "
+                         f"{model.config.num_layers}")
     b, heads, k, dim = keys[0].shape
-    cache = model.new_cache(b, k + extra)
+    cache = KVCache(0, b, k + extra, heads, dim)  # no layers allocated: filled below
     room = keys[0].new_zeros(b, heads, extra, dim)
-    cache.keys = [torch.cat([key, room], dim=2) for key in keys]
+    cache.keys = [torch.cat([key, room], dim=2) for key in keys]  # (B, n_kv, k + extra, d)
     cache.values = [torch.cat([value, room], dim=2) for value in values]
     cache.length = k
     return cache
@@ -139,9 +144,11 @@ class Compressor(nn.Module):
     def memory_kv(self, context_ids: torch.Tensor, layout: Layout):
         """500xCompressor: the memory tokens' keys and values of every layer, from one masked encoder pass.
 
-        Returns (keys, values, start): keys[layer] / values[layer] (B, n_kv_heads, k, head_dim) in memory-token
-        order (RoPE already applied at the layout's positions), and ``start``, the position the decoder
-        continues at (one past the layout's largest). Differentiable: gradients reach LoRA and ``memory``.
+        context_ids (B, n) int64. Returns (keys, values, start): keys[layer] / values[layer]
+        (B, n_kv_heads, k, head_dim) in memory-token order, RoPE already applied at the layout's positions, in the
+        dtype attention computes in (the autocast dtype under autocast, else the embeddings'); ``start`` is the
+        position the decoder continues at (one past the layout's largest). Differentiable: gradients reach LoRA
+        and ``memory``. Raises ValueError when the context does not fit the layout or the model's positions.
         """
         self._check(context_ids, layout)
         b, size = context_ids.shape[0], layout.kind.numel()
@@ -158,7 +165,8 @@ class Compressor(nn.Module):
         return keys, values, int(layout.position_ids.max()) + 1
 
     def memory_cache(self, context_ids: torch.Tensor, layout: Layout, extra: int) -> tuple[KVCache, int]:
-        """``memory_kv`` in a ``KVCache`` with room for ``extra`` more tokens, and the position to continue at."""
+        """``memory_kv`` in a ``KVCache`` (per layer (B, n_kv_heads, k + extra, head_dim), ``length`` = k) and
+        ``start``: feed the decoder's next tokens with ``position_ids`` from ``start`` (see ``kv_cache_from``)."""
         memory_kv = self.memory_kv(context_ids, layout)
         return kv_cache_from(self.base, memory_kv, extra), memory_kv[2]
 

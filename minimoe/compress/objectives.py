@@ -47,12 +47,16 @@ def decoder_loss(model: Transformer, prefix: torch.Tensor, prompts: list[list[in
     """Mean cross-entropy of ``targets`` for a decoder reading ``prefix`` (B, P, H) embeddings, then the prompt.
 
     prefix: what replaces the context (``[bos, memory]``, ``[bos, context]`` embedded, or just ``[bos]``).
-    memory_kv: optional (keys, values, start) of ``Compressor.memory_kv``: the decoder then reads the memory's
-    keys/values in every layer before the prefix (500xCompressor), and the prefix starts at position ``start``.
+    memory_kv: optional (keys, values, start) of ``Compressor.memory_kv``, one row per prefix row: the decoder
+    then reads the memory's keys/values in every layer before the prefix (500xCompressor), and the prefix starts
+    at position ``start``. Returns a 0-dim float32 tensor (nats per target token). Raises ValueError for a row
+    count that differs between prefix, prompts, targets and memory_kv, or more positions than ``max_seq_len``.
     """
     if len(prompts) != prefix.shape[0] or len(targets) != prefix.shape[0]:
         raise ValueError(f"need one prompt and one target per row: {prefix.shape[0]} rows, {len(prompts)} prompts, "
                          f"{len(targets)} targets")
+    if memory_kv is not None and memory_kv[0][0].shape[0] != prefix.shape[0]:
+        raise ValueError(f"memory_kv holds {memory_kv[0][0].shape[0]} rows for {prefix.shape[0]} prefix rows")
     b, p = prefix.shape[:2]
     longest = max(len(q) + len(t) for q, t in zip(prompts, targets))
     ids = torch.full((b, longest), pad_id, dtype=torch.long)
@@ -66,6 +70,9 @@ def decoder_loss(model: Transformer, prefix: torch.Tensor, prompts: list[list[in
     if memory_kv is None:
         h = final_hidden(model, x, None, torch.arange(t, device=device)[None])  # (B, P + T, H), causal
     else:
+        if memory_kv[2] + t > model.config.max_seq_len:
+            raise ValueError(f"positions {memory_kv[2]}..{memory_kv[2] + t - 1} exceed max_seq_len="
+                             f"{model.config.max_seq_len}")
         cache, k = kv_cache_from(model, memory_kv, t), memory_kv[0][0].shape[2]
         mask = torch.ones(t, k + t, dtype=torch.bool, device=device).tril(k)  # all memory, then causal
         h = final_hidden(model, x, mask[None, None], memory_kv[2] + torch.arange(t, device=device)[None], cache)
@@ -80,10 +87,13 @@ def greedy_from_embeds(model: Transformer, prefixes: list[torch.Tensor], max_new
                        stop_ids: set[int], memory_kv=None) -> list[list[int]]:
     """Greedy continuations of a batch of embedded prompts (each (P_i, H)), left-padded, with a KV cache.
 
-    memory_kv: optional (keys, values, start) as in ``decoder_loss``: every row first reads its memory's
-    keys/values, then its prompt from position ``start``. Returns the generated ids of every row, cut before the
-    first id in ``stop_ids``.
+    memory_kv: optional (keys, values, start) as in ``decoder_loss``, one row per prefix (cast to the prefixes'
+    dtype): every row first reads its memory's keys/values, then its prompt from position ``start``. Returns the
+    generated ids of every row, cut before the first id in ``stop_ids``. Raises ValueError for more positions
+    than ``max_seq_len`` or a memory_kv whose rows differ from the prefixes'.
     """
+    if memory_kv is not None and memory_kv[0][0].shape[0] != len(prefixes):
+        raise ValueError(f"memory_kv holds {memory_kv[0][0].shape[0]} rows for {len(prefixes)} prefixes")
     b, longest = len(prefixes), max(len(prefix) for prefix in prefixes)
     past, start = (0, 0) if memory_kv is None else (memory_kv[0][0].shape[2], memory_kv[2])
     total = start + longest + max_new_tokens

@@ -123,6 +123,7 @@ def evaluate_compressor(compressor: Compressor, layout: Layout, data: QASet, bos
 
     handoff: ``"embeddings"`` (ICAE: the decoder reads ``[bos, memory, question]``) or ``"kv"``
     (500xCompressor: the decoder reads the memory's keys/values in every layer, then ``[bos, question]``).
+    Returns ``{"em", "f1", "count"}`` (percent, percent, questions scored). Raises ValueError for another handoff.
     """
     if handoff not in HANDOFFS:
         raise ValueError(f"handoff must be one of {HANDOFFS}, got {handoff!r}")
@@ -169,7 +170,9 @@ def train_compressor(base: Transformer, layout: Layout, train: QASet, dev: QASet
     log["curve"]: [{step, seconds, em, f1}] on the dev set every ``eval_every`` QA steps; ``step`` and
     ``seconds`` (training time only, evaluation excluded) count the autoencoding phase too. A batch is
     ``batch_size`` contexts (with all their questions in the QA phase). ``handoff``: how the decoder reads the
-    memory, ``"embeddings"`` (ICAE) or ``"kv"`` (500xCompressor), as in ``evaluate_compressor``.
+    memory, ``"embeddings"`` (ICAE) or ``"kv"`` (500xCompressor), as in ``evaluate_compressor``. Returns
+    (compressor, log); log also holds "ae_loss" and "loss" (per step) and "train_seconds". Raises ValueError for
+    an unknown handoff, or ``ae_steps`` without ``ae_cue`` and ``eos_id``.
     """
     if handoff not in HANDOFFS:
         raise ValueError(f"handoff must be one of {HANDOFFS}, got {handoff!r}")
@@ -213,7 +216,7 @@ def train_compressor(base: Transformer, layout: Layout, train: QASet, dev: QASet
                 keys, values, position = compressor.memory_kv(contexts, layout)  # per layer (B, n_kv, k, d)
                 memory_kv = ([k[expand] for k in keys], [v[expand] for v in values], position)
                 with compressor.decoder():
-                    prefix = base.embed(bos)[None].expand(len(rows), -1, -1).to(keys[0].dtype)  # (rows, 1, H)
+                    prefix = base.embed(bos)[None].expand(len(rows), -1, -1)  # (rows, 1, H)
                     loss = decoder_loss(base, prefix, prompts, targets, pad_id, memory_kv=memory_kv)
             else:
                 memory = compressor.encode(contexts, layout)  # (B, k, H)

@@ -33,7 +33,7 @@ import torch
 
 from minimoe.parallel.comm import DEFAULT_TIMEOUT_S, all_reduce_sum, destroy_process_group, group_rank_size, \
     init_process_group
-from minimoe.arguments import number, whole_number
+from minimoe.arguments import OneLineParser, number, whole_number
 from minimoe.parallel.dispatch import WIRE_FORMATS, TrafficCounters
 from minimoe.parallel.layer import ExpertParallelMoE, expert_parallel
 
@@ -47,8 +47,7 @@ _non_negative_float = number(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minimoe ep-demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="minimoe ep-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a minimoe checkpoint directory, or 'bundled': run the whole model "
                                    "expert-parallel and compare its logits with one process")
     p.add_argument("--trace", help="a trace .npz, or 'bundled' (record the bundled model's workload, small): "

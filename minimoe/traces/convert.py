@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minimoe.arguments import whole_number
+from minimoe.arguments import OneLineParser, whole_number
 from minimoe.traces.format import Trace
 from minimoe.traces.importers import WIRE_DTYPES, from_sglang, from_vllm
 from minimoe.traces.importers_jsonl import OUR_FIELDS, POSITIONS, from_jsonl
@@ -66,15 +66,8 @@ def _field(text: str) -> tuple[str, str]:
     return ours, theirs
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (the message and where to read more), like the other commands."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="minimoe import", description="Convert a vLLM, SGLang or JSONL routing capture to a minimoe trace file.",
     )
     parser.add_argument("source", help="the capture: .npy/.npz (vLLM), a text file of SGLang payloads, or .jsonl")
