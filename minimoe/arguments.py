@@ -2,8 +2,9 @@
 
 Each returns a function for ``add_argument(type=...)`` that raises ``argparse.ArgumentTypeError`` with the bad
 value and what was expected; argparse then names the flag. ``OneLineParser`` prints such an error as one line
-(the message and where to read more) instead of argparse's whole usage block. This module imports nothing from minimoe, so every
-part's command (``minimoe.cli``, ``minimoe.parallel.demo``, ``minimoe.traces.convert``, ...) can use it.
+(the message and where to read more) instead of argparse's whole usage block. This module imports nothing from
+minimoe, so every part's command (``minimoe.cli``, ``minimoe.parallel.demo``, ``minimoe.traces.convert``,
+``minimoe.compress.experiment``, ...) can use it.
 """
 
 from __future__ import annotations
