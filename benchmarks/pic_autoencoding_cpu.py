@@ -31,7 +31,7 @@ from minimoe.compress.objectives import decoder_loss, greedy_from_embeds
 from minimoe.compress.qa_data import generate_documents
 from minimoe.compress.setup import sentence_token_counter
 from minimoe.compress.smollm2 import load_smollm2
-from minimoe.compress.training import HANDOFFS, build_qa_set, train_compressor
+from minimoe.compress.training import HANDOFFS, build_qa_set, hand_over, train_compressor
 
 CONTEXT, RATIO = 64, 4
 
@@ -42,21 +42,14 @@ def reconstruction_losses(compressor, layout, contexts, bos_id, cue, eos_id, pad
     base = compressor.base
     targets = [[t for t in row.tolist() if t != pad_id] + [eos_id] for row in contexts]
     b = len(targets)
-    if handoff == "kv":
-        keys, values, start = compressor.memory_kv(contexts, layout)  # per layer (B, n_kv, k, d)
-        memories = {"own memory": (keys, values, start),
-                    "another's memory": ([k.roll(1, dims=0) for k in keys], [v.roll(1, dims=0) for v in values], start)}
-    else:
-        memory = compressor.encode(contexts, layout)  # (B, k, H)
-        memories = {"own memory": memory, "another's memory": memory.roll(1, dims=0)}
+    own = torch.arange(b)
+    handed = {"own memory": hand_over(compressor, contexts, layout, own, handoff),
+              "another's memory": hand_over(compressor, contexts, layout, own.roll(1), handoff)}
     with compressor.decoder():
         bos = base.embed(torch.tensor([bos_id]))[None].expand(b, -1, -1)  # (B, 1, H)
-        losses = {}
-        for name, m in memories.items():
-            if handoff == "kv":
-                losses[name] = float(decoder_loss(base, bos, [cue] * b, targets, pad_id, memory_kv=m))
-            else:
-                losses[name] = float(decoder_loss(base, torch.cat([bos, m], dim=1), [cue] * b, targets, pad_id))
+        losses = {name: float(decoder_loss(base, torch.cat([bos, memory], dim=1), [cue] * b, targets, pad_id,
+                                           memory_kv=memory_kv))
+                  for name, (memory, memory_kv) in handed.items()}
         losses["no memory"] = float(decoder_loss(base, bos, [cue] * b, targets, pad_id))
     return losses
 
@@ -101,18 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         if steps:
             print(f"training loss every 10 steps: {log['ae_loss'][::10]}")
             with torch.no_grad():
-                bos = base.embed(torch.tensor([special["bos"]]))
-                cue_embeds = base.embed(torch.tensor(cue))
-                if args.handoff == "kv":
-                    memory_kv = compressor.memory_kv(held_out[:1], layout)
-                    with compressor.decoder():
-                        out = greedy_from_embeds(base, [torch.cat([bos, cue_embeds])], CONTEXT, {special["eos"]},
-                                                 memory_kv=memory_kv)[0]
-                else:
-                    memory = compressor.encode(held_out[:1], layout)[0]
-                    with compressor.decoder():
-                        out = greedy_from_embeds(base, [torch.cat([bos, memory, cue_embeds])], CONTEXT,
-                                                 {special["eos"]})[0]
+                memory, memory_kv = hand_over(compressor, held_out[:1], layout, torch.zeros(1, dtype=torch.long),
+                                              args.handoff)
+                bos, cue_embeds = base.embed(torch.tensor([special["bos"]])), base.embed(torch.tensor(cue))
+                prefix = torch.cat([bos, memory[0], cue_embeds])  # (1 + k + cue, H); k = 0 with keys/values
+                with compressor.decoder():
+                    out = greedy_from_embeds(base, [prefix], CONTEXT, {special["eos"]}, memory_kv=memory_kv)[0]
             print(f"held-out paragraph: {tokenizer.decode([t for t in held_out[0].tolist() if t != special['pad']])!r}")
             print(f"reconstructed:      {tokenizer.decode(out)!r}")
     print("\n| compressor | own memory | another's memory | no memory |\n|---|---:|---:|---:|")

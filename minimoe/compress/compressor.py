@@ -151,13 +151,11 @@ class Compressor(nn.Module):
         and ``memory``. Raises ValueError when the context does not fit the layout or the model's positions.
         """
         self._check(context_ids, layout)
-        b, size = context_ids.shape[0], layout.kind.numel()
-        full = self.base.new_cache(b, size)
         x = self._laid_out(context_ids, layout)
-        device_type = x.device.type
+        device_type, c = x.device.type, self.base.config
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        full.keys = [k.to(dtype) for k in full.keys]  # the dtype attention computes keys/values in
-        full.values = [v.to(dtype) for v in full.values]
+        full = KVCache(c.num_layers, x.shape[0], layout.kind.numel(), c.num_kv_heads, c.head_dim, dtype,
+                       x.device)  # in the dtype attention computes keys/values in
         final_hidden(self.base, x, layout.attention_mask, layout.position_ids, full)
         keep = layout.slots(MEMORY).to(context_ids.device)
         keys = [k[:, :, keep] for k in full.keys]  # (B, n_kv, k, d) each: a gathered copy

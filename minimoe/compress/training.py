@@ -115,6 +115,20 @@ def evaluate_reader(model: Transformer, data: QASet, mode: str, bos_id: int, sto
 HANDOFFS = ("embeddings", "kv")
 
 
+def hand_over(compressor: Compressor, contexts: torch.Tensor, layout: Layout, expand: torch.Tensor, handoff: str):
+    """Compress ``contexts`` (B, n) and hand the result to the decoder's rows: row i reads context ``expand[i]``.
+
+    Returns (memory, memory_kv): ``"embeddings"`` gives memory (rows, k, H), the embeddings the decoder reads
+    after bos, and memory_kv None; ``"kv"`` gives an empty memory (rows, 0, H) and memory_kv (keys, values,
+    start) with rows matched (see ``Compressor.memory_kv``). Either way the decoder reads ``[bos, memory, ...]``.
+    """
+    if handoff == "kv":
+        keys, values, start = compressor.memory_kv(contexts, layout)  # per layer (B, n_kv, k, d)
+        empty = compressor.memory.new_zeros(len(expand), 0, compressor.memory.shape[-1])
+        return empty, ([k[expand] for k in keys], [v[expand] for v in values], start)
+    return compressor.encode(contexts, layout)[expand], None  # (rows, k, H)
+
+
 @torch.no_grad()
 def evaluate_compressor(compressor: Compressor, layout: Layout, data: QASet, bos_id: int, stop_ids: set[int],
                         decode, batch_size: int = 64, max_new_tokens: int = 12, limit: int | None = None,
@@ -137,20 +151,15 @@ def evaluate_compressor(compressor: Compressor, layout: Layout, data: QASet, bos
         contexts = data.contexts[docs].to(device)
         expand = torch.tensor([docs.index(data.doc[r]) for r in rows], device=device)  # question -> context row
         with _autocast(device.type, bf16):
-            if handoff == "kv":
-                keys, values, position = compressor.memory_kv(contexts, layout)
-                memory_kv = ([k[expand].float() for k in keys], [v[expand].float() for v in values], position)
-            else:
-                memory = compressor.encode(contexts, layout).float()[expand]  # (rows, k, H)
+            memory, memory_kv = hand_over(compressor, contexts, layout, expand, handoff)
+        memory = memory.float()  # the decoder answers in float32
+        if memory_kv is not None:
+            memory_kv = ([k.float() for k in memory_kv[0]], [v.float() for v in memory_kv[1]], memory_kv[2])
         with compressor.decoder():
             bos = base.embed(torch.tensor([bos_id], device=device))
-            prompts = [base.embed(torch.tensor(data.prompts[r], device=device)) for r in rows]
-            if handoff == "kv":
-                prefixes = [torch.cat([bos, prompt]) for prompt in prompts]
-                out = greedy_from_embeds(base, prefixes, max_new_tokens, stop_ids, memory_kv=memory_kv)
-            else:
-                prefixes = [torch.cat([bos, memory[i], prompt]) for i, prompt in enumerate(prompts)]
-                out = greedy_from_embeds(base, prefixes, max_new_tokens, stop_ids)
+            prefixes = [torch.cat([bos, memory[i], base.embed(torch.tensor(data.prompts[r], device=device))])
+                        for i, r in enumerate(rows)]
+            out = greedy_from_embeds(base, prefixes, max_new_tokens, stop_ids, memory_kv=memory_kv)
         predictions += [decode(ids) for ids in out]
     return squad_scores(predictions, data.answers[:count])
 
@@ -212,18 +221,11 @@ def train_compressor(base: Transformer, layout: Layout, train: QASet, dev: QASet
                 rows = [r for d in docs for r in by_doc[d]]
                 prompts, targets = [train.prompts[r] for r in rows], [train.targets[r] for r in rows]
                 expand = torch.tensor([docs.index(train.doc[r]) for r in rows], device=device)
-            if handoff == "kv":
-                keys, values, position = compressor.memory_kv(contexts, layout)  # per layer (B, n_kv, k, d)
-                memory_kv = ([k[expand] for k in keys], [v[expand] for v in values], position)
-                with compressor.decoder():
-                    prefix = base.embed(bos)[None].expand(len(rows), -1, -1)  # (rows, 1, H)
-                    loss = decoder_loss(base, prefix, prompts, targets, pad_id, memory_kv=memory_kv)
-            else:
-                memory = compressor.encode(contexts, layout)  # (B, k, H)
-                with compressor.decoder():
-                    prefix = torch.cat([base.embed(bos)[None].expand(len(rows), -1, -1).to(memory.dtype),
-                                        memory[expand]], dim=1)  # (rows, 1 + k, H)
-                    loss = decoder_loss(base, prefix, prompts, targets, pad_id)
+            memory, memory_kv = hand_over(compressor, contexts, layout, expand, handoff)  # (rows, k or 0, H)
+            with compressor.decoder():
+                prefix = torch.cat([base.embed(bos)[None].expand(len(rows), -1, -1).to(memory.dtype), memory],
+                                   dim=1)  # (rows, 1 + k, H), or (rows, 1, H) with keys/values
+                loss = decoder_loss(base, prefix, prompts, targets, pad_id, memory_kv=memory_kv)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
