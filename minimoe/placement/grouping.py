@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from minimoe.placement.fitdata import FitData
 from minimoe.placement.methods import Placement, place
 from minimoe.placement.topology import Topology
 
@@ -53,19 +54,23 @@ def group(trace, topology: Topology, method: str = "signature", seed: int = 0, p
         raise ValueError(f"unknown grouping method {method!r}; expected one of {list(METHODS)}")
     if balance not in ("requests", "tokens"):
         raise ValueError(f"balance must be 'requests' or 'tokens', got {balance!r}")
-    num_requests = int(trace.request.max()) + 1 if trace.request.size else 0
+    num_requests = trace.num_requests
     rows = _fit_rows(trace, tokens)
-    size = np.ones(num_requests) if balance == "requests" else \
-        np.bincount(trace.request[rows], minlength=num_requests).astype(float)
+    size = np.ones(num_requests) if balance == "requests" else _fit_tokens(trace, rows).astype(float)
     num_gpus = topology.num_gpus
     rng = np.random.default_rng(seed)
     if method in ("random", "domain"):
         if method == "random":
             order = rng.permutation(num_requests)
         else:
-            if not (trace.domain.shape[0] == trace.experts.shape[0] and trace.experts.shape[0] > 0):
+            if isinstance(trace, FitData):
+                if trace.domain is None:
+                    raise ValueError("grouping method 'domain' needs a trace with domain labels")
+                labels = trace.domain
+            elif not (trace.domain.shape[0] == trace.experts.shape[0] and trace.experts.shape[0] > 0):
                 raise ValueError("grouping method 'domain' needs a trace with domain labels")
-            labels = trace.domain[np.searchsorted(trace.request, np.arange(num_requests))]
+            else:
+                labels = trace.domain[np.searchsorted(trace.request, np.arange(num_requests))]
             order = np.lexsort((np.arange(num_requests), labels))
         return _cut(order, size, num_gpus)
     gpu_capacity = _capacity(size, num_gpus)
@@ -102,7 +107,7 @@ def group_and_place(trace, topology: Topology, rounds: int = 2, seed: int = 0, t
     rows = _fit_rows(trace, tokens)
     mask = np.zeros(trace.experts.shape[0], dtype=bool)
     mask[rows] = True
-    num_requests = int(trace.request.max()) + 1
+    num_requests = trace.num_requests
     sources = group(trace, topology, init, seed=seed, tokens=mask, balance=balance)
     placement = place(trace, topology, "locality", sources=sources, tokens=mask, **place_options)
     cost_of = _remote_cost(trace, placement, rows, num_requests)
@@ -119,62 +124,85 @@ def group_and_place(trace, topology: Topology, rounds: int = 2, seed: int = 0, t
 
 # ---- fitting data -----------------------------------------------------------------------------------------
 def _fit_rows(trace, tokens):
-    """Row indices of the fitting tokens: the mask if given, else prefill tokens, else all tokens."""
+    """Row indices of the fitting tokens: the mask if given, else prefill tokens, else all tokens (a FitData:
+    all its tokens are fitting tokens)."""
     if tokens is not None:
         tokens = np.asarray(tokens)
         if tokens.dtype != bool or tokens.shape != (trace.experts.shape[0],):
             raise ValueError(f"tokens must be a bool mask of shape ({trace.experts.shape[0]},), "
                              f"got dtype {tokens.dtype} shape {tokens.shape}")
+        if isinstance(trace, FitData) and not tokens.all():
+            raise ValueError("a FitData holds only fitting tokens: tokens must be None or all True")
         return np.flatnonzero(tokens)
+    if isinstance(trace, FitData):
+        return np.arange(trace.num_tokens)
     prefill = np.flatnonzero(trace.phase == 0)
     return prefill if prefill.size else np.arange(trace.experts.shape[0])
 
 
-def _signatures(trace, rows, num_requests):
-    """(R, L*E) float32: per request and layer, the expert histogram divided by the request's tokens."""
+def _fit_tokens(trace, rows) -> np.ndarray:
+    """(R,) fitting tokens of every request (exact for a FitData, whose rows may be a sample)."""
+    if isinstance(trace, FitData):
+        return trace.request_tokens
+    return np.bincount(trace.request[rows], minlength=trace.num_requests)
+
+
+def _fit_counts(trace, rows) -> np.ndarray:
+    """(R, L, E) int64 expert counts of every request's fitting tokens."""
+    if isinstance(trace, FitData):
+        return trace.request_counts.astype(np.int64)
     experts = trace.experts[rows].astype(np.int64)  # (T, L, k)
     num_layers, num_experts = experts.shape[1], trace.num_experts
     column = np.arange(num_layers)[None, :, None] * num_experts + experts
     request = np.broadcast_to(trace.request[rows][:, None, None], experts.shape)
     valid = experts >= 0
     width = num_layers * num_experts
-    counts = np.bincount(request[valid] * width + column[valid], minlength=num_requests * width)
-    signature = counts.reshape(num_requests, width).astype(np.float32)
-    tokens = np.bincount(trace.request[rows], minlength=num_requests)
-    return signature / np.maximum(tokens, 1)[:, None]
+    counts = np.bincount(request[valid] * width + column[valid], minlength=trace.num_requests * width)
+    return counts.reshape(trace.num_requests, num_layers, num_experts)
+
+
+def _signatures(trace, rows, num_requests):
+    """(R, L*E) float64: per request and layer, the expert histogram divided by the request's tokens."""
+    signature = _fit_counts(trace, rows).reshape(num_requests, -1).astype(np.float32)
+    return signature / np.maximum(_fit_tokens(trace, rows), 1)[:, None]
 
 
 def _remote_cost(trace, placement, rows, num_requests):
-    """(R, N): remote nodes summed over a request's fitting tokens and layers, if it ran on node n."""
+    """(R, N): remote nodes summed over a request's fitting tokens and layers, if it ran on node n.
+
+    On a FitData the sampled tokens' sum is scaled by fitting tokens / sampled tokens of the request, and a
+    request with fitting tokens but none sampled is scored by its remote (token, expert) pairs."""
     per_node, num_nodes = placement.gpus_per_node, placement.num_nodes
     cost = np.zeros((num_requests, num_nodes))
     request = trace.request[rows]
+    token_index = trace.token_index[rows] if isinstance(trace, FitData) else rows
     for layer in range(placement.num_layers):
         experts = trace.experts[rows, layer].astype(np.int64)
         valid = experts >= 0
         for node in range(num_nodes):
             source = np.full(len(rows), node * per_node)
-            slots = placement.route(layer, experts, source, rows)
+            slots = placement.route(layer, experts, source, token_index)
             nodes = np.sort(np.where(valid, placement.node_of_slot[np.maximum(slots, 0)], node), axis=1)
             first = np.ones(nodes.shape, dtype=bool)
             first[:, 1:] = nodes[:, 1:] != nodes[:, :-1]
             remote = (first & (nodes != node)).sum(axis=1)
             cost[:, node] += np.bincount(request, weights=remote, minlength=num_requests)
+    if isinstance(trace, FitData):
+        sampled, fitted = np.bincount(request, minlength=num_requests), trace.request_tokens
+        cost *= np.where(sampled > 0, fitted / np.maximum(sampled, 1), 0.0)[:, None]
+        unsampled = (sampled == 0) & (fitted > 0)
+        if unsampled.any():
+            away = ~placement.hosts("node")  # (L, E, N): the expert has no replica on node n
+            counts = trace.request_counts[unsampled].reshape(int(unsampled.sum()), -1).astype(np.int64)
+            cost[unsampled] = counts @ away.reshape(-1, num_nodes).astype(np.int64)
     return cost
 
 
 def _hosted_pairs(trace, placement, rows, num_requests):
-    """(R, G): fitting pairs of each request whose expert has a replica on GPU g."""
-    hosts = placement.hosts("gpu")  # (L, E, G)
-    score = np.zeros((num_requests, placement.num_gpus))
-    request = trace.request[rows]
-    for layer in range(placement.num_layers):
-        experts = trace.experts[rows, layer].astype(np.int64)
-        valid = experts >= 0
-        per_token = (hosts[layer][np.maximum(experts, 0)] * valid[..., None]).sum(axis=1)  # (T, G)
-        for gpu in range(placement.num_gpus):
-            score[:, gpu] += np.bincount(request, weights=per_token[:, gpu], minlength=num_requests)
-    return score
+    """(R, G): fitting pairs of each request whose expert has a replica on GPU g (from the exact counts)."""
+    hosts = placement.hosts("gpu").reshape(-1, placement.num_gpus).astype(np.int64)  # (L*E, G)
+    counts = _fit_counts(trace, rows).reshape(num_requests, -1)  # (R, L*E)
+    return (counts @ hosts).astype(float)
 
 
 # ---- balanced assignment ----------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from minimoe.placement.fitdata import FitData
 from minimoe.placement.hypergraph import MTKAHYPAR_PRESETS, Hypergraph, partition_mtkahypar
 from minimoe.placement.locality_slots import fill_spares, pack_gpus
 from minimoe.placement.refinement import fit_slots, improve, refine, repair
@@ -94,14 +95,14 @@ def place_locality(trace, topology: Topology, num_slots: int, sources=None, toke
     rows = np.arange(trace.experts.shape[0]) if tokens is None else np.flatnonzero(tokens)
     if max_fit_tokens is not None and len(rows) > max_fit_tokens:
         rows = rows[np.linspace(0, len(rows) - 1, max_fit_tokens).astype(np.int64)]
+    token_index = trace.token_index[rows] if isinstance(trace, FitData) else rows  # rows of the whole trace
     source_gpu = None
     if sources is not None:
-        num_requests = int(trace.request.max()) + 1 if trace.request.size else 0
-        source_gpu = topology.request_ranks(num_requests, sources)[trace.request[rows]]
+        source_gpu = topology.request_ranks(trace.num_requests, sources)[trace.request[rows]]
     phy2log = np.empty((trace.experts.shape[1], num_slots), dtype=np.int64)
     for layer in range(trace.experts.shape[1]):
         experts = trace.experts[rows, layer].astype(np.int64)
-        phy2log[layer] = place_layer(experts, trace.num_experts, topology, num_slots, source_gpu, rows,
+        phy2log[layer] = place_layer(experts, trace.num_experts, topology, num_slots, source_gpu, token_index,
                                      epsilon, rounds, locality_replicas, partitioner, seed, restarts,
                                      mtkahypar_preset)
     return phy2log

@@ -28,6 +28,7 @@ import os
 import numpy as np
 
 from minimoe.placement.eplb import eplb, eplb_numpy, replicate_experts  # noqa: F401  (eplb is an entry point)
+from minimoe.placement.fitdata import FitData
 from minimoe.placement.locality import place_locality
 from minimoe.placement.topology import Topology
 
@@ -236,7 +237,9 @@ def _static_layout(num_layers, num_experts, topology, num_slots, loads, method):
 def place(trace, topology: Topology, method: str = "locality", **options) -> Placement:
     """Place every layer's experts on ``topology``; see the module docstring for the methods.
 
-    Common options: ``num_replicas`` (physical slots per layer, default ``num_experts`` or
+    ``trace`` is a Trace or a ``minimoe.placement.fitdata.FitData`` (exact loads, sampled hyperedges: how
+    traces larger than memory are fitted). Common options: ``num_replicas`` (physical slots per layer,
+    default ``num_experts`` or
     ``topology.slots_per_gpu * num_gpus``), ``tokens`` (bool (N,) mask of the tokens to fit on),
     ``num_experts`` (checked against the trace), ``sources`` (per-request GPU rank from
     ``minimoe.placement.grouping``; only ``locality`` uses it, the other methods do not depend on sources).
@@ -260,7 +263,12 @@ def place(trace, topology: Topology, method: str = "locality", **options) -> Pla
         if tokens.dtype != bool or tokens.shape != (trace.experts.shape[0],):
             raise ValueError(f"tokens must be a bool mask of shape ({trace.experts.shape[0]},), "
                              f"got dtype {tokens.dtype} shape {tokens.shape}")
-    loads = trace_loads(trace, tokens)
+    if isinstance(trace, FitData):  # exact loads, sampled tokens
+        if tokens is not None and not tokens.all():
+            raise ValueError("a FitData holds only fitting tokens: tokens must be None or all True")
+        loads = trace.loads()
+    else:
+        loads = trace_loads(trace, tokens)
     grid = (topology.num_nodes, topology.gpus_per_node)
     sources = options.pop("sources", None)
     allowed = dict(eplb={"policy", "num_groups"},

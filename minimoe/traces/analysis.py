@@ -153,16 +153,13 @@ class PairedSimilarity(NamedTuple):
     shuffled: np.ndarray  # (n,) similarity of its prefill histogram and another request's decode histogram
 
 
-def _layer_histograms(trace: Trace, phase: int, requests: np.ndarray):
-    """For each layer, the (len(requests), E) expert histograms of the given requests' tokens of one phase."""
+def phase_request_counts(trace: Trace, phase: int) -> np.ndarray:
+    """int64 (R, L, E): each request's expert histogram over its tokens of one phase (zeros without any)."""
     rows = trace.phase == phase
-    position = np.full(trace.num_requests, -1)
-    position[requests] = np.arange(len(requests))
-    slot = position[trace.request[rows]]  # (n,) row of each token's request in the output, -1 = not asked for
-    for layer in range(trace.num_layers):
-        ids = trace.experts[rows, layer]  # (n, k)
-        counts = _grouped_counts(slot[:, None] + 1, ids, len(requests) + 1, trace.num_experts)  # group 0: skip
-        yield counts[1:]
+    group = trace.request[rows][:, None, None].astype(np.int64) * trace.num_layers \
+        + np.arange(trace.num_layers)[None, :, None]  # (n, L, 1)
+    counts = _grouped_counts(group, trace.experts[rows], trace.num_requests * trace.num_layers, trace.num_experts)
+    return counts.reshape(trace.num_requests, trace.num_layers, trace.num_experts)
 
 
 def _similarity(metric, cells, sx, sxx, sy, syy, sxy):
@@ -173,35 +170,40 @@ def _similarity(metric, cells, sx, sxx, sy, syy, sxy):
 
 
 def prefill_decode_similarity(trace: Trace, metric: str = "pearson", seed: int = 0) -> PairedSimilarity:
-    """Similarity of each request's prefill and decode expert histograms (over all L·E cells), vs shuffled pairs.
-
-    Pass 1 sums x, x², y, y², xy per request (x = prefill histogram, y = decode histogram) layer by layer,
-    so memory stays O(R·E); requests whose histograms are constant (similarity undefined) are left out.
-    Pass 2 pairs each remaining request's prefill with the decode of the next request in a random cycle.
-    """
-    if metric not in ("pearson", "cosine"):
-        raise ValueError(f"metric must be 'pearson' or 'cosine', got {metric!r}")
+    """Similarity of each request's prefill and decode expert histograms (over all L·E cells), vs shuffled pairs
+    (``paired_similarity`` on the trace's per-request histograms)."""
     present = np.zeros((2, trace.num_requests), bool)
     for phase in (0, 1):
         present[phase, trace.request[trace.phase == phase]] = True
-    requests = np.flatnonzero(present.all(0))
-    cells = trace.num_layers * trace.num_experts
-    sums = np.zeros((5, len(requests)))  # Σx, Σx², Σy, Σy², Σxy
-    for x, y in zip(_layer_histograms(trace, 0, requests), _layer_histograms(trace, 1, requests)):
-        x, y = x.astype(np.float64), y.astype(np.float64)
-        sums += [x.sum(1), (x * x).sum(1), y.sum(1), (y * y).sum(1), (x * y).sum(1)]
-    sx, sxx, sy, syy, sxy = sums
+    return paired_similarity(phase_request_counts(trace, 0), phase_request_counts(trace, 1), present.all(0),
+                             metric, seed)
+
+
+def paired_similarity(prefill, decode, present, metric: str = "pearson", seed: int = 0) -> PairedSimilarity:
+    """Similarity of each request's prefill histogram ``prefill[q]`` and decode histogram ``decode[q]`` (both
+    (R, L, E) counts), for the requests where ``present`` (bool (R,)) says both phases have tokens.
+
+    Sums x, x², y, y², xy per request (x = prefill histogram, y = decode histogram), all integers, so the
+    result does not depend on the order of summation; requests whose histograms are constant (similarity
+    undefined) are left out. The shuffled baseline pairs each remaining request's prefill with the decode of
+    the next request in a random cycle (``seed``).
+    """
+    if metric not in ("pearson", "cosine"):
+        raise ValueError(f"metric must be 'pearson' or 'cosine', got {metric!r}")
+    requests = np.flatnonzero(present)
+    cells = int(np.prod(prefill.shape[1:]))
+    x = prefill[requests].reshape(len(requests), cells).astype(np.float64)  # (n, L*E)
+    y = decode[requests].reshape(len(requests), cells).astype(np.float64)
+    sx, sxx, sy, syy, sxy = x.sum(1), (x * x).sum(1), y.sum(1), (y * y).sum(1), (x * y).sum(1)
     spread = (sxx > 0) & (syy > 0) if metric == "cosine" else (cells * sxx > sx ** 2) & (cells * syy > sy ** 2)
-    requests, sx, sxx, sy, syy, sxy = (a[spread] for a in (requests, sx, sxx, sy, syy, sxy))
+    requests, x, y, sx, sxx, sy, syy, sxy = (a[spread] for a in (requests, x, y, sx, sxx, sy, syy, sxy))
     if len(requests) < 2:
         raise ValueError(f"need at least 2 requests with both prefill and decode tokens (and non-constant "
                          f"histograms), found {len(requests)}")
     cycle = np.random.default_rng(seed).permutation(len(requests))
     partner = np.empty(len(requests), int)
     partner[cycle] = cycle[np.r_[1:len(cycle), 0]]  # a derangement: no request is paired with itself
-    sxy_partner = np.zeros(len(requests))
-    for x, y in zip(_layer_histograms(trace, 0, requests), _layer_histograms(trace, 1, requests)):
-        sxy_partner += (x.astype(np.float64) * y[partner]).sum(1)
+    sxy_partner = (x * y[partner]).sum(1)
     matched = _similarity(metric, cells, sx, sxx, sy, syy, sxy)
     shuffled = _similarity(metric, cells, sx, sxx, sy[partner], syy[partner], sxy_partner)
     return PairedSimilarity(requests, matched, shuffled)

@@ -10,7 +10,8 @@ The statistics themselves are those of ``minimoe.traces.analysis`` (its docstrin
 (a) Load is imbalanced, and the imbalance varies by layer (and workload).
     Per layer: max/mean load, Gini and normalised entropy, for all tokens, per phase and per domain.
     Baseline 1, *uniform routing*: the same number of tokens each sent to k distinct experts drawn
-    uniformly (``uniform_imbalance``, exact sampling); its max/mean is > 1 only by sampling noise.
+    uniformly (``uniform_imbalance``: exact draws of the loads, at a cost independent of the number of
+    tokens); its max/mean is > 1 only by sampling noise.
     Baseline 2, *resampling noise*: a bootstrap over requests resamples every layer's max/mean (its 2.5-97.5
     percentiles are printed); the most and the least imbalanced layers differ when the first stays above
     the second in at least 97.5% of the resamples (paired, so the upward bias a bootstrap gives a maximum
@@ -28,6 +29,10 @@ The statistics themselves are those of ``minimoe.traces.analysis`` (its docstrin
     median of the matched values, the baselines' mean, median and 95th percentile, and the fraction of
     requests whose matched correlation exceeds that 95th percentile (5% by chance).
 
+Everything is computed from the per-request statistics of one pass over the trace
+(``minimoe.traces.stats``), so the findings of a trace larger than memory (a Parquet file read in batches,
+on one machine or many) are the same numbers as those of the same trace in memory.
+
 A finding that a trace cannot support (one domain label, no decode tokens, a single request, ...) is
 returned as ``{"unavailable": reason}`` and printed as "not measured: reason"; the others are still measured.
 
@@ -40,9 +45,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from minimoe.traces.analysis import gini, js_divergence, layer_imbalance, max_over_mean, \
-    normalized_entropy, prefill_decode_similarity
+from minimoe.traces.analysis import gini, js_divergence, max_over_mean, normalized_entropy, paired_similarity
 from minimoe.traces.format import Trace
+from minimoe.traces.stats import TraceStats, trace_stats
 
 DEFAULT_REQUESTS_PER_DOMAIN = 500  # x 4 domains = 2000 requests, about 260 K routed tokens
 IMBALANCE_STATS = ("max_over_mean", "gini", "entropy")
@@ -58,18 +63,29 @@ def request_loads(trace: Trace) -> np.ndarray:
 
 
 # ---- (a) imbalance -------------------------------------------------------------------------------------------
-def uniform_imbalance(num_tokens: int, num_experts: int, top_k: int, draws: int = 20, seed: int = 0) -> dict:
-    """Imbalance statistics (each (draws,)) of ``num_tokens`` tokens routed to k distinct uniform experts."""
-    if num_tokens < 1 or draws < 1 or not 1 <= top_k <= num_experts:
-        raise ValueError(f"need num_tokens >= 1, draws >= 1, 1 <= top_k <= num_experts, got "
-                         f"{num_tokens}, {draws}, {top_k}, {num_experts}")
+def uniform_imbalance(num_tokens: int, num_experts: int, top_k: int, draws: int = 200, seed: int = 0) -> dict:
+    """Imbalance statistics (each (draws,)) of ``num_tokens`` tokens routed to k distinct uniform experts.
+
+    Exact draws of the expert loads at O(draws·E·k) cost, whatever ``num_tokens``: go through the experts in
+    order; a token that still has ``r`` of its k picks to make among the ``E - e`` experts left picks expert
+    ``e`` with probability ``r / (E - e)`` (its k-subset is uniform), so of the ``n_r`` tokens in that state a
+    Binomial(n_r, r / (E - e)) number pick ``e`` and move to state ``r - 1``. Expert e's load is the sum over
+    states."""
+    for name, value in (("num_tokens", num_tokens), ("draws", draws)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
     rng = np.random.default_rng(seed)
-    loads = np.zeros((draws, num_experts), np.int64)
-    for draw in range(draws):
-        for start in range(0, num_tokens, 65536):  # chunks keep the random keys small
-            keys = rng.random((min(65536, num_tokens - start), num_experts), dtype=np.float32)
-            chosen = np.argpartition(keys, top_k - 1, axis=1)[:, :top_k]  # a uniform k-subset per token
-            loads[draw] += np.bincount(chosen.ravel(), minlength=num_experts)
+    waiting = np.zeros((draws, top_k + 1), np.int64)  # [d, r]: tokens with r picks left
+    waiting[:, top_k] = num_tokens
+    loads = np.empty((draws, num_experts), np.int64)
+    picks_left = np.arange(top_k + 1)
+    for expert in range(num_experts):
+        picked = rng.binomial(waiting, np.minimum(picks_left / (num_experts - expert), 1.0))  # (draws, k+1)
+        loads[:, expert] = picked.sum(1)
+        waiting -= picked
+        waiting[:, :-1] += picked[:, 1:]
     return dict(max_over_mean=max_over_mean(loads), gini=gini(loads), entropy=normalized_entropy(loads))
 
 
@@ -78,38 +94,52 @@ def bootstrap_max_over_mean(loads: np.ndarray, draws: int = 200, seed: int = 0) 
     rng = np.random.default_rng(seed)
     r = loads.shape[0]
     weights = rng.multinomial(r, np.full(r, 1 / r), size=draws).astype(np.float64)  # (draws, R)
-    resampled = (weights @ loads.reshape(r, -1)).reshape(draws, *loads.shape[1:])  # (draws, L, E)
+    resampled = (weights @ loads.reshape(r, -1)).reshape(draws, *loads.shape[1:])  # (draws, L, E), exact integers
     return max_over_mean(resampled)
 
 
-def _imbalance_group(trace: Trace, seed: int) -> tuple[dict, np.ndarray]:
-    stats = layer_imbalance(trace)
-    uniform = uniform_imbalance(trace.num_tokens, trace.num_experts, trace.top_k, seed=seed)
-    resampled = bootstrap_max_over_mean(request_loads(trace), seed=seed)  # (draws, L)
+PHASE_GROUPS = {"all": (0, 1, 2, 3), "prefill": (0,), "decode": (1, 2)}  # token classes of minimoe.traces.stats
+
+
+def _group_loads(stats: TraceStats, name: str) -> tuple[np.ndarray, int]:
+    """(request loads (R_g, L, E) of the requests with tokens in the group, the group's tokens)."""
+    if name in PHASE_GROUPS:
+        tokens = stats.class_tokens(PHASE_GROUPS[name])
+        keep = tokens > 0
+        return stats.request_loads(PHASE_GROUPS[name])[keep], int(tokens.sum())
+    keep = stats.domain == name
+    return stats.request_loads()[keep], int(stats.class_tokens()[keep].sum())
+
+
+def _imbalance_group(loads: np.ndarray, num_tokens: int, num_experts: int, top_k: int, seed: int):
+    load = loads.sum(0)  # (L, E)
+    stats = dict(load=load, max_over_mean=max_over_mean(load), gini=gini(load), entropy=normalized_entropy(load))
+    uniform = uniform_imbalance(num_tokens, num_experts, top_k, seed=seed)
+    resampled = bootstrap_max_over_mean(loads, seed=seed)  # (draws, L)
     low, high = np.percentile(resampled, [2.5, 97.5], axis=0)
-    return dict(tokens=trace.num_tokens, requests=trace.num_requests,
+    return dict(tokens=num_tokens, requests=len(loads),
                 **{name: stats[name].tolist() for name in IMBALANCE_STATS},
                 max_over_mean_ci=[low.tolist(), high.tolist()], hottest_expert=stats["load"].argmax(1).tolist(),
                 uniform={name: float(uniform[name].mean()) for name in IMBALANCE_STATS}
                 | dict(max_over_mean_p95=float(np.percentile(uniform["max_over_mean"], 95)))), resampled
 
 
-def imbalance_finding(trace: Trace, seed: int = 0) -> dict:
-    groups = {"all": trace, "prefill": trace.where(phase="prefill"), "decode": trace.where(phase="decode")}
-    if trace.has_domain:
-        groups |= {str(d): trace.where(domain=str(d)) for d in np.unique(trace.domain)}
+def imbalance_finding(stats: TraceStats, seed: int = 0) -> dict:
+    names = list(PHASE_GROUPS) + ([str(d) for d in np.unique(stats.domain)] if stats.has_domain else [])
     result, resampled = {}, None
-    for name, group in groups.items():
-        if group.num_tokens:
-            result[name], draws = _imbalance_group(group, seed)
+    for name in names:
+        loads, num_tokens = _group_loads(stats, name)
+        if num_tokens:
+            result[name], draws = _imbalance_group(loads, num_tokens, stats.num_experts, stats.top_k, seed)
             resampled = draws if name == "all" else resampled
+        del loads
     overall = result["all"]
     most, least = int(np.argmax(overall["max_over_mean"])), int(np.argmin(overall["max_over_mean"]))
     comparison = dict(most_imbalanced_layer=most, least_imbalanced_layer=least, layers_differ_confidence=None,
                       layers_differ=None, layers_differ_unavailable=None)
-    if trace.num_layers < 2:
+    if stats.num_layers < 2:
         comparison["layers_differ_unavailable"] = "comparing layers needs at least 2 MoE layers; the trace has 1"
-    elif trace.num_requests < 2:
+    elif stats.num_requests < 2:
         comparison["layers_differ_unavailable"] = ("comparing layers resamples requests and needs at least 2; "
                                                    "the trace has 1")
     else:
@@ -121,11 +151,11 @@ def imbalance_finding(trace: Trace, seed: int = 0) -> dict:
 
 
 # ---- (b) domain specificity ----------------------------------------------------------------------------------
-def domain_unavailable(trace: Trace) -> str | None:
-    """Why the domain finding cannot be measured on ``trace`` (None when it can)."""
-    if not trace.has_domain:
+def domain_unavailable(stats: TraceStats) -> str | None:
+    """Why the domain finding cannot be measured (None when it can)."""
+    if not stats.has_domain or stats.num_requests == 0:
         return "the trace has no domain labels"
-    labels, counts = np.unique(trace.request_domains(), return_counts=True)
+    labels, counts = np.unique(stats.domain, return_counts=True)
     if len(labels) < 2:
         return f"comparing domains needs at least 2 domain labels; every request is labelled {str(labels[0])!r}"
     if counts.max() < 2:
@@ -133,14 +163,14 @@ def domain_unavailable(trace: Trace) -> str | None:
     return None
 
 
-def domain_finding(trace: Trace, num_splits: int = 100, seed: int = 0) -> dict:
+def domain_finding(stats: TraceStats, num_splits: int = 100, seed: int = 0) -> dict:
     """JS divergence between domains vs random halves of one domain; domains with one request are compared
     but give no baseline. Raises ValueError when ``domain_unavailable`` gives a reason."""
-    reason = domain_unavailable(trace)
+    reason = domain_unavailable(stats)
     if reason:
         raise ValueError(f"the domain finding cannot be measured: {reason}")
-    loads = request_loads(trace).astype(np.float64)  # (R, L, E)
-    request_domain = trace.request_domains()
+    loads = stats.request_loads().astype(np.float64)  # (R, L, E)
+    request_domain = stats.domain
     labels = [str(d) for d in np.unique(request_domain)]
     popularity = np.stack([loads[request_domain == d].sum(0) for d in labels])  # (D, L, E)
     pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
@@ -152,7 +182,7 @@ def domain_finding(trace: Trace, num_splits: int = 100, seed: int = 0) -> dict:
         members = np.flatnonzero(request_domain == d)
         if len(members) < 2:
             continue  # one request cannot be split in halves: this domain gives no baseline
-        splits = np.empty((num_splits, trace.num_layers))
+        splits = np.empty((num_splits, stats.num_layers))
         for split in range(num_splits):
             order = rng.permutation(members)
             half = len(order) // 2
@@ -181,32 +211,44 @@ def _summary(shuffles: list[np.ndarray]) -> dict:
                 max_shuffle_mean=float(max(s.mean() for s in shuffles)))
 
 
-def prefill_decode_unavailable(trace: Trace) -> str | None:
-    """Why prefill -> decode prediction cannot be measured on ``trace`` (None when it can)."""
-    if not (trace.phase == 1).any():
+def _phase_counts(stats: TraceStats, requests=None):
+    """(prefill counts, decode counts (R_sel, L, E), present bool (R_sel,)) of all or the selected requests."""
+    tokens = stats.tokens if requests is None else stats.tokens[requests]
+    present = (tokens[:, 0] > 0) & (tokens[:, 1:3].sum(1) > 0)
+    counts = stats.counts if requests is None else stats.counts[requests]
+    return counts[:, 0].astype(np.int64), counts[:, 1:3].sum(1, dtype=np.int64), present, tokens
+
+
+def prefill_decode_unavailable(stats: TraceStats, requests=None) -> str | None:
+    """Why prefill -> decode prediction cannot be measured (None when it can); ``requests``: a bool mask
+    (R,) of the requests to consider (default: all)."""
+    prefill, decode, present, tokens = _phase_counts(stats, requests)
+    if not tokens[:, 1:3].sum():
         return "the trace has no decode tokens (phase 1)"
-    if not (trace.phase == 0).any():
+    if not tokens[:, 0].sum():
         return "the trace has no prefill tokens (phase 0)"
     try:
-        prefill_decode_similarity(trace, seed=0)
+        paired_similarity(prefill, decode, present, seed=0)
     except ValueError as error:
         return str(error)
     return None
 
 
-def prefill_decode_finding(trace: Trace, num_shuffles: int = 10, seed: int = 0) -> dict:
+def prefill_decode_finding(stats: TraceStats, num_shuffles: int = 10, seed: int = 0) -> dict:
     """Matched vs shuffled prefill/decode correlations. Raises ValueError when ``prefill_decode_unavailable``
     gives a reason."""
-    runs = [prefill_decode_similarity(trace, seed=seed + s) for s in range(num_shuffles)]
+    prefill, decode, present, _ = _phase_counts(stats)
+    runs = [paired_similarity(prefill, decode, present, seed=seed + s) for s in range(num_shuffles)]
     matched = runs[0].matched  # (n,) the same in every run; only the pairing of the shuffled values changes
     result = dict(metric="pearson", requests=len(matched), num_shuffles=num_shuffles,
                   matched=dict(mean=float(matched.mean()), median=float(np.median(matched))),
                   shuffled=_summary([run.shuffled for run in runs]))
     result["fraction_above_shuffled_p95"] = float((matched > result["shuffled"]["p95"]).mean())
-    by_domain = [trace.where(domain=str(d)) for d in np.unique(trace.domain)] if trace.has_domain else []
-    by_domain = [part for part in by_domain if prefill_decode_unavailable(part) is None]  # >= 2 usable requests
+    by_domain = [stats.domain == d for d in np.unique(stats.domain)] if stats.has_domain else []
+    by_domain = [part for part in by_domain if prefill_decode_unavailable(stats, part) is None]  # >= 2 usable
     if len(by_domain) >= 2:  # with one domain, shuffling within it is the plain shuffle again
-        within = [np.concatenate([prefill_decode_similarity(part, seed=seed + s).shuffled for part in by_domain])
+        parts = [_phase_counts(stats, part)[:3] for part in by_domain]
+        within = [np.concatenate([paired_similarity(*part, seed=seed + s).shuffled for part in parts])
                   for s in range(num_shuffles)]  # one within-domain shuffle of every request per entry
         result["within_domain"] = _summary(within)
         result["fraction_above_within_domain_p95"] = float((matched > result["within_domain"]["p95"]).mean())
@@ -221,18 +263,26 @@ def findings(trace: Trace, seed: int = 0, num_splits: int = 100, num_shuffles: i
         raise TypeError(f"trace must be a minimoe.traces.format.Trace, got {type(trace).__name__}")
     if trace.num_tokens == 0:
         raise ValueError("the trace is empty")
-    domains = trace.request_domains()
-    domain_reason, paired_reason = domain_unavailable(trace), prefill_decode_unavailable(trace)
+    return findings_of_stats(trace_stats(trace, sample_size=1), seed, num_splits, num_shuffles)
+
+
+def findings_of_stats(stats: TraceStats, seed: int = 0, num_splits: int = 100, num_shuffles: int = 10) -> dict:
+    """``findings`` from the statistics of one pass (``minimoe.traces.stats``) over a trace of any size."""
+    if stats.num_tokens == 0:
+        raise ValueError("the trace is empty")
+    domains = stats.domain
+    tokens = stats.tokens.sum(0)  # (4,) per class
+    domain_reason, paired_reason = domain_unavailable(stats), prefill_decode_unavailable(stats)
     return dict(
-        trace=dict(model=trace.model, tokens=trace.num_tokens, requests=trace.num_requests,
-                   layers=trace.num_layers, experts=trace.num_experts, top_k=trace.top_k,
-                   prefill_tokens=int((trace.phase == 0).sum()), decode_tokens=int((trace.phase == 1).sum()),
+        trace=dict(model=stats.model, tokens=stats.num_tokens, requests=stats.num_requests,
+                   layers=stats.num_layers, experts=stats.num_experts, top_k=stats.top_k,
+                   prefill_tokens=int(tokens[0]), decode_tokens=int(tokens[1] + tokens[2]),
                    requests_per_domain={str(d): int((domains == d).sum()) for d in np.unique(domains)}),
-        imbalance=imbalance_finding(trace, seed),
+        imbalance=imbalance_finding(stats, seed),
         # a finding the trace cannot support is {"unavailable": why}, and the others are still measured
-        domain={"unavailable": domain_reason} if domain_reason else domain_finding(trace, num_splits, seed),
+        domain={"unavailable": domain_reason} if domain_reason else domain_finding(stats, num_splits, seed),
         prefill_decode=({"unavailable": paired_reason} if paired_reason
-                        else prefill_decode_finding(trace, num_shuffles, seed)),
+                        else prefill_decode_finding(stats, num_shuffles, seed)),
     )
 
 

@@ -1,0 +1,302 @@
+"""Traces as Parquet files: the columnar format for traces larger than memory.
+
+The ``.npz`` format of ``minimoe.traces.format`` stays the small-file format (one archive, loaded whole).
+A Parquet trace holds the same data one row per token, written and read in record batches with pyarrow
+(https://arrow.apache.org/docs/python/parquet.html), so neither side ever holds the whole trace:
+
+| column        | Arrow type                        | meaning                                                |
+|---------------|-----------------------------------|--------------------------------------------------------|
+| ``request``   | int32                             | request id: 0..R-1, each request contiguous, in order  |
+| ``phase``     | int8                              | 0 prefill, 1 decode, -1 unknown                        |
+| ``position``  | int32                             | index of the token within its request                  |
+| ``step``      | int32                             | decode step (phase 1: decode tokens of the request before it), else -1 |
+| ``domain``    | dictionary<int32, string>, optional | workload label, constant within a request            |
+| ``experts_l`` | fixed_size_list<int16>[top_k]     | expert ids in MoE layer l (one column per layer), -1 = none |
+| ``weights_l`` | fixed_size_list<float16>[top_k], optional | routing weights in MoE layer l                 |
+
+The schema's metadata key ``minimoe`` holds JSON ``{"format": "minimoe.trace/1", "model", "num_experts",
+"top_k", "num_layers"}``. Any engine that reads Parquet (pandas, DuckDB, Spark, Dask) reads these files;
+``minimoe import`` and ``minimoe trace`` write them when ``--out`` ends in ``.parquet``, and
+``minimoe import trace.npz --out trace.parquet`` converts. ``ParquetTrace.batches`` yields
+``minimoe.traces.batches.TraceBatch`` objects and checks each one (``check_batch``) and every join between
+two (``check_join``): the strict checks of ``Trace.load``, batch by batch, errors naming the file and row.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from minimoe.traces.batches import Span, TraceBatch, batches_of, check_batch, check_join, join_runs
+from minimoe.traces.format import MAX_EXPERTS, Trace
+
+FORMAT = "minimoe.trace/1"
+ROWS_PER_GROUP = 1 << 20  # rows per Parquet row group: the unit a worker reads
+_BASE = ("request", "phase", "position", "step")
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError as error:  # pragma: no cover - pyarrow is a dependency
+        raise ImportError("Parquet traces need pyarrow: pip install pyarrow") from error
+    return pyarrow, pyarrow.parquet
+
+
+def is_parquet(path) -> bool:
+    return os.fspath(path).lower().endswith(".parquet")
+
+
+class ParquetTraceWriter:
+    """Append TraceBatch objects (or whole Traces) to a Parquet trace file, in row order.
+
+    ``with ParquetTraceWriter(path, num_experts, top_k, num_layers, has_domain, has_weights) as w: w.write(b)``.
+    Batches are buffered into row groups of ``rows_per_group`` rows."""
+
+    def __init__(self, path, num_experts: int, top_k: int, num_layers: int, model: str = "",
+                 has_domain: bool = True, has_weights: bool = False, rows_per_group: int = ROWS_PER_GROUP):
+        pa, pq = _pyarrow()
+        self.pa, self.num_layers, self.top_k = pa, num_layers, top_k
+        self.has_domain, self.has_weights, self.rows_per_group = has_domain, has_weights, rows_per_group
+        fields = [pa.field("request", pa.int32()), pa.field("phase", pa.int8()), pa.field("position", pa.int32()),
+                  pa.field("step", pa.int32())]
+        if has_domain:
+            fields.append(pa.field("domain", pa.dictionary(pa.int32(), pa.string())))
+        fields += [pa.field(f"experts_{l}", pa.list_(pa.int16(), top_k)) for l in range(num_layers)]
+        if has_weights:
+            fields += [pa.field(f"weights_{l}", pa.list_(pa.float16(), top_k)) for l in range(num_layers)]
+        meta = dict(format=FORMAT, model=model, num_experts=int(num_experts), top_k=int(top_k),
+                    num_layers=int(num_layers))
+        self.schema = pa.schema(fields, metadata={"minimoe": json.dumps(meta)})
+        self.path = os.fspath(path)
+        self.writer = pq.ParquetWriter(self.path, self.schema, compression="snappy")
+        self.pending, self.pending_rows, self.rows, self.num_requests = [], 0, 0, 0
+
+    def _table(self, batch: TraceBatch):
+        pa = self.pa
+        columns = [pa.array(batch.request), pa.array(batch.phase), pa.array(batch.position), pa.array(batch.step)]
+        if self.has_domain:
+            columns.append(pa.array(batch.domain).dictionary_encode())
+        for l in range(self.num_layers):
+            values = pa.array(np.ascontiguousarray(batch.experts[:, l]).ravel())
+            columns.append(pa.FixedSizeListArray.from_arrays(values, self.top_k))
+        if self.has_weights:
+            for l in range(self.num_layers):
+                values = pa.array(np.ascontiguousarray(batch.weights[:, l]).ravel())
+                columns.append(pa.FixedSizeListArray.from_arrays(values, self.top_k))
+        return pa.Table.from_arrays(columns, schema=self.schema)
+
+    def append(self, trace: Trace) -> None:
+        """Append whole requests: ``trace``'s requests (numbered from 0) continue after those written so far."""
+        if trace.has_domain != self.has_domain or (trace.weights is not None) != self.has_weights:
+            raise ValueError(f"the writer was opened with has_domain={self.has_domain}, has_weights={self.has_weights}")
+        rows, requests = self.rows, np.int32(self.num_requests)
+        for batch in batches_of(trace, self.rows_per_group):
+            batch.start += rows
+            batch.request = batch.request + requests
+            self.write(batch)
+
+    def write(self, batch: TraceBatch) -> None:
+        """Append one batch; its rows must continue those written so far (``batch.start`` = rows written)."""
+        if batch.start != self.rows:
+            raise ValueError(f"batches must be written in row order: expected row {self.rows}, got {batch.start}")
+        if (batch.weights is not None) != self.has_weights:
+            raise ValueError(f"the writer was opened with has_weights={self.has_weights}")
+        self.pending.append(self._table(batch))
+        self.pending_rows += batch.num_tokens
+        self.rows += batch.num_tokens
+        self.num_requests = int(batch.request[-1]) + 1
+        if self.pending_rows >= self.rows_per_group:
+            self._flush()
+
+    def _flush(self):
+        if self.pending:
+            table = self.pa.concat_tables(self.pending).combine_chunks()
+            self.writer.write_table(table, row_group_size=self.rows_per_group)
+        self.pending, self.pending_rows = [], 0
+
+    def close(self) -> None:
+        self._flush()
+        self.writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        self.close()
+        if kind is not None and os.path.exists(self.path):
+            os.remove(self.path)  # never leave half a trace behind
+
+
+def write_parquet(trace: Trace, path, rows_per_group: int = ROWS_PER_GROUP) -> None:
+    """Write an in-memory trace as a Parquet trace file."""
+    with ParquetTraceWriter(path, trace.num_experts, trace.top_k, trace.num_layers, trace.model,
+                            has_domain=trace.has_domain, has_weights=trace.weights is not None,
+                            rows_per_group=rows_per_group) as writer:
+        for batch in batches_of(trace, rows_per_group):
+            writer.write(batch)
+
+
+class ParquetTrace:
+    """A Parquet trace file, read batch by batch. Opening reads and checks only the footer (schema, metadata,
+    row counts); ``batches`` reads and checks the rows. Raises FileNotFoundError for a missing file and
+    ValueError naming the file for anything that is not a minimoe Parquet trace."""
+
+    def __init__(self, path):
+        pa, pq = _pyarrow()
+        self.path, self.label = os.fspath(path), repr(os.fspath(path))
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"trace file {self.label}: no such file")
+        try:
+            self.file = pq.ParquetFile(self.path)
+        except Exception as error:  # ArrowInvalid and friends: whatever a damaged file raises
+            raise ValueError(f"trace file {self.label} is not a readable Parquet file ({error})") from None
+        schema = self.file.schema_arrow
+        try:
+            meta = json.loads((schema.metadata or {})[b"minimoe"])
+            assert meta["format"] == FORMAT
+            self.model, self.num_experts = str(meta["model"]), int(meta["num_experts"])
+            self.top_k, self.num_layers = int(meta["top_k"]), int(meta["num_layers"])
+        except (KeyError, ValueError, TypeError, AssertionError):
+            raise ValueError(f"trace file {self.label}: no minimoe metadata ({FORMAT!r} JSON under the schema key "
+                             f"'minimoe'); write it with minimoe import/trace or minimoe.traces.parquet") from None
+        if not (1 <= self.num_experts <= MAX_EXPERTS and 1 <= self.top_k <= self.num_experts and self.num_layers >= 1):
+            raise ValueError(f"trace file {self.label}: metadata num_experts={self.num_experts}, top_k={self.top_k}, "
+                             f"num_layers={self.num_layers} are out of range")
+        expected = dict(request=pa.int32(), phase=pa.int8(), position=pa.int32(), step=pa.int32())
+        expected |= {f"experts_{l}": pa.list_(pa.int16(), self.top_k) for l in range(self.num_layers)}
+        optional = {f"weights_{l}": pa.list_(pa.float16(), self.top_k) for l in range(self.num_layers)}
+        optional["domain"] = pa.dictionary(pa.int32(), pa.string())
+        names = set(schema.names)
+        missing = sorted(set(expected) - names)
+        unknown = sorted(names - set(expected) - set(optional))
+        if missing or unknown:
+            raise ValueError(f"trace file {self.label}: missing columns {missing}, unexpected columns {unknown}")
+        for name in sorted(names):
+            want = expected.get(name, optional.get(name))
+            if schema.field(name).type != want and not (name == "domain" and pa.types.is_string(schema.field(name).type)):
+                raise ValueError(f"trace file {self.label}: column {name} must be {want}, got {schema.field(name).type}")
+        self.has_domain = "domain" in names
+        self.has_weights = all(f"weights_{l}" in names for l in range(self.num_layers))
+        if not self.has_weights and any(f"weights_{l}" in names for l in range(self.num_layers)):
+            raise ValueError(f"trace file {self.label}: weights columns must cover every MoE layer or none")
+        metadata = self.file.metadata
+        self.row_group_rows = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        self.row_group_starts = np.concatenate([[0], np.cumsum(self.row_group_rows)]).astype(np.int64)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.row_group_starts[-1])
+
+    @property
+    def num_row_groups(self) -> int:
+        return len(self.row_group_rows)
+
+    def column_max(self, name: str) -> int | None:
+        """Largest value of an integer column from the footer statistics (None when they are missing)."""
+        metadata, index = self.file.metadata, self.file.schema_arrow.get_field_index(name)
+        best = None
+        for group in range(metadata.num_row_groups):
+            column = metadata.row_group(group).column(index)
+            if not column.is_stats_set or not column.statistics.has_min_max:
+                return None
+            best = column.statistics.max if best is None else max(best, column.statistics.max)
+        return None if best is None else int(best)
+
+    def batches(self, row_groups=None, batch_tokens: int = 1 << 18, weights: bool = False, check: bool = True):
+        """TraceBatch objects of the given row groups (default: all), in row order, each checked with
+        ``check_batch``; adjacent batches are joined with ``check_join`` into ``self.runs`` (one Span per run
+        of adjacent rows), which ``check_runs`` finishes once every row has been read."""
+        pa, _ = _pyarrow()
+        groups = list(range(self.num_row_groups)) if row_groups is None else list(row_groups)
+        columns = list(_BASE) + (["domain"] if self.has_domain else []) + \
+            [f"experts_{l}" for l in range(self.num_layers)] + \
+            ([f"weights_{l}" for l in range(self.num_layers)] if weights and self.has_weights else [])
+        self.runs = []
+        for group in groups:
+            start = int(self.row_group_starts[group])
+            for record in self.file.iter_batches(batch_size=batch_tokens, row_groups=[group], columns=columns,
+                                                 use_threads=False):
+                batch = self._batch(record, start, weights and self.has_weights, pa)
+                start += batch.num_tokens
+                if check:
+                    self.runs = join_runs(self.runs + [check_batch(batch, self.num_experts, self.top_k,
+                                                                   self.num_layers, self.label)], self.label)
+                yield batch
+
+    def _batch(self, record, start: int, weights: bool, pa) -> TraceBatch:
+        def ints(name, dtype):
+            column = record.column(name)
+            if column.null_count:
+                raise ValueError(f"trace file {self.label}: row {start + _first_null(column)}: {name} is null")
+            return column.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+        def lists(name):
+            column = record.column(name)
+            values = column.flatten()
+            if column.null_count or values.null_count:
+                raise ValueError(f"trace file {self.label}: rows from {start}: {name} holds a null")
+            return values.to_numpy(zero_copy_only=False).reshape(-1, self.top_k)
+
+        n = record.num_rows
+        experts = np.empty((n, self.num_layers, self.top_k), np.int16)
+        for l in range(self.num_layers):
+            experts[:, l] = lists(f"experts_{l}")
+        domain = np.zeros(0, "<U1")
+        if self.has_domain:
+            column = record.column("domain")
+            if column.null_count:
+                raise ValueError(f"trace file {self.label}: row {start + _first_null(column)}: domain is null")
+            if pa.types.is_dictionary(column.type):
+                labels = np.array(column.dictionary.to_pylist() or [""], dtype=str)
+                domain = labels[column.indices.to_numpy(zero_copy_only=False)]
+            else:
+                domain = np.array(column.to_pylist(), dtype=str)
+        weight = None
+        if weights:
+            weight = np.empty((n, self.num_layers, self.top_k), np.float16)
+            for l in range(self.num_layers):
+                weight[:, l] = lists(f"weights_{l}")
+        return TraceBatch(start, experts, ints("request", np.int32), ints("phase", np.int8),
+                          ints("position", np.int32), ints("step", np.int32), domain, weight)
+
+    def check_runs(self, runs: list[Span]) -> Span:
+        """Join the Spans of every run read (by any number of readers) and check they cover the whole file
+        from its first row; returns the file's Span."""
+        runs = join_runs(runs, self.label)
+        if len(runs) != 1 or runs[0].first_row != 0 or runs[0].last_row != self.num_tokens - 1:
+            raise ValueError(f"trace file {self.label}: the rows read do not cover all {self.num_tokens} rows once")
+        return check_join(None, runs[0], self.label)
+
+    def read(self) -> Trace:
+        """The whole file as an in-memory Trace (for files that fit in memory)."""
+        batches = list(self.batches(weights=True))
+        if self.num_tokens:
+            self.check_runs(self.runs)
+        cat = (lambda name: np.concatenate([getattr(b, name) for b in batches])) if batches else None
+        empty = np.zeros((0, self.num_layers, self.top_k), np.int16)
+        try:
+            return Trace(experts=cat("experts") if batches else empty,
+                         request=cat("request") if batches else np.zeros(0, np.int32),
+                         phase=cat("phase") if batches else np.zeros(0, np.int8),
+                         domain=cat("domain") if batches and self.has_domain else None,
+                         num_experts=self.num_experts, top_k=self.top_k, model=self.model,
+                         weights=cat("weights") if batches and self.has_weights else None)
+        except ValueError as error:
+            raise ValueError(f"trace file {self.label}: {error}") from None
+
+
+def _first_null(column) -> int:
+    return int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+
+
+def load_trace(path) -> Trace:
+    """Read a trace file of either format into memory: ``.parquet`` here, anything else as ``.npz``."""
+    return ParquetTrace(path).read() if is_parquet(path) else Trace.load(path)
+
+
+def save_trace(trace: Trace, path) -> None:
+    """Write ``trace`` as ``.parquet`` or ``.npz``, by the path's suffix."""
+    write_parquet(trace, path) if is_parquet(path) else trace.save(path)

@@ -1,0 +1,233 @@
+"""Pass 1 over a trace of any size: small statistics that merge by addition, from batches read in any order.
+
+Every token falls in one *class*: 0 prefill, 1 online (decode step < ``window``: the online fitting window
+of ``minimoe.placement.experiments``), 2 held out (decode step >= ``window``), 3 unknown phase. One pass over
+the batches of a trace (``minimoe.traces.batches``) fills
+
+    counts[q, c, l, e]   routed (token, slot) choices of request q's class-c tokens to expert e in layer l
+                         (request q's expert signature, per class: prefill/decode sums and every load
+                         per layer x expert x group x window follow by summing rows)
+    tokens[q, c]         tokens of request q in class c;  domain[q]  its label
+    coactivation[c, l]   (E, E): tokens of class c choosing both i and j in layer l (diagonal: load)
+    samples[name]        a bottom-k sample of the class's tokens (``BottomK``): each token keeps its row,
+                         request and every layer's experts; a uniform sample of at most ``sample_size``
+                         tokens per class ("prefill", "online", "eval") and of all tokens ("all")
+
+Merging two partial results adds counts, tokens and co-activation and keeps the ``sample_size`` smallest
+hashes of both samples. The hash of a token is a fixed function of its global row (SplitMix64 of
+row + seed), so the sample does not depend on how the rows were split among workers or in which order
+partial results merge: statistics computed in one process, on many, or in one pass over an in-memory trace
+are identical, bit for bit. Memory: O(R·4·L·E) for the signatures plus O(4·L·E²) and the samples,
+independent of the number of tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from minimoe.traces.batches import TraceBatch, batches_of
+from minimoe.traces.format import Trace
+
+CLASSES = ("prefill", "online", "eval", "unknown")
+SAMPLES = ("prefill", "online", "eval", "all")  # the fitting sets of the placement experiments, and all tokens
+DEFAULT_SAMPLE_SIZE = 1 << 15
+
+
+def row_hash(rows: np.ndarray, seed: int = 0) -> np.ndarray:
+    """SplitMix64 (Steele, Lea, Flood 2014) of ``rows + seed * golden``: uint64 (n,), a bijection of the row."""
+    z = np.asarray(rows, np.uint64) + np.uint64((seed + 1) * 0x9E3779B97F4A7C15 % (1 << 64))
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def token_classes(phase: np.ndarray, step: np.ndarray, window: int) -> np.ndarray:
+    """int8 (n,): 0 prefill, 1 online (decode step < window), 2 held out, 3 unknown phase."""
+    return np.where(phase == 0, 0, np.where(phase == 1, np.where(step < window, 1, 2), 3)).astype(np.int8)
+
+
+@dataclass(eq=False)
+class BottomK:
+    """The ``size`` tokens with the smallest hashes among those offered: a uniform sample without replacement
+    that merges (union, keep the smallest) across workers. Arrays are sorted by hash."""
+
+    size: int
+    hash: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))   # uint64 (K,)
+    row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))     # int64 (K,) global row
+    request: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # int32 (K,)
+    token_class: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 (K,)
+    experts: np.ndarray | None = None                                           # int16 (K, L, k)
+
+    def offer(self, hashes, rows, request, token_class, experts) -> "BottomK":
+        """A new sample holding the smallest ``size`` of the current and the offered tokens."""
+        if self.experts is not None and len(self.hash) == self.size:  # only hashes below the current largest
+            keep = hashes < self.hash[-1]
+            hashes, rows, request, token_class, experts = (a[keep] for a in (hashes, rows, request, token_class,
+                                                                               experts))
+        if self.experts is not None:
+            hashes, rows, request, token_class, experts = (
+                np.concatenate([a, b]) for a, b in ((self.hash, hashes), (self.row, rows), (self.request, request),
+                                                    (self.token_class, token_class), (self.experts, experts)))
+        if len(hashes) > self.size:
+            chosen = np.argpartition(hashes, self.size - 1)[:self.size]
+            hashes, rows, request, token_class, experts = (a[chosen] for a in (hashes, rows, request, token_class,
+                                                                               experts))
+        order = np.argsort(hashes)  # hashes are distinct: the order is unique
+        return BottomK(self.size, hashes[order], rows[order], request[order], token_class[order], experts[order])
+
+    def merge(self, other: "BottomK") -> "BottomK":
+        if other.experts is None:
+            return self
+        return self.offer(other.hash, other.row, other.request, other.token_class, other.experts)
+
+
+@dataclass(eq=False)
+class TraceStats:
+    """The statistics of one pass (see the module docstring); partial results ``merge`` into the whole."""
+
+    num_experts: int
+    top_k: int
+    num_layers: int
+    model: str
+    window: int
+    sample_size: int
+    seed: int
+    has_domain: bool
+    num_tokens: int = 0
+    blocks: list = field(default_factory=list)  # [(first request, counts (r, 4, L, E), tokens (r, 4), domain (r,))]
+    coactivation: np.ndarray | None = None      # int64 (4, L, E, E)
+    samples: dict = field(default_factory=dict)  # name -> BottomK
+    runs: list = field(default_factory=list)     # Spans of the rows read (minimoe.traces.batches), for the
+    #                                              file-level check of ParquetTrace.check_runs
+
+    # ---- building -----------------------------------------------------------------------------------------
+    @classmethod
+    def empty(cls, num_experts, top_k, num_layers, model="", window=8, sample_size=DEFAULT_SAMPLE_SIZE, seed=0,
+              has_domain=True) -> "TraceStats":
+        stats = cls(num_experts, top_k, num_layers, model, window, sample_size, seed, has_domain)
+        stats.coactivation = np.zeros((len(CLASSES), num_layers, num_experts, num_experts), np.int64)
+        stats.samples = {name: BottomK(sample_size) for name in SAMPLES}
+        return stats
+
+    def add(self, batch: TraceBatch) -> "TraceStats":
+        """Add one batch (in place)."""
+        n, num_layers, top_k, num_experts = batch.num_tokens, self.num_layers, self.top_k, self.num_experts
+        if n == 0:
+            return self
+        token_class = token_classes(batch.phase, batch.step, self.window)  # (n,)
+        first = int(batch.request[0])
+        local = (batch.request - first).astype(np.int64)  # (n,) request within the batch
+        num_requests = int(local[-1]) + 1
+        # signatures: one bincount over (request, class, layer, expert + 1); expert -1 lands in column 0
+        row_key = (local * len(CLASSES) + token_class) * num_layers  # (n,)
+        cells = (row_key[:, None, None] + np.arange(num_layers)[None, :, None]) * (num_experts + 1) \
+            + batch.experts.astype(np.int64) + 1  # (n, L, k)
+        counts = np.bincount(cells.ravel(), minlength=num_requests * len(CLASSES) * num_layers * (num_experts + 1))
+        counts = counts.reshape(num_requests, len(CLASSES), num_layers, num_experts + 1)[..., 1:].astype(np.int32)
+        tokens = np.bincount(local * len(CLASSES) + token_class, minlength=num_requests * len(CLASSES))
+        domain = np.zeros(num_requests, "<U1")
+        if self.has_domain:
+            starts = np.searchsorted(local, np.arange(num_requests))
+            domain = batch.domain[starts]
+        self.blocks.append((first, counts, tokens.reshape(num_requests, len(CLASSES)), domain))
+        # co-activation: pairs of slots a < b, both valid (top-k ids are distinct, so i != j)
+        group = token_class[:, None].astype(np.int64) * num_layers + np.arange(num_layers)[None, :]  # (n, L)
+        size = len(CLASSES) * num_layers * (num_experts + 1) ** 2
+        pairs = np.zeros(size, np.int64)
+        for a in range(top_k):
+            for b in range(a + 1, top_k):
+                key = (group * (num_experts + 1) + batch.experts[:, :, a] + 1) * (num_experts + 1) \
+                    + batch.experts[:, :, b] + 1
+                pairs += np.bincount(key.ravel(), minlength=size)
+        pairs = pairs.reshape(len(CLASSES), num_layers, num_experts + 1, num_experts + 1)[:, :, 1:, 1:]
+        load = counts.sum(0, dtype=np.int64)  # (4, L, E)
+        coactivation = pairs + pairs.transpose(0, 1, 3, 2)
+        diagonal = np.arange(num_experts)
+        coactivation[:, :, diagonal, diagonal] = load
+        self.coactivation += coactivation
+        # samples: the tokens of each class, and all tokens
+        rows = batch.rows
+        hashes = row_hash(rows, self.seed)
+        for name in SAMPLES:
+            chosen = slice(None) if name == "all" else np.flatnonzero(token_class == SAMPLES.index(name))
+            self.samples[name] = self.samples[name].offer(hashes[chosen], rows[chosen], batch.request[chosen],
+                                                          token_class[chosen], batch.experts[chosen])
+        self.num_tokens += n
+        return self
+
+    def merge(self, other: "TraceStats") -> "TraceStats":
+        """The statistics of both parts (a new object; addition, so any order gives the same result)."""
+        same = ("num_experts", "top_k", "num_layers", "model", "window", "sample_size", "seed", "has_domain")
+        for name in same:
+            if getattr(self, name) != getattr(other, name):
+                raise ValueError(f"cannot merge statistics with {name}={getattr(self, name)!r} and "
+                                 f"{getattr(other, name)!r}")
+        merged = TraceStats(**{name: getattr(self, name) for name in same})
+        merged.num_tokens = self.num_tokens + other.num_tokens
+        merged.blocks = self.blocks + other.blocks
+        merged.coactivation = self.coactivation + other.coactivation
+        merged.samples = {name: self.samples[name].merge(other.samples[name]) for name in SAMPLES}
+        merged.runs = self.runs + other.runs
+        return merged
+
+    def finish(self) -> "TraceStats":
+        """Combine the per-batch blocks into one dense block per array (in place; call once all is merged)."""
+        if len(self.blocks) <= 1:
+            return self
+        self.blocks.sort(key=lambda block: block[0])
+        num_requests = max(first + len(counts) for first, counts, _, _ in self.blocks)
+        counts = np.zeros((num_requests, len(CLASSES), self.num_layers, self.num_experts), np.int32)
+        tokens = np.zeros((num_requests, len(CLASSES)), np.int64)
+        domain = np.zeros(num_requests, dtype=np.result_type(*[d.dtype for *_, d in self.blocks]))
+        while self.blocks:
+            first, block_counts, block_tokens, block_domain = self.blocks.pop(0)
+            rows = slice(first, first + len(block_counts))
+            counts[rows] += block_counts
+            tokens[rows] += block_tokens
+            domain[rows] = block_domain
+        self.blocks = [(0, counts, tokens, domain)]
+        return self
+
+    # ---- what the findings and fits read ------------------------------------------------------------------
+    @property
+    def counts(self) -> np.ndarray:
+        """int32 (R, 4, L, E): expert counts per request and class."""
+        return self.finish().blocks[0][1] if self.blocks else \
+            np.zeros((0, len(CLASSES), self.num_layers, self.num_experts), np.int32)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """int64 (R, 4): tokens per request and class."""
+        return self.finish().blocks[0][2] if self.blocks else np.zeros((0, len(CLASSES)), np.int64)
+
+    @property
+    def domain(self) -> np.ndarray:
+        """unicode (R,): each request's domain label (shape (0,) when the trace has none)."""
+        if not self.has_domain:
+            return np.zeros(0, "<U1")
+        return self.finish().blocks[0][3] if self.blocks else np.zeros(0, "<U1")
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.tokens)
+
+    def request_loads(self, classes=(0, 1, 2, 3)) -> np.ndarray:
+        """int64 (R, L, E): each request's expert counts over the given classes."""
+        return self.counts[:, list(classes)].sum(1, dtype=np.int64)
+
+    def class_tokens(self, classes=(0, 1, 2, 3)) -> np.ndarray:
+        """int64 (R,): tokens of each request in the given classes."""
+        return self.tokens[:, list(classes)].sum(1)
+
+
+def trace_stats(trace: Trace, window: int = 8, sample_size: int | None = DEFAULT_SAMPLE_SIZE, seed: int = 0,
+                batch_tokens: int = 1 << 18) -> TraceStats:
+    """Pass 1 over an in-memory trace (the same partial function as for files, batch by batch).
+    ``sample_size=None`` keeps every token in the samples."""
+    size = max(trace.num_tokens, 1) if sample_size is None else sample_size
+    stats = TraceStats.empty(trace.num_experts, trace.top_k, trace.num_layers, trace.model, window, size, seed,
+                             trace.has_domain)
+    for batch in batches_of(trace, batch_tokens):
+        stats.add(batch)
+    return stats.finish()
