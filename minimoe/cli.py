@@ -45,6 +45,17 @@ def default_threads() -> int:
 
 positive = whole_number(1)
 non_negative = whole_number(0)
+DEFAULT_FIT_TOKENS = 16384  # minimoe.placement.report: the sample each fitting set's co-activation is fitted on
+
+
+def _fit_tokens(text: str):
+    """--max-fit-tokens: a whole number >= 1, or 'all' (None: no sampling)."""
+    if text == "all":
+        return None
+    try:
+        return positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'all', got {text!r}") from None
 
 
 # ---- output paths: checked before the work, created only when there is something to write ----------------------
@@ -139,7 +150,7 @@ def _train(args) -> int:
 def _trace(args) -> int:
     from minimoe.traces.workload import BUNDLED_MODEL, corpus_prompts, minimoe_tokenize, record_workload, run_prompts
 
-    out = check_output_file("--out", args.out, ".npz")
+    out = check_output_file("--out", args.out, ".parquet" if args.out.lower().endswith(".parquet") else ".npz")
     check_model_dir("--model", args.model)
     if args.hf:
         check_model_dir("--hf", args.hf)
@@ -160,17 +171,21 @@ def _trace(args) -> int:
         model, tokenize, name = Transformer.load(model_dir).eval(), minimoe_tokenize(model_dir), None
     trace = record_workload(model, tokenize, texts, domains, args.new_tokens, args.batch_size, name=name,
                             temperature=args.temperature, seed=args.seed, progress=True)
-    trace.save(out)
+    from minimoe.traces.parquet import save_trace
+
+    save_trace(trace, out)
     print(f"{trace.num_requests} requests, {trace.num_tokens} tokens, {trace.num_layers} MoE layers -> {out}")
     return 0
 
 
 def _load_or_record(args, say=progress):
-    """The trace a findings/report run works on: ``--trace FILE`` or a recording of ``--model``."""
+    """The trace a findings/report run works on: ``--trace FILE`` (a .parquet file is opened, read later in
+    batches; an .npz is loaded) or a recording of ``--model``."""
     from minimoe.traces.format import Trace
+    from minimoe.traces.parquet import ParquetTrace, is_parquet
 
     if args.trace:
-        return Trace.load(args.trace)
+        return ParquetTrace(args.trace) if is_parquet(args.trace) else Trace.load(args.trace)
     from minimoe.traces.workload import BUNDLED_MODEL, bundled_trace
 
     say(f"recording {4 * args.requests_per_domain} requests of the four domains ({args.new_tokens} decode "
@@ -183,6 +198,7 @@ def _findings(args) -> int:
     import json
 
     from minimoe.traces.findings import findings, format_findings
+    from minimoe.traces.format import Trace
 
     check_input_file("--trace", args.trace)
     out = check_output_file("--out", args.out, ".json") if args.out else None
@@ -191,7 +207,13 @@ def _findings(args) -> int:
     if save:
         trace.save(save)
     progress("findings: imbalance, domain specificity, prefill -> decode")
-    result = findings(trace, seed=args.seed)
+    if isinstance(trace, Trace):
+        result = findings(trace, seed=args.seed)
+    else:  # a Parquet file: one pass over its batches
+        from minimoe.placement.engine import LocalEngine, run_passes
+        from minimoe.traces.findings import findings_of_stats
+
+        result = findings_of_stats(run_passes(trace, LocalEngine(), 0, 1, args.seed), seed=args.seed)
     print(format_findings(result))
     if out:
         out.write_text(json.dumps(result, indent=1) + "\n")
@@ -201,8 +223,21 @@ def _findings(args) -> int:
 def _report(args) -> int:
     check_input_file("--trace", args.trace)
     check_model_dir("--model", args.model)
+    if (args.workers or args.scheduler) and not (args.trace and args.trace.lower().endswith(".parquet")):
+        flag = "--workers" if args.workers else "--scheduler"
+        raise ValueError(f"{flag}: Dask workers read the trace from a Parquet file; give --trace FILE.parquet "
+                         f"(minimoe import trace.npz --out trace.parquet converts one)")
     with output_dir("--out", args.out) as out:
         return _report_into(args, out)
+
+
+def _engine(args):
+    """Where the report's two passes run: this process, a local Dask cluster, or a running one."""
+    from minimoe.placement.engine import DaskEngine, LocalEngine
+
+    if args.workers or args.scheduler:
+        return DaskEngine(workers=args.workers, scheduler=args.scheduler)
+    return LocalEngine()
 
 
 def _report_into(args, out: Path) -> int:
@@ -232,13 +267,17 @@ def _report_into(args, out: Path) -> int:
         check_topologies(args.topologies, trace.num_experts)
     except ValueError as error:
         raise ValueError(f"--topologies: {error}") from None
+    engine = _engine(args)
     try:
         result = run_report(trace, args.topologies, window=args.window, seed=args.seed,
-                            hidden_size=args.hidden_size, progress=stopwatch)
+                            hidden_size=args.hidden_size, progress=stopwatch, max_fit_tokens=args.max_fit_tokens,
+                            engine=engine, compare_partitioners=args.compare_partitioners)
     except ValueError as error:
         if "online window" in str(error):
             raise ValueError(f"--window {args.window}: {error}") from None
         raise
+    finally:
+        engine.close()
     text = format_report(result)
     print(text)
     if not args.trace:
@@ -280,7 +319,8 @@ def _add_threads(parser) -> None:
 def _add_source(parser) -> None:
     """--trace FILE or --model DIR: the trace a findings/report run works on."""
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--trace", metavar="FILE", help="a trace .npz file to use instead of recording one")
+    source.add_argument("--trace", metavar="FILE", help="a trace file (.npz, or .parquet for traces larger than "
+                                                        "memory) to use instead of recording one")
     source.add_argument("--model", metavar="DIR", help="a minimoe run folder to record (default: the bundled checkpoint)")
 
 
@@ -323,6 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated NODESxGPUS clusters to compare (default: {DEFAULT_TOPOLOGIES})")
     report.add_argument("--hidden-size", metavar="N", type=positive, default=7168,
                         help="hidden size for byte counts, bf16 (default: %(default)s, DeepSeek-V3's)")
+    report.add_argument("--max-fit-tokens", metavar="N|all", type=_fit_tokens, default=DEFAULT_FIT_TOKENS,
+                        help="fit each placement's co-activation on a uniform sample of at most N tokens per fitting "
+                             "set; 'all' fits on every token (default: %(default)s)")
+    report.add_argument("--compare-partitioners", action="store_true",
+                        help="also fit the locality placement with each node partitioner (FM, Mt-KaHyPar) side by side")
+    engine = report.add_mutually_exclusive_group()
+    engine.add_argument("--workers", metavar="N", type=positive, default=None,
+                        help="run both passes over a Parquet --trace on a local Dask cluster of N worker processes "
+                             "(pip install 'minimoe[dask]')")
+    engine.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                        help="run both passes on a running Dask cluster, e.g. tcp://10.0.0.1:8786; every worker must "
+                             "be able to read the --trace path")
     report.add_argument("--out", metavar="DIR", default="report", help="output folder (default: %(default)s)")
     _add_threads(report)
     report.set_defaults(func=_report)
@@ -346,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workload(trace, 100)
     trace.add_argument("--batch-size", metavar="N", type=positive, default=64, help="prompts per forward pass "
                                                                         "(default: %(default)s)")
-    trace.add_argument("--out", metavar="FILE", default="trace.npz", help="trace file to write (default: %(default)s)")
+    trace.add_argument("--out", metavar="FILE", default="trace.npz",
+                       help="trace file to write, .npz or .parquet (default: %(default)s)")
     _add_threads(trace)
     trace.set_defaults(func=_trace)
 

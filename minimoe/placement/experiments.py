@@ -96,15 +96,16 @@ def cut(method_bytes: float, baseline_bytes: float) -> float | None:
 
 
 def fit(trace, topology: Topology, method: str, fit_tokens: np.ndarray, num_replicas: int, seed: int = 0,
-        partitioner: str | None = None):
+        partitioner: str | None = None, cache: dict | None = None):
     """(placement, sources) of one method fitted on the tokens in ``fit_tokens``. ``partitioner``: the node
-    partitioner of the locality placements ("fm" or "mtkahypar"; None = ``place``'s default)."""
+    partitioner of the locality placements ("auto", "fm" or "mtkahypar"; None = ``place``'s default, "auto");
+    ``cache``: node partitions to reuse (``minimoe.placement.locality.place_locality``)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     random_sources = group(trace, topology, "random", seed=seed)
     if method in ("contiguous", "round_robin", "eplb"):
         return place(trace, topology, method, tokens=fit_tokens, num_replicas=num_replicas), random_sources
-    chosen = {} if partitioner is None else dict(partitioner=partitioner)
+    chosen = ({} if partitioner is None else dict(partitioner=partitioner)) | ({} if cache is None else dict(cache=cache))
     if method == "locality":
         placement = place(trace, topology, "locality", tokens=fit_tokens, num_replicas=num_replicas,
                           sources=random_sources, **chosen)

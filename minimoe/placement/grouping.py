@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from minimoe.placement.evaluate import _Tables, popcount
 from minimoe.placement.fitdata import FitData
 from minimoe.placement.methods import Placement, place
 from minimoe.placement.topology import Topology
@@ -113,7 +114,10 @@ def group_and_place(trace, topology: Topology, rounds: int = 2, seed: int = 0, t
     cost_of = _remote_cost(trace, placement, rows, num_requests)
     best = (cost_of[np.arange(num_requests), sources // topology.gpus_per_node].sum(), sources, placement)
     for _ in range(rounds):
-        sources = group(trace, topology, "signature", seed=seed, placement=placement, tokens=mask, balance=balance)
+        regrouped = group(trace, topology, "signature", seed=seed, placement=placement, tokens=mask, balance=balance)
+        if np.array_equal(regrouped, sources):  # a fixed point: every further round would repeat this one
+            break
+        sources = regrouped
         placement = place(trace, topology, "locality", sources=sources, tokens=mask, **place_options)
         cost_of = _remote_cost(trace, placement, rows, num_requests)
         cost = cost_of[np.arange(num_requests), sources // topology.gpus_per_node].sum()
@@ -170,31 +174,45 @@ def _signatures(trace, rows, num_requests):
 def _remote_cost(trace, placement, rows, num_requests):
     """(R, N): remote nodes summed over a request's fitting tokens and layers, if it ran on node n.
 
-    On a FitData the sampled tokens' sum is scaled by fitting tokens / sampled tokens of the request, and a
-    request with fitting tokens but none sampled is scored by its remote (token, expert) pairs."""
+    On a FitData (whose tokens may be a sample) the cost is the request's remote (token, expert) pairs, exact
+    from its counts, minus the pairs that share a remote node with another pair of the same token (what
+    de-duplication saves), estimated from its sampled tokens and scaled by fitting / sampled tokens; with every
+    token sampled this is the exact count, and a request with no sampled token keeps its pair count."""
     per_node, num_nodes = placement.gpus_per_node, placement.num_nodes
     cost = np.zeros((num_requests, num_nodes))
+    pairs = np.zeros((num_requests, num_nodes))  # remote pairs of the same tokens
     request = trace.request[rows]
     token_index = trace.token_index[rows] if isinstance(trace, FitData) else rows
+    tables = _Tables(placement)  # the GPU serving each (source, expert, token_index % count), as measured
+    node_bit = np.left_shift(np.uint64(1), np.arange(min(num_nodes, 64), dtype=np.uint64))
     for layer in range(placement.num_layers):
         experts = trace.experts[rows, layer].astype(np.int64)
         valid = experts >= 0
+        same_everywhere = tables.layers[layer][1] is None  # no replicas: the serving GPU ignores the source
         for node in range(num_nodes):
-            source = np.full(len(rows), node * per_node)
-            slots = placement.route(layer, experts, source, token_index)
-            nodes = np.sort(np.where(valid, placement.node_of_slot[np.maximum(slots, 0)], node), axis=1)
-            first = np.ones(nodes.shape, dtype=bool)
-            first[:, 1:] = nodes[:, 1:] != nodes[:, :-1]
-            remote = (first & (nodes != node)).sum(axis=1)
+            if node == 0 or not same_everywhere:
+                source = np.full(len(rows), node * per_node)
+                nodes = tables.ranks(layer, np.maximum(experts, 0), source, token_index) // per_node  # (T, k)
+                valid_pairs = valid.sum(axis=1)
+                if num_nodes <= 64:  # the nodes each token reaches, as bits of one word
+                    reached = np.bitwise_or.reduce(np.where(valid, node_bit[nodes], np.uint64(0)), axis=1)
+            if num_nodes <= 64:
+                remote = popcount(reached & ~node_bit[node])
+            else:  # distinct remote nodes by sorting
+                ordered = np.sort(np.where(valid, nodes, node), axis=1)
+                first = np.ones(ordered.shape, dtype=bool)
+                first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+                remote = (first & (ordered != node)).sum(axis=1)
+            remote_pairs = valid_pairs - (valid & (nodes == node)).sum(axis=1)
             cost[:, node] += np.bincount(request, weights=remote, minlength=num_requests)
+            pairs[:, node] += np.bincount(request, weights=remote_pairs, minlength=num_requests)
     if isinstance(trace, FitData):
+        away = ~placement.hosts("node")  # (L, E, N): the expert has no replica on node n
+        exact = trace.request_counts.reshape(num_requests, -1).astype(np.int64) @ \
+            away.reshape(-1, num_nodes).astype(np.int64)  # (R, N) remote pairs of every fitting token
         sampled, fitted = np.bincount(request, minlength=num_requests), trace.request_tokens
-        cost *= np.where(sampled > 0, fitted / np.maximum(sampled, 1), 0.0)[:, None]
-        unsampled = (sampled == 0) & (fitted > 0)
-        if unsampled.any():
-            away = ~placement.hosts("node")  # (L, E, N): the expert has no replica on node n
-            counts = trace.request_counts[unsampled].reshape(int(unsampled.sum()), -1).astype(np.int64)
-            cost[unsampled] = counts @ away.reshape(-1, num_nodes).astype(np.int64)
+        scale = np.where(sampled > 0, fitted / np.maximum(sampled, 1), 0.0)[:, None]
+        cost = exact - scale * (pairs - cost)
     return cost
 
 
@@ -233,12 +251,18 @@ def _assign(score, capacity, size, passes=10):
     limit = capacity if exact else capacity + size.max()  # token balance: allow one request of slack
     ordered = np.sort(score, axis=1)
     regret = ordered[:, -1] - (ordered[:, -2] if num_bins > 1 else 0)
-    bins, used = np.empty(num_items, dtype=np.int64), np.zeros(num_bins)
-    for item in np.lexsort((-size, -regret)):
-        fits = used + size[item] <= limit + 1e-9
-        choice = int(np.argmax(np.where(fits, score[item], -np.inf))) if fits.any() else int(np.argmin(used - limit))
-        bins[item] = choice
-        used[choice] += size[item]
+    # greedy, largest regret first: each item takes its best bin with room (plain Python: one item at a time)
+    preference = np.argsort(-score, axis=1, kind="stable").tolist()  # bins best first, ties by bin index
+    room, sizes, used, chosen = (limit + 1e-9).tolist(), size.tolist(), [0.0] * num_bins, [0] * num_items
+    for item in np.lexsort((-size, -regret)).tolist():
+        for choice in preference[item]:
+            if used[choice] + sizes[item] <= room[choice]:
+                break
+        else:  # no bin has room: the least overfull one
+            choice = int(np.argmin(np.array(used) - limit))
+        chosen[item] = choice
+        used[choice] += sizes[item]
+    bins, used = np.array(chosen, dtype=np.int64), np.array(used)
     for _ in range(passes):  # pairwise exchanges between bins a and b
         improved = False
         for a in range(num_bins):
@@ -246,7 +270,8 @@ def _assign(score, capacity, size, passes=10):
                 in_a, in_b = np.flatnonzero(bins == a), np.flatnonzero(bins == b)
                 want_b = score[in_a, b] - score[in_a, a]
                 want_a = score[in_b, a] - score[in_b, b]
-                order_a, order_b = in_a[np.argsort(-want_b)], in_b[np.argsort(-want_a)]
+                order_a = in_a[np.argsort(-want_b, kind="stable")]  # stable: ties in item order on every CPU
+                order_b = in_b[np.argsort(-want_a, kind="stable")]
                 if exact:  # unit sizes: the best exchanges pair the i-th most eager of a with the i-th of b
                     pairs = min(len(order_a), len(order_b))
                     gain = np.sort(want_b)[::-1][:pairs] + np.sort(want_a)[::-1][:pairs]
@@ -284,7 +309,9 @@ def _balanced_kmeans(points, capacity, size, rng, iterations=20):
     centres = np.stack(centres)
     labels = None
     for _ in range(iterations):
-        score = 2 * points @ centres.T - (centres ** 2).sum(1)[None, :]  # -|x - c|^2 + |x|^2
+        # -|x - c|^2 + |x|^2. np.einsum sums in one fixed order on every machine; a BLAS matmul (points @ centres.T)
+        # picks its kernel by CPU, and the last-bit differences flipped near-tied assignments between machines
+        score = 2 * np.einsum("ij,kj->ik", points, centres) - (centres ** 2).sum(1)[None, :]
         new = _assign(score.astype(np.float64), capacity, size)
         if labels is not None and np.array_equal(new, labels):
             break

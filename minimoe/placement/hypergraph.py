@@ -64,7 +64,14 @@ class Hypergraph:
         experts = np.sort(np.where(self.experts >= 0, self.experts, np.iinfo(np.int64).max), axis=1)
         experts = np.where(experts == np.iinfo(np.int64).max, -1, experts)
         keys = experts if self.pin is None else np.column_stack([experts, self.pin])
-        order = np.lexsort(keys.T[::-1])  # rows sorted; equal rows end up next to each other
+        width = int(max(self.num_experts, self.num_nodes) + 1).bit_length()  # bits per column, values + 1
+        if width * keys.shape[1] <= 62:  # rows fit one int64 key, first column most significant: a faster sort
+            packed = np.zeros(len(keys), np.int64)
+            for column in keys.T:
+                packed = (packed << width) | (column + 1)
+            order = np.argsort(packed, kind="stable")
+        else:
+            order = np.lexsort(keys.T[::-1])  # rows sorted; equal rows end up next to each other
         ordered = keys[order]
         first = np.ones(len(keys), dtype=bool)
         first[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
@@ -137,7 +144,7 @@ class Hypergraph:
 
 
 # ---- Mt-KaHyPar ------------------------------------------------------------------------------------------
-_MTKAHYPAR = {}  # Mt-KaHyPar's thread pool is process-wide: it is initialised once, with one thread
+_MTKAHYPAR = {}  # Mt-KaHyPar's thread pool is process-wide: initialised once, with one thread; contexts
 
 
 def mtkahypar_available() -> bool:
@@ -166,9 +173,11 @@ def mtkahypar_input(graph: Hypergraph):
     node ``n``'s source, fixed to block ``n`` and pinned to every hyperedge starting there (weight 1:
     Mt-KaHyPar 1.7 crashes on zero-weight fixed vertices). One-pin hyperedges are left out (never cut)."""
     num_experts, num_nodes = graph.num_experts, graph.num_nodes
-    pins = [row[row >= 0].tolist() for row in graph.experts]
-    if graph.pin is not None:
-        pins = [p + [num_experts + int(n)] for p, n in zip(pins, graph.pin)]
+    rows = graph.experts if graph.pin is None else np.column_stack([graph.experts, num_experts + graph.pin])
+    if (graph.experts >= 0).all():  # every row has k pins (+ its source): one conversion for all
+        pins = rows.tolist()
+    else:
+        pins = [row[row >= 0].tolist() for row in rows]
     keep = [i for i, p in enumerate(pins) if len(p) > 1]
     edge_weight = np.maximum(np.rint(graph.weight[keep]), 1).astype(np.int64).tolist()
     vertex_weight = np.rint(graph.load).astype(np.int64).tolist()
@@ -195,7 +204,9 @@ def partition_mtkahypar(graph: Hypergraph, max_node_load: float, seed: int = 0,
     vertex_weight, edges, edge_weight, fixed = mtkahypar_input(graph)
     num_nodes = graph.num_nodes
     mtkahypar.set_seed(int(seed))
-    context = initializer.context_from_preset(getattr(mtkahypar.PresetType, preset.upper()))
+    if preset not in _MTKAHYPAR:  # one context per preset, reset below for every call (building one takes ms)
+        _MTKAHYPAR[preset] = initializer.context_from_preset(getattr(mtkahypar.PresetType, preset.upper()))
+    context = _MTKAHYPAR[preset]
     context.set_partitioning_parameters(num_nodes, 0.03, mtkahypar.Objective.KM1)  # epsilon: overridden below
     context.logging = False
     limit = int(np.ceil(max(max_node_load, graph.load.max(initial=0), graph.load.sum() / num_nodes)))

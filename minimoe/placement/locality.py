@@ -17,7 +17,9 @@ into weights first (``minimoe.placement.hypergraph``); an expert hotter than one
 one of its node's slots (``slot_need``: room for the copies the GPU step needs).
 
 1. **Node partition** (``node_partition``), by one of two partitioners on the same hypergraph, load cap
-   and slot limits. ``partitioner="fm"`` (the default, ours): starting partitions are (a) with known sources,
+   and slot limits, or both: ``partitioner="auto"`` (the default) runs "fm" and, when it is installed,
+   "mtkahypar", and keeps the partition with the lower km1 on the fitting tokens (one under the load cap
+   first). ``partitioner="fm"`` (ours): starting partitions are (a) with known sources,
    experts in decreasing regret order (best minus second-best demand ``d[e, n]``, the pairs of ``e`` from
    tokens of node ``n``) each taking their best node with room under the cap; (b) graph growing on the
    co-activation matrix ``A[e, f]`` (tokens choosing both): every node is seeded with a heavy expert, then
@@ -55,29 +57,33 @@ from __future__ import annotations
 import numpy as np
 
 from minimoe.placement.fitdata import FitData
-from minimoe.placement.hypergraph import MTKAHYPAR_PRESETS, Hypergraph, partition_mtkahypar
+from minimoe.placement.hypergraph import MTKAHYPAR_PRESETS, Hypergraph, mtkahypar_available, partition_mtkahypar
 from minimoe.placement.locality_slots import fill_spares, pack_gpus
 from minimoe.placement.refinement import fit_slots, improve, refine, repair
 from minimoe.placement.topology import Topology
 
 
-PARTITIONERS = ("fm", "mtkahypar")
+PARTITIONERS = ("auto", "fm", "mtkahypar")
 START_ROUNDS, START_EDGES = 8, 4096  # starting partitions are ranked after 8 rounds on <= 4096 hyperedges
 
 
 def place_locality(trace, topology: Topology, num_slots: int, sources=None, tokens=None, epsilon: float = 0.1,
                    rounds: int = 50, locality_replicas: bool = True, max_fit_tokens: int | None = None,
-                   partitioner: str = "fm", seed: int = 0, restarts: int = 4, mtkahypar_preset: str = "default"):
+                   partitioner: str = "auto", seed: int = 0, restarts: int = 4, mtkahypar_preset: str = "default",
+                   cache: dict | None = None):
     """phy2log (L, num_slots) int64 for every layer of ``trace`` (see the module docstring).
 
     sources: per-request GPU rank (known sources) or None. tokens: bool (N,) mask of fitting tokens.
     epsilon: node/GPU load <= (1 + epsilon) * mean. rounds: refinement rounds per layer.
     locality_replicas: False uses spare slots for balance only. max_fit_tokens: evenly subsample the
-    fitting tokens to at most this many (speed). partitioner: "fm" (steps 1-2 of the module docstring,
+    fitting tokens to at most this many (speed). partitioner: "auto" (both below where Mt-KaHyPar is
+    installed, the lower km1 kept), "fm" (steps 1-2 of the module docstring,
     ours) or "mtkahypar" (Mt-KaHyPar on the same hypergraph; optional, ``pip install mtkahypar``).
     seed: the partitioners' seed (the random starts of "fm", Mt-KaHyPar's own); the same seed gives the
     same placement. restarts: random starting partitions of "fm" besides the greedy ones.
     mtkahypar_preset: one of ``MTKAHYPAR_PRESETS`` (``minimoe.placement.hypergraph.partition_mtkahypar``).
+    cache: a dict that keeps node partitions across calls, keyed by their whole input (a placement on 2x2 and
+    on 2x4 GPUs without spare slots partitions the same hypergraph onto the same 2 nodes); None keeps none.
     Raises ValueError naming a bad option, ImportError when Mt-KaHyPar is asked for and missing.
     """
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < 10:
@@ -104,12 +110,13 @@ def place_locality(trace, topology: Topology, num_slots: int, sources=None, toke
         experts = trace.experts[rows, layer].astype(np.int64)
         phy2log[layer] = place_layer(experts, trace.num_experts, topology, num_slots, source_gpu, token_index,
                                      epsilon, rounds, locality_replicas, partitioner, seed, restarts,
-                                     mtkahypar_preset)
+                                     mtkahypar_preset, cache)
     return phy2log
 
 
 def place_layer(experts, num_experts, topology, num_slots, source_gpu, token_index, epsilon=0.1, rounds=50,
-                locality_replicas=True, partitioner="fm", seed=0, restarts=4, mtkahypar_preset="default"):
+                locality_replicas=True, partitioner="auto", seed=0, restarts=4, mtkahypar_preset="default",
+                cache=None):
     """One layer: experts (T, k) (-1 = none), source_gpu (T,) or None, token_index (T,) -> phy2log (R,)."""
     num_nodes = topology.num_nodes
     keep = (experts >= 0).any(axis=1)
@@ -121,8 +128,13 @@ def place_layer(experts, num_experts, topology, num_slots, source_gpu, token_ind
     cap = (1 + epsilon) * graph.load.sum() / num_nodes
     gpu_cap = (1 + epsilon) * graph.load.sum() / topology.num_gpus
     graph.slot_need = slot_need(graph.load, num_slots, gpu_cap)
-    home = node_partition(graph.merged(), slots_per_node, cap, partitioner, rounds, seed, restarts,
-                          mtkahypar_preset)
+    merged, options = graph.merged(), (slots_per_node, cap, partitioner, rounds, seed, restarts, mtkahypar_preset)
+    key = None if cache is None else _input_key(merged, options)
+    home = None if cache is None or key not in cache else cache[key].copy()
+    if home is None:
+        home = node_partition(merged, *options)
+        if cache is not None:
+            cache[key] = home.copy()
     gpu_shape = (topology.gpus_per_node, num_slots // topology.num_gpus)
     copies, served = fill_spares(graph, home, slots_per_node, cap, token_index, gpu_shape, gpu_cap,
                                  locality_replicas)
@@ -133,6 +145,17 @@ def place_layer(experts, num_experts, topology, num_slots, source_gpu, token_ind
         demand_gpu = np.bincount(experts[valid] * topology.num_gpus + gpus,
                                  minlength=num_experts * topology.num_gpus).reshape(num_experts, -1)
     return pack_gpus(copies, served, topology, num_slots // topology.num_gpus, demand_gpu, gpu_cap)
+
+
+def _input_key(graph, options) -> bytes:
+    """A digest of everything a node partition depends on."""
+    import hashlib
+
+    digest = hashlib.blake2b(repr(options).encode(), digest_size=16)
+    for array in (graph.experts, graph.weight, graph.slot_need, graph.pin if graph.pin is not None else np.zeros(0)):
+        digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(repr(array.shape).encode())
+    return digest.digest()
 
 
 def slot_need(load, num_slots, gpu_cap):
@@ -147,12 +170,22 @@ def slot_need(load, num_slots, gpu_cap):
     return need
 
 
-def node_partition(graph, slots_per_node, cap, partitioner="fm", rounds=50, seed=0, restarts=4,
+def node_partition(graph, slots_per_node, cap, partitioner="auto", rounds=50, seed=0, restarts=4,
                    mtkahypar_preset="default"):
     """home (E,) int64: the node of every expert, at most ``slots_per_node`` experts and (where achievable)
     load ``cap`` per node, minimising ``graph.cost`` (steps 1-2 of the module docstring)."""
     if graph.num_nodes == 1:
         return np.zeros(graph.num_experts, dtype=np.int64)
+    if partitioner == "auto":
+        options = (rounds, seed, restarts, mtkahypar_preset)
+        homes = [node_partition(graph, slots_per_node, cap, "fm", *options)]
+        if mtkahypar_available():
+            homes.append(node_partition(graph, slots_per_node, cap, "mtkahypar", *options))
+
+        def rank(home):  # under the cap first, then the lower km1; ties keep fm
+            over = np.bincount(home, weights=graph.load, minlength=graph.num_nodes).max() > cap + 1e-9
+            return over, graph.km1(home)
+        return min(homes, key=rank)
     if partitioner == "mtkahypar":
         home = partition_mtkahypar(graph, cap, seed=seed, preset=mtkahypar_preset)
         return repair(graph, fit_slots(graph, home, slots_per_node, cap), slots_per_node, cap)

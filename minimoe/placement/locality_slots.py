@@ -79,6 +79,8 @@ _BYTE_BITS = np.array([bin(value).count("1") for value in range(256)], dtype=np.
 
 def _popcount(values):
     """Set bits of each non-negative int64."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(values).astype(np.int64)
     return _BYTE_BITS[values.astype(np.uint64).view(np.uint8).reshape(len(values), 8)].sum(axis=1)
 
 

@@ -17,8 +17,9 @@ Methods of :func:`place` (fitted per layer on a trace's routing):
   both fill spare slots with copies of the experts with the highest load per replica, in GPU order;
 * ``eplb``        DeepSeek's load balancer (``minimoe.placement.eplb``), on the trace's per-expert token counts;
 * ``locality``    co-activation and demand aware placement (``minimoe.placement.locality``): a km1 hypergraph
-                  partition of the experts onto nodes (``partitioner``: ``"fm"``, ours, the default, or
-                  ``"mtkahypar"``, the optional Mt-KaHyPar library), then replicas and GPUs.
+                  partition of the experts onto nodes (``partitioner``: ``"auto"``, the default: both of
+                  ``"fm"``, ours, and ``"mtkahypar"``, the optional Mt-KaHyPar library, when it is installed,
+                  keeping the lower km1), then replicas and GPUs.
 """
 from __future__ import annotations
 
@@ -245,8 +246,8 @@ def place(trace, topology: Topology, method: str = "locality", **options) -> Pla
     ``minimoe.placement.grouping``; only ``locality`` uses it, the other methods do not depend on sources).
     ``eplb``: ``policy`` ("global" | "hierarchical" | "auto", default "auto" = hierarchical when
     ``num_groups`` is a multiple of the node count) and ``num_groups`` (default 1). ``locality``:
-    ``epsilon``, ``rounds``, ``locality_replicas``, ``max_fit_tokens``, ``partitioner`` ("fm" | "mtkahypar"),
-    ``seed``, ``restarts``, ``mtkahypar_preset`` (``minimoe.placement.locality.place_locality``).
+    ``epsilon``, ``rounds``, ``locality_replicas``, ``max_fit_tokens``, ``partitioner`` ("auto" | "fm" | "mtkahypar"),
+    ``seed``, ``restarts``, ``mtkahypar_preset``, ``cache`` (``minimoe.placement.locality.place_locality``).
     Raises ValueError for an unknown method or option, ImportError when ``partitioner="mtkahypar"`` and the
     optional Mt-KaHyPar package is missing (the message says how to install it).
     """
@@ -273,7 +274,7 @@ def place(trace, topology: Topology, method: str = "locality", **options) -> Pla
     sources = options.pop("sources", None)
     allowed = dict(eplb={"policy", "num_groups"},
                    locality={"epsilon", "rounds", "locality_replicas", "max_fit_tokens", "partitioner", "seed", "restarts",
-                                 "mtkahypar_preset"}).get(method, set())
+                                 "mtkahypar_preset", "cache"}).get(method, set())
     if set(options) - allowed:
         raise ValueError(f"unknown options {sorted(set(options) - allowed)} for method {method!r}; "
                          f"expected some of {sorted(allowed | {'num_replicas', 'tokens', 'sources', 'num_experts'})}")

@@ -62,8 +62,8 @@ def _candidates(move, swap, limit):
     flat = swap.ravel()
     positive = np.flatnonzero(flat > 1e-9)
     positive = positive[positive // num_experts < positive % num_experts]  # swap gains are symmetric
-    if positive.size > limit:
-        positive = positive[np.argpartition(-flat[positive], limit)[:limit]]
+    if positive.size > limit:  # the best `limit`, ties by index (argpartition's ties differ between CPUs)
+        positive = positive[np.lexsort((positive, -flat[positive]))[:limit]]
     mover, node = np.nonzero(move > 1e-9)
     none = np.full(len(mover), -1)
     gain = np.concatenate([flat[positive], move[mover, node]])

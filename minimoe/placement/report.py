@@ -1,14 +1,18 @@
 """The main job behind ``minimoe report``: one trace -> the findings and every placement and grouping method.
 
     trace      recorded from the bundled 4-domain MoE (or another minimoe run), or read from a trace file
+               (.npz, or Parquet for traces beyond memory: read in batches, never whole)
+    pass 1     one read of the trace: per-request expert counts, co-activation and a bounded sample of each
+               fitting set's tokens (``minimoe.traces.stats``), in this process or on Dask workers
     findings   the three observations of the paper, each next to what chance alone gives
                (``minimoe.traces.findings``); a finding the trace cannot support says why and is skipped
     compare    for every topology and slot budget: contiguous, round-robin, EPLB, locality, grouping and
                grouping + locality, each fitted three ways (on prefill, on an online decode window, and as an
-               oracle on the evaluated tokens) and measured on held-out decode tokens
-               (``minimoe.placement.experiments``); the uniform-routing baseline; a domain-drift test
-    partitioners  the locality placement's node partitioner, minimoe's FM refinement vs Mt-KaHyPar (when it is
-               installed), fitted on prefill, on every topology and slot budget
+               oracle on the evaluated tokens) on those statistics, then measured exactly on every held-out
+               decode token in a second read (``minimoe.placement.streaming``); the uniform-routing
+               baseline; a domain-drift test
+    partitioners  on request: the locality placement's node partitioners side by side, minimoe's FM
+               refinement vs Mt-KaHyPar (when it is installed), fitted on prefill
     summary    one line per topology: what grouping + locality fitted on prefill saves
 
 The result is a plain dict (JSON-ready) that ``format_report`` prints and ``minimoe.placement.report_html``
@@ -22,12 +26,13 @@ import time
 
 import numpy as np
 
-from minimoe.placement.experiments import (FIT_MODES, METHODS, PARTITIONERS, compare, compare_partitioners,
-                                           default_window, drift, uniform_baseline)
+from minimoe.placement.engine import LocalEngine, longest_decode, run_passes
+from minimoe.placement.experiments import FIT_MODES, METHODS, PARTITIONERS, uniform_baseline
 from minimoe.placement.hypergraph import mtkahypar_available
+from minimoe.placement.streaming import StreamedExperiments
 from minimoe.placement.topology import Topology
-from minimoe.traces.findings import findings, format_findings
-from minimoe.traces.format import Trace
+from minimoe.traces.findings import findings_of_stats, format_findings
+from minimoe.traces.stats import DEFAULT_SAMPLE_SIZE, TraceStats
 
 DRIFT_TOPOLOGY = (4, 2)
 DRIFT_FIT = {"code": 0.4, "math": 0.4, "chat": 0.1, "general": 0.1}
@@ -46,60 +51,91 @@ def slot_budgets(num_experts: int, topology: Topology) -> list[int]:
     return [num_experts, num_experts + topology.num_gpus]
 
 
-def trace_summary(trace: Trace) -> dict:
-    return dict(model=trace.model or "(unnamed)", requests=trace.num_requests, tokens=trace.num_tokens,
-                prefill_tokens=int((trace.phase == 0).sum()), decode_tokens=int((trace.phase == 1).sum()),
-                layers=trace.num_layers, experts=trace.num_experts, top_k=trace.top_k)
+def trace_summary(stats: TraceStats) -> dict:
+    tokens = stats.tokens.sum(0)  # (4,) per token class
+    return dict(model=stats.model or "(unnamed)", requests=stats.num_requests, tokens=stats.num_tokens,
+                prefill_tokens=int(tokens[0]), decode_tokens=int(tokens[1] + tokens[2]),
+                layers=stats.num_layers, experts=stats.num_experts, top_k=stats.top_k)
 
 
-def run_report(trace: Trace, topologies: list[Topology], window: int | None = None, seed: int = 0,
-               hidden_size: int = 7168, progress=None) -> dict:
-    """Everything the report shows, as a dict. ``window=None`` picks ``experiments.default_window``;
-    ``progress(str)``, if given, is called before each slow step. Raises ValueError for a topology the trace
-    cannot fill or a window that leaves no held-out decode token."""
+def check_window(window, longest: int) -> None:
+    """Raise ValueError unless ``window`` leaves held-out decode tokens (those after the first ``window``)."""
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"the online window must be an integer >= 1 (decode tokens per request to fit on), "
+                         f"got {window!r}")
+    if window >= longest:
+        raise ValueError(f"no decode token lies after the online window of {window} tokens: the longest request "
+                         f"decodes {longest}; use a window of at most {longest - 1}")
+
+
+def run_report(trace, topologies: list[Topology], window: int | None = None, seed: int = 0,
+               hidden_size: int = 7168, progress=None, max_fit_tokens: int | None = DEFAULT_SAMPLE_SIZE,
+               engine=None, compare_partitioners: bool = False) -> dict:
+    """Everything the report shows, as a dict. ``trace``: a Trace or a ``minimoe.traces.parquet.ParquetTrace``.
+    ``window=None`` picks a quarter of the longest request's decode, 1 to 8 (``experiments.default_window``);
+    ``max_fit_tokens``: the size of each fitting set's sample (None: every token); ``engine``: where the two
+    passes run (``minimoe.placement.engine``; default in this process); ``compare_partitioners``: also fit the
+    locality placement with each node partitioner. ``progress(str)``, if given, is called before each slow
+    step. Raises ValueError for a topology the trace cannot fill or a window that leaves no held-out decode
+    token."""
     say = progress or (lambda message: None)
     check_topologies(topologies, trace.num_experts)
-    result = dict(trace=trace_summary(trace), hidden_size=hidden_size, unavailable={})
+    longest = longest_decode(trace)
+    if longest:
+        window = min(8, max(1, longest // 4)) if window is None else window
+        check_window(window, longest)
+    engine = engine or LocalEngine()
+    sample_size = max(trace.num_tokens, 1) if max_fit_tokens is None else max_fit_tokens
+    say(f"pass 1 ({engine.name}): statistics of every token, at most {sample_size:,} sampled per fitting set")
+    stats = run_passes(trace, engine, window or 0, sample_size, seed)
+    result = dict(trace=trace_summary(stats), hidden_size=hidden_size, unavailable={},
+                  max_fit_tokens=max_fit_tokens, engine=engine.name)
     say("findings: imbalance, domain specificity, prefill -> decode")
-    result["findings"] = findings(trace, seed=seed)
-    if not (trace.phase == 1).any():
+    result["findings"] = findings_of_stats(stats, seed=seed)
+    if not longest:
         result["unavailable"]["compare"] = ("the trace has no decode tokens (phase 1); placements are measured "
                                             "on held-out decode traffic")
         result.update(window=None, rows=[], partitioners=[], uniform=[], drift=None)
         return result
-    window = default_window(trace) if window is None else window
     result["window"] = window
-    rows = []
+    experiments = StreamedExperiments(stats, seed, hidden_size)
     for topology in topologies:
-        for num_replicas in slot_budgets(trace.num_experts, topology):
+        for num_replicas in slot_budgets(stats.num_experts, topology):
             say(f"placement and grouping: {topology} ({topology.num_gpus} GPUs), {num_replicas} slots per layer")
-            rows += compare(trace, topology, num_replicas, window=window, seed=seed, hidden_size=hidden_size)
-    result["rows"] = rows
+            experiments.compare(topology, num_replicas)
     partitioners = PARTITIONERS if mtkahypar_available() else ("fm",)
-    if "mtkahypar" not in partitioners:
-        result["unavailable"]["mtkahypar"] = ("Mt-KaHyPar is not installed (pip install mtkahypar, or "
-                                              "pip install 'minimoe[partition]')")
-    result["partitioners"] = []
-    for topology in topologies:
-        for num_replicas in slot_budgets(trace.num_experts, topology):
-            say(f"locality partitioners ({', '.join(partitioners)}): {topology}, {num_replicas} slots per layer")
-            result["partitioners"] += compare_partitioners(trace, topology, num_replicas, partitioners, window=window,
-                                                           seed=seed, hidden_size=hidden_size)
-    result["uniform"] = [uniform_baseline(trace, topology) for topology in topologies]
+    if not compare_partitioners:
+        result["unavailable"]["partitioners"] = "not run (minimoe report --compare-partitioners runs it)"
+    else:
+        if "mtkahypar" not in partitioners:
+            result["unavailable"]["mtkahypar"] = ("Mt-KaHyPar is not installed (pip install mtkahypar, or "
+                                                  "pip install 'minimoe[partition]')")
+        for topology in topologies:
+            for num_replicas in slot_budgets(stats.num_experts, topology):
+                say(f"locality partitioners ({', '.join(partitioners)}): {topology}, {num_replicas} slots per layer")
+                experiments.compare_partitioners(topology, num_replicas, partitioners)
+    result["uniform"] = [uniform_baseline(stats, topology) for topology in topologies]
     result["drift"] = None
-    if not (trace.has_domain and set(DRIFT_FIT) <= set(trace.request_domains())):
+    if not (stats.has_domain and set(DRIFT_FIT) <= set(stats.domain)):
         result["unavailable"]["drift"] = f"needs requests of the domains {sorted(DRIFT_FIT)}"
     else:
         topology = Topology(num_nodes=DRIFT_TOPOLOGY[0], gpus_per_node=DRIFT_TOPOLOGY[1])
-        if topology.fits(trace.num_experts):
-            result["unavailable"]["drift"] = topology.fits(trace.num_experts)
+        if topology.fits(stats.num_experts):
+            result["unavailable"]["drift"] = topology.fits(stats.num_experts)
         else:
             say(f"drift at {topology}")
             try:
-                result["drift"] = dict(topology=str(topology), rows=drift(trace, topology, DRIFT_FIT, DRIFT_EVAL,
-                                                                          seed=seed, hidden_size=hidden_size))
+                experiments.drift(topology, DRIFT_FIT, DRIFT_EVAL)
+                result["drift"] = dict(topology=str(topology))
             except ValueError as error:
                 result["unavailable"]["drift"] = str(error)
+    jobs, index = experiments.unique_jobs()
+    say(f"pass 2 ({engine.name}): {len(jobs)} distinct placements measured on every held-out decode token")
+    counts = engine.pass_two(trace, window, jobs)
+    measured = experiments.results([counts[i] for i in index])
+    result["rows"], result["partitioners"] = measured["rows"], measured["partitioners"]
+    if result["drift"] is not None:
+        result["drift"]["rows"] = measured["drift"]
     return result
 
 
@@ -147,8 +183,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_partitioners(rows: list[dict], missing: str | None = None) -> str:
+def format_partitioners(rows: list[dict], missing: str | None = None, not_run: str | None = None) -> str:
     """The locality placement with each node partitioner: saving vs contiguous and EPLB, and load max/mean."""
+    if not_run:
+        return f"Locality placement by node partitioner: {not_run}"
     lines = ["Locality placement by node partitioner (minimoe.placement.locality), fitted on prefill with random "
              "request sources,\nthe same slots and node load cap; saved = de-duplicated inter-node bytes vs "
              "contiguous / vs EPLB on held-out decode tokens:"]
@@ -179,10 +217,12 @@ def format_report(result: dict) -> str:
         "saved = how much less than contiguous placement a method moves across node boundaries, in "
         "de-duplicated bytes\n(a token crosses to a node once however many of its experts live there); in "
         "brackets the same for per-(token, expert) bytes;\nload = tokens per GPU, max / mean. Fitted on: "
-        "prefill tokens | the first decode tokens (online) | the evaluated tokens themselves (oracle).\n\n"
+        "prefill tokens | the first decode tokens (online) | the evaluated tokens themselves (oracle)"
+        + _fitted_on(result) + ".\n\n"
         + format_table(result["rows"]))
     sections.append("Summary, fitted on prefill:\n" + "\n".join(summary_lines(result["rows"])))
-    sections.append(format_partitioners(result.get("partitioners", []), result["unavailable"].get("mtkahypar")))
+    sections.append(format_partitioners(result.get("partitioners", []), result["unavailable"].get("mtkahypar"),
+                                        result["unavailable"].get("partitioners")))
     sections.append("Nodes a token would reach if routing were uniform (the contiguous baseline's expectation): "
                     + ", ".join(f"{u['topology']}: {u['uniform_nodes_per_token']:.3f} "
                                 f"({u['uniform_remote_nodes_per_token']:.3f} remote)" for u in result["uniform"]))
@@ -195,6 +235,15 @@ def format_report(result: dict) -> str:
     elif "drift" in result["unavailable"]:
         sections.append(f"Drift: not measured: {result['unavailable']['drift']}")
     return "\n\n".join(sections)
+
+
+def _fitted_on(result: dict) -> str:
+    """What the fits saw: every fitting token, or a sample of at most max_fit_tokens per fitting set."""
+    limit = result.get("max_fit_tokens")
+    if limit is None or limit >= result["trace"]["tokens"]:
+        return ""
+    return (f";\nco-activation fitted on a uniform sample of at most {limit:,} tokens per fitting set (loads and "
+            "request signatures on all of them), every saving measured on all held-out tokens")
 
 
 def json_ready(value):

@@ -1,0 +1,180 @@
+"""Where the two passes run: in this process, or on Dask workers (a local cluster or an existing one).
+
+Both passes are a map over parts of the trace and a merge by addition: pass 1 maps ``stats_part`` (the
+statistics of ``minimoe.traces.stats``) and merges with ``TraceStats.merge``; pass 2 maps ``counts_part``
+(the traffic counts of ``minimoe.placement.evaluate``) and adds them. The same two functions run
+
+* in-process (``LocalEngine``): over an in-memory trace (batches of rows) or a Parquet file (its row groups,
+  read one batch at a time);
+* on Dask (``DaskEngine``; Rocklin, "Dask: Parallel Computation with Blocked algorithms and Task
+  Scheduling", SciPy 2015): one task per group of Parquet row groups, each worker reading its rows from
+  the file itself (on a cluster the path must be readable by every worker), results merged on the client.
+  ``--workers N`` starts a ``LocalCluster`` of N single-threaded worker processes; ``--scheduler ADDRESS``
+  connects to a running scheduler.
+
+Merging is addition of integers and a union of bottom-k samples keyed by a hash of the row, so every engine
+and every split gives the same statistics and the same counts (tests/test_streaming.py).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from minimoe.placement.evaluate import Counts, Job, _Tables, count_jobs
+from minimoe.traces.batches import batches_of, positions_and_steps
+from minimoe.traces.format import Trace
+from minimoe.traces.parquet import ParquetTrace
+from minimoe.traces.stats import TraceStats, token_classes
+
+CONNECT_TIMEOUT_S = 30
+
+
+def _batches(source, unit, check: bool):
+    """Batches of one unit of work: rows (start, stop) of an in-memory trace, or row groups of a file."""
+    if isinstance(source, Trace):
+        start, stop = unit
+        for batch in batches_of(source, 1 << 18):
+            if start <= batch.start < stop:
+                yield batch
+        return
+    yield from source.batches(unit, check=check)
+
+
+def _open(source):
+    return ParquetTrace(source) if isinstance(source, (str, os.PathLike)) else source
+
+
+def stats_part(source, unit, window: int, sample_size: int, seed: int) -> TraceStats:
+    """Pass 1 over one unit (rows of a Trace, or row groups of a Parquet file named by its path)."""
+    source = _open(source)
+    stats = TraceStats.empty(source.num_experts, source.top_k, source.num_layers, source.model, window,
+                             sample_size, seed, source.has_domain)
+    for batch in _batches(source, unit, check=True):
+        stats.add(batch)
+    if isinstance(source, ParquetTrace):
+        stats.runs = list(source.runs)
+    return stats
+
+
+def counts_part(source, unit, window: int, jobs: list[Job]) -> list[Counts]:
+    """Pass 2 over one unit: every job's counts."""
+    source = _open(source)
+    tables = [_Tables(job.placement) for job in jobs]
+    total = [Counts(job.placement.num_layers, job.placement.num_gpus) for job in jobs]
+    for batch in _batches(source, unit, check=False):
+        parts = count_jobs(batch, token_classes(batch.phase, batch.step, window), jobs, tables)
+        total = [a + b for a, b in zip(total, parts)]
+    return total
+
+
+def _add_counts(a, b):
+    return [x + y for x, y in zip(a, b)]
+
+
+class LocalEngine:
+    """Runs every unit in this process, one after the other."""
+
+    name = "in-process"
+
+    def units(self, source) -> list:
+        if isinstance(source, Trace):
+            return [(0, source.num_tokens)]
+        return [list(range(source.num_row_groups))]
+
+    def pass_one(self, source, window, sample_size, seed) -> TraceStats:
+        stats = None
+        for unit in self.units(source):
+            part = stats_part(source, unit, window, sample_size, seed)
+            stats = part if stats is None else stats.merge(part)
+        return stats
+
+    def pass_two(self, source, window, jobs) -> list[Counts]:
+        total = None
+        for unit in self.units(source):
+            part = counts_part(source, unit, window, jobs)
+            total = part if total is None else _add_counts(total, part)
+        return total
+
+    def close(self):
+        pass
+
+
+class DaskEngine:
+    """Runs the units as Dask tasks: on ``LocalCluster(n_workers=workers)`` or on the scheduler at
+    ``scheduler`` (e.g. ``tcp://10.0.0.1:8786``). Raises ImportError (how to install) without dask, and
+    OSError naming the address when no scheduler answers within ``CONNECT_TIMEOUT_S`` seconds."""
+
+    def __init__(self, workers: int | None = None, scheduler: str | None = None, groups_per_task: int = 1):
+        try:
+            import logging
+
+            from dask.distributed import Client, LocalCluster
+        except ImportError as error:
+            raise ImportError("--workers/--scheduler need Dask: pip install 'dask[distributed]' (or "
+                              "pip install 'minimoe[dask]')") from error
+        self.groups_per_task = groups_per_task
+        if scheduler is not None:
+            try:
+                self.client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+            except (OSError, TimeoutError) as error:
+                raise OSError(f"--scheduler {scheduler}: no Dask scheduler answered within {CONNECT_TIMEOUT_S} s "
+                              f"({type(error).__name__}: {error})") from None
+            self.cluster, self.name = None, f"Dask scheduler {scheduler}"
+        else:
+            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                        dashboard_address=None, silence_logs=logging.CRITICAL)
+            self.client = Client(self.cluster)
+            self.name = f"Dask LocalCluster, {workers} workers"
+
+    def units(self, source) -> list:
+        if isinstance(source, Trace):
+            raise ValueError("Dask workers read the trace from its file: give a Parquet trace (--trace FILE.parquet)")
+        groups = list(range(source.num_row_groups))
+        return [groups[i:i + self.groups_per_task] for i in range(0, len(groups), self.groups_per_task)]
+
+    def _map(self, function, source, merge, **constants):
+        from dask.distributed import as_completed
+
+        path = os.path.abspath(source.path)
+        futures = self.client.map(function, [path] * len(self.units(source)), self.units(source), pure=False,
+                                  **constants)
+        result = None
+        for _, part in as_completed(futures, with_results=True):  # merging is addition: any order will do
+            result = part if result is None else merge(result, part)
+        return result
+
+    def pass_one(self, source, window, sample_size, seed) -> TraceStats:
+        return self._map(stats_part, source, TraceStats.merge, window=window, sample_size=sample_size, seed=seed)
+
+    def pass_two(self, source, window, jobs) -> list[Counts]:
+        scattered = self.client.scatter(jobs, broadcast=True)
+        return self._map(counts_part, source, _add_counts, window=window, jobs=scattered)
+
+    def close(self):
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def run_passes(source, engine, window: int, sample_size: int, seed: int = 0) -> TraceStats:
+    """Pass 1 with the file-level checks: the rows read by every part cover the file once, in order."""
+    stats = engine.pass_one(source, window, sample_size, seed).finish()
+    if isinstance(source, ParquetTrace) and source.num_tokens:
+        source.check_runs(stats.runs)
+    return stats
+
+
+def longest_decode(source) -> int:
+    """Decode tokens of the longest request (0 without decode tokens), from the file's footer when it can."""
+    if isinstance(source, Trace):
+        if not (source.phase == 1).any():
+            return 0
+        return int(positions_and_steps(source.request, source.phase)[1].max()) + 1
+    largest = source.column_max("step")
+    if largest is None:
+        import pyarrow.parquet as pq
+
+        column = pq.read_table(source.path, columns=["step"]).column("step")
+        largest = int(column.to_numpy().max()) if len(column) else -1
+    return max(largest, -1) + 1

@@ -1,0 +1,167 @@
+"""The experiments of ``minimoe.placement.experiments`` on a trace of any size, in two passes.
+
+    pass 1   statistics of every token (``minimoe.traces.stats``): per-request expert counts per class
+             (prefill, online window, held out), co-activation, and a bottom-k sample of each fitting set
+    fits     every method of ``experiments.fit`` on a ``FitData`` per fitting set: exact counts for loads and
+             signatures, the sample (at most ``max_fit_tokens`` tokens) for hyperedges
+    pass 2   every fitted (placement, sources) measured exactly on every held-out token
+             (``minimoe.placement.evaluate``), all of them in one read of the trace
+
+The rows have the keys of ``experiments.compare``, ``compare_partitioners`` and ``drift``; with
+``max_fit_tokens=None`` (no sampling) they are the same numbers as those functions give on the trace in
+memory (tests/test_streaming.py). ``StreamedExperiments`` collects the fits of every topology first, so one
+pass 2 serves them all.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from minimoe.placement.evaluate import Job
+from minimoe.placement.experiments import FIT_MODES, METHODS, cut, fit
+from minimoe.placement.fitdata import FitData
+from minimoe.placement.grouping import group
+from minimoe.placement.methods import place
+from minimoe.placement.topology import Topology
+from minimoe.traces.stats import TraceStats
+
+HELD_OUT = (2,)        # token class of the held-out decode tokens
+DECODE = (1, 2)        # every decode token (the drift test measures new requests' whole decode)
+
+
+class StreamedExperiments:
+    """Fits on ``stats`` now, rows once ``measure(counts)`` has the pass-2 counts of ``jobs``."""
+
+    def __init__(self, stats: TraceStats, seed: int = 0, hidden_size: int = 7168):
+        self.stats, self.seed, self.hidden_size = stats, seed, hidden_size
+        self.jobs: list[Job] = []
+        self.pending: list = []  # (kind, description, job indices)
+        self._fit_data: dict = {}
+        self.cache: dict = {}  # node partitions of identical inputs, reused (minimoe.placement.locality)
+
+    def fit_data(self, mode: str) -> FitData:
+        if mode not in self._fit_data:
+            self._fit_data[mode] = FitData.of_stats(self.stats, mode)
+        return self._fit_data[mode]
+
+    def _job(self, placement, sources, classes=HELD_OUT, requests=None) -> int:
+        self.jobs.append(Job(placement, np.asarray(sources), classes, requests))
+        return len(self.jobs) - 1
+
+    # ---- what is fitted ----------------------------------------------------------------------------------------
+    def compare(self, topology: Topology, num_replicas: int, fit_modes=FIT_MODES, methods=METHODS) -> None:
+        """``experiments.compare`` on the statistics: every method fitted every way."""
+        for mode in fit_modes:
+            data = self.fit_data(mode)
+            every = np.ones(data.num_tokens, bool)
+            jobs = {method: self._job(*fit(data, topology, method, every, num_replicas, self.seed,
+                                           cache=self.cache)) for method in methods}
+            self.pending.append(("compare", (topology, num_replicas, mode), jobs))
+
+    def compare_partitioners(self, topology: Topology, num_replicas: int, partitioners) -> None:
+        """``experiments.compare_partitioners`` on the statistics (fitted on prefill)."""
+        data, jobs, seconds = self.fit_data("prefill"), {}, {}
+        every = np.ones(data.num_tokens, bool)
+        for method in ("contiguous", "eplb", *(f"locality[{p}]" for p in partitioners)):
+            start = time.perf_counter()
+            partitioner = method[len("locality["):-1] if method.startswith("locality[") else None
+            jobs[method] = self._job(*fit(data, topology, "locality" if partitioner else method, every,
+                                          num_replicas, self.seed, partitioner, self.cache))
+            seconds[method] = time.perf_counter() - start
+        self.pending.append(("partitioners", (topology, num_replicas, seconds), jobs))
+
+    def drift(self, topology: Topology, fit_mix: dict, eval_mix: dict, num_replicas: int | None = None) -> None:
+        """``experiments.drift`` on the statistics: the same requests drawn, the same fits."""
+        stats, seed = self.stats, self.seed
+        rng = np.random.default_rng(seed)
+        domains = stats.domain
+        num_requests = stats.num_requests
+        half = rng.permutation(num_requests) < num_requests // 2
+        picked = {}
+        for name, mix, pool in (("fit", fit_mix, half), ("eval", eval_mix, ~half)):
+            unknown = sorted(set(mix) - set(domains))
+            if unknown:
+                raise ValueError(f"{name}_mix names domains {unknown} that the trace does not have")
+            weights = np.array([mix.get(d, 0.0) for d in domains]) * pool
+            count = int(min(pool.sum(), (weights > 0).sum()) * 0.5)
+            if count < 1:
+                raise ValueError(f"too few requests to draw the {name} half of the drift test "
+                                 f"({num_requests} requests in the trace)")
+            picked[name] = rng.choice(num_requests, size=count, replace=False, p=weights / weights.sum())
+        fit_requests, eval_requests = (np.isin(np.arange(num_requests), picked[n]) for n in ("fit", "eval"))
+        history = FitData.of_stats(stats, "all", requests=fit_requests)
+        newcomers = FitData.of_stats(stats, "prefill", requests=eval_requests)
+        num_replicas = num_replicas or stats.num_experts
+        random_sources = group(history, topology, "random", seed=seed)
+        every = np.ones(history.num_tokens, bool)
+        jobs = {}
+        for method in ("contiguous", "eplb", "locality", "grouping+locality"):
+            base = "locality" if method == "grouping+locality" else method
+            placement = place(history, topology, base, tokens=every, num_replicas=num_replicas,
+                              **(dict(sources=random_sources, cache=self.cache) if base == "locality" else {}))
+            sources = random_sources
+            if method == "grouping+locality":
+                sources = group(newcomers, topology, "signature", seed=seed, placement=placement)
+            jobs[method] = self._job(placement, sources, DECODE, eval_requests)
+        self.pending.append(("drift", (topology,), jobs))
+
+    # ---- what is measured --------------------------------------------------------------------------------------
+    def unique_jobs(self) -> tuple[list[Job], np.ndarray]:
+        """(distinct jobs, index of each job's distinct twin): identical fits are counted once."""
+        keys, distinct, index = {}, [], []
+        for job in self.jobs:
+            key = job.key()
+            if key not in keys:
+                keys[key] = len(distinct)
+                distinct.append(job)
+            index.append(keys[key])
+        return distinct, np.asarray(index, np.int64)
+
+    def results(self, counts) -> dict:
+        """Rows of every comparison from the pass-2 ``counts`` (one per job of ``self.jobs``)."""
+        summary = [c.summary(self.hidden_size) for c in counts]
+        out = dict(rows=[], partitioners=[], drift=[])
+        for kind, spec, jobs in self.pending:
+            reports = {method: summary[index] for method, index in jobs.items()}
+            if kind == "compare":
+                out["rows"] += _compare_rows(*spec, reports)
+            elif kind == "partitioners":
+                out["partitioners"] += _partitioner_rows(*spec, reports)
+            else:
+                out["drift"] += _drift_rows(reports)
+        return out
+
+
+def _compare_rows(topology, num_replicas, mode, reports) -> list[dict]:
+    rows = []
+    for method, report in reports.items():
+        row = dict(topology=f"{topology.num_nodes}x{topology.gpus_per_node}", num_replicas=num_replicas, fit=mode,
+                   method=method, inter_node_bytes=report["inter_node_bytes"],
+                   pair_bytes_inter=report["pair_bytes_inter"], intra_node_bytes=report["intra_node_bytes"],
+                   remote_nodes_per_token=report["remote_nodes_per_token"],
+                   pair_node_local_fraction=report["pair_node_local_fraction"],
+                   load_max_over_mean=report["load_max_over_mean"])
+        for base in ("contiguous", "eplb"):
+            if base in reports:
+                row[f"cut_vs_{base}"] = cut(report["inter_node_bytes"], reports[base]["inter_node_bytes"])
+                row[f"pair_cut_vs_{base}"] = cut(report["pair_bytes_inter"], reports[base]["pair_bytes_inter"])
+        rows.append(row)
+    return rows
+
+
+def _partitioner_rows(topology, num_replicas, seconds, reports) -> list[dict]:
+    return [dict(topology=f"{topology.num_nodes}x{topology.gpus_per_node}", num_replicas=num_replicas,
+                 fit="prefill", method=method, inter_node_bytes=report["inter_node_bytes"],
+                 load_max_over_mean=report["load_max_over_mean"], fit_seconds=seconds[method],
+                 cut_vs_contiguous=cut(report["inter_node_bytes"], reports["contiguous"]["inter_node_bytes"]),
+                 cut_vs_eplb=cut(report["inter_node_bytes"], reports["eplb"]["inter_node_bytes"]))
+            for method, report in reports.items()]
+
+
+def _drift_rows(reports) -> list[dict]:
+    return [dict(method=method, inter_node_bytes=report["inter_node_bytes"],
+                 cut_vs_contiguous=cut(report["inter_node_bytes"], reports["contiguous"]["inter_node_bytes"]),
+                 cut_vs_eplb=cut(report["inter_node_bytes"], reports["eplb"]["inter_node_bytes"]),
+                 load_max_over_mean=report["load_max_over_mean"])
+            for method, report in reports.items()]
