@@ -45,17 +45,14 @@ def default_threads() -> int:
 
 positive = whole_number(1)
 non_negative = whole_number(0)
-DEFAULT_FIT_TOKENS = 16384  # minimoe.placement.report: the sample each fitting set's co-activation is fitted on
-
-
 def _fit_tokens(text: str):
-    """--max-fit-tokens: a whole number >= 1, or 'all' (None: no sampling)."""
-    if text == "all":
-        return None
+    """--max-fit-tokens: a whole number >= 1, 'all' (None: no sampling) or 'auto' (131072 / top_k)."""
+    if text in ("all", "auto"):
+        return None if text == "all" else text
     try:
         return positive(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'all', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, 'all' or 'auto', got {text!r}") from None
 
 
 # ---- output paths: checked before the work, created only when there is something to write ----------------------
@@ -363,9 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated NODESxGPUS clusters to compare (default: {DEFAULT_TOPOLOGIES})")
     report.add_argument("--hidden-size", metavar="N", type=positive, default=7168,
                         help="hidden size for byte counts, bf16 (default: %(default)s, DeepSeek-V3's)")
-    report.add_argument("--max-fit-tokens", metavar="N|all", type=_fit_tokens, default=DEFAULT_FIT_TOKENS,
+    report.add_argument("--max-fit-tokens", metavar="N|all|auto", type=_fit_tokens, default="auto",
                         help="fit each placement's co-activation on a uniform sample of at most N tokens per fitting "
-                             "set; 'all' fits on every token (default: %(default)s)")
+                             "set; 'all' fits on every token; 'auto' samples 131072 (token, expert) pairs, i.e. "
+                             "131072 / top_k tokens (default: %(default)s)")
     report.add_argument("--compare-partitioners", action="store_true",
                         help="also fit the locality placement with each node partitioner (FM, Mt-KaHyPar) side by side")
     engine = report.add_mutually_exclusive_group()

@@ -135,7 +135,7 @@ def test_slot_need_gives_hot_experts_room_for_their_copies():
 def test_partitioner_option_errors():
     trace = synthetic_trace(num_requests=8, tokens_per_request=8, num_experts=8, top_k=2, seed=0)
     topology = Topology(num_nodes=2, gpus_per_node=1)
-    with pytest.raises(ValueError, match=r"partitioner must be one of \['fm', 'mtkahypar'\], got 'kahypar'"):
+    with pytest.raises(ValueError, match=r"partitioner must be one of \['auto', 'fm', 'mtkahypar'\], got 'kahypar'"):
         place(trace, topology, "locality", partitioner="kahypar")
     with pytest.raises(ValueError, match="restarts must be a non-negative int, got -1"):
         place(trace, topology, "locality", restarts=-1)
@@ -145,13 +145,39 @@ def test_partitioner_option_errors():
         place(trace, topology, "locality", seed=-3)
 
 
-def test_fm_is_the_default_and_seeded_runs_repeat():
+def test_auto_is_the_default_and_seeded_runs_repeat():
     trace = synthetic_trace(num_requests=32, tokens_per_request=16, num_layers=2, num_experts=16, top_k=4, seed=4)
     topology = Topology(num_nodes=4, gpus_per_node=1)
     sources = group(trace, topology, "random", seed=0)
     default = place(trace, topology, "locality", sources=sources, num_replicas=20)
-    assert default == place(trace, topology, "locality", sources=sources, num_replicas=20, partitioner="fm", seed=0)
+    assert default == place(trace, topology, "locality", sources=sources, num_replicas=20, partitioner="auto", seed=0)
     assert default == place(trace, topology, "locality", sources=sources, num_replicas=20)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auto_keeps_the_partition_with_the_lower_km1(seed):
+    rng = np.random.default_rng(seed)
+    experts, pin = random_tokens(rng, 300, 16, 4, 4, True)
+    graph = Hypergraph(experts, 16, 4, pin).merged()
+    cap = 1.1 * graph.load.sum() / 4
+    fm = node_partition(graph, 4, cap, "fm", seed=seed)
+    auto = node_partition(graph, 4, cap, "auto", seed=seed)
+    if not mtkahypar_available():
+        np.testing.assert_array_equal(auto, fm)
+        return
+    mt = node_partition(graph, 4, cap, "mtkahypar", seed=seed)
+    best = fm if graph.km1(fm) <= graph.km1(mt) else mt  # ties keep fm
+    np.testing.assert_array_equal(auto, best)
+    assert graph.km1(auto) == min(graph.km1(fm), graph.km1(mt))
+
+
+def test_auto_without_mtkahypar_is_fm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mtkahypar", None)  # not installed
+    trace = synthetic_trace(num_requests=16, tokens_per_request=16, num_layers=2, num_experts=16, top_k=4, seed=2)
+    topology = Topology(num_nodes=4, gpus_per_node=1)
+    sources = group(trace, topology, "random", seed=0)
+    assert place(trace, topology, "locality", sources=sources) == \
+        place(trace, topology, "locality", sources=sources, partitioner="fm")
 
 
 def test_mtkahypar_missing_gives_the_install_command(monkeypatch):
@@ -228,17 +254,19 @@ def test_compare_partitioners_rows():
         assert by[name]["cut_vs_contiguous"] > 0.05  # structured routing: both partitioners find savings
 
 
-def test_report_compares_partitioners_and_says_when_mtkahypar_is_missing(monkeypatch):
+def test_report_compares_partitioners_on_request_and_says_when_mtkahypar_is_missing(monkeypatch):
     from minimoe.placement import report
 
     trace = synthetic_trace(num_requests=16, tokens_per_request=24, num_layers=2, num_experts=16, top_k=2, seed=1)
     topologies = [Topology(num_nodes=2, gpus_per_node=2)]
+    result = report.run_report(trace, topologies)  # not by default
+    assert result["partitioners"] == [] and "--compare-partitioners" in report.format_report(result)
     if mtkahypar_available():  # (CI installs it; without it only the second half applies)
-        result = report.run_report(trace, topologies)
+        result = report.run_report(trace, topologies, compare_partitioners=True)
         methods = [r["method"] for r in result["partitioners"]]
         assert methods.count("locality[fm]") == methods.count("locality[mtkahypar]") == 2  # two slot budgets
         assert "locality[mtkahypar]" in report.format_report(result)
     monkeypatch.setattr(report, "mtkahypar_available", lambda: False)
-    result = report.run_report(trace, topologies)
+    result = report.run_report(trace, topologies, compare_partitioners=True)
     assert {r["method"] for r in result["partitioners"]} == {"contiguous", "eplb", "locality[fm]"}
     assert "pip install mtkahypar" in report.format_report(result)

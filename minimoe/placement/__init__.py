@@ -3,8 +3,9 @@
 ``topology`` describes nodes x GPUs; ``eplb`` is DeepSeek's load balancer; ``methods`` places experts on GPU
 slots (contiguous, round-robin, EPLB, locality); ``hypergraph``, ``refinement``, ``locality`` and ``locality_slots`` are the
 co-activation partitioner (its hypergraph, our FM refinement or Mt-KaHyPar, and the slot filling); ``grouping`` assigns requests to GPUs; ``traffic`` counts the all-to-all bytes and load of a
-placement; ``experiments`` fits on prefill and evaluates on held-out decode; ``report`` is the main job
-(``minimoe report``). Chapters 6 and 7 teach this part.
+placement; ``experiments`` fits on prefill and evaluates on held-out decode; ``fitdata``, ``evaluate``,
+``streaming`` and ``engine`` run those experiments on traces of any size in two passes (in this process or on
+Dask workers); ``report`` is the main job (``minimoe report``). Chapters 6 and 7 teach this part.
 """
 
 from minimoe.placement.eplb import eplb

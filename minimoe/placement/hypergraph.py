@@ -131,8 +131,9 @@ class Hypergraph:
         where = self.pair_token * self.num_nodes + home[self.pair_expert]  # flat (t, node of e)
         leave = (flat_cnt[where] == 1) * flat_charge[where]  # (P,)
         join = (cnt == 0) * self.charge  # (T, N)
-        move = np.stack([np.bincount(self.pair_expert, weights=leave - join[:, n][self.pair_token],
-                                     minlength=self.num_experts) for n in range(self.num_nodes)], axis=1)
+        bins = self.pair_expert[:, None] * self.num_nodes + np.arange(self.num_nodes)  # (P, N): (e, n) per pair
+        move = np.bincount(bins.ravel(), weights=(leave[:, None] - join[self.pair_token]).ravel(),
+                           minlength=self.num_experts * self.num_nodes).reshape(self.num_experts, self.num_nodes)
         leave_at = np.zeros(self.valid.size)
         leave_at[self.pair_position] = leave
         shared = np.bincount(self.co_key, weights=leave_at[self.co_position],

@@ -32,9 +32,10 @@ from minimoe.placement.hypergraph import mtkahypar_available
 from minimoe.placement.streaming import StreamedExperiments
 from minimoe.placement.topology import Topology
 from minimoe.traces.findings import findings_of_stats, format_findings
-from minimoe.traces.stats import DEFAULT_SAMPLE_SIZE, TraceStats
+from minimoe.traces.stats import TraceStats
 
 DRIFT_TOPOLOGY = (4, 2)
+FIT_PAIRS = 1 << 17  # default sample of each fitting set: this many (token, expert) pairs, i.e. 131072 / top_k tokens
 DRIFT_FIT = {"code": 0.4, "math": 0.4, "chat": 0.1, "general": 0.1}
 DRIFT_EVAL = {"code": 0.1, "math": 0.1, "chat": 0.4, "general": 0.4}
 
@@ -69,11 +70,12 @@ def check_window(window, longest: int) -> None:
 
 
 def run_report(trace, topologies: list[Topology], window: int | None = None, seed: int = 0,
-               hidden_size: int = 7168, progress=None, max_fit_tokens: int | None = DEFAULT_SAMPLE_SIZE,
+               hidden_size: int = 7168, progress=None, max_fit_tokens: int | str | None = "auto",
                engine=None, compare_partitioners: bool = False) -> dict:
     """Everything the report shows, as a dict. ``trace``: a Trace or a ``minimoe.traces.parquet.ParquetTrace``.
     ``window=None`` picks a quarter of the longest request's decode, 1 to 8 (``experiments.default_window``);
-    ``max_fit_tokens``: the size of each fitting set's sample (None: every token); ``engine``: where the two
+    ``max_fit_tokens``: the size of each fitting set's sample ("auto": ``FIT_PAIRS // top_k``, the fit's cost
+    growing with its (token, expert) pairs; None: every token); ``engine``: where the two
     passes run (``minimoe.placement.engine``; default in this process); ``compare_partitioners``: also fit the
     locality placement with each node partitioner. ``progress(str)``, if given, is called before each slow
     step. Raises ValueError for a topology the trace cannot fill or a window that leaves no held-out decode
@@ -85,6 +87,8 @@ def run_report(trace, topologies: list[Topology], window: int | None = None, see
         window = min(8, max(1, longest // 4)) if window is None else window
         check_window(window, longest)
     engine = engine or LocalEngine()
+    if max_fit_tokens == "auto":
+        max_fit_tokens = max(1, FIT_PAIRS // trace.top_k)
     sample_size = max(trace.num_tokens, 1) if max_fit_tokens is None else max_fit_tokens
     say(f"pass 1 ({engine.name}): statistics of every token, at most {sample_size:,} sampled per fitting set")
     stats = run_passes(trace, engine, window or 0, sample_size, seed)

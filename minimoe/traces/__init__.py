@@ -1,6 +1,8 @@
 """Expert-activation traces: which experts each token used, in every MoE layer, prefill and decode.
 
 ``format`` defines the ``Trace`` type and its strict ``.npz`` file format (it knows nothing of models);
+``parquet`` the columnar format for traces beyond memory, read and checked batch by batch (``batches``), and
+``stats`` the statistics of one pass over such a trace, which merge across workers;
 ``recording`` records traces from minimoe and transformers MoE models; ``importers`` converts vLLM and SGLang
 routed-experts captures, ``importers_jsonl`` JSONL routing logs, and ``convert`` (the ``minimoe import``
 command) any of them to a trace file; ``workload`` is the bundled model's multi-domain workload; ``synthetic``

@@ -9,6 +9,7 @@ Sources (``--format``, by default guessed from the file):
              holding it (SGLang's ``meta_info``, or a response with a ``meta_info``), which may also carry
              ``routed_experts_dtype``
     jsonl    a routing log, one JSON object per token or per (token, layer) (``minimoe.traces.importers_jsonl``)
+    trace    a minimoe trace file (.npz or .parquet): converted to the other format (``--out`` decides)
 
 A .jsonl file whose first record holds ``routed_experts`` or ``meta_info`` (or is a bare string) is read as
 SGLang output, any other .jsonl as a routing log. The trace keeps only what the source says: phases are
@@ -27,10 +28,12 @@ import numpy as np
 
 from minimoe.arguments import OneLineParser, whole_number
 from minimoe.traces.format import Trace
+from minimoe.traces.parquet import is_parquet, load_trace, save_trace
 from minimoe.traces.importers import WIRE_DTYPES, from_sglang, from_vllm
 from minimoe.traces.importers_jsonl import OUR_FIELDS, POSITIONS, from_jsonl
 
-FORMATS = ("auto", "vllm", "sglang", "jsonl")
+FORMATS = ("auto", "vllm", "sglang", "jsonl", "trace")
+_TRACE_ARRAYS = {"experts", "request", "phase", "num_experts", "top_k"}
 
 
 _positive_int = whole_number(1)
@@ -71,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="minimoe import", description="Convert a vLLM, SGLang or JSONL routing capture to a minimoe trace file.",
     )
     parser.add_argument("source", help="the capture: .npy/.npz (vLLM), a text file of SGLang payloads, or .jsonl")
-    parser.add_argument("--out", required=True, metavar="TRACE", help="the trace file to write (.npz)")
+    parser.add_argument("--out", required=True, metavar="TRACE",
+                        help="the trace file to write: .npz, or .parquet for traces read in batches")
     parser.add_argument("--format", choices=FORMATS, default="auto",
                         help="the source's format (default: %(default)s, from the file name and first record)")
     parser.add_argument("--num-experts", type=_positive_int, metavar="E",
@@ -111,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 def guess_format(path: Path) -> str:
     """'vllm', 'sglang' or 'jsonl' from the file name (and, for .jsonl, its first record)."""
     suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return "trace"
+    if suffix == ".npz" and _is_trace_npz(path):
+        return "trace"
     if suffix in (".npy", ".npz"):
         return "vllm"
     if suffix in (".txt", ".b64"):
@@ -125,6 +133,17 @@ def guess_format(path: Path) -> str:
         holds_payload = isinstance(record, dict) and bool({"routed_experts", "meta_info"} & set(record))
         return "sglang" if isinstance(record, str) or holds_payload else "jsonl"
     raise ValueError(f"{path}: cannot tell the format from the suffix {suffix!r}; pass --format vllm, sglang or jsonl")
+
+
+def _is_trace_npz(path: Path) -> bool:
+    """Does this .npz hold a minimoe trace (its arrays by name) rather than vLLM captures?"""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _TRACE_ARRAYS <= {name[:-4] for name in archive.namelist()}
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def read_vllm(path: Path) -> tuple[list[np.ndarray], np.ndarray | None]:
@@ -173,6 +192,8 @@ def convert(args) -> Trace:
     if not Path(args.out).parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist")
     kind = guess_format(source) if args.format == "auto" else args.format
+    if kind == "trace":
+        return load_trace(source)
     model = args.model if args.model is not None else ""
     if kind == "jsonl":
         fields = dict(args.field)
@@ -217,7 +238,9 @@ def summary(trace: Trace, source: str, out: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not (is_parquet(args.out) or args.out.lower().endswith(".npz")):
+        raise ValueError(f"--out {args.out}: expected a file name ending in .npz or .parquet")
     trace = convert(args)
-    trace.save(args.out)
+    save_trace(trace, args.out)
     print(summary(trace, args.source, args.out))
     return 0

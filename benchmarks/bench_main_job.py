@@ -1,0 +1,158 @@
+"""The main job on the bundled model: its time, and what sampling the fits changes.
+
+Run (from the repository root, on a quiet machine):
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_main_job.py [--out /tmp/minimoe-main-job]
+
+1. Runs ``python -m minimoe report --threads 1 --out DIR`` exactly as the README's first command does (recording
+   the bundled model's 2,000 held-out requests, then the whole report) as a child process, and records its wall
+   time, CPU time and peak RSS (``os.wait4``) and the time of each step from its progress lines.
+2. Fits the recorded trace (DIR/trace.npz) again with every fitting token (``--max-fit-tokens all``) and prints
+   every saving of the default (sampled) fit next to the full fit's, with the difference in points.
+3. Compares the findings with the recorded ones of the previous implementation
+   (benchmarks/results/findings.json): every measured number must be the same; only the uniform-routing column
+   may differ (it is drawn, now with an exact sampler and 200 draws).
+
+Writes benchmarks/results/main_job.md and .json, and benchmarks/results/report.txt (the main job's output with
+its command and machine).
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def run_main_job(out: Path) -> dict:
+    command = [sys.executable, "-m", "minimoe", "report", "--threads", "1", "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(out / "stdout.txt", "w") as std, open(out / "stderr.txt", "w") as err:
+        process = subprocess.Popen(command, stdout=std, stderr=err, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    stderr = (out / "stderr.txt").read_text()
+    if status != 0:
+        raise SystemExit(f"the main job failed (status {status}):\n{stderr[-3000:]}")
+    steps = [dict(at_seconds=float(t), step=m) for t, m in re.findall(r"\[\s*(\d+) s\] (.*)", stderr)]
+    return dict(command="minimoe report --threads 1 --out " + out.name, wall_seconds=round(seconds, 1),
+                cpu_seconds=round(usage.ru_utime + usage.ru_stime, 1), peak_rss_gb=round(usage.ru_maxrss / 1e6, 3),
+                steps=steps)
+
+
+def side_by_side(trace_path: Path) -> tuple[dict, list[dict], float]:
+    """(the default run's result, one row per cell with both savings, seconds of the full fit)."""
+    from minimoe.placement import Topology
+    from minimoe.placement.report import run_report
+    from minimoe.traces import Trace
+
+    trace = Trace.load(trace_path)
+    topologies = [Topology.parse(t) for t in ("2x2", "4x2", "2x4", "4x4")]
+    sampled = run_report(trace, topologies)
+    start = time.perf_counter()
+    full = run_report(trace, topologies, max_fit_tokens=None)
+    seconds = time.perf_counter() - start
+    keyed = {(r["topology"], r["num_replicas"], r["fit"], r["method"]): r for r in full["rows"]}
+    cells = []
+    for row in sampled["rows"]:
+        other = keyed[(row["topology"], row["num_replicas"], row["fit"], row["method"])]
+        if row["cut_vs_contiguous"] is None:
+            continue
+        cells.append(dict(topology=row["topology"], slots=row["num_replicas"], fit=row["fit"], method=row["method"],
+                          sampled=row["cut_vs_contiguous"], full=other["cut_vs_contiguous"],
+                          points=100 * (row["cut_vs_contiguous"] - other["cut_vs_contiguous"])))
+    return sampled, cells, seconds
+
+
+def compare_findings(new: dict) -> tuple[list[str], list[str]]:
+    """(paths that differ outside the uniform-routing baseline, paths inside it that differ)."""
+    old = json.loads((RESULTS / "findings.json").read_text())["findings"]
+    differ, uniform = [], []
+
+    def walk(a, b, path):
+        if isinstance(a, dict):
+            for key in set(a) | set(b):
+                walk(a.get(key), b.get(key), f"{path}/{key}")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{path}[{i}]")
+        elif a != b:
+            (uniform if "/uniform/" in path else differ).append(path)
+    walk(old, json.loads(json.dumps(new)), "")
+    return differ, uniform
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="/tmp/minimoe-main-job", help="the main job's output folder")
+    args = parser.parse_args()
+    out = Path(args.out)
+    import torch
+
+    from minimoe import __version__
+
+    print("running the main job ...", flush=True)
+    run = run_main_job(out)
+    print(f"main job: {run['wall_seconds']} s wall, {run['cpu_seconds']} s CPU, {run['peak_rss_gb']} GB", flush=True)
+    sampled, cells, full_seconds = side_by_side(out / "trace.npz")
+    differ, uniform = compare_findings(sampled["findings"])
+    worst = max(abs(c["points"]) for c in cells)
+    over = [c for c in cells if abs(c["points"]) > 0.5]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip()
+    except OSError:
+        commit = "?"
+    header = (f"# recorded {time.strftime('%Y-%m-%d')} on {machine()}, torch {torch.__version__}, minimoe "
+              f"{__version__} {commit}: {run['wall_seconds']:.0f} s wall, {run['cpu_seconds']:.0f} s CPU")
+    lines = ["# The main job on the bundled model", "",
+             f"Command: `{run['command']}` (`OMP_NUM_THREADS=1`), machine: {machine()}, commit {commit}.", "",
+             f"- wall time {run['wall_seconds']} s (target 100 s), CPU {run['cpu_seconds']} s, peak RSS "
+             f"{run['peak_rss_gb']} GB", "- steps (seconds at start): " + "; ".join(
+                 f"{s['at_seconds']:.0f} {s['step'].split(':')[0]}" for s in run["steps"]),
+             f"- fits sampled to {sampled['max_fit_tokens']:,} tokens per fitting set (the default, 131072 "
+             f"(token, expert) pairs); the same report with every fitting token took {full_seconds:.0f} s more "
+             "after the recording",
+             f"- findings: {'identical' if not differ else 'DIFFERENT at ' + ', '.join(differ[:5])} to the previous "
+             f"implementation's recorded numbers (benchmarks/results/findings.json) outside the uniform-routing "
+             f"column; {len(uniform)} numbers of that column differ (an exact sampler with 200 draws replaced 20 "
+             "simulated ones)",
+             f"- savings, sampled fit vs full fit: largest difference {worst:.2f} points, {len(over)} of "
+             f"{len(cells)} cells more than 0.5 points apart (target: all within 0.5)", "",
+             "| topology | slots | fitted on | method | saved, sampled fit | saved, full fit | difference (points) |",
+             "|---|---:|---|---|---:|---:|---:|"]
+    lines += [f"| {c['topology']} | {c['slots']} | {c['fit']} | {c['method']} | {c['sampled']:+.1%} | "
+              f"{c['full']:+.1%} | {c['points']:+.2f} |" for c in cells]
+    (RESULTS / "main_job.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "main_job.json").write_text(json.dumps(dict(run=run, machine=machine(), commit=commit,
+                                                           max_fit_tokens=sampled["max_fit_tokens"],
+                                                           full_fit_seconds=full_seconds, cells=cells,
+                                                           findings_differ=differ, uniform_differ=uniform),
+                                                      indent=1) + "\n")
+    report = (out / "report.txt").read_text()
+    (RESULTS / "report.txt").write_text(f"$ minimoe report --out report   # defaults: bundled checkpoint, 500 "
+                                        f"requests/domain, temperature 0.7, seed 0, 1 thread\n{header}\n\n{report}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
