@@ -202,7 +202,9 @@ def _findings(args) -> int:
     save = check_output_file("--save-trace", args.save_trace, ".npz") if args.save_trace else None
     trace = _load_or_record(args)
     if save:
-        trace.save(save)
+        from minimoe.traces.parquet import save_trace
+
+        save_trace(trace if isinstance(trace, Trace) else trace.read(), save)
     progress("findings: imbalance, domain specificity, prefill -> decode")
     if isinstance(trace, Trace):
         result = findings(trace, seed=args.seed)

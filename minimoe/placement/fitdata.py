@@ -84,13 +84,13 @@ class FitData:
             raise ValueError(f"fit must be one of {list(FIT_CLASSES)}, got {fit!r}")
         classes = FIT_CLASSES[fit]
         sample = stats.samples[fit if fit in SAMPLES else "eval"]
-        counts = stats.request_loads(classes)  # (R, L, E)
+        counts = stats.request_loads(classes, np.int32)  # (R, L, E); int32 halves the largest array of a fit
         tokens = stats.class_tokens(classes)  # (R,)
         keep = np.ones(len(sample.row), bool)
         if requests is not None:
             requests = np.asarray(requests, bool)
             keep = requests[sample.request]
-            counts = np.where(requests[:, None, None], counts, 0)
+            counts = np.where(requests[:, None, None], counts, np.int32(0))
             tokens = np.where(requests, tokens, 0)
         order = np.flatnonzero(keep)[np.argsort(sample.row[keep], kind="stable")]  # row order, as in the trace
         phase = np.array([0, 1, 1, -1], np.int8)[sample.token_class[order]]

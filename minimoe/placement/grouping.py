@@ -208,8 +208,9 @@ def _remote_cost(trace, placement, rows, num_requests):
             pairs[:, node] += np.bincount(request, weights=remote_pairs, minlength=num_requests)
     if isinstance(trace, FitData):
         away = ~placement.hosts("node")  # (L, E, N): the expert has no replica on node n
-        exact = trace.request_counts.reshape(num_requests, -1).astype(np.int64) @ \
-            away.reshape(-1, num_nodes).astype(np.int64)  # (R, N) remote pairs of every fitting token
+        # (R, N) remote pairs of every fitting token; integers far below 2**53, so the float product is exact
+        exact = trace.request_counts.reshape(num_requests, -1).astype(np.float64) @ \
+            away.reshape(-1, num_nodes).astype(np.float64)
         sampled, fitted = np.bincount(request, minlength=num_requests), trace.request_tokens
         scale = np.where(sampled > 0, fitted / np.maximum(sampled, 1), 0.0)[:, None]
         cost = exact - scale * (pairs - cost)
@@ -218,9 +219,9 @@ def _remote_cost(trace, placement, rows, num_requests):
 
 def _hosted_pairs(trace, placement, rows, num_requests):
     """(R, G): fitting pairs of each request whose expert has a replica on GPU g (from the exact counts)."""
-    hosts = placement.hosts("gpu").reshape(-1, placement.num_gpus).astype(np.int64)  # (L*E, G)
-    counts = _fit_counts(trace, rows).reshape(num_requests, -1)  # (R, L*E)
-    return (counts @ hosts).astype(float)
+    hosts = placement.hosts("gpu").reshape(-1, placement.num_gpus).astype(np.float64)  # (L*E, G)
+    counts = _fit_counts(trace, rows).reshape(num_requests, -1).astype(np.float64)  # (R, L*E)
+    return counts @ hosts  # integers far below 2**53: exact in any summation order
 
 
 # ---- balanced assignment ----------------------------------------------------------------------------------

@@ -212,9 +212,12 @@ class TraceStats:
     def num_requests(self) -> int:
         return len(self.tokens)
 
-    def request_loads(self, classes=(0, 1, 2, 3)) -> np.ndarray:
-        """int64 (R, L, E): each request's expert counts over the given classes."""
-        return self.counts[:, list(classes)].sum(1, dtype=np.int64)
+    def request_loads(self, classes=(0, 1, 2, 3), dtype=np.int64) -> np.ndarray:
+        """(R, L, E) of ``dtype``: each request's expert counts over the given classes."""
+        counts = self.counts
+        if len(classes) == 1:
+            return counts[:, classes[0]].astype(dtype)
+        return counts[:, list(classes)].sum(1, dtype=dtype)
 
     def class_tokens(self, classes=(0, 1, 2, 3)) -> np.ndarray:
         """int64 (R,): tokens of each request in the given classes."""
