@@ -8,7 +8,8 @@ Run (from the repository root, on a quiet machine):
    the bundled model's 2,000 held-out requests, then the whole report) as a child process, and records its wall
    time, CPU time and peak RSS (``os.wait4``) and the time of each step from its progress lines.
 2. Fits the recorded trace (DIR/trace.npz) again with every fitting token (``--max-fit-tokens all``) and prints
-   every saving of the default (sampled) fit next to the full fit's, with the difference in points.
+   every saving of the default (sampled) fit next to the full fit's, with the difference in points, and, as a
+   yardstick, the difference the full fit itself shows with another seed.
 3. Compares the findings with the recorded ones of the previous implementation
    (benchmarks/results/findings.json): every measured number must be the same; only the uniform-routing column
    may differ (it is drawn, now with an exact sampler and 200 draws).
@@ -50,38 +51,46 @@ def run_main_job(out: Path) -> dict:
                 steps=steps)
 
 
-def side_by_side(trace_path: Path) -> tuple[dict, list[dict], float]:
-    """(the default run's result, one row per cell with both savings, seconds of the full fit)."""
+def side_by_side(trace_path: Path) -> tuple[dict, list[dict], list[float]]:
+    """(the default run's result, one row per cell with both savings, seconds of the sampled and full runs)."""
     from minimoe.placement import Topology
     from minimoe.placement.report import run_report
     from minimoe.traces import Trace
 
     trace = Trace.load(trace_path)
     topologies = [Topology.parse(t) for t in ("2x2", "4x2", "2x4", "4x4")]
-    sampled = run_report(trace, topologies)
     start = time.perf_counter()
+    sampled = run_report(trace, topologies)
+    seconds = [time.perf_counter() - start]
     full = run_report(trace, topologies, max_fit_tokens=None)
-    seconds = time.perf_counter() - start
+    seconds.append(time.perf_counter() - start - seconds[0])
+    reseeded = run_report(trace, topologies, max_fit_tokens=None, seed=1)  # run-to-run noise of the full fit
     keyed = {(r["topology"], r["num_replicas"], r["fit"], r["method"]): r for r in full["rows"]}
+    other_seed = {(r["topology"], r["num_replicas"], r["fit"], r["method"]): r for r in reseeded["rows"]}
     cells = []
     for row in sampled["rows"]:
-        other = keyed[(row["topology"], row["num_replicas"], row["fit"], row["method"])]
+        key = (row["topology"], row["num_replicas"], row["fit"], row["method"])
         if row["cut_vs_contiguous"] is None:
             continue
         cells.append(dict(topology=row["topology"], slots=row["num_replicas"], fit=row["fit"], method=row["method"],
-                          sampled=row["cut_vs_contiguous"], full=other["cut_vs_contiguous"],
-                          points=100 * (row["cut_vs_contiguous"] - other["cut_vs_contiguous"])))
+                          sampled=row["cut_vs_contiguous"], full=keyed[key]["cut_vs_contiguous"],
+                          points=100 * (row["cut_vs_contiguous"] - keyed[key]["cut_vs_contiguous"]),
+                          seed_points=100 * (other_seed[key]["cut_vs_contiguous"] - keyed[key]["cut_vs_contiguous"])))
     return sampled, cells, seconds
 
 
-def compare_findings(new: dict) -> tuple[list[str], list[str]]:
-    """(paths that differ outside the uniform-routing baseline, paths inside it that differ)."""
+def compare_findings(new: dict) -> tuple[list[str], list[str], list[str]]:
+    """(paths that differ outside the uniform-routing baseline, paths inside it that differ, paths the old
+    record does not have)."""
     old = json.loads((RESULTS / "findings.json").read_text())["findings"]
-    differ, uniform = [], []
+    differ, uniform, added = [], [], []
 
     def walk(a, b, path):
         if isinstance(a, dict):
             for key in set(a) | set(b):
+                if key not in a:
+                    added.append(f"{path}/{key}")
+                    continue
                 walk(a.get(key), b.get(key), f"{path}/{key}")
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             for i, (x, y) in enumerate(zip(a, b)):
@@ -89,7 +98,7 @@ def compare_findings(new: dict) -> tuple[list[str], list[str]]:
         elif a != b:
             (uniform if "/uniform/" in path else differ).append(path)
     walk(old, json.loads(json.dumps(new)), "")
-    return differ, uniform
+    return differ, uniform, added
 
 
 def machine() -> str:
@@ -113,8 +122,8 @@ def main():
     print("running the main job ...", flush=True)
     run = run_main_job(out)
     print(f"main job: {run['wall_seconds']} s wall, {run['cpu_seconds']} s CPU, {run['peak_rss_gb']} GB", flush=True)
-    sampled, cells, full_seconds = side_by_side(out / "trace.npz")
-    differ, uniform = compare_findings(sampled["findings"])
+    sampled, cells, (sampled_seconds, full_seconds) = side_by_side(out / "trace.npz")
+    differ, uniform, added = compare_findings(sampled["findings"])
     worst = max(abs(c["points"]) for c in cells)
     over = [c for c in cells if abs(c["points"]) > 0.5]
     try:
@@ -129,24 +138,30 @@ def main():
              f"- wall time {run['wall_seconds']} s (target 100 s), CPU {run['cpu_seconds']} s, peak RSS "
              f"{run['peak_rss_gb']} GB", "- steps (seconds at start): " + "; ".join(
                  f"{s['at_seconds']:.0f} {s['step'].split(':')[0]}" for s in run["steps"]),
-             f"- fits sampled to {sampled['max_fit_tokens']:,} tokens per fitting set (the default, 131072 "
-             f"(token, expert) pairs); the same report with every fitting token took {full_seconds:.0f} s more "
-             "after the recording",
+             f"- fits sampled to {sampled['max_fit_tokens']:,} tokens per fitting set (the default, 65536 "
+             f"(token, expert) pairs): the report after the recording took {sampled_seconds:.0f} s here, and "
+             f"{full_seconds:.0f} s with every fitting token (`--max-fit-tokens all`)",
              f"- findings: {'identical' if not differ else 'DIFFERENT at ' + ', '.join(differ[:5])} to the previous "
              f"implementation's recorded numbers (benchmarks/results/findings.json) outside the uniform-routing "
-             f"column; {len(uniform)} numbers of that column differ (an exact sampler with 200 draws replaced 20 "
-             "simulated ones)",
+             f"column ({', '.join(added) or 'no'} field(s) that record lacks); {len(uniform)} numbers of that column "
+             "differ (an exact sampler with 200 draws replaced 20 simulated ones)",
              f"- savings, sampled fit vs full fit: largest difference {worst:.2f} points, {len(over)} of "
-             f"{len(cells)} cells more than 0.5 points apart (target: all within 0.5)", "",
-             "| topology | slots | fitted on | method | saved, sampled fit | saved, full fit | difference (points) |",
-             "|---|---:|---|---|---:|---:|---:|"]
+             f"{len(cells)} cells more than 0.5 points apart (target: all within 0.5). For scale, the full fit "
+             f"run again with `--seed 1` (another random grouping for the baselines, other random starts): largest "
+             f"difference {max(abs(c['seed_points']) for c in cells):.2f} points, "
+             f"{sum(abs(c['seed_points']) > 0.5 for c in cells)} cells more than 0.5 points apart", "",
+             "| topology | slots | fitted on | method | saved, sampled fit | saved, full fit | difference (points) | "
+             "full fit, seed 1 − seed 0 (points) |",
+             "|---|---:|---|---|---:|---:|---:|---:|"]
     lines += [f"| {c['topology']} | {c['slots']} | {c['fit']} | {c['method']} | {c['sampled']:+.1%} | "
-              f"{c['full']:+.1%} | {c['points']:+.2f} |" for c in cells]
+              f"{c['full']:+.1%} | {c['points']:+.2f} | {c['seed_points']:+.2f} |" for c in cells]
     (RESULTS / "main_job.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "main_job.json").write_text(json.dumps(dict(run=run, machine=machine(), commit=commit,
                                                            max_fit_tokens=sampled["max_fit_tokens"],
+                                                           sampled_fit_seconds=sampled_seconds,
                                                            full_fit_seconds=full_seconds, cells=cells,
-                                                           findings_differ=differ, uniform_differ=uniform),
+                                                           findings_differ=differ, uniform_differ=uniform,
+                                                           findings_added=added),
                                                       indent=1) + "\n")
     report = (out / "report.txt").read_text()
     (RESULTS / "report.txt").write_text(f"$ minimoe report --out report   # defaults: bundled checkpoint, 500 "

@@ -153,7 +153,7 @@ def write_markdown(entries: list[dict]) -> str:
         passes = [(sum(phases(single[n])) - phases(single[n])[1]) / n for n in (small, large)]
         lines += ["", f"Time per token, {label(large)} vs {label(small)}: {ratio:.2f}x in all (flat within 25% "
                       f"means 0.80-1.25); the two passes over the trace alone: {passes[1] / passes[0]:.2f}x. The fits "
-                      f"run on samples of at most 16,384 tokens per fitting set (131,072 (token, expert) pairs at "
+                      f"run on samples of at most 8,192 tokens per fitting set (65,536 (token, expert) pairs at "
                       f"top-8), so they take about the same time at every size: a fixed cost that dominates the "
                       f"smallest trace."]
     lines += ["", "Commands and machines:", ""]

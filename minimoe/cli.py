@@ -46,7 +46,7 @@ def default_threads() -> int:
 positive = whole_number(1)
 non_negative = whole_number(0)
 def _fit_tokens(text: str):
-    """--max-fit-tokens: a whole number >= 1, 'all' (None: no sampling) or 'auto' (131072 / top_k)."""
+    """--max-fit-tokens: a whole number >= 1, 'all' (None: no sampling) or 'auto' (65536 / top_k)."""
     if text in ("all", "auto"):
         return None if text == "all" else text
     try:
@@ -364,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hidden size for byte counts, bf16 (default: %(default)s, DeepSeek-V3's)")
     report.add_argument("--max-fit-tokens", metavar="N|all|auto", type=_fit_tokens, default="auto",
                         help="fit each placement's co-activation on a uniform sample of at most N tokens per fitting "
-                             "set; 'all' fits on every token; 'auto' samples 131072 (token, expert) pairs, i.e. "
-                             "131072 / top_k tokens (default: %(default)s)")
+                             "set; 'all' fits on every token; 'auto' samples 65536 (token, expert) pairs, i.e. "
+                             "65536 / top_k tokens (default: %(default)s)")
     report.add_argument("--compare-partitioners", action="store_true",
                         help="also fit the locality placement with each node partitioner (FM, Mt-KaHyPar) side by side")
     engine = report.add_mutually_exclusive_group()

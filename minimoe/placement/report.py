@@ -35,7 +35,7 @@ from minimoe.traces.findings import findings_of_stats, format_findings
 from minimoe.traces.stats import TraceStats
 
 DRIFT_TOPOLOGY = (4, 2)
-FIT_PAIRS = 1 << 17  # default sample of each fitting set: this many (token, expert) pairs, i.e. 131072 / top_k tokens
+FIT_PAIRS = 1 << 16  # default sample of each fitting set: this many (token, expert) pairs, i.e. 65536 / top_k tokens
 DRIFT_FIT = {"code": 0.4, "math": 0.4, "chat": 0.1, "general": 0.1}
 DRIFT_EVAL = {"code": 0.1, "math": 0.1, "chat": 0.4, "general": 0.4}
 
