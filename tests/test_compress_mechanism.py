@@ -267,3 +267,18 @@ def test_lr_on_the_command_line_fixes_the_pilot_to_that_rate(monkeypatch, tmp_pa
     (tmp_path / "results.md").write_text("done\n")
     assert main(["--preset", "cpu-mech", "--lr", "5e-4", "--out", str(tmp_path)]) == 0
     assert seen["cfg"].pilot_lrs == (5e-4,)
+
+
+def test_a_run_cut_short_is_reported_over_the_settings_that_finished(smoke, tmp_path, capsys):
+    import shutil
+
+    cfg, out, _ = smoke
+    shutil.copytree(out, tmp_path / "cut")
+    cut = tmp_path / "cut"
+    (cut / "runs" / "grid_pic_16x_seed0.json").unlink()
+    config = ["--preset", "cpu-mech", "--seeds", "0", "--out", str(cut), "--report-only"]
+    assert main(config) == 0
+    text = capsys.readouterr().out
+    assert "**Cut short: 1 grid setting(s) did not finish;**" in text and "| global | 16x |" in text
+    with pytest.raises(ValueError, match="the pilot has not finished"):
+        main(["--preset", "cpu-mech", "--out", str(tmp_path / "empty"), "--report-only"])

@@ -152,7 +152,7 @@ PRESETS = {
                              block_tokens=64, chunk_size=64, pretrain_documents=8000, qa_fraction=1.0,
                              pretrain_repeats=1, pretrain_steps=600, pretrain_batch=32, pretrain_lr=1e-4,
                              pretrain_max_seconds=300.0, train_documents=8, dev_documents=256, test_documents=512,
-                             steps=400, eval_every=25, handoff="kv", ablations=False),
+                             steps=400, batch_size=8, eval_every=25, handoff="kv", ablations=False),
     "cpu-mech": dict(design="mechanism", distinct_names=True, context_tokens=96, block_tokens=48, chunk_size=48,
                      questions_per_document=2, pretrain_documents=60, pretrain_questions=2, pretrain_repeats=1,
                      train_documents=4, dev_documents=4, test_documents=4, corpus_chars=20_000, vocab_size=400,
@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prepare-only", action="store_true",
                         help="only train the tokenizer and the reader and score its bounds (prepare.json in --out); a "
                              "later run with the same --out reuses them")
+    parser.add_argument("--report-only", action="store_true",
+                        help="mechanism presets: write the report of the settings that finished in --out (a run cut "
+                             "short) and stop")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -341,6 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         info = prepare(cfg, out, progress=not args.no_progress)
         print(json.dumps({"bounds": info["bounds"], "pretrain_steps": info["pretrain"]["steps"],
                           "pretrain_seconds": info["pretrain"]["seconds"]}, indent=1))
+        return 0
+    if args.report_only:
+        if cfg.design != "mechanism":
+            raise ValueError(f"--report-only reads a mechanism run; --preset {args.preset} is not one")
+        from minimoe.compress.mechanism import report_finished
+
+        report_finished(cfg, out)
+        print((out / "results.md").read_text())
         return 0
     if cfg.design == "mechanism":
         from minimoe.compress.mechanism import run_mechanism

@@ -152,7 +152,19 @@ def work(cfg, out: Path, stage_file: Path, progress: bool = False) -> None:
         except FileExistsError:
             continue  # another worker has it (or it finished in an earlier, resumed run)
         if not result_path.is_file():
-            result_path.write_text(json.dumps(run_setting(cfg, prepared, sets, spec, progress)) + "\n")
+            result = run_setting(cfg, prepared, sets, spec, progress)
+            result_path.write_text(json.dumps(result) + "\n")
+            last = result["curve"][-1]
+            test = f", test F1 {result['test']['f1']:.1f}" if "test" in result else ""
+            print(f"{spec['name']}: dev answer EM {last['em']:.1f}, value accuracy {last['value_accuracy']:.1f}"
+                  f"{test} ({result['train_seconds']:.0f} s training, {result['wall_seconds']:.0f} s in all)",
+                  file=sys.stderr, flush=True)
+
+
+def finished(out: Path, specs: list[dict]) -> list[dict]:
+    """The results of the ``specs`` that have finished, in order."""
+    paths = [out / "runs" / f"{s['name']}.json" for s in specs]
+    return [json.loads(path.read_text()) for path in paths if path.is_file()]
 
 
 def run_stage(cfg, out: Path, name: str, specs: list[dict], workers: int, progress: bool) -> list[dict]:
@@ -162,6 +174,7 @@ def run_stage(cfg, out: Path, name: str, specs: list[dict], workers: int, progre
         claim = out / "runs" / f"{spec['name']}.claim"
         if claim.exists() and not (out / "runs" / f"{spec['name']}.json").exists():
             claim.unlink()
+    print(f"stage {name}: {len(specs)} settings on {workers} worker(s)", file=sys.stderr, flush=True)
     stage_file = out / f"stage_{name}.json"
     stage_file.write_text(json.dumps(specs, indent=1) + "\n")
     if workers <= 1:
@@ -180,11 +193,35 @@ def run_stage(cfg, out: Path, name: str, specs: list[dict], workers: int, progre
         if failed:
             raise RuntimeError(f"{len(failed)} of {workers} workers failed in stage {name}: "
                                f"{' '.join(map(str, failed[0].args))}")
-    return [json.loads((out / "runs" / f"{s['name']}.json").read_text()) for s in specs]
+    results = finished(out, specs)
+    if len(results) != len(specs):
+        raise RuntimeError(f"stage {name}: {len(specs) - len(results)} of {len(specs)} settings left no result")
+    return results
 
 
 def best_em(result: dict) -> float:
     return max(point["em"] for point in result["curve"])
+
+
+def report_finished(cfg, out: Path) -> dict:
+    """The report of whatever has finished in ``out`` (a run cut short: the grid's settings that left a result).
+    Raises ValueError when the pilot or every grid setting is missing."""
+    from minimoe.compress.mechanism_report import write_mechanism_report
+    from minimoe.compress.mechanism_stats import summarise_mechanism
+
+    protocol_path = out / "protocol.json"
+    protocol = json.loads(protocol_path.read_text()) if protocol_path.is_file() else {}
+    if "read_path" not in protocol:
+        raise ValueError(f"{out}: the pilot has not finished (no learning rate chosen yet): nothing to report")
+    lr, reader_lora = protocol["pilot"]["lr"], protocol["pilot"]["both_near_floor"]
+    grid = finished(out, grid_settings(cfg, lr, reader_lora))
+    if not grid:
+        raise ValueError(f"{out}: no grid setting has finished: nothing to report")
+    pilot = finished(out, pilot_settings(cfg))
+    summary = summarise_mechanism(cfg, json.loads((out / "prepare.json").read_text()), protocol, pilot, grid)
+    summary["missing"] = len(grid_settings(cfg, lr, reader_lora)) - len(grid)
+    write_mechanism_report(summary, out)
+    return summary
 
 
 def run_mechanism(cfg, out: Path, workers: int = 1, progress: bool = True) -> dict:

@@ -39,6 +39,9 @@ def markdown(summary: dict) -> str:
         lines += ["**Smoke run: these numbers mean nothing.** A tiny reader trained for a few steps and compressors "
                   "trained for a few more check that every stage runs and every table fills; no hypothesis is "
                   "judged and no conclusion is drawn.", ""]
+    if summary.get("missing"):
+        lines += [f"**Cut short: {summary['missing']} grid setting(s) did not finish;** every table below is over the "
+                  "settings that did.", ""]
     b, dev = reader["bounds"], reader["dev_teacher_forced"]
     gate = protocol["gate"]
     lines += [f"Device: {summary['device']}. Reader: {reader['parameters']:,} parameters, fine-tuned "
