@@ -295,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override the compression ratios (each divides the chunk)")
     parser.add_argument("--seeds", type=whole_number(0), nargs="+", help="override the seeds")
     parser.add_argument("--no-ablations", action="store_true", help="skip the PIC ablations")
+    parser.add_argument("--no-controls", action="store_true", help="mechanism presets: skip the two controls")
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--mechanism-worker", help=argparse.SUPPRESS)
@@ -324,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                      if v is not None}
         if args.no_ablations:
             overrides["ablations"] = False
+        if args.no_controls:
+            overrides["controls"] = False
         if args.lr is not None and PRESETS[args.preset].get("design") == "mechanism":
             overrides["pilot_lrs"] = (args.lr,)
         cfg = ExperimentConfig(**{**PRESETS[args.preset], **overrides})
