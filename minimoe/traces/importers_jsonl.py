@@ -306,10 +306,6 @@ def _trace(tokens, names, num_experts, top_k, model, top_k_line=None) -> Trace:
     widest = max((len(r) for t in tokens if isinstance(t["experts"][1], list) for r in t["experts"][1]
                   if isinstance(r, list)), default=1)
     width = top_k if top_k is not None else widest
-    if width > widest:  # padding every token with -1 would invent "no expert" choices the router never made
-        said = f"line {top_k_line}: the meta record says top_k={top_k}" if top_k_line else f"--top-k {top_k} was passed"
-        raise ValueError(f"{said}, but no route record lists more than {widest} expert ids: the top_k is wrong "
-                         f"(pass {fix(f'--top-k {widest}', f'top_k={widest}')} if the log is right)")
     order: dict = {}  # request key -> dense id in order of first appearance
     rows = []
     for token in tokens:
@@ -329,6 +325,10 @@ def _trace(tokens, names, num_experts, top_k, model, top_k_line=None) -> Trace:
         request = order.setdefault(token["request"], len(order))
         rows.append((request, token["order"], experts, weights, -1 if phase is None else _phase_code(phase, line),
                      domain))
+    if width > widest:  # padding every token with -1 would invent "no expert" choices the router never made
+        said = f"line {top_k_line}: the meta record says top_k={top_k}" if top_k_line else f"--top-k {top_k} was passed"
+        raise ValueError(f"{said}, but no route record lists more than {widest} expert ids: the top_k is wrong "
+                         f"(pass {fix(f'--top-k {widest}', f'top_k={widest}')} if the log is right)")
     rows.sort(key=lambda row: (row[0], row[1]))
     has_weights = rows[0][3] is not None
     return Trace(experts=np.array([row[2] for row in rows], dtype=np.int64).reshape(len(rows), -1, width),
