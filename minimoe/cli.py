@@ -209,7 +209,8 @@ def _report_into(args, out: Path) -> int:
     import json
     import time
 
-    from minimoe.placement.report import Stopwatch, check_topologies, format_report, json_ready, run_report
+    from minimoe.placement.report import (Stopwatch, check_topologies, format_report, json_ready, run_report,
+                                          save_decision)
     from minimoe.placement.report_html import write_html
 
     if not args.trace:  # check what can be checked before recording for minutes
@@ -239,14 +240,15 @@ def _report_into(args, out: Path) -> int:
         if "online window" in str(error):
             raise ValueError(f"--window {args.window}: {error}") from None
         raise
-    text = format_report(result)
+    placements = save_decision(trace, result, args.topologies, out, seed=args.seed)
+    text = format_report(result, str(out))
     print(text)
     if not args.trace:
         trace.save(out / "trace.npz")
     (out / "report.txt").write_text(text + "\n")
     (out / "report.json").write_text(json.dumps(json_ready(result), indent=1) + "\n")
     write_html(out / "report.html", result, text)
-    written = ", ".join(str(out / name) for name in ("report.html", "report.txt", "report.json")
+    written = ", ".join(str(out / name) for name in ("report.html", "report.txt", "report.json", *placements)
                         + (() if args.trace else ("trace.npz",)))
     print(f"\nwrote {written} in {time.perf_counter() - started:.0f} s")
     return 0

@@ -183,6 +183,9 @@ def _summary(shuffles: list[np.ndarray]) -> dict:
 
 def prefill_decode_unavailable(trace: Trace) -> str | None:
     """Why prefill -> decode prediction cannot be measured on ``trace`` (None when it can)."""
+    if (trace.phase == -1).all():
+        return ("phases unknown: the source did not say which tokens are prompt and which are generated (give "
+                "minimoe import --prompt-lengths for vLLM/SGLang captures, or a phase field in a JSONL log)")
     if not (trace.phase == 1).any():
         return "the trace has no decode tokens (phase 1)"
     if not (trace.phase == 0).any():
