@@ -53,9 +53,12 @@ def torch_file(path) -> object:
     try:
         return torch.load(os.fspath(path), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "refused"
-        raise ValueError(f"{path}: torch.load(weights_only=True) refuses it ({first[:160]}); only plain tensors, "
-                         "lists, dicts and numbers are read, never arbitrary pickled objects") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if found:
+            raise ValueError(f"{path}: torch.load(weights_only=True) refuses it: it pickles a {found[1]} object; only "
+                             "plain tensors, lists, dicts and numbers are read, never arbitrary objects") from None
+        raise ValueError(f"{path}: not a readable torch.save file (torch.load(weights_only=True) cannot parse it)") \
+            from None
     except FileNotFoundError:
         raise
     except Exception as error:  # a damaged or non-torch file: RuntimeError, EOFError, zipfile errors...
@@ -145,8 +148,11 @@ def from_sglang_stat(path, moe_layers=None, model: str = "") -> LoadTrace:
     if not isinstance(data, dict) or "logical_count" not in data:
         raise ValueError(f"{path}: expected SGLang's stat dump, a dict with 'logical_count'; got "
                          f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
-    counts = _array(data["logical_count"], f"{path}: logical_count", 3) if np.ndim(data["logical_count"]) == 3 \
-        else _array(data["logical_count"], f"{path}: logical_count", 2)[None]
+    if np.ndim(data["logical_count"]) not in (2, 3):
+        raise ValueError(f"{path}: logical_count: expected shape (steps, layers, experts) or (layers, experts), got "
+                         f"{tuple(np.shape(data['logical_count']))}")
+    counts = _array(data["logical_count"], f"{path}: logical_count", np.ndim(data["logical_count"]))
+    counts = counts if counts.ndim == 3 else counts[None]
     counts, ids, note = _pick_layers(counts, moe_layers, f"{path}: logical_count", all_layers=True)
     notes = {"steps": "SGLang's stat buffer is a ring that restarts when full and is not rotated back: its step "
                       "order is not time order, so only the totals are used"}
