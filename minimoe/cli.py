@@ -223,6 +223,26 @@ def _findings(args) -> int:
     return 0
 
 
+def _fitting_topologies(args, num_experts: int, check, say=None) -> list:
+    """The topologies to compare: those the user named (all must fit ``num_experts``), else the defaults that
+    fit (a model with 60 experts cannot fill 8 GPUs evenly; the ones skipped are said)."""
+    if args.topologies is not None:
+        try:
+            check(args.topologies, num_experts)
+        except ValueError as error:
+            raise ValueError(f"--topologies: {error}") from None
+        return args.topologies
+    defaults = _topologies(DEFAULT_TOPOLOGIES)
+    kept = [t for t in defaults if not t.fits(num_experts)]
+    if not kept:
+        raise ValueError(f"--topologies: none of the defaults {DEFAULT_TOPOLOGIES} holds {num_experts} experts evenly; "
+                         "name clusters whose GPU count divides the expert count, e.g. --topologies 2x2")
+    if say and len(kept) < len(defaults):
+        say(f"skipping {', '.join(str(t) for t in defaults if t not in kept)}: their GPUs cannot hold "
+            f"{num_experts} experts evenly (name clusters with --topologies)")
+    return kept
+
+
 def _report(args) -> int:
     check_input_file("--trace", args.trace)
     check_model_dir("--model", args.model)
@@ -245,10 +265,7 @@ def _report_into(args, out: Path) -> int:
         num_experts = (config.get("moe") or {}).get("num_experts")
         if num_experts is None:
             raise ValueError(f"--model {args.model}: a dense model has no experts to place")
-        try:
-            check_topologies(args.topologies, num_experts)
-        except ValueError as error:
-            raise ValueError(f"--topologies: {error}") from None
+        _fitting_topologies(args, num_experts, check_topologies)
         if args.new_tokens < 2:
             raise ValueError(f"--new-tokens {args.new_tokens}: the report fits on the first decode tokens of each "
                              "request and measures the ones after them: record at least 2")
@@ -257,10 +274,7 @@ def _report_into(args, out: Path) -> int:
                              f"decode tokens after the window are the held-out set")
     started, stopwatch = time.perf_counter(), Stopwatch(progress)
     trace = _load_or_record(args, stopwatch)
-    try:
-        check_topologies(args.topologies, trace.num_experts)
-    except ValueError as error:
-        raise ValueError(f"--topologies: {error}") from None
+    args.topologies = _fitting_topologies(args, trace.num_experts, check_topologies, stopwatch)
     if not hasattr(trace, "experts"):  # a load trace: what counts alone can decide
         from minimoe.placement.load_report import format_load_report, run_load_report, save_load_decision
 
@@ -363,8 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--window", metavar="N", type=positive, default=None,
                         help="decode tokens per request in the online fitting window; the tokens after it are "
                              "the held-out set (default: a quarter of the decode length, at most 8)")
-    report.add_argument("--topologies", metavar="LIST", type=_topologies, default=_topologies(DEFAULT_TOPOLOGIES),
-                        help=f"comma-separated NODESxGPUS clusters to compare (default: {DEFAULT_TOPOLOGIES})")
+    report.add_argument("--topologies", metavar="LIST", type=_topologies, default=None,
+                        help=f"comma-separated NODESxGPUS clusters to compare (default: those of {DEFAULT_TOPOLOGIES} "
+                             "whose GPUs hold the trace's experts evenly)")
     report.add_argument("--hidden-size", metavar="N", type=positive, default=7168,
                         help="hidden size for byte counts, bf16 (default: %(default)s, DeepSeek-V3's)")
     report.add_argument("--out", metavar="DIR", default="report", help="output folder (default: %(default)s)")

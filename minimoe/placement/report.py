@@ -183,9 +183,9 @@ def format_table(rows: list[dict], labels: dict | None = None) -> str:
 
 def format_partitioners(rows: list[dict], missing: str | None = None) -> str:
     """The locality placement with each node partitioner: saving vs contiguous and EPLB, and load max/mean."""
-    lines = ["Locality placement by node partitioner (minimoe.placement.locality), fitted on prefill with random "
-             "request sources,\nthe same slots and node load cap; saved = de-duplicated inter-node bytes vs "
-             "contiguous / vs EPLB on held-out decode tokens:"]
+    lines = ["Locality placement by node partitioner (minimoe.placement.locality), fitted as the table's first "
+             "column with random request sources,\nthe same slots and node load cap; saved = de-duplicated inter-node "
+             "bytes vs contiguous / vs EPLB on the held-out tokens:"]
     keyed = {(r["topology"], r["num_replicas"]): [] for r in rows}
     for r in rows:
         keyed[(r["topology"], r["num_replicas"])].append(r)

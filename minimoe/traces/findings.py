@@ -248,9 +248,12 @@ def format_findings(result: dict) -> str:
     """The findings as a plain-text table (what ``minimoe findings`` prints)."""
     info, imbalance, domain, paired = result["trace"], result["imbalance"], result["domain"], result["prefill_decode"]
     layers = range(info["layers"])
-    lines = [f"trace {info['model'] or '(unnamed)'}: {info['requests']:,} requests "
-             + "(" + ", ".join(f"{d} {n}" for d, n in info["requests_per_domain"].items()) + "), "
-             f"{info['tokens']:,} tokens ({info['prefill_tokens']:,} prefill, {info['decode_tokens']:,} decode), "
+    domains = ", ".join(f"{d} {n}" for d, n in info["requests_per_domain"].items())
+    phases = (f"{info['prefill_tokens']:,} prefill, {info['decode_tokens']:,} decode"
+              if info["prefill_tokens"] + info["decode_tokens"] else "phases unknown")
+    lines = [f"trace {info['model'] or '(unnamed)'}: {info['requests']:,} requests" + (f" ({domains})" if domains
+                                                                                         else "") + ", "
+             f"{info['tokens']:,} tokens ({phases}), "
              f"{info['layers']} MoE layers, {info['experts']} experts, top-{info['top_k']}", ""]
     header = _row("", [f"layer {l}" for l in layers], "{}", "uniform routing, same tokens")
     groups = imbalance["groups"]
