@@ -404,3 +404,26 @@ def test_readers_take_python_objects_too(tmp_path):
     write_vllm(tmp_path / "v.jsonl", counts)
     vllm = from_vllm_eplb(tmp_path / "v.jsonl")
     assert vllm.layer_ids.tolist() == [-1, -1, -1] and "eplb_initial_mapping (1)" in vllm.notes["records skipped"]
+
+
+def test_help_and_readme_list_every_format_with_its_source_and_layers(capsys):
+    from pathlib import Path
+
+    from minimoe.placement.export import FORMATS as EXPORTS
+    from minimoe.traces.convert import SOURCES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for argv in (["import", "--help"], ["export", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        names = SOURCES if argv[0] == "import" else EXPORTS
+        for name in names:
+            assert f"  {name} " in text, (argv, name)
+            assert f"| `{name}` |" in readme, name
+        if argv[0] == "import":
+            for name, (_, origin, layers) in SOURCES.items():
+                assert f"from: {origin}; layers: {layers}" in " ".join(text.split()), name
+    flat = " ".join(text.split())  # export --help: each engine's layer numbering
+    for said in ("over every decoder layer", "keyed by model layer index", "MoE layers 0..L-1", "MoE layers as given"):
+        assert said in flat, said
