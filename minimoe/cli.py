@@ -350,7 +350,8 @@ def _add_workload(parser, requests_default: int) -> None:
                         help="decode tokens recorded per request (default: %(default)s)")
     parser.add_argument("--temperature", metavar="T", type=number(0.0), default=0.7,
                         help="decode sampling temperature, 0 = greedy (default: %(default)s)")
-    parser.add_argument("--seed", metavar="N", type=non_negative, default=0, help="seed of the prompts, sampling and baselines "
+    parser.add_argument("--seed", metavar="N", type=non_negative, default=0,
+                        help="seed of the prompts, sampling and baselines "
                                                              "(default: %(default)s)")
 
 

@@ -136,7 +136,8 @@ def test_export_from_a_report_deployment_file_and_with_a_transformers_config(tmp
     (["--format", "trtllm", "--moe-layers", "1,2,4", "--out", "x.json"], "--out x.json: --format trtllm writes .yaml"),
     (["--format", "sglang", "--config", "empty.json", "--out", "x.json"], "empty.json is empty"),
     (["--format", "sglang", "--config", "dense.json", "--out", "x.json"], "no routed experts"),
-    (["--format", "sglang", "--config", "other.json", "--out", "x.json"], "config has 16 experts per layer, the placement 8"),
+    (["--format", "sglang", "--config", "other.json", "--out", "x.json"],
+     "config has 16 experts per layer, the placement 8"),
     (["--format", "rocm", "--out", "x.json"], "argument --format: invalid choice"),
 ])
 def test_export_refuses_bad_input_in_one_line(argv, expected, tmp_path, capsys, monkeypatch):

@@ -124,7 +124,8 @@ def write(placement: Placement, fmt: str, path, layers: ModelLayers | None = Non
 
     phy2log, log2phy, logcnt = placement.to_eplb()
     torch.save({"phy2log": phy2log, "log2phy": log2phy, "logcnt": logcnt}, path)
-    return f"{path}: DeepSeek EPLB tensors phy2log {tuple(phy2log.shape)}, log2phy {tuple(log2phy.shape)}, logcnt; {where}"
+    return (f"{path}: DeepSeek EPLB tensors phy2log {tuple(phy2log.shape)}, log2phy {tuple(log2phy.shape)}, "
+            f"logcnt; {where}")
 
 
 def write_loads(loads, fmt: str, path, layers: ModelLayers | None = None) -> str:
@@ -152,8 +153,8 @@ def write_loads(loads, fmt: str, path, layers: ModelLayers | None = None) -> str
         torch.save({"logical_count": torch.from_numpy(table)}, path)
     else:
         Path(path).write_text(json.dumps({"logical_count": table.tolist()}) + "\n")
-    return (f"{path}: SGLang --init-expert-location logical_count {table.shape} (SGLang runs its EPLB on it at start-up), "
-            f"{int(totals.sum()):,} (token, expert) pairs")
+    return (f"{path}: SGLang --init-expert-location logical_count {table.shape} (SGLang runs its EPLB on it at "
+            f"start-up), {int(totals.sum()):,} (token, expert) pairs")
 
 
 # ---- the command ----------------------------------------------------------------------------------------------

@@ -148,7 +148,8 @@ def decide_loads(rows: list[dict], topologies: list[Topology]) -> list[dict]:
             best = min(eligible or picked, key=lambda r: (-r["pairs_on_one_node"], r["load_max_over_mean"],
                                                           r["num_replicas"]))
         else:
-            best = min(picked, key=lambda r: (r["load_max_over_mean"], r["num_replicas"], LOAD_METHODS.index(r["method"])))
+            best = min(picked, key=lambda r: (r["load_max_over_mean"], r["num_replicas"],
+                                              LOAD_METHODS.index(r["method"])))
         pairs = (f"; {best['pairs_on_one_node']:.1%} of co-activated pairs on one node" if "pairs_on_one_node" in best
                  else "")
         decisions.append(dict(topology=str(topology), recommended=best, headline=(

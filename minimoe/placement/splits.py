@@ -115,8 +115,9 @@ def split(trace, window: int | None = None, kind: str | None = None) -> Split:
     earlier = trace.request < trace.num_requests // 2
     return Split("request", None, {"prefill": earlier, "online": None, "oracle": ~earlier, "eval": ~earlier},
                  f"{why} and requests are too short to split in time: fitted on the first "
-                 f"{trace.num_requests // 2} requests, measured on the other {trace.num_requests - trace.num_requests // 2}"
-                 " (placements only: grouping needs each request's own early tokens)",
+                 f"{trace.num_requests // 2} requests, measured on the other "
+                 f"{trace.num_requests - trace.num_requests // 2} (placements only: grouping needs each request's own "
+                 "early tokens)",
                  fit_modes=("prefill", "oracle"), methods=PLACEMENT_ONLY)
 
 

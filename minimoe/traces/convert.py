@@ -43,7 +43,8 @@ SOURCES = {
     "sglang-per-pass": (".pt per rank (or their folder): records of global_physical_count + the slot map",
                         "SGLang --expert-distribution-recorder-mode per_pass", "every decoder layer (dense rows zero)"),
     "trtllm-stats": ("folder: meta_info.json + rank{r}.safetensors ('{iter}_{layer}' -> counts), optional "
-                     "cooccurrence_rank{r}", "TensorRT-LLM EXPERT_STATISTIC_PATH", "model layer index of each MoE layer"),
+                     "cooccurrence_rank{r}", "TensorRT-LLM EXPERT_STATISTIC_PATH",
+                     "model layer index of each MoE layer"),
     "vllm-eplb-stats": ("JSONL of eplb_load_stats records (expert_load and p2l_map, layers x slots)",
                         "vLLM offline EPLB (interface under review upstream)", "MoE layers only, 0..L-1"),
 }

@@ -158,8 +158,8 @@ def _check_rows(experts: np.ndarray, lengths: np.ndarray, keep_degenerate: bool)
         if _degenerate(values) and not keep_degenerate:
             raise ValueError(f"layer {layer}: every one of the {len(values)} tokens has expert ids "
                              f"{values[0].tolist()}; this is a dense layer if the ids are all 0 ({DENSE_LAYER_CAUSE}) "
-                             "or a collapsed router: leave it out with --moe-layers 1,2,... (moe_layers=[...]), or pass "
-                             "--keep-degenerate (keep_degenerate=True)")
+                             "or a collapsed router: leave it out with --moe-layers 1,2,... (moe_layers=[...]), or "
+                             "pass --keep-degenerate (keep_degenerate=True)")
 
 
 WIRE_DTYPES = ("int32", "int16", "uint16", "uint8", "int64")

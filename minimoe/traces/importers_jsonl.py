@@ -92,7 +92,8 @@ def from_jsonl(path_or_lines, num_experts: int | None = None, top_k: int | None 
 
 def _from_lines(lines, num_experts, top_k, model, fields, positions, ignore) -> Trace:
     if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r} ({fix('--positions', 'positions=')})")
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r} "
+                         f"({fix('--positions', 'positions=')})")
     records = []
     for number, text in enumerate(lines, 1):
         if not text.strip():
@@ -109,7 +110,8 @@ def _from_lines(lines, num_experts, top_k, model, fields, positions, ignore) -> 
     fields = dict(fields or {})
     unknown = sorted(set(fields) - set(OUR_FIELDS))
     if unknown:
-        raise ValueError(f"--field maps unknown names {unknown}; our names are {list(OUR_FIELDS)} (from Python: fields=)")
+        raise ValueError(f"--field maps unknown names {unknown}; our names are {list(OUR_FIELDS)} "
+                         "(from Python: fields=)")
     long_form = any("type" in rec or LONG_FORM_FIELDS["layer"] in rec or fields.get("layer", "") in rec
                     for _, rec in records)
     names = {**(LONG_FORM_FIELDS if long_form else {f: f for f in OUR_FIELDS}), **fields}

@@ -159,8 +159,8 @@ def _from_arrays(arrays: dict, path) -> LoadTrace:
         notes = json.loads(str(arrays["notes"]))
         if not isinstance(notes, dict):
             raise ValueError("notes must hold a JSON object")
-        return LoadTrace(counts=arrays["counts"], layer_ids=arrays["layer_ids"], coactivation=arrays.get("coactivation"),
-                         notes=notes, num_experts=int(scalars["num_experts"]), top_k=int(scalars["top_k"]),
+        return LoadTrace(counts=arrays["counts"], layer_ids=arrays["layer_ids"],
+                         coactivation=arrays.get("coactivation"), notes=notes, num_experts=int(scalars["num_experts"]), top_k=int(scalars["top_k"]),
                          model=str(scalars["model"]), source=str(scalars["source"]), ordered=bool(scalars["ordered"]))
     except (ValueError, TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"load trace file {_label(path)}: {error}") from None
