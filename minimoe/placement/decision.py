@@ -84,9 +84,15 @@ def format_methods(methods) -> str:
                        "the GPUs at random, balanced, as a data-parallel scheduler spreads them)"])
 
 
-def format_decision(decisions: list[dict], folder: str | None = None) -> str:
-    """The report's last section: a headline per topology, the alternatives, the methods, the export line."""
-    lines = ["Decision (fitted on what stands in for prefill, measured on held-out tokens; the rule: the fewest "
+FEW_TOKENS = 1000  # fewer held-out tokens than this: the decision is said to be indicative only
+
+
+def format_decision(decisions: list[dict], folder: str | None = None, eval_tokens: int | None = None) -> str:
+    """The report's last section: a headline per topology, the alternatives, the steering, the export line."""
+    measured = "held-out tokens" if eval_tokens is None else f"{eval_tokens:,} held-out tokens"
+    if eval_tokens is not None and eval_tokens < FEW_TOKENS:
+        measured += f" (fewer than {FEW_TOKENS:,}: indicative only; a longer log decides)"
+    lines = [f"Decision (fitted on what stands in for prefill, measured on {measured}; the rule: the fewest "
              f"inter-node bytes among placements whose busiest GPU carries at most {LOAD_TOLERANCE:.2f}x its load "
              "under EPLB with the same slots):"]
     for d in decisions:

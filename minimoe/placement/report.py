@@ -79,7 +79,8 @@ def run_report(trace: Trace, topologies: list[Topology], window: int | None = No
         return result
     window = chosen.window
     result["window"] = window
-    result["split"] = dict(kind=chosen.kind, window=chosen.window, description=chosen.description)
+    result["split"] = dict(kind=chosen.kind, window=chosen.window, description=chosen.description,
+                           eval_tokens=int(chosen.masks["eval"].sum()))
     rows = []
     for topology in topologies:
         for num_replicas in slot_budgets(trace.num_experts, topology):
@@ -239,7 +240,7 @@ def format_report(result: dict, folder: str | None = None) -> str:
     elif "drift" in result["unavailable"]:
         sections.append(f"Drift: not measured: {result['unavailable']['drift']}")
     if result.get("decision"):
-        sections.append(format_decision(result["decision"], folder))
+        sections.append(format_decision(result["decision"], folder, result["split"].get("eval_tokens")))
     return "\n\n".join(sections)
 
 
