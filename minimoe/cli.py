@@ -256,7 +256,7 @@ def _report_into(args, out: Path) -> int:
 
     from minimoe.placement.report import (Stopwatch, check_topologies, format_report, json_ready, run_report,
                                           save_decision)
-    from minimoe.placement.report_html import write_html
+    from minimoe.placement.report_html import write_html, write_text_html
 
     if not args.trace:  # check what can be checked before recording for minutes
         from minimoe.traces.workload import BUNDLED_MODEL
@@ -284,8 +284,9 @@ def _report_into(args, out: Path) -> int:
         print(text)
         (out / "report.txt").write_text(text + "\n")
         (out / "report.json").write_text(json.dumps(json_ready(result), indent=1) + "\n")
-        print(f"\nwrote {', '.join(str(out / n) for n in ('report.txt', 'report.json', *placements))} in "
-              f"{time.perf_counter() - started:.0f} s")
+        write_text_html(out / "report.html", "minimoe report (load counts)", text)
+        names = ("report.html", "report.txt", "report.json", *placements)
+        print(f"\nwrote {', '.join(str(out / n) for n in names)} in {time.perf_counter() - started:.0f} s")
         return 0
     try:
         result = run_report(trace, args.topologies, window=args.window, seed=args.seed,

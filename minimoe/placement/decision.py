@@ -89,7 +89,8 @@ FEW_TOKENS = 1000  # fewer held-out tokens than this: the decision is said to be
 
 def format_decision(decisions: list[dict], folder: str | None = None, eval_tokens: int | None = None) -> str:
     """The report's last section: a headline per topology, the alternatives, the steering, the export line."""
-    measured = "held-out tokens" if eval_tokens is None else f"{eval_tokens:,} held-out tokens"
+    measured = "held-out tokens" if eval_tokens is None else \
+        f"{eval_tokens:,} held-out token{'' if eval_tokens == 1 else 's'}"
     if eval_tokens is not None and eval_tokens < FEW_TOKENS:
         measured += f" (fewer than {FEW_TOKENS:,}: indicative only; a longer log decides)"
     lines = [f"Decision (fitted on what stands in for prefill, measured on {measured}; the rule: the fewest "

@@ -97,3 +97,15 @@ pre{{overflow-x:auto;font-size:12px;background:#f6f6f6;padding:0.8em}} dt{{font-
 </body></html>
 """
     Path(path).write_text(page)
+
+
+def write_text_html(path: Path, title: str, text: str) -> None:
+    """A report page that is only its text (the load-only report: no per-token figures to draw)."""
+    Path(path).write_text(f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:auto;padding:1em}}
+pre{{overflow-x:auto;font-size:12px;background:#f6f6f6;padding:0.8em}}</style></head><body>
+<h1>{html.escape(title)}</h1><pre>{html.escape(text)}</pre>
+</body></html>
+""")
