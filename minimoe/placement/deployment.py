@@ -14,8 +14,8 @@ serving engine's file, and ``Placement.load`` reads its placement. The JSON obje
     measured     the report's numbers for it (saving vs contiguous and EPLB, load max/mean, inter-node bytes)
     trace        the fitted trace's size (tokens, requests, layers, num_experts, top_k, model), checked on replay
 
-Replaying exactly what the report measured (what ``ep-demo --placement FILE --trace TRACE`` needs):
-``Deployment.load(path).replay_inputs(trace)`` -> (placement, sources, held-out token mask).
+Replaying exactly what the report measured, on the trace it was fitted on (an expert-parallel replay needs the
+three): ``Deployment.load(path).replay_inputs(trace)`` -> (placement, sources, held-out token mask).
 """
 
 from __future__ import annotations
