@@ -288,14 +288,15 @@ def _report_into(args, out: Path) -> int:
         names = ("report.html", "report.txt", "report.json", *placements)
         print(f"\nwrote {', '.join(str(out / n) for n in names)} in {time.perf_counter() - started:.0f} s")
         return 0
+    fitted = {}  # the placements fitted on prefill, so the recommended ones are saved without refitting
     try:
         result = run_report(trace, args.topologies, window=args.window, seed=args.seed,
-                            hidden_size=args.hidden_size, progress=stopwatch)
+                            hidden_size=args.hidden_size, progress=stopwatch, fitted=fitted)
     except ValueError as error:
         if "online window" in str(error):
             raise ValueError(f"--window {args.window}: {error}") from None
         raise
-    placements = save_decision(trace, result, args.topologies, out, seed=args.seed)
+    placements = save_decision(trace, result, args.topologies, out, seed=args.seed, fitted=fitted)
     text = format_report(result, str(out))
     print(text)
     if not args.trace:

@@ -78,8 +78,13 @@ def test_every_saved_placement_measures_back_to_the_reports_numbers(phases, tmp_
     trace = planted_trace(num_domains=4, experts_per_domain=8, num_requests=24, tokens_per_request=20, seed=3)
     trace = trace if phases == "known" else unknown_phases(trace)
     topologies = [Topology(2, 2), Topology(4, 2)]
-    result = run_report(trace, topologies, seed=5)
-    names = save_decision(trace, result, topologies, tmp_path, seed=5)
+    fitted = {}
+    result = run_report(trace, topologies, seed=5, fitted=fitted)
+    names = save_decision(trace, result, topologies, tmp_path, seed=5, fitted=fitted)  # the fits the rows measured
+    (tmp_path / "again").mkdir()
+    refitted = save_decision(trace, result, topologies, tmp_path / "again", seed=5)  # without them: refitted
+    assert refitted == names and all(Deployment.load(tmp_path / "again" / n).to_dict()
+                                     == Deployment.load(tmp_path / n).to_dict() for n in names)
     assert result["split"]["kind"] == ("phase" if phases == "known" else "time")
     assert names and set(names) == {f for d in result["decision"] for f in d["files"]}
     for name in names:

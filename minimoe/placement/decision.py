@@ -126,9 +126,10 @@ def decide(rows: list[dict], topologies: list[Topology]) -> list[dict]:
 
 
 def deployments(trace, decisions: list[dict], topologies: list[Topology], token_sets: dict, split_info: dict,
-                seed: int = 0):
-    """[(file name, Deployment)] for each decision: the recommended placement refitted exactly as the report
-    fitted it (same method, slots, fitting tokens and seed), and the placement-only alternative when it differs."""
+                seed: int = 0, fitted: dict | None = None):
+    """[(file name, Deployment)] for each decision: the recommended placement as the report fitted it (taken from
+    ``fitted``, ``experiments.compare``'s record, else refitted with the same method, slots, fitting tokens and
+    seed), and the placement-only alternative when it differs."""
     from minimoe.placement.deployment import Deployment, trace_fingerprint
 
     by_name = {str(t): t for t in topologies}
@@ -140,7 +141,9 @@ def deployments(trace, decisions: list[dict], topologies: list[Topology], token_
             choices.append(("-placement-only", d["placement_only"]))
         d["files"] = []
         for suffix, row in choices:
-            placement, sources = fit(trace, topology, row["method"], token_sets["prefill"], row["num_replicas"], seed)
+            key = (d["topology"], row["num_replicas"], row["method"])
+            placement, sources = (fitted or {}).get(key) or fit(trace, topology, row["method"], token_sets["prefill"],
+                                                                 row["num_replicas"], seed)
             name = f"placement-{d['topology']}{suffix}.json"
             measured = {k: row.get(k) for k in ("inter_node_bytes", "cut_vs_contiguous", "cut_vs_eplb",
                                                 "load_max_over_mean", "pair_node_local_fraction")}

@@ -145,9 +145,10 @@ def compare_partitioners(trace, topology: Topology, num_replicas: int | None = N
 
 
 def compare(trace, topology: Topology, num_replicas: int | None = None, fit_modes=FIT_MODES, methods=METHODS,
-            window: int = 8, seed: int = 0, hidden_size: int = 7168, token_sets=None) -> list[dict]:
+            window: int = 8, seed: int = 0, hidden_size: int = 7168, token_sets=None, fitted=None) -> list[dict]:
     """One row per (fit mode, method): traffic of the evaluated tokens, and reductions vs the baselines.
-    ``token_sets``: the masks of ``minimoe.placement.splits`` (default: ``masks(trace, window)``)."""
+    ``token_sets``: the masks of ``minimoe.placement.splits`` (default: ``masks(trace, window)``). ``fitted``: a
+    dict that receives ``(topology, num_replicas, method) -> (placement, sources)`` of the "prefill" fits."""
     token_sets = masks(trace, window) if token_sets is None else token_sets
     num_replicas = num_replicas or trace.num_experts
     rows = []
@@ -155,6 +156,8 @@ def compare(trace, topology: Topology, num_replicas: int | None = None, fit_mode
         reports = {}
         for method in methods:
             placement, sources = fit(trace, topology, method, token_sets[mode], num_replicas, seed)
+            if fitted is not None and mode == "prefill":
+                fitted[(str(topology), num_replicas, method)] = (placement, sources)
             reports[method] = measure(trace, placement, topology, sources=sources, tokens=token_sets["eval"],
                                       hidden_size=hidden_size)
         for method, report in reports.items():

@@ -60,7 +60,7 @@ def trace_summary(trace: Trace) -> dict:
 
 
 def run_report(trace: Trace, topologies: list[Topology], window: int | None = None, seed: int = 0,
-               hidden_size: int = 7168, progress=None) -> dict:
+               hidden_size: int = 7168, progress=None, fitted: dict | None = None) -> dict:
     """Everything the report shows, as a dict. ``window=None`` picks ``experiments.default_window``;
     ``progress(str)``, if given, is called before each slow step. Raises ValueError for a topology the trace
     cannot fill or a window that leaves no held-out decode token."""
@@ -86,7 +86,7 @@ def run_report(trace: Trace, topologies: list[Topology], window: int | None = No
         for num_replicas in slot_budgets(trace.num_experts, topology):
             say(f"placement and grouping: {topology} ({topology.num_gpus} GPUs), {num_replicas} slots per layer")
             rows += compare(trace, topology, num_replicas, fit_modes=chosen.fit_modes, methods=chosen.methods,
-                            seed=seed, hidden_size=hidden_size, token_sets=chosen.masks)
+                            seed=seed, hidden_size=hidden_size, token_sets=chosen.masks, fitted=fitted)
     result["rows"] = rows
     result["decision"] = decide(rows, topologies)
     partitioners = PARTITIONERS if mtkahypar_available() else ("fm",)
@@ -119,9 +119,11 @@ def run_report(trace: Trace, topologies: list[Topology], window: int | None = No
     return result
 
 
-def save_decision(trace: Trace, result: dict, topologies: list[Topology], folder, seed: int = 0) -> list[str]:
-    """Write each topology's recommended placement (``minimoe.placement.deployment``) into ``folder``, refitted
-    exactly as ``run_report`` fitted it; returns the file names (also listed in ``result["decision"]``)."""
+def save_decision(trace: Trace, result: dict, topologies: list[Topology], folder, seed: int = 0,
+                  fitted: dict | None = None) -> list[str]:
+    """Write each topology's recommended placement (``minimoe.placement.deployment``) into ``folder``: the one
+    ``run_report(..., fitted=)`` kept, else refitted exactly as it was fitted; returns the file names (also listed
+    in ``result["decision"]``)."""
     from pathlib import Path
 
     from minimoe.placement.decision import deployments
@@ -131,7 +133,7 @@ def save_decision(trace: Trace, result: dict, topologies: list[Topology], folder
     chosen = split(trace, result["split"]["window"], result["split"]["kind"])
     names = []
     for name, deployment in deployments(trace, result["decision"], topologies, chosen.masks,
-                                        result["split"], seed):
+                                        result["split"], seed, fitted):
         deployment.save(Path(folder) / name)
         names.append(name)
     return names
