@@ -10,6 +10,11 @@
     partitioners  the locality placement's node partitioner, minimoe's FM refinement vs Mt-KaHyPar (when it is
                installed), fitted on prefill, on every topology and slot budget
     summary    one line per topology: what grouping + locality fitted on prefill saves
+    decision   per topology, the placement (and grouping) to deploy, its saving and load in one line, every
+               method defined, and the files and export command (``minimoe.placement.decision``)
+
+A trace without prefill/decode phases (most serving logs) is split in time or by request instead
+(``minimoe.placement.splits``), and the report says which split it used.
 
 The result is a plain dict (JSON-ready) that ``format_report`` prints and ``minimoe.placement.report_html``
 draws. Bytes assume hidden size 7168 in bf16 (DeepSeek-V3) unless told otherwise; every saving is a ratio of
@@ -22,8 +27,10 @@ import time
 
 import numpy as np
 
-from minimoe.placement.experiments import (FIT_MODES, METHODS, PARTITIONERS, compare, compare_partitioners,
-                                           default_window, drift, uniform_baseline)
+from minimoe.placement.decision import decide, format_decision, format_methods
+from minimoe.placement.experiments import (FIT_MODES, METHODS, PARTITIONERS, compare, compare_partitioners, drift,
+                                           uniform_baseline)
+from minimoe.placement.splits import LABELS, split
 from minimoe.placement.hypergraph import mtkahypar_available
 from minimoe.placement.topology import Topology
 from minimoe.traces.findings import findings, format_findings
@@ -53,7 +60,7 @@ def trace_summary(trace: Trace) -> dict:
 
 
 def run_report(trace: Trace, topologies: list[Topology], window: int | None = None, seed: int = 0,
-               hidden_size: int = 7168, progress=None) -> dict:
+               hidden_size: int = 7168, progress=None, fitted: dict | None = None) -> dict:
     """Everything the report shows, as a dict. ``window=None`` picks ``experiments.default_window``;
     ``progress(str)``, if given, is called before each slow step. Raises ValueError for a topology the trace
     cannot fill or a window that leaves no held-out decode token."""
@@ -62,19 +69,26 @@ def run_report(trace: Trace, topologies: list[Topology], window: int | None = No
     result = dict(trace=trace_summary(trace), hidden_size=hidden_size, unavailable={})
     say("findings: imbalance, domain specificity, prefill -> decode")
     result["findings"] = findings(trace, seed=seed)
-    if not (trace.phase == 1).any():
-        result["unavailable"]["compare"] = ("the trace has no decode tokens (phase 1); placements are measured "
-                                            "on held-out decode traffic")
-        result.update(window=None, rows=[], partitioners=[], uniform=[], drift=None)
+    try:
+        chosen = split(trace, window)
+    except ValueError as error:
+        if window is not None and "window" in str(error):
+            raise ValueError(f"no decode token lies after the online window: {error}") from None
+        result["unavailable"]["compare"] = str(error)
+        result.update(window=None, split=None, rows=[], partitioners=[], uniform=[], drift=None, decision=[])
         return result
-    window = default_window(trace) if window is None else window
+    window = chosen.window
     result["window"] = window
+    result["split"] = dict(kind=chosen.kind, window=chosen.window, description=chosen.description,
+                           eval_tokens=int(chosen.masks["eval"].sum()))
     rows = []
     for topology in topologies:
         for num_replicas in slot_budgets(trace.num_experts, topology):
             say(f"placement and grouping: {topology} ({topology.num_gpus} GPUs), {num_replicas} slots per layer")
-            rows += compare(trace, topology, num_replicas, window=window, seed=seed, hidden_size=hidden_size)
+            rows += compare(trace, topology, num_replicas, fit_modes=chosen.fit_modes, methods=chosen.methods,
+                            seed=seed, hidden_size=hidden_size, token_sets=chosen.masks, fitted=fitted)
     result["rows"] = rows
+    result["decision"] = decide(rows, topologies)
     partitioners = PARTITIONERS if mtkahypar_available() else ("fm",)
     if "mtkahypar" not in partitioners:
         result["unavailable"]["mtkahypar"] = ("Mt-KaHyPar is not installed (pip install mtkahypar, or "
@@ -83,11 +97,13 @@ def run_report(trace: Trace, topologies: list[Topology], window: int | None = No
     for topology in topologies:
         for num_replicas in slot_budgets(trace.num_experts, topology):
             say(f"locality partitioners ({', '.join(partitioners)}): {topology}, {num_replicas} slots per layer")
-            result["partitioners"] += compare_partitioners(trace, topology, num_replicas, partitioners, window=window,
-                                                           seed=seed, hidden_size=hidden_size)
+            result["partitioners"] += compare_partitioners(trace, topology, num_replicas, partitioners, seed=seed,
+                                                           hidden_size=hidden_size, token_sets=chosen.masks)
     result["uniform"] = [uniform_baseline(trace, topology) for topology in topologies]
     result["drift"] = None
-    if not (trace.has_domain and set(DRIFT_FIT) <= set(trace.request_domains())):
+    if chosen.kind != "phase":
+        result["unavailable"]["drift"] = "needs prefill and decode phases"
+    elif not (trace.has_domain and set(DRIFT_FIT) <= set(trace.request_domains())):
         result["unavailable"]["drift"] = f"needs requests of the domains {sorted(DRIFT_FIT)}"
     else:
         topology = Topology(num_nodes=DRIFT_TOPOLOGY[0], gpus_per_node=DRIFT_TOPOLOGY[1])
@@ -103,6 +119,26 @@ def run_report(trace: Trace, topologies: list[Topology], window: int | None = No
     return result
 
 
+def save_decision(trace: Trace, result: dict, topologies: list[Topology], folder, seed: int = 0,
+                  fitted: dict | None = None) -> list[str]:
+    """Write each topology's recommended placement (``minimoe.placement.deployment``) into ``folder``: the one
+    ``run_report(..., fitted=)`` kept, else refitted exactly as it was fitted; returns the file names (also listed
+    in ``result["decision"]``)."""
+    from pathlib import Path
+
+    from minimoe.placement.decision import deployments
+
+    if not result.get("decision"):
+        return []
+    chosen = split(trace, result["split"]["window"], result["split"]["kind"])
+    names = []
+    for name, deployment in deployments(trace, result["decision"], topologies, chosen.masks,
+                                        result["split"], seed, fitted):
+        deployment.save(Path(folder) / name)
+        names.append(name)
+    return names
+
+
 def _pct(value) -> str:
     return "n/a" if value is None else f"{value:+.1%}"
 
@@ -113,11 +149,11 @@ def _fewer(value) -> str:
     return f"{abs(value):.1%} {'fewer' if value >= 0 else 'more'}"
 
 
-def summary_lines(rows: list[dict]) -> list[str]:
-    """What grouping + locality, fitted on prefill, saves on each topology and slot budget."""
+def summary_lines(rows: list[dict], method: str = "grouping+locality") -> list[str]:
+    """What ``method``, fitted on prefill (or what stands in for it), saves on each topology and slot budget."""
     lines = []
     for r in rows:
-        if r["method"] == "grouping+locality" and r["fit"] == "prefill":
+        if r["method"] == method and r["fit"] == "prefill":
             if r["cut_vs_contiguous"] is None:
                 lines.append(f"  {r['topology']}, {r['num_replicas']} slots: one node, no inter-node traffic")
                 continue
@@ -127,14 +163,15 @@ def summary_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], labels: dict | None = None) -> str:
     """Saving in de-duplicated inter-node bytes vs contiguous (per-pair saving in brackets) and load max/mean,
-    per method and fit mode."""
-    lines = ["topology slots  method              " + "  ".join(f"{m:>21s}" for m in FIT_MODES),
+    per method and fit mode (``labels``: the column name of each fit mode)."""
+    labels = labels or {m: m for m in FIT_MODES}
+    lines = ["topology slots  method              " + "  ".join(f"{labels[m]:>21s}" for m in FIT_MODES),
              "                                     " + "  ".join(f"{'saved (pair)  load':>21s}" for _ in FIT_MODES)]
     keyed = {(r["topology"], r["num_replicas"], r["method"], r["fit"]): r for r in rows}
     for topology, slots in dict.fromkeys((r["topology"], r["num_replicas"]) for r in rows):
-        for method in METHODS:
+        for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
             cells = []
             for mode in FIT_MODES:
                 r = keyed.get((topology, slots, method, mode))
@@ -149,9 +186,9 @@ def format_table(rows: list[dict]) -> str:
 
 def format_partitioners(rows: list[dict], missing: str | None = None) -> str:
     """The locality placement with each node partitioner: saving vs contiguous and EPLB, and load max/mean."""
-    lines = ["Locality placement by node partitioner (minimoe.placement.locality), fitted on prefill with random "
-             "request sources,\nthe same slots and node load cap; saved = de-duplicated inter-node bytes vs "
-             "contiguous / vs EPLB on held-out decode tokens:"]
+    lines = ["Locality placement by node partitioner (minimoe.placement.locality), fitted as the table's first "
+             "column with random request sources,\nthe same slots and node load cap; saved = de-duplicated inter-node "
+             "bytes vs contiguous / vs EPLB on the held-out tokens:"]
     keyed = {(r["topology"], r["num_replicas"]): [] for r in rows}
     for r in rows:
         keyed[(r["topology"], r["num_replicas"])].append(r)
@@ -166,22 +203,32 @@ def format_partitioners(rows: list[dict], missing: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def format_report(result: dict) -> str:
-    """The report as plain text (what ``minimoe report`` prints and writes to report.txt)."""
+def _fitted_on(kind: str) -> str:
+    return {"phase": "prefill tokens | the first decode tokens (online) | the evaluated tokens themselves (oracle)",
+            "time": "each request's first half | the next tokens (online) | the evaluated tokens themselves (oracle)",
+            "request": "the earlier requests | — | the evaluated tokens themselves (oracle)"}[kind]
+
+
+def format_report(result: dict, folder: str | None = None) -> str:
+    """The report as plain text (what ``minimoe report`` prints and writes to report.txt); ``folder``: where the
+    placement files were saved (named in the decision)."""
     sections = [format_findings(result["findings"])]  # opens with the one-line trace summary
     if "compare" in result["unavailable"]:
         sections.append(f"Placement and grouping: not measured: {result['unavailable']['compare']}")
         return "\n\n".join(sections)
-    window = result["window"]
+    window, kind = result["window"], result["split"]["kind"]
+    measured_on = (f"held-out decode tokens (each request's decode tokens after the first {window})" if kind == "phase"
+                   else f"held-out tokens: {result['split']['description']}")
     sections.append(
-        f"Placement and grouping, measured on held-out decode tokens (each request's decode tokens after the "
-        f"first {window}).\n"
+        f"Placement and grouping, measured on {measured_on}.\n"
         "saved = how much less than contiguous placement a method moves across node boundaries, in "
         "de-duplicated bytes\n(a token crosses to a node once however many of its experts live there); in "
         "brackets the same for per-(token, expert) bytes;\nload = tokens per GPU, max / mean. Fitted on: "
-        "prefill tokens | the first decode tokens (online) | the evaluated tokens themselves (oracle).\n\n"
-        + format_table(result["rows"]))
-    sections.append("Summary, fitted on prefill:\n" + "\n".join(summary_lines(result["rows"])))
+        f"{_fitted_on(kind)}.\n\n" + format_table(result["rows"], LABELS[kind])
+        + format_methods(dict.fromkeys(r["method"] for r in result["rows"])))
+    best = "grouping+locality" if kind != "request" else "locality"
+    sections.append(f"Summary, {best} fitted on {LABELS[kind]['prefill'] if kind != 'phase' else 'prefill'}:\n"
+                    + "\n".join(summary_lines(result["rows"], best)))
     sections.append(format_partitioners(result.get("partitioners", []), result["unavailable"].get("mtkahypar")))
     sections.append("Nodes a token would reach if routing were uniform (the contiguous baseline's expectation): "
                     + ", ".join(f"{u['topology']}: {u['uniform_nodes_per_token']:.3f} "
@@ -194,6 +241,8 @@ def format_report(result: dict) -> str:
                             f"{_pct(r['cut_vs_eplb'])}, load {r['load_max_over_mean']:.2f}" for r in d["rows"]))
     elif "drift" in result["unavailable"]:
         sections.append(f"Drift: not measured: {result['unavailable']['drift']}")
+    if result.get("decision"):
+        sections.append(format_decision(result["decision"], folder, result["split"].get("eval_tokens")))
     return "\n\n".join(sections)
 
 

@@ -183,6 +183,9 @@ def _summary(shuffles: list[np.ndarray]) -> dict:
 
 def prefill_decode_unavailable(trace: Trace) -> str | None:
     """Why prefill -> decode prediction cannot be measured on ``trace`` (None when it can)."""
+    if (trace.phase == -1).all():
+        return ("phases unknown: the source did not say which tokens are prompt and which are generated (give "
+                "minimoe import --prompt-lengths for vLLM/SGLang captures, or a phase field in a JSONL log)")
     if not (trace.phase == 1).any():
         return "the trace has no decode tokens (phase 1)"
     if not (trace.phase == 0).any():
@@ -245,9 +248,12 @@ def format_findings(result: dict) -> str:
     """The findings as a plain-text table (what ``minimoe findings`` prints)."""
     info, imbalance, domain, paired = result["trace"], result["imbalance"], result["domain"], result["prefill_decode"]
     layers = range(info["layers"])
-    lines = [f"trace {info['model'] or '(unnamed)'}: {info['requests']:,} requests "
-             + "(" + ", ".join(f"{d} {n}" for d, n in info["requests_per_domain"].items()) + "), "
-             f"{info['tokens']:,} tokens ({info['prefill_tokens']:,} prefill, {info['decode_tokens']:,} decode), "
+    domains = ", ".join(f"{d} {n}" for d, n in info["requests_per_domain"].items())
+    phases = (f"{info['prefill_tokens']:,} prefill, {info['decode_tokens']:,} decode"
+              if info["prefill_tokens"] + info["decode_tokens"] else "phases unknown")
+    lines = [f"trace {info['model'] or '(unnamed)'}: {info['requests']:,} requests" + (f" ({domains})" if domains
+                                                                                         else "") + ", "
+             f"{info['tokens']:,} tokens ({phases}), "
              f"{info['layers']} MoE layers, {info['experts']} experts, top-{info['top_k']}", ""]
     header = _row("", [f"layer {l}" for l in layers], "{}", "uniform routing, same tokens")
     groups = imbalance["groups"]
