@@ -22,7 +22,7 @@ from minimoe.parallel import (WIRE_FORMATS, ExpertParallelMoE, RouteTable, Traff
                               expert_parallel, local_experts)
 from minimoe.parallel.checks import check_fingerprint, fingerprint, placement_hash
 from minimoe.parallel.demo import main as ep_demo
-from minimoe.parallel.dispatch import per_node, per_pair, per_rank
+from minimoe.parallel.sendplan import hit_per_node, hit_per_pair, hit_per_rank, plan
 from minimoe.parallel.replay import replay_steps
 from minimoe.placement import Placement
 from minimoe.traces import synthetic_trace
@@ -73,24 +73,30 @@ def brute_force_send_list(slots, num_gpus, spg, gpn, rank, unit):
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("unit", ["pair", "rank", "node"])
-def test_send_lists_equal_a_brute_force_loop(seed, unit):
+def test_send_plans_equal_a_brute_force_loop(seed, unit):
+    """Counts, send list and return-table positions built on the device equal a loop over the tokens."""
     rng = np.random.default_rng(seed)
     num_nodes, gpn, spg = 2, int(rng.integers(1, 4)), int(rng.integers(1, 4))
     num_gpus = num_nodes * gpn
     slots = rng.integers(-1, num_gpus * spg, size=(int(rng.integers(0, 12)), int(rng.integers(1, 5))))
     rank = int(rng.integers(num_gpus))
     t = torch.as_tensor(slots)
-    if unit == "pair":
-        src_row, counts, meta, _, _ = per_pair(t, num_gpus, spg)
-    elif unit == "rank":
-        src_row, counts, meta, _, _ = per_rank(t, num_gpus, spg)
-    else:
-        src_row, counts, meta, _, _ = per_node(t, num_gpus, spg, gpn, rank)
-    expected = brute_force_send_list(slots, num_gpus, spg, gpn, rank, unit)
-    n = len(expected)
-    assert counts.tolist() == np.bincount([d for d, *_ in expected], minlength=num_gpus).tolist()
-    assert src_row[:n].tolist() == [row for _, row, _, _ in expected]
-    assert meta[:n].tolist() == [m for *_, m in expected]
+    hit = {"pair": lambda: hit_per_pair(t, num_gpus, spg), "rank": lambda: hit_per_rank(t, num_gpus, spg),
+           "node": lambda: hit_per_node(t, num_gpus, spg, gpn, rank)}[unit]()
+    leg = plan(hit, rank)
+    expected = brute_force_send_list(slots, num_gpus, spg, gpn, rank, unit)  # (dest, row, j, meta), sorted
+    cells = [(d, row * slots.shape[1] + j if unit == "pair" else row) for d, row, j, _ in expected]
+    counts = np.bincount([d for d, _ in cells], minlength=num_gpus)
+    assert leg.counts.tolist() == counts.tolist()
+    kept = [u for d, u in cells if d == rank]
+    table = kept + [u for d, u in cells if d != rank]  # [kept | sent to rank 0, 1, ... (this rank skipped)]
+    sent_first = [u for d, u in cells if d != rank] + kept
+    assert leg.send_units(len(kept), len(cells)).tolist() == sent_first
+    column = {d: 0 if d == rank else d + (d < rank) for d in range(num_gpus)}  # this rank's column first
+    table_cells = [c for c in cells if c[0] == rank] + [c for c in cells if c[0] != rank]
+    for index, (d, u) in enumerate(table_cells):
+        assert leg.mask[u, column[d]] and int(leg.position[u, column[d]]) == index
+    assert int(leg.mask.sum()) == len(table)
 
 
 def test_local_experts_equal_the_moe_layer_values_and_gradients():
@@ -135,7 +141,7 @@ def test_capacity_in_one_process_equals_the_moe_layer_mask(factor):
     moe = MoELayer(8, MoEConfig(num_experts=4, top_k=2, intermediate_size=4, capacity_factor=factor))
     moe(torch.randn(30, 8))
     kept, capacity = capacity_kept(moe.last_routing.expert_ids, 4, 2, factor)
-    assert capacity == moe.capacity
+    assert int(capacity) == moe.capacity
     assert torch.equal(kept, moe.last_kept)
     assert capacity_kept(moe.last_routing.expert_ids, 4, 2, 0.0) == (None, None)
 
