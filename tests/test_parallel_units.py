@@ -247,6 +247,10 @@ def test_the_command_checks_its_flags(capsys):
     assert "expected a finite number > 0, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--gpus-per-node 3 does not divide the 1 ranks"):
         ep_demo(["--gpus-per-node", "3", "--experts", "4", "--top-k", "2", "--hidden", "8"])
+    with pytest.raises(SystemExit):
+        ep_demo(["--placement", "nearest"])
+    assert "expected one of contiguous, round_robin, eplb, locality, grouping, grouping+locality" in \
+        capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="--model '/no/such/dir'"):
         ep_demo(["--model", "/no/such/dir"])
     with pytest.raises(FileNotFoundError, match="--trace '/no/such.npz'"):
@@ -255,10 +259,48 @@ def test_the_command_checks_its_flags(capsys):
         ep_demo(["--model", "bundled", "--trace", "bundled"])
 
 
-def test_the_command_in_one_process(capsys):
-    assert ep_demo(["--experts", "6", "--top-k", "2", "--hidden", "8", "--tokens-per-rank", "5", "--iters", "1"]) == 0
+def test_the_command_in_one_process(capsys, tmp_path):
+    assert ep_demo(["--experts", "6", "--top-k", "2", "--hidden", "8", "--tokens-per-rank", "5", "--iters", "1",
+                    "--json", str(tmp_path / "one.json")]) == 0
     out = capsys.readouterr().out
-    assert out.count("max |EP - one process| 0.00e+00") == 3 and out.count(": equal") == 3
+    rows = json.loads((tmp_path / "one.json").read_text())["rows"]
+    assert [r["wire_format"] for r in rows] == list(WIRE_FORMATS) and out.count(": equal") == 4
+    assert all(r["max_abs_error"] <= 1e-6 for r in rows)
+    assert "format rule (eager) picks replicate: one rank" in out
+
+
+@pytest.mark.parametrize("method", ["round_robin", "grouping", "grouping+locality", "file"])
+def test_the_command_takes_every_fit_of_the_report_and_a_placement_file(capsys, tmp_path, method):
+    flags = ["--experts", "8", "--top-k", "2", "--hidden", "8", "--tokens-per-rank", "6", "--iters", "1",
+             "--wire-format", "auto"]
+    if method == "file":
+        Placement(np.array([[7, 6, 5, 4, 3, 2, 1, 0]]), 8, 1, 1).save(tmp_path / "p.json")
+        method = str(tmp_path / "p.json")
+    assert ep_demo(flags + ["--placement", method]) == 0
+    out = capsys.readouterr().out
+    assert f"placement {method}" in out and "replicate  max |EP - one process| 0.00e+00" in out
+    with pytest.raises(ValueError, match="places 1 layer.* x 4 experts on 1 GPUs; this run needs 1 x 8 on 1"):
+        Placement(np.array([[0, 1, 2, 3]]), 4, 1, 1).save(tmp_path / "small.json")
+        ep_demo(flags + ["--placement", str(tmp_path / "small.json")])
+
+
+def test_default_nodes_make_traffic_between_nodes_visible():
+    from minimoe.parallel.demo_setup import default_gpus_per_node, nodes_line
+
+    assert [default_gpus_per_node(w) for w in (1, 2, 3, 4, 6, 8)] == [1, 1, 1, 2, 3, 4]
+    assert nodes_line(None, 4).startswith("2 node(s) of 2 rank(s) (the default")
+    assert nodes_line(4, 4) == "1 node(s) of 4 rank(s)"
+
+
+def test_an_error_under_torchrun_prints_one_line_once(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for bad in (["--placement", "nowhere"], ["--model", "/no/such/dir"]):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                   "minimoe", "ep-demo", "--backend", "gloo", *bad]
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode != 0
+        ours = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("minimoe ep-demo: error")]
+        assert len(ours) == 1, done.stdout[-2000:] + done.stderr[-3000:]
 
 
 def test_torchrun_ep_demo_on_two_gloo_ranks(tmp_path):
@@ -272,6 +314,7 @@ def test_torchrun_ep_demo_on_two_gloo_ranks(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["world_size"] == 2 and [r["wire_format"] for r in result["rows"]] == list(WIRE_FORMATS)
+    assert result["rows"][0]["format_rule"].startswith("format rule (eager) picks replicate: rho = ")
     for row in result["rows"]:
         assert row["max_abs_error"] <= 1e-5 and row["bytes_match"], row
         assert row["dispatch_inter_bytes"] > 0 and row["dispatch_intra_bytes"] == 0  # one GPU per "node"
