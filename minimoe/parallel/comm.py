@@ -208,10 +208,13 @@ class CountExchange:
 
     def __init__(self, send_counts: torch.Tensor, group=None, what: str = "count exchange"):
         send_counts = send_counts.to(torch.int64)
-        self.size = send_counts.numel()
-        both = send_counts.new_empty(2 * self.size)
-        both[:self.size] = send_counts
-        all_to_all(both[self.size:], send_counts, [1] * self.size, [1] * self.size, group, what)
+        self.size, self.alone = send_counts.numel(), alone(group)
+        if self.alone:  # one rank: it receives what it sends
+            both = send_counts
+        else:
+            both = send_counts.new_empty(2 * self.size)
+            both[:self.size] = send_counts
+            all_to_all(both[self.size:], send_counts, [1] * self.size, [1] * self.size, group, what)
         self.event = None
         if both.is_cuda:
             self.host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
@@ -225,7 +228,7 @@ class CountExchange:
         if self.event is not None:
             self.event.synchronize()  # the host sync of the leg
         both = self.host.tolist()
-        return both[:self.size], both[self.size:]
+        return (both, both) if self.alone else (both[:self.size], both[self.size:])
 
 
 # ---- the differentiable all-gather and reduce-scatter --------------------------------------------------

@@ -205,13 +205,18 @@ def _leg(x, weights, slots, hit, h: Handle, what: str, pairs_of: int = 0, num_gp
 
 
 def _on_node(slots: torch.Tensor, layout, node: int) -> torch.Tensor:
-    """Global slots on ``node`` kept, the others -1."""
+    """Global slots (int32 or int64) on ``node`` kept (int64), the others -1."""
+    if hasattr(layout, "slot_lookup"):  # a RouteTable: one gather in a cached table
+        return layout.slot_lookup(node=node)[slots]
     per_node = layout.slots_per_gpu * layout.gpus_per_node
+    slots = slots.to(torch.int64)
     return torch.where(slots.div(per_node, rounding_mode="floor") == node, slots, -1)
 
 
 def local_slots(slots: torch.Tensor, layout, rank: int) -> torch.Tensor:
-    """Global slot ids (any int dtype) -> this rank's local slot ids (int64), -1 for slots of other ranks."""
+    """Global slot ids (int32 or int64) -> this rank's local slot ids (int64), -1 for slots of other ranks."""
+    if hasattr(layout, "slot_lookup"):  # a RouteTable: one gather in a cached table
+        return layout.slot_lookup(rank=rank)[slots]
     spg = layout.slots_per_gpu
     slots = slots.to(torch.int64)
     return torch.where(slots.div(spg, rounding_mode="floor") == rank, slots - rank * spg, -1)
@@ -259,7 +264,7 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout
         rows_a, w_a, s_a = _leg(x, weights, slots, hit_per_node(slots, num_gpus, spg, gpn, rank), h,
                                 "dispatch leg A (inter-node)")
         node = rank // gpn
-        slots_b = torch.cat([_on_node(slots, layout, node), _on_node(s_a.to(torch.int64), layout, node)])
+        slots_b = torch.cat([_on_node(slots, layout, node), _on_node(s_a, layout, node)])
         x_b, w_b = torch.cat([x, rows_a]), torch.cat([weights, w_a])
         rows, w, s = _leg(x_b, w_b, slots_b, hit_per_rank(slots_b, num_gpus, spg), h, "dispatch leg B (intra-node)")
     return Dispatched(rows, local_slots(s, layout, rank), w, h)

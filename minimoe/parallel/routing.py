@@ -50,7 +50,23 @@ class RouteTable:
     def to(self, device) -> "RouteTable":
         for name in ("cand", "count", "slot_experts"):
             setattr(self, name, getattr(self, name).to(device))
+        self._lookups = {}
         return self
+
+    def slot_lookup(self, rank: int | None = None, node: int | None = None) -> torch.Tensor:
+        """(R + 1,) int64 table: global slot s -> its local id on ``rank`` (or s itself when it lives on ``node``),
+        -1 otherwise; entry R (reached by s = -1) is -1. Built once per rank / node and device."""
+        key = (rank, node)
+        lookups = self.__dict__.setdefault("_lookups", {})
+        if key not in lookups:
+            slots = torch.arange(len(self.slot_experts), device=self.slot_experts.device)
+            if rank is not None:
+                mine = slots // self.slots_per_gpu == rank
+                table = torch.where(mine, slots - rank * self.slots_per_gpu, -1)
+            else:
+                table = torch.where(slots // (self.slots_per_gpu * self.gpus_per_node) == node, slots, -1)
+            lookups[key] = torch.cat([table, table.new_full((1,), -1)])
+        return lookups[key]
 
     def route(self, expert_ids: torch.Tensor, source_rank: int, token_index: torch.Tensor) -> torch.Tensor:
         """Global slot of each pair: expert_ids (T, k) int (-1 = none), token_index (T,) int -> (T, k) int64.

@@ -77,7 +77,7 @@ class Plan:
         (one gather fills the send buffer and, right after it, the rows this rank keeps)."""
         cells = torch.nonzero_static(self.mask.T, size=n_total)  # (n, 2) [column, unit], table order
         units = cells[:, 1]
-        return torch.cat([units[n_self:], units[:n_self]])
+        return units if n_self in (0, n_total) else torch.cat([units[n_self:], units[:n_self]])
 
     def bags(self, one_destination: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(position, mask) per unit, (U, G); with ``one_destination`` (a pair goes to one rank at most) summed
@@ -90,7 +90,7 @@ class Plan:
 def plan(hit: torch.Tensor, rank: int) -> Plan:
     """The plan of a (U, G) grid for ``rank`` (see the module docstring)."""
     num_units, num_gpus = hit.shape
-    mask = hit.index_select(1, rank_first(num_gpus, rank, str(hit.device)))  # (U, G), own column first
+    mask = hit if rank == 0 else hit.index_select(1, rank_first(num_gpus, rank, str(hit.device)))  # own column first
     index = mask.T.reshape(-1).cumsum(0) - 1  # (G·U,) place of each cell among the hit cells, column-major
     return Plan(hit.sum(0), mask, index.view(num_gpus, num_units).T.clamp_min(0))
 
