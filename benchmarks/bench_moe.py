@@ -246,6 +246,22 @@ def before_after(device: str, tokens_list=None, reps=None, hidden=None, ffn=None
     bandwidth = copy_tbps(device) if cuda else float("nan")
     variants = {"after": lambda x: after(x), "before": lambda x: before(x),
                 "hf grouped_mm": lambda x: _hf_call(block, config, "grouped_mm", x)}
+    if cuda:  # the after layer with one choice pinned: which backend "auto" should pick, measured
+        import minimoe.model.grouped as grouped
+
+        def pinned(backend, wide=True):
+            def run(x):
+                grouped.SWAP_AB_WIDE_TILE, saved = wide, grouped.SWAP_AB_WIDE_TILE
+                after.grouped_backend = backend
+                try:
+                    return after(x)
+                finally:
+                    after.grouped_backend, grouped.SWAP_AB_WIDE_TILE = "auto", saved
+            return run
+
+        variants.update({"after, grouped_mm": pinned("grouped_mm"), "after, grouped_mm_t": pinned("grouped_mm_t"),
+                         "after, grouped_mm_t 64x128 tile": pinned("grouped_mm_t", wide=False),
+                         "after, per-expert mm (syncs)": pinned("per_group")})
     rows = []
     with torch.inference_mode():
         for num_tokens in tokens_list:
@@ -290,6 +306,15 @@ def format_before_after(rows, meta) -> str:
                      f"{r.get('host syncs per call after', float('nan')):g} / "
                      f"{r.get('host syncs per call before', float('nan')):g} |")
     lines.append("\n(ms, median; nan = capture failed; 'before' reads the offsets on the host at few rows per expert)")
+    pinned = [k[len("eager ms "):] for k in rows[0] if k.startswith("eager ms after, ")]
+    if pinned:
+        lines += ["", "The after layer with its grouped-product backend pinned (auto picks grouped_mm_t on CUDA at <= 256 "
+                  "rows per expert, grouped_mm above):", "",
+                  "| tokens | " + " | ".join(f"{p} eager / graph" for p in pinned) + " |", "|---:|" + "---:|" * len(pinned)]
+        for r in rows:
+            lines.append(f"| {r['tokens']} | " + " | ".join(f"{r[f'eager ms {p}']:.3f} / "
+                                                           f"{r.get(f'graph ms {p}', float('nan')):.3f}"
+                                                           for p in pinned) + " |")
     return "\n".join(lines)
 
 

@@ -70,7 +70,7 @@ def variants():
     out += [("token_rank static before", "token_rank", "before", True, False)]
     out += [(f"{f} after", f, "after", False, False) for f in AFTER]
     out += [("token_rank static after", "token_rank", "after", True, False)]
-    out += [(f"{f} after, collectives forced", f, "after", False, True) for f in ("token_rank", "replicate")]
+    out += [(f"{f} after, collectives forced", f, "after", False, True) for f in AFTER]
     return out
 
 

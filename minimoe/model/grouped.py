@@ -15,9 +15,11 @@ Grouped-multiply backends (``grouped_matmul``), x (S, K) sorted by group, weight
   each expert gets many rows; with few rows (decode) its tiles of 64 rows read each weight tile once per
   64 rows of tokens, so the weight bytes stream several times.
 * ``grouped_mm_t`` the same products transposed, ``(Wᵀ xᵀ)ᵀ``: the weights are the left operand and the
-  tokens the ragged columns (the "swap AB" trick of small-batch GEMM kernels), so one tile covers up to 128
-  tokens of an expert and the weights stream about once. The row count is padded to a multiple of 8 (the
-  kernel needs 16-byte aligned strides; padding rows are never read back).
+  tokens the ragged columns (the "swap AB" trick of small-batch GEMM kernels), so a tile spans many tokens
+  of one expert and the weights stream about once. torch picks its tile from the average columns per group:
+  64 x 128 when it is at most 128, else 128 x 256; on CUDA the token columns are padded past 128 per group
+  (``SWAP_AB_WIDE_TILE``) so that up to 256 tokens of an expert share one read of its weights. Padding
+  columns lie past the last group: the kernel never computes them and nothing reads them back.
 * ``per_group``    one matmul per non-empty group; reads the ends on the host (a sync; not capturable).
 
 ``auto`` picks ``grouped_mm_t`` on CUDA when experts get at most ``SWAP_AB_MAX_ROWS_PER_GROUP`` rows on
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 BACKENDS = ("auto", "grouped_mm", "grouped_mm_t", "per_group")
 SWAP_AB_MAX_ROWS_PER_GROUP = 256
+SWAP_AB_WIDE_TILE = True  # pad grouped_mm_t's columns so that torch picks its 128 x 256 tile (CUDA)
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -112,7 +115,10 @@ def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     ends = torch.searchsorted(sorted_ids, torch.arange(1, num_experts + 1, device=x.device)).to(torch.int32)
     gate_w, up_w = gate_up_proj[:, :, :width], gate_up_proj[:, :, width:]  # (E, H, F) views
     chosen = choose_backend(backend, x, [gate_w, up_w, down_proj], num_rows=num_entries)
-    pad = -num_entries % row_alignment(x) if chosen == "grouped_mm_t" else 0
+    pad = 0
+    if chosen == "grouped_mm_t":  # aligned rows; on CUDA more than 128 per group for the wide tile
+        target = max(num_entries, 129 * num_experts if x.is_cuda and SWAP_AB_WIDE_TILE else 0)
+        pad = target - num_entries + (-target % row_alignment(x))
     if pad:  # gather a few more rows so that every product of the chain keeps aligned strides
         order = torch.cat([order, order.new_zeros(pad)])
     rows = x.index_select(0, order.div(m, rounding_mode="floor"))  # (P', H) rows in expert order

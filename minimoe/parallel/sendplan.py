@@ -71,11 +71,13 @@ class Plan:
     counts: torch.Tensor
     mask: torch.Tensor
     position: torch.Tensor
+    columns: torch.Tensor | None = None  # (G·U,) the mask read column by column, contiguous
 
     def send_units(self, n_self: int, n_total: int) -> torch.Tensor:
         """(n_total,) the unit of each row to gather, in the order [rows for other ranks | rows kept here]
         (one gather fills the send buffer and, right after it, the rows this rank keeps)."""
-        cells = torch.nonzero_static(self.mask.T, size=n_total)  # (n, 2) [column, unit], table order
+        by_column = self.mask.T if self.columns is None else self.columns.view(self.mask.shape[1], self.mask.shape[0])
+        cells = torch.nonzero_static(by_column, size=n_total)  # (n, 2) [column, unit], table order
         units = cells[:, 1]
         return units if n_self in (0, n_total) else torch.cat([units[n_self:], units[:n_self]])
 
@@ -91,8 +93,9 @@ def plan(hit: torch.Tensor, rank: int) -> Plan:
     """The plan of a (U, G) grid for ``rank`` (see the module docstring)."""
     num_units, num_gpus = hit.shape
     mask = hit if rank == 0 else hit.index_select(1, rank_first(num_gpus, rank, str(hit.device)))  # own column first
-    index = mask.T.reshape(-1).cumsum(0) - 1  # (G·U,) place of each cell among the hit cells, column-major
-    return Plan(hit.sum(0), mask, index.view(num_gpus, num_units).T.clamp_min(0))
+    columns = mask.T.reshape(-1)  # (G·U,) column-major
+    index = columns.cumsum(0) - 1  # place of each cell among the hit cells
+    return Plan(hit.sum(0), mask, index.view(num_gpus, num_units).T.clamp_min(0), columns)
 
 
 def plan_every_rank(num_units: int, num_gpus: int, device) -> Plan:
