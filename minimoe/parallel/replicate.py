@@ -8,8 +8,9 @@
                what they computed for it (NCCL adds); drop the padding rows
 
 No counts, no host sync, no pack: every shape is fixed once B is, so the step can be captured in a CUDA graph.
-vLLM's default expert-parallel exchange and SGLang's work this way. The gradient of an all-gather is a
-reduce-scatter and vice versa, so backward swaps them (``comm.AllGather``, ``comm.ReduceScatter``).
+vLLM's default expert-parallel exchange [kwon2023vllm] and SGLang's [zheng2024sglang] work this way. The
+gradient of an all-gather is a reduce-scatter and vice versa, so backward swaps them (``comm.AllGather``,
+``comm.ReduceScatter``).
 
 **Bytes.** A rank sends its block to the G-1 others in dispatch and one block to each of them in combine:
 (G-1)·T·row per leg for its T real tokens, whatever the routing (``TrafficCounters`` count that in ``bytes``,
