@@ -247,7 +247,16 @@ def main() -> int:
     try:
         for name in args.parts.split(","):
             start = time.perf_counter()
-            results[name] = sections[name]()
+            try:
+                results[name] = sections[name]()
+            except Exception as error:  # noqa: BLE001 - recorded; the other sections still run
+                import traceback
+
+                results[name + "_error"] = traceback.format_exc()[-3000:]
+                print(f"-- {name} FAILED: {error!r}", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                continue
             results[name + "_seconds"] = round(time.perf_counter() - start, 1)
             print(f"-- {name} done in {results[name + '_seconds']} s", flush=True)
             Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")

@@ -30,9 +30,12 @@ whole computation can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
+_warned_swap_ab: list = []
 BACKENDS = ("auto", "grouped_mm", "grouped_mm_t", "per_group")
 SWAP_AB_MAX_ROWS_PER_GROUP = 256
 SWAP_AB_WIDE_TILE = True  # pad grouped_mm_t's columns so that torch picks its 128 x 256 tile (CUDA)
@@ -86,7 +89,14 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends, backend: s
         rows, pad = x.shape[0], -x.shape[0] % row_alignment(x)
         if pad:  # the output (N, S) needs 16-byte aligned rows
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-        return torch._grouped_mm(weight.transpose(-2, -1), x.T, offs=ends).T[:rows]  # (S, N) from (N, S)
+        try:
+            return torch._grouped_mm(weight.transpose(-2, -1), x.T, offs=ends).T[:rows]  # (S, N) from (N, S)
+        except RuntimeError as error:  # a torch build whose kernel refuses the transposed layout
+            if not _warned_swap_ab:
+                warnings.warn(f"grouped_mm_t is not available here ({str(error).splitlines()[0]}); "
+                              "using grouped_mm instead", RuntimeWarning, stacklevel=2)
+                _warned_swap_ab.append(True)
+            return torch._grouped_mm(x[:rows], weight, offs=ends)
     if backend != "per_group":
         raise ValueError(f"backend must be 'grouped_mm', 'grouped_mm_t' or 'per_group', got {backend!r}")
     ends = group_ends.tolist() if isinstance(group_ends, torch.Tensor) else list(group_ends)
