@@ -197,6 +197,27 @@ def run_mismatches(rank, world) -> dict:
     return messages
 
 
+def one_rank_with_collectives(rank, group) -> dict:
+    """Rank 0 alone in a group of one, the collectives forced to run: every format still equals MoELayer."""
+    from minimoe.parallel import collectives_at_one_rank
+
+    errors = {}
+    torch.manual_seed(5)
+    moe = MoELayer(8, MoEConfig(num_experts=4, top_k=2, intermediate_size=4))
+    x = torch.randn(6, 8, requires_grad=True)
+    reference = moe(x)
+    for fmt in WIRE_FORMATS:
+        layer = ExpertParallelMoE(moe, Placement(np.array([[2, 0, 3, 1, 0]]), 4, 1, 1), 0, group, fmt)
+        x2 = x.detach().clone().requires_grad_()
+        with collectives_at_one_rank():
+            out = layer(x2)
+            out.sum().backward()
+        reference.sum().backward(retain_graph=True)
+        errors[fmt] = max(float((out - reference).abs().max()), float((x2.grad - x.grad).abs().max()))
+        x.grad = None
+    return errors
+
+
 def collectives(rank, world):
     """all_gather_into / reduce_scatter_into on gloo (list all-gather; all-to-all + sum) and torch's own calls."""
     import warnings
@@ -253,7 +274,8 @@ def all_checks(rank, world):
         if rank < case["world"]:
             results.append(run_case(case, groups[case["world"]], rank))
     return dict(cases=results, model=run_model(rank, world), mismatches=run_mismatches(rank, world),
-                collectives=collectives(rank, world))
+                collectives=collectives(rank, world),
+                forced=one_rank_with_collectives(rank, groups[1]) if rank == 0 else None)
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +320,11 @@ def test_gloo_all_gather_and_reduce_scatter_equal_the_definition_and_torch(outco
         assert ranks["collectives"]["ours"] == (gathered, scattered)
         if ranks["collectives"]["native"] is not None:
             assert ranks["collectives"]["native"] == ranks["collectives"]["ours"]
+
+
+def test_one_rank_with_its_collectives_forced_equals_the_single_process_layer(outcomes):
+    errors = outcomes[0]["forced"]
+    assert set(errors) == set(WIRE_FORMATS) and max(errors.values()) <= 1e-5, errors
 
 
 def test_bundled_model_logits_equal_one_process(outcomes):

@@ -214,6 +214,24 @@ def test_fingerprints_and_placement_hashes():
     check_fingerprint(fingerprint(4, 2, 8, torch.float32, a, 0, 1, 1, 0.0))  # one process: nothing to disagree
 
 
+def test_the_format_rule():
+    from minimoe.parallel import choose_wire_format, expected_ranks_per_token
+
+    assert [round(expected_ranks_per_token(256, 8, g), 3) for g in (2, 4, 8)] == [1.993, 3.614, 5.295]
+    picks = {g: choose_wire_format(256, 8, g).wire_format for g in (1, 2, 4, 8)}
+    assert picks == {1: "replicate", 2: "replicate", 4: "replicate", 8: "token_rank"}
+    assert choose_wire_format(256, 8, 8, graph=True).wire_format == "replicate"
+    assert choose_wire_format(256, 8, 16, gpus_per_node=8).wire_format == "hierarchical"
+    assert choose_wire_format(256, 8, 8, rho=7.5).wire_format == "replicate"  # a measured rho decides
+    choice = choose_wire_format(256, 8, 8)
+    assert choice.bytes_ratio == pytest.approx(8 / 5.295, abs=1e-3) and "rho = 5.29" in choice.reason
+    with pytest.raises(ValueError, match="max_extra_bytes must be >= 0"):
+        choose_wire_format(256, 8, 8, max_extra_bytes=-1)
+    layer = ExpertParallelMoE(MoELayer(8, MoEConfig(num_experts=4, top_k=2, intermediate_size=4)),
+                              Placement(np.array([[0, 1, 2, 3]]), 4, 1, 1))
+    assert layer.wire_format == "replicate" and layer.format_choice.reason == "one rank: nothing moves"
+
+
 def test_traffic_counters_classify_links_and_add_up():
     counters = TrafficCounters()
     counters.add("dispatch", [3, 5, 7, 11], row_bytes=10, rank=1, gpus_per_node=2, meta_bytes_per_row=8)
@@ -222,6 +240,9 @@ def test_traffic_counters_classify_links_and_add_up():
     assert counters.bytes[("dispatch", "inter")] == 180 and counters.meta_bytes == 8 * 21
     total = TrafficCounters().merge(counters).merge(counters)
     assert total.link_bytes("intra") == 60 and total.as_dict()["dispatch_local_rows"] == 10
+    padded = TrafficCounters()
+    padded.add("combine", [2, 4, 1], row_bytes=10, rank=0, gpus_per_node=1, padded_to=4)  # blocks of 4 rows
+    assert padded.bytes[("combine", "inter")] == 50 and padded.padding_bytes == (4 - 4 + 4 - 1) * 10
 
 
 def test_replay_steps_cover_every_row_once_and_decode_steps_one_token_per_request():
