@@ -17,9 +17,10 @@ Grouped-multiply backends (``grouped_matmul``), x (S, K) sorted by group, weight
 * ``grouped_mm_t`` the same products transposed, ``(Wᵀ xᵀ)ᵀ``: the weights are the left operand and the
   tokens the ragged columns (the "swap AB" trick of small-batch GEMM kernels), so a tile spans many tokens
   of one expert and the weights stream about once. torch picks its tile from the average columns per group:
-  64 x 128 when it is at most 128, else 128 x 256; on CUDA the token columns are padded past 128 per group
-  (``SWAP_AB_WIDE_TILE``) so that up to 256 tokens of an expert share one read of its weights. Padding
-  columns lie past the last group: the kernel never computes them and nothing reads them back.
+  64 x 128 when it is at most 128, else 128 x 256. On CUDA, when the groups average more than 64 tokens (so
+  that some exceed 128), the token columns are padded past 128 per group (``SWAP_AB_WIDE_TILE``; at most
+  double the rows) so that up to 256 tokens of an expert share one read of its weights. Padding columns
+  lie past the last group: the kernel never computes them and nothing reads them back.
 * ``per_group``    one matmul per non-empty group; reads the ends on the host (a sync; not capturable).
 
 ``auto`` picks ``grouped_mm_t`` on CUDA when experts get at most ``SWAP_AB_MAX_ROWS_PER_GROUP`` rows on
@@ -126,8 +127,9 @@ def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     gate_w, up_w = gate_up_proj[:, :, :width], gate_up_proj[:, :, width:]  # (E, H, F) views
     chosen = choose_backend(backend, x, [gate_w, up_w, down_proj], num_rows=num_entries)
     pad = 0
-    if chosen == "grouped_mm_t":  # aligned rows; on CUDA more than 128 per group for the wide tile
-        target = max(num_entries, 129 * num_experts if x.is_cuda and SWAP_AB_WIDE_TILE else 0)
+    if chosen == "grouped_mm_t":  # aligned rows; on CUDA, from 64 rows per group on, past 128 for the wide tile
+        wide = x.is_cuda and SWAP_AB_WIDE_TILE and num_entries > 64 * num_experts
+        target = max(num_entries, 129 * num_experts if wide else 0)
         pad = target - num_entries + (-target % row_alignment(x))
     if pad:  # gather a few more rows so that every product of the chain keeps aligned strides
         order = torch.cat([order, order.new_zeros(pad)])
