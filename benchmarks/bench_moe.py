@@ -247,20 +247,16 @@ def before_after(device: str, tokens_list=None, reps=None, hidden=None, ffn=None
     variants = {"after": lambda x: after(x), "before": lambda x: before(x),
                 "hf grouped_mm": lambda x: _hf_call(block, config, "grouped_mm", x)}
     if cuda:  # the after layer with one choice pinned: which backend "auto" should pick, measured
-        import minimoe.model.grouped as grouped
-
-        def pinned(backend, wide=True):
+        def pinned(backend):
             def run(x):
-                grouped.SWAP_AB_WIDE_TILE, saved = wide, grouped.SWAP_AB_WIDE_TILE
                 after.grouped_backend = backend
                 try:
                     return after(x)
                 finally:
-                    after.grouped_backend, grouped.SWAP_AB_WIDE_TILE = "auto", saved
+                    after.grouped_backend = "auto"
             return run
 
         variants.update({"after, grouped_mm": pinned("grouped_mm"), "after, grouped_mm_t": pinned("grouped_mm_t"),
-                         "after, grouped_mm_t 64x128 tile": pinned("grouped_mm_t", wide=False),
                          "after, per-expert mm (syncs)": pinned("per_group")})
     rows = []
     with torch.inference_mode():

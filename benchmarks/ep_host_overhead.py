@@ -145,6 +145,9 @@ def profile(sizes, device, out_prefix) -> list[dict]:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     rows, timelines = [], {}
+    with torch_profile(activities=activities) as empty:  # what the profiler and the closing sync count by themselves
+        sync(device)
+    baseline = {key: sum(e.count for e in empty.key_averages() if e.key == key) for key in SYNC_EVENTS}
     for label, fmt, impl, static, forced in variants():
         c = case(sizes, sizes.decode, fmt, device, impl, static)
         fn = (lambda c=c, forced=forced: _run(c.ours, forced))
@@ -156,7 +159,7 @@ def profile(sizes, device, out_prefix) -> list[dict]:
                 fn()
             sync(device)
         events = prof.key_averages()
-        syncs = {key: sum(e.count for e in events if e.key == key) / 5 for key in SYNC_EVENTS}
+        syncs = {key: (sum(e.count for e in events if e.key == key) - baseline[key]) / 5 for key in SYNC_EVENTS}
         rows.append(dict(variant=label, host_syncs_per_call=sum(syncs.values()), **syncs,
                          nccl_calls_per_call=sum(e.count for e in events if "nccl" in e.key.lower()
                                                  and e.device_type.name == "CPU") / 5,

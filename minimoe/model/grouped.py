@@ -16,11 +16,9 @@ Grouped-multiply backends (``grouped_matmul``), x (S, K) sorted by group, weight
   64 rows of tokens, so the weight bytes stream several times.
 * ``grouped_mm_t`` the same products transposed, ``(Wᵀ xᵀ)ᵀ``: the weights are the left operand and the
   tokens the ragged columns (the "swap AB" trick of small-batch GEMM kernels), so a tile spans many tokens
-  of one expert and the weights stream about once. torch picks its tile from the average columns per group:
-  64 x 128 when it is at most 128, else 128 x 256. On CUDA, when the groups average more than 64 tokens (so
-  that some exceed 128), the token columns are padded past 128 per group (``SWAP_AB_WIDE_TILE``; at most
-  double the rows) so that up to 256 tokens of an expert share one read of its weights. Padding columns
-  lie past the last group: the kernel never computes them and nothing reads them back.
+  of one expert and the weights stream about once. The CUDA kernel needs every group's columns to start at a
+  16-byte boundary of the output, so each group is padded to a multiple of ``row_alignment`` rows (at most
+  ``row_alignment - 1`` zero rows per expert, a bound known without reading the counts).
 * ``per_group``    one matmul per non-empty group; reads the ends on the host (a sync; not capturable).
 
 ``auto`` picks ``grouped_mm_t`` on CUDA when experts get at most ``SWAP_AB_MAX_ROWS_PER_GROUP`` rows on
@@ -39,7 +37,6 @@ import torch.nn.functional as F
 _warned_swap_ab: list = []
 BACKENDS = ("auto", "grouped_mm", "grouped_mm_t", "per_group")
 SWAP_AB_MAX_ROWS_PER_GROUP = 256
-SWAP_AB_WIDE_TILE = True  # pad grouped_mm_t's columns so that torch picks its 128 x 256 tile (CUDA)
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -126,31 +123,54 @@ def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     ends = torch.searchsorted(sorted_ids, torch.arange(1, num_experts + 1, device=x.device)).to(torch.int32)
     gate_w, up_w = gate_up_proj[:, :, :width], gate_up_proj[:, :, width:]  # (E, H, F) views
     chosen = choose_backend(backend, x, [gate_w, up_w, down_proj], num_rows=num_entries)
-    pad = 0
-    if chosen == "grouped_mm_t":  # aligned rows; on CUDA, from 64 rows per group on, past 128 for the wide tile
-        wide = x.is_cuda and SWAP_AB_WIDE_TILE and num_entries > 64 * num_experts
-        target = max(num_entries, 129 * num_experts if wide else 0)
-        pad = target - num_entries + (-target % row_alignment(x))
-    if pad:  # gather a few more rows so that every product of the chain keeps aligned strides
-        order = torch.cat([order, order.new_zeros(pad)])
-    rows = x.index_select(0, order.div(m, rounding_mode="floor"))  # (P', H) rows in expert order
+    slot, group_ends, size = torch.arange(num_entries, device=x.device), ends, num_entries
+    if chosen == "grouped_mm_t":  # every group starts at a 16-byte boundary of the (N, S) output: pad each group
+        align = row_alignment(x)
+        starts = ends - torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) first sorted entry of each group
+        padded = (ends - starts + align - 1) // align * align  # (E,) group sizes rounded up to the alignment
+        group_ends = padded.cumsum(0).to(torch.int32)  # (E,) on the device: no sync
+        group = sorted_ids.clamp(max=num_experts - 1)
+        within = torch.arange(num_entries, device=x.device) - starts[group]
+        slot = torch.where(sorted_ids < num_experts, group_ends[group] - padded[group] + within,
+                           group_ends[-1] + torch.arange(num_entries, device=x.device) - ends[-1])  # invalid: last
+        size = num_entries + align * num_experts  # a static bound on the padded rows
+        size += -size % align
+    # sorted entry i sits in row slot[i] of the products; other rows (padding) read a zero row of x
+    source = torch.full((size,), num_rows, dtype=torch.long, device=x.device).scatter_(0, slot, order.div(
+        m, rounding_mode="floor"))
+    rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source)  # (S', H) rows in expert order
     entry_weights = weights.to(x.dtype)
     if scales_input:
-        rows = rows * torch.cat([entry_weights.reshape(-1), entry_weights.new_zeros(pad)])[order].unsqueeze(1)
+        scale = entry_weights.new_zeros(size).scatter_(0, slot, entry_weights.reshape(-1)[order])
+        rows = rows * scale.unsqueeze(1)
     valid = None
-    if has_invalid or (pad and torch.is_grad_enabled()):
-        # rows past the last group are undefined in the products, and so would be their gradients: zero them
-        valid = (torch.arange(rows.shape[0], device=x.device) < ends[-1]).unsqueeze(1)  # (P', 1)
+    if has_invalid or size > num_entries:
+        # rows of no valid entry are undefined in the products, and so would be their gradients: zero them
+        valid = torch.zeros(size, dtype=torch.bool, device=x.device).scatter_(0, slot, sorted_ids < num_experts)
+        valid = valid.unsqueeze(1)  # (S', 1)
         rows = rows.where(valid, 0.0)
     if num_entries == 0:  # nothing to compute: an empty result that still depends on x and the weights
         out = rows
     else:
-        group_ends = ends if chosen != "per_group" else ends.tolist()  # per_group reads the ends on the host
-        gate = grouped_matmul(rows, gate_w, group_ends, chosen)  # (P', F)
-        up = grouped_matmul(rows, up_w, group_ends, chosen)  # (P', F)
-        out = grouped_matmul(F.silu(gate) * up, down_proj, group_ends, chosen)  # (P', H)
-        if has_invalid:  # invalid entries keep their weight in the sum below: their rows must be zeros
+        if chosen == "per_group":
+            group_ends = ends.tolist()  # per_group reads the ends on the host
+        gate = grouped_matmul(rows, gate_w, group_ends, chosen)  # (S', F)
+        up = grouped_matmul(rows, up_w, group_ends, chosen)  # (S', F)
+        out = grouped_matmul(F.silu(gate) * up, down_proj, group_ends, chosen)  # (S', H)
+        if valid is not None:  # invalid entries keep their weight in the sum below: their rows must be zeros
             out = out.where(valid, 0.0)
-    place = torch.empty_like(flat).scatter_(0, order[:num_entries], torch.arange(num_entries, device=x.device))
-    return F.embedding_bag(place.view(num_rows, m), out.contiguous(), mode="sum",
-                           per_sample_weights=None if scales_input else entry_weights)  # (N, H)
+    place = torch.empty_like(flat).scatter_(0, order, slot)  # entry p's row among the products
+    return bag_sum(place.view(num_rows, m), out, None if scales_input else entry_weights)  # (N, H)
+
+
+def bag_sum(index: torch.Tensor, table: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """out[i] = Σ_j weights[i, j] · table[index[i, j]] (no weights: a plain sum): index (N, m) int64, table (S, C),
+    weights (N, m) or None -> (N, C) in table's dtype. One ``embedding_bag``, a fused gather and weighted sum.
+    CUDA has no bfloat16 / float16 backward for per-sample weights, so when a gradient is needed there the sum
+    runs in float32 and is cast back."""
+    if (weights is not None and table.is_cuda and table.dtype in (torch.bfloat16, torch.float16)
+            and torch.is_grad_enabled() and (table.requires_grad or weights.requires_grad)):
+        return F.embedding_bag(index, table.float().contiguous(), mode="sum",
+                               per_sample_weights=weights.float()).to(table.dtype)
+    return F.embedding_bag(index, table.contiguous(), mode="sum",
+                           per_sample_weights=None if weights is None else weights.to(table.dtype))

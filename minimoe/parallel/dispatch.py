@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from minimoe.model.grouped import bag_sum
 from minimoe.parallel.comm import CountExchange, all_to_all, alone, anchor, group_rank_size
 from minimoe.parallel.counters import TrafficCounters
 from minimoe.parallel.sendplan import (every_rank_units, hit_per_node, hit_per_pair, hit_per_rank, plan,
@@ -103,7 +104,7 @@ def _bag_sum(bags, table: torch.Tensor, num_rows: int) -> torch.Tensor:
     position, mask = bags
     if table.shape[0] == 0:  # nothing kept or returned: zeros that still depend on the table (for backward)
         return table.new_zeros(num_rows, table.shape[1]) + table.sum(0)
-    return F.embedding_bag(position, table.contiguous(), mode="sum", per_sample_weights=mask.to(table.dtype))
+    return bag_sum(position, table, mask)
 
 
 def _back(values: torch.Tensor, leg: Leg, group, what: str) -> torch.Tensor:
