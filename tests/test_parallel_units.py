@@ -339,3 +339,17 @@ def test_torchrun_ep_demo_on_two_gloo_ranks(tmp_path):
     for row in result["rows"]:
         assert row["max_abs_error"] <= 1e-5 and row["bytes_match"], row
         assert row["dispatch_inter_bytes"] > 0 and row["dispatch_intra_bytes"] == 0  # one GPU per "node"
+
+
+def test_a_report_deployment_file_is_recognised_for_replay(tmp_path):
+    from minimoe.parallel.demo_setup import saved_deployment
+    from minimoe.placement import Deployment, Topology, place
+    from minimoe.traces import synthetic_trace
+
+    placement = place(synthetic_trace(num_requests=8, num_layers=1, seed=0), Topology(num_nodes=2, gpus_per_node=2),
+                      "contiguous")
+    Deployment(placement=placement, method="grouping+locality").save(tmp_path / "deploy.json")
+    placement.save(tmp_path / "plain.json")
+    loaded = saved_deployment(str(tmp_path / "deploy.json"))
+    assert loaded is not None and loaded.method == "grouping+locality"
+    assert saved_deployment(str(tmp_path / "plain.json")) is None and saved_deployment("locality") is None

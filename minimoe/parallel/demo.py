@@ -38,7 +38,8 @@ from minimoe.arguments import OneLineParser, number, whole_number
 from minimoe.parallel.comm import DEFAULT_TIMEOUT_S, all_reduce_sum, destroy_process_group, group_rank_size, \
     init_process_group
 from minimoe.parallel.counters import TrafficCounters
-from minimoe.parallel.demo_setup import GROUPINGS, fit_placement, nodes_line, placement_arg, topology
+from minimoe.parallel.demo_setup import (GROUPINGS, fit_placement, nodes_line, placement_arg, saved_deployment,
+                                         topology)
 from minimoe.parallel.dispatch import WIRE_FORMATS
 from minimoe.parallel.formats import choose_wire_format
 from minimoe.parallel.layer import ExpertParallelMoE, expert_parallel
@@ -246,8 +247,17 @@ def run_replay(args, world, rank, device, dtype) -> list[dict]:
     held_out = None if fit is None else ~fit  # fit on prefill, replay decode (held out)
     grouping = args.grouping or "round_robin"
     sources = None if grouping == "round_robin" else group(trace, shape, grouping, seed=args.seed, tokens=fit)
-    placement, sources, _ = fit_placement(args.placement, trace, shape, args.replicas, args.seed, fit, sources,
-                                          grouping_given=args.grouping is not None)
+    deployment = saved_deployment(args.placement)
+    if deployment is not None:  # the report's own fit: its placement, its sources, its held-out tokens
+        if args.grouping is not None:
+            raise ValueError(f"--placement {args.placement} brings the grouping it was fitted with: leave --grouping "
+                             "unset")
+        placement, sources, held_out = deployment.replay_inputs(trace)
+        fit_placement(args.placement, trace, shape, args.replicas)  # the same checks of ranks and nodes
+        grouping = deployment.method if deployment.sources is not None else "round_robin"
+    else:
+        placement, sources, _ = fit_placement(args.placement, trace, shape, args.replicas, args.seed, fit, sources,
+                                              grouping_given=args.grouping is not None)
     hidden = args.hidden or 7168
     report = _predict(trace, placement, shape, sources, hidden, dtype, held_out)
     rows = []

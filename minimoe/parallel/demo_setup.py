@@ -14,6 +14,7 @@ the random layer and the model, whose ranks hold fixed tokens.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import numpy as np
@@ -53,6 +54,22 @@ def nodes_line(gpus_per_node: int | None, world: int) -> str:
     why = "" if gpus_per_node or world == 1 else \
         " (the default, so that traffic between nodes shows; --gpus-per-node sets it)"
     return f"{shape.num_nodes} node(s) of {shape.gpus_per_node} rank(s){why}"
+
+
+def saved_deployment(path: str):
+    """The ``minimoe report`` deployment file at ``path`` (its placement, per-request sources and held-out split),
+    or None when ``path`` is a method name or a plain placement file."""
+    from minimoe.placement import Deployment
+    from minimoe.placement.deployment import FORMAT
+
+    if not path.endswith(".json"):
+        return None
+    try:
+        with open(path) as file:
+            is_deployment = json.load(file).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return None  # fit_placement reports what is wrong with the file
+    return Deployment.load(path) if is_deployment else None
 
 
 def fit_placement(method: str, trace, shape, replicas: int | None, seed: int = 0, fit_tokens=None, sources=None,
