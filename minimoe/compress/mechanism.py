@@ -37,7 +37,8 @@ import torch
 
 from minimoe.compress.masks import build_layout
 from minimoe.compress.mechanism_data import held_out_set
-from minimoe.compress.mechanism_training import greedy_answers, score_answers, teacher_forced, train_mechanism
+from minimoe.compress.mechanism_training import (EVAL_CONTEXTS, greedy_answers, score_answers, teacher_forced,
+                                                 train_mechanism)
 from minimoe.compress.objectives import decoder_target_logits
 from minimoe.compress.setup import load_prepared, prepare
 
@@ -82,8 +83,6 @@ def grid_settings(cfg, lr: float, reader_lora: bool) -> list[dict]:
 def reader_bounds(prepared, data, cfg) -> dict:
     """The reader's teacher-forced bounds on ``data``: answer EM and repeat loss / value accuracy with the full
     context (``[bos, context, prompt]``) and with none (``[bos, prompt]``), in the units of the dev curves."""
-    from minimoe.compress.mechanism_training import EVAL_CONTEXTS
-
     base, device = prepared.base, torch.device(cfg.device)
     out = {}
     for mode in ("full", "none"):

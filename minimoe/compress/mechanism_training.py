@@ -67,8 +67,8 @@ def _rows_of(rows: Rows, docs: range) -> tuple[Rows, list[int]]:
 @torch.no_grad()
 def teacher_forced(compressor: Compressor, layout: Layout, data: MechanismSet, bos_id: int, pad_id: int,
                    bf16: bool = False) -> dict:
-    """Answer EM (%), repeat loss (nats per token) and value accuracy (%) on ``data``, teacher-forced (module
-    docstring). ``compressor=None`` is not accepted; for the reader's bounds see ``mechanism.reader_bounds``."""
+    """Answer EM (%), repeat loss (nats per token) and value accuracy (%) of a compressor on ``data``,
+    teacher-forced (module docstring); the reader's own bounds in the same units: ``mechanism.reader_bounds``."""
     device = compressor.memory.device
     right = tokens = 0
     loss_sum = value_right = value_count = 0.0
