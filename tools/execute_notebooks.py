@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -82,7 +83,10 @@ def png_of(figure: dict) -> str:
     import plotly.io as pio
 
     width = figure.get("layout", {}).get("width") or PNG_WIDTH
-    return base64.b64encode(pio.to_image(figure, format="png", width=width, scale=1)).decode("ascii")
+    with warnings.catch_warnings():  # kaleido notes that a running server ignores per-call options
+        warnings.simplefilter("ignore")
+        image = pio.to_image(figure, format="png", width=width, scale=1)
+    return base64.b64encode(image).decode("ascii")
 
 
 def static_outputs(cell: dict) -> list[dict]:
