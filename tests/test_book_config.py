@@ -218,3 +218,23 @@ def test_notebook_sets_the_torch_thread_count(path):
     if re.search(r"^\s*import torch\b", code, re.M):
         assert re.search(r"^\s*torch\.set_num_threads\(", code, re.M), \
             f"{path.name} imports torch but never calls torch.set_num_threads(...)"
+
+
+MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def test_every_diagram_is_drawn_by_the_script_and_shown_by_a_chapter():
+    shown = set()
+    for path in NOTEBOOKS:
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "markdown":
+                for target in MARKDOWN_IMAGE.findall(source(cell)):
+                    assert not target.startswith(("http://", "https://", "/")), f"{path.name}: {target} is not local"
+                    assert (BOOK / target).is_file(), f"{path.name} shows {target}, which does not exist"
+                    shown.add((BOOK / target).resolve())
+    figures = BOOK / "figures"
+    stored = {p.resolve() for p in figures.glob("*") if p.is_file()}
+    assert stored <= shown, f"diagrams no chapter shows: {sorted(p.name for p in stored - shown)}"
+    drawn = set(re.findall(r'save\(figure, "(\w+)"\)', (BOOK.parent / "tools" / "draw_figures.py").read_text()))
+    assert {p.stem for p in stored} == drawn, "book/figures/ and tools/draw_figures.py disagree"
+    assert all(p.suffix == ".png" and p.stat().st_size < 150_000 for p in stored)  # the repository's web view shows PNG
