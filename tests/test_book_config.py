@@ -185,11 +185,12 @@ def test_notebook_is_stored_with_the_outputs_of_one_clean_run(path):
             assert output.get("name") != "stderr", f"{where} stored text on stderr: {output_text(output)[:200]!r}"
             data = output.get("data", {})
             assert "application/vnd.jupyter.widget-view+json" not in data, f"{where} stored a widget view"
-            if PLOTLY_MIME in data:
+            if PLOTLY_MIME in data or "image/png" in data:
                 assert "image/png" in data, f"{where}: a figure without a static image (the repository's web " \
                                             "view and other static viewers draw only the image)"
                 assert "text/html" not in data, f"{where}: the site's figure HTML is stored (it draws nothing " \
                                                 "without the site's plotly.js, and viewers prefer it to the image)"
+                assert len(json.dumps(data.get(PLOTLY_MIME, ""))) <= 100_000, f"{where}: a figure's JSON is large"
             for what, pattern in REFUSED_TEXT.items():
                 match = pattern.search(output_text(output))
                 assert not match, f"{where} shows {what} to the reader: {match.group(0)!r}"

@@ -64,6 +64,10 @@ def test_figures_become_static_and_widgets_leave_nothing(monkeypatch):
     kept = execute.static_outputs(cell)
     assert kept[0] == stream("hi\n") and len(kept) == 2
     assert kept[1]["data"] == {execute.PLOTLY_MIME: {"data": [], "layout": {"title": "t"}}, "image/png": "PNG of t"}
+    big = {"output_type": "display_data", "metadata": {},
+           "data": {execute.PLOTLY_MIME: {"data": [{"x": list(range(30_000))}], "layout": {"title": "big"}}}}
+    assert execute.static_outputs({"cell_type": "code", "metadata": {}, "outputs": [big]})[0]["data"] == \
+        {"image/png": "PNG of big"}  # too large to store as JSON: the image only
     tagged = {"cell_type": "code", "metadata": {"tags": ["remove-output"]}, "outputs": [widget]}
     assert execute.static_outputs(tagged) == []
 

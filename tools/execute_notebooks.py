@@ -7,10 +7,11 @@ notebook viewer) sees every printed result and every figure. For each notebook, 
 
 1. execute it in a fresh ``python3`` kernel whose working directory is the notebook's folder, with one thread
    per library (``OMP_NUM_THREADS=1``) and ``PYTHONHASHSEED=0``, as the test suite runs it;
-2. make every figure static: a plotly figure keeps its JSON (what JupyterLab draws, interactive, when the
-   notebook is opened) and gains a PNG rendered by kaleido (what a static viewer such as the repository's web
-   view shows); the HTML ``<div>`` meant for the built site is dropped, since it only draws on a page that
-   loads plotly.js. Live ipywidgets panels (cells tagged ``remove-output``) keep no output;
+2. make every figure static: a plotly figure gains a PNG rendered by kaleido (what a static viewer such as the
+   repository's web view shows) and keeps its JSON (what JupyterLab draws, interactive, when the notebook is
+   opened) unless that is over ``MAX_FIGURE_JSON`` characters; the HTML ``<div>`` meant for the built site is
+   dropped, since it only draws on a page that loads plotly.js. Live ipywidgets panels (cells tagged
+   ``remove-output``) keep no output;
 3. refuse outputs a reader should never see: errors, anything written to stderr (warnings), temporary paths,
    object reprs (``<... object at 0x...>``);
 4. write it in nbformat's layout with the timing metadata and saved widget state removed
@@ -41,6 +42,8 @@ from strip_notebook import clean, dumps  # noqa: E402  (the same cleaning as too
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 PNG_WIDTH = 760  # pixels, for figures whose layout leaves the width to the page; a chapter's text column
+MAX_FIGURE_JSON = 100_000  # characters: a figure's data (e.g. a histogram of every raw value) beyond this is
+# stored as its PNG only; re-running the cell brings the interactive figure back
 REFUSED_TEXT = {  # what an output must not show a reader, and why
     "a temporary path": re.compile(r"(?<![\w.])/(?:tmp|var/folders|private/var)/"),
     "an object repr": re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>"),
@@ -100,7 +103,10 @@ def static_outputs(cell: dict) -> list[dict]:
             continue
         if PLOTLY_MIME in data:
             data.pop("text/html", None)
-            data["image/png"] = png_of(data[PLOTLY_MIME])
+            if "image/png" not in data:
+                data["image/png"] = png_of(data[PLOTLY_MIME])
+            if len(json.dumps(data[PLOTLY_MIME])) > MAX_FIGURE_JSON:
+                del data[PLOTLY_MIME]
         kept.append(output)
     return kept
 
