@@ -31,8 +31,8 @@ RENDERER_ASSIGNMENT = re.compile(r"""^\s*(?:plotly\.io|pio)\.renderers\.default\
 MAX_NOTEBOOK_BYTES = 2_000_000  # a chapter of prose, code and the outputs of a run, figures as JSON + PNG
 MAX_OUTPUT_BYTES = 10_000_000  # the stored outputs of all chapters together
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
-# Chapters being rewritten: stored stripped until their next full run (`python tools/execute_notebooks.py FILE`),
-# after which the outputs test below passes for them and this set must lose them (a strict xfail says so).
+# Chapters still stored stripped (no full run's outputs): the outputs test below is expected to fail for them until
+# `python tools/execute_notebooks.py FILE` stores them; then it passes and this set must lose them (strict xfail).
 AWAITING_A_RUN = {"05_expert_parallelism.ipynb", "08_soft_prompt_compression.ipynb"}
 REFUSED_TEXT = {"a temporary path": re.compile(r"(?<![\w.])/(?:tmp|var/folders|private/var)/"),
                 "an object repr": re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>"),
