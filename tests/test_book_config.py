@@ -31,9 +31,6 @@ RENDERER_ASSIGNMENT = re.compile(r"""^\s*(?:plotly\.io|pio)\.renderers\.default\
 MAX_NOTEBOOK_BYTES = 2_000_000  # a chapter of prose, code and the outputs of a run, figures as JSON + PNG
 MAX_OUTPUT_BYTES = 10_000_000  # the stored outputs of all chapters together
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
-# Chapters still stored stripped (no full run's outputs): the outputs test below is expected to fail for them until
-# `python tools/execute_notebooks.py FILE` stores them; then it passes and this set must lose them (strict xfail).
-AWAITING_A_RUN = {"05_expert_parallelism.ipynb", "08_soft_prompt_compression.ipynb"}
 REFUSED_TEXT = {"a temporary path": re.compile(r"(?<![\w.])/(?:tmp|var/folders|private/var)/"),
                 "an object repr": re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>"),
                 "a warning": re.compile(r"\b\w*Warning\b:")}
@@ -167,9 +164,7 @@ def test_checked_cells_keep_the_output_nbval_compares(path):
                 assert output["output_type"] != "error", f"{path.name} code cell {index} stored an error"
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(
-    p.name in AWAITING_A_RUN, strict=True, reason="stored stripped until its next full run")) for p in NOTEBOOKS],
-    ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_stored_with_the_outputs_of_one_clean_run(path):
     cells = code_cells(path)
     counts = [cell["execution_count"] for cell in cells]
