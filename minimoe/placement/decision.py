@@ -106,13 +106,19 @@ def format_decision(decisions: list[dict], folder: str | None = None, eval_token
                                                          (d.get("placement_only") or {}).get("method")) if m)
     if any(m in GROUPING for m in used):
         lines.append(f"Request steering (grouping methods): {STEERING}.")
-    files = [f for d in decisions for f in d.get("files", [])]
-    if files:
-        where = f"{folder}/" if folder else ""
-        lines.append(f"Saved: {', '.join(where + f for f in files)}. To deploy one, write it in your engine's file:")
-        lines.append(f"  minimoe export {where}{files[0]} --format sglang|trtllm|vllm|eplb --out FILE "
-                     "--config MODEL/config.json   (or --moe-layers with the model's MoE layer indices)")
+    lines += saved_lines(decisions, folder, "To deploy one, write it in your engine's file:")
     return "\n".join(lines)
+
+
+def saved_lines(decisions: list[dict], folder: str | None, lead: str) -> list[str]:
+    """The files the decisions saved and the ``minimoe export`` line that turns one into an engine's file."""
+    files = [f for d in decisions for f in d.get("files", [])]
+    if not files:
+        return []
+    where = f"{folder}/" if folder else ""
+    return [f"Saved: {', '.join(where + f for f in files)}. {lead}",
+            f"  minimoe export {where}{files[0]} --format sglang|trtllm|vllm|eplb --out FILE "
+            "--config MODEL/config.json   (or --moe-layers with the model's MoE layer indices)"]
 
 
 def decide(rows: list[dict], topologies: list[Topology]) -> list[dict]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minimoe.placement.decision import DEFINITIONS, LOAD_TOLERANCE
+from minimoe.placement.decision import DEFINITIONS, LOAD_TOLERANCE, saved_lines
 from minimoe.placement.eplb import eplb_numpy
 from minimoe.placement.hypergraph import Hypergraph
 from minimoe.placement.locality import node_partition, slot_need
@@ -214,10 +214,5 @@ def format_load_report(result: dict, folder: str | None = None) -> str:
         f", or with co-activation the most pairs on one node within {LOAD_TOLERANCE:.2f}x EPLB's load" if
         info["coactivation"] else "") + "):"]
     lines += ["  " + d["headline"] for d in result["decision"]]
-    files = [f for d in result["decision"] for f in d.get("files", [])]
-    if files:
-        where = f"{folder}/" if folder else ""
-        lines.append(f"Saved: {', '.join(where + f for f in files)}. To deploy one:")
-        lines.append(f"  minimoe export {where}{files[0]} --format sglang|trtllm|vllm|eplb --out FILE "
-                     "--config MODEL/config.json   (or --moe-layers with the model's MoE layer indices)")
+    lines += saved_lines(result["decision"], folder, "To deploy one:")
     return "\n".join(lines)
