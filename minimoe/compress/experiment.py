@@ -268,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                         help="sizes: gpu-smollm2-mech (the mechanism design: SmolLM2-135M as the reader, a pilot "
                              "that picks the learning rate, then PIC vs global at 4x/16x/64x with 3 seeds and two "
-                             "controls, every step QA + addressed repeats on fresh contexts; about 20 minutes on one "
-                             "H100), cpu-mech (its smoke run: seconds, numbers that mean nothing), and the earlier "
+                             "controls, every step QA + addressed repeats on fresh contexts; its reader and pilot take "
+                             "about 9 minutes on one H100, its grid well over half an hour), cpu-mech (its smoke run: seconds, numbers that mean nothing), and the earlier "
                              "protocol's gpu (a small reader trained here), gpu-smollm2 (autoencoding, then QA) and "
                              "cpu (its smoke run) (default: %(default)s)")
     parser.add_argument("--base", choices=BASES, help="override the reader: own (trained here) or smollm2 "
