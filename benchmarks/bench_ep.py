@@ -6,14 +6,20 @@
 1. correctness: a random MoE layer (fp32; capacity off and on; shared expert) expert-parallel against the
    single-process layer, outputs and gradients, every wire format; the bundled model's logits.
 2. sweep: uniform top-8 routing over 256 experts, hidden 7168, bf16, contiguous placement; tokens per rank
-   chosen so that each rank dispatches 1 MiB ... 1 GiB of rows. dispatch + combine (no expert compute: the
-   combine input is a fresh buffer of the received shape) against two raw ``all_to_all_single`` calls with
-   the same split sizes, buffers ready (per leg for the hierarchical format).
-3. the decode shape (128 tokens per rank) and DeepEP's shape (4096 tokens per rank), per wire format.
+   chosen so that each rank dispatches 1 MiB ... 1 GiB of rows. Every variant is timed eager and, where its
+   shapes are fixed, captured in a CUDA graph; the baseline is the raw collectives moving the same rows
+   with ready buffers, also eager and captured: one ``all_to_all_single`` per leg and its reverse (two calls;
+   the hierarchical format's own four), all-gather + reduce-scatter for replicate. "before" rows are the
+   frozen code of before the sync-free rewrite (``ep_before.py``), at 1, 64 and 1024 MiB.
+3. the decode shape (128 tokens per rank) and DeepEP's shape (4096 tokens per rank), every variant, before
+   and after.
 4. trace replay of the bundled model's trace (benchmarks/results/ep_bundled_trace.npz) per placement method:
    measured bytes (== minimoe.placement.measure) and time, hidden 7168 bf16.
+5. profiles: torch.profiler tables of 5 calls per variant, and the host syncs per call.
 Times: median over iterations of the slowest rank, each iteration between a barrier and a device sync.
 "Nodes": ``--gpus-per-node`` (default: half the ranks when there are 4 or more, else 1 per node).
+Column legend: see ``ep_cases.py`` (MiB/rank counts every dispatched row, rows kept local included; GB/s
+counts only bytes sent to other ranks, dispatch + combine).
 """
 from __future__ import annotations
 
@@ -21,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,124 +36,51 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minimoe.parallel import (WIRE_FORMATS, RouteTable, combine, destroy_process_group, dispatch,  # noqa: E402
-                              init_process_group)
-from minimoe.parallel import demo  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ep_cases import HIDDEN, Case, contiguous, sync, time_eager, time_graph  # noqa: E402
+
+from minimoe.parallel import WIRE_FORMATS, destroy_process_group, init_process_group  # noqa: E402
+from minimoe.parallel import demo, demo_setup  # noqa: E402
 from minimoe.placement import Placement  # noqa: E402
 
-HIDDEN, EXPERTS, TOP_K = 7168, 256, 8
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+# (format, code, static): what runs; the variants with fixed shapes are also captured in a CUDA graph
+AFTER = [("token_expert", "after", False), ("token_rank", "after", False), ("hierarchical", "after", False),
+         ("replicate", "after", False), ("token_rank", "after", True)]
+BEFORE = [("token_expert", "before", False), ("token_rank", "before", False), ("hierarchical", "before", False),
+          ("token_rank", "before", True)]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def variant_name(fmt, static) -> str:
+    return fmt + (" static" if static else "")
 
 
-def timed(fn, device, iters: int, warmup: int = 3) -> float:
-    """Median seconds of fn() over iters (slowest rank)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    value = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return float(value)
+def capturable(fmt, code, static) -> bool:
+    return fmt == "replicate" or static
 
 
-def uniform_routing(tokens: int, rank: int, device, seed: int = 0):
-    """(T, 8) distinct experts uniform over 256 and their softmax-like weights, per rank."""
-    generator = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
-    scores = torch.rand(tokens, EXPERTS, generator=generator, device=device)
-    weights, experts = scores.topk(TOP_K, dim=1)
-    return experts, (weights / weights.sum(1, keepdim=True)).float()
-
-
-class Shape:
-    """One shape: our dispatch + combine, and raw all-to-alls with the same splits."""
-
-    def __init__(self, tokens, fmt, placement, rank, world, device, dtype=torch.bfloat16, static=False):
-        self.table = RouteTable(placement, 0, device)
-        experts, self.weights = uniform_routing(tokens, rank, device)
-        self.slots = self.table.route(experts, rank, torch.arange(tokens, device=device))
-        self.x = torch.randn(tokens, HIDDEN, device=device, dtype=dtype)
-        self.fmt, self.rank, self.world, self.device, self.static = fmt, rank, world, device, static
-        sent = self.dispatch_only()
-        self.legs = [(leg.send_splits, leg.recv_splits) for leg in sent.handle.legs]
-        self.recv_rows = sent.rows.shape[0]
-        self.raw = [(torch.empty(sum(s), HIDDEN, device=device, dtype=dtype),
-                     torch.empty(sum(r), HIDDEN, device=device, dtype=dtype)) for s, r in self.legs]
-        row = HIDDEN * self.x.element_size()
-        self.sent_bytes = sum(sum(s) for s, _ in self.legs) * row  # dispatch rows per rank, self included
-        self.remote_bytes = 2 * sum(sum(c for d, c in enumerate(s) if d != rank) for s, _ in self.legs) * row
-
-    def ours(self):
-        sent = self.dispatch_only()
-        return combine(torch.empty(sent.rows.shape, device=self.device, dtype=self.x.dtype), sent.handle)
-
-    def dispatch_only(self):
-        return dispatch(self.x, self.slots, self.weights, self.table, self.fmt, requires_grad=False,
-                        static=self.static)
-
-    def raw_pair(self):
-        for (send, recv), (out_buf, in_buf) in zip(self.legs, self.raw):
-            dist.all_to_all_single(in_buf, out_buf, recv, send)
-        for (send, recv), (out_buf, in_buf) in zip(reversed(self.legs), reversed(self.raw)):
-            dist.all_to_all_single(out_buf, in_buf, send, recv)
-
-
-def graphed(fn, device):
-    """fn captured in a CUDA graph (after warm-up on a side stream); returns the replay function."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-VARIANTS = [(fmt, False, False) for fmt in WIRE_FORMATS] + [("token_rank", True, False), ("token_rank", True, True)]
-
-
-def variant_name(fmt, static, graph) -> str:
-    return fmt + (" static" if static else "") + (" CUDA graph" if graph else "")
-
-
-def measure_variant(tokens, fmt, static, graph, placement, rank, world, device, iters) -> dict | None:
-    """Our dispatch + combine (and dispatch alone) against raw all-to-alls with the same splits."""
-    case = Shape(tokens, fmt, placement, rank, world, device, static=static)
-    ours, only = case.ours, case.dispatch_only
-    if graph:
-        if device.type != "cuda":
-            return None
-        try:
-            ours, only = graphed(case.ours, device), graphed(case.dispatch_only, device)
-        except Exception as error:  # record why capture failed instead of stopping the run
-            return dict(format=variant_name(fmt, static, graph), tokens_per_rank=tokens, error=repr(error)[:300])
-    both, dispatch_time = timed(ours, device, iters), timed(only, device, iters)
-    raw = timed(case.raw_pair, device, iters)
-    return dict(format=variant_name(fmt, static, graph), tokens_per_rank=tokens,
-                dispatch_MiB_per_rank=case.sent_bytes / 2**20, dispatch_us=dispatch_time * 1e6,
-                combine_us=(both - dispatch_time) * 1e6, ours_us=both * 1e6, raw_us=raw * 1e6,
-                fraction_of_raw=raw / both, ours_GBps=case.remote_bytes / both / 1e9,
-                raw_GBps=case.remote_bytes / raw / 1e9)
-
-
-def contiguous(world, gpus_per_node):
-    return Placement(np.arange(EXPERTS)[None], EXPERTS, world // gpus_per_node, gpus_per_node, "contiguous")
+def measure_variant(tokens, fmt, code, static, placement, rank, world, device, iters, graph=True) -> dict:
+    """Ours (dispatch alone and dispatch + combine) against the raw collectives with the same sizes."""
+    case = Case(tokens, fmt, placement, rank, world, device, code, static)
+    ours, only, raw = (time_eager(f, device, iters) for f in (case.ours, case.dispatch_only, case.raw))
+    row = dict(format=variant_name(fmt, static), code=code, tokens_per_rank=tokens,
+               dispatch_MiB_per_rank=case.sent_bytes / 2**20, dispatch_us=only["total_us"],
+               combine_us=ours["total_us"] - only["total_us"], ours_us=ours["total_us"], host_us=ours["host_us"],
+               raw_us=raw["total_us"], fraction_of_raw=raw["total_us"] / ours["total_us"],
+               ours_GBps=case.remote_bytes / ours["total_us"] / 1e3, raw_GBps=case.remote_bytes / raw["total_us"] / 1e3)
+    if graph and device.type == "cuda":
+        row["raw_graph_us"] = time_graph(case.raw, device, iters).get("total_us", float("nan"))
+        if capturable(fmt, code, static):
+            captured = time_graph(case.ours, device, iters)
+            row["ours_graph_us"] = captured.get("total_us", float("nan"))
+            row["graph_fraction_of_raw"] = row["raw_graph_us"] / row["ours_graph_us"]
+            if "error" in captured:
+                row["graph_error"] = captured["error"]
+    return row
 
 
 def rows_per_token(fmt, placement, rank, world, device) -> float:
-    probe = Shape(2048, fmt, placement, rank, world, device)
+    probe = Case(2048, fmt, placement, rank, world, device)
     return probe.sent_bytes / (2048 * HIDDEN * 2)
 
 
@@ -157,44 +89,42 @@ def sweep(args, placement, rank, world, device) -> list[dict]:
     if args.quick:
         sizes = sizes[:5:2]
     rows = []
-    for fmt, static, graph in VARIANTS:
-        per_token = rows_per_token(fmt if not static else "token_rank", placement, rank, world, device) \
-            if not static else world
+    for fmt, code, static in AFTER + BEFORE:
+        per_token = world if static else rows_per_token(fmt, placement, rank, world, device)
         for size in sizes:
-            if graph and size > 64 << 20:
+            if code == "before" and size not in (sizes[0], 64 << 20, 1 << 30):
                 continue
             tokens = max(1, round(size / (per_token * HIDDEN * 2)))
-            row = measure_variant(tokens, fmt, static, graph, placement, rank, world, device,
-                                  5 if size >= 256 << 20 else 20)
-            if row is not None:
-                rows.append(row)
-                if rank == 0:
-                    print(json.dumps(rows[-1]), flush=True)
+            iters = 3 if args.quick else 5 if size >= 256 << 20 else 20
+            row = measure_variant(tokens, fmt, code, static, placement, rank, world, device, iters,
+                                  graph=size <= 256 << 20)
+            rows.append(row)
+            if rank == 0:
+                print(json.dumps(row), flush=True)
     return rows
 
 
 def shapes(args, placement, rank, world, device) -> list[dict]:
     rows = []
-    for tokens in (128, 4096):
-        for fmt, static, graph in VARIANTS:
-            row = measure_variant(tokens, fmt, static, graph, placement, rank, world, device,
-                                  50 if tokens == 128 else 20)
-            if row is not None:
-                rows.append(row)
-                if rank == 0:
-                    print(json.dumps(rows[-1]), flush=True)
+    for tokens in ((16, 64) if args.quick else (128, 4096)):
+        for fmt, code, static in AFTER + BEFORE:
+            iters = 3 if args.quick else 50 if tokens == 128 else 20
+            row = measure_variant(tokens, fmt, code, static, placement, rank, world, device, iters)
+            rows.append(row)
+            if rank == 0:
+                print(json.dumps(row), flush=True)
     return rows
 
 
 def profiles(args, placement, rank, world, device) -> dict:
-    """torch.profiler tables of 5 dispatch + combine calls per wire format (rank 0's view)."""
+    """torch.profiler tables of 5 dispatch + combine calls per variant (rank 0's view) and host syncs per call."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    tables = {}
-    for tokens in (128, 4096):
-        for fmt, static, _ in VARIANTS[:4]:
-            case = Shape(tokens, fmt, placement, rank, world, device, static=static)
+    tables, syncs = {}, []
+    for tokens in ((16,) if args.quick else (128, 4096)):
+        for fmt, code, static in AFTER + BEFORE:
+            case = Case(tokens, fmt, placement, rank, world, device, code, static)
             for _ in range(3):
                 case.ours()
             sync(device)
@@ -203,12 +133,15 @@ def profiles(args, placement, rank, world, device) -> dict:
                 for _ in range(5):
                     case.ours()
                 sync(device)
+            name = f"{variant_name(fmt, static)} ({code}), {tokens} tokens"
             key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            tables[f"{variant_name(fmt, static, False)}, {tokens} tokens"] = prof.key_averages().table(
-                sort_by=key, row_limit=14, max_name_column_width=60)
+            averages = prof.key_averages()
+            tables[name] = averages.table(sort_by=key, row_limit=14, max_name_column_width=60)
+            syncs.append(dict(variant=name, host_syncs_per_call=sum(e.count for e in averages
+                                                                    if e.key in SYNC_EVENTS) / 5))
     if rank == 0:
         Path(args.out + "_profiles.txt").write_text("\n\n".join(f"== {k}\n{v}" for k, v in tables.items()))
-    return {"written": args.out + "_profiles.txt"}
+    return {"written": args.out + "_profiles.txt", "host_syncs": syncs}
 
 
 def correctness(args, rank, world, device, gpus_per_node) -> list[dict]:
@@ -271,15 +204,16 @@ def gradients(rank, world, device, gpus_per_node) -> list[dict]:
 def trace_replay(args, rank, world, device, gpus_per_node) -> list[dict]:
     path = Path(__file__).resolve().parent / "results" / "ep_bundled_trace.npz"
     rows = []
-    for method in ("contiguous", "round_robin", "eplb", "locality"):
-        for grouping in ("round_robin", "signature"):
-            parsed = demo.build_parser().parse_args(
-                ["--trace", str(path), "--placement", method, "--grouping", grouping, "--gpus-per-node",
-                 str(gpus_per_node), "--dtype", "bfloat16"])
-            for row in demo.run_replay(parsed, world, rank, device, torch.bfloat16):
-                rows.append(row)
-                if rank == 0:
-                    print(json.dumps({k: v for k, v in row.items() if k != "pairs_per_rank"}), flush=True)
+    setups = [(method, grouping) for method in ("contiguous", "round_robin", "eplb", "locality")
+              for grouping in ("round_robin", "signature")] + [("grouping+locality", None)]
+    for method, grouping in setups:
+        parsed = demo.build_parser().parse_args(
+            ["--trace", str(path), "--placement", method, "--gpus-per-node", str(gpus_per_node), "--dtype",
+             "bfloat16"] + (["--grouping", grouping] if grouping else []))
+        for row in demo.run_replay(parsed, world, rank, device, torch.bfloat16):
+            rows.append(row)
+            if rank == 0:
+                print(json.dumps({k: v for k, v in row.items() if k != "pairs_per_rank"}), flush=True)
     return rows
 
 
@@ -294,7 +228,7 @@ def main() -> int:
     args = parser.parse_args()
     device = init_process_group(timeout_s=300)
     rank, world = dist.get_rank(), dist.get_world_size()
-    gpus_per_node = args.gpus_per_node or (world // 2 if world >= 4 else 1)
+    gpus_per_node = args.gpus_per_node or demo_setup.default_gpus_per_node(world)
     placement = contiguous(world, gpus_per_node)
     results = dict(command="torchrun --nproc_per_node=%d %s" % (world, " ".join(sys.argv)), world_size=world,
                    gpus_per_node=gpus_per_node, torch=torch.__version__, python=platform.python_version(),

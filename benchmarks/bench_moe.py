@@ -10,6 +10,13 @@ experts; what a block built from a config runs) and "grouped_mm" (what a model l
 
     PYTHONPATH=. python benchmarks/bench_moe.py --device cpu                 # small fp32 shapes
     PYTHONPATH=. python benchmarks/bench_moe.py --device cuda --ablations    # Mixtral-8x7B shapes, bf16
+    PYTHONPATH=. python benchmarks/bench_moe.py --device cuda --before-after --out $OUT/moe_before_after
+
+``--before-after``: the layer as it is ("after") and as it was before the capturable small-batch rewrite
+("before", ``benchmarks/moe_before.py``: per-expert matmuls after a host read of the offsets at few rows per
+expert), each eager and captured in a CUDA graph, next to transformers' grouped_mm implementation (eager and
+captured), in the same run on the same weights; with the weight-streaming floor (the routed experts' bytes
+at the measured device copy rate) and the host syncs counted in a profile of one call.
 
 Timing: warm-up calls first, then the median of ``--reps`` calls, each bracketed by CUDA events
 (CPU: perf_counter), the variants taking turns call by call; inputs rotate among three
@@ -92,7 +99,19 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one call of ours")
     p.add_argument("--check", action="store_true", help="first check the fast path on this device (values, grads)")
     p.add_argument("--out", default=None, help="write PREFIX.json and PREFIX.md")
+    p.add_argument("--before-after", action="store_true",
+                   help="only the before/after table: eager and CUDA-graph captured, vs transformers' grouped_mm")
     args = p.parse_args(argv)
+    if args.before_after:
+        rows, meta = before_after(args.device, args.tokens, args.reps, args.hidden, args.ffn, args.experts, args.top_k)
+        table = format_before_after(rows, meta)
+        print(table)
+        if args.out:
+            with open(args.out + ".json", "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            with open(args.out + ".md", "w") as f:
+                f.write(table + "\n")
+        return 0
     if args.check:
         print("\n".join(device_checks(args.device)), flush=True)
     cuda = args.device == "cuda"
@@ -171,6 +190,128 @@ def main(argv=None) -> int:
         with open(args.out + ".md", "w") as f:
             f.write(table + "\n")
     return 0
+
+
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def count_host_syncs(fn, calls: int = 3) -> float:
+    """Host syncs per call of fn in a torch.profiler trace: CUDA runtime calls that block the host
+    (cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize, synchronous cudaMemcpy)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+    found = sum(e.count for e in prof.key_averages() if e.key in SYNC_EVENTS)
+    torch.cuda.synchronize()
+    return found / calls
+
+
+def copy_tbps(device: str, gib: float = 1.0) -> float:
+    """Device copy rate, bytes read + written per second (TB/s), median of 10 copies."""
+    a = torch.empty(int(gib * 2**30) // 2, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    ms = median_ms(lambda _: b.copy_(a), [a], 10, 3, device)
+    return 2 * a.numel() * 2 / ms / 1e9
+
+
+def before_after(device: str, tokens_list=None, reps=None, hidden=None, ffn=None, experts=8, top_k=2):
+    """The layer after / before the rewrite and transformers' grouped_mm, eager and captured (see --before-after).
+    Returns (rows, meta)."""
+    import sys as _sys
+    from pathlib import Path
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from moe_before import BeforeMoELayer
+
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    tokens_list = tokens_list or ([512, 4096, 16384] if cuda else [32, 64])
+    hidden, ffn = hidden or (4096 if cuda else 64), ffn or (14336 if cuda else 128)
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_local_experts=experts,
+                           num_experts_per_tok=top_k)
+    with torch.device(device):
+        block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.02)
+    block = block.to(dtype).eval()
+    after = moe_from_hf_block(block, "mixtral").eval()
+    before = BeforeMoELayer.of(after)
+    weight_bytes = (after.gate_up_proj.numel() + after.down_proj.numel()) * after.gate_up_proj.element_size()
+    bandwidth = copy_tbps(device) if cuda else float("nan")
+    variants = {"after": lambda x: after(x), "before": lambda x: before(x),
+                "hf grouped_mm": lambda x: _hf_call(block, config, "grouped_mm", x)}
+    if cuda:  # the after layer with one choice pinned: which backend "auto" should pick, measured
+        def pinned(backend):
+            def run(x):
+                after.grouped_backend = backend
+                try:
+                    return after(x)
+                finally:
+                    after.grouped_backend = "auto"
+            return run
+
+        variants.update({"after, grouped_mm": pinned("grouped_mm"), "after, grouped_mm_t": pinned("grouped_mm_t"),
+                         "after, per-expert mm (syncs)": pinned("per_group")})
+    rows = []
+    with torch.inference_mode():
+        for num_tokens in tokens_list:
+            reps_here = reps or (30 if num_tokens <= 4096 else 10)
+            gen = torch.Generator(device=device).manual_seed(num_tokens)
+            inputs = [torch.randn(1, num_tokens, hidden, device=device, dtype=dtype, generator=gen) for _ in range(3)]
+            want = variants["hf grouped_mm"](inputs[0]).float()
+            row = {"tokens": num_tokens}
+            for name, fn in variants.items():
+                row[f"rel err {name} vs hf grouped_mm"] = ((fn(inputs[0]).float() - want).norm() / want.norm()).item()
+            for name, ms in interleaved_median_ms(variants, inputs, reps_here, 3, device).items():
+                row[f"eager ms {name}"] = ms
+            if cuda:
+                for name, fn in variants.items():
+                    row[f"graph ms {name}"] = graph_replay_ms(fn, inputs[0], reps_here)
+                row["host enqueue ms after"] = launch_ms(lambda: after(inputs[0]), reps_here)
+                row["host syncs per call after"] = count_host_syncs(lambda: after(inputs[0]))
+                row["host syncs per call before"] = count_host_syncs(lambda: before(inputs[0]))
+            row["floor ms"] = weight_bytes / (bandwidth * 1e12) * 1e3 if cuda else float("nan")
+            rows.append(row)
+    meta = dict(device=torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+                torch=torch.__version__, transformers=transformers.__version__, dtype=str(dtype), hidden=hidden,
+                ffn=ffn, experts=experts, top_k=top_k, weight_bytes=weight_bytes, copy_TBps=bandwidth,
+                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    return rows, meta
+
+
+def format_before_after(rows, meta) -> str:
+    lines = [f"MoE layer before/after, {meta['device']}, {meta['dtype']}, torch {meta['torch']}, transformers "
+             f"{meta['transformers']}; H={meta['hidden']} F={meta['ffn']} E={meta['experts']} k={meta['top_k']}; "
+             f"routed weights {meta['weight_bytes'] / 1e9:.2f} GB, device copy {meta['copy_TBps']:.2f} TB/s "
+             f"(read + write); floor = weights / copy rate",
+             "", "| tokens | eager after | eager before | eager hf grouped_mm | hf / after (eager) | graph after "
+             "| graph before | graph hf grouped_mm | floor | after % of floor (graph) | host syncs after / before |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        graph = [r.get(f"graph ms {n}", float("nan")) for n in ("after", "before", "hf grouped_mm")]
+        lines.append(f"| {r['tokens']} | {r['eager ms after']:.3f} | {r['eager ms before']:.3f} | "
+                     f"{r['eager ms hf grouped_mm']:.3f} | {r['eager ms hf grouped_mm'] / r['eager ms after']:.2f}x | "
+                     + " | ".join(f"{g:.3f}" for g in graph)
+                     + f" | {r['floor ms']:.3f} | {100 * r['floor ms'] / graph[0]:.0f}% | "
+                     f"{r.get('host syncs per call after', float('nan')):g} / "
+                     f"{r.get('host syncs per call before', float('nan')):g} |")
+    lines.append("\n(ms, median; nan = capture failed; 'before' reads the offsets on the host at few rows per expert)")
+    pinned = [k[len("eager ms "):] for k in rows[0] if k.startswith("eager ms after, ")]
+    if pinned:
+        lines += ["", "The after layer with its grouped-product backend pinned (auto picks grouped_mm_t on CUDA at <= 256 "
+                  "rows per expert, grouped_mm above):", "",
+                  "| tokens | " + " | ".join(f"{p} eager / graph" for p in pinned) + " |", "|---:|" + "---:|" * len(pinned)]
+        for r in rows:
+            lines.append(f"| {r['tokens']} | " + " | ".join(f"{r[f'eager ms {p}']:.3f} / "
+                                                           f"{r.get(f'graph ms {p}', float('nan')):.3f}"
+                                                           for p in pinned) + " |")
+    return "\n".join(lines)
 
 
 def launch_ms(fn, reps: int) -> float:

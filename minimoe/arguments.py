@@ -45,6 +45,23 @@ def number(minimum: float, strict: bool = False):
     return parse
 
 
+def thread_count(cores: int | None = None):
+    """An ``int`` in [1, cores] (default: this machine's CPU count): more torch threads than cores only slows."""
+    import os
+
+    limit = cores or os.cpu_count() or 1
+
+    def parse(text: str) -> int:
+        value = whole_number(1)(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"expected at most {limit} threads (the CPU cores of this machine), "
+                                             f"got {value}")
+        return value
+
+    parse.__name__ = f"integer in [1, {limit}]"
+    return parse
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr, exit code 2: ``PROG: error: MESSAGE (see 'PROG --help')``."""
 

@@ -5,6 +5,8 @@
     minimoe trace      record an expert-activation trace (prefill + decode) of a minimoe or transformers model
     minimoe train      train a small multi-domain MoE language model offline (presets: tiny, shipped)
     minimoe demo       build a tiny Llama 3, train it for a few seconds, prove it equals transformers, generate
+    minimoe import     a serving engine's routing capture or expert-load dump -> a trace file (minimoe.traces.convert)
+    minimoe export     a placement -> SGLang's, TensorRT-LLM's, vLLM's or EPLB's own file (minimoe.placement.export)
 
 Errors a user can act on (a bad flag value, an unreadable or malformed file) print one line naming the flag or
 file, the bad value and what was expected, and exit with status 2; ``minimoe --debug ...`` shows the traceback.
@@ -21,7 +23,7 @@ import re
 import sys
 from pathlib import Path
 
-from minimoe.arguments import OneLineParser, number, whole_number
+from minimoe.arguments import OneLineParser, number, thread_count, whole_number
 
 DEFAULT_TOPOLOGIES = "2x2,4x2,2x4,4x4"
 
@@ -106,8 +108,22 @@ def check_input_file(flag: str, path: str | None) -> None:
 
 
 def check_model_dir(flag: str, path: str | None) -> None:
-    if path is not None and not (Path(path) / "config.json").is_file():
-        raise ValueError(f"{flag} {path}: not a model folder (expected {Path(path) / 'config.json'})")
+    """A model folder: its config.json exists and holds a JSON object (an empty or damaged one is named)."""
+    if path is None:
+        return
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{flag} {path}: not a model folder (expected {config})")
+    import json
+
+    text = config.read_text(errors="replace")
+    try:
+        data = json.loads(text) if text.strip() else None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{flag} {path}: {config} is not valid JSON ({error})") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{flag} {path}: {config} is {'empty' if not text.strip() else 'not a JSON object'}: "
+                         "expected a model's config")
 
 
 def progress(message: str) -> None:
@@ -156,7 +172,12 @@ def _trace(args) -> int:
 
         from minimoe.hf.convert import load_hf
 
-        model = load_hf(args.hf).eval()
+        try:
+            model = load_hf(args.hf).eval()
+        except Exception as error:  # damaged weights or configs raise OSError, ValueError, SafetensorError...
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(f"--hf {args.hf}: cannot load the checkpoint ({type(error).__name__}: {first[:200]})") \
+                from None
         hf_tokenizer = AutoTokenizer.from_pretrained(args.hf, local_files_only=True)
         tokenize = lambda text: hf_tokenizer(text)["input_ids"]  # noqa: E731
         name = f"hf:{args.hf}"
@@ -176,13 +197,13 @@ def _trace(args) -> int:
 
 
 def _load_or_record(args, say=progress):
-    """The trace a findings/report run works on: ``--trace FILE`` (a .parquet file is opened, read later in
-    batches; an .npz is loaded) or a recording of ``--model``."""
-    from minimoe.traces.format import Trace
+    """The trace a findings/report run works on: ``--trace FILE`` (a per-token or a load-only trace; a .parquet
+    file is opened and read later in batches) or a recording of ``--model``."""
+    from minimoe.traces.loads import read_trace_file
     from minimoe.traces.parquet import ParquetTrace, is_parquet
 
     if args.trace:
-        return ParquetTrace(args.trace) if is_parquet(args.trace) else Trace.load(args.trace)
+        return ParquetTrace(args.trace) if is_parquet(args.trace) else read_trace_file(args.trace)
     from minimoe.traces.workload import BUNDLED_MODEL, bundled_trace
 
     say(f"recording {4 * args.requests_per_domain} requests of the four domains ({args.new_tokens} decode "
@@ -201,6 +222,11 @@ def _findings(args) -> int:
     out = check_output_file("--out", args.out, ".json") if args.out else None
     save = check_output_file("--save-trace", args.save_trace, ".npz") if args.save_trace else None
     trace = _load_or_record(args)
+    from minimoe.traces.loads import LoadTrace
+
+    if isinstance(trace, LoadTrace):
+        raise ValueError(f"--trace {args.trace}: a load trace (counts per expert only): the findings need per-token "
+                         "routing; minimoe report --trace on it shows what counts support")
     if save:
         from minimoe.traces.parquet import save_trace
 
@@ -217,6 +243,26 @@ def _findings(args) -> int:
     if out:
         out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def _fitting_topologies(args, num_experts: int, check, say=None) -> list:
+    """The topologies to compare: those the user named (all must fit ``num_experts``), else the defaults that
+    fit (a model with 60 experts cannot fill 8 GPUs evenly; the ones skipped are said)."""
+    if args.topologies is not None:
+        try:
+            check(args.topologies, num_experts)
+        except ValueError as error:
+            raise ValueError(f"--topologies: {error}") from None
+        return args.topologies
+    defaults = _topologies(DEFAULT_TOPOLOGIES)
+    kept = [t for t in defaults if not t.fits(num_experts)]
+    if not kept:
+        raise ValueError(f"--topologies: none of the defaults {DEFAULT_TOPOLOGIES} holds {num_experts} experts evenly; "
+                         "name clusters whose GPU count divides the expert count, e.g. --topologies 2x2")
+    if say and len(kept) < len(defaults):
+        say(f"skipping {', '.join(str(t) for t in defaults if t not in kept)}: their GPUs cannot hold "
+            f"{num_experts} experts evenly (name clusters with --topologies)")
+    return kept
 
 
 def _report(args) -> int:
@@ -243,8 +289,9 @@ def _report_into(args, out: Path) -> int:
     import json
     import time
 
-    from minimoe.placement.report import Stopwatch, check_topologies, format_report, json_ready, run_report
-    from minimoe.placement.report_html import write_html
+    from minimoe.placement.report import (Stopwatch, check_topologies, format_report, json_ready, run_report,
+                                          save_decision)
+    from minimoe.placement.report_html import write_html, write_text_html
 
     if not args.trace:  # check what can be checked before recording for minutes
         from minimoe.traces.workload import BUNDLED_MODEL
@@ -253,38 +300,53 @@ def _report_into(args, out: Path) -> int:
         num_experts = (config.get("moe") or {}).get("num_experts")
         if num_experts is None:
             raise ValueError(f"--model {args.model}: a dense model has no experts to place")
-        try:
-            check_topologies(args.topologies, num_experts)
-        except ValueError as error:
-            raise ValueError(f"--topologies: {error}") from None
+        _fitting_topologies(args, num_experts, check_topologies)
+        if args.new_tokens < 2:
+            raise ValueError(f"--new-tokens {args.new_tokens}: the report fits on the first decode tokens of each "
+                             "request and measures the ones after them: record at least 2")
         if args.window is not None and args.window >= args.new_tokens:
             raise ValueError(f"--window {args.window} must be smaller than --new-tokens {args.new_tokens}: the "
                              f"decode tokens after the window are the held-out set")
     started, stopwatch = time.perf_counter(), Stopwatch(progress)
     trace = _load_or_record(args, stopwatch)
-    try:
-        check_topologies(args.topologies, trace.num_experts)
-    except ValueError as error:
-        raise ValueError(f"--topologies: {error}") from None
+    args.topologies = _fitting_topologies(args, trace.num_experts, check_topologies, stopwatch)
+    from minimoe.traces.loads import LoadTrace
+
+    if isinstance(trace, LoadTrace):  # a load trace: what counts alone can decide
+        from minimoe.placement.load_report import format_load_report, run_load_report, save_load_decision
+
+        result = run_load_report(trace, args.topologies, seed=args.seed, progress=stopwatch)
+        placements = save_load_decision(trace, result, args.topologies, out, seed=args.seed)
+        text = format_load_report(result, str(out))
+        print(text)
+        (out / "report.txt").write_text(text + "\n")
+        (out / "report.json").write_text(json.dumps(json_ready(result), indent=1) + "\n")
+        write_text_html(out / "report.html", "minimoe report (load counts)", text)
+        names = ("report.html", "report.txt", "report.json", *placements)
+        print(f"\nwrote {', '.join(str(out / n) for n in names)} in {time.perf_counter() - started:.0f} s")
+        return 0
+    fitted = {}  # the placements fitted on prefill, so the recommended ones are saved without refitting
     engine = _engine(args)
     try:
         result = run_report(trace, args.topologies, window=args.window, seed=args.seed,
-                            hidden_size=args.hidden_size, progress=stopwatch, max_fit_tokens=args.max_fit_tokens,
-                            engine=engine, compare_partitioners=args.compare_partitioners)
+                            hidden_size=args.hidden_size, progress=stopwatch, fitted=fitted,
+                            max_fit_tokens=args.max_fit_tokens, engine=engine,
+                            compare_partitioners=args.compare_partitioners)
     except ValueError as error:
         if "online window" in str(error):
             raise ValueError(f"--window {args.window}: {error}") from None
         raise
     finally:
         engine.close()
-    text = format_report(result)
+    placements = save_decision(trace, result, args.topologies, out, seed=args.seed, fitted=fitted)
+    text = format_report(result, str(out))
     print(text)
     if not args.trace:
         trace.save(out / "trace.npz")
     (out / "report.txt").write_text(text + "\n")
     (out / "report.json").write_text(json.dumps(json_ready(result), indent=1) + "\n")
     write_html(out / "report.html", result, text)
-    written = ", ".join(str(out / name) for name in ("report.html", "report.txt", "report.json")
+    written = ", ".join(str(out / name) for name in ("report.html", "report.txt", "report.json", *placements)
                         + (() if args.trace else ("trace.npz",)))
     print(f"\nwrote {written} in {time.perf_counter() - started:.0f} s")
     return 0
@@ -296,7 +358,9 @@ def _report_into(args, out: Path) -> int:
 # what was expected; `main` below turns that into one line on stderr and exit code 2.
 FORWARDED = {
     "ep-demo": ("minimoe.parallel.demo", "expert parallelism for real under torchrun: check, bytes, time, trace replay"),
-    "import": ("minimoe.traces.convert", "convert a vLLM, SGLang or JSONL routing capture to a trace file"),
+    "import": ("minimoe.traces.convert", "convert a serving engine's routing capture or expert-load dump to a trace "
+                                         "file"),
+    "export": ("minimoe.placement.export", "write a placement in SGLang's, TensorRT-LLM's, vLLM's or EPLB's own file"),
     "pic-experiment": ("minimoe.compress.experiment", "PIC vs ICAE-global soft-prompt compression at 4x/16x/64x"),
 }
 
@@ -311,7 +375,7 @@ def _forward(command):
 
 
 def _add_threads(parser) -> None:
-    parser.add_argument("--threads", metavar="N", type=positive, default=default_threads(),
+    parser.add_argument("--threads", metavar="N", type=thread_count(), default=default_threads(),
                         help="CPU threads for torch (default: half the cores, at most 8: %(default)s here)")
 
 
@@ -331,7 +395,8 @@ def _add_workload(parser, requests_default: int) -> None:
                         help="decode tokens recorded per request (default: %(default)s)")
     parser.add_argument("--temperature", metavar="T", type=number(0.0), default=0.7,
                         help="decode sampling temperature, 0 = greedy (default: %(default)s)")
-    parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the prompts, sampling and baselines "
+    parser.add_argument("--seed", metavar="N", type=non_negative, default=0,
+                        help="seed of the prompts, sampling and baselines "
                                                              "(default: %(default)s)")
 
 
@@ -358,8 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--window", metavar="N", type=positive, default=None,
                         help="decode tokens per request in the online fitting window; the tokens after it are "
                              "the held-out set (default: a quarter of the decode length, at most 8)")
-    report.add_argument("--topologies", metavar="LIST", type=_topologies, default=_topologies(DEFAULT_TOPOLOGIES),
-                        help=f"comma-separated NODESxGPUS clusters to compare (default: {DEFAULT_TOPOLOGIES})")
+    report.add_argument("--topologies", metavar="LIST", type=_topologies, default=None,
+                        help=f"comma-separated NODESxGPUS clusters to compare (default: those of {DEFAULT_TOPOLOGIES} "
+                             "whose GPUs hold the trace's experts evenly)")
     report.add_argument("--hidden-size", metavar="N", type=positive, default=7168,
                         help="hidden size for byte counts, bf16 (default: %(default)s, DeepSeek-V3's)")
     report.add_argument("--max-fit-tokens", metavar="N|all|auto", type=_fit_tokens, default="auto",
@@ -409,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", metavar="DIR", default="runs/tiny-moe", help="run folder (default: %(default)s)")
     train.add_argument("--steps", metavar="N", type=positive, default=None, help="override the preset's number of steps")
     train.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default: %(default)s)")
-    train.add_argument("--seed", metavar="N", type=int, default=None, help="override the preset's seed (0)")
+    train.add_argument("--seed", metavar="N", type=non_negative, default=None, help="override the preset's seed (0)")
     train.add_argument("--bf16", action="store_true", help="autocast matmuls to bfloat16")
     train.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     _add_threads(train)
@@ -418,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a tiny Llama 3 for a few seconds, check it against transformers, "
                                        "generate text")
     demo.add_argument("--steps", metavar="N", type=positive, default=150, help="training steps (default: %(default)s)")
-    demo.add_argument("--seed", metavar="N", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--seed", metavar="N", type=non_negative, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--out", metavar="DIR", default=None, help="folder to save the trained checkpoint to (optional)")
     _add_threads(demo)
     demo.set_defaults(func=_demo)

@@ -4,8 +4,11 @@
 - the book is built offline: notebooks are executed by the build, and no launch button needs the network;
 - every notebook draws its figures with ``use_site_renderer()`` (the site serves plotly.js once, offline), and
   live widget cells leave no dead output in the static book;
-- notebooks are stored without outputs, except the cells whose output nbval checks (``# NBVAL_CHECK_OUTPUT``),
-  which must keep the output of a run (an execution count) so that ``pytest --nbval-lax`` can compare it;
+- notebooks are stored with the outputs of one clean run from top to bottom (``tools/execute_notebooks.py``), so
+  that a reader sees every result without installing anything: every code cell executed in order, every figure
+  with a static image, no errors, warnings, temporary paths or object reprs, no output left by a live widget,
+  and the outputs of all chapters together within a size budget; the cells whose output nbval checks
+  (``# NBVAL_CHECK_OUTPUT``) keep theirs, which ``pytest --nbval-lax`` compares against a fresh run;
 - every notebook that runs torch sets its thread count, so that the run times it states and the numbers it
   asserts hold on a 2-core machine (two threads per process on two shared cores can be many times slower).
 
@@ -25,7 +28,12 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 SKIPPED_DIRS = {"_build", ".ipynb_checkpoints"}
 NOTEBOOKS = sorted(p for p in BOOK.rglob("*.ipynb") if not SKIPPED_DIRS & set(p.relative_to(BOOK).parts))
 RENDERER_ASSIGNMENT = re.compile(r"""^\s*(?:plotly\.io|pio)\.renderers\.default\s*=\s*["']([^"']+)["']""", re.M)
-MAX_NOTEBOOK_BYTES = 500_000  # a chapter of prose and code; executed plotly output would be megabytes
+MAX_NOTEBOOK_BYTES = 2_000_000  # a chapter of prose, code and the outputs of a run, figures as JSON + PNG
+MAX_OUTPUT_BYTES = 10_000_000  # the stored outputs of all chapters together
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+REFUSED_TEXT = {"a temporary path": re.compile(r"(?<![\w.])/(?:tmp|var/folders|private/var)/"),
+                "an object repr": re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>"),
+                "a warning": re.compile(r"\b\w*Warning\b:")}
 
 
 def load_yaml(name: str) -> dict:
@@ -97,7 +105,7 @@ def test_every_notebook_is_in_the_toc():
 def test_config_builds_offline():
     config = load_yaml("_config.yml")
     assert config["title"] == "minimoe"
-    # committed notebooks carry (almost) no outputs, so the build must execute them
+    # the build runs every chapter again, so the site shows what the code does now, not the stored outputs
     assert config["execute"]["execute_notebooks"] in ("cache", "force", "auto"), config["execute"]
     launch = config.get("launch_buttons", {})
     for key in ("binderhub_url", "jupyterhub_url", "colab_url"):
@@ -135,9 +143,15 @@ def test_live_widget_cells_leave_no_dead_output_in_the_site(path):
                 "remove-output (its static figure is drawn by another cell)")
 
 
+def output_text(output: dict) -> str:
+    parts = ["".join(output.get("text", ""))]
+    parts += ["".join(value) for mime, value in output.get("data", {}).items() if mime.startswith("text/")]
+    return "\n".join(parts)
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_only_nbval_checked_cells_keep_outputs(path):
-    assert path.stat().st_size < MAX_NOTEBOOK_BYTES, f"{path.name} is {path.stat().st_size} bytes: strip outputs"
+def test_checked_cells_keep_the_output_nbval_compares(path):
+    assert path.stat().st_size < MAX_NOTEBOOK_BYTES, f"{path.name} is {path.stat().st_size:,} bytes"
     for index, cell in enumerate(code_cells(path)):
         first_line = (source(cell).splitlines() or [""])[0][:60]
         if nbval_checks_output(cell):
@@ -147,13 +161,39 @@ def test_only_nbval_checked_cells_keep_outputs(path):
                 f"{path.name} code cell {index} ({first_line!r}) has outputs but no execution_count: nbval "
                 "reports 'Unrun reference cell has outputs'")
             for output in cell["outputs"]:
-                data = output.get("data", {})
-                assert not any("plotly" in mime for mime in data), \
-                    f"{path.name} code cell {index}: a plotly figure is stored; keep figures out of checked cells"
                 assert output["output_type"] != "error", f"{path.name} code cell {index} stored an error"
-        else:
-            assert not cell["outputs"], (f"{path.name} code cell {index} ({first_line!r}) has stored outputs; "
-                                         "only NBVAL_CHECK_OUTPUT cells keep theirs")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stored_with_the_outputs_of_one_clean_run(path):
+    cells = code_cells(path)
+    counts = [cell["execution_count"] for cell in cells]
+    assert counts == list(range(1, len(cells) + 1)), (
+        f"{path.name}: execution counts {counts} are not one run from top to bottom: "
+        f"python tools/execute_notebooks.py book/{path.name}")
+    for index, cell in enumerate(cells):
+        where = f"{path.name} code cell {index} ({(source(cell).splitlines() or [''])[0][:60]!r})"
+        if "remove-output" in cell.get("metadata", {}).get("tags", []):
+            assert not cell["outputs"], f"{where}: a live widget's output is stored; the book hides it"
+        for output in cell["outputs"]:
+            assert output["output_type"] != "error", f"{where} stored an error"
+            assert output.get("name") != "stderr", f"{where} stored text on stderr: {output_text(output)[:200]!r}"
+            data = output.get("data", {})
+            assert "application/vnd.jupyter.widget-view+json" not in data, f"{where} stored a widget view"
+            if PLOTLY_MIME in data or "image/png" in data:
+                assert "image/png" in data, f"{where}: a figure without a static image (the repository's web " \
+                                            "view and other static viewers draw only the image)"
+                assert "text/html" not in data, f"{where}: the site's figure HTML is stored (it draws nothing " \
+                                                "without the site's plotly.js, and viewers prefer it to the image)"
+                assert len(json.dumps(data.get(PLOTLY_MIME, ""))) <= 100_000, f"{where}: a figure's JSON is large"
+            for what, pattern in REFUSED_TEXT.items():
+                match = pattern.search(output_text(output))
+                assert not match, f"{where} shows {what} to the reader: {match.group(0)!r}"
+
+
+def test_the_stored_outputs_of_all_chapters_stay_small():
+    sizes = {path.name: sum(len(json.dumps(cell["outputs"])) for cell in code_cells(path)) for path in NOTEBOOKS}
+    assert sum(sizes.values()) <= MAX_OUTPUT_BYTES, f"stored outputs take {sum(sizes.values()):,} bytes: {sizes}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -174,3 +214,23 @@ def test_notebook_sets_the_torch_thread_count(path):
     if re.search(r"^\s*import torch\b", code, re.M):
         assert re.search(r"^\s*torch\.set_num_threads\(", code, re.M), \
             f"{path.name} imports torch but never calls torch.set_num_threads(...)"
+
+
+MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def test_every_diagram_is_drawn_by_the_script_and_shown_by_a_chapter():
+    shown = set()
+    for path in NOTEBOOKS:
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "markdown":
+                for target in MARKDOWN_IMAGE.findall(source(cell)):
+                    assert not target.startswith(("http://", "https://", "/")), f"{path.name}: {target} is not local"
+                    assert (BOOK / target).is_file(), f"{path.name} shows {target}, which does not exist"
+                    shown.add((BOOK / target).resolve())
+    figures = BOOK / "figures"
+    stored = {p.resolve() for p in figures.glob("*") if p.is_file()}
+    assert stored <= shown, f"diagrams no chapter shows: {sorted(p.name for p in stored - shown)}"
+    drawn = set(re.findall(r'save\(figure, "(\w+)"\)', (BOOK.parent / "tools" / "draw_figures.py").read_text()))
+    assert {p.stem for p in stored} == drawn, "book/figures/ and tools/draw_figures.py disagree"
+    assert all(p.suffix == ".png" and p.stat().st_size < 150_000 for p in stored)  # the repository's web view shows PNG

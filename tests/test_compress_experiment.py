@@ -141,3 +141,10 @@ def test_prepare_only_scores_the_bounds_and_a_later_run_reuses_them(tmp_path, ca
     assert printed["pretrain_steps"] == 2 and not (tmp_path / "runs").exists()
     stamp = (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0 and (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_the_cpu_smoke_report_says_its_numbers_mean_nothing_and_concludes_nothing(finished):
+    cfg, out, summary = finished
+    text = (out / "results.md").read_text()
+    assert cfg.smoke and text.startswith("**Smoke run: these numbers mean nothing.**")
+    assert "PIC needs" not in text

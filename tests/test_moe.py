@@ -88,7 +88,7 @@ def test_layer_equals_brute_force(router, capacity_factor):
     capacity_factor=st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.25, 2.0]),
     router=st.sampled_from(["softmax", "deepseek_v3", "llama4"]),
     shared=st.integers(0, 2),
-    backend=st.sampled_from(["auto", "grouped_mm", "per_group"]),
+    backend=st.sampled_from(["auto", "grouped_mm", "grouped_mm_t", "per_group"]),
     seed=st.integers(0, 2**16),
 )
 def test_loop_equals_grouped_values_and_gradients(
@@ -109,7 +109,7 @@ def test_loop_equals_grouped_values_and_gradients(
         layer.router.e_score_correction_bias.normal_(0, 0.3)
     x = torch.randn(tokens, hidden)
     out_loop, grads_loop, dropped_loop, aux_loop = _run(layer, x, "loop")
-    if backend == "grouped_mm" and (hidden % 4 or ffn % 4 or not hasattr(torch, "_grouped_mm")):
+    if backend.startswith("grouped_mm") and (hidden % 4 or ffn % 4 or not hasattr(torch, "_grouped_mm")):
         backend = "auto"  # torch._grouped_mm needs rows of 16 bytes (4 floats); "auto" falls back
     out_grouped, grads_grouped, dropped_grouped, aux_grouped = _run(layer, x, "grouped", backend)
     torch.testing.assert_close(out_grouped, out_loop, rtol=1e-5, atol=1e-5)
@@ -172,7 +172,7 @@ def test_zero_token_batch(impl, capacity_factor, shape):
     assert layer.last_routing.expert_ids.shape == (0, 2)
 
 
-@pytest.mark.parametrize("backend", ["grouped_mm", "per_group"])
+@pytest.mark.parametrize("backend", ["grouped_mm", "grouped_mm_t", "per_group"])
 def test_an_expert_that_receives_no_token(backend):
     layer = _layer(hidden=16, num_experts=4, top_k=2)
     with torch.no_grad():  # positive inputs, expert 3's router row negative: it never wins
@@ -274,7 +274,7 @@ def test_grouped_matmul_backends_and_support_rules():
     x, w = torch.randn(10, 8), torch.randn(3, 8, 4)
     ends = torch.tensor([3, 3, 10], dtype=torch.int32)
     want = torch.cat([x[:3] @ w[0], x[3:] @ w[2]])
-    for backend in ("grouped_mm", "per_group"):
+    for backend in ("grouped_mm", "grouped_mm_t", "per_group"):  # grouped_mm_t pads 10 rows to 12 inside
         torch.testing.assert_close(grouped_matmul(x, w, ends, backend), want)
         torch.testing.assert_close(grouped_matmul(x, w, [3, 3, 10], backend), want)
     short = grouped_matmul(x, w, [3, 3, 7], "per_group")  # rows past the last end come back as zeros
@@ -361,3 +361,18 @@ def test_layer_input_errors():
         MoELayer(32, {"num_experts": 8})
     with pytest.raises(ValueError, match="hidden_size"):
         MoELayer(0, _config())
+
+
+@pytest.mark.parametrize("router, capacity_factor, dtype", [("softmax", 0.0, torch.float32), ("llama4", 1.0, torch.float32),
+                                                            ("softmax", 0.75, torch.float32),
+                                                            ("softmax", 0.0, torch.bfloat16)])
+def test_transposed_grouped_products_equal_the_loop(router, capacity_factor, dtype):
+    """grouped_mm_t (weights as the left operand, 37 tokens x 2 = 74 rows padded to a multiple of 16 bytes)."""
+    layer = _layer(router=router, capacity_factor=capacity_factor, num_shared_experts=1).to(dtype)
+    x = torch.randn(37, 32).to(dtype)
+    out_loop, grads_loop, _, _ = _run(layer, x, "loop")
+    out_t, grads_t, _, _ = _run(layer, x, "grouped", "grouped_mm_t")
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out_t, out_loop, **tol)
+    for got, want in zip(grads_t, grads_loop):
+        torch.testing.assert_close(got, want, **tol)

@@ -22,7 +22,7 @@ from minimoe.parallel import (WIRE_FORMATS, ExpertParallelMoE, RouteTable, Traff
                               expert_parallel, local_experts)
 from minimoe.parallel.checks import check_fingerprint, fingerprint, placement_hash
 from minimoe.parallel.demo import main as ep_demo
-from minimoe.parallel.dispatch import per_node, per_pair, per_rank
+from minimoe.parallel.sendplan import hit_per_node, hit_per_pair, hit_per_rank, plan
 from minimoe.parallel.replay import replay_steps
 from minimoe.placement import Placement
 from minimoe.traces import synthetic_trace
@@ -73,24 +73,30 @@ def brute_force_send_list(slots, num_gpus, spg, gpn, rank, unit):
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("unit", ["pair", "rank", "node"])
-def test_send_lists_equal_a_brute_force_loop(seed, unit):
+def test_send_plans_equal_a_brute_force_loop(seed, unit):
+    """Counts, send list and return-table positions built on the device equal a loop over the tokens."""
     rng = np.random.default_rng(seed)
     num_nodes, gpn, spg = 2, int(rng.integers(1, 4)), int(rng.integers(1, 4))
     num_gpus = num_nodes * gpn
     slots = rng.integers(-1, num_gpus * spg, size=(int(rng.integers(0, 12)), int(rng.integers(1, 5))))
     rank = int(rng.integers(num_gpus))
     t = torch.as_tensor(slots)
-    if unit == "pair":
-        src_row, counts, meta, _, _ = per_pair(t, num_gpus, spg)
-    elif unit == "rank":
-        src_row, counts, meta, _, _ = per_rank(t, num_gpus, spg)
-    else:
-        src_row, counts, meta, _, _ = per_node(t, num_gpus, spg, gpn, rank)
-    expected = brute_force_send_list(slots, num_gpus, spg, gpn, rank, unit)
-    n = len(expected)
-    assert counts.tolist() == np.bincount([d for d, *_ in expected], minlength=num_gpus).tolist()
-    assert src_row[:n].tolist() == [row for _, row, _, _ in expected]
-    assert meta[:n].tolist() == [m for *_, m in expected]
+    hit = {"pair": lambda: hit_per_pair(t, num_gpus, spg), "rank": lambda: hit_per_rank(t, num_gpus, spg),
+           "node": lambda: hit_per_node(t, num_gpus, spg, gpn, rank)}[unit]()
+    leg = plan(hit, rank)
+    expected = brute_force_send_list(slots, num_gpus, spg, gpn, rank, unit)  # (dest, row, j, meta), sorted
+    cells = [(d, row * slots.shape[1] + j if unit == "pair" else row) for d, row, j, _ in expected]
+    counts = np.bincount([d for d, _ in cells], minlength=num_gpus)
+    assert leg.counts.tolist() == counts.tolist()
+    kept = [u for d, u in cells if d == rank]
+    table = kept + [u for d, u in cells if d != rank]  # [kept | sent to rank 0, 1, ... (this rank skipped)]
+    sent_first = [u for d, u in cells if d != rank] + kept
+    assert leg.send_units(len(kept), len(cells)).tolist() == sent_first
+    column = {d: 0 if d == rank else d + (d < rank) for d in range(num_gpus)}  # this rank's column first
+    table_cells = [c for c in cells if c[0] == rank] + [c for c in cells if c[0] != rank]
+    for index, (d, u) in enumerate(table_cells):
+        assert leg.mask[u, column[d]] and int(leg.position[u, column[d]]) == index
+    assert int(leg.mask.sum()) == len(table)
 
 
 def test_local_experts_equal_the_moe_layer_values_and_gradients():
@@ -135,7 +141,7 @@ def test_capacity_in_one_process_equals_the_moe_layer_mask(factor):
     moe = MoELayer(8, MoEConfig(num_experts=4, top_k=2, intermediate_size=4, capacity_factor=factor))
     moe(torch.randn(30, 8))
     kept, capacity = capacity_kept(moe.last_routing.expert_ids, 4, 2, factor)
-    assert capacity == moe.capacity
+    assert int(capacity) == moe.capacity
     assert torch.equal(kept, moe.last_kept)
     assert capacity_kept(moe.last_routing.expert_ids, 4, 2, 0.0) == (None, None)
 
@@ -208,6 +214,24 @@ def test_fingerprints_and_placement_hashes():
     check_fingerprint(fingerprint(4, 2, 8, torch.float32, a, 0, 1, 1, 0.0))  # one process: nothing to disagree
 
 
+def test_the_format_rule():
+    from minimoe.parallel import choose_wire_format, expected_ranks_per_token
+
+    assert [round(expected_ranks_per_token(256, 8, g), 3) for g in (2, 4, 8)] == [1.993, 3.614, 5.295]
+    picks = {g: choose_wire_format(256, 8, g).wire_format for g in (1, 2, 4, 8)}
+    assert picks == {1: "replicate", 2: "replicate", 4: "replicate", 8: "token_rank"}
+    assert choose_wire_format(256, 8, 8, graph=True).wire_format == "replicate"
+    assert choose_wire_format(256, 8, 16, gpus_per_node=8).wire_format == "hierarchical"
+    assert choose_wire_format(256, 8, 8, rho=7.5).wire_format == "replicate"  # a measured rho decides
+    choice = choose_wire_format(256, 8, 8)
+    assert choice.bytes_ratio == pytest.approx(8 / 5.295, abs=1e-3) and "rho = 5.29" in choice.reason
+    with pytest.raises(ValueError, match="max_extra_bytes must be >= 0"):
+        choose_wire_format(256, 8, 8, max_extra_bytes=-1)
+    layer = ExpertParallelMoE(MoELayer(8, MoEConfig(num_experts=4, top_k=2, intermediate_size=4)),
+                              Placement(np.array([[0, 1, 2, 3]]), 4, 1, 1))
+    assert layer.wire_format == "replicate" and layer.format_choice.reason == "one rank: nothing moves"
+
+
 def test_traffic_counters_classify_links_and_add_up():
     counters = TrafficCounters()
     counters.add("dispatch", [3, 5, 7, 11], row_bytes=10, rank=1, gpus_per_node=2, meta_bytes_per_row=8)
@@ -216,6 +240,9 @@ def test_traffic_counters_classify_links_and_add_up():
     assert counters.bytes[("dispatch", "inter")] == 180 and counters.meta_bytes == 8 * 21
     total = TrafficCounters().merge(counters).merge(counters)
     assert total.link_bytes("intra") == 60 and total.as_dict()["dispatch_local_rows"] == 10
+    padded = TrafficCounters()
+    padded.add("combine", [2, 4, 1], row_bytes=10, rank=0, gpus_per_node=1, padded_to=4)  # blocks of 4 rows
+    assert padded.bytes[("combine", "inter")] == 50 and padded.padding_bytes == (4 - 4 + 4 - 1) * 10
 
 
 def test_replay_steps_cover_every_row_once_and_decode_steps_one_token_per_request():
@@ -241,6 +268,10 @@ def test_the_command_checks_its_flags(capsys):
     assert "expected a finite number > 0, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--gpus-per-node 3 does not divide the 1 ranks"):
         ep_demo(["--gpus-per-node", "3", "--experts", "4", "--top-k", "2", "--hidden", "8"])
+    with pytest.raises(SystemExit):
+        ep_demo(["--placement", "nearest"])
+    assert "expected one of contiguous, round_robin, eplb, locality, grouping, grouping+locality" in \
+        capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="--model '/no/such/dir'"):
         ep_demo(["--model", "/no/such/dir"])
     with pytest.raises(FileNotFoundError, match="--trace '/no/such.npz'"):
@@ -249,10 +280,48 @@ def test_the_command_checks_its_flags(capsys):
         ep_demo(["--model", "bundled", "--trace", "bundled"])
 
 
-def test_the_command_in_one_process(capsys):
-    assert ep_demo(["--experts", "6", "--top-k", "2", "--hidden", "8", "--tokens-per-rank", "5", "--iters", "1"]) == 0
+def test_the_command_in_one_process(capsys, tmp_path):
+    assert ep_demo(["--experts", "6", "--top-k", "2", "--hidden", "8", "--tokens-per-rank", "5", "--iters", "1",
+                    "--json", str(tmp_path / "one.json")]) == 0
     out = capsys.readouterr().out
-    assert out.count("max |EP - one process| 0.00e+00") == 3 and out.count(": equal") == 3
+    rows = json.loads((tmp_path / "one.json").read_text())["rows"]
+    assert [r["wire_format"] for r in rows] == list(WIRE_FORMATS) and out.count(": equal") == 4
+    assert all(r["max_abs_error"] <= 1e-6 for r in rows)
+    assert "format rule (eager) picks replicate: one rank" in out
+
+
+@pytest.mark.parametrize("method", ["round_robin", "grouping", "grouping+locality", "file"])
+def test_the_command_takes_every_fit_of_the_report_and_a_placement_file(capsys, tmp_path, method):
+    flags = ["--experts", "8", "--top-k", "2", "--hidden", "8", "--tokens-per-rank", "6", "--iters", "1",
+             "--wire-format", "auto"]
+    if method == "file":
+        Placement(np.array([[7, 6, 5, 4, 3, 2, 1, 0]]), 8, 1, 1).save(tmp_path / "p.json")
+        method = str(tmp_path / "p.json")
+    assert ep_demo(flags + ["--placement", method]) == 0
+    out = capsys.readouterr().out
+    assert f"placement {method}" in out and "replicate  max |EP - one process| 0.00e+00" in out
+    with pytest.raises(ValueError, match="places 1 layer.* x 4 experts on 1 GPUs; this run needs 1 x 8 on 1"):
+        Placement(np.array([[0, 1, 2, 3]]), 4, 1, 1).save(tmp_path / "small.json")
+        ep_demo(flags + ["--placement", str(tmp_path / "small.json")])
+
+
+def test_default_nodes_make_traffic_between_nodes_visible():
+    from minimoe.parallel.demo_setup import default_gpus_per_node, nodes_line
+
+    assert [default_gpus_per_node(w) for w in (1, 2, 3, 4, 6, 8)] == [1, 1, 1, 2, 3, 4]
+    assert nodes_line(None, 4).startswith("2 node(s) of 2 rank(s) (the default")
+    assert nodes_line(4, 4) == "1 node(s) of 4 rank(s)"
+
+
+def test_an_error_under_torchrun_prints_one_line_once(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for bad in (["--placement", "nowhere"], ["--model", "/no/such/dir"]):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                   "minimoe", "ep-demo", "--backend", "gloo", *bad]
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode != 0
+        ours = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("minimoe ep-demo: error")]
+        assert len(ours) == 1, done.stdout[-2000:] + done.stderr[-3000:]
 
 
 def test_torchrun_ep_demo_on_two_gloo_ranks(tmp_path):
@@ -266,6 +335,21 @@ def test_torchrun_ep_demo_on_two_gloo_ranks(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["world_size"] == 2 and [r["wire_format"] for r in result["rows"]] == list(WIRE_FORMATS)
+    assert result["rows"][0]["format_rule"].startswith("format rule (eager) picks replicate: rho = ")
     for row in result["rows"]:
         assert row["max_abs_error"] <= 1e-5 and row["bytes_match"], row
         assert row["dispatch_inter_bytes"] > 0 and row["dispatch_intra_bytes"] == 0  # one GPU per "node"
+
+
+def test_a_report_deployment_file_is_recognised_for_replay(tmp_path):
+    from minimoe.parallel.demo_setup import saved_deployment
+    from minimoe.placement import Deployment, Topology, place
+    from minimoe.traces import synthetic_trace
+
+    placement = place(synthetic_trace(num_requests=8, num_layers=1, seed=0), Topology(num_nodes=2, gpus_per_node=2),
+                      "contiguous")
+    Deployment(placement=placement, method="grouping+locality").save(tmp_path / "deploy.json")
+    placement.save(tmp_path / "plain.json")
+    loaded = saved_deployment(str(tmp_path / "deploy.json"))
+    assert loaded is not None and loaded.method == "grouping+locality"
+    assert saved_deployment(str(tmp_path / "plain.json")) is None and saved_deployment("locality") is None

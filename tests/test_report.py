@@ -77,8 +77,9 @@ def test_report_and_findings_run_on_every_edge_trace_and_say_what_they_skip(name
     assert status == 0, err
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert (tmp_path / "r" / "report.html").is_file() and (tmp_path / "r" / "report.txt").read_text() in out + "\n"
-    if name == "no decode":
-        assert report["rows"] == [] and "Placement and grouping: not measured" in out
+    if name == "no decode":  # phases say prefill only: split in time instead, and say so
+        assert report["split"]["kind"] == "time" and "the trace has no decode tokens: each request's first half" in out
+        assert len(report["rows"]) == 2 * len(METHODS) * 3 and "Decision" in out
     else:
         assert len(report["rows"]) == 2 * len(METHODS) * 3  # 2 slot budgets x methods x fit modes
         for row in report["rows"]:

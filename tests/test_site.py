@@ -1,6 +1,7 @@
 """The built book serves plotly.js once: figures carry HTML that calls Plotly.newPlot without embedding it."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -66,6 +67,26 @@ def test_the_book_extension_copies_plotly_js_and_keeps_only_the_mathjax_the_page
     kept = sorted(p.relative_to(mathjax).as_posix() for p in mathjax.rglob("*") if p.is_file())
     assert kept == ["input/tex/extensions/ams.js", "output/chtml/fonts/woff-v2/MathJax_Main-Regular.woff",
                     "tex-chtml.js"]
+
+
+def test_the_book_extension_serves_notebooks_to_download_without_their_outputs(tmp_path):
+    extension, app = load_extension(), FakeApp(tmp_path)
+    extension.setup(app)
+    sources = tmp_path / "_sources"
+    sources.mkdir()
+    figure = {"output_type": "display_data", "metadata": {}, "data": {"image/png": "iVBORw0KGgo" * 10_000}}
+    notebook = {"cells": [{"cell_type": "markdown", "id": "m", "metadata": {}, "source": "# Title"},
+                          {"cell_type": "code", "id": "c", "metadata": {}, "source": "figure.show()",
+                           "execution_count": 7, "outputs": [figure]}],
+                "metadata": {"kernelspec": {"name": "python3"}}, "nbformat": 4, "nbformat_minor": 5}
+    (sources / "01_chapter.ipynb").write_text(json.dumps(notebook))
+    (sources / "intro.md.txt").write_text("# minimoe")
+    app.calls["build-finished"](app, None)
+    served = json.loads((sources / "01_chapter.ipynb").read_text())
+    assert served["cells"][1]["outputs"] == [] and served["cells"][1]["execution_count"] is None
+    assert served["cells"][0] == notebook["cells"][0] and served["metadata"] == notebook["metadata"]
+    assert (sources / "intro.md.txt").read_text() == "# minimoe"
+    assert (sources / "01_chapter.ipynb").stat().st_size < 2_000
 
 
 def test_the_book_extension_drops_remote_kernel_scripts_and_duplicates_and_sets_a_theme_mode(tmp_path):

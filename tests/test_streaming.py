@@ -145,7 +145,7 @@ def test_streamed_statistics_equal_the_in_memory_ones_exactly(tmp_path):
     trace = small_trace(seed=4)
     write_parquet(trace, tmp_path / "t.parquet", rows_per_group=64)
     streamed = run_passes(ParquetTrace(tmp_path / "t.parquet"), LocalEngine(), 3, 40, seed=7)
-    in_memory = trace_stats(trace, window=3, sample_size=40, seed=7, batch_tokens=1000)
+    in_memory = trace_stats(trace, 3, sample_size=40, seed=7, batch_tokens=1000)
     np.testing.assert_array_equal(streamed.counts, in_memory.counts)
     np.testing.assert_array_equal(streamed.tokens, in_memory.tokens)
     np.testing.assert_array_equal(streamed.domain, in_memory.domain)
@@ -169,7 +169,7 @@ def masks_step(trace):
 
 def test_statistics_merge_in_any_order_and_split_into_one_result():
     trace = small_trace(seed=5)
-    whole = trace_stats(trace, window=2, sample_size=32)
+    whole = trace_stats(trace, 2, sample_size=32)
     parts = []
     for batch in batches_of(trace, 37):  # requests straddle the batches
         part = TraceStats.empty(16, 3, 2, "small", 2, 32, 0, True)
@@ -228,7 +228,7 @@ def test_pass_two_counts_equal_measure(shape):
 # ---- the report: streamed == in memory, and engines agree ----------------------------------------------------------
 def test_streamed_experiments_equal_the_in_memory_ones_when_nothing_is_sampled():
     trace = Trace.load(BUNDLED)
-    stats = trace_stats(trace, window=8, sample_size=None)
+    stats = trace_stats(trace, 8, sample_size=None)
     experiments = StreamedExperiments(stats)
     topology = Topology(4, 2)
     experiments.compare(topology, 40)
@@ -351,3 +351,53 @@ def test_groupings_do_not_depend_on_the_blas_kernel(tmp_path):
         assert done.returncode == 0, done.stderr
         outputs.append(done.stdout)
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("case", ["phases unknown", "no decode", "short requests"])
+def test_the_split_of_a_parquet_file_is_the_split_of_the_trace(case, tmp_path):
+    """Traces without both phases fall back to the time or the request split (minimoe.placement.splits); read from
+    Parquet, the streamed report picks the same split, from one read of three columns, and measures the same."""
+    from minimoe.placement.engine import choose_split
+    from minimoe.placement.splits import split
+
+    trace = small_trace(seed=11)
+    if case == "phases unknown":
+        trace = Trace(experts=trace.experts, request=trace.request, phase=np.full(trace.num_tokens, -1, np.int8),
+                      domain=trace.domain, num_experts=16, top_k=3)
+    elif case == "no decode":
+        trace = Trace(experts=trace.experts, request=trace.request, phase=np.zeros(trace.num_tokens, np.int8),
+                      domain=trace.domain, num_experts=16, top_k=3)
+    else:  # two tokens per request: nothing after the first half and a window
+        rows = np.flatnonzero(np.tile(np.arange(20) < 2, 24))
+        trace = Trace(experts=trace.experts[rows], request=trace.request[rows],
+                      phase=np.full(len(rows), -1, np.int8), domain=trace.domain[rows], num_experts=16, top_k=3)
+    write_parquet(trace, tmp_path / "t.parquet", rows_per_group=70)
+    file = ParquetTrace(tmp_path / "t.parquet")
+    expected, streamed = split(trace), choose_split(file)
+    assert (streamed.kind, streamed.window, streamed.description) == (expected.kind, expected.window,
+                                                                      expected.description)
+    assert streamed.kind == {"phases unknown": "time", "no decode": "time", "short requests": "request"}[case]
+    for name in ("prefill", "online", "eval"):  # the rule classes tokens as the split's masks do
+        if expected.masks[name] is None:
+            continue
+        classes = np.concatenate([streamed.rule.classes(batch) for batch in file.batches()])
+        np.testing.assert_array_equal(classes == {"prefill": 0, "online": 1, "eval": 2}[name], expected.masks[name])
+    options = dict(topologies=[Topology(2, 2)], max_fit_tokens=None)
+    from_file, in_memory = run_report(file, **options), run_report(trace, **options)
+    assert from_file["rows"] == in_memory["rows"] and from_file["split"] == in_memory["split"]
+    assert from_file["findings"] == in_memory["findings"] and from_file["decision"] == in_memory["decision"]
+
+
+def test_report_on_a_parquet_trace_writes_the_recommended_placements(tmp_path, capsys):
+    write_parquet(small_trace(seed=12), tmp_path / "t.parquet")
+    status = main(["report", "--trace", str(tmp_path / "t.parquet"), "--topologies", "2x2", "--out",
+                   str(tmp_path / "r")])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    saved = sorted(p.name for p in (tmp_path / "r").iterdir() if p.name not in ("report.txt", "report.json",
+                                                                                    "report.html"))
+    assert saved and all(name.endswith(".json") for name in saved)
+    from minimoe.placement import Placement
+
+    for name in saved:
+        Placement.load(tmp_path / "r" / name)  # each file holds a valid placement

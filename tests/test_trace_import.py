@@ -102,7 +102,6 @@ def test_from_jsonl_round_trip(tmp_path):
     ("[" * 100000, "line 1: not valid JSON"),
     ('[1, 2]', "line 1: expected a JSON object"),
     ('{"request": 0}', "line 1: no 'experts' field"),
-    ('{"request": 0, "experts": [[1, 2]], "colour": 1}', "unknown keys"),
     ('{"request": true, "experts": [[1, 2]]}', "request must be"),
     ('{"request": 0, "experts": [1, 2]}', "per-layer lists"),
     ('{"request": 0, "experts": []}', "per-layer lists"),
@@ -119,6 +118,11 @@ def test_from_jsonl_round_trip(tmp_path):
 def test_from_jsonl_rejects_bad_lines(line, message):
     with pytest.raises(ValueError, match=message):
         from_jsonl([line], num_experts=16, top_k=2)
+
+
+def test_from_jsonl_keeps_unread_keys_as_notes():
+    trace = from_jsonl(['{"request": 0, "experts": [[1, 2]], "colour": 1}'], num_experts=16, top_k=2)
+    assert trace.num_tokens == 1 and trace.notes == {"fields not read": "colour (1 lines)"}
 
 
 def test_from_jsonl_rejects_inconsistent_files():

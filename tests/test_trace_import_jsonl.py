@@ -57,7 +57,7 @@ def test_positions_that_restart_at_every_forward_pass():
     trace, prompt, _ = reference(8, num_requests=3)
     lines = profiler_log(trace, prompt, restart_positions=True)
     with pytest.raises(ValueError, match=r"lines \d+ and \d+: request 'r\d' repeats token_idx 0 at layer 3: "
-                                         "positions restart.*positions='per_pass'"):
+                                         "positions restart.*--positions per_pass"):
         from_jsonl(lines)
     assert from_jsonl(lines, positions="per_pass") == unknown_phases(trace)
 
@@ -66,11 +66,13 @@ def test_field_names_are_mapped_and_metadata_can_be_given_instead_of_a_meta_reco
     trace, prompt, _ = reference(9, num_requests=3)
     names = {"request": "rid", "position": "pos", "layer": "block", "experts": "ids", "weights": "probs"}
     lines = profiler_log(trace, prompt, names=names, meta=None)
-    with pytest.raises(ValueError, match="num_experts is unknown"):
-        from_jsonl(lines, fields=names)
+    guessed = from_jsonl(lines, fields=names)  # no num_experts anywhere: the largest id + 1, said in the notes
+    assert guessed.num_experts == int(trace.experts.max()) + 1
+    assert guessed.notes["num_experts"].startswith(f"not recorded: assumed {guessed.num_experts}")
     imported = from_jsonl(lines, num_experts=16, top_k=2, model="m", fields=names)
-    assert imported == unknown_phases(trace)
-    with pytest.raises(ValueError, match=r"line 1: no 'req_id' field \(request; map it with fields="):
+    assert imported == unknown_phases(trace) and "num_experts" not in imported.notes
+    with pytest.raises(ValueError, match=r"line 1: no 'req_id' field \(request; map it with --field request=NAME "
+                                         r"\(from Python: fields="):
         from_jsonl(lines, num_experts=16)
 
 
@@ -99,12 +101,15 @@ def test_phase_and_domain_fields_are_read_and_must_agree_across_a_tokens_layers(
      r"request 0 position 0 has no record for layers \[7, 11\]"),
     ([META, {"type": "route", "req_id": 0, "token_idx": 0, "layer": 4, "topk_ids": [1]}], {},
      r"layer 4 is not in the meta record's layers_logged \[3, 7, 11\]"),
-    ([META], dict(num_experts=8), "num_experts=8 was passed, but the meta record says num_experts=16"),
+    ([META], dict(num_experts=8), "--num-experts 8 was passed, but the meta record says num_experts=16"),
     ([META, META], {}, "lines 1 and 2: more than one meta record"),
     ([{"type": "stats", "tokens": 4}], dict(num_experts=8), "unknown record type 'stats'"),
-    ([{**META, "dtype": "bf16"}], {}, r"unknown keys \['dtype'\] \(skip them with ignore="),
-    ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [1], "ts": 0.5}], dict(num_experts=8),
-     r"line 1: unknown keys \['ts'\]"),
+    ([{**META, "dtype": "bf16"}], {}, "the log holds 1 meta record.s. and no route record"),
+    ([{**META, "top_k": 8, "layers_logged": [0]}, {"type": "route", "req_id": 0, "token_idx": 0, "layer": 0,
+                                                   "topk_ids": [1, 2]}], {},
+     r"line 1: the meta record says top_k=8, but no route record lists more than 2 expert ids.*--top-k 2"),
+    ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [1, 2, 3]}], dict(num_experts=8, top_k=2),
+     r"line 1: experts has a layer with more than top_k=2 entries.*--top-k"),
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [9]}], dict(num_experts=8),
      "expert id 9 outside"),
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": "a", "topk_ids": [1]}], dict(num_experts=8),
@@ -112,19 +117,31 @@ def test_phase_and_domain_fields_are_read_and_must_agree_across_a_tokens_layers(
     ([{"req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [1]}], dict(num_experts=8, positions="time"),
      "positions must be one of"),
     ([{"req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [1]}], dict(num_experts=8, fields={"colour": "c"}),
-     r"fields maps unknown names \['colour'\]"),
+     r"--field maps unknown names \['colour'\]"),
 ])
 def test_long_form_errors_name_the_line_and_the_cause(lines, kwargs, message):
     with pytest.raises(ValueError, match=message):
         from_jsonl([json.dumps(line) for line in lines], **kwargs)
 
 
-def test_ignored_keys_and_the_file_named_in_errors(tmp_path):
-    record = {"type": "route", "req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [1], "ts": 0.5}
-    assert from_jsonl([json.dumps(record)], num_experts=8, ignore=["ts"]).num_tokens == 1
+def test_fields_the_importer_does_not_read_are_kept_as_notes_and_never_an_error(tmp_path):
+    meta = {**META, "layers_logged": [0], "vllm_version": "0.10.1", "device": "NVIDIA H100", "seed": 1234}
+    records = [meta] + [{"type": "route", "req_id": 0, "token_idx": t, "layer": 0, "topk_ids": [t, t + 1],
+                         "ts": 0.5 + t, "step": t} for t in range(3)]
+    trace = from_jsonl([json.dumps(r) for r in records])
+    assert trace.num_tokens == 3 and trace.num_experts == 16
+    assert trace.notes == {"meta vllm_version": "0.10.1", "meta device": "NVIDIA H100", "meta seed": "1234",
+                           "fields not read": "step (3 lines), ts (3 lines)"}
+    assert from_jsonl([json.dumps(r) for r in records], ignore=["ts", "step"]).notes["meta seed"] == "1234"
+    assert "fields not read" not in from_jsonl([json.dumps(r) for r in records], ignore=["ts", "step"]).notes
+    trace.save(tmp_path / "t.npz")
+    assert Trace.load(tmp_path / "t.npz").notes == trace.notes  # stored in the trace file
+
+
+def test_the_file_is_named_in_errors(tmp_path):
     path = tmp_path / "log.jsonl"
-    path.write_text(json.dumps(record) + "\n")
-    with pytest.raises(ValueError, match=r"log\.jsonl: line 1: unknown keys \['ts'\]"):
+    path.write_text(json.dumps({"type": "route", "req_id": 0, "token_idx": 0, "layer": "x", "topk_ids": [1]}) + "\n")
+    with pytest.raises(ValueError, match=r"log\.jsonl: line 1: layer must be an int"):
         from_jsonl(path, num_experts=8)
     with pytest.raises(FileNotFoundError):
         from_jsonl(tmp_path / "missing.jsonl", num_experts=8)

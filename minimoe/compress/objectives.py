@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minimoe.compress.compressor import final_hidden, kv_cache_from
+from minimoe.compress.compressor import final_hidden, kv_cache_from, to_device
 from minimoe.model.transformer import Transformer
 
 IGNORE = -100
@@ -52,6 +52,18 @@ def decoder_loss(model: Transformer, prefix: torch.Tensor, prompts: list[list[in
     at position ``start``. Returns a 0-dim float32 tensor (nats per target token). Raises ValueError for a row
     count that differs between prefix, prompts, targets and memory_kv, or more positions than ``max_seq_len``.
     """
+    logits, labels, _ = decoder_target_logits(model, prefix, prompts, targets, pad_id, memory_kv)
+    return F.cross_entropy(logits.float(), labels)  # mean over the N target tokens
+
+
+def decoder_target_logits(model: Transformer, prefix: torch.Tensor, prompts: list[list[int]],
+                          targets: list[list[int]], pad_id: int, memory_kv=None):
+    """The decoder's logits at every target token, teacher-forced: the pieces of ``decoder_loss``.
+
+    Same inputs and errors as ``decoder_loss``. Returns (logits (N, V), labels (N,) int64, rows (N,) int64): the
+    N target tokens of all rows in row-major order, the logits that predict each, and the row each belongs to.
+    Per-token losses, argmax accuracy and "every token of a row right" all follow from these.
+    """
     if len(prompts) != prefix.shape[0] or len(targets) != prefix.shape[0]:
         raise ValueError(f"need one prompt and one target per row: {prefix.shape[0]} rows, {len(prompts)} prompts, "
                          f"{len(targets)} targets")
@@ -65,7 +77,7 @@ def decoder_loss(model: Transformer, prefix: torch.Tensor, prompts: list[list[in
         ids[row, :len(prompt) + len(target)] = torch.tensor(prompt + target)
         labels[row, p + len(prompt):p + len(prompt) + len(target)] = torch.tensor(target)
     device = prefix.device
-    x = torch.cat([prefix, model.embed(ids.to(device)).to(prefix.dtype)], dim=1)  # (B, P + T, H)
+    x = torch.cat([prefix, model.embed(to_device(ids, device)).to(prefix.dtype)], dim=1)  # (B, P + T, H)
     t = x.shape[1]
     if memory_kv is None:
         h = final_hidden(model, x, None, torch.arange(t, device=device)[None])  # (B, P + T, H), causal
@@ -76,10 +88,12 @@ def decoder_loss(model: Transformer, prefix: torch.Tensor, prompts: list[list[in
         cache, k = kv_cache_from(model, memory_kv, t), memory_kv[0][0].shape[2]
         mask = torch.ones(t, k + t, dtype=torch.bool, device=device).tril(k)  # all memory, then causal
         h = final_hidden(model, x, mask[None, None], memory_kv[2] + torch.arange(t, device=device)[None], cache)
-    labels = labels[:, 1:].to(device)  # shift: position t predicts token t + 1
-    scored = labels != IGNORE  # (B, P + T - 1): only target tokens reach the LM head (not memory, prompt, padding)
-    logits = model.lm_head(h[:, :-1][scored])  # (N, V)
-    return F.cross_entropy(logits.float(), labels[scored])  # mean over the N target tokens
+    labels = labels[:, 1:]  # shift: position t predicts token t + 1
+    scored = torch.nonzero(labels.reshape(-1) != IGNORE).squeeze(1)  # (N,) on the host: only target tokens reach
+    # the LM head (not memory, prompt, padding); indices found on the host keep the GPU queue running
+    rows = to_device(scored // labels.shape[1], device)  # (N,)
+    hidden = h[:, :-1].reshape(b * labels.shape[1], -1)[to_device(scored, device)]  # (N, H)
+    return model.lm_head(hidden), to_device(labels.reshape(-1)[scored], device), rows  # (N, V), (N,), (N,)
 
 
 @torch.no_grad()

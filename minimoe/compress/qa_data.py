@@ -11,6 +11,8 @@ paragraph, and every paragraph fits in one block of ``block_tokens`` tokens (``p
 to a block), so an answer never straddles a chunk whose size is a multiple of the block. Distractors share
 surface forms: people of one document share surnames and first names, the same city is a birthplace of one
 and a home of another, years of birth and of prizes mix. Answering needs the right (person, relation) pair.
+With ``distinct_names=True`` no two people of a document share a first name or a surname: finding the
+paragraph is easy, and what is left to learn is carrying its facts.
 
 Names, cities, companies and prizes are built from syllables; the syllables of first and last names are cut
 into disjoint train / dev / test pools, so the three splits share **no entity** (no full name, first name or
@@ -86,6 +88,7 @@ class Question:
     text: str
     answer: str
     paragraph: int  # index of the paragraph that holds the answer
+    attribute: str = ""  # the FACTS key it asks for
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class QADocument:
     paragraphs: tuple[str, ...]
     questions: tuple[Question, ...]
     split: str
+    people: tuple[str, ...] = ()  # the full name each paragraph is about
+    values: tuple[tuple[str, ...], ...] = ()  # the attribute values each paragraph states, in order of mention
 
     def text(self) -> str:
         return "\n".join(self.paragraphs)
@@ -110,9 +115,14 @@ def _person(rng: random.Random, family: list[str], firsts: list[str]) -> tuple[s
 def generate_documents(split: str, num_documents: int, seed: int, tokenize: Callable[[str], list[int]],
                        context_tokens: int = 512, block_tokens: int = 64,
                        questions_per_document: int = 4,
-                       count_each: Callable[[list[str]], list[int]] | None = None) -> list[QADocument]:
+                       count_each: Callable[[list[str]], list[int]] | None = None,
+                       distinct_names: bool = False) -> list[QADocument]:
     """``num_documents`` documents of ``context_tokens // block_tokens`` paragraphs, each paragraph fitting in
     ``block_tokens - 1`` tokens of ``tokenize`` (one slot is kept for the newline ``pack`` adds).
+
+    ``distinct_names``: every person of a document gets a first name and a surname no other person of that
+    document has, so finding a paragraph by name is easy and the hard part left is carrying its facts; by default
+    people share a few first names and surnames (distractors that make binding names to facts the hard part).
 
     ``count_each`` (optional, faster) returns the token count of ``" " + s`` for each sentence ``s`` of a list
     (a paragraph is then checked once more with ``tokenize``). Raises ValueError for an unknown split or sizes
@@ -131,11 +141,18 @@ def generate_documents(split: str, num_documents: int, seed: int, tokenize: Call
     num_paragraphs = context_tokens // block_tokens
     documents = []
     for _ in range(num_documents):
-        families = rng.sample(LAST_NAMES[split], k=max(2, num_paragraphs // 3))  # shared surnames: distractors
-        firsts = rng.sample(FIRST_NAMES[split], k=max(2, num_paragraphs // 2))  # shared first names too
-        paragraphs, facts, names = [], [], set()
+        if distinct_names:  # person i: first name i and surname i, no two alike
+            families = rng.sample(LAST_NAMES[split], k=num_paragraphs)
+            firsts = rng.sample(FIRST_NAMES[split], k=num_paragraphs)
+        else:
+            families = rng.sample(LAST_NAMES[split], k=max(2, num_paragraphs // 3))  # shared surnames: distractors
+            firsts = rng.sample(FIRST_NAMES[split], k=max(2, num_paragraphs // 2))  # shared first names too
+        paragraphs, facts, names, people, stated_values = [], [], set(), [], []
         while len(paragraphs) < num_paragraphs:
-            name, values = _person(rng, families, firsts)
+            if distinct_names:
+                name, values = _person(rng, [families[len(paragraphs)]], [firsts[len(paragraphs)]])
+            else:
+                name, values = _person(rng, families, firsts)
             if name in names:
                 continue
             names.add(name)
@@ -155,12 +172,19 @@ def generate_documents(split: str, num_documents: int, seed: int, tokenize: Call
                 raise ValueError(f"block_tokens={block_tokens} is too small for one fact about {name}")
             facts += [(len(paragraphs), name, attribute, values) for attribute in stated]
             paragraphs.append(" ".join(sentences))
+            people.append(name)
+            stated_values.append(tuple(values[attribute] for attribute in stated))
         questions = []
         for index, name, attribute, values in rng.sample(facts, k=min(questions_per_document, len(facts))):
             text = FACTS[attribute][1].format(n=name, p=values["prize"])
-            questions.append(Question(text, values[attribute], index))
-        documents.append(QADocument(tuple(paragraphs), tuple(questions), split))
+            questions.append(Question(text, values[attribute], index, attribute))
+        documents.append(QADocument(tuple(paragraphs), tuple(questions), split, tuple(people), tuple(stated_values)))
     return documents
+
+
+def repeat_prompt(document: QADocument, paragraph: int) -> str:
+    """Addressed autoencoding: the cue asking for one paragraph back by the full name of its person."""
+    return f"\nRepeat the paragraph about {document.people[paragraph]}:\n"
 
 
 def pack(document: QADocument, tokenize: Callable[[str], list[int]], block_tokens: int, pad_id: int) -> list[int]:

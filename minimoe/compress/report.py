@@ -99,7 +99,10 @@ HANDOFF_WORDS = {"embeddings": "input embeddings (ICAE)", "kv": "keys/values in 
 def markdown(summary: dict) -> str:
     b, c = summary["bounds"], summary["config"]
     how = ("SmolLM2-135M fine-tuned" if summary["config"].get("base") == "smollm2" else "a Llama pretrained here")
-    lines = [f"Device: {summary['device']}. Reader: {how}, {summary['pretrain']['parameters']:,} parameters, "
+    smoke = bool(c.get("smoke"))
+    lines = ["**Smoke run: these numbers mean nothing.** A reader and compressors trained for a few steps check that "
+             "every stage runs and every table fills; no conclusion is drawn from them.", ""] if smoke else []
+    lines += [f"Device: {summary['device']}. Reader: {how}, {summary['pretrain']['parameters']:,} parameters, "
              f"{summary['pretrain']['steps']} training steps in {summary['pretrain']['seconds']} s.",
              f"Compressors: {c.get('ae_steps', 0)} autoencoding + {c['steps']} QA steps of {c['batch_size']} contexts, "
              f"learning rate {c['lr']}, LoRA rank {c['lora_rank']}; the decoder reads the memory as "
@@ -127,7 +130,7 @@ def markdown(summary: dict) -> str:
             steps = "-" if m["steps"] is None else f"{m['steps']:.0f}"
             seconds = "-" if m["seconds"] is None else f"{m['seconds']:.1f}"
             lines.append(f"| {method} | {m['reached']}/{m['of']} | {steps} | {seconds} |")
-    if "pic_over_global_seconds" in t:
+    if "pic_over_global_seconds" in t and not smoke:
         lines.append(f"\nOn the {t['paired_seeds']} seed(s) where both reached it, PIC needs "
                      f"{100 * t['pic_over_global_steps']:.0f}% of the baseline's steps and "
                      f"{100 * t['pic_over_global_seconds']:.0f}% of its training seconds.")

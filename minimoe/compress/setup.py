@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from minimoe.compress.qa_data import answer_text, generate_documents, pack, question_prompt
+from minimoe.compress.qa_data import answer_text, generate_documents, pack, question_prompt, repeat_prompt
 from minimoe.compress.training import QASet, build_qa_set, evaluate_reader, pretrain_base
 from minimoe.data.corpora import DOMAINS, load_corpus
 from minimoe.data.tokenizer import BOS, EOS, PAD, load_tokenizer, save_tokenizer, train_tokenizer
@@ -70,7 +70,7 @@ def _qa_sets(cfg, encode, pad_id: int, tokenizer) -> dict[str, QASet]:
     sizes = {"train": cfg.train_documents, "dev": cfg.dev_documents, "test": cfg.test_documents}
     return {split: build_qa_set(generate_documents(split, count, cfg.seed, encode, cfg.context_tokens,
                                                    cfg.block_tokens, cfg.questions_per_document,
-                                                   sentence_token_counter(tokenizer)),
+                                                   sentence_token_counter(tokenizer), cfg.distinct_names),
                                 encode, cfg.block_tokens, pad_id)
             for split, count in sizes.items()}
 
@@ -82,14 +82,19 @@ def model_config(cfg, vocab_size: int, row_tokens: int) -> ModelConfig:
                        max_seq_len=max_seq_len, tie_word_embeddings=True, rope_theta=10000.0)
 
 
-def pretraining_rows(cfg, tokenizer, encode, bos_id: int, pad_id: int) -> np.ndarray:
+def pretraining_rows(cfg, tokenizer, encode, bos_id: int, pad_id: int, eos_id: int | None = None) -> np.ndarray:
     """(N, T) int32: QA rows and corpus windows, shuffled (seeded), padded with ``pad_id``.
 
     A QA row keeps the first p paragraphs of a document, p uniform in 1 .. context_tokens / block_tokens (short
-    contexts first teach the lookup, long ones its reach), then up to ``pretrain_questions`` questions about them.
+    contexts first teach the lookup, long ones its reach), then up to ``pretrain_questions`` questions about them,
+    then ``pretrain_repeats`` addressed repeats (``repeat_prompt`` + the paragraph + eos; at most one, as it ends
+    the row) so that the reader also knows the autoencoding task from the full context.
     """
+    if cfg.pretrain_repeats not in (0, 1):
+        raise ValueError(f"pretrain_repeats must be 0 or 1 (a repeat ends its row with eos), got {cfg.pretrain_repeats}")
     documents = generate_documents("train", cfg.pretrain_documents, cfg.seed + 1, encode, cfg.context_tokens,
-                                   cfg.block_tokens, 10 * cfg.pretrain_questions, sentence_token_counter(tokenizer))
+                                   cfg.block_tokens, 10 * cfg.pretrain_questions, sentence_token_counter(tokenizer),
+                                   cfg.distinct_names)
     rng = np.random.default_rng(cfg.seed + 1)
     qa_rows = []
     for document in documents:
@@ -99,6 +104,9 @@ def pretraining_rows(cfg, tokenizer, encode, bos_id: int, pad_id: int) -> np.nda
         row = [bos_id] + pack(short, encode, cfg.block_tokens, pad_id)
         for question in questions:
             row += encode(question_prompt(question)) + encode(answer_text(question))
+        if cfg.pretrain_repeats:
+            paragraph = int(rng.integers(0, keep))
+            row += encode(repeat_prompt(document, paragraph)) + encode(document.paragraphs[paragraph]) + [eos_id]
         qa_rows.append(row)
     length = max(len(row) for row in qa_rows)
     num_corpus = int(round(len(qa_rows) * (1 - cfg.qa_fraction) / cfg.qa_fraction))
@@ -139,7 +147,7 @@ def prepare(cfg, out: Path, progress: bool = True) -> dict:
                                     vocab_size=cfg.vocab_size)
         save_tokenizer(tokenizer, out / "tokenizer.json")
     prepared = load_prepared(cfg, out, base=False)
-    rows = pretraining_rows(cfg, tokenizer, prepared.encode, prepared.bos_id, prepared.pad_id)
+    rows = pretraining_rows(cfg, tokenizer, prepared.encode, prepared.bos_id, prepared.pad_id, prepared.eos_id)
     config = initial.config if initial is not None else model_config(cfg, tokenizer.get_vocab_size(), rows.shape[1])
     if rows.shape[1] > config.max_seq_len:
         raise ValueError(f"training rows of {rows.shape[1]} tokens exceed the base's max_seq_len={config.max_seq_len}")

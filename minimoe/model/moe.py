@@ -19,15 +19,16 @@ directly (x @ W):
 
 Two ways to compute the same thing (a test proves they agree, values and gradients):
 ``impl="loop"``     the reference: for each expert, gather its tokens, run it, add back.
-``impl="grouped"``  the fast path (MegaBlocks, Gale et al. 2022, "dropless MoE"): flatten the
-    T·k (token, slot) pairs, sort them by expert (one stable argsort), gather the token rows
-    in that order, run grouped matrix multiplies for gate, up and down (``torch._grouped_mm``,
-    which takes the int32 end offset of each expert's rows on the device: no host sync),
-    scale each row by its weight, gather the rows back to (token, slot) order and sum over the
-    k slots. Where ``torch._grouped_mm`` cannot run (old torch, float64, sizes not multiples
-    of 16 bytes, CUDA before sm80), and on CUDA when experts get few rows (weight-bound: see
-    ``choose_backend``), one matmul per expert over its slice of the sorted rows computes the
-    same result after one host sync that reads the offsets.
+``impl="grouped"``  the fast path (MegaBlocks, Gale et al. 2022, "dropless MoE";
+    ``minimoe.model.grouped``): flatten the T·k (token, slot) pairs, sort them by expert (one
+    stable sort), gather the token rows in that order, run grouped matrix multiplies for gate,
+    up and down (``torch._grouped_mm``, which takes the int32 end offset of each expert's rows
+    on the device), and gather each token's k results back with their weights in one
+    ``embedding_bag``. No host sync on the default backend, so a forward can be captured in a
+    CUDA graph. With few rows per expert (decode) the products are computed transposed, weights
+    as the left operand, so each expert's weights stream from memory about once. Where
+    ``torch._grouped_mm`` cannot run (old torch, float64, sizes not multiples of 16 bytes,
+    CUDA before sm80), one matmul per expert computes the same after reading the offsets.
 
 Capacity (GShard, Lepikhin et al. 2020): by default the layer is dropless. With
 ``capacity_factor > 0`` each expert takes at most C = ceil(T·k/E · capacity_factor) pairs;
@@ -51,6 +52,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimoe.model.dense import FeedForward  # the shared expert is a plain SwiGLU
+from minimoe.model.grouped import (  # noqa: F401  (grouped_matmul and friends are also used from here)
+    BACKENDS,
+    choose_backend,
+    grouped_experts,
+    grouped_matmul,
+    grouped_mm_supported,
+)
 from minimoe.model.router import (
     AUX_LOSS_CONVENTIONS,
     DROPPED_GROUP_VALUES,
@@ -177,67 +185,6 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 
 
 # ---------------------------------------------------------------------------------------------
-# Grouped matrix multiply: rows [ends[e-1], ends[e]) of x times weight[e].
-# ---------------------------------------------------------------------------------------------
-def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` can multiply x (S, K) by weight (G, K, N) here."""
-    if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype:
-        return False
-    if x.device.type == "cuda":
-        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
-            return False
-    elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    for t in (x, weight):  # the kernels need 16-byte aligned pointers and strides
-        if t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride() if s != 1):
-            return False
-    return True
-
-
-# Below this many rows per expert (on average) the products are bound by reading the expert
-# weights, and cuBLAS per expert read them faster than torch._grouped_mm's small-tile kernel
-# on an H200 (512 Mixtral tokens: 1.46 ms against 1.64 ms even with no launch overhead,
-# benchmarks/results/): there "auto" pays one host sync to read the offsets and loops.
-PER_GROUP_MAX_ROWS_PER_GROUP = 256
-BACKENDS = ("auto", "grouped_mm", "per_group")
-
-
-def choose_backend(requested: str, x: torch.Tensor, weights: list[torch.Tensor]) -> str:
-    """Resolve "auto" to "grouped_mm" or "per_group" for products of x by each of ``weights``."""
-    if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    if requested != "auto":
-        return requested
-    if not all(grouped_mm_supported(x, w) for w in weights):
-        return "per_group"
-    few_rows = x.shape[0] <= PER_GROUP_MAX_ROWS_PER_GROUP * weights[0].shape[0]
-    return "per_group" if x.device.type == "cuda" and few_rows else "grouped_mm"
-
-
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends, backend: str = "grouped_mm") -> torch.Tensor:
-    """x (S, K) sorted by group, weight (G, K, N) -> (S, N): rows [ends[g-1], ends[g]) times weight[g].
-
-    group_ends: (G,) int32 tensor (on x's device) or a list of ints. backend "grouped_mm" runs
-    one ``torch._grouped_mm`` (no host sync); "per_group" one matmul per non-empty group (reads
-    the ends on the host). Rows at or after ends[-1] are left undefined by ``torch._grouped_mm``
-    (zeros with "per_group"): callers mask them.
-    """
-    if backend == "grouped_mm":
-        ends = group_ends if isinstance(group_ends, torch.Tensor) else torch.tensor(group_ends, dtype=torch.int32)
-        return torch._grouped_mm(x, weight, offs=ends.to(device=x.device, dtype=torch.int32))
-    if backend != "per_group":
-        raise ValueError(f"backend must be 'grouped_mm' or 'per_group', got {backend!r}")
-    ends = group_ends.tolist() if isinstance(group_ends, torch.Tensor) else list(group_ends)
-    pieces, start = [], 0
-    for g, end in enumerate(ends):
-        if end > start:
-            pieces.append(x[start:end] @ weight[g])
-        start = end
-    pieces.append(x.new_zeros(x.shape[0] - start, weight.shape[2]))
-    return torch.cat(pieces)
-
-
-# ---------------------------------------------------------------------------------------------
 # The layer.
 # ---------------------------------------------------------------------------------------------
 class MoELayer(nn.Module):
@@ -248,7 +195,8 @@ class MoELayer(nn.Module):
     (int: dropped (token, expert) pairs; in capacity mode reading it syncs with the device) and
     ``aux_loss`` (float32 scalar, aux_loss_coef·load-balancing + z_loss_coef·z-loss; zero when
     both coefficients are 0). ``impl`` ("grouped" or "loop") and ``grouped_backend`` ("auto",
-    "grouped_mm", "per_group"; use "grouped_mm" under CUDA-graph capture) can be changed at any time.
+    "grouped_mm", "grouped_mm_t", "per_group"; every one but "per_group" can be captured in a CUDA
+    graph) can be changed at any time.
     """
 
     def __init__(self, hidden_size: int, config: MoEConfig, impl: str = "grouped", init_std: float = 0.02):
@@ -259,7 +207,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
         self.hidden_size, self.config = hidden_size, config
         self.impl = impl
-        self.grouped_backend = "auto"  # "auto", "grouped_mm" or "per_group": see choose_backend
+        self.grouped_backend = "auto"  # one of BACKENDS: see minimoe.model.grouped
         E, H, Fe = config.num_experts, hidden_size, config.intermediate_size
         self.router = Router(
             H, E, config.top_k, family=config.router, norm_topk_prob=config.norm_topk_prob,
@@ -344,36 +292,12 @@ class MoELayer(nn.Module):
         return out
 
     def _experts_grouped(self, x: torch.Tensor, routing: RoutingResult, kept: torch.Tensor | None) -> torch.Tensor:
-        """Fast path: sort (token, slot) pairs by expert, grouped matmuls, weighted sum."""
-        (T, H), k, E, Fe = x.shape, routing.top_k, self.config.num_experts, self.config.intermediate_size
-        flat_ids = routing.expert_ids.reshape(-1)  # (S,) S = T·k, pair p = (token p // k, slot p % k)
-        if kept is not None:  # dropped pairs get the id E, so they sort after every expert
-            flat_ids = flat_ids.masked_fill(~kept.reshape(-1), E)
-        sorted_ids, order = torch.sort(flat_ids, stable=True)  # row r of the expert-sorted list is pair order[r]
-        experts = torch.arange(1, E + 1, device=x.device)
-        group_ends = torch.searchsorted(sorted_ids, experts).to(torch.int32)  # (E,) end of each expert's rows
-        rows = x.index_select(0, order // k)  # (S, H) token rows in expert order
-        row_weight = routing.weights.reshape(-1, 1)[order].to(x.dtype)  # (S, 1)
-        if routing.scales_input:
-            rows = rows * row_weight
-        row_kept = None if kept is None else (sorted_ids < E).unsqueeze(-1)  # (S, 1)
-        if row_kept is not None:  # zero the tail rows (also zeroes their gradient)
-            rows = rows.where(row_kept, 0.0)
-        # gate and up as two products on column slices of gate_up_proj: contiguous outputs keep
-        # silu and * on PyTorch's vectorised kernels (one (S, 2F) product would leave them strided)
-        gate_w, up_w = self.gate_up_proj[:, :, :Fe], self.gate_up_proj[:, :, Fe:]  # (E, H, F) views
-        backend = choose_backend(self.grouped_backend, rows, [gate_w, up_w, self.down_proj])
-        ends = group_ends if backend == "grouped_mm" else group_ends.tolist()  # per_group: one host sync
-        gate = grouped_matmul(rows, gate_w, ends, backend)  # (S, F)
-        up = grouped_matmul(rows, up_w, ends, backend)  # (S, F)
-        expert_out = grouped_matmul(F.silu(gate) * up, self.down_proj, ends, backend)  # (S, H)
-        if row_kept is not None:
-            expert_out = expert_out.where(row_kept, 0.0)
-        if not routing.scales_input:
-            expert_out = expert_out * row_weight
-        rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        pair_out = expert_out.index_select(0, rank)  # (S, H) back in (token, slot) order: a gather
-        return pair_out.view(T, k, H).sum(dim=1)  # (T, H)
+        """Fast path: sort (token, slot) pairs by expert, grouped matmuls, weighted gather-sum."""
+        expert_ids = routing.expert_ids
+        if kept is not None:  # dropped pairs get the id E: "no expert"
+            expert_ids = expert_ids.masked_fill(~kept, self.config.num_experts)
+        return grouped_experts(x, expert_ids, routing.weights, self.gate_up_proj, self.down_proj,
+                               routing.scales_input, self.grouped_backend, has_invalid=kept is not None)
 
     def _aux_loss(self, routing: RoutingResult, device: torch.device) -> torch.Tensor:
         cfg = self.config

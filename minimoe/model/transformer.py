@@ -268,7 +268,11 @@ class Transformer(nn.Module):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found: a checkpoint holds {CONFIG_FILE} and {WEIGHTS_FILE}")
         model = cls(ModelConfig.load(directory / CONFIG_FILE))
-        tensors = load_file(str(directory / WEIGHTS_FILE))
+        try:
+            tensors = load_file(str(directory / WEIGHTS_FILE))
+        except Exception as error:  # SafetensorError (a damaged header or truncated file) is not a ValueError
+            raise ValueError(f"{directory / WEIGHTS_FILE} is not a readable safetensors file "
+                             f"({str(error).strip()[:200]})") from None
         expected = {k: v for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             expected.pop("lm_head.weight")

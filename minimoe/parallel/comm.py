@@ -1,30 +1,42 @@
-"""The collectives of expert parallelism: the process group, the uneven all-to-all, and its gradient.
+"""The collectives of expert parallelism: the process group, the three exchanges and their gradients.
 
 **All-to-all with uneven splits** (MPI's ``Alltoallv``; ``torch.distributed.all_to_all_single``). Each of the
 G ranks holds a buffer of rows cut into G consecutive chunks, chunk d (``send_splits[d]`` rows) meant for
 rank d. After the exchange rank r holds, in rank order, the chunk every rank s cut for it
-(``recv_splits[s]`` rows). A rank may send or receive zero rows; it still takes part, because a collective
-completes only when every rank of the group has called it (skipping one is the classic expert-parallel hang).
+(``recv_splits[s]`` rows). The split sizes must be known *on the host* before the call, so a format that
+decides on the device how many rows go where pays one host sync to learn them (:class:`CountExchange`).
 
-**Its gradient.** The exchange is a permutation of rows between processes, a linear map P. Its adjoint
-Pᵀ sends every row back where it came from: the same call with the splits swapped. So the backward of
-``y = A2A(x; send, recv)`` is ``dx = A2A(dy; recv, send)`` (Megatron-LM and DeepSpeed wrap the call in a
-custom autograd function the same way). :class:`Exchange` moves a leg's token rows together with their
-routing metadata (float32 weights, which are differentiable, and integer slot ids, which are not) in ONE
-autograd node, so the backward runs its exchanges in one fixed order on every rank; in the forward they
-travel in one packed byte buffer, so a leg is one all-to-all.
+**All-gather and reduce-scatter** (``all_gather_into_tensor``, ``reduce_scatter_tensor``). All-gather
+concatenates every rank's (n, H) block in rank order into (G·n, H); reduce-scatter is its adjoint: from
+(G·n, H) on every rank, rank r keeps the sum over ranks of block r. Every block has the same size n, so
+nothing about the data has to reach the host: these two can run inside a CUDA graph.
 
-Every rank must build the same graph: when gradients are wanted, ``Exchange`` is given a leaf ``anchor``
-that requires grad, so its outputs join the graph even on a rank whose own rows do not (a rank with no
-tokens), and every rank calls the reverse exchange in backward. All ranks must call ``backward``.
+**Gradients.** Each exchange is a linear map of rows between processes. The all-to-all is a permutation P;
+its adjoint Pᵀ sends every row back where it came from, i.e. the same call with the splits swapped
+(Megatron-LM and DeepSpeed wrap it so). The adjoint of all-gather is reduce-scatter and vice versa, so
+:class:`AllGather` and :class:`ReduceScatter` swap the two collectives in backward. Every rank must build
+the same graph: a leaf ``anchor`` that requires grad ties the outputs to it even on a rank whose inputs need
+no gradient (a rank with no tokens), so every rank runs the backward collectives, in the same order.
+
+**The one host sync of a leg.** :class:`CountExchange` exchanges a (G,) count vector with an all-to-all,
+copies send and receive counts into pinned host memory without blocking, records a CUDA event, and only
+``wait()`` blocks, on that event: the GPU keeps working through everything enqueued before the wait.
+
+**One rank.** With a single rank every collective is a copy; they are skipped unless
+:func:`collectives_at_one_rank` is in force (benchmarks use it to time the collectives' own cost).
+
+**gloo.** ``all_to_all_single`` with uneven splits works; the list form of ``all_gather`` works for equal
+sizes; reduce-scatter is not available on gloo in every torch release, so on gloo all-gather uses the list
+form and reduce-scatter is an all-to-all of the G blocks followed by a local sum (the same bytes).
 
 **Failing clearly.** :func:`init_process_group` sets a timeout on every collective. When a rank raises or
 exits, the others' next collective fails (gloo: the peer's socket closes; a rank that never arrives: the
-timeout); :func:`all_to_all` turns that into a ``RuntimeError`` that names the exchange, the rank and the
+timeout); every collective here turns that into a ``RuntimeError`` that names the exchange, the rank and the
 timeout. NCCL enforces the timeout with its watchdog, which ends the process.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -33,6 +45,11 @@ import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 60.0
 _TIMEOUT_S: float | None = None  # the timeout init_process_group set, for error messages
+_ONE_RANK_SHORTCUT = [True]  # skip collectives on a one-rank group (see collectives_at_one_rank)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 
 
 # ---- the process group ---------------------------------------------------------------------------------
@@ -94,55 +111,86 @@ def _failed(what: str, group, error: Exception) -> RuntimeError:
                         f"Cause: {error}")
 
 
-# ---- plain collectives (no autograd) --------------------------------------------------------------------
-def all_to_all(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group=None,
-               what: str = "all-to-all", pad_rows: int = 0) -> torch.Tensor:
-    """Rows (sum(send_splits), ...) -> (sum(recv_splits) + pad_rows, ...): chunk d of ``rows`` goes to rank d;
-    ``pad_rows`` zero rows follow the received ones (a row that gathers can point at for "nothing").
-
-    With one rank (or no process group) the rows stay where they are. Raises RuntimeError naming ``what`` when
-    a peer fails or times out.
-    """
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return torch.cat([rows, rows.new_zeros(pad_rows, *rows.shape[1:])]) if pad_rows else rows
-    received = sum(recv_splits)
-    out = rows.new_empty((received + pad_rows, *rows.shape[1:]))
-    if pad_rows:
-        out[received:].zero_()
+@contextlib.contextmanager
+def collectives_at_one_rank():
+    """Inside this block, collectives on a one-rank group run (as local copies) instead of being skipped."""
+    _ONE_RANK_SHORTCUT.append(False)
     try:
-        dist.all_to_all_single(out[:received], rows.contiguous(), recv_splits, send_splits, group=group)
+        yield
+    finally:
+        _ONE_RANK_SHORTCUT.pop()
+
+
+def alone(group=None) -> bool:
+    """True when the collectives of ``group`` can be skipped: no process group, or one rank (and the shortcut on)."""
+    if not dist.is_initialized():
+        return True
+    return dist.get_world_size(group) == 1 and _ONE_RANK_SHORTCUT[-1]
+
+
+def _gloo(group) -> bool:
+    return dist.get_backend(group) == "gloo"
+
+
+# ---- plain collectives (no autograd) --------------------------------------------------------------------
+def all_to_all(out: torch.Tensor, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group=None,
+               what: str = "all-to-all") -> torch.Tensor:
+    """Chunk d of ``rows`` (``send_splits[d]`` rows) to rank d; ``out`` (sum(recv_splits), ...) receives, in rank
+    order, the chunk every rank cut for this one. Returns ``out``. Raises RuntimeError naming ``what`` when a
+    peer fails or times out. With one rank, ``out`` gets a copy of ``rows``."""
+    if alone(group):
+        return out.copy_(rows)
+    try:
+        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
     except RuntimeError as error:
         raise _failed(what, group, error) from error
     return out
 
 
-def exchange_counts(send_counts: torch.Tensor, group=None) -> tuple[list[int], list[int]]:
-    """Tell every rank how many rows it will get: (G,) counts -> (send_splits, recv_splits) as host lists.
+def all_gather_into(out: torch.Tensor, block: torch.Tensor, group=None, what: str = "all-gather") -> torch.Tensor:
+    """block (n, ...) on every rank -> ``out`` (G·n, ...): the blocks in rank order. Returns ``out``."""
+    if alone(group):
+        return out.copy_(block)
+    try:
+        if _gloo(group):
+            dist.all_gather(list(out.chunk(dist.get_world_size(group))), block.contiguous(), group=group)
+        else:
+            _all_gather_single(out, block.contiguous(), group=group)
+    except RuntimeError as error:
+        raise _failed(what, group, error) from error
+    return out
 
-    One all-to-all of G integers, then one copy to the host (the only host sync of a leg: the row exchange
-    needs its sizes on the host).
-    """
-    send_counts = send_counts.to(torch.int64)
-    recv_counts = all_to_all(send_counts, [1] * len(send_counts), [1] * len(send_counts), group, "count exchange")
-    both = torch.cat([send_counts, recv_counts]).tolist()
-    return both[:len(send_counts)], both[len(send_counts):]
+
+def reduce_scatter_into(out: torch.Tensor, blocks: torch.Tensor, group=None, what: str = "reduce-scatter") -> torch.Tensor:
+    """blocks (G·n, ...) on every rank -> ``out`` (n, ...) = the sum over ranks of block ``rank``. Returns ``out``.
+
+    On gloo: an all-to-all of the G blocks (each rank sends block d to rank d, as reduce-scatter does) and a
+    local sum over the G received blocks, in rank order."""
+    if alone(group):
+        return out.copy_(blocks)
+    size = dist.get_world_size(group)
+    try:
+        if _gloo(group):
+            received = torch.empty_like(blocks)
+            dist.all_to_all_single(received, blocks.contiguous(), group=group)
+            torch.sum(received.view(size, *out.shape), 0, out=out)
+        else:
+            _reduce_scatter_single(out, blocks.contiguous(), group=group)
+    except RuntimeError as error:
+        raise _failed(what, group, error) from error
+    return out
 
 
 def all_gather_rows(row: torch.Tensor, group=None, what: str = "all-gather") -> torch.Tensor:
-    """(n,) on every rank -> (G, n): the same-size vectors of all ranks, in rank order (gloo-safe)."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+    """(n,) on every rank -> (G, n): the same-size vectors of all ranks, in rank order."""
+    if alone(group):
         return row.unsqueeze(0)
-    parts = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
-    try:
-        dist.all_gather(parts, row.contiguous(), group=group)
-    except RuntimeError as error:
-        raise _failed(what, group, error) from error
-    return torch.stack(parts)
+    return all_gather_into(row.new_empty(dist.get_world_size(group), *row.shape), row.unsqueeze(0), group, what)
 
 
 def all_reduce_sum(tensor: torch.Tensor, group=None, what: str = "all-reduce") -> torch.Tensor:
     """Sum ``tensor`` over the ranks, in place, and return it."""
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
+    if not alone(group):
         try:
             dist.all_reduce(tensor, group=group)
         except RuntimeError as error:
@@ -150,88 +198,70 @@ def all_reduce_sum(tensor: torch.Tensor, group=None, what: str = "all-reduce") -
     return tensor
 
 
-# ---- the differentiable exchange ------------------------------------------------------------------------
-def _layout(specs: list[tuple[torch.dtype, int]]) -> tuple[list[int], int]:
-    """Byte offset of each (dtype, columns) part in a packed row (8-byte aligned) and the row width (16-aligned)."""
-    offsets, width = [], 0
-    for dtype, columns in specs:
-        width = -(-width // 8) * 8
-        offsets.append(width)
-        width += columns * torch.empty((), dtype=dtype).element_size()
-    return offsets, -(-width // 16) * 16
+class CountExchange:
+    """Tell every rank how many rows it will get, with one host sync: (G,) int64 counts on the device.
 
-
-def packed_all_to_all(parts: list[tuple[torch.Tensor, torch.Tensor | None]], send_splits, recv_splits, group=None,
-                      what: str = "all-to-all") -> list[torch.Tensor]:
-    """Exchange several row-aligned tensors in ONE all-to-all: each row of a byte buffer holds row n of every part.
-
-    parts: (tensor (R, c), index (N,) or None): row n of the part is ``tensor[index[n]]`` (gathered straight
-    into the buffer) or ``tensor[n]``. Returns one (N', c) view per part into the received buffer.
+    ``CountExchange(send_counts, group)`` starts it (an all-to-all of G integers, then a non-blocking copy of
+    both count vectors to pinned host memory, marked by a CUDA event); ``wait()`` blocks on that event and
+    returns (send_splits, recv_splits) as host lists. Work enqueued between the two keeps the GPU busy.
     """
-    specs = [(t.dtype, t.shape[1]) for t, _ in parts]
-    offsets, width = _layout(specs)
-    first, index = parts[0]
-    rows = first.shape[0] if index is None else index.shape[0]
-    buffer = torch.empty(rows, width, dtype=torch.uint8, device=first.device)
-    size = [torch.empty((), dtype=d).element_size() for d, _ in specs]
-    for (tensor, index), offset, (dtype, columns), nbytes in zip(parts, offsets, specs, size):
-        view = buffer[:, offset:offset + columns * nbytes].view(dtype)  # (N, c), strided
-        if index is None:
-            view.copy_(tensor)
+
+    def __init__(self, send_counts: torch.Tensor, group=None, what: str = "count exchange"):
+        send_counts = send_counts.to(torch.int64)
+        self.size, self.alone = send_counts.numel(), alone(group)
+        if self.alone:  # one rank: it receives what it sends
+            both = send_counts
         else:
-            torch.index_select(tensor, 0, index, out=view)
-    out = all_to_all(buffer, send_splits, recv_splits, group, what)
-    return [out[:, o:o + c * b].view(d) for o, (d, c), b in zip(offsets, specs, size)]
+            both = send_counts.new_empty(2 * self.size)
+            both[:self.size] = send_counts
+            all_to_all(both[self.size:], send_counts, [1] * self.size, [1] * self.size, group, what)
+        self.event = None
+        if both.is_cuda:
+            self.host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+            self.host.copy_(both, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = both
+
+    def wait(self) -> tuple[list[int], list[int]]:
+        if self.event is not None:
+            self.event.synchronize()  # the host sync of the leg
+        both = self.host.tolist()
+        return (both, both) if self.alone else (both[:self.size], both[self.size:])
 
 
-class Exchange(torch.autograd.Function):
-    """One leg of dispatch or combine: rows of x, and optionally their routing metadata, to other ranks.
-
-    forward(x (R, H), src_row (N,) int64 or None, weights (N, m) float32 or None, slots (N, m) int or None,
-    send_splits, recv_splits, group, what, anchor, pad_rows) -> (x[src_row] exchanged: (N', H), plus
-    ``pad_rows`` zero rows when there is no metadata; weights (N', m) float32 or None; slots (N', m) int64 or
-    None). With metadata, the gather writes into one packed buffer and a single all-to-all moves everything.
-    backward: the same exchange with the splits swapped, for the rows' gradient and then the weights' (two
-    all-to-alls in that order, on every rank), and the gather's adjoint (index_add into x's rows).
-    """
-
-    @staticmethod
-    def forward(ctx, x, src_row, weights, slots, send_splits, recv_splits, group, what, anchor, pad_rows=0):
-        ctx.splits, ctx.group, ctx.what, ctx.pad_rows = (send_splits, recv_splits), group, what, pad_rows
-        ctx.has_weights, ctx.num_rows = weights is not None, x.shape[0]
-        ctx.save_for_backward(src_row)
-        if weights is None:
-            rows = x if src_row is None else x.index_select(0, src_row)
-            return all_to_all(rows, send_splits, recv_splits, group, f"{what} (rows)", pad_rows), None, None
-        out_rows, out_weights, out_slots = packed_all_to_all(
-            [(x, src_row), (weights.float(), None), (slots.to(torch.int32), None)], send_splits, recv_splits,
-            group, what)
-        out_slots = out_slots.to(torch.int64)
-        ctx.mark_non_differentiable(out_slots)
-        return out_rows, out_weights, out_slots
+# ---- the differentiable all-gather and reduce-scatter --------------------------------------------------
+class AllGather(torch.autograd.Function):
+    """block (n, ...) -> (G·n, ...) all-gathered; backward: reduce-scatter of the gradient."""
 
     @staticmethod
-    def backward(ctx, grad_rows, grad_weights, _grad_slots):
-        send, recv = ctx.splits
-        (src_row,) = ctx.saved_tensors
-        grad_rows = grad_rows[:grad_rows.shape[0] - ctx.pad_rows]  # the zero rows were no one's
-        grad_x = all_to_all(grad_rows.contiguous(), recv, send, ctx.group, f"{ctx.what} backward (rows)")
-        if src_row is not None:
-            grad_x = grad_x.new_zeros(ctx.num_rows, grad_x.shape[1]).index_add_(0, src_row, grad_x)
-        grad_w = None
-        if ctx.has_weights:
-            grad_w = all_to_all(grad_weights.contiguous(), recv, send, ctx.group, f"{ctx.what} backward (weights)")
-        return grad_x, None, grad_w, None, None, None, None, None, None, None
+    def forward(ctx, block, anchor, group, what):
+        ctx.group, ctx.what, ctx.size = group, what, 1 if alone(group) else dist.get_world_size(group)
+        return all_gather_into(block.new_empty(ctx.size * block.shape[0], *block.shape[1:]), block, group, what)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty(grad.shape[0] // ctx.size, *grad.shape[1:])
+        return reduce_scatter_into(out, grad.contiguous(), ctx.group, f"{ctx.what} backward"), None, None, None
 
 
-def exchange(x, send_splits, recv_splits, group=None, src_row=None, weights=None, slots=None, requires_grad=False,
-             what="exchange", pad_rows: int = 0):
-    """Differentiable all-to-all of ``x[src_row]`` (all of x when src_row is None) and routing metadata; see
-    :class:`Exchange`. ``requires_grad`` must be the same on every rank: True ties the outputs to the autograd
-    graph even where the local inputs need no gradient, so every rank runs the reverse exchange in backward.
-    """
-    anchor = torch.zeros((), requires_grad=True) if requires_grad else None
-    if weights is not None and (slots is None or weights.shape != slots.shape):
-        raise ValueError(f"weights and slots must have the same shape (N, m), got {tuple(weights.shape)} and "
-                         f"{None if slots is None else tuple(slots.shape)}")
-    return Exchange.apply(x, src_row, weights, slots, send_splits, recv_splits, group, what, anchor, pad_rows)
+class ReduceScatter(torch.autograd.Function):
+    """blocks (G·n, ...) -> (n, ...) summed over ranks; backward: all-gather of the gradient."""
+
+    @staticmethod
+    def forward(ctx, blocks, anchor, group, what):
+        ctx.group, ctx.what, ctx.size = group, what, 1 if alone(group) else dist.get_world_size(group)
+        out = blocks.new_empty(blocks.shape[0] // ctx.size, *blocks.shape[1:])
+        return reduce_scatter_into(out, blocks, group, what)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty(ctx.size * grad.shape[0], *grad.shape[1:])
+        return all_gather_into(out, grad.contiguous(), ctx.group, f"{ctx.what} backward"), None, None, None
+
+
+def anchor(requires_grad: bool) -> torch.Tensor | None:
+    """A leaf that requires grad (or None): passed to an exchange, it puts the outputs in the autograd graph on
+    every rank, so every rank runs the backward collectives (``requires_grad`` must agree across ranks)."""
+    return torch.zeros((), requires_grad=True) if requires_grad else None

@@ -1,10 +1,10 @@
 """``minimoe ep-demo``: expert parallelism for real, on the ranks ``torchrun`` starts.
 
     torchrun --standalone --nproc_per_node=4 -m minimoe ep-demo
-        a random MoE layer, every wire format, against one process
+        a random MoE layer, every wire format, against one process (2 "nodes" of 2 ranks by default)
     torchrun --standalone --nproc_per_node=4 -m minimoe ep-demo --model bundled
         the bundled model expert-parallel: logits against one process
-    torchrun --standalone --nproc_per_node=4 -m minimoe ep-demo --trace bundled --placement locality --gpus-per-node 2
+    torchrun --standalone --nproc_per_node=4 -m minimoe ep-demo --trace bundled --placement grouping+locality
         replay a trace through the exchange: measured bytes and time next to minimoe.placement.measure
 
 Every rank builds the same model from ``--seed``, takes its share of the batch (rank r holds tokens
@@ -14,9 +14,12 @@ and direction (summed over ranks), the time of dispatch, experts and combine (sl
 each rank computed and their max/mean. gloo on CPUs, NCCL when CUDA is available (``--backend``).
 Without torchrun it runs as one process.
 
-Several "nodes" on one host: ``--gpus-per-node 2`` with 4 ranks makes ranks {0,1} and {2,3} two nodes, so the
-hierarchical format and the intra/inter-node counters can be exercised on one machine (the link speeds are
-then those of the host, not of a network). Across real nodes, start the same command on each node with
+Several "nodes" on one host: ``--gpus-per-node 2`` with 4 ranks makes ranks {0,1} and {2,3} two nodes (the
+default for 4 or more ranks; with 2 or 3 ranks each rank is a node), so the hierarchical format and the
+intra/inter-node counters can be exercised on one machine (the link speeds are then those of the host, not
+of a network). ``--placement`` takes every fit ``minimoe report`` measures, or a saved placement .json.
+``--wire-format auto`` runs the format the rule of ``minimoe.parallel.formats`` picks; every run prints the
+rule's choice and its reason. An error prints one line, once (rank 0), and every rank exits with status 2. Across real nodes, start the same command on each node with
 ``--nnodes`` and a rendezvous, e.g. on two nodes of 8 GPUs:
 
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=ep \\
@@ -31,14 +34,15 @@ import os
 import numpy as np
 import torch
 
+from minimoe.arguments import OneLineParser, number, whole_number
 from minimoe.parallel.comm import DEFAULT_TIMEOUT_S, all_reduce_sum, destroy_process_group, group_rank_size, \
     init_process_group
-from minimoe.arguments import OneLineParser, number, whole_number
-from minimoe.parallel.dispatch import WIRE_FORMATS, TrafficCounters
+from minimoe.parallel.counters import TrafficCounters
+from minimoe.parallel.demo_setup import (GROUPINGS, fit_placement, nodes_line, placement_arg, saved_deployment,
+                                         topology)
+from minimoe.parallel.dispatch import WIRE_FORMATS
+from minimoe.parallel.formats import choose_wire_format
 from minimoe.parallel.layer import ExpertParallelMoE, expert_parallel
-
-PLACEMENTS = ("contiguous", "round_robin", "eplb", "locality")
-GROUPINGS = ("round_robin", "random", "domain", "signature")
 
 
 _positive = whole_number(1)
@@ -46,21 +50,37 @@ _positive_float = number(0, strict=True)
 _non_negative_float = number(0)
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+class _RankZeroParser(OneLineParser):
+    """Under torchrun every rank parses the same flags: only rank 0 prints the error line."""
+
+    def error(self, message: str):
+        if _rank() != 0:
+            self.exit(2)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="minimoe ep-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _RankZeroParser(prog="minimoe ep-demo", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a minimoe checkpoint directory, or 'bundled': run the whole model "
                                    "expert-parallel and compare its logits with one process")
     p.add_argument("--trace", help="a trace .npz, or 'bundled' (record the bundled model's workload, small): "
                                    "replay it through the exchange")
-    p.add_argument("--wire-format", default="all", choices=(*WIRE_FORMATS, "all"), help="default: all three")
-    p.add_argument("--placement", default="contiguous", choices=PLACEMENTS,
-                   help="expert placement, fitted on the routing at hand (default: %(default)s)")
+    p.add_argument("--wire-format", default="all", choices=(*WIRE_FORMATS, "all", "auto"),
+                   help="default: all four; auto: the one minimoe.parallel.formats picks")
+    p.add_argument("--placement", default="contiguous", type=placement_arg, metavar="METHOD|FILE.json",
+                   help="expert placement: contiguous, round_robin, eplb, locality, grouping, grouping+locality "
+                        "(fitted on the routing at hand), or a placement file (default: %(default)s)")
     p.add_argument("--replicas", type=_positive, default=None,
                    help="physical slots per layer (default: num_experts rounded up to a multiple of the ranks)")
     p.add_argument("--gpus-per-node", type=_positive, default=None,
-                   help="ranks per 'node' (default: all ranks are one node); must divide the number of ranks")
-    p.add_argument("--grouping", default="round_robin", choices=GROUPINGS,
-                   help="--trace: which rank each request runs on (default: %(default)s = request %% ranks)")
+                   help="ranks per 'node' (default: half the ranks for 4 or more, else 1); must divide the ranks")
+    p.add_argument("--grouping", default=None, choices=GROUPINGS,
+                   help="--trace: which rank each request runs on (default: round_robin = request %% ranks)")
     p.add_argument("--experts", type=_positive, default=16, help="random layer: num_experts (default: %(default)s)")
     p.add_argument("--top-k", type=_positive, default=4, help="random layer: top_k (default: %(default)s)")
     p.add_argument("--hidden", type=_positive, default=None,
@@ -85,15 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _topology(args, world: int):
-    from minimoe.placement import Topology
-
-    per_node = args.gpus_per_node or world
-    if world % per_node:
-        raise ValueError(f"--gpus-per-node {per_node} does not divide the {world} ranks")
-    return Topology(num_nodes=world // per_node, gpus_per_node=per_node)
-
-
 def _routing_trace(expert_ids: list[torch.Tensor], request: np.ndarray, num_experts: int, top_k: int):
     """A Trace of recorded routing: expert_ids[l] (N, k) per layer, request (N,) dense ids."""
     from minimoe.traces import Trace
@@ -101,14 +112,6 @@ def _routing_trace(expert_ids: list[torch.Tensor], request: np.ndarray, num_expe
     experts = np.stack([e.cpu().numpy() for e in expert_ids], axis=1)  # (N, L, k)
     return Trace(experts=experts, request=request, phase=np.zeros(len(request), dtype=np.int8), domain=None,
                  num_experts=num_experts, top_k=top_k, model="ep-demo")
-
-
-def _place(trace, topology, method: str, replicas: int | None, num_experts: int, sources=None, tokens=None):
-    from minimoe.placement import place
-
-    slots = replicas or -(-num_experts // topology.num_gpus) * topology.num_gpus
-    extra = {"sources": sources} if method == "locality" and sources is not None else {}
-    return place(trace, topology, method, num_replicas=slots, tokens=tokens, **extra)
 
 
 def _max_over_ranks(value: float, device) -> float:
@@ -151,16 +154,16 @@ def run_layer(args, world, rank, device, dtype) -> list[dict]:
         reference = moe(x_all)  # (G·T, H) the single-process layer on the whole batch
     trace = _routing_trace([moe.last_routing.expert_ids], np.repeat(np.arange(world), tokens), args.experts,
                            args.top_k)
-    topology = _topology(args, world)
-    placement = _place(trace, topology, args.placement, args.replicas, args.experts)
+    shape = topology(args.gpus_per_node, world)
+    placement, _, _ = fit_placement(args.placement, trace, shape, args.replicas, args.seed)
     kept = moe.last_routing.expert_ids if moe.last_kept is None else \
         moe.last_routing.expert_ids.masked_fill(~moe.last_kept, -1)
-    report = _predict(_routing_trace([kept], trace.request, args.experts, args.top_k), placement, topology,
+    report = _predict(_routing_trace([kept], trace.request, args.experts, args.top_k), placement, shape,
                       np.arange(world), hidden, dtype)
     mine = slice(rank * tokens, (rank + 1) * tokens)
     index = torch.arange(mine.start, mine.stop, device=device)  # global token index, as in the trace
     rows = []
-    for fmt in (WIRE_FORMATS if args.wire_format == "all" else (args.wire_format,)):
+    for fmt in _formats(args):
         layer = ExpertParallelMoE(moe, placement, 0, None, fmt)
         with torch.no_grad():
             out = layer(x_all[mine], token_index=index)
@@ -171,8 +174,9 @@ def run_layer(args, world, rank, device, dtype) -> list[dict]:
                 layer(x_all[mine], token_index=index)
                 times = {k: v + layer.last_times[k] / args.iters for k, v in times.items()}
             layer.counters = counters
-        rows.append(_row(fmt, error, [layer], world, device, times) | _compare(layer.counters.summed(), report, fmt,
-                                                                               topology))
+        rows.append(_row(layer.wire_format, error, [layer], world, device, times)
+                    | _compare(layer.counters.summed(), report, layer.wire_format, shape)
+                    | dict(format_rule=rule_line(args.experts, args.top_k, shape)))
     return rows
 
 
@@ -210,16 +214,18 @@ def run_model(args, world, rank, device, dtype) -> list[dict]:
     moes = [b.ffn for b in model.layers if isinstance(b.ffn, MoELayer)]
     trace = _routing_trace([m.last_routing.expert_ids for m in moes], np.repeat(np.arange(world), seqs * length),
                            moes[0].config.num_experts, moes[0].config.top_k)
-    placement = _place(trace, _topology(args, world), args.placement, args.replicas, trace.num_experts)
+    placement, _, _ = fit_placement(args.placement, trace, topology(args.gpus_per_node, world), args.replicas,
+                                    args.seed)
     mine = slice(rank * seqs, (rank + 1) * seqs)
     rows = []
-    for fmt in (WIRE_FORMATS if args.wire_format == "all" else (args.wire_format,)):
+    for fmt in _formats(args):
         parallel = expert_parallel(copy.deepcopy(model), placement, None, fmt)
         layers = [b.ffn for b in parallel.layers if isinstance(b.ffn, ExpertParallelMoE)]
         with torch.no_grad():
             logits = parallel(ids[mine])
         error = _max_over_ranks(float((logits.float() - reference[mine].float()).abs().max()), device)
-        rows.append(_row(fmt, error, layers, world, device, {}))
+        rows.append(_row(layers[0].wire_format, error, layers, world, device, {})
+                    | dict(format_rule=rule_line(trace.num_experts, trace.top_k, placement.topology)))
     return rows
 
 
@@ -236,24 +242,50 @@ def run_replay(args, world, rank, device, dtype) -> list[dict]:
         if not os.path.isfile(args.trace):
             raise FileNotFoundError(f"--trace {args.trace!r}: no such file (expected a trace .npz or 'bundled')")
         trace = Trace.load(args.trace)
-    topology = _topology(args, world)
+    shape = topology(args.gpus_per_node, world)
     fit = trace.phase == 0 if (trace.phase == 0).any() and (trace.phase == 1).any() else None
     held_out = None if fit is None else ~fit  # fit on prefill, replay decode (held out)
-    sources = None if args.grouping == "round_robin" else group(trace, topology, args.grouping, seed=args.seed,
-                                                                 tokens=fit)
-    placement = _place(trace, topology, args.placement, args.replicas, trace.num_experts, sources, fit)
+    grouping = args.grouping or "round_robin"
+    sources = None if grouping == "round_robin" else group(trace, shape, grouping, seed=args.seed, tokens=fit)
+    deployment = saved_deployment(args.placement)
+    if deployment is not None:  # the report's own fit: its placement, its sources, its held-out tokens
+        if args.grouping is not None:
+            raise ValueError(f"--placement {args.placement} brings the grouping it was fitted with: leave --grouping "
+                             "unset")
+        placement, sources, held_out = deployment.replay_inputs(trace)
+        fit_placement(args.placement, trace, shape, args.replicas)  # the same checks of ranks and nodes
+        grouping = deployment.method if deployment.sources is not None else "round_robin"
+    else:
+        placement, sources, _ = fit_placement(args.placement, trace, shape, args.replicas, args.seed, fit, sources,
+                                              grouping_given=args.grouping is not None)
     hidden = args.hidden or 7168
-    report = _predict(trace, placement, topology, sources, hidden, dtype, held_out)
+    report = _predict(trace, placement, shape, sources, hidden, dtype, held_out)
     rows = []
-    for fmt in (WIRE_FORMATS if args.wire_format == "all" else (args.wire_format,)):
+    for fmt in _formats(args, trace.num_experts, trace.top_k, shape):
         result = replay(trace, placement, sources, fmt, None, hidden, dtype, device, held_out, seed=args.seed)
-        rows.append(dict(wire_format=fmt, placement=args.placement, grouping=args.grouping, steps=result.steps,
+        rows.append(dict(wire_format=fmt, placement=args.placement, grouping=grouping, steps=result.steps,
                          tokens=result.tokens, **result.counters.as_dict(),
-                         **_compare(result.counters, report, fmt, topology),
+                         **_compare(result.counters, report, fmt, shape),
                          dispatch_ms=1e3 * result.dispatch_s, combine_ms=1e3 * result.combine_s,
                          pairs_per_rank=result.received_pairs.tolist(),
-                         load_max_over_mean=result.load_max_over_mean))
+                         load_max_over_mean=result.load_max_over_mean,
+                         format_rule=rule_line(trace.num_experts, trace.top_k, shape)))
     return rows
+
+
+def _formats(args, num_experts=None, top_k=None, shape=None) -> tuple[str, ...]:
+    """The formats to run: all, one, or "auto" (the layer decides; a replay asks the rule here)."""
+    if args.wire_format == "all":
+        return WIRE_FORMATS
+    if args.wire_format == "auto" and shape is not None:
+        return (choose_wire_format(num_experts, top_k, shape.num_gpus, shape.gpus_per_node).wire_format,)
+    return (args.wire_format,)
+
+
+def rule_line(num_experts: int, top_k: int, shape) -> str:
+    """What the format rule picks for this run's sizes, and why (every run prints it)."""
+    choice = choose_wire_format(num_experts, top_k, shape.num_gpus, shape.gpus_per_node)
+    return f"format rule (eager) picks {choice.wire_format}: {choice.reason}"
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -277,6 +309,17 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the demo; under torchrun a ValueError or OSError is raised on rank 0 only (the command line prints it
+    as one line) and the other ranks return 2 quietly."""
+    try:
+        return _main(argv)
+    except (ValueError, OSError):
+        if "WORLD_SIZE" in os.environ and _rank() != 0:
+            return 2
+        raise
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.model and args.trace:
         raise ValueError("--model and --trace are two different runs: give one of them")
@@ -297,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             backend = torch.distributed.get_backend() if distributed else "one process"
             print(f"ep-demo: {world} ranks ({backend}, {device.type}), {args.dtype}, placement {args.placement}, "
-                  f"{args.gpus_per_node or world} ranks per node")
+                  f"{nodes_line(args.gpus_per_node, world)}")
+            print(rows[0]["format_rule"])
             print(format_rows(rows))
             if args.json:
                 with open(args.json, "w") as file:

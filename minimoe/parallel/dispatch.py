@@ -1,120 +1,74 @@
-"""Dispatch and combine: token rows to the ranks holding their experts and back, in three wire formats.
+"""Dispatch and combine: token rows to the ranks holding their experts and back, in four wire formats.
 
 Rank r holds T tokens x (T, H), each routed to k physical slots (``RouteTable.route``; -1 = none or
-dropped) with weights w (T, k). Slot s lives on rank s // slots_per_gpu, node rank // gpus_per_node.
-A **leg** is one exchange: pick rows of an input, sorted by destination rank; exchange the per-rank
-counts (one all-to-all of G integers, the leg's only host sync); exchange the rows and their routing
-metadata (``Exchange``). Every row carries m (slot, weight) entries; the receiver computes
-y_n = Σ_j w_nj · E_{s_nj}(x_n) over its valid entries (``minimoe.parallel.experts``), and **combine** runs
-the legs backwards, each input row summing the rows that came back for it, so the source ends with
-y_t = Σ_j w_tj · E_j(x_t). The sum is a gather and a reduction, not a scatter-add: dispatch remembers
-where each (destination, row) pair sits in the send order (a zero row stands for "not sent"), which
-avoids atomic additions (slow in bfloat16) and makes the result deterministic.
+dropped) with weights w (T, k). Slot s lives on rank s // slots_per_gpu, node rank // gpus_per_node. Every
+row on the wire carries m (slot, weight) entries; the receiver computes y_n = Σ_j w_nj · E_{s_nj}(x_n) over
+the entries of its own slots (``minimoe.parallel.experts``), and combine returns each y_n to its source,
+where a token's results add up to y_t = Σ_j w_tj · E_j(x_t). The formats differ in what a row is
+(Megatron-LM's and torchtitan's token dispatchers; DeepEP, DeepSeek-AI 2025; vLLM's all-gather exchange):
 
-The three formats differ in what a row is (Megatron-LM's and torchtitan's token dispatchers; DeepEP,
-DeepSeek-AI 2025):
+* ``token_expert`` — one row per (token, expert) pair, m = 1 (DeepEP's low-latency kernels, Megatron,
+  torchtitan): a token with two experts on one rank travels twice.
+* ``token_rank`` — one row per (token, destination rank), m = k (DeepEP's *intranode* normal kernels
+  de-duplicate per rank like this).
+* ``hierarchical`` — leg A sends one row per (token, remote *node*) to the token's *entry* rank there (same
+  local index), carrying all k global slots; leg B is ``token_rank`` over [own tokens; rows received in leg
+  A], with the slots of this node. Combine sums at the entry rank before the one trip back over the node
+  boundary (DeepEP's *internode* normal kernels de-duplicate per node the same way, but pipeline both legs
+  inside one kernel; here they run one after the other on the world group).
+* ``replicate`` — every token goes to every rank: all-gather the tokens, each rank runs its experts on the
+  rows that hit them, reduce-scatter sums the results (``minimoe.parallel.replicate``). No counts, no sync.
 
-* ``token_expert`` — one row per (token, expert) pair, m = 1 (low-latency kernels, Megatron, torchtitan):
-  a token with two experts on one rank travels twice.
-* ``token_rank`` — one row per (token, destination rank), m = k, the entries of other ranks set to -1
-  (DeepEP normal kernels, de-duplicated per rank).
-* ``hierarchical`` — leg A sends one row per (token, remote *node*) to the rank with the token's local
-  index on that node (the *entry* rank), carrying the global slots of that node; leg B is ``token_rank``
-  inside each node over the rows [own tokens; rows received in leg A]. Combine reduces at the entry rank
-  before the one return trip over the node boundary. ``gpus_per_node`` comes from the placement, so
-  "nodes" may be groups of ranks on one host.
+**An all-to-all leg** (the first three formats) follows its ``minimoe.parallel.sendplan``: the grid of
+(unit, destination) cells on the device, one exchange of the (G,) counts with **one host sync**
+(``CountExchange``; the plan's positions are computed while the host waits), then one gather of the payload
+and its metadata into one buffer [rows for other ranks | rows kept here | rows received], one
+``all_to_all_single`` of the first part into the last (rows a rank keeps never go through the collective),
+and the receiver reads [kept | received] as one block. Combine sends results back the same way into a return
+table [kept | returned] and sums each token's cells with one ``embedding_bag``. Hierarchical pays one sync
+per leg: leg B's counts depend on what leg A delivered.
 
-**Static shapes** (``static=True``, ``token_rank`` only, for decode): every rank sends each of its T tokens
-to every rank (entries of other ranks -1), so the splits are [T]·G on all ranks — no count exchange, no
-host sync, and dispatch + combine can be captured in a CUDA graph (DeepEP's low-latency kernels also use
-fixed-size buffers). It moves G·T rows per rank whatever the routing: no more than ``token_rank`` when
-almost every token reaches every rank (top-8 over 2 ranks), more otherwise. Every rank must pass the same T.
+**Static shapes** (``static=True``, ``token_rank``): every token to every rank, splits [T]·G known in
+advance: no count exchange, no host sync, capturable in a CUDA graph; every rank must pass the same T.
+``replicate`` moves the same rows with less metadata and no pack, and is what the format rule picks.
 
-Rows a rank sends itself go through the all-to-all as a local copy; ``TrafficCounters`` counts what
-crosses to another rank, per link class (intra-node, inter-node) and direction: the hidden-state
-payload in ``bytes`` (what ``minimoe.placement.measure`` counts), the routing metadata separately.
+``TrafficCounters`` (``minimoe.parallel.counters``) count what crosses to another rank per link class and
+direction; for every format their ``bytes`` equal ``minimoe.placement.measure``'s prediction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
 
-from minimoe.parallel.comm import all_reduce_sum, exchange, exchange_counts, group_rank_size
+from minimoe.model.grouped import bag_sum
+from minimoe.parallel.comm import CountExchange, all_to_all, alone, anchor, group_rank_size
+from minimoe.parallel.counters import TrafficCounters
+from minimoe.parallel.sendplan import (every_rank_units, hit_per_node, hit_per_pair, hit_per_rank, plan,
+                                       plan_every_rank)
 
-WIRE_FORMATS = ("token_expert", "token_rank", "hierarchical")
-DIRECTIONS, LINKS = ("dispatch", "combine"), ("intra", "inter")
-
-
-@dataclass
-class TrafficCounters:
-    """What this rank sent to *other* ranks: ``bytes[(direction, link)]``, ``rows[(direction, link)]``,
-    ``meta_bytes`` (routing metadata, 8 bytes per entry) and ``local_rows[direction]`` (rows kept local)."""
-
-    bytes: dict = field(default_factory=lambda: {(d, link): 0 for d in DIRECTIONS for link in LINKS})
-    rows: dict = field(default_factory=lambda: {(d, link): 0 for d in DIRECTIONS for link in LINKS})
-    local_rows: dict = field(default_factory=lambda: {d: 0 for d in DIRECTIONS})
-    meta_bytes: int = 0
-
-    def add(self, direction: str, splits: list[int], row_bytes: int, rank: int, gpus_per_node: int,
-            meta_bytes_per_row: int = 0) -> None:
-        for dest, count in enumerate(splits):
-            if dest == rank:
-                self.local_rows[direction] += count
-                continue
-            link = "intra" if dest // gpus_per_node == rank // gpus_per_node else "inter"
-            self.rows[(direction, link)] += count
-            self.bytes[(direction, link)] += count * row_bytes
-            self.meta_bytes += count * meta_bytes_per_row
-
-    def merge(self, other: "TrafficCounters") -> "TrafficCounters":
-        """Add ``other``'s counts to these (e.g. the layers of a model); returns self."""
-        for key in self.bytes:
-            self.bytes[key] += other.bytes[key]
-            self.rows[key] += other.rows[key]
-        for key in self.local_rows:
-            self.local_rows[key] += other.local_rows[key]
-        self.meta_bytes += other.meta_bytes
-        return self
-
-    def link_bytes(self, link: str) -> int:
-        """Dispatch + combine bytes over one link class."""
-        return self.bytes[("dispatch", link)] + self.bytes[("combine", link)]
-
-    def summed(self, group=None) -> "TrafficCounters":
-        """The counters of all ranks added up (a collective)."""
-        keys = [(d, link) for d in DIRECTIONS for link in LINKS]
-        values = [self.bytes[k] for k in keys] + [self.rows[k] for k in keys] \
-            + [self.local_rows[d] for d in DIRECTIONS] + [self.meta_bytes]
-        device = "cuda" if dist.is_initialized() and dist.get_backend(group) == "nccl" else "cpu"
-        total = all_reduce_sum(torch.tensor(values, dtype=torch.int64, device=device), group, "counter sum").tolist()
-        out = TrafficCounters()
-        out.bytes = dict(zip(keys, total[:4]))
-        out.rows = dict(zip(keys, total[4:8]))
-        out.local_rows = dict(zip(DIRECTIONS, total[8:10]))
-        out.meta_bytes = total[10]
-        return out
-
-    def as_dict(self) -> dict:
-        out = {f"{d}_{link}_bytes": v for (d, link), v in self.bytes.items()}
-        out.update({f"{d}_{link}_rows": v for (d, link), v in self.rows.items()})
-        out.update({f"{d}_local_rows": v for d, v in self.local_rows.items()}, meta_bytes=self.meta_bytes)
-        return out
+WIRE_FORMATS = ("token_expert", "token_rank", "hierarchical", "replicate")
 
 
 @dataclass
 class Leg:
-    """One exchange: ``src_row`` (N,) rows of the leg's input in send order, the host split lists, the input's
-    row count, and ``position`` (A, B) int64: where each (destination, input row) pair landed in the send order
-    (N = nowhere), summed over dimension ``sum_dim`` to return one row per input row."""
+    """One all-to-all exchange: host splits per rank (this rank's own entry = rows it keeps), and per input row
+    the (position, mask) ``bags`` of its cells in the return table [kept | returned] (``unit_bags`` for
+    units that are pairs)."""
 
-    src_row: torch.Tensor
     send_splits: list[int]
     recv_splits: list[int]
-    num_rows: int
-    position: torch.Tensor | None = None
-    sum_dim: int = 0
+    rank: int
+    bags: tuple[torch.Tensor, torch.Tensor]
+    unit_bags: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def kept(self) -> int:
+        return self.send_splits[self.rank]
+
+    def others(self, splits: list[int]) -> list[int]:
+        return [0 if d == self.rank else n for d, n in enumerate(splits)]
 
 
 @dataclass
@@ -122,7 +76,7 @@ class Handle:
     """What combine needs to undo a dispatch (DeepEP calls it the handle)."""
 
     wire_format: str
-    legs: list[Leg]
+    legs: list
     num_tokens: int
     group: object
     requires_grad: bool
@@ -143,104 +97,144 @@ class Dispatched:
     handle: Handle
 
 
-# ---- send lists: which input rows go to which rank, sorted by destination -------------------------------
-# Each builder returns (src_row (P,), counts (G,), meta (P, m), order (P,), grid): the first N = Σ counts
-# entries are the rows to send, in destination order; ``order`` maps send position -> cell of the
-# (destination, input row) grid of shape ``grid`` whose cells are the candidate (row, destination) pairs.
-def _by_destination(hit: torch.Tensor):
-    """hit (R, D) bool -> order (D·R,) of the grid cells (d, r), True cells first, sorted by d then r."""
-    return torch.argsort((~hit).T.reshape(-1).to(torch.uint8), stable=True)
+# ---- the exchange of a leg and its return --------------------------------------------------------------
+def _bag_sum(bags, table: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """out[i] = Σ_j mask[i, j] · table[position[i, j]]: one fused gather and weighted sum (embedding_bag);
+    bags = (position, mask), both (num_rows, b)."""
+    position, mask = bags
+    if table.shape[0] == 0:  # nothing kept or returned: zeros that still depend on the table (for backward)
+        return table.new_zeros(num_rows, table.shape[1]) + table.sum(0)
+    return bag_sum(position, table, mask)
 
 
-def per_pair(slots, num_gpus, slots_per_gpu):
-    """``token_expert``: one row per valid (token, expert) pair; grid (R, k), meta = local slot (P, 1)."""
-    k = slots.shape[1]
-    dest = torch.where(slots >= 0, slots // slots_per_gpu, num_gpus).reshape(-1)  # (R·k,), none -> G
-    order = torch.argsort(dest, stable=True)
-    counts = torch.bincount(dest, minlength=num_gpus + 1)[:num_gpus]
-    return order // k, counts, (slots.reshape(-1)[order] % slots_per_gpu).unsqueeze(1), order, (slots.shape[0], k)
+def _back(values: torch.Tensor, leg: Leg, group, what: str) -> torch.Tensor:
+    """[kept | received] (N, C) -> return table [kept | returned] (n_kept + n_sent, C), by the reverse exchange."""
+    table = values.new_empty(sum(leg.send_splits), *values.shape[1:])
+    table[:leg.kept] = values[:leg.kept]
+    all_to_all(table[leg.kept:], values[leg.kept:], leg.others(leg.recv_splits), leg.others(leg.send_splits),
+               group, what)
+    return table
 
 
-def per_rank(slots, num_gpus, slots_per_gpu):
-    """``token_rank``: one row per (token, destination rank); grid (G, R), meta = local slots there, else -1."""
-    rows = slots.shape[0]
-    dest = torch.where(slots >= 0, slots // slots_per_gpu, num_gpus)  # (R, m)
-    hit = torch.zeros(rows, num_gpus + 1, dtype=torch.bool, device=slots.device).scatter_(1, dest, True)[:, :-1]
-    order = _by_destination(hit)
-    src_row, dest_row = order % rows, order // rows
-    meta = torch.where(dest[src_row] == dest_row.unsqueeze(1), slots[src_row] % slots_per_gpu, -1)
-    return src_row, hit.sum(0), meta, order, (num_gpus, rows)
+def _forth(table: torch.Tensor, leg: Leg, group, what: str) -> torch.Tensor:
+    """The adjoint of ``_back``: return table (n_kept + n_sent, C) -> [kept | received] (N, C)."""
+    values = table.new_empty(leg.kept + sum(leg.others(leg.recv_splits)), *table.shape[1:])
+    values[:leg.kept] = table[:leg.kept]
+    all_to_all(values[leg.kept:], table[leg.kept:], leg.others(leg.send_splits), leg.others(leg.recv_splits),
+               group, what)
+    return values
 
 
-def every_rank(slots, num_gpus, slots_per_gpu):
-    """``static`` send list: every row to every rank; meta = local slots on that rank, else -1."""
-    rows = slots.shape[0]
-    src_row = torch.arange(rows, device=slots.device).repeat(num_gpus)  # (G·R,)
-    dest_row = torch.arange(num_gpus, device=slots.device).repeat_interleave(rows)
-    dest = torch.where(slots >= 0, slots // slots_per_gpu, -1)
-    meta = torch.where(dest[src_row] == dest_row.unsqueeze(1), slots[src_row] % slots_per_gpu, -1)
-    return src_row, meta
+class _Dispatch(torch.autograd.Function):
+    """x (R, H), per-unit weights (U, m) float32 and global slots (U, m) int32 -> [kept | received] rows (N, H),
+    weights (N, m), slots (N, m) int32: one gather into one buffer, one all-to-all. Backward: the results' way
+    back for rows and weights, summed per input row / unit with embedding_bag."""
+
+    @staticmethod
+    def forward(ctx, x, weights, anchor_, slots, units, rows, leg, group, what):
+        num_entries, hidden, size = weights.shape[1], x.shape[1], x.element_size()
+        meta = 8 * num_entries // size  # columns of x's dtype that hold the entries' slots and weight bits
+        width = -(-(meta + hidden) * size // 16) * 16 // size  # rows 16-byte aligned
+        sent, received = sum(leg.others(leg.send_splits)), sum(leg.others(leg.recv_splits))
+        buffer = x.new_empty(sent + leg.kept + received, width)  # [for other ranks | kept | received]
+        gathered = len(units)
+        side = torch.cat([slots, weights.contiguous().view(torch.int32)], 1)  # (U, 2m) int32
+        torch.index_select(side, 0, units, out=buffer[:gathered, :meta].view(torch.int32))
+        torch.index_select(x, 0, rows, out=buffer[:gathered, meta:meta + hidden])
+        if not alone(group):
+            all_to_all(buffer[gathered:], buffer[:sent], leg.others(leg.send_splits), leg.others(leg.recv_splits),
+                       group, what)
+        ctx.leg, ctx.group, ctx.what, ctx.shapes = leg, group, what, (x.shape[0], weights.shape[0])
+        mine = buffer[sent:]  # (N, width) [kept | received]
+        entries = mine[:, :meta].view(torch.int32)
+        ctx.mark_non_differentiable(entries[:, :num_entries])
+        return mine[:, meta:meta + hidden], entries[:, num_entries:].view(torch.float32), entries[:, :num_entries]
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_weights, _grad_slots):
+        leg, (num_rows, num_units) = ctx.leg, ctx.shapes
+        if alone(ctx.group):
+            rows_table, weights_table = grad_rows, grad_weights
+        else:
+            rows_table = _back(grad_rows.contiguous(), leg, ctx.group, f"{ctx.what} backward (rows)")
+            weights_table = _back(grad_weights.contiguous(), leg, ctx.group, f"{ctx.what} backward (weights)")
+        grad_x = _bag_sum(leg.bags, rows_table, num_rows)
+        grad_w = _bag_sum(leg.unit_bags, weights_table, num_units)
+        return grad_x, grad_w, None, None, None, None, None, None, None
 
 
-def per_node(slots, num_gpus, slots_per_gpu, gpus_per_node, rank):
-    """``hierarchical`` leg A: one row per (token, remote node) to the entry rank; grid (nodes, R);
-    meta = global slots on that node, else -1."""
-    rows, num_nodes = slots.shape[0], num_gpus // gpus_per_node
-    node = torch.where(slots >= 0, slots // slots_per_gpu // gpus_per_node, num_nodes)  # (R, m)
-    remote = torch.where(node == rank // gpus_per_node, num_nodes, node)
-    hit = torch.zeros(rows, num_nodes + 1, dtype=torch.bool, device=slots.device).scatter_(1, remote, True)[:, :-1]
-    order = _by_destination(hit)
-    src_row, node_row = order % rows, order // rows
-    entry = torch.arange(num_nodes, device=slots.device) * gpus_per_node + rank % gpus_per_node
-    counts = torch.zeros(num_gpus, dtype=torch.int64, device=slots.device).index_add_(0, entry, hit.sum(0))
-    meta = torch.where(node[src_row] == node_row.unsqueeze(1), slots[src_row], -1)
-    return src_row, counts, meta, order, (num_nodes, rows)
+class _Return(torch.autograd.Function):
+    """Expert results [kept | received] (N, H) -> return table [kept | returned]; backward: the other way."""
+
+    @staticmethod
+    def forward(ctx, expert_out, anchor_, leg, group, what):
+        ctx.leg, ctx.group, ctx.what = leg, group, what
+        return _back(expert_out.contiguous(), leg, group, what)
+
+    @staticmethod
+    def backward(ctx, grad_table):
+        return _forth(grad_table.contiguous(), ctx.leg, ctx.group, f"{ctx.what} backward"), None, None, None, None
 
 
-# ---- legs ----------------------------------------------------------------------------------------------
-def _send(rows, weights, send_list, h: Handle, what: str, pairs: bool = False, splits=None):
-    src_row, counts, meta, order, grid = send_list
-    send, recv = exchange_counts(counts, h.group) if splits is None else (splits, splits)
-    n = sum(send)
-    src_row, meta = src_row[:n], meta[:n]
-    sent_weights = weights.reshape(-1)[order[:n]].unsqueeze(1) if pairs else weights[src_row]
-    recv_rows, recv_weights, recv_slots = exchange(rows, send, recv, h.group, src_row=src_row, weights=sent_weights,
-                                                   slots=meta, requires_grad=h.requires_grad, what=what)
+# ---- legs -----------------------------------------------------------------------------------------------
+def _leg(x, weights, slots, hit, h: Handle, what: str, pairs_of: int = 0, num_gpus: int = 0):
+    """Run one leg: units are rows of x, or (with ``pairs_of`` = k) the k pairs of each row; weights and slots
+    (U, m) per unit; ``hit`` (U, G) their destinations, or None: every row to each of ``num_gpus`` ranks.
+    Returns [kept | received] rows (N, H), weights (N, m) float32, global slots (N, m) int32."""
+    static, rank = hit is None, h.rank
+    num_gpus = num_gpus if static else hit.shape[1]
+    if static:  # every row to every rank: sizes known, no exchange of counts
+        leg_plan, send = plan_every_rank(x.shape[0], num_gpus, x.device), [x.shape[0]] * num_gpus
+        pending, recv = None, send
+    else:
+        leg_plan = plan(hit, rank)
+        pending = CountExchange(leg_plan.counts, h.group, f"{what} count exchange")
+    bags = leg_plan.bags(one_destination=pairs_of > 0)
+    if pending is not None:
+        send, recv = pending.wait()  # the leg's host sync
+    units = every_rank_units(x.shape[0], num_gpus, x.device) if static else \
+        leg_plan.send_units(send[rank], sum(send))
+    rows = units.div(pairs_of, rounding_mode="floor") if pairs_of else units
+    per_row = pairs_of if pairs_of else num_gpus  # cells summed into one input row
+    row_bags = (bags[0].reshape(x.shape[0], per_row), bags[1].reshape(x.shape[0], per_row))
+    leg = Leg(send, recv, rank, row_bags, bags)
+    h.legs.append(leg)
     if h.counters is not None:
-        h.counters.add("dispatch", send, rows.shape[1] * rows.element_size(), h.rank, h.gpus_per_node,
-                       8 * meta.shape[1])
-    position = None
-    if order is not None:  # inverse permutation: send position of every grid cell; cells not sent -> n
-        cell = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        position = cell.clamp_max(n).view(grid)
-    h.legs.append(Leg(src_row, send, recv, rows.shape[0], position, 1 if pairs else 0))
-    return recv_rows, recv_weights, recv_slots
+        h.counters.add("dispatch", send, x.shape[1] * x.element_size(), rank, h.gpus_per_node, 8 * slots.shape[1])
+    return _Dispatch.apply(x, weights, anchor(h.requires_grad), slots.to(torch.int32), units, rows, leg, h.group,
+                           what)
 
 
-def _return(out_rows: torch.Tensor, leg: Leg, h: Handle, what: str) -> torch.Tensor:
-    """Send the rows back and add up, per input row, the rows that came back (a gather and a sum: no atomics)."""
-    back = exchange(out_rows, leg.recv_splits, leg.send_splits, h.group, requires_grad=h.requires_grad, what=what,
-                    pad_rows=0 if h.static else 1)[0]  # (N [+ 1 zero row], H) in send order
-    if h.counters is not None:
-        h.counters.add("combine", leg.recv_splits, out_rows.shape[1] * out_rows.element_size(), h.rank,
-                       h.gpus_per_node)
-    hidden = back.shape[1]
-    if h.static:  # row t of every chunk is token t
-        return back.view(-1, leg.num_rows, hidden).sum(0)
-    gathered = back.index_select(0, leg.position.reshape(-1)).view(*leg.position.shape, hidden)
-    return gathered.sum(leg.sum_dim)
+def _on_node(slots: torch.Tensor, layout, node: int) -> torch.Tensor:
+    """Global slots (int32 or int64) on ``node`` kept (int64), the others -1."""
+    if hasattr(layout, "slot_lookup"):  # a RouteTable: one gather in a cached table
+        return layout.slot_lookup(node=node)[slots]
+    per_node = layout.slots_per_gpu * layout.gpus_per_node
+    slots = slots.to(torch.int64)
+    return torch.where(slots.div(per_node, rounding_mode="floor") == node, slots, -1)
+
+
+def local_slots(slots: torch.Tensor, layout, rank: int) -> torch.Tensor:
+    """Global slot ids (int32 or int64) -> this rank's local slot ids (int64), -1 for slots of other ranks."""
+    if hasattr(layout, "slot_lookup"):  # a RouteTable: one gather in a cached table
+        return layout.slot_lookup(rank=rank)[slots]
+    spg = layout.slots_per_gpu
+    slots = slots.to(torch.int64)
+    return torch.where(slots.div(spg, rounding_mode="floor") == rank, slots - rank * spg, -1)
 
 
 def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout, wire_format: str = "token_rank",
              group=None, counters: TrafficCounters | None = None, requires_grad: bool | None = None,
-             static: bool = False) -> Dispatched:
+             static: bool = False, tokens_per_rank: list[int] | None = None) -> Dispatched:
     """Send this rank's token rows to the ranks holding their slots (a collective: every rank calls it).
 
     x (T, H) float on the backend's device; slots (T, k) int64 global slot ids (-1 = none); weights (T, k)
     float32; ``layout``: the ``Placement`` or ``RouteTable`` (for slots_per_gpu, gpus_per_node, num_gpus);
     ``requires_grad`` (default: whether x or weights need a gradient) must agree on all ranks; ``static``:
-    fixed shapes, no host sync (``token_rank`` only; every rank must pass the same T).
-    Raises ValueError on bad shapes, an unknown ``wire_format`` or a group that is not the placement's size.
+    fixed shapes, no host sync (``token_rank`` and ``replicate``; every rank must pass the same T);
+    ``tokens_per_rank``: ``replicate`` only, every rank's T when the caller knows them (else agreed with one
+    small all-gather, or, with ``static``, [T]·G). Raises ValueError on bad shapes, an unknown
+    ``wire_format`` or a group that is not the placement's size.
     """
     if wire_format not in WIRE_FORMATS:
         raise ValueError(f"wire_format must be one of {WIRE_FORMATS}, got {wire_format!r}")
@@ -253,26 +247,28 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout
         raise ValueError(f"the placement is for {num_gpus} GPUs but the process group has {size} ranks")
     if requires_grad is None:
         requires_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)
-    if static and wire_format != "token_rank":
-        raise ValueError(f"static=True needs wire_format='token_rank', got {wire_format!r}")
+    if static and wire_format not in ("token_rank", "replicate"):
+        raise ValueError(f"static=True needs wire_format 'token_rank' or 'replicate', got {wire_format!r}")
     h = Handle(wire_format, [], x.shape[0], group, bool(requires_grad), rank, gpn, counters, static)
     weights = weights.float()
-    if static:
-        src_row, meta = every_rank(slots, num_gpus, spg)
-        rows, w, s = _send(x, weights, (src_row, None, meta, None, None), h, "dispatch",
-                           splits=[x.shape[0]] * num_gpus)
+    if wire_format == "replicate":
+        from minimoe.parallel.replicate import replicate_dispatch
+
+        rows, w, s = replicate_dispatch(x, slots, weights, h, num_gpus, static, tokens_per_rank)
     elif wire_format == "token_expert":
-        rows, w, s = _send(x, weights, per_pair(slots, num_gpus, spg), h, "dispatch", pairs=True)
+        rows, w, s = _leg(x, weights.reshape(-1, 1), slots.reshape(-1, 1), hit_per_pair(slots, num_gpus, spg), h,
+                          "dispatch", pairs_of=slots.shape[1])
     elif wire_format == "token_rank":
-        rows, w, s = _send(x, weights, per_rank(slots, num_gpus, spg), h, "dispatch")
+        hit = None if static else hit_per_rank(slots, num_gpus, spg)
+        rows, w, s = _leg(x, weights, slots, hit, h, "dispatch", num_gpus=num_gpus)
     else:
-        rows_a, w_a, s_a = _send(x, weights, per_node(slots, num_gpus, spg, gpn, rank), h,
-                                 "dispatch leg A (inter-node)")
-        here = torch.where(slots >= 0, slots // spg // gpn, -1) == rank // gpn
-        slots_b = torch.cat([torch.where(here, slots, -1), s_a])  # (T + N_A, k) global slots on this node
-        inputs = torch.cat([x, rows_a]), torch.cat([weights, w_a])
-        rows, w, s = _send(*inputs, per_rank(slots_b, num_gpus, spg), h, "dispatch leg B (intra-node)")
-    return Dispatched(rows, s, w, h)
+        rows_a, w_a, s_a = _leg(x, weights, slots, hit_per_node(slots, num_gpus, spg, gpn, rank), h,
+                                "dispatch leg A (inter-node)")
+        node = rank // gpn
+        slots_b = torch.cat([_on_node(slots, layout, node), _on_node(s_a, layout, node)])
+        x_b, w_b = torch.cat([x, rows_a]), torch.cat([weights, w_a])
+        rows, w, s = _leg(x_b, w_b, slots_b, hit_per_rank(slots_b, num_gpus, spg), h, "dispatch leg B (intra-node)")
+    return Dispatched(rows, local_slots(s, layout, rank), w, h)
 
 
 def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
@@ -282,8 +278,25 @@ def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
     A collective, like dispatch.
     """
     h = handle
+    if h.wire_format == "replicate":
+        from minimoe.parallel.replicate import replicate_combine
+
+        return replicate_combine(expert_out, h)
     if h.wire_format != "hierarchical":
-        return _return(expert_out, h.legs[0], h, "combine")
+        return _return(expert_out, h.legs[0], h, "combine", h.num_tokens)
     leg_a, leg_b = h.legs
-    partial = _return(expert_out, leg_b, h, "combine leg B (intra-node)")  # (T + N_A, H)
-    return partial[:h.num_tokens] + _return(partial[h.num_tokens:], leg_a, h, "combine leg A (inter-node)")
+    partial = _return(expert_out, leg_b, h, "combine leg B (intra-node)", h.num_tokens + sum(leg_a.recv_splits))
+    return partial[:h.num_tokens] + _return(partial[h.num_tokens:], leg_a, h, "combine leg A (inter-node)",
+                                            h.num_tokens)
+
+
+def _return(expert_out: torch.Tensor, leg: Leg, h: Handle, what: str, num_rows: int) -> torch.Tensor:
+    """The reverse exchange of one leg, then each input row sums its cells of the return table."""
+    if h.counters is not None:
+        h.counters.add("combine", leg.recv_splits, expert_out.shape[1] * expert_out.element_size(), h.rank,
+                       h.gpus_per_node)
+    if alone(h.group):
+        table = expert_out
+    else:
+        table = _Return.apply(expert_out, anchor(h.requires_grad), leg, h.group, what)
+    return _bag_sum(leg.bags, table, num_rows)

@@ -7,7 +7,7 @@ copy of the logical expert ``phy2log[layer, slot]`` (replicas are copies). A for
     routing = router(x)                                   (T, k) experts and weights, as MoELayer
     kept    = capacity over the ranks' concatenated batch (minimoe.parallel.routing.capacity_kept)
     slots   = Placement.route(experts, r, token_index)     (the replica rule of the traffic accounting)
-    rows    = dispatch(x, slots, weights)                 (minimoe.parallel.dispatch)
+    rows    = dispatch(x, slots, weights)                 (minimoe.parallel.dispatch, in one wire format)
     y_rows  = local experts on rows                       (minimoe.parallel.experts)
     y       = combine(y_rows) + shared(x)
 
@@ -15,6 +15,13 @@ so with the ranks' batches concatenated in rank order, y equals ``MoELayer`` on 
 the gradients: of x, of the router (summed over ranks, as data parallelism does), and of each expert
 (summed over its replicas; :meth:`ExpertParallelMoE.gather_experts`). ``aux_loss`` is computed on the rank's
 own tokens. Training with replicas needs their gradients summed before the optimizer step.
+
+``wire_format="auto"`` picks the format with ``minimoe.parallel.formats.choose_wire_format`` (ρ against G, and
+``static``: fixed shapes for a CUDA graph); ``format_choice`` says which and why. Host syncs per forward: none
+with ``replicate`` when every rank's token count is known (``static``, or ``tokens_per_rank`` passed to
+forward; else one small all-gather agrees on it), one with ``token_rank`` and ``token_expert``, two with
+``hierarchical``, plus one in the first forward of each input size (the configuration check). The capacity
+mask is computed on the device; ``dropped_tokens`` syncs only when read.
 
 :func:`expert_parallel` swaps every ``MoELayer`` of a ``minimoe.model.Transformer`` for this layer (MoE
 layer i uses placement layer i), so a whole model runs expert-parallel.
@@ -31,8 +38,10 @@ from minimoe.model.moe import MoELayer
 from minimoe.model.router import load_balancing_loss, router_probabilities, router_z_loss
 from minimoe.parallel.checks import check_fingerprint, fingerprint
 from minimoe.parallel.comm import all_reduce_sum, group_rank_size
-from minimoe.parallel.dispatch import WIRE_FORMATS, TrafficCounters, combine, dispatch
+from minimoe.parallel.counters import TrafficCounters
+from minimoe.parallel.dispatch import WIRE_FORMATS, combine, dispatch
 from minimoe.parallel.experts import local_experts
+from minimoe.parallel.formats import FormatChoice, choose_wire_format
 from minimoe.parallel.routing import RouteTable, capacity_kept
 
 
@@ -40,19 +49,20 @@ class ExpertParallelMoE(nn.Module):
     """An expert-parallel copy of ``moe`` on this rank of ``group``. forward: (B, T, H) or (T, H) -> same.
 
     placement: a ``minimoe.placement.Placement`` for ``group``'s size; layer: its layer index for this MoE
-    layer; wire_format: one of ``WIRE_FORMATS``. ``counters`` (``TrafficCounters``) accumulate this rank's
-    sent bytes over forwards; ``static`` (``token_rank``, dropless): fixed shapes and no host sync, for
-    decode under a CUDA graph (see ``minimoe.parallel.dispatch``; every rank must bring the same number of
-    tokens, checked once per size). Raises ValueError when the placement does not fit the layer or the group.
+    layer; wire_format: one of ``WIRE_FORMATS`` or "auto" (``format_choice`` records the choice and why).
+    ``counters`` (``TrafficCounters``) accumulate this rank's sent bytes over forwards; ``static``
+    (``replicate`` or ``token_rank``, dropless): fixed shapes and no host sync, for decode under a CUDA graph
+    (every rank must bring the same number of tokens, checked once per size). Raises ValueError when the
+    placement does not fit the layer or the group, or for an unknown format.
     """
 
-    def __init__(self, moe: MoELayer, placement, layer: int = 0, group=None, wire_format: str = "token_rank",
+    def __init__(self, moe: MoELayer, placement, layer: int = 0, group=None, wire_format: str = "auto",
                  static: bool = False):
         super().__init__()
         if not isinstance(moe, MoELayer):
             raise TypeError(f"moe must be a minimoe.model.MoELayer, got {type(moe).__name__}")
-        if wire_format not in WIRE_FORMATS:
-            raise ValueError(f"wire_format must be one of {WIRE_FORMATS}, got {wire_format!r}")
+        if wire_format not in (*WIRE_FORMATS, "auto"):
+            raise ValueError(f"wire_format must be one of {WIRE_FORMATS} or 'auto', got {wire_format!r}")
         rank, size = group_rank_size(group)
         if placement.num_gpus != size:
             raise ValueError(f"the placement is for {placement.num_gpus} GPUs ({placement.num_nodes} nodes x "
@@ -61,9 +71,16 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"the placement has {placement.num_experts} experts, the MoE layer "
                              f"{moe.config.num_experts}")
         self.hidden_size, self.config, self.group, self.rank = moe.hidden_size, moe.config, group, rank
-        if static and (wire_format != "token_rank" or moe.config.capacity_factor > 0):
-            raise ValueError(f"static=True (fixed shapes for decode) needs wire_format='token_rank' and a dropless "
-                             f"layer, got {wire_format!r} and capacity_factor={moe.config.capacity_factor}")
+        if wire_format == "auto":
+            self.format_choice = choose_wire_format(moe.config.num_experts, moe.config.top_k, size,
+                                                    placement.gpus_per_node, graph=static)
+            wire_format = self.format_choice.wire_format
+        else:
+            self.format_choice = FormatChoice(wire_format, "chosen by the caller", float("nan"), size)
+        if static and (wire_format not in ("replicate", "token_rank") or moe.config.capacity_factor > 0):
+            raise ValueError(f"static=True (fixed shapes for decode) needs wire_format 'replicate' or 'token_rank' "
+                             f"and a dropless layer, got {wire_format!r} and capacity_factor="
+                             f"{moe.config.capacity_factor}")
         self.placement, self.layer, self.wire_format, self.static = placement, layer, wire_format, static
         self.route_table = RouteTable(placement, layer, device=moe.gate_up_proj.device)
         spg = placement.slots_per_gpu
@@ -79,11 +96,18 @@ class ExpertParallelMoE(nn.Module):
         self.counters = TrafficCounters()
         self._checked: set = set()
         self.last_routing = self.last_kept = self.capacity = self.received_pairs = None
-        self.dropped_tokens = 0
+        self._dropped = None
         self.aux_loss = torch.zeros(())
 
-    def forward(self, x: torch.Tensor, token_index: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, H) or (T, H); token_index (B·T,) int picks among equally near replicas (default 0..T-1)."""
+    @property
+    def dropped_tokens(self) -> int:
+        """(token, expert) pairs the capacity dropped in the last forward (reading it syncs with the device)."""
+        return 0 if self._dropped is None else int(self._dropped)
+
+    def forward(self, x: torch.Tensor, token_index: torch.Tensor | None = None,
+                tokens_per_rank: list[int] | None = None) -> torch.Tensor:
+        """x (B, T, H) or (T, H); token_index (B·T,) int picks among equally near replicas (default 0..T-1);
+        tokens_per_rank: every rank's B·T, if the caller knows them (``replicate`` then needs no agreement)."""
         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[-1] != self.hidden_size:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"ExpertParallelMoE expects (B, T, {self.hidden_size}) or (T, {self.hidden_size}), "
@@ -105,7 +129,7 @@ class ExpertParallelMoE(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         clock = _Clock(tokens.device, self.timed)
         sent = dispatch(tokens, slots, routing.weights, self.route_table, self.wire_format, self.group,
-                        self.counters, needs_grad, self.static)
+                        self.counters, needs_grad, self.static, tokens_per_rank)
         clock.lap("dispatch")
         expert_out = local_experts(sent.rows, sent.slots, sent.weights, self.gate_up_proj, self.down_proj,
                                    routing.scales_input, self.grouped_backend)  # (N, H)
@@ -117,7 +141,7 @@ class ExpertParallelMoE(nn.Module):
             out = out + self.shared_expert(tokens)
         self.last_routing, self.last_kept = routing, kept
         self.received_pairs = (sent.slots >= 0).sum()  # a tensor: reading it syncs with the device
-        self.dropped_tokens = 0 if kept is None else int((~kept).sum())
+        self._dropped = None if kept is None else (~kept).sum()
         self.aux_loss = self._aux_loss(routing, tokens.device)
         return out.reshape(x.shape)
 
@@ -185,15 +209,16 @@ class _Clock:
             self.laps[name], self.start = now - self.start, now
 
 
-def expert_parallel(model: nn.Module, placement, group=None, wire_format: str = "token_rank") -> nn.Module:
+def expert_parallel(model: nn.Module, placement, group=None, wire_format: str = "auto",
+                    static: bool = False) -> nn.Module:
     """Replace every ``MoELayer`` of ``model`` (a minimoe Transformer) with an ``ExpertParallelMoE``, in place.
 
     The i-th MoE layer (in layer order) uses placement layer i; the placement must have one layer per MoE
-    layer. Returns the model.
+    layer; ``wire_format`` and ``static`` as ``ExpertParallelMoE``. Returns the model.
     """
     blocks = [block for block in model.layers if isinstance(getattr(block, "ffn", None), MoELayer)]
     if len(blocks) != placement.num_layers:
         raise ValueError(f"the model has {len(blocks)} MoE layers but the placement has {placement.num_layers}")
     for index, block in enumerate(blocks):
-        block.ffn = ExpertParallelMoE(block.ffn, placement, index, group, wire_format)
+        block.ffn = ExpertParallelMoE(block.ffn, placement, index, group, wire_format, static)
     return model

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from minimoe.parallel.comm import all_reduce_sum, group_rank_size
-from minimoe.parallel.dispatch import WIRE_FORMATS, TrafficCounters, combine, dispatch
+from minimoe.parallel.counters import TrafficCounters
+from minimoe.parallel.dispatch import WIRE_FORMATS, combine, dispatch
 from minimoe.parallel.routing import RouteTable
 
 
@@ -49,6 +50,8 @@ def predicted_bytes(report, wire_format: str, topology) -> dict[str, float]:
         return {"intra": report.pair_bytes_intra, "inter": report.pair_bytes_inter}
     if wire_format == "hierarchical":
         return {"intra": report.intra_node_bytes, "inter": report.inter_node_bytes}
+    if wire_format == "replicate":
+        return {"intra": report.replicate_bytes_intra, "inter": report.replicate_bytes_inter}
     if wire_format != "token_rank":
         raise ValueError(f"wire_format must be one of {WIRE_FORMATS}, got {wire_format!r}")
     node = np.arange(topology.num_gpus) // topology.gpus_per_node
@@ -105,6 +108,7 @@ def replay(trace, placement, sources=None, wire_format: str = "token_rank", grou
     received = torch.zeros((), dtype=torch.int64, device=device)
     for step in steps:
         mine = step[source_of_row[step] == rank]
+        per_rank = np.bincount(source_of_row[step], minlength=size).tolist()  # every rank's tokens, known here
         token_index = torch.as_tensor(mine, device=device)
         x = x_all[:len(mine)]
         for layer, table in enumerate(tables):
@@ -117,7 +121,8 @@ def replay(trace, placement, sources=None, wire_format: str = "token_rank", grou
             slots = table.route(experts, rank, token_index)
             _sync(device)
             start = time.perf_counter()
-            sent = dispatch(x, slots, weights, table, wire_format, group, counters, requires_grad=False)
+            sent = dispatch(x, slots, weights, table, wire_format, group, counters, requires_grad=False,
+                            tokens_per_rank=per_rank if wire_format == "replicate" else None)
             _sync(device)
             middle = time.perf_counter()
             valid = sent.slots >= 0

@@ -26,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minimoe.model.moe import expert_capacity
 from minimoe.parallel.comm import all_gather_rows
 
 
@@ -51,7 +50,23 @@ class RouteTable:
     def to(self, device) -> "RouteTable":
         for name in ("cand", "count", "slot_experts"):
             setattr(self, name, getattr(self, name).to(device))
+        self._lookups = {}
         return self
+
+    def slot_lookup(self, rank: int | None = None, node: int | None = None) -> torch.Tensor:
+        """(R + 1,) int64 table: global slot s -> its local id on ``rank`` (or s itself when it lives on ``node``),
+        -1 otherwise; entry R (reached by s = -1) is -1. Built once per rank / node and device."""
+        key = (rank, node)
+        lookups = self.__dict__.setdefault("_lookups", {})
+        if key not in lookups:
+            slots = torch.arange(len(self.slot_experts), device=self.slot_experts.device)
+            if rank is not None:
+                mine = slots // self.slots_per_gpu == rank
+                table = torch.where(mine, slots - rank * self.slots_per_gpu, -1)
+            else:
+                table = torch.where(slots // (self.slots_per_gpu * self.gpus_per_node) == node, slots, -1)
+            lookups[key] = torch.cat([table, table.new_full((1,), -1)])
+        return lookups[key]
 
     def route(self, expert_ids: torch.Tensor, source_rank: int, token_index: torch.Tensor) -> torch.Tensor:
         """Global slot of each pair: expert_ids (T, k) int (-1 = none), token_index (T,) int -> (T, k) int64.
@@ -74,19 +89,23 @@ class RouteTable:
 
 
 def capacity_kept(expert_ids: torch.Tensor, num_experts: int, top_k: int, capacity_factor: float,
-                  group=None) -> tuple[torch.Tensor | None, int | None]:
-    """(T, k) bool keep-mask of this rank's pairs under the global capacity, and C (None, None if dropless).
+                  group=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(T, k) bool keep-mask of this rank's pairs under the global capacity, and C as a 0-d float tensor on the
+    device (None, None if dropless); nothing is read on the host. ``int(C)`` equals
+    ``minimoe.model.moe.expert_capacity`` of the whole batch.
 
     Collective (when ``capacity_factor > 0``): every rank of ``group`` must call it, in the same order.
     """
     if capacity_factor <= 0:
         return None, None
     flat = expert_ids.reshape(-1).to(torch.int64)  # (S,), pairs in token order
-    counts = torch.bincount(flat, minlength=num_experts)  # (E,)
-    mine = torch.cat([torch.tensor([expert_ids.shape[0]], device=flat.device), counts])  # (E + 1,)
-    everyone = all_gather_rows(mine, group, "capacity count all-gather")  # (G, E + 1)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    counts[0] = expert_ids.shape[0]
+    counts[1:].scatter_add_(0, flat, torch.ones_like(flat))  # (E + 1,) [T_r, count_r(e)...]; no bincount sync
+    everyone = all_gather_rows(counts, group, "capacity count all-gather")  # (G, E + 1)
     rank = 0 if not torch.distributed.is_initialized() else torch.distributed.get_rank(group)
-    capacity = expert_capacity(int(everyone[:, 0].sum()), top_k, num_experts, capacity_factor)
+    # C = ceil(T·k·factor/E - 1e-9) in float64, operation for operation as expert_capacity computes it on the host
+    capacity = (everyone[:, 0].sum().double() * top_k * capacity_factor / num_experts - 1e-9).ceil()
     before = everyone[:rank, 1:].sum(0)  # (E,) pairs of each expert on earlier ranks
     sorted_ids, order = torch.sort(flat, stable=True)  # token order kept inside each expert
     starts = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=flat.device))  # (E,)

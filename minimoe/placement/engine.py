@@ -18,14 +18,17 @@ and every split gives the same statistics and the same counts (tests/test_stream
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from minimoe.placement.evaluate import Counts, Job, _Tables, count_jobs
-from minimoe.traces.batches import batches_of, positions_and_steps
+from minimoe.placement.experiments import FIT_MODES, METHODS
+from minimoe.placement.splits import PLACEMENT_ONLY, split
+from minimoe.traces.batches import batches_of
 from minimoe.traces.format import Trace
 from minimoe.traces.parquet import ParquetTrace
-from minimoe.traces.stats import TraceStats, token_classes
+from minimoe.traces.stats import ClassRule, TraceStats, as_rule
 
 CONNECT_TIMEOUT_S = 30
 
@@ -45,10 +48,10 @@ def _open(source):
     return ParquetTrace(source) if isinstance(source, (str, os.PathLike)) else source
 
 
-def stats_part(source, unit, window: int, sample_size: int, seed: int) -> TraceStats:
+def stats_part(source, unit, rule: ClassRule, sample_size: int, seed: int) -> TraceStats:
     """Pass 1 over one unit (rows of a Trace, or row groups of a Parquet file named by its path)."""
     source = _open(source)
-    stats = TraceStats.empty(source.num_experts, source.top_k, source.num_layers, source.model, window,
+    stats = TraceStats.empty(source.num_experts, source.top_k, source.num_layers, source.model, rule,
                              sample_size, seed, source.has_domain)
     for batch in _batches(source, unit, check=True):
         stats.add(batch)
@@ -57,13 +60,13 @@ def stats_part(source, unit, window: int, sample_size: int, seed: int) -> TraceS
     return stats
 
 
-def counts_part(source, unit, window: int, jobs: list[Job]) -> list[Counts]:
+def counts_part(source, unit, rule: ClassRule | int, jobs: list[Job]) -> list[Counts]:
     """Pass 2 over one unit: every job's counts."""
-    source = _open(source)
+    source, rule = _open(source), as_rule(rule)
     tables = [_Tables(job.placement) for job in jobs]
     total = [Counts(job.placement.num_layers, job.placement.num_gpus) for job in jobs]
     for batch in _batches(source, unit, check=False):
-        parts = count_jobs(batch, token_classes(batch.phase, batch.step, window), jobs, tables)
+        parts = count_jobs(batch, rule.classes(batch), jobs, tables)
         total = [a + b for a, b in zip(total, parts)]
     return total
 
@@ -82,17 +85,17 @@ class LocalEngine:
             return [(0, source.num_tokens)]
         return [list(range(source.num_row_groups))]
 
-    def pass_one(self, source, window, sample_size, seed) -> TraceStats:
+    def pass_one(self, source, rule, sample_size, seed) -> TraceStats:
         stats = None
         for unit in self.units(source):
-            part = stats_part(source, unit, window, sample_size, seed)
+            part = stats_part(source, unit, rule, sample_size, seed)
             stats = part if stats is None else stats.merge(part)
         return stats
 
-    def pass_two(self, source, window, jobs) -> list[Counts]:
+    def pass_two(self, source, rule, jobs) -> list[Counts]:
         total = None
         for unit in self.units(source):
-            part = counts_part(source, unit, window, jobs)
+            part = counts_part(source, unit, rule, jobs)
             total = part if total is None else _add_counts(total, part)
         return total
 
@@ -144,12 +147,12 @@ class DaskEngine:
             result = part if result is None else merge(result, part)
         return result
 
-    def pass_one(self, source, window, sample_size, seed) -> TraceStats:
-        return self._map(stats_part, source, TraceStats.merge, window=window, sample_size=sample_size, seed=seed)
+    def pass_one(self, source, rule, sample_size, seed) -> TraceStats:
+        return self._map(stats_part, source, TraceStats.merge, rule=rule, sample_size=sample_size, seed=seed)
 
-    def pass_two(self, source, window, jobs) -> list[Counts]:
+    def pass_two(self, source, rule, jobs) -> list[Counts]:
         scattered = self.client.scatter(jobs, broadcast=True)
-        return self._map(counts_part, source, _add_counts, window=window, jobs=scattered)
+        return self._map(counts_part, source, _add_counts, rule=rule, jobs=scattered)
 
     def close(self):
         self.client.close()
@@ -157,24 +160,85 @@ class DaskEngine:
             self.cluster.close()
 
 
-def run_passes(source, engine, window: int, sample_size: int, seed: int = 0) -> TraceStats:
-    """Pass 1 with the file-level checks: the rows read by every part cover the file once, in order."""
-    stats = engine.pass_one(source, window, sample_size, seed).finish()
+def run_passes(source, engine, rule: ClassRule | int, sample_size: int, seed: int = 0) -> TraceStats:
+    """Pass 1 with the file-level checks: the rows read by every part cover the file once, in order. ``rule``:
+    a ClassRule, or the online window of the phase rule."""
+    stats = engine.pass_one(source, as_rule(rule), sample_size, seed).finish()
     if isinstance(source, ParquetTrace) and source.num_tokens:
         source.check_runs(stats.runs)
     return stats
 
 
-def longest_decode(source) -> int:
-    """Decode tokens of the longest request (0 without decode tokens), from the file's footer when it can."""
-    if isinstance(source, Trace):
-        if not (source.phase == 1).any():
-            return 0
-        return int(positions_and_steps(source.request, source.phase)[1].max()) + 1
-    largest = source.column_max("step")
-    if largest is None:
-        import pyarrow.parquet as pq
+@dataclass
+class StreamSplit:
+    """What a streamed report fits on and measures (``minimoe.placement.splits``), as a rule for batches."""
 
-        column = pq.read_table(source.path, columns=["step"]).column("step")
-        largest = int(column.to_numpy().max()) if len(column) else -1
-    return max(largest, -1) + 1
+    kind: str
+    window: int | None
+    description: str
+    fit_modes: tuple
+    methods: tuple
+    rule: ClassRule
+
+
+def choose_split(source, window: int | None = None) -> StreamSplit:
+    """The split ``minimoe.placement.splits.split`` picks, for an in-memory trace or a Parquet file; for a file
+    from one read of its request, phase and step columns (the tokens are never all in memory). Raises
+    ValueError as ``split`` does."""
+    if isinstance(source, Trace):
+        chosen = split(source, window)
+        starts, ends = source.request_ranges()
+        rule = ClassRule(chosen.kind, chosen.window or 0, (ends - starts + 1) // 2 if chosen.kind == "time" else None,
+                         source.num_requests)
+        return StreamSplit(chosen.kind, chosen.window, chosen.description, chosen.fit_modes, chosen.methods, rule)
+    lengths, prefill, decode, longest = _scan(source)
+    num_requests = len(lengths)
+    if source.num_tokens == 0:
+        raise ValueError("the trace is empty")
+    if prefill and decode:
+        chosen = min(8, max(1, longest // 4)) if window is None else window
+        if chosen < longest:
+            return StreamSplit("phase", chosen, f"fitted on prefill tokens, measured on each request's decode tokens "
+                               f"after the first {chosen}", FIT_MODES, METHODS, ClassRule("phase", chosen))
+        if window is not None:
+            raise ValueError(f"no decode token lies after the online window of {window} tokens: the longest request "
+                             f"decodes {longest}; use a window of at most {longest - 1}")
+    why = ("phases unknown" if not (prefill or decode) else "the trace has no decode tokens" if not decode else
+           "the trace has no prefill tokens" if not prefill else "no request decodes past the default online window")
+    head = (lengths + 1) // 2
+    tail = int((lengths - head).max()) if num_requests else 0
+    chosen = int(min(8, max(1, tail // 4))) if window is None else window
+    if chosen < tail:
+        return StreamSplit("time", chosen, f"{why}: each request's first half of tokens stands in for its prompt; "
+                           f"fitted on those, measured on each request's tokens after its first half and the next "
+                           f"{chosen}", FIT_MODES, METHODS, ClassRule("time", chosen, head, num_requests))
+    if window is not None:
+        raise ValueError(f"no request has a token after its first half and an online window of {chosen}"
+                         + (": use a smaller window" if chosen > 1 else ""))
+    if num_requests < 2:
+        raise ValueError(f"{why} and the trace holds {source.num_tokens} token(s) of one request: too little to fit "
+                         "a placement on one part and measure it on another")
+    return StreamSplit("request", None, f"{why} and requests are too short to split in time: fitted on the first "
+                       f"{num_requests // 2} requests, measured on the other {num_requests - num_requests // 2} "
+                       "(placements only: grouping needs each request's own early tokens)",
+                       ("prefill", "oracle"), PLACEMENT_ONLY, ClassRule("request", 0, None, num_requests))
+
+
+def _scan(source: ParquetTrace):
+    """(tokens per request (R,), any prefill token, any decode token, decode tokens of the longest request)."""
+    import pyarrow.parquet as pq
+
+    lengths, prefill, decode, longest = np.zeros(0, np.int64), False, False, 0
+    file = pq.ParquetFile(source.path)
+    for batch in file.iter_batches(batch_size=1 << 20, columns=["request", "phase", "step"], use_threads=False):
+        request = batch.column("request").to_numpy()
+        phase = batch.column("phase").to_numpy()
+        counts = np.bincount(request)
+        if len(counts) > len(lengths):
+            lengths = np.concatenate([lengths, np.zeros(len(counts) - len(lengths), np.int64)])
+        lengths[:len(counts)] += counts
+        prefill |= bool((phase == 0).any())
+        decode |= bool((phase == 1).any())
+        if decode:
+            longest = max(longest, int(batch.column("step").to_numpy().max()) + 1)
+    return lengths, prefill, decode, longest

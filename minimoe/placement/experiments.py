@@ -120,12 +120,13 @@ def fit(trace, topology: Topology, method: str, fit_tokens: np.ndarray, num_repl
 
 
 def compare_partitioners(trace, topology: Topology, num_replicas: int | None = None, partitioners=PARTITIONERS,
-                         window: int = 8, seed: int = 0, hidden_size: int = 7168) -> list[dict]:
+                         window: int = 8, seed: int = 0, hidden_size: int = 7168, token_sets=None) -> list[dict]:
     """Locality placement with each node partitioner, next to contiguous and EPLB: one row per method
     (``locality[fm]``, ``locality[mtkahypar]``), all fitted on prefill with the same random request sources,
     slot budget and node load cap, and measured on the held-out decode tokens. Raises ImportError (how to
-    install it) when ``partitioners`` names Mt-KaHyPar and it is missing."""
-    token_sets = masks(trace, window)
+    install it) when ``partitioners`` names Mt-KaHyPar and it is missing. ``token_sets``: the masks of
+    ``minimoe.placement.splits`` (default: ``masks(trace, window)``)."""
+    token_sets = masks(trace, window) if token_sets is None else token_sets
     num_replicas = num_replicas or trace.num_experts
     reports, seconds = {}, {}
     for method in ("contiguous", "eplb", *(f"locality[{p}]" for p in partitioners)):
@@ -145,15 +146,19 @@ def compare_partitioners(trace, topology: Topology, num_replicas: int | None = N
 
 
 def compare(trace, topology: Topology, num_replicas: int | None = None, fit_modes=FIT_MODES, methods=METHODS,
-            window: int = 8, seed: int = 0, hidden_size: int = 7168) -> list[dict]:
-    """One row per (fit mode, method): traffic of the evaluated tokens, and reductions vs the baselines."""
-    token_sets = masks(trace, window)
+            window: int = 8, seed: int = 0, hidden_size: int = 7168, token_sets=None, fitted=None) -> list[dict]:
+    """One row per (fit mode, method): traffic of the evaluated tokens, and reductions vs the baselines.
+    ``token_sets``: the masks of ``minimoe.placement.splits`` (default: ``masks(trace, window)``). ``fitted``: a
+    dict that receives ``(topology, num_replicas, method) -> (placement, sources)`` of the "prefill" fits."""
+    token_sets = masks(trace, window) if token_sets is None else token_sets
     num_replicas = num_replicas or trace.num_experts
     rows = []
     for mode in fit_modes:
         reports = {}
         for method in methods:
             placement, sources = fit(trace, topology, method, token_sets[mode], num_replicas, seed)
+            if fitted is not None and mode == "prefill":
+                fitted[(str(topology), num_replicas, method)] = (placement, sources)
             reports[method] = measure(trace, placement, topology, sources=sources, tokens=token_sets["eval"],
                                       hidden_size=hidden_size)
         for method, report in reports.items():

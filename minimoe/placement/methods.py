@@ -168,25 +168,55 @@ class Placement:
         return dict(format="minimoe.placement.methods/1", method=self.method, num_experts=self.num_experts,
                     num_nodes=self.num_nodes, gpus_per_node=self.gpus_per_node, phy2log=self.phy2log.tolist())
 
+    def to_sglang(self, moe_layers, num_layers: int) -> dict:
+        """SGLang's ``--init-expert-location`` object (``minimoe.placement.export.to_sglang``)."""
+        from minimoe.placement.export import to_sglang
+
+        return to_sglang(self, moe_layers, num_layers)
+
+    def to_trtllm(self, moe_layers) -> dict:
+        """TensorRT-LLM's ``moe_load_balancer`` config (``minimoe.placement.export.to_trtllm``)."""
+        from minimoe.placement.export import to_trtllm
+
+        return to_trtllm(self, moe_layers)
+
+    def to_vllm(self) -> dict:
+        """vLLM's ``eplb_initial_mapping`` record (``minimoe.placement.export.to_vllm``)."""
+        from minimoe.placement.export import to_vllm
+
+        return to_vllm(self)
+
     def save(self, path) -> None:
         with open(path, "w") as file:
             json.dump(self.to_dict(), file)
 
     @classmethod
+    def from_dict(cls, data) -> "Placement":
+        """The inverse of ``to_dict``; ValueError for anything else."""
+        keys = {"format", "method", "num_experts", "num_nodes", "gpus_per_node", "phy2log"}
+        if not isinstance(data, dict) or set(data) != keys or data["format"] != "minimoe.placement.methods/1":
+            raise ValueError(f"expected a minimoe.placement.methods/1 object with keys {sorted(keys)}")
+        table = np.asarray(data["phy2log"])
+        if table.dtype.kind not in "iu":
+            raise ValueError("phy2log must be a 2-D list of ints")
+        return cls(table, data["num_experts"], data["num_nodes"], data["gpus_per_node"], data["method"])
+
+    @classmethod
     def load(cls, path) -> "Placement":
+        """A placement file (``save``), or the placement inside a deployment file that ``minimoe report`` wrote
+        (``minimoe.placement.deployment``)."""
         with open(path) as file:
             try:
                 data = json.load(file)
             except json.JSONDecodeError as error:
                 raise ValueError(f"placement file {os.fspath(path)!r} is not JSON: {error}") from error
-        keys = {"format", "method", "num_experts", "num_nodes", "gpus_per_node", "phy2log"}
-        if not isinstance(data, dict) or set(data) != keys or data["format"] != "minimoe.placement.methods/1":
-            raise ValueError(f"placement file {os.fspath(path)!r} must be a minimoe.placement.methods/1 object "
-                             f"with keys {sorted(keys)}")
-        table = np.asarray(data["phy2log"])
-        if table.dtype.kind not in "iu":
-            raise ValueError(f"placement file {os.fspath(path)!r}: phy2log must be a 2-D list of ints")
-        return cls(table, data["num_experts"], data["num_nodes"], data["gpus_per_node"], data["method"])
+        if isinstance(data, dict) and data.get("format") == "minimoe.deployment/1":
+            data = data.get("placement")
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"placement file {os.fspath(path)!r}: {error} (or a minimoe.deployment/1 file from "
+                             "minimoe report)") from None
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, Placement) and self.to_dict() == other.to_dict())

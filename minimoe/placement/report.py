@@ -14,6 +14,11 @@
     partitioners  on request: the locality placement's node partitioners side by side, minimoe's FM
                refinement vs Mt-KaHyPar (when it is installed), fitted on prefill
     summary    one line per topology: what grouping + locality fitted on prefill saves
+    decision   per topology, the placement (and grouping) to deploy, its saving and load in one line, every
+               method defined, and the files and export command (``minimoe.placement.decision``)
+
+A trace without prefill/decode phases (most serving logs) is split in time or by request instead
+(``minimoe.placement.splits``), and the report says which split it used.
 
 The result is a plain dict (JSON-ready) that ``format_report`` prints and ``minimoe.placement.report_html``
 draws. Bytes assume hidden size 7168 in bf16 (DeepSeek-V3) unless told otherwise; every saving is a ratio of
@@ -26,13 +31,16 @@ import time
 
 import numpy as np
 
-from minimoe.placement.engine import LocalEngine, longest_decode, run_passes
+from minimoe.placement.decision import decide, format_decision, format_methods
+from minimoe.placement.engine import LocalEngine, choose_split, run_passes
 from minimoe.placement.experiments import FIT_MODES, METHODS, PARTITIONERS, uniform_baseline
+from minimoe.placement.splits import LABELS, split
 from minimoe.placement.hypergraph import mtkahypar_available
 from minimoe.placement.streaming import StreamedExperiments
 from minimoe.placement.topology import Topology
 from minimoe.traces.findings import findings_of_stats, format_findings
-from minimoe.traces.stats import TraceStats
+from minimoe.traces.format import Trace
+from minimoe.traces.stats import ClassRule, TraceStats
 
 DRIFT_TOPOLOGY = (4, 2)
 FIT_PAIRS = 1 << 16  # default sample of each fitting set: this many (token, expert) pairs, i.e. 65536 / top_k tokens
@@ -53,60 +61,53 @@ def slot_budgets(num_experts: int, topology: Topology) -> list[int]:
 
 
 def trace_summary(stats: TraceStats) -> dict:
-    tokens = stats.tokens.sum(0)  # (4,) per token class
     return dict(model=stats.model or "(unnamed)", requests=stats.num_requests, tokens=stats.num_tokens,
-                prefill_tokens=int(tokens[0]), decode_tokens=int(tokens[1] + tokens[2]),
+                prefill_tokens=int(stats.phase_tokens(0).sum()), decode_tokens=int(stats.phase_tokens(1).sum()),
                 layers=stats.num_layers, experts=stats.num_experts, top_k=stats.top_k)
 
 
-def check_window(window, longest: int) -> None:
-    """Raise ValueError unless ``window`` leaves held-out decode tokens (those after the first ``window``)."""
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise ValueError(f"the online window must be an integer >= 1 (decode tokens per request to fit on), "
-                         f"got {window!r}")
-    if window >= longest:
-        raise ValueError(f"no decode token lies after the online window of {window} tokens: the longest request "
-                         f"decodes {longest}; use a window of at most {longest - 1}")
-
-
 def run_report(trace, topologies: list[Topology], window: int | None = None, seed: int = 0,
-               hidden_size: int = 7168, progress=None, max_fit_tokens: int | str | None = "auto",
-               engine=None, compare_partitioners: bool = False) -> dict:
+               hidden_size: int = 7168, progress=None, fitted: dict | None = None,
+               max_fit_tokens: int | str | None = "auto", engine=None, compare_partitioners: bool = False) -> dict:
     """Everything the report shows, as a dict. ``trace``: a Trace or a ``minimoe.traces.parquet.ParquetTrace``.
-    ``window=None`` picks a quarter of the longest request's decode, 1 to 8 (``experiments.default_window``);
-    ``max_fit_tokens``: the size of each fitting set's sample ("auto": ``FIT_PAIRS // top_k``, the fit's cost
-    growing with its (token, expert) pairs; None: every token); ``engine``: where the two
-    passes run (``minimoe.placement.engine``; default in this process); ``compare_partitioners``: also fit the
-    locality placement with each node partitioner. ``progress(str)``, if given, is called before each slow
-    step. Raises ValueError for a topology the trace cannot fill or a window that leaves no held-out decode
-    token."""
+    ``window=None`` picks the split's default (``minimoe.placement.splits``); ``fitted``: a dict that receives
+    ``(topology, num_replicas, method) -> (placement, sources)`` of the fits on the first fitting set (for
+    ``save_decision``); ``max_fit_tokens``: the size of each fitting set's sample ("auto": ``FIT_PAIRS //
+    top_k``, the fit's cost growing with its (token, expert) pairs; None: every token); ``engine``: where the
+    two passes run (``minimoe.placement.engine``; default in this process); ``compare_partitioners``: also fit
+    the locality placement with each node partitioner. ``progress(str)``, if given, is called before each slow
+    step. Raises ValueError for a topology the trace cannot fill or a window that leaves no held-out token."""
     say = progress or (lambda message: None)
     check_topologies(topologies, trace.num_experts)
-    longest = longest_decode(trace)
-    if longest:
-        window = min(8, max(1, longest // 4)) if window is None else window
-        check_window(window, longest)
+    chosen, unavailable = None, None
+    try:
+        chosen = choose_split(trace, window)
+    except ValueError as error:
+        if window is not None and "window" in str(error):
+            raise ValueError(f"no decode token lies after the online window: {error}") from None
+        unavailable = str(error)
     engine = engine or LocalEngine()
     if max_fit_tokens == "auto":
         max_fit_tokens = max(1, FIT_PAIRS // trace.top_k)
     sample_size = max(trace.num_tokens, 1) if max_fit_tokens is None else max_fit_tokens
     say(f"pass 1 ({engine.name}): statistics of every token, at most {sample_size:,} sampled per fitting set")
-    stats = run_passes(trace, engine, window or 0, sample_size, seed)
+    stats = run_passes(trace, engine, chosen.rule if chosen else ClassRule("phase", 0), sample_size, seed)
     result = dict(trace=trace_summary(stats), hidden_size=hidden_size, unavailable={},
                   max_fit_tokens=max_fit_tokens, engine=engine.name)
     say("findings: imbalance, domain specificity, prefill -> decode")
     result["findings"] = findings_of_stats(stats, seed=seed)
-    if not longest:
-        result["unavailable"]["compare"] = ("the trace has no decode tokens (phase 1); placements are measured "
-                                            "on held-out decode traffic")
-        result.update(window=None, rows=[], partitioners=[], uniform=[], drift=None)
+    if chosen is None:
+        result["unavailable"]["compare"] = unavailable
+        result.update(window=None, split=None, rows=[], partitioners=[], uniform=[], drift=None, decision=[])
         return result
-    result["window"] = window
+    result["window"] = chosen.window
+    result["split"] = dict(kind=chosen.kind, window=chosen.window, description=chosen.description,
+                           eval_tokens=int(stats.class_tokens((2,)).sum()))
     experiments = StreamedExperiments(stats, seed, hidden_size)
     for topology in topologies:
         for num_replicas in slot_budgets(stats.num_experts, topology):
             say(f"placement and grouping: {topology} ({topology.num_gpus} GPUs), {num_replicas} slots per layer")
-            experiments.compare(topology, num_replicas)
+            experiments.compare(topology, num_replicas, chosen.fit_modes, chosen.methods)
     partitioners = PARTITIONERS if mtkahypar_available() else ("fm",)
     if not compare_partitioners:
         result["unavailable"]["partitioners"] = "not run (minimoe report --compare-partitioners runs it)"
@@ -120,7 +121,9 @@ def run_report(trace, topologies: list[Topology], window: int | None = None, see
                 experiments.compare_partitioners(topology, num_replicas, partitioners)
     result["uniform"] = [uniform_baseline(stats, topology) for topology in topologies]
     result["drift"] = None
-    if not (stats.has_domain and set(DRIFT_FIT) <= set(stats.domain)):
+    if chosen.kind != "phase":
+        result["unavailable"]["drift"] = "needs prefill and decode phases"
+    elif not (stats.has_domain and set(DRIFT_FIT) <= set(stats.domain)):
         result["unavailable"]["drift"] = f"needs requests of the domains {sorted(DRIFT_FIT)}"
     else:
         topology = Topology(num_nodes=DRIFT_TOPOLOGY[0], gpus_per_node=DRIFT_TOPOLOGY[1])
@@ -134,13 +137,38 @@ def run_report(trace, topologies: list[Topology], window: int | None = None, see
             except ValueError as error:
                 result["unavailable"]["drift"] = str(error)
     jobs, index = experiments.unique_jobs()
-    say(f"pass 2 ({engine.name}): {len(jobs)} distinct placements measured on every held-out decode token")
-    counts = engine.pass_two(trace, window, jobs)
+    say(f"pass 2 ({engine.name}): {len(jobs)} distinct placements measured on every held-out token")
+    counts = engine.pass_two(trace, chosen.rule, jobs)
     measured = experiments.results([counts[i] for i in index])
     result["rows"], result["partitioners"] = measured["rows"], measured["partitioners"]
     if result["drift"] is not None:
         result["drift"]["rows"] = measured["drift"]
+    result["decision"] = decide(result["rows"], topologies)
+    if fitted is not None:
+        fitted.update(experiments.fitted)
     return result
+
+
+def save_decision(trace: Trace, result: dict, topologies: list[Topology], folder, seed: int = 0,
+                  fitted: dict | None = None) -> list[str]:
+    """Write each topology's recommended placement (``minimoe.placement.deployment``) into ``folder``: the one
+    ``run_report(..., fitted=)`` kept, else refitted exactly as it was fitted; returns the file names (also listed
+    in ``result["decision"]``)."""
+    from pathlib import Path
+
+    from minimoe.placement.decision import deployments
+
+    if not result.get("decision"):
+        return []
+    token_sets = {}  # only needed to refit what ``fitted`` lacks: a file's placements always come from run_report
+    if isinstance(trace, Trace):
+        token_sets = split(trace, result["split"]["window"], result["split"]["kind"]).masks
+    names = []
+    for name, deployment in deployments(trace, result["decision"], topologies, token_sets,
+                                        result["split"], seed, fitted):
+        deployment.save(Path(folder) / name)
+        names.append(name)
+    return names
 
 
 def _pct(value) -> str:
@@ -153,11 +181,11 @@ def _fewer(value) -> str:
     return f"{abs(value):.1%} {'fewer' if value >= 0 else 'more'}"
 
 
-def summary_lines(rows: list[dict]) -> list[str]:
-    """What grouping + locality, fitted on prefill, saves on each topology and slot budget."""
+def summary_lines(rows: list[dict], method: str = "grouping+locality") -> list[str]:
+    """What ``method``, fitted on prefill (or what stands in for it), saves on each topology and slot budget."""
     lines = []
     for r in rows:
-        if r["method"] == "grouping+locality" and r["fit"] == "prefill":
+        if r["method"] == method and r["fit"] == "prefill":
             if r["cut_vs_contiguous"] is None:
                 lines.append(f"  {r['topology']}, {r['num_replicas']} slots: one node, no inter-node traffic")
                 continue
@@ -167,14 +195,15 @@ def summary_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], labels: dict | None = None) -> str:
     """Saving in de-duplicated inter-node bytes vs contiguous (per-pair saving in brackets) and load max/mean,
-    per method and fit mode."""
-    lines = ["topology slots  method              " + "  ".join(f"{m:>21s}" for m in FIT_MODES),
+    per method and fit mode (``labels``: the column name of each fit mode)."""
+    labels = labels or {m: m for m in FIT_MODES}
+    lines = ["topology slots  method              " + "  ".join(f"{labels[m]:>21s}" for m in FIT_MODES),
              "                                     " + "  ".join(f"{'saved (pair)  load':>21s}" for _ in FIT_MODES)]
     keyed = {(r["topology"], r["num_replicas"], r["method"], r["fit"]): r for r in rows}
     for topology, slots in dict.fromkeys((r["topology"], r["num_replicas"]) for r in rows):
-        for method in METHODS:
+        for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
             cells = []
             for mode in FIT_MODES:
                 r = keyed.get((topology, slots, method, mode))
@@ -191,9 +220,9 @@ def format_partitioners(rows: list[dict], missing: str | None = None, not_run: s
     """The locality placement with each node partitioner: saving vs contiguous and EPLB, and load max/mean."""
     if not_run:
         return f"Locality placement by node partitioner: {not_run}"
-    lines = ["Locality placement by node partitioner (minimoe.placement.locality), fitted on prefill with random "
-             "request sources,\nthe same slots and node load cap; saved = de-duplicated inter-node bytes vs "
-             "contiguous / vs EPLB on held-out decode tokens:"]
+    lines = ["Locality placement by node partitioner (minimoe.placement.locality), fitted as the table's first "
+             "column with random request sources,\nthe same slots and node load cap; saved = de-duplicated inter-node "
+             "bytes vs contiguous / vs EPLB on the held-out tokens:"]
     keyed = {(r["topology"], r["num_replicas"]): [] for r in rows}
     for r in rows:
         keyed[(r["topology"], r["num_replicas"])].append(r)
@@ -208,23 +237,32 @@ def format_partitioners(rows: list[dict], missing: str | None = None, not_run: s
     return "\n".join(lines)
 
 
-def format_report(result: dict) -> str:
-    """The report as plain text (what ``minimoe report`` prints and writes to report.txt)."""
+def _fitted_on(kind: str) -> str:
+    return {"phase": "prefill tokens | the first decode tokens (online) | the evaluated tokens themselves (oracle)",
+            "time": "each request's first half | the next tokens (online) | the evaluated tokens themselves (oracle)",
+            "request": "the earlier requests | — | the evaluated tokens themselves (oracle)"}[kind]
+
+
+def format_report(result: dict, folder: str | None = None) -> str:
+    """The report as plain text (what ``minimoe report`` prints and writes to report.txt); ``folder``: where the
+    placement files were saved (named in the decision)."""
     sections = [format_findings(result["findings"])]  # opens with the one-line trace summary
     if "compare" in result["unavailable"]:
         sections.append(f"Placement and grouping: not measured: {result['unavailable']['compare']}")
         return "\n\n".join(sections)
-    window = result["window"]
+    window, kind = result["window"], result["split"]["kind"]
+    measured_on = (f"held-out decode tokens (each request's decode tokens after the first {window})" if kind == "phase"
+                   else f"held-out tokens: {result['split']['description']}")
     sections.append(
-        f"Placement and grouping, measured on held-out decode tokens (each request's decode tokens after the "
-        f"first {window}).\n"
+        f"Placement and grouping, measured on {measured_on}.\n"
         "saved = how much less than contiguous placement a method moves across node boundaries, in "
         "de-duplicated bytes\n(a token crosses to a node once however many of its experts live there); in "
         "brackets the same for per-(token, expert) bytes;\nload = tokens per GPU, max / mean. Fitted on: "
-        "prefill tokens | the first decode tokens (online) | the evaluated tokens themselves (oracle)"
-        + _fitted_on(result) + ".\n\n"
-        + format_table(result["rows"]))
-    sections.append("Summary, fitted on prefill:\n" + "\n".join(summary_lines(result["rows"])))
+        f"{_fitted_on(kind)}" + _sampled_note(result) + ".\n\n" + format_table(result["rows"], LABELS[kind])
+        + format_methods(dict.fromkeys(r["method"] for r in result["rows"])))
+    best = "grouping+locality" if kind != "request" else "locality"
+    sections.append(f"Summary, {best} fitted on {LABELS[kind]['prefill'] if kind != 'phase' else 'prefill'}:\n"
+                    + "\n".join(summary_lines(result["rows"], best)))
     sections.append(format_partitioners(result.get("partitioners", []), result["unavailable"].get("mtkahypar"),
                                         result["unavailable"].get("partitioners")))
     sections.append("Nodes a token would reach if routing were uniform (the contiguous baseline's expectation): "
@@ -238,10 +276,12 @@ def format_report(result: dict) -> str:
                             f"{_pct(r['cut_vs_eplb'])}, load {r['load_max_over_mean']:.2f}" for r in d["rows"]))
     elif "drift" in result["unavailable"]:
         sections.append(f"Drift: not measured: {result['unavailable']['drift']}")
+    if result.get("decision"):
+        sections.append(format_decision(result["decision"], folder, result["split"].get("eval_tokens")))
     return "\n\n".join(sections)
 
 
-def _fitted_on(result: dict) -> str:
+def _sampled_note(result: dict) -> str:
     """What the fits saw: every fitting token, or a sample of at most max_fit_tokens per fitting set."""
     limit = result.get("max_fit_tokens")
     if limit is None or limit >= result["trace"]["tokens"]:

@@ -39,7 +39,7 @@ def _figures(result: dict) -> list:
     import plotly.graph_objects as go
 
     rows, figures = result["rows"], []
-    for mode in FIT_MODES:
+    for mode in [m for m in FIT_MODES if any(r["fit"] == m for r in rows)]:
         fig = go.Figure()
         for method in METHODS[1:]:
             picked = [r for r in rows if r["method"] == method and r["fit"] == mode
@@ -67,11 +67,18 @@ def _figures(result: dict) -> list:
 def write_html(path: Path, result: dict, text: str) -> None:
     """Write the report page for ``result`` (``minimoe.placement.report.run_report``) and its plain ``text``."""
     info = result["trace"]
+    phases = (f"{info['prefill_tokens']:,} prefill, {info['decode_tokens']:,} decode"
+              if info["prefill_tokens"] + info["decode_tokens"] else "phases unknown")
     summary = (f"{html.escape(str(info['model']))}: {info['requests']:,} requests, {info['tokens']:,} tokens "
-               f"({info['prefill_tokens']:,} prefill, {info['decode_tokens']:,} decode), {info['layers']} MoE "
+               f"({phases}), {info['layers']} MoE "
                f"layers, {info['experts']} experts, top-{info['top_k']}")
     body = text.split("\n\n", 1)[-1]  # the text opens with the trace summary, shown above already
     terms = "".join(f"<dt>{name}</dt><dd>{text}</dd>" for name, text in TERMS.items())
+    decision = "".join(f"<li>{html.escape(d['headline'])}</li>" for d in result.get("decision") or [])
+    decision = f"<h2>Decision</h2><ul>{decision}</ul><p>The rule, the methods and the files: see the end of the " \
+               "text below.</p>" if decision else ""
+    split = (result.get("split") or {}).get("description")
+    split = f"<p>Split: {html.escape(split)}.</p>" if split else ""
     parts = []
     if result["rows"]:
         figures = _figures(result)
@@ -83,10 +90,22 @@ def write_html(path: Path, result: dict, text: str) -> None:
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:auto;padding:1em;line-height:1.45}}
 pre{{overflow-x:auto;font-size:12px;background:#f6f6f6;padding:0.8em}} dt{{font-weight:bold;margin-top:0.5em}}
 .plotly-graph-div{{width:100%!important}}</style></head><body>
-<h1>minimoe report</h1><p>Trace: {summary}.</p>
+<h1>minimoe report</h1><p>Trace: {summary}.</p>{split}{decision}
 <h2>Terms</h2><dl>{terms}</dl>
 <h2>Placement and grouping</h2>{''.join(parts) or '<p>Not measured (see the text below).</p>'}
 <h2>Full text</h2><pre>{html.escape(body)}</pre>
 </body></html>
 """
     Path(path).write_text(page)
+
+
+def write_text_html(path: Path, title: str, text: str) -> None:
+    """A report page that is only its text (the load-only report: no per-token figures to draw)."""
+    Path(path).write_text(f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:auto;padding:1em}}
+pre{{overflow-x:auto;font-size:12px;background:#f6f6f6;padding:0.8em}}</style></head><body>
+<h1>{html.escape(title)}</h1><pre>{html.escape(text)}</pre>
+</body></html>
+""")

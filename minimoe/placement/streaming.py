@@ -39,6 +39,7 @@ class StreamedExperiments:
         self.pending: list = []  # (kind, description, job indices)
         self._fit_data: dict = {}
         self.cache: dict = {}  # node partitions of identical inputs, reused (minimoe.placement.locality)
+        self.fitted: dict = {}  # (topology, num_replicas, method) -> (placement, sources), first fitting set
 
     def fit_data(self, mode: str) -> FitData:
         if mode not in self._fit_data:
@@ -55,8 +56,12 @@ class StreamedExperiments:
         for mode in fit_modes:
             data = self.fit_data(mode)
             every = np.ones(data.num_tokens, bool)
-            jobs = {method: self._job(*fit(data, topology, method, every, num_replicas, self.seed,
-                                           cache=self.cache)) for method in methods}
+            jobs = {}
+            for method in methods:
+                placement, sources = fit(data, topology, method, every, num_replicas, self.seed, cache=self.cache)
+                jobs[method] = self._job(placement, sources)
+                if mode == "prefill":  # as experiments.compare(..., fitted=) records them
+                    self.fitted[(str(topology), num_replicas, method)] = (placement, sources)
             self.pending.append(("compare", (topology, num_replicas, mode), jobs))
 
     def compare_partitioners(self, topology: Topology, num_replicas: int, partitioners) -> None:

@@ -18,6 +18,10 @@ index is the token's row in the trace). With ``node(r) = r // gpus_per_node``:
   ``inter_node_bytes = sum_t (distinct remote nodes)`` and ``intra_node_bytes = sum_t (NVLink hops)``.
   Every count is multiplied by the bytes one token moves: dispatch ``hidden * bytes_per_element`` (fp8,
   i.e. 1 byte, adds ``hidden / 128 * 4`` bytes of scales) plus combine ``hidden * combine_bytes_per_element``.
+* **replicated bytes** (all-gather / reduce-scatter exchange, ``minimoe.parallel``'s ``replicate`` format):
+  every token goes to every other GPU and one partial result comes back from each, whatever the routing:
+  ``replicate_bytes_intra`` = tokens · (gpus_per_node − 1) copies, ``replicate_bytes_inter`` = tokens ·
+  (num_gpus − gpus_per_node) copies.
 * **balance**: ``tokens_per_rank`` = pairs each GPU computes; ``load_max_over_mean``, its inverse and
   Jain's index ``(sum x)^2 / (G sum x^2)``; ``sent_bytes_per_rank`` (de-duplicated per GPU) and the
   busiest sender; ``source_tokens_per_rank`` = evaluated tokens starting on each GPU (the grouping's
@@ -43,7 +47,7 @@ from minimoe.placement.methods import Placement
 from minimoe.placement.topology import Topology
 
 _PER_LAYER = ("pairs", "gpu_local_pairs", "node_local_pairs", "remote_ranks", "remote_nodes", "nodes_touched",
-              "nvlink_hops", "intra_pairs", "inter_pairs")
+              "nvlink_hops", "intra_pairs", "inter_pairs", "replicate_intra", "replicate_inter")
 
 
 def uniform_nodes_per_token(num_experts: int, top_k: int, num_nodes: int) -> float:
@@ -80,6 +84,8 @@ class TrafficReport:
     inter_node_bytes: float
     pair_bytes_intra: float
     pair_bytes_inter: float
+    replicate_bytes_intra: float
+    replicate_bytes_inter: float
     load_max_over_mean: float
     load_max_over_mean_worst: float
     load_mean_over_max: float
@@ -142,6 +148,8 @@ def _count_layer(placement, layer, experts, source, token_index, topology):
     out["node_local_pairs"] = node_local.sum()
     out["intra_pairs"] = out["node_local_pairs"] - out["gpu_local_pairs"]
     out["inter_pairs"] = out["pairs"] - out["node_local_pairs"]
+    out["replicate_intra"] = len(source) * (per_node - 1)  # every token to every other GPU
+    out["replicate_inter"] = len(source) * (num_gpus - per_node)
     out["tokens_per_rank"] = np.bincount(rank[valid], minlength=num_gpus)
 
     ranks = np.sort(rank, axis=1)  # (T, k): distinct destinations are the first of each run
@@ -240,7 +248,8 @@ def measure(trace, placement: Placement, topology: Topology, sources=None, hidde
     pl["node_matrix"] = pl.pop("node_flows").reshape(num_layers, num_nodes, num_nodes) * token_bytes
     for name, count in (("dedup_rank_bytes", "remote_ranks"), ("inter_node_bytes", "remote_nodes"),
                         ("intra_node_bytes", "nvlink_hops"), ("pair_bytes_intra", "intra_pairs"),
-                        ("pair_bytes_inter", "inter_pairs")):
+                        ("pair_bytes_inter", "inter_pairs"), ("replicate_bytes_intra", "replicate_intra"),
+                        ("replicate_bytes_inter", "replicate_inter")):
         pl[name] = pl[count] * token_bytes
     with np.errstate(invalid="ignore", divide="ignore"):
         pl["pair_gpu_local_fraction"] = pl["gpu_local_pairs"] / pl["pairs"]
@@ -267,6 +276,8 @@ def measure(trace, placement: Placement, topology: Topology, sources=None, hidde
         dedup_rank_bytes=float(pl["dedup_rank_bytes"].sum()), intra_node_bytes=float(pl["intra_node_bytes"].sum()),
         inter_node_bytes=float(pl["inter_node_bytes"].sum()), pair_bytes_intra=float(pl["pair_bytes_intra"].sum()),
         pair_bytes_inter=float(pl["pair_bytes_inter"].sum()),
+        replicate_bytes_intra=float(pl["replicate_bytes_intra"].sum()),
+        replicate_bytes_inter=float(pl["replicate_bytes_inter"].sum()),
         load_max_over_mean=float(np.mean(pl["load_max_over_mean"])),
         load_max_over_mean_worst=float(np.max(pl["load_max_over_mean"])),
         load_mean_over_max=float(np.mean(pl["load_mean_over_max"])), jain_index=float(np.mean(pl["jain_index"])),

@@ -1,20 +1,19 @@
-"""``minimoe import``: convert a routing capture of a serving system to a trace file.
+"""``minimoe import``: convert a serving system's routing capture or expert-load dump to a trace file.
 
-Sources (``--format``, by default guessed from the file):
-
-    vllm     .npy: one request's ``routed_experts`` array (tokens, num_layers, top_k); .npz: one array per
-             request in the archive's order (``numpy.savez(path, *arrays)``), and optionally a member
-             ``prompt_lengths`` (R,) giving each request's prompt rows
-    sglang   text, one request per non-blank line: the base64 ``routed_experts`` string, or a JSON object
-             holding it (SGLang's ``meta_info``, or a response with a ``meta_info``), which may also carry
-             ``routed_experts_dtype``
-    jsonl    a routing log, one JSON object per token or per (token, layer) (``minimoe.traces.importers_jsonl``)
-    trace    a minimoe trace file (.npz or .parquet): converted to the other format (``--out`` decides)
+Sources (``--format``, by default guessed from the file): the table ``SOURCES`` below, printed by
+``minimoe import --help``. Per-token captures become a ``Trace`` (``minimoe.traces.format``); load dumps become
+a ``LoadTrace`` (``minimoe.traces.loads``), both written as .npz. A per-token trace can also be written as
+Parquet (``--out`` ending in .parquet, ``minimoe.traces.parquet``), the format for traces read in batches, and a
+minimoe trace file (.npz or .parquet) converts to the other format.
 
 A .jsonl file whose first record holds ``routed_experts`` or ``meta_info`` (or is a bare string) is read as
-SGLang output, any other .jsonl as a routing log. The trace keeps only what the source says: phases are
-unknown unless the source gives them (``--prompt-lengths`` or a phase field), and the summary printed at the
-end says what is unknown. Bad input raises ValueError / FileNotFoundError naming the flag or file.
+SGLang output, one whose first record has ``record_type`` as vLLM's EPLB statistics, any other .jsonl as a
+routing log; a .pt file is an SGLang expert-distribution dump (``stat`` if it holds ``logical_count``,
+``per_pass`` if it holds ``records``); a folder with ``meta_info.json`` is TensorRT-LLM's statistics, a folder
+of .pt files SGLang ``per_pass`` dumps. The trace keeps only what the source says: phases are unknown unless the
+source gives them (``--prompt-lengths`` or a phase field), and the summary printed at the end says what is
+unknown and lists the notes (fields the source had that no array holds). Bad input raises ValueError /
+FileNotFoundError naming the flag or file.
 """
 
 from __future__ import annotations
@@ -27,12 +26,35 @@ from pathlib import Path
 import numpy as np
 
 from minimoe.arguments import OneLineParser, whole_number
+from minimoe.traces import load_dumps
 from minimoe.traces.format import Trace
 from minimoe.traces.parquet import is_parquet, load_trace, save_trace
 from minimoe.traces.importers import WIRE_DTYPES, from_sglang, from_vllm
 from minimoe.traces.importers_jsonl import OUR_FIELDS, POSITIONS, from_jsonl
+from minimoe.traces.layers import model_layers
 
-FORMATS = ("auto", "vllm", "sglang", "jsonl", "trace")
+# format -> (the file, where it comes from, how its layers are numbered)
+SOURCES = {
+    "vllm": (".npy/.npz of routed_experts arrays (tokens, layers, top_k), one per request",
+             "vLLM enable_return_routed_experts", "every decoder layer: dense ones arrive as expert 0 (--moe-layers)"),
+    "sglang": ("text, one base64 routed_experts payload (or meta_info JSON) per request",
+               "SGLang return_routed_experts", "every decoder layer: dense ones arrive as expert 0 (--moe-layers)"),
+    "jsonl": ("JSONL routing log: one record per token, or a meta record + one per (token, layer)",
+              "a profiler hooked into a serving engine", "as logged (layers_logged, else sorted layer numbers)"),
+    "sglang-stat": (".pt: torch.save {'logical_count': (steps, layers, experts)}, a ring buffer (totals used)",
+                    "SGLang --expert-distribution-recorder-mode stat", "every decoder layer (dense rows zero)"),
+    "sglang-per-pass": (".pt per rank (or their folder): records of global_physical_count + the slot map",
+                        "SGLang --expert-distribution-recorder-mode per_pass", "every decoder layer (dense rows zero)"),
+    "trtllm-stats": ("folder: meta_info.json + rank{r}.safetensors ('{iter}_{layer}' -> counts), optional "
+                     "cooccurrence_rank{r}", "TensorRT-LLM EXPERT_STATISTIC_PATH",
+                     "model layer index of each MoE layer"),
+    "vllm-eplb-stats": ("JSONL of eplb_load_stats records (expert_load and p2l_map, layers x slots)",
+                        "vLLM offline EPLB (interface under review upstream)", "MoE layers only, 0..L-1"),
+    "trace": ("a minimoe trace file, .npz or .parquet (converted to the other format)",
+              "minimoe trace / minimoe import", "MoE layers only, as stored"),
+}
+LOAD_FORMATS = ("sglang-stat", "sglang-per-pass", "trtllm-stats", "vllm-eplb-stats")
+FORMATS = ("auto", *SOURCES)
 _TRACE_ARRAYS = {"experts", "request", "phase", "num_experts", "top_k"}
 
 
@@ -62,20 +84,43 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
-def _field(text: str) -> tuple[str, str]:
-    ours, sep, theirs = text.partition("=")
-    if not sep or ours not in OUR_FIELDS or not theirs:
-        raise argparse.ArgumentTypeError(f"expected OURS=THEIRS with OURS one of {', '.join(OUR_FIELDS)}, got {text!r}")
-    return ours, theirs
+def _fields(text: str) -> list[tuple[str, str]]:
+    pairs = []
+    for part in text.split(","):
+        ours, sep, theirs = part.strip().partition("=")
+        if not sep or ours not in OUR_FIELDS or not theirs:
+            raise argparse.ArgumentTypeError(f"expected OURS=THEIRS[,OURS=THEIRS...] with OURS one of "
+                                             f"{', '.join(OUR_FIELDS)}, got {text!r}")
+        pairs.append((ours, theirs))
+    return pairs
+
+
+def _keys(text: str) -> list[str]:
+    keys = [part.strip() for part in text.split(",")]
+    if not all(keys):
+        raise argparse.ArgumentTypeError(f"expected comma-separated keys like ts,step, got {text!r}")
+    return keys
+
+
+def _source_table() -> str:
+    lines = ["sources (--format; 'auto' guesses from the name and first record):"]
+    for name, (file, origin, layers) in SOURCES.items():
+        lines.append(f"  {name:16s} {file}\n  {'':16s}   from: {origin}; layers: {layers}")
+    lines.append("per-token sources (vllm, sglang, jsonl) give a trace; the others give a load trace (counts "
+                 "per expert), which minimoe report and minimoe export also read")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="minimoe import", description="Convert a vLLM, SGLang or JSONL routing capture to a minimoe trace file.",
+        prog="minimoe import", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert a serving engine's routing capture or expert-load dump to a minimoe trace file.\n\n"
+                    + _source_table(),
     )
-    parser.add_argument("source", help="the capture: .npy/.npz (vLLM), a text file of SGLang payloads, or .jsonl")
+    parser.add_argument("source", help="the capture or dump: a file, or a folder (TensorRT-LLM statistics, SGLang "
+                                       "per_pass dumps)")
     parser.add_argument("--out", required=True, metavar="TRACE",
-                        help="the trace file to write: .npz, or .parquet for traces read in batches")
+                        help="the trace file to write: .npz, or .parquet (per-token traces) for traces read in batches")
     parser.add_argument("--format", choices=FORMATS, default="auto",
                         help="the source's format (default: %(default)s, from the file name and first record)")
     parser.add_argument("--num-experts", type=_positive_int, metavar="E",
@@ -86,9 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-layers", type=_positive_int, metavar="L",
                         help="layers per token in an SGLang payload (required for SGLang)")
     parser.add_argument("--moe-layers", type=_moe_layers, default=None, metavar="LAYERS",
-                        help="vLLM/SGLang: which layers are MoE layers: comma-separated indices (the safe choice: "
+                        help="which layers are MoE layers: comma-separated indices (the safe choice: "
                              "dense layers arrive as expert 0), 'auto' (drop layers holding only -1) or 'all' "
-                             "(default: all for vLLM, auto for SGLang)")
+                             "(default: all for vLLM, auto for SGLang); for load dumps the model index of each MoE "
+                             "layer (default: SGLang's rows holding counts)")
+    parser.add_argument("--config", metavar="CONFIG_JSON", default=None,
+                        help="load dumps: the model's transformers config.json (or its folder), naming the MoE "
+                             "layers instead of --moe-layers")
     parser.add_argument("--keep-degenerate", action="store_true",
                         help="keep a layer where every token has the same expert ids (refused by default: usually "
                              "a dense layer)")
@@ -101,24 +150,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--domain", default=None, metavar="LABEL", help="one domain label for every token (e.g. code)")
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="the model's name stored in the trace (JSONL: default from the meta record)")
-    parser.add_argument("--field", type=_field, action="append", default=[], metavar="OURS=THEIRS",
-                        help="JSONL: the log's name for one of our fields, e.g. --field request=rid (repeatable)")
+    parser.add_argument("--field", type=_fields, action="append", default=[], metavar="OURS=THEIRS[,...]",
+                        help="JSONL: the log's name for our fields, e.g. --field request=rid,position=pos")
     parser.add_argument("--no-request-field", action="store_true",
                         help="JSONL: the log names no requests; put every token in one request")
     parser.add_argument("--positions", choices=POSITIONS, default="field",
                         help="JSONL: 'per_pass' when token_idx restarts at every forward pass (default: %(default)s)")
-    parser.add_argument("--ignore", action="append", default=[], metavar="KEY",
-                        help="JSONL: a key of the log to skip, e.g. --ignore ts (repeatable)")
+    parser.add_argument("--ignore", type=_keys, action="append", default=[], metavar="KEY[,KEY...]",
+                        help="JSONL: keys to drop before reading, e.g. --ignore ts,step (keys no field reads are "
+                             "kept as notes anyway; drop one that holds something else under one of our names)")
     return parser
 
 
 def guess_format(path: Path) -> str:
-    """'vllm', 'sglang' or 'jsonl' from the file name (and, for .jsonl, its first record)."""
+    """A key of ``SOURCES`` from the file name (and, for .jsonl and .pt, its first record or keys)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return "trace"
     if suffix == ".npz" and _is_trace_npz(path):
         return "trace"
+    if path.is_dir():
+        if (path / "meta_info.json").is_file():
+            return "trtllm-stats"
+        if any(path.glob("*.pt")):
+            return "sglang-per-pass"
+        raise ValueError(f"{path}: a folder without meta_info.json (TensorRT-LLM) or .pt files (SGLang per_pass); "
+                         "pass --format")
+    if suffix == ".pt":
+        data = load_dumps.torch_file(path)
+        if isinstance(data, dict) and "logical_count" in data:
+            return "sglang-stat"
+        if isinstance(data, dict) and "records" in data:
+            return "sglang-per-pass"
+        raise ValueError(f"{path}: a .pt file without 'logical_count' (SGLang stat) or 'records' (SGLang per_pass); "
+                         "pass --format")
     if suffix in (".npy", ".npz"):
         return "vllm"
     if suffix in (".txt", ".b64"):
@@ -131,8 +196,11 @@ def guess_format(path: Path) -> str:
         except json.JSONDecodeError:
             return "sglang"  # a bare base64 line
         holds_payload = isinstance(record, dict) and bool({"routed_experts", "meta_info"} & set(record))
+        if isinstance(record, dict) and "record_type" in record:
+            return "vllm-eplb-stats"
         return "sglang" if isinstance(record, str) or holds_payload else "jsonl"
-    raise ValueError(f"{path}: cannot tell the format from the suffix {suffix!r}; pass --format vllm, sglang or jsonl")
+    raise ValueError(f"{path}: cannot tell the format from the suffix {suffix!r}; pass --format "
+                     f"({', '.join(SOURCES)})")
 
 
 def _is_trace_npz(path: Path) -> bool:
@@ -184,22 +252,42 @@ def read_sglang(path: Path) -> list:
     return payloads
 
 
-def convert(args) -> Trace:
-    """The trace the parsed arguments describe."""
+def convert(args):
+    """The trace (a ``Trace`` or, for load dumps, a ``LoadTrace``) the parsed arguments describe."""
     source = Path(args.source)
-    if not source.is_file():
-        raise FileNotFoundError(f"{source} not found: SOURCE must be a capture file (.npy/.npz, SGLang text, .jsonl)")
+    if not (source.is_file() or source.is_dir()):
+        raise FileNotFoundError(f"{source} not found: SOURCE must be a capture or dump file (or a folder of them)")
+    if Path(args.out).suffix != ".npz" and not is_parquet(args.out):
+        raise ValueError(f"--out {args.out}: a trace file ends in .npz (or .parquet for a per-token trace)")
     if not Path(args.out).parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist")
     kind = guess_format(source) if args.format == "auto" else args.format
+    if source.is_dir() and kind not in ("trtllm-stats", "sglang-per-pass"):
+        raise ValueError(f"{source} is a folder; --format {kind} reads a file")
     if kind == "trace":
         return load_trace(source)
     model = args.model if args.model is not None else ""
+    if kind in LOAD_FORMATS:
+        if isinstance(args.moe_layers, str) or args.moe_layers is None:
+            named = None  # 'auto'/'all' or nothing: the reader's own rule
+        else:
+            named = args.moe_layers
+        layers = model_layers(named, args.config)
+        reader = {"sglang-stat": load_dumps.from_sglang_stat, "sglang-per-pass": load_dumps.from_sglang_per_pass,
+                  "trtllm-stats": load_dumps.from_trtllm, "vllm-eplb-stats": load_dumps.from_vllm_eplb}[kind]
+        loads = reader(source, None if layers is None else list(layers.moe_layers), model)
+        if layers is not None and layers.num_experts is not None and layers.num_experts != loads.num_experts:
+            raise ValueError(f"{args.config}: the config has {layers.num_experts} experts per layer, the dump "
+                             f"{loads.num_experts}")
+        return loads
+    if args.config is not None:
+        raise ValueError(f"--config names the MoE layers of a load dump; for --format {kind} use --moe-layers")
     if kind == "jsonl":
-        fields = dict(args.field)
+        fields = dict(pair for group in args.field for pair in group)
         if args.no_request_field:
             fields["request"] = None
-        trace = from_jsonl(source, args.num_experts, args.top_k, args.model, fields, args.positions, args.ignore)
+        ignore = [key for group in args.ignore for key in group]
+        trace = from_jsonl(source, args.num_experts, args.top_k, args.model, fields, args.positions, ignore)
         return trace if args.domain is None else dataclasses.replace(trace, domain=args.domain)
     for flag, value in (("--num-experts", args.num_experts),) + (
             (("--num-layers", args.num_layers), ("--top-k", args.top_k)) if kind == "sglang" else ()):
@@ -218,8 +306,10 @@ def convert(args) -> Trace:
         raise ValueError(f"{source} ({kind}): {error}") from None
 
 
-def summary(trace: Trace, source: str, out: str) -> str:
+def summary(trace, source: str, out: str) -> str:
     """What the trace holds and what the source could not tell."""
+    if not isinstance(trace, Trace):  # a LoadTrace
+        return f"{trace.summary()}\n{source} -> {out}"
     known = int((trace.phase >= 0).sum())
     lines = [f"{trace.num_tokens} tokens, {trace.num_requests} requests, {trace.num_layers} MoE layers, "
              f"top-{trace.top_k} of {trace.num_experts} experts, model {trace.model!r}"]
@@ -232,15 +322,20 @@ def summary(trace: Trace, source: str, out: str) -> str:
                  "domains: none (per-domain findings need them: --domain labels a one-workload file)")
     if trace.weights is None:
         lines.append("routing weights: none")
+    lines += [f"note: {key}: {value}" for key, value in trace.notes.items()]
     lines.append(f"{source} -> {out}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not (is_parquet(args.out) or args.out.lower().endswith(".npz")):
-        raise ValueError(f"--out {args.out}: expected a file name ending in .npz or .parquet")
     trace = convert(args)
-    save_trace(trace, args.out)
+    if isinstance(trace, Trace):
+        save_trace(trace, args.out)
+    elif is_parquet(args.out):
+        raise ValueError(f"--out {args.out}: a load dump (counts per expert) is written as .npz; Parquet holds "
+                         "per-token traces")
+    else:
+        trace.save(args.out)
     print(summary(trace, args.source, args.out))
     return 0

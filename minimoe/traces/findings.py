@@ -98,15 +98,15 @@ def bootstrap_max_over_mean(loads: np.ndarray, draws: int = 200, seed: int = 0) 
     return max_over_mean(resampled)
 
 
-PHASE_GROUPS = {"all": (0, 1, 2, 3), "prefill": (0,), "decode": (1, 2)}  # token classes of minimoe.traces.stats
+PHASE_GROUPS = {"all": (0, 1, -1), "prefill": (0,), "decode": (1,)}  # phases
 
 
 def _group_loads(stats: TraceStats, name: str) -> tuple[np.ndarray, int]:
     """(request loads (R_g, L, E) of the requests with tokens in the group, the group's tokens)."""
     if name in PHASE_GROUPS:
-        tokens = stats.class_tokens(PHASE_GROUPS[name])
+        tokens = stats.phase_tokens(PHASE_GROUPS[name])
         keep = tokens > 0
-        return stats.request_loads(PHASE_GROUPS[name])[keep], int(tokens.sum())
+        return stats.phase_loads(PHASE_GROUPS[name])[keep], int(tokens.sum())
     keep = stats.domain == name
     return stats.request_loads()[keep], int(stats.class_tokens()[keep].sum())
 
@@ -212,18 +212,22 @@ def _summary(shuffles: list[np.ndarray]) -> dict:
 
 
 def _phase_counts(stats: TraceStats, requests=None):
-    """(prefill counts, decode counts (R_sel, L, E), present bool (R_sel,)) of all or the selected requests."""
-    tokens = stats.tokens if requests is None else stats.tokens[requests]
-    present = (tokens[:, 0] > 0) & (tokens[:, 1:3].sum(1) > 0)
-    counts = stats.counts if requests is None else stats.counts[requests]
-    return counts[:, 0].astype(np.int64), counts[:, 1:3].sum(1, dtype=np.int64), present, tokens
+    """(prefill counts, decode counts (R_sel, L, E), present bool (R_sel,), tokens (R_sel, 3) of prefill, decode and
+    unknown phase) of all or the selected requests."""
+    rows = slice(None) if requests is None else requests
+    tokens = np.stack([stats.phase_tokens(phase)[rows] for phase in (0, 1, -1)], axis=1)
+    present = (tokens[:, 0] > 0) & (tokens[:, 1] > 0)
+    return stats.phase_loads(0)[rows], stats.phase_loads(1)[rows], present, tokens
 
 
 def prefill_decode_unavailable(stats: TraceStats, requests=None) -> str | None:
     """Why prefill -> decode prediction cannot be measured (None when it can); ``requests``: a bool mask
     (R,) of the requests to consider (default: all)."""
     prefill, decode, present, tokens = _phase_counts(stats, requests)
-    if not tokens[:, 1:3].sum():
+    if tokens[:, 2].sum() and not tokens[:, :2].sum():
+        return ("phases unknown: the source did not say which tokens are prompt and which are generated (give "
+                "minimoe import --prompt-lengths for vLLM/SGLang captures, or a phase field in a JSONL log)")
+    if not tokens[:, 1].sum():
         return "the trace has no decode tokens (phase 1)"
     if not tokens[:, 0].sum():
         return "the trace has no prefill tokens (phase 0)"
@@ -271,12 +275,12 @@ def findings_of_stats(stats: TraceStats, seed: int = 0, num_splits: int = 100, n
     if stats.num_tokens == 0:
         raise ValueError("the trace is empty")
     domains = stats.domain
-    tokens = stats.tokens.sum(0)  # (4,) per class
+    prefill_tokens, decode_tokens = int(stats.phase_tokens(0).sum()), int(stats.phase_tokens(1).sum())
     domain_reason, paired_reason = domain_unavailable(stats), prefill_decode_unavailable(stats)
     return dict(
         trace=dict(model=stats.model, tokens=stats.num_tokens, requests=stats.num_requests,
                    layers=stats.num_layers, experts=stats.num_experts, top_k=stats.top_k,
-                   prefill_tokens=int(tokens[0]), decode_tokens=int(tokens[1] + tokens[2]),
+                   prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                    requests_per_domain={str(d): int((domains == d).sum()) for d in np.unique(domains)}),
         imbalance=imbalance_finding(stats, seed),
         # a finding the trace cannot support is {"unavailable": why}, and the others are still measured
@@ -295,9 +299,12 @@ def format_findings(result: dict) -> str:
     """The findings as a plain-text table (what ``minimoe findings`` prints)."""
     info, imbalance, domain, paired = result["trace"], result["imbalance"], result["domain"], result["prefill_decode"]
     layers = range(info["layers"])
-    lines = [f"trace {info['model'] or '(unnamed)'}: {info['requests']:,} requests "
-             + "(" + ", ".join(f"{d} {n}" for d, n in info["requests_per_domain"].items()) + "), "
-             f"{info['tokens']:,} tokens ({info['prefill_tokens']:,} prefill, {info['decode_tokens']:,} decode), "
+    domains = ", ".join(f"{d} {n}" for d, n in info["requests_per_domain"].items())
+    phases = (f"{info['prefill_tokens']:,} prefill, {info['decode_tokens']:,} decode"
+              if info["prefill_tokens"] + info["decode_tokens"] else "phases unknown")
+    lines = [f"trace {info['model'] or '(unnamed)'}: {info['requests']:,} requests" + (f" ({domains})" if domains
+                                                                                         else "") + ", "
+             f"{info['tokens']:,} tokens ({phases}), "
              f"{info['layers']} MoE layers, {info['experts']} experts, top-{info['top_k']}", ""]
     header = _row("", [f"layer {l}" for l in layers], "{}", "uniform routing, same tokens")
     groups = imbalance["groups"]

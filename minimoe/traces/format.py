@@ -23,6 +23,9 @@ archive, readable by ``numpy.load(path, allow_pickle=False)``, holding exactly t
 | ``weights``   | float16 (N, L, k), optional | routing weights                                              |
 | ``model``     | unicode ()               | the model's name (may be empty)                                 |
 | ``num_experts``, ``top_k`` | integer ()  | routed experts per MoE layer, experts chosen per token          |
+| ``notes``     | unicode (), optional     | a JSON object of str -> str: what the source said that no array |
+|               |                          | holds (an engine's version, fields a log had and minimoe did not |
+|               |                          | read, assumptions an importer made); never used in a computation |
 
 Only MoE layers belong in ``experts``: dense layers of models that interleave them (DeepSeek-V3's first
 layers, Llama 4) are left out, so axis 1 counts MoE layers. A 0-d ``domain`` is expanded to one label per
@@ -34,6 +37,7 @@ converts serving-system logs (vLLM, SGLang, JSONL) to this format.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import zipfile
@@ -44,7 +48,7 @@ import numpy as np
 MAX_EXPERTS = 32768  # ids must fit int16: 0 .. 32767
 PHASES = {"prefill": 0, "decode": 1, "unknown": -1}
 _REQUIRED = ("experts", "request", "phase", "domain", "model", "num_experts", "top_k")
-_OPTIONAL = ("weights",)
+_OPTIONAL = ("weights", "notes")
 
 
 def _as_int(name: str, values, dtype) -> np.ndarray:
@@ -77,6 +81,7 @@ class Trace:
     top_k: int
     model: str = ""
     weights: np.ndarray | None = None   # float16 (N, L, k)
+    notes: dict | None = None           # str -> str: provenance only (not compared by ==, never computed on)
 
     def __post_init__(self):
         # Convenience conversions for in-memory construction (files are checked strictly in `load`).
@@ -95,6 +100,7 @@ class Trace:
             if self.weights.dtype.kind == "f" and self.weights.dtype != np.float16:
                 with np.errstate(over="ignore"):
                     self.weights = self.weights.astype(np.float16)
+        self.notes = {} if self.notes is None else dict(self.notes)
         self.validate()
 
     # ---- sizes -------------------------------------------------------------------------------------------
@@ -119,6 +125,8 @@ class Trace:
         """Raise ValueError unless every array has the documented dtype, shape and value range."""
         if not isinstance(self.model, str):
             raise ValueError(f"model must be a str, got {type(self.model).__name__}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.notes.items()):
+            raise ValueError(f"notes must map str to str, got {self.notes!r:.200}")
         if not 1 <= self.num_experts <= MAX_EXPERTS:
             raise ValueError(f"num_experts must be in [1, {MAX_EXPERTS}], got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -175,6 +183,7 @@ class Trace:
                                  f"has {self.domain[bad - 1]!r} and {self.domain[bad]!r}")
 
     def __eq__(self, other) -> bool:
+        """Same routing, requests, phases, domains, weights and metadata (``notes`` are not compared)."""
         if not isinstance(other, Trace):
             return NotImplemented
         same_meta = (self.model, self.num_experts, self.top_k) == (other.model, other.num_experts, other.top_k)
@@ -216,7 +225,7 @@ class Trace:
         return Trace(experts=self.experts[mask], request=np.cumsum(starts, dtype=np.int32) - 1,
                      phase=self.phase[mask], domain=self.domain[mask] if self.has_domain else self.domain,
                      num_experts=self.num_experts, top_k=self.top_k, model=self.model,
-                     weights=None if self.weights is None else self.weights[mask])
+                     weights=None if self.weights is None else self.weights[mask], notes=self.notes)
 
     def where(self, phase: int | str | None = None, domain: str | list[str] | None = None) -> Trace:
         """Tokens of one phase (0/1/-1 or "prefill"/"decode"/"unknown") and/or of the given domain(s)."""
@@ -249,7 +258,7 @@ class Trace:
                              f"got {ids!r}")
         return Trace(experts=self.experts[:, ids], request=self.request, phase=self.phase,
                      domain=self.domain, num_experts=self.num_experts, top_k=self.top_k, model=self.model,
-                     weights=None if self.weights is None else self.weights[:, ids])
+                     weights=None if self.weights is None else self.weights[:, ids], notes=self.notes)
 
     # ---- files -------------------------------------------------------------------------------------------
     def save(self, path) -> None:
@@ -259,6 +268,8 @@ class Trace:
                       top_k=np.array(self.top_k, np.int64))
         if self.weights is not None:
             arrays["weights"] = self.weights
+        if self.notes:
+            arrays["notes"] = np.array(json.dumps(self.notes, sort_keys=True))
         # what np.savez_compressed writes, at zlib level 1: ~7x faster, files within a few % of level 6
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
             for name, array in arrays.items():
@@ -295,12 +306,22 @@ class Trace:
                 raise ValueError(f"trace file {_label(path)}: {name} must be a 0-d integer array, "
                                  f"got dtype {value.dtype} shape {value.shape}")
             meta[name] = int(value)
+        notes = None
+        if "notes" in arrays:
+            text = arrays["notes"]
+            try:
+                notes = json.loads(str(text)) if text.shape == () and text.dtype.kind == "U" else None
+            except json.JSONDecodeError:
+                notes = None
+            if not isinstance(notes, dict):
+                raise ValueError(f"trace file {_label(path)}: notes must be a 0-d unicode array holding a JSON "
+                                 f"object, got dtype {text.dtype} shape {text.shape}")
         if arrays["domain"].ndim > 1:
             raise ValueError(f"trace file {_label(path)}: domain must have shape (N,), () or (0,), "
                              f"got {arrays['domain'].shape}")
         try:
             return cls(experts=arrays["experts"], request=arrays["request"], phase=arrays["phase"],
-                       domain=arrays["domain"], model=str(model), weights=arrays.get("weights"), **meta)
+                       domain=arrays["domain"], model=str(model), weights=arrays.get("weights"), notes=notes, **meta)
         except ValueError as error:
             raise ValueError(f"trace file {_label(path)}: {error}") from None
 
@@ -373,5 +394,6 @@ def concat(traces: list[Trace]) -> Trace:
                  phase=np.concatenate([t.phase for t in traces]),
                  domain=np.concatenate([t.domain for t in traces]) if has_domain else None,
                  num_experts=first.num_experts, top_k=first.top_k, model=first.model,
-                 weights=None if first.weights is None else np.concatenate([t.weights for t in traces]))
+                 weights=None if first.weights is None else np.concatenate([t.weights for t in traces]),
+                 notes=first.notes)
 

@@ -78,8 +78,8 @@ def from_vllm(routed_experts, num_experts: int, prompt_lengths=None, domains=Non
         prompt_lengths = np.asarray(prompt_lengths)
         if prompt_lengths.shape != lengths.shape or prompt_lengths.dtype.kind not in "iu" \
                 or (prompt_lengths < 0).any() or (prompt_lengths > lengths).any():
-            raise ValueError(f"prompt_lengths must give, for each of the {len(arrays)} requests, a count in "
-                             f"[0, rows of its array] = {lengths.tolist()}, got {prompt_lengths.tolist()}")
+            raise ValueError(f"--prompt-lengths (prompt_lengths=) must give, for each of the {len(arrays)} requests, "
+                             f"a count in [0, rows of its array] = {lengths.tolist()}, got {prompt_lengths.tolist()}")
         position = np.arange(len(experts)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         phase[:] = position >= np.repeat(prompt_lengths, lengths)
     domain = None
@@ -112,8 +112,9 @@ def _moe_layer_ids(experts: np.ndarray, moe_layers, keep_degenerate: bool) -> np
             if not keep_degenerate and values.size and (_degenerate(values) or not values.any()):
                 raise ValueError(
                     f"moe_layers='auto' cannot tell whether layer {layer} is a dense layer: every token has expert "
-                    f"ids {values[0].tolist()} ({DENSE_LAYER_CAUSE}); pass moe_layers=[...] listing the MoE layers, "
-                    "or keep_degenerate=True if this really is the routing")
+                    f"ids {values[0].tolist()} ({DENSE_LAYER_CAUSE}); list the MoE layers with --moe-layers 1,2,... "
+                    "(from Python: moe_layers=[...]), or pass --keep-degenerate (keep_degenerate=True) if this really "
+                    "is the routing")
             ids.append(layer)
         if not ids:
             raise ValueError(f"moe_layers='auto' found no MoE layer: all {num_layers} layers hold only -1")
@@ -145,19 +146,20 @@ def _check_rows(experts: np.ndarray, lengths: np.ndarray, keep_degenerate: bool)
             continue
         if (values == -1).all():
             raise ValueError(f"layer {layer} holds no expert id (all -1): a dense layer; leave it out with "
-                             "moe_layers=[...] or moe_layers='auto'")
+                             "--moe-layers 1,2,... or --moe-layers auto (from Python: moe_layers=[...] or 'auto')")
         ordered = np.sort(values, axis=1)
         repeated = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(axis=1)
         if repeated.any():
             token = int(np.flatnonzero(repeated)[0])
-            zeros = " (all 0: " + DENSE_LAYER_CAUSE + "; list the MoE layers in moe_layers)" \
+            zeros = " (all 0: " + DENSE_LAYER_CAUSE + "; list the MoE layers with --moe-layers (moe_layers=))" \
                 if not values[token].any() else ""
             raise ValueError(f"{where(token)}, layer {layer} repeats an expert id: {values[token].tolist()}{zeros}; "
                              "top-k ids must be distinct")
         if _degenerate(values) and not keep_degenerate:
             raise ValueError(f"layer {layer}: every one of the {len(values)} tokens has expert ids "
                              f"{values[0].tolist()}; this is a dense layer if the ids are all 0 ({DENSE_LAYER_CAUSE}) "
-                             "or a collapsed router: leave it out with moe_layers=[...], or pass keep_degenerate=True")
+                             "or a collapsed router: leave it out with --moe-layers 1,2,... (moe_layers=[...]), or "
+                             "pass --keep-degenerate (keep_degenerate=True)")
 
 
 WIRE_DTYPES = ("int32", "int16", "uint16", "uint8", "int64")
@@ -206,12 +208,13 @@ def from_sglang(payloads, num_layers: int, top_k: int, num_experts: int, prompt_
                 raise ValueError(f"payloads[{index}] is not base64 ({error})") from None
             if len(raw) % wire.itemsize:
                 raise ValueError(f"payloads[{index}] holds {len(raw)} bytes, not a whole number of {assumed} values "
-                                 f"({wire.itemsize} bytes each): pass the producer's wire dtype as dtype=")
+                                 f"({wire.itemsize} bytes each): pass the producer's wire dtype with --dtype "
+                                 "(from Python: dtype=)")
             payload = np.frombuffer(raw, dtype=wire)
         flat = np.asarray(payload).reshape(-1)
         if flat.size % (num_layers * top_k):
             hint = "" if assumed == "the array's own dtype" else \
-                "; if the producer used another wire dtype, pass it as dtype="
+                "; if the producer used another wire dtype, pass it with --dtype (from Python: dtype=)"
             raise ValueError(f"payloads[{index}] (decoded as {assumed}) has {flat.size} ids, not a multiple of "
                              f"num_layers·top_k = {num_layers}·{top_k}{hint}")
         rows = flat.reshape(-1, num_layers, top_k)
@@ -223,6 +226,7 @@ def from_sglang(payloads, num_layers: int, top_k: int, num_experts: int, prompt_
                 raise ValueError(f"payloads[{index}] decoded as {assumed}: token {row}, layer {layer} holds "
                                  f"{rows[row, layer].tolist()}, outside [-1, num_experts-1={num_experts - 1}]{hint}; "
                                  f"if the producer used another wire dtype ({', '.join(WIRE_DTYPES)}; uint8 and "
-                                 "uint16 are common for up to 256 / 65536 experts) pass it as dtype=")
+                                 "uint16 are common for up to 256 / 65536 experts) pass it with --dtype (from Python: "
+                                 "dtype=)")
         arrays.append(rows)
     return from_vllm(arrays, num_experts, prompt_lengths, domains, moe_layers, keep_degenerate, model)

@@ -1,7 +1,10 @@
 """JSONL routing logs (one JSON object per line), converted to a minimoe `Trace`.
 
-Two layouts are read; blank lines are skipped and any malformed line raises ValueError naming the file and
-line number.
+Two layouts are read; blank lines are skipped. Lenient where logs vary, strict where numbers are at stake:
+fields this module does not read (a ``timestamp``, a ``step``, a meta record's ``vllm_version`` or ``device``)
+are kept as the trace's ``notes`` (meta values, and the names of unread route fields) and are never an error,
+while missing, malformed or contradictory routing (expert ids, layers, requests, positions) raises ValueError
+naming the file, the line and the field, and the ``minimoe import`` flag that fixes it.
 
 Per token (one line per token, every MoE layer on it):
 
@@ -17,12 +20,14 @@ led by a meta record:
 The long form is recognised by a ``type`` key or a layer field; its records are grouped back into tokens by
 (request, position) and the layers of a token are ordered as ``layers_logged`` lists them (else by layer
 number). The meta record gives ``model_id`` (or ``model``), ``num_experts``, ``top_k`` and ``layers_logged``;
-arguments of `from_jsonl` that contradict it raise ValueError.
+arguments of `from_jsonl` that contradict it raise ValueError, and so does a ``top_k`` larger than every record's
+list of ids. Without ``num_experts`` anywhere, the largest expert id + 1 is assumed and said in the notes (a
+model may have experts the log never saw: pass ``--num-experts``).
 
 Fields. ``fields`` maps our names to the log's: the defaults are our names for the per-token layout and
 {"request": "req_id", "position": "token_idx", "layer": "layer", "experts": "topk_ids",
-"weights": "topk_weights"} for the long form. Keys a log has and we do not read raise ValueError unless
-listed in ``ignore``.
+"weights": "topk_weights"} for the long form. Keys a log has and we do not read are listed in the notes;
+keys in ``ignore`` are dropped before reading (use it when a key holds something else under one of our names).
 
     request   int or str: requests may interleave (as a server batches them); they are numbered in order of
               first appearance. Mapped to None: the log names no requests, and every token is put in one
@@ -59,14 +64,20 @@ META_KEYS = ("type", "model_id", "model", "num_experts", "top_k", "layers_logged
 POSITIONS = ("field", "per_pass")
 
 
+def fix(flag: str, keyword: str) -> str:
+    """How to fix a problem, said for both users: the ``minimoe import`` flag, then the Python keyword."""
+    return f"{flag} (from Python: {keyword})"
+
+
 def from_jsonl(path_or_lines, num_experts: int | None = None, top_k: int | None = None, model: str | None = None,
                fields: dict | None = None, positions: str = "field", ignore=()) -> Trace:
     """A JSONL routing log (either layout of the module docstring) as a Trace.
 
     path_or_lines: a path or an iterable of lines. num_experts, top_k, model: None = from the meta record
-    (top_k: else the widest list of ids; model: else ""). fields: {our name: the log's name, or None for an
-    absent request field}. positions: "field" or "per_pass". ignore: log keys to skip.
-    Raises ValueError naming the file and line; FileNotFoundError for a missing path.
+    (num_experts: else the largest id + 1, noted; top_k: else the widest list of ids; model: else "").
+    fields: {our name: the log's name, or None for an absent request field}. positions: "field" or
+    "per_pass". ignore: log keys to drop before reading. Fields not read go to ``trace.notes``.
+    Raises ValueError naming the file, line and field; FileNotFoundError for a missing path.
     """
     source, lines = "", path_or_lines
     if isinstance(path_or_lines, (str, bytes)) or hasattr(path_or_lines, "__fspath__"):
@@ -81,7 +92,8 @@ def from_jsonl(path_or_lines, num_experts: int | None = None, top_k: int | None 
 
 def _from_lines(lines, num_experts, top_k, model, fields, positions, ignore) -> Trace:
     if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r} "
+                         f"({fix('--positions', 'positions=')})")
     records = []
     for number, text in enumerate(lines, 1):
         if not text.strip():
@@ -98,34 +110,50 @@ def _from_lines(lines, num_experts, top_k, model, fields, positions, ignore) -> 
     fields = dict(fields or {})
     unknown = sorted(set(fields) - set(OUR_FIELDS))
     if unknown:
-        raise ValueError(f"fields maps unknown names {unknown}; our names are {list(OUR_FIELDS)}")
+        raise ValueError(f"--field maps unknown names {unknown}; our names are {list(OUR_FIELDS)} "
+                         "(from Python: fields=)")
     long_form = any("type" in rec or LONG_FORM_FIELDS["layer"] in rec or fields.get("layer", "") in rec
                     for _, rec in records)
     names = {**(LONG_FORM_FIELDS if long_form else {f: f for f in OUR_FIELDS}), **fields}
-    meta = _meta(records) if long_form else {}
-    num_experts = _agree("num_experts", num_experts, meta.get("num_experts"))
-    if num_experts is None:
-        raise ValueError("num_experts is unknown: pass num_experts= or give it in a meta record")
-    top_k = _agree("top_k", top_k, meta.get("top_k"))
+    meta = _meta(records) if long_form else {"notes": {}}
+    num_experts = _agree("num_experts", num_experts, meta.get("num_experts"), "--num-experts")
+    top_k = _agree("top_k", top_k, meta.get("top_k"), "--top-k")
     model = model if model is not None else meta.get("model", "")
     routes = [(n, rec) for n, rec in records if rec.get("type", "route") != "meta"]
-    tokens = _tokens(routes, names, long_form, positions, meta.get("layers_logged"))
-    return _trace(tokens, names, num_experts, top_k, model)
+    if not routes:
+        raise ValueError(f"the log holds {len(records)} meta record(s) and no route record: there is no routing "
+                         "to import")
+    notes = dict(meta["notes"])
+    tokens, unread = _tokens(routes, names, long_form, positions, meta.get("layers_logged"))
+    if unread:
+        notes["fields not read"] = ", ".join(f"{name} ({count} lines)" for name, count in sorted(unread.items()))
+    if num_experts is None:
+        largest = max((v for t in tokens if isinstance(t["experts"][1], list) for row in t["experts"][1]
+                       if isinstance(row, list) for v in row if _is_int(v)), default=-1)
+        if largest < 0:
+            raise ValueError("num_experts is unknown and no record holds an expert id: pass "
+                             + fix("--num-experts E", "num_experts=") + " or give it in a meta record")
+        num_experts = largest + 1
+        notes["num_experts"] = (f"not recorded: assumed {num_experts}, the largest expert id + 1 (pass --num-experts "
+                                "if the model has more experts than the log used)")
+    trace = _trace(tokens, names, num_experts, top_k, model, meta.get("top_k_line"))
+    trace.notes = notes
+    return trace
 
 
-def _agree(name: str, given, said):
+def _agree(name: str, given, said, flag: str):
     if given is not None:
         given = _as_count(name, given)
         if given < 1:
-            raise ValueError(f"{name} must be a positive int, got {given}")
+            raise ValueError(f"{flag} must be a positive int, got {given}")
         if said is not None and said != given:
-            raise ValueError(f"{name}={given} was passed, but the meta record says {name}={said}")
+            raise ValueError(f"{flag} {given} was passed, but the meta record says {name}={said}")
         return given
     return said
 
 
 def _meta(records) -> dict:
-    """The meta record's contents (model, num_experts, top_k, layers_logged); {} if there is none."""
+    """The meta record's contents (model, num_experts, top_k, layers_logged) and its other keys as "notes"."""
     metas = [(n, rec) for n, rec in records if rec.get("type") == "meta"]
     if len(metas) > 1:
         raise ValueError(f"lines {metas[0][0]} and {metas[1][0]}: more than one meta record")
@@ -133,12 +161,10 @@ def _meta(records) -> dict:
         if rec.get("type", "route") not in ("meta", "route"):
             raise ValueError(f"line {number}: unknown record type {rec['type']!r}; expected 'meta' or 'route'")
     if not metas:
-        return {}
+        return {"notes": {}}
     number, rec = metas[0]
-    unknown = sorted(set(rec) - set(META_KEYS))
-    if unknown:
-        raise ValueError(f"line {number}: the meta record has unknown keys {unknown} (skip them with ignore=)")
-    meta = {}
+    meta = {"notes": {f"meta {key}": value if isinstance(value, str) else json.dumps(value)
+                      for key, value in rec.items() if key not in META_KEYS}}
     if "model_id" in rec or "model" in rec:
         meta["model"] = rec.get("model_id", rec.get("model"))
         if not isinstance(meta["model"], str):
@@ -146,8 +172,9 @@ def _meta(records) -> dict:
     for key in ("num_experts", "top_k"):
         if key in rec:
             if not _is_int(rec[key]) or rec[key] < 1:
-                raise ValueError(f"line {number}: {key} must be a positive int, got {rec[key]!r}")
+                raise ValueError(f"line {number}: the meta record's {key} must be a positive int, got {rec[key]!r}")
             meta[key] = rec[key]
+    meta["top_k_line"] = number if "top_k" in rec else None
     if "layers_logged" in rec:
         layers = rec["layers_logged"]
         if not isinstance(layers, list) or not layers or not all(_is_int(x) for x in layers) \
@@ -165,16 +192,18 @@ def _get(rec: dict, names: dict, field: str, number: int, required: bool):
     name = names.get(field)
     if name is None or name not in rec:
         if required:
-            raise ValueError(f"line {number}: no {name!r} field ({field}; map it with fields={{{field!r}: ...}}); "
-                             f"the record has keys {sorted(rec)}")
+            raise ValueError(f"line {number}: no {name!r} field ({field}; map it with "
+                             + fix(f"--field {field}=NAME", f"fields={{{field!r}: NAME}}")
+                             + f"); the record has keys {sorted(rec)}")
         return None
     return rec[name]
 
 
-def _tokens(routes, names, long_form, positions, layers_logged) -> list[dict]:
-    """Group records into tokens: [{"request", "order", "line", "experts": {layer: ids}, ...}] in file order."""
+def _tokens(routes, names, long_form, positions, layers_logged) -> tuple[list[dict], dict]:
+    """Group records into tokens: [{"request", "order", "line", "experts": {layer: ids}, ...}] in file order, and
+    {key: lines} for the keys no field reads."""
     read = {names[f] for f in OUR_FIELDS if names.get(f) is not None} | ({"type"} if long_form else set())
-    tokens, seen, with_position = {}, {}, set()
+    tokens, seen, with_position, unread = {}, {}, set(), {}
     for number, rec in routes:
         request = 0 if names.get("request") is None else _get(rec, names, "request", number, True)
         if not isinstance(request, (int, str)) or isinstance(request, bool):
@@ -184,7 +213,7 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> list[dict]:
         if len(with_position) > 1:
             label = f"'{names['position']}'" + ("" if names["position"] == "position" else " (position)")
             raise ValueError(f"line {number}: {label} is given on some lines and missing on others: give it on "
-                             "all or none")
+                             "all or none (or drop it with " + fix(f"--ignore {names['position']}", "ignore=") + ")")
         if position is None:
             position = number  # the order of lines
         if not _is_int(position):
@@ -200,15 +229,15 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> list[dict]:
             what = "position" if not long_form else f"{names['position']} {position} at layer"
             raise ValueError(f"lines {passes[0]} and {number}: request {request!r} repeats {what} "
                              f"{position if not long_form else layer}: positions restart (e.g. at every forward "
-                             "pass) or records repeat; pass positions='per_pass' if the log was written in time order")
+                             "pass) or records repeat; if the log was written in time order, pass "
+                             + fix("--positions per_pass", "positions='per_pass'"))
         order = (len(passes), position)  # (forward pass, position)
         passes.append(number)
         token = tokens.setdefault((request, order), {"request": request, "order": order, "line": number,
                                                      "experts": {}, "weights": {}, "phase": [], "domain": []})
         experts = _get(rec, names, "experts", number, True)
-        unknown = sorted(set(rec) - read)
-        if unknown:
-            raise ValueError(f"line {number}: unknown keys {unknown} (map them with fields= or skip them with ignore=)")
+        for key in set(rec) - read:
+            unread[key] = unread.get(key, 0) + 1
         token["experts"][layer] = experts if long_form else (number, experts)
         if names.get("weights") in rec:
             token["weights"][layer] = rec[names["weights"]] if long_form else (number, rec[names["weights"]])
@@ -222,7 +251,8 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> list[dict]:
             missing = [layer for layer in layers if layer not in token["experts"]]
             if missing:
                 raise ValueError(f"line {token['line']}: request {token['request']!r} position {token['order'][1]} "
-                                 f"has no record for layers {missing} (the log covers layers {layers})")
+                                 f"has no record for layers {missing} (the log covers layers {layers}); every "
+                                 "token needs one record per logged layer")
             token["experts"] = (token["line"], [token["experts"][layer] for layer in layers])
             if token["weights"]:
                 if len(token["weights"]) != len(layers):
@@ -232,7 +262,7 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> list[dict]:
         for token in tokens:
             token["experts"] = token["experts"][None]
             token["weights"] = token["weights"].get(None, {})
-    return tokens
+    return tokens, unread
 
 
 def _phase_code(value, line: int) -> int:
@@ -262,20 +292,22 @@ def _padded(rows, line: int, name: str, top_k: int, fill, kind, num_experts: int
             if kind == "int" and not -1 <= value < num_experts:
                 raise ValueError(f"line {line}: expert id {value} outside [-1, num_experts-1={num_experts - 1}]")
     if any(len(r) > top_k for r in rows):
-        raise ValueError(f"line {line}: {name} has a layer with more than top_k={top_k} entries")
+        raise ValueError(f"line {line}: {name} has a layer with more than top_k={top_k} entries (a wrong meta "
+                         "top_k, or pass " + fix("--top-k", "top_k=") + ")")
     return [r + [fill] * (top_k - len(r)) for r in rows]
 
 
-def _trace(tokens, names, num_experts, top_k, model) -> Trace:
+def _trace(tokens, names, num_experts, top_k, model, top_k_line=None) -> Trace:
     for field in ("domain", "weights"):
         present = {bool(t[field]) for t in tokens}
         if len(present) > 1:
             label = f"'{names.get(field)}'" + ("" if names.get(field) == field else f" ({field})")
             raise ValueError(f"{label} is given on some lines and missing on others: "
-                             "give it on all or none")
-    width = top_k if top_k is not None else max(
-        (len(r) for t in tokens if isinstance(t["experts"][1], list) for r in t["experts"][1] if isinstance(r, list)),
-        default=1)
+                             "give it on all or none (or drop it with " + fix(f"--ignore {names.get(field)}", "ignore=")
+                             + ")")
+    widest = max((len(r) for t in tokens if isinstance(t["experts"][1], list) for r in t["experts"][1]
+                  if isinstance(r, list)), default=1)
+    width = top_k if top_k is not None else widest
     order: dict = {}  # request key -> dense id in order of first appearance
     rows = []
     for token in tokens:
@@ -295,6 +327,10 @@ def _trace(tokens, names, num_experts, top_k, model) -> Trace:
         request = order.setdefault(token["request"], len(order))
         rows.append((request, token["order"], experts, weights, -1 if phase is None else _phase_code(phase, line),
                      domain))
+    if width > widest:  # padding every token with -1 would invent "no expert" choices the router never made
+        said = f"line {top_k_line}: the meta record says top_k={top_k}" if top_k_line else f"--top-k {top_k} was passed"
+        raise ValueError(f"{said}, but no route record lists more than {widest} expert ids: the top_k is wrong "
+                         f"(pass {fix(f'--top-k {widest}', f'top_k={widest}')} if the log is right)")
     rows.sort(key=lambda row: (row[0], row[1]))
     has_weights = rows[0][3] is not None
     return Trace(experts=np.array([row[2] for row in rows], dtype=np.int64).reshape(len(rows), -1, width),

@@ -15,7 +15,7 @@ A Parquet trace holds the same data one row per token, written and read in recor
 | ``weights_l`` | fixed_size_list<float16>[top_k], optional | routing weights in MoE layer l                 |
 
 The schema's metadata key ``minimoe`` holds JSON ``{"format": "minimoe.trace/1", "model", "num_experts",
-"top_k", "num_layers"}``. Any engine that reads Parquet (pandas, DuckDB, Spark, Dask) reads these files;
+"top_k", "num_layers", "notes"}`` (notes: the trace's provenance notes, str -> str). Any engine that reads Parquet (pandas, DuckDB, Spark, Dask) reads these files;
 ``minimoe import`` and ``minimoe trace`` write them when ``--out`` ends in ``.parquet``, and
 ``minimoe import trace.npz --out trace.parquet`` converts. ``ParquetTrace.batches`` yields
 ``minimoe.traces.batches.TraceBatch`` objects and checks each one (``check_batch``) and every join between
@@ -56,7 +56,8 @@ class ParquetTraceWriter:
     Batches are buffered into row groups of ``rows_per_group`` rows."""
 
     def __init__(self, path, num_experts: int, top_k: int, num_layers: int, model: str = "",
-                 has_domain: bool = True, has_weights: bool = False, rows_per_group: int = ROWS_PER_GROUP):
+                 has_domain: bool = True, has_weights: bool = False, rows_per_group: int = ROWS_PER_GROUP,
+                 notes: dict | None = None):
         pa, pq = _pyarrow()
         self.pa, self.num_layers, self.top_k = pa, num_layers, top_k
         self.has_domain, self.has_weights, self.rows_per_group = has_domain, has_weights, rows_per_group
@@ -68,7 +69,7 @@ class ParquetTraceWriter:
         if has_weights:
             fields += [pa.field(f"weights_{l}", pa.list_(pa.float16(), top_k)) for l in range(num_layers)]
         meta = dict(format=FORMAT, model=model, num_experts=int(num_experts), top_k=int(top_k),
-                    num_layers=int(num_layers))
+                    num_layers=int(num_layers), notes=dict(notes or {}))
         self.schema = pa.schema(fields, metadata={"minimoe": json.dumps(meta)})
         self.path = os.fspath(path)
         self.writer = pq.ParquetWriter(self.path, self.schema, compression="snappy")
@@ -134,7 +135,7 @@ def write_parquet(trace: Trace, path, rows_per_group: int = ROWS_PER_GROUP) -> N
     """Write an in-memory trace as a Parquet trace file."""
     with ParquetTraceWriter(path, trace.num_experts, trace.top_k, trace.num_layers, trace.model,
                             has_domain=trace.has_domain, has_weights=trace.weights is not None,
-                            rows_per_group=rows_per_group) as writer:
+                            rows_per_group=rows_per_group, notes=trace.notes) as writer:
         for batch in batches_of(trace, rows_per_group):
             writer.write(batch)
 
@@ -159,6 +160,7 @@ class ParquetTrace:
             assert meta["format"] == FORMAT
             self.model, self.num_experts = str(meta["model"]), int(meta["num_experts"])
             self.top_k, self.num_layers = int(meta["top_k"]), int(meta["num_layers"])
+            self.notes = {str(k): str(v) for k, v in dict(meta.get("notes") or {}).items()}
         except (KeyError, ValueError, TypeError, AssertionError):
             raise ValueError(f"trace file {self.label}: no minimoe metadata ({FORMAT!r} JSON under the schema key "
                              f"'minimoe'); write it with minimoe import/trace or minimoe.traces.parquet") from None
@@ -193,6 +195,19 @@ class ParquetTrace:
     @property
     def num_row_groups(self) -> int:
         return len(self.row_group_rows)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests in the file (the largest request id + 1, from the footer, else from the request column)."""
+        if self.num_tokens == 0:
+            return 0
+        largest = self.column_max("request")
+        if largest is None:
+            import pyarrow.compute as pc
+            import pyarrow.parquet as pq
+
+            largest = pc.max(pq.read_table(self.path, columns=["request"]).column("request")).as_py()
+        return int(largest) + 1
 
     def column_max(self, name: str) -> int | None:
         """Largest value of an integer column from the footer statistics (None when they are missing)."""
@@ -283,7 +298,7 @@ class ParquetTrace:
                          phase=cat("phase") if batches else np.zeros(0, np.int8),
                          domain=cat("domain") if batches and self.has_domain else None,
                          num_experts=self.num_experts, top_k=self.top_k, model=self.model,
-                         weights=cat("weights") if batches and self.has_weights else None)
+                         weights=cat("weights") if batches and self.has_weights else None, notes=self.notes)
         except ValueError as error:
             raise ValueError(f"trace file {self.label}: {error}") from None
 

@@ -1,0 +1,219 @@
+"""``minimoe export``: a placement in the file each serving engine loads at start-up.
+
+Every engine stores a placement as physical-to-logical tables: slot ``s`` of a layer holds one expert and lives on
+expert-parallel rank ``s // (P / ep_size)`` (P slots per layer), as ``Placement.phy2log`` does with ep_size = the
+placement's GPUs. What differs is the container and the layer numbering:
+
+    format  file                      what it holds                                   layers
+    sglang  --init-expert-location    {"physical_to_logical_map": [num_hidden_layers  every decoder layer: MoE rows
+            FILE.json or FILE.pt      x P]} (nothing else: SGLang passes the keys as  scattered to their model
+                                      arguments); P = E + --ep-num-redundant-experts  index, dense rows the identity
+                                                                                      (slot s -> expert s mod E)
+    trtllm  moe_load_balancer.yaml    num_slots: P, initial_global_assignments:       model layer index of each
+                                      {layer: [P expert ids]}, layer_updates_per_     MoE layer
+                                      iter: 0 (a static placement)
+    vllm    eplb_initial_mapping      {"record_type": "eplb_initial_mapping",         MoE layers 0..L-1
+            .jsonl (one line)         "version": 1, "num_redundant_experts": P - E,
+                                      "num_slots": P, "initial_global_assignments":
+                                      {"0": [P expert ids], ...}} (an interface still
+                                      under review upstream, vLLM pull request 41141)
+    eplb    .pt (torch.save)          DeepSeek EPLB's tensors {"phy2log" [L, P],      as the placement (MoE layers)
+                                      "log2phy" [L, E, maxcnt] (-1 padded),
+                                      "logcnt" [L, E]}
+
+The MoE layers' model indices come from ``--moe-layers`` or the model's ``--config`` (``minimoe.traces.layers``).
+A load trace (``minimoe import`` of an engine's load dump) exports its totals where an engine takes loads
+instead of a placement: SGLang's ``{"logical_count": [num_hidden_layers x E]}`` (SGLang then runs its own EPLB)
+and EPLB's ``weight`` [L, E]; the counts are written exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from minimoe.arguments import OneLineParser
+from minimoe.placement.methods import Placement
+from minimoe.traces.layers import ModelLayers, model_layers, parse_layers
+
+FORMATS = ("sglang", "trtllm", "vllm", "eplb")
+SUFFIXES = {"sglang": (".json", ".pt"), "trtllm": (".yaml", ".yml"), "vllm": (".jsonl",), "eplb": (".pt",)}
+
+
+def _moe_rows(placement: Placement, moe_layers) -> list[int]:
+    moe_layers = [int(i) for i in moe_layers]
+    if len(moe_layers) != placement.num_layers:
+        raise ValueError(f"the placement has {placement.num_layers} MoE layers, but {len(moe_layers)} model layers "
+                         f"were named ({moe_layers[:8]}{'...' if len(moe_layers) > 8 else ''})")
+    if sorted(set(moe_layers)) != moe_layers or (moe_layers and moe_layers[0] < 0):
+        raise ValueError(f"MoE layer indices must be distinct, increasing and >= 0, got {moe_layers}")
+    return moe_layers
+
+
+def sglang_map(placement: Placement, moe_layers, num_layers: int) -> np.ndarray:
+    """(num_layers, P) int64: MoE rows from ``phy2log`` at their model index, dense rows ``s mod E``."""
+    rows = _moe_rows(placement, moe_layers)
+    if rows and rows[-1] >= num_layers:
+        raise ValueError(f"MoE layer {rows[-1]} is beyond the model's {num_layers} layers")
+    table = np.tile(np.arange(placement.num_slots) % placement.num_experts, (num_layers, 1))
+    table[rows] = placement.phy2log
+    return table
+
+
+def to_sglang(placement: Placement, moe_layers, num_layers: int) -> dict:
+    """SGLang's ``--init-expert-location`` object: exactly ``{"physical_to_logical_map": [[...]]}``."""
+    return {"physical_to_logical_map": sglang_map(placement, moe_layers, num_layers).tolist()}
+
+
+def to_trtllm(placement: Placement, moe_layers) -> dict:
+    """TensorRT-LLM's ``moe_load_balancer`` config: a static placement keyed by model layer index."""
+    rows = _moe_rows(placement, moe_layers)
+    return {"num_slots": int(placement.num_slots),
+            "initial_global_assignments": {layer: placement.phy2log[i].tolist() for i, layer in enumerate(rows)},
+            "layer_updates_per_iter": 0}
+
+
+def to_vllm(placement: Placement) -> dict:
+    """vLLM's ``eplb_initial_mapping`` record (MoE layers 0..L-1, as strings)."""
+    return {"record_type": "eplb_initial_mapping", "version": 1,
+            "num_redundant_experts": int(placement.num_slots - placement.num_experts),
+            "num_slots": int(placement.num_slots),
+            "initial_global_assignments": {str(i): row.tolist() for i, row in enumerate(placement.phy2log)}}
+
+
+def write(placement: Placement, fmt: str, path, layers: ModelLayers | None = None) -> str:
+    """Write ``placement`` as ``fmt`` to ``path``; returns one line saying what was written and how to use it."""
+    path = Path(path)
+    if fmt in ("sglang", "trtllm") and layers is None:
+        raise ValueError(f"--format {fmt} needs the model layer index of each MoE layer: give --moe-layers or "
+                         "--config (the model's config.json)")
+    if layers is not None:
+        if layers.num_experts is not None and layers.num_experts != placement.num_experts:
+            raise ValueError(f"the model config has {layers.num_experts} experts per layer, the placement "
+                             f"{placement.num_experts}")
+        _moe_rows(placement, layers.moe_layers)
+    ranks, per_rank = placement.num_gpus, placement.slots_per_gpu
+    spare = placement.num_slots - placement.num_experts
+    where = f"{placement.num_experts} experts on {placement.num_slots} slots per layer over {ranks} ranks " \
+            f"(slot s on rank s // {per_rank})"
+    if fmt == "sglang":
+        table = sglang_map(placement, layers.moe_layers, layers.num_layers)
+        if path.suffix == ".pt":
+            import torch
+
+            torch.save({"physical_to_logical_map": torch.from_numpy(table)}, path)
+        else:
+            path.write_text(json.dumps({"physical_to_logical_map": table.tolist()}) + "\n")
+        return (f"{path}: SGLang --init-expert-location, {layers.num_layers} layers ({placement.num_layers} MoE), "
+                f"{where}; start SGLang with --ep-num-redundant-experts {spare} and expert parallelism over {ranks} "
+                "ranks")
+    if fmt == "trtllm":
+        import yaml
+
+        path.write_text(yaml.safe_dump(to_trtllm(placement, layers.moe_layers), default_flow_style=None, width=1 << 20))
+        return (f"{path}: TensorRT-LLM moe_load_balancer (static), model layers {list(layers.moe_layers)[:4]}"
+                f"{'...' if placement.num_layers > 4 else ''}, {where}; run with moe_expert_parallel_size {ranks}")
+    if fmt == "vllm":
+        path.write_text(json.dumps(to_vllm(placement)) + "\n")
+        return f"{path}: vLLM eplb_initial_mapping, {placement.num_layers} MoE layers, {where} ({spare} redundant)"
+    import torch
+
+    phy2log, log2phy, logcnt = placement.to_eplb()
+    torch.save({"phy2log": phy2log, "log2phy": log2phy, "logcnt": logcnt}, path)
+    return (f"{path}: DeepSeek EPLB tensors phy2log {tuple(phy2log.shape)}, log2phy {tuple(log2phy.shape)}, "
+            f"logcnt; {where}")
+
+
+def write_loads(loads, fmt: str, path, layers: ModelLayers | None = None) -> str:
+    """Write a ``LoadTrace``'s totals where an engine takes loads (SGLang ``logical_count``, EPLB ``weight``)."""
+    totals = loads.counts.sum(axis=0)  # (L, E) int64, exact
+    if fmt == "eplb":
+        import torch
+
+        torch.save({"weight": torch.from_numpy(totals)}, path)
+        return f"{path}: EPLB weight {tuple(totals.shape)} (tokens per expert, summed over {loads.num_steps} steps)"
+    if fmt != "sglang":
+        raise ValueError(f"--format {fmt} takes a placement, not loads: run minimoe report --trace on the load file "
+                         "and export the placement it recommends")
+    ids = list(layers.moe_layers) if layers is not None else [int(i) for i in loads.layer_ids]
+    if any(i < 0 for i in ids):
+        raise ValueError("the load file does not say which model layers its rows are: give --moe-layers or --config")
+    if len(ids) != loads.num_layers:
+        raise ValueError(f"the load file has {loads.num_layers} MoE layers, but {len(ids)} were named")
+    num_layers = layers.num_layers if layers is not None else max(ids) + 1
+    table = np.zeros((num_layers, loads.num_experts), np.int64)
+    table[ids] = totals
+    if Path(path).suffix == ".pt":
+        import torch
+
+        torch.save({"logical_count": torch.from_numpy(table)}, path)
+    else:
+        Path(path).write_text(json.dumps({"logical_count": table.tolist()}) + "\n")
+    return (f"{path}: SGLang --init-expert-location logical_count {table.shape} (SGLang runs its EPLB on it at "
+            f"start-up), {int(totals.sum()):,} (token, expert) pairs")
+
+
+# ---- the command ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="minimoe export", formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Write a placement (a placement-NODESxGPUS.json from minimoe report, or a "
+                                       "Placement.save file) in a serving engine's own file.\n\n" + _table())
+    parser.add_argument("placement", metavar="FILE",
+                        help="a placement file from minimoe report (placement-NODESxGPUS.json) or Placement.save; "
+                             "or a load file from minimoe import (sglang and eplb formats write its loads)")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="the engine's file: " + ", ".join(FORMATS))
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="the file to write: sglang .json/.pt, trtllm .yaml, vllm .jsonl, eplb .pt")
+    parser.add_argument("--moe-layers", metavar="LIST", default=None,
+                        help="model layer index of each MoE layer, e.g. 3-60 or 1,3,5 (sglang and trtllm need "
+                             "these or --config)")
+    parser.add_argument("--num-layers", metavar="N", type=int, default=None,
+                        help="with --moe-layers: the model's decoder layers (sglang; default: the last MoE layer + 1)")
+    parser.add_argument("--config", metavar="CONFIG_JSON", default=None,
+                        help="the model's transformers config.json (or its folder): the MoE layers and expert count")
+    return parser
+
+
+def _table() -> str:
+    return ("formats (slot s of a layer lives on rank s // (slots / ranks) in all of them):\n"
+            "  sglang  --init-expert-location JSON/.pt: physical_to_logical_map over every decoder layer (dense "
+            "rows: slot s -> expert s mod E)\n"
+            "  trtllm  moe_load_balancer.yaml: num_slots, initial_global_assignments keyed by model layer index, "
+            "layer_updates_per_iter: 0\n"
+            "  vllm    eplb_initial_mapping JSONL record, MoE layers 0..L-1 (an interface under review upstream)\n"
+            "  eplb    DeepSeek EPLB tensors phy2log, log2phy, logcnt (torch.save), MoE layers as given")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from minimoe.traces.format import _read_npz
+    from minimoe.traces.loads import LoadTrace
+
+    args = build_parser().parse_args(argv)
+    source, out = Path(args.placement), Path(args.out)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such file (expected a placement file from minimoe report)")
+    if out.suffix not in SUFFIXES[args.format]:
+        raise ValueError(f"--out {out}: --format {args.format} writes {' or '.join(SUFFIXES[args.format])}")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+    if args.num_layers is not None and (args.moe_layers is None or args.num_layers < 1):
+        raise ValueError("--num-layers goes with --moe-layers and must be >= 1")
+    try:
+        named = None if args.moe_layers is None else parse_layers(args.moe_layers)
+    except ValueError as error:
+        raise ValueError(f"--moe-layers: {error}") from None
+    layers = model_layers(named, args.config, args.num_layers)  # errors name the config file or --moe-layers
+    if source.suffix == ".npz":
+        arrays = _read_npz(source)
+        if "kind" not in arrays:
+            raise ValueError(f"{source} is a per-token trace: run minimoe report --trace on it and export the "
+                             "placement file it writes")
+        print(write_loads(LoadTrace.load(source), args.format, out, layers))
+        return 0
+    placement = Placement.load(source)
+    print(write(placement, args.format, out, layers))
+    return 0

@@ -1,0 +1,139 @@
+"""The CUDA-only paths: the transposed grouped products, CUDA-graph capture of the MoE layer and of the replicate
+exchange, the pinned-memory count exchange, and the host syncs each format pays (one process, NCCL, one rank).
+
+Skipped without a CUDA device; on one GPU: ``PYTHONPATH=. python -m pytest -q tests/test_gpu_paths.py``.
+"""
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from minimoe.model import MoEConfig, MoELayer
+from minimoe.parallel import RouteTable, collectives_at_one_rank, combine, destroy_process_group, dispatch
+from minimoe.parallel import init_process_group
+from minimoe.parallel.comm import CountExchange
+from minimoe.placement import Placement
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+@pytest.fixture(scope="module")
+def nccl():
+    folder = tempfile.mkdtemp()
+    device = init_process_group("nccl", 60, f"file://{folder}/rendezvous", 0, 1)
+    yield device
+    destroy_process_group()
+
+
+def _layer(tokens=300, hidden=256):
+    torch.manual_seed(0)
+    layer = MoELayer(hidden, MoEConfig(num_experts=8, top_k=2, intermediate_size=512)).cuda().to(torch.bfloat16)
+    layer.reset_parameters(std=0.05)
+    return layer, torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+
+
+def _captured(fn):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def _profiled_syncs(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in SYNCS)
+
+
+def _syncs(fn) -> int:
+    """Host syncs of one call of ``fn``: the profiler's count less what it counts around a call that does nothing
+    (stopping the profiler synchronizes the device itself)."""
+    return _profiled_syncs(fn) - _profiled_syncs(lambda: None)
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm_t", "grouped_mm", "auto"])
+def test_grouped_backends_on_cuda_equal_the_loop(backend):
+    layer, x = _layer()
+    x = x.requires_grad_()
+    layer.impl = "loop"
+    want = layer(x)
+    want_grad = torch.autograd.grad(want.float().square().sum(), [x, layer.gate_up_proj])
+    layer.impl, layer.grouped_backend = "grouped", backend
+    got = layer(x)
+    got_grad = torch.autograd.grad(got.float().square().sum(), [x, layer.gate_up_proj])
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    for a, b in zip(got_grad, want_grad):
+        assert ((a.float() - b.float()).norm() / b.float().norm()) < 2e-2
+
+
+def test_the_moe_layer_is_captured_in_a_cuda_graph_and_syncs_nowhere():
+    layer, x = _layer(tokens=512)
+    with torch.inference_mode():
+        eager = layer(x)
+        graph, out = _captured(lambda: layer(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, eager)
+        assert _syncs(lambda: layer(x)) == 0
+
+
+def test_the_count_exchange_reads_the_counts_once(nccl):
+    counts = torch.tensor([3, 0, 5], device=nccl)
+    with collectives_at_one_rank():
+        send, recv = CountExchange(counts[:1]).wait()
+    assert (send, recv) == ([3], [3])
+    exchange = CountExchange(counts[:1])
+    assert exchange.host.is_pinned() and exchange.wait() == ([3], [3])
+
+
+def _case(device, tokens=128):
+    table = RouteTable(Placement(np.arange(64)[None], 64, 1, 1), 0, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    ids = torch.rand(tokens, 64, generator=generator, device=device).topk(8, dim=1).indices
+    slots = table.route(ids, 0, torch.arange(tokens, device=device))
+    weights = torch.full((tokens, 8), 1 / 8, device=device)
+    x = torch.randn(tokens, 256, device=device, dtype=torch.bfloat16)
+    return table, x, slots, weights
+
+
+@pytest.mark.parametrize("fmt, syncs", [("replicate", 0), ("token_rank", 1), ("token_expert", 1), ("hierarchical", 2)])
+def test_host_syncs_per_dispatch_and_combine(nccl, fmt, syncs):
+    table, x, slots, weights = _case(nccl)
+
+    def step():
+        with collectives_at_one_rank():
+            sent = dispatch(x, slots, weights, table, fmt, static=fmt == "replicate")
+            expert_out = sent.rows * (sent.weights * (sent.slots >= 0)).sum(1, keepdim=True).to(x.dtype)
+            return combine(expert_out, sent.handle)
+
+    torch.testing.assert_close(step(), x * weights.sum(1, keepdim=True).to(x.dtype), rtol=2e-2, atol=2e-2)
+    assert _syncs(step) == syncs
+
+
+def test_replicate_and_static_token_rank_are_captured_in_a_cuda_graph(nccl):
+    table, x, slots, weights = _case(nccl)
+    for fmt in ("replicate", "token_rank"):
+        def step():
+            with collectives_at_one_rank():
+                sent = dispatch(x, slots, weights, table, fmt, static=True)
+                return combine(sent.rows * sent.weights.sum(1, keepdim=True).to(x.dtype), sent.handle)
+
+        eager = step()
+        graph, out = _captured(step)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, eager)
