@@ -13,7 +13,10 @@ statistics of ``minimoe.traces.stats``) and merges with ``TraceStats.merge``; pa
   connects to a running scheduler.
 
 Merging is addition of integers and a union of bottom-k samples keyed by a hash of the row, so every engine
-and every split gives the same statistics and the same counts (tests/test_streaming.py).
+and every split gives the same statistics and the same counts (tests/test_streaming.py). Which tokens are fitted
+on and which measured (``minimoe.placement.splits``) is decided once, before pass 1 (``choose_split``: for a
+Parquet file from one read of its request, phase and step columns), and applied to every batch as a
+``minimoe.traces.stats.ClassRule``.
 """
 from __future__ import annotations
 
