@@ -88,7 +88,8 @@ def corrupt(tmp_path, name, change, rows_per_group=100):
     table = pq.read_table(tmp_path / "ok.parquet")
     column = table.column(name).combine_chunks()
     values = change(column)
-    table = table.set_column(table.schema.get_field_index(name), table.schema.field(name), pa.array(values, column.type))
+    index = table.schema.get_field_index(name)
+    table = table.set_column(index, table.schema.field(name), pa.array(values, column.type))
     pq.write_table(table, tmp_path / "bad.parquet", row_group_size=rows_per_group)
     return tmp_path / "bad.parquet"
 

@@ -105,7 +105,8 @@ def fit(trace, topology: Topology, method: str, fit_tokens: np.ndarray, num_repl
     random_sources = group(trace, topology, "random", seed=seed)
     if method in ("contiguous", "round_robin", "eplb"):
         return place(trace, topology, method, tokens=fit_tokens, num_replicas=num_replicas), random_sources
-    chosen = ({} if partitioner is None else dict(partitioner=partitioner)) | ({} if cache is None else dict(cache=cache))
+    chosen = {} if partitioner is None else dict(partitioner=partitioner)
+    chosen |= {} if cache is None else dict(cache=cache)
     if method == "locality":
         placement = place(trace, topology, "locality", tokens=fit_tokens, num_replicas=num_replicas,
                           sources=random_sources, **chosen)

@@ -20,10 +20,10 @@ one of its node's slots (``slot_need``: room for the copies the GPU step needs).
    and slot limits, or both: ``partitioner="auto"`` (the default) runs "fm" and, when it is installed,
    "mtkahypar" (on a uniform sample of at most ``AUTO_MTKAHYPAR_EDGES`` distinct hyperedges: its time
    grows with the pins, 2.6 s for 16k top-8 hyperedges where FM takes 0.4 s), and keeps the partition with
-   the lower km1 on all the fitting tokens (one under the load cap first). ``partitioner="fm"`` (ours): starting partitions are (a) with known sources,
-   experts in decreasing regret order (best minus second-best demand ``d[e, n]``, the pairs of ``e`` from
-   tokens of node ``n``) each taking their best node with room under the cap; (b) graph growing on the
-   co-activation matrix ``A[e, f]`` (tokens choosing both): every node is seeded with a heavy expert, then
+   the lower km1 on all the fitting tokens (one under the load cap first). ``partitioner="fm"`` (ours):
+   starting partitions are (a) with known sources, experts in decreasing regret order (best minus second-best
+   demand ``d[e, n]``, the pairs of ``e`` from tokens of node ``n``) each taking their best node with room
+   under the cap; (b) graph growing on the co-activation matrix ``A[e, f]`` (tokens choosing both): every node is seeded with a heavy expert, then
    the least-loaded node repeatedly takes the free expert most co-activated with it; (c) ``restarts`` random
    balanced ones (seeded). All are refined for a few batched rounds on a sample of the hyperedges; the best
    goes on to step 2. ``partitioner="mtkahypar"``: Mt-KaHyPar's multilevel km1 partition (Gottesbüren et al.,

@@ -9,15 +9,17 @@ A Parquet trace holds the same data one row per token, written and read in recor
 | ``request``   | int32                             | request id: 0..R-1, each request contiguous, in order  |
 | ``phase``     | int8                              | 0 prefill, 1 decode, -1 unknown                        |
 | ``position``  | int32                             | index of the token within its request                  |
-| ``step``      | int32                             | decode step (phase 1: decode tokens of the request before it), else -1 |
+| ``step``      | int32                             | decode step (phase 1: the request's decode tokens before |
+|               |                                   | it), else -1                                           |
 | ``domain``    | dictionary<int32, string>, optional | workload label, constant within a request            |
 | ``experts_l`` | fixed_size_list<int16>[top_k]     | expert ids in MoE layer l (one column per layer), -1 = none |
 | ``weights_l`` | fixed_size_list<float16>[top_k], optional | routing weights in MoE layer l                 |
 
 The schema's metadata key ``minimoe`` holds JSON ``{"format": "minimoe.trace/1", "model", "num_experts",
-"top_k", "num_layers", "notes"}`` (notes: the trace's provenance notes, str -> str). Any engine that reads Parquet (pandas, DuckDB, Spark, Dask) reads these files;
-``minimoe import`` and ``minimoe trace`` write them when ``--out`` ends in ``.parquet``, and
-``minimoe import trace.npz --out trace.parquet`` converts. ``ParquetTrace.batches`` yields
+"top_k", "num_layers", "notes"}`` (notes: the trace's provenance notes, str -> str). Any engine that reads
+Parquet (pandas, DuckDB, Spark, Dask) reads these files; ``minimoe import`` and ``minimoe trace`` write them
+when ``--out`` ends in ``.parquet``, and ``minimoe import trace.npz --out trace.parquet`` converts.
+``ParquetTrace.batches`` yields
 ``minimoe.traces.batches.TraceBatch`` objects and checks each one (``check_batch``) and every join between
 two (``check_join``): the strict checks of ``Trace.load``, batch by batch, errors naming the file and row.
 """
@@ -178,8 +180,9 @@ class ParquetTrace:
             raise ValueError(f"trace file {self.label}: missing columns {missing}, unexpected columns {unknown}")
         for name in sorted(names):
             want = expected.get(name, optional.get(name))
-            if schema.field(name).type != want and not (name == "domain" and pa.types.is_string(schema.field(name).type)):
-                raise ValueError(f"trace file {self.label}: column {name} must be {want}, got {schema.field(name).type}")
+            found = schema.field(name).type
+            if found != want and not (name == "domain" and pa.types.is_string(found)):
+                raise ValueError(f"trace file {self.label}: column {name} must be {want}, got {found}")
         self.has_domain = "domain" in names
         self.has_weights = all(f"weights_{l}" in names for l in range(self.num_layers))
         if not self.has_weights and any(f"weights_{l}" in names for l in range(self.num_layers)):
