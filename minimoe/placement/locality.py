@@ -23,9 +23,9 @@ one of its node's slots (``slot_need``: room for the copies the GPU step needs).
    the lower km1 on all the fitting tokens (one under the load cap first). ``partitioner="fm"`` (ours):
    starting partitions are (a) with known sources, experts in decreasing regret order (best minus second-best
    demand ``d[e, n]``, the pairs of ``e`` from tokens of node ``n``) each taking their best node with room
-   under the cap; (b) graph growing on the co-activation matrix ``A[e, f]`` (tokens choosing both): every node is seeded with a heavy expert, then
-   the least-loaded node repeatedly takes the free expert most co-activated with it; (c) ``restarts`` random
-   balanced ones (seeded). All are refined for a few batched rounds on a sample of the hyperedges; the best
+   under the cap; (b) graph growing on the co-activation matrix ``A[e, f]`` (tokens choosing both): every
+   node is seeded with a heavy expert, then the least-loaded node repeatedly takes the free expert most
+   co-activated with it; (c) ``restarts`` random balanced ones (seeded). All are refined for a few batched rounds on a sample of the hyperedges; the best
    goes on to step 2. ``partitioner="mtkahypar"``: Mt-KaHyPar's multilevel km1 partition (Gottesbüren et al.,
    ACM TOPS 2024) with expert loads as vertex weights and one fixed vertex per node for the sources (an
    optional dependency), then the fewest moves that respect the slot limits and the load cap; no step 2.
