@@ -25,9 +25,9 @@ one of its node's slots (``slot_need``: room for the copies the GPU step needs).
    demand ``d[e, n]``, the pairs of ``e`` from tokens of node ``n``) each taking their best node with room
    under the cap; (b) graph growing on the co-activation matrix ``A[e, f]`` (tokens choosing both): every
    node is seeded with a heavy expert, then the least-loaded node repeatedly takes the free expert most
-   co-activated with it; (c) ``restarts`` random balanced ones (seeded). All are refined for a few batched rounds on a sample of the hyperedges; the best
-   goes on to step 2. ``partitioner="mtkahypar"``: Mt-KaHyPar's multilevel km1 partition (Gottesbüren et al.,
-   ACM TOPS 2024) with expert loads as vertex weights and one fixed vertex per node for the sources (an
+   co-activated with it; (c) ``restarts`` random balanced ones (seeded). All are refined for a few batched
+   rounds on a sample of the hyperedges; the best goes on to step 2. ``partitioner="mtkahypar"``:
+   Mt-KaHyPar's multilevel km1 partition (Gottesbüren et al., ACM TOPS 2024) with expert loads as vertex weights and one fixed vertex per node for the sources (an
    optional dependency), then the fewest moves that respect the slot limits and the load cap; no step 2.
 2. **Refinement** (``minimoe.placement.refinement``). With ``cnt[t, n]`` = experts of ``t`` on ``n`` and
    ``c[t, n] = 0`` if ``n = s(t)`` else 1, moving ``e`` from ``a`` to ``b`` saves
