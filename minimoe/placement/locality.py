@@ -16,19 +16,19 @@ Algorithm (all counts vectorised with numpy; exact for the fitting tokens). Iden
 into weights first (``minimoe.placement.hypergraph``); an expert hotter than one GPU's share takes more than
 one of its node's slots (``slot_need``: room for the copies the GPU step needs).
 
-1. **Node partition** (``node_partition``), by one of two partitioners on the same hypergraph, load cap
-   and slot limits, or both: ``partitioner="auto"`` (the default) runs "fm" and, when it is installed,
-   "mtkahypar" (on a uniform sample of at most ``AUTO_MTKAHYPAR_EDGES`` distinct hyperedges: its time
-   grows with the pins, 2.6 s for 16k top-8 hyperedges where FM takes 0.4 s), and keeps the partition with
-   the lower km1 on all the fitting tokens (one under the load cap first). ``partitioner="fm"`` (ours):
-   starting partitions are (a) with known sources, experts in decreasing regret order (best minus second-best
-   demand ``d[e, n]``, the pairs of ``e`` from tokens of node ``n``) each taking their best node with room
-   under the cap; (b) graph growing on the co-activation matrix ``A[e, f]`` (tokens choosing both): every
-   node is seeded with a heavy expert, then the least-loaded node repeatedly takes the free expert most
-   co-activated with it; (c) ``restarts`` random balanced ones (seeded). All are refined for a few batched
-   rounds on a sample of the hyperedges; the best goes on to step 2. ``partitioner="mtkahypar"``:
-   Mt-KaHyPar's multilevel km1 partition (Gottesbüren et al., ACM TOPS 2024) with expert loads as vertex weights and one fixed vertex per node for the sources (an
-   optional dependency), then the fewest moves that respect the slot limits and the load cap; no step 2.
+1. **Node partition** (``node_partition``), by one of two partitioners on the same hypergraph, load cap and slot
+   limits, or both: ``partitioner="auto"`` (the default) runs "fm" and, when it is installed, "mtkahypar" (on a
+   uniform sample of at most ``AUTO_MTKAHYPAR_EDGES`` distinct hyperedges: its time grows with the pins, 2.6 s
+   for 16k top-8 hyperedges where FM takes 0.4 s), and keeps the partition with the lower km1 on all the fitting
+   tokens (one under the load cap first). ``partitioner="fm"`` (ours): starting partitions are (a) with known
+   sources, experts in decreasing regret order (best minus second-best demand ``d[e, n]``, the pairs of ``e``
+   from tokens of node ``n``) each taking their best node with room under the cap; (b) graph growing on the
+   co-activation matrix ``A[e, f]`` (tokens choosing both): every node is seeded with a heavy expert, then the
+   least-loaded node repeatedly takes the free expert most co-activated with it; (c) ``restarts`` random balanced
+   ones (seeded). All are refined for a few batched rounds on a sample of the hyperedges; the best goes on to
+   step 2. ``partitioner="mtkahypar"``: Mt-KaHyPar's multilevel km1 partition (Gottesbüren et al., ACM TOPS 2024)
+   with expert loads as vertex weights and one fixed vertex per node for the sources (an optional dependency),
+   then the fewest moves that respect the slot limits and the load cap; no step 2.
 2. **Refinement** (``minimoe.placement.refinement``). With ``cnt[t, n]`` = experts of ``t`` on ``n`` and
    ``c[t, n] = 0`` if ``n = s(t)`` else 1, moving ``e`` from ``a`` to ``b`` saves
    ``sum_{t ∋ e} [cnt[t,a] = 1] c[t,a] - [cnt[t,b] = 0] c[t,b]``; swapping ``e`` (on ``a``) with ``f``
