@@ -212,8 +212,57 @@ def two_hosts():
     return save(figure, "two_hosts")
 
 
+def dispatch_buffers():
+    """Chapter 5: dispatch per (token, rank) on 3 ranks: each rank packs one buffer per destination, one
+    exchange delivers them, the experts run, the reverse exchange brings the results home to be summed."""
+    figure, ax = canvas(10.6, 4.2)
+    colors = (BLUE, ORANGE, GREEN)
+    ax.text(0.1, 3.95, "tokens on rank 0", fontsize=9)
+    tokens = [("t0", (0, 1)), ("t1", (2,)), ("t2", (1, 2)), ("t3", (0,))]
+    for i, (name, ranks) in enumerate(tokens):
+        box(ax, 0.1, 3.1 - i * 0.75, 0.7, 0.55, name, GREY, size=9)
+        ax.text(0.9, 3.37 - i * 0.75, ("→ ranks " if len(ranks) > 1 else "→ rank ") + ", ".join(map(str, ranks)),
+                fontsize=8, va="center")
+    ax.text(2.75, 3.95, "send buffers, one per destination", fontsize=9)
+    for r, color in enumerate(colors):
+        members = [name for name, ranks in tokens if r in ranks]
+        box(ax, 2.75, 3.0 - r * 1.05, 2.1, 0.8, f"to rank {r}: " + " ".join(members), color, size=9)
+        arrow(ax, 4.85, 3.4 - r * 1.05, 6.0, 3.4 - r * 1.05)
+    ax.text(5.0, 3.6, "all-to-all", fontsize=9, color=EDGE)
+    ax.text(6.0, 3.95, "each rank: its experts on what it received", fontsize=9)
+    for r, color in enumerate(colors):
+        box(ax, 6.0, 3.0 - r * 1.05, 2.2, 0.8, f"rank {r}: local experts", color, size=9)
+        arrow(ax, 8.2, 3.4 - r * 1.05, 9.0, 3.4 - r * 1.05, dashed=True)
+    box(ax, 9.0, 1.0, 1.5, 2.8, "reverse\nall-to-all,\nthen\nΣ w · E(x)\nper token", PURPLE, size=9)
+    ax.text(0.1, 0.1, "counts first (how many rows each rank receives), then the rows; a token goes to a rank once "
+            "however many of its experts live there", fontsize=8)
+    return save(figure, "dispatch_buffers")
+
+
+def compressor_pipeline():
+    """Chapter 8: context + memory tokens through the LM with LoRA (encoder, masked), the memory (last hidden
+    states as input embeddings, or keys and values in every layer) handed to the same LM without LoRA (decoder)."""
+    figure, ax = canvas(10.6, 3.6)
+    box(ax, 0.1, 2.2, 2.3, 0.7, "context (n tokens)", GREY, size=9)
+    box(ax, 0.1, 1.2, 2.3, 0.7, "k memory tokens\n(learned, k = n / ratio)", PURPLE, size=9)
+    box(ax, 3.0, 1.1, 2.6, 1.9, "encoder: the LM + LoRA\none pass under the mask\n(global or PIC)", BLUE, size=9)
+    arrow(ax, 2.4, 2.55, 3.0, 2.3)
+    arrow(ax, 2.4, 1.55, 3.0, 1.8)
+    box(ax, 6.2, 1.1, 1.7, 1.9, "memory: its last\nhidden states, or\nits keys / values\nin every layer", PURPLE,
+        size=8)
+    arrow(ax, 5.6, 2.05, 6.2, 2.05)
+    box(ax, 8.5, 1.1, 2.0, 1.9, "decoder: the same LM,\nLoRA off (frozen)\nreads memory, then\nbos + question", ORANGE,
+        size=9)
+    arrow(ax, 7.9, 2.05, 8.5, 2.05)
+    arrow(ax, 9.5, 1.1, 9.5, 0.55)
+    ax.text(9.5, 0.3, "answer", ha="center", fontsize=9)
+    ax.text(0.1, 0.3, "trained: LoRA and the memory tokens only; the loss is the decoder's, on the answer "
+            "(and on addressed repeats)", fontsize=8)
+    return save(figure, "compressor_pipeline")
+
+
 DRAWINGS = {f.__name__: f for f in (dense_block, moe_data_flow, training_pipeline, placement_nodes, grouping,
-                                     two_hosts)}
+                                     two_hosts, dispatch_buffers, compressor_pipeline)}
 
 
 def main(argv: list[str] | None = None) -> int:
