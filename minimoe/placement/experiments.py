@@ -184,17 +184,13 @@ def uniform_baseline(trace, topology: Topology) -> dict:
                 uniform_remote_nodes_per_token=nodes * (topology.num_nodes - 1) / topology.num_nodes)
 
 
-def drift(trace, topology: Topology, fit_mix: dict[str, float], eval_mix: dict[str, float],
-          num_replicas: int | None = None, seed: int = 0, hidden_size: int = 7168) -> list[dict]:
-    """Fit on requests drawn with one domain mix, evaluate on other requests drawn with another.
-
-    Half the requests (random) form the history, the other half the new traffic. Placements are fitted on all
-    tokens of history requests sampled by ``fit_mix`` (domain -> weight); new requests sampled by ``eval_mix``
-    are grouped by their own prefill against that placement, and their decode tokens are measured.
-    """
+def drift_requests(domains, fit_mix: dict, eval_mix: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The drift test's requests: bool (R,) masks of the history drawn by ``fit_mix`` from a random half and of the
+    new traffic drawn by ``eval_mix`` from the other half (``domains``: each request's domain). Raises ValueError
+    for a domain the trace lacks or too few requests."""
     rng = np.random.default_rng(seed)
-    domains = trace.request_domains()
-    half = rng.permutation(trace.num_requests) < trace.num_requests // 2
+    num_requests = len(domains)
+    half = rng.permutation(num_requests) < num_requests // 2
     picked = {}
     for name, mix, pool in (("fit", fit_mix, half), ("eval", eval_mix, ~half)):
         unknown = sorted(set(mix) - set(domains))
@@ -204,10 +200,21 @@ def drift(trace, topology: Topology, fit_mix: dict[str, float], eval_mix: dict[s
         count = int(min(pool.sum(), (weights > 0).sum()) * 0.5)
         if count < 1:
             raise ValueError(f"too few requests to draw the {name} half of the drift test "
-                             f"({trace.num_requests} requests in the trace)")
-        picked[name] = rng.choice(trace.num_requests, size=count, replace=False, p=weights / weights.sum())
-    fit_tokens = np.isin(trace.request, picked["fit"])
-    eval_requests = np.isin(np.arange(trace.num_requests), picked["eval"])
+                             f"({num_requests} requests in the trace)")
+        picked[name] = rng.choice(num_requests, size=count, replace=False, p=weights / weights.sum())
+    return tuple(np.isin(np.arange(num_requests), picked[n]) for n in ("fit", "eval"))
+
+
+def drift(trace, topology: Topology, fit_mix: dict[str, float], eval_mix: dict[str, float],
+          num_replicas: int | None = None, seed: int = 0, hidden_size: int = 7168) -> list[dict]:
+    """Fit on requests drawn with one domain mix, evaluate on other requests drawn with another.
+
+    Half the requests (random) form the history, the other half the new traffic. Placements are fitted on all
+    tokens of history requests sampled by ``fit_mix`` (domain -> weight); new requests sampled by ``eval_mix``
+    are grouped by their own prefill against that placement, and their decode tokens are measured.
+    """
+    fit_requests, eval_requests = drift_requests(trace.request_domains(), fit_mix, eval_mix, seed)
+    fit_tokens = fit_requests[trace.request]
     evaluated = eval_requests[trace.request] & (trace.phase == 1)
     prefill_new = eval_requests[trace.request] & (trace.phase == 0)
     num_replicas = num_replicas or trace.num_experts

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from minimoe.placement.evaluate import Job
-from minimoe.placement.experiments import FIT_MODES, METHODS, cut, fit
+from minimoe.placement.experiments import FIT_MODES, METHODS, cut, drift_requests, fit
 from minimoe.placement.fitdata import FitData
 from minimoe.placement.grouping import group
 from minimoe.placement.methods import place
@@ -79,22 +79,7 @@ class StreamedExperiments:
     def drift(self, topology: Topology, fit_mix: dict, eval_mix: dict, num_replicas: int | None = None) -> None:
         """``experiments.drift`` on the statistics: the same requests drawn, the same fits."""
         stats, seed = self.stats, self.seed
-        rng = np.random.default_rng(seed)
-        domains = stats.domain
-        num_requests = stats.num_requests
-        half = rng.permutation(num_requests) < num_requests // 2
-        picked = {}
-        for name, mix, pool in (("fit", fit_mix, half), ("eval", eval_mix, ~half)):
-            unknown = sorted(set(mix) - set(domains))
-            if unknown:
-                raise ValueError(f"{name}_mix names domains {unknown} that the trace does not have")
-            weights = np.array([mix.get(d, 0.0) for d in domains]) * pool
-            count = int(min(pool.sum(), (weights > 0).sum()) * 0.5)
-            if count < 1:
-                raise ValueError(f"too few requests to draw the {name} half of the drift test "
-                                 f"({num_requests} requests in the trace)")
-            picked[name] = rng.choice(num_requests, size=count, replace=False, p=weights / weights.sum())
-        fit_requests, eval_requests = (np.isin(np.arange(num_requests), picked[n]) for n in ("fit", "eval"))
+        fit_requests, eval_requests = drift_requests(stats.domain, fit_mix, eval_mix, seed)
         history = FitData.of_stats(stats, "all", requests=fit_requests)
         newcomers = FitData.of_stats(stats, "prefill", requests=eval_requests)
         num_replicas = num_replicas or stats.num_experts
