@@ -28,7 +28,8 @@ def assert_same_logits(model, hf_model, ids):
     with torch.no_grad():
         ours, theirs = model(ids), hf_model(ids).logits
     assert theirs.abs().max() > 1.0
-    torch.testing.assert_close(ours, theirs, **TOL)
+    # float32 rounding grows with the logits' scale (and the grouped GEMM sums in another order than the loop)
+    torch.testing.assert_close(ours, theirs, rtol=TOL["rtol"], atol=TOL["atol"] * float(theirs.abs().max()))
 
 
 # ---- tie_word_embeddings=True over different tensors, both directions, every family ------------------------------

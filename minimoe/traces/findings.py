@@ -53,6 +53,11 @@ DEFAULT_REQUESTS_PER_DOMAIN = 500  # x 4 domains = 2000 requests, about 260 K ro
 IMBALANCE_STATS = ("max_over_mean", "gini", "entropy")
 
 
+def as_stats(data: Trace | TraceStats) -> TraceStats:
+    """The pass-1 statistics every finding reads: ``data`` itself, or those of an in-memory trace."""
+    return trace_stats(data) if isinstance(data, Trace) else data
+
+
 def request_loads(trace: Trace) -> np.ndarray:
     """int64 (R, L, E): how many of request r's (token, slot) choices went to expert e in layer l."""
     r, l, e = trace.num_requests, trace.num_layers, trace.num_experts
@@ -124,7 +129,8 @@ def _imbalance_group(loads: np.ndarray, num_tokens: int, num_experts: int, top_k
                 | dict(max_over_mean_p95=float(np.percentile(uniform["max_over_mean"], 95)))), resampled
 
 
-def imbalance_finding(stats: TraceStats, seed: int = 0) -> dict:
+def imbalance_finding(stats: Trace | TraceStats, seed: int = 0) -> dict:
+    stats = as_stats(stats)
     names = list(PHASE_GROUPS) + ([str(d) for d in np.unique(stats.domain)] if stats.has_domain else [])
     result, resampled = {}, None
     for name in names:
@@ -151,8 +157,9 @@ def imbalance_finding(stats: TraceStats, seed: int = 0) -> dict:
 
 
 # ---- (b) domain specificity ----------------------------------------------------------------------------------
-def domain_unavailable(stats: TraceStats) -> str | None:
+def domain_unavailable(stats: Trace | TraceStats) -> str | None:
     """Why the domain finding cannot be measured (None when it can)."""
+    stats = as_stats(stats)
     if not stats.has_domain or stats.num_requests == 0:
         return "the trace has no domain labels"
     labels, counts = np.unique(stats.domain, return_counts=True)
@@ -163,9 +170,10 @@ def domain_unavailable(stats: TraceStats) -> str | None:
     return None
 
 
-def domain_finding(stats: TraceStats, num_splits: int = 100, seed: int = 0) -> dict:
+def domain_finding(stats: Trace | TraceStats, num_splits: int = 100, seed: int = 0) -> dict:
     """JS divergence between domains vs random halves of one domain; domains with one request are compared
     but give no baseline. Raises ValueError when ``domain_unavailable`` gives a reason."""
+    stats = as_stats(stats)
     reason = domain_unavailable(stats)
     if reason:
         raise ValueError(f"the domain finding cannot be measured: {reason}")
@@ -220,9 +228,10 @@ def _phase_counts(stats: TraceStats, requests=None):
     return stats.phase_loads(0)[rows], stats.phase_loads(1)[rows], present, tokens
 
 
-def prefill_decode_unavailable(stats: TraceStats, requests=None) -> str | None:
+def prefill_decode_unavailable(stats: Trace | TraceStats, requests=None) -> str | None:
     """Why prefill -> decode prediction cannot be measured (None when it can); ``requests``: a bool mask
     (R,) of the requests to consider (default: all)."""
+    stats = as_stats(stats)
     prefill, decode, present, tokens = _phase_counts(stats, requests)
     if tokens[:, 2].sum() and not tokens[:, :2].sum():
         return ("phases unknown: the source did not say which tokens are prompt and which are generated (give "
@@ -238,9 +247,10 @@ def prefill_decode_unavailable(stats: TraceStats, requests=None) -> str | None:
     return None
 
 
-def prefill_decode_finding(stats: TraceStats, num_shuffles: int = 10, seed: int = 0) -> dict:
+def prefill_decode_finding(stats: Trace | TraceStats, num_shuffles: int = 10, seed: int = 0) -> dict:
     """Matched vs shuffled prefill/decode correlations. Raises ValueError when ``prefill_decode_unavailable``
     gives a reason."""
+    stats = as_stats(stats)
     prefill, decode, present, _ = _phase_counts(stats)
     runs = [paired_similarity(prefill, decode, present, seed=seed + s) for s in range(num_shuffles)]
     matched = runs[0].matched  # (n,) the same in every run; only the pairing of the shuffled values changes
