@@ -104,13 +104,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.before_after:
         rows, meta = before_after(args.device, args.tokens, args.reps, args.hidden, args.ffn, args.experts, args.top_k)
-        table = format_before_after(rows, meta)
-        print(table)
-        if args.out:
-            with open(args.out + ".json", "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
-            with open(args.out + ".md", "w") as f:
-                f.write(table + "\n")
+        write(format_before_after(rows, meta), meta, rows, args.out)
         return 0
     if args.check:
         print("\n".join(device_checks(args.device)), flush=True)
@@ -182,14 +176,18 @@ def main(argv=None) -> int:
         "matmul": f"{matmul_n}^3 {dtype}", "matmul_tflops": ceiling,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }  # fmt: skip
-    table = format_table(rows, list(variants), meta)
-    print(table)
-    if args.out:
-        with open(args.out + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        with open(args.out + ".md", "w") as f:
-            f.write(table + "\n")
+    write(format_table(rows, list(variants), meta), meta, rows, args.out)
     return 0
+
+
+def write(table: str, meta: dict, rows: list[dict], out: str | None) -> None:
+    """Print the table; with ``--out PREFIX`` also write PREFIX.json (meta and rows) and PREFIX.md (the table)."""
+    print(table)
+    if out:
+        with open(out + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(out + ".md", "w") as f:
+            f.write(table + "\n")
 
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")

@@ -24,6 +24,7 @@ from minimoe.placement.export import to_sglang, to_trtllm, to_vllm
 from minimoe.traces.layers import layers_from_config, parse_layers
 from minimoe.traces.load_dumps import from_sglang_per_pass, from_sglang_stat, from_trtllm, from_vllm_eplb
 from minimoe.traces.loads import LoadTrace, read_trace_file
+from batches import run_cli
 
 E, L_ALL, MOE = 8, 5, [1, 2, 4]  # 8 experts; a 5-layer model whose layers 0 and 3 are dense
 
@@ -42,12 +43,7 @@ def ranks_view(table, ep_size):
 
 
 def run(capsys, *argv):
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as stop:
-        status = stop.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+    return run_cli(main, capsys, *argv)
 
 
 # ---- placements out -------------------------------------------------------------------------------------------

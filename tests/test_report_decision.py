@@ -20,18 +20,14 @@ from minimoe.placement.deployment import Deployment
 from minimoe.placement.report import format_report, run_report, save_decision
 from minimoe.placement.splits import split
 from minimoe.traces import Trace, planted_trace, synthetic_trace
+from batches import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG = ROOT / "tests" / "data" / "vllm_moe_routes.jsonl"
 
 
 def run(capsys, *argv):
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as stop:
-        status = stop.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+    return run_cli(main, capsys, *argv)
 
 
 def unknown_phases(trace: Trace) -> Trace:
