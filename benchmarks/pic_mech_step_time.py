@@ -60,7 +60,8 @@ def child(args) -> dict:
         options = dict(positions="restart") if variant == "pic" else {}
         layout = build_layout(variant, n, ratio, chunk, **options)
         compressor = Compressor(base, layout.num_memory, lora_rank=16, lora_alpha=32.0).to(device)
-        optimizer = torch.optim.AdamW([p for p in compressor.parameters() if p.requires_grad], lr=1e-3)
+        optimizer = torch.optim.AdamW([p for p in compressor.parameters() if p.requires_grad], lr=1e-3,
+                                      fused=device.type == "cuda")
         batch = random_set(generator, args.batch, n, config.vocab_size)
         repeats = random_rows(generator, args.batch, 2, 12, 60, config.vocab_size)
         for _ in range(3):  # warm-up

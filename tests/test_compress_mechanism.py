@@ -9,10 +9,11 @@ import torch
 from minimoe.compress import Compressor
 from minimoe.compress.experiment import PRESETS, ExperimentConfig, main
 from minimoe.compress.masks import MEMORY, TEXT, build_layout, global_mask, pic_mask
-from minimoe.compress.mechanism import grid_settings, pilot_settings, run_mechanism
+from minimoe.compress.mechanism import (all_pilot_settings, choose_read_path_and_lr, grid_settings,
+                                       run_mechanism)
 from minimoe.compress.mechanism_data import MechanismSet, Rows, training_batch, value_mask
 from minimoe.compress.mechanism_stats import (gains_at, hypotheses, paired_bootstrap, smoothed, steps_to)
-from minimoe.compress.mechanism_training import greedy_answers, read, teacher_forced, train_step
+from minimoe.compress.mechanism_training import greedy_answers, read, read_both, teacher_forced, train_step
 from minimoe.compress.qa_data import FIRST_NAMES, LAST_NAMES, generate_documents, repeat_prompt
 from minimoe.data.tokenizer import train_tokenizer
 from minimoe.model import ModelConfig, Transformer
@@ -145,6 +146,17 @@ def test_teacher_forced_answer_em_equals_greedy_token_exact_match(tiny):
     assert 0 < sum(greedy_exact) < sum(fits) and round(right) == sum(per_row)
 
 
+def test_one_decoder_pass_over_questions_and_repeats_equals_two(tiny):
+    generator = torch.Generator().manual_seed(4)
+    contexts = torch.randint(3, 12, (3, 16), generator=generator)
+    memory_kv = tiny.memory_kv(contexts, pic_mask(16, 8, 4, positions="restart"))
+    questions, repeats = _rows(generator, 3, 2, 3, 1, 12), _rows(generator, 3, 1, 2, 6, 12)  # repeats longer
+    merged = read_both(tiny, memory_kv, questions, repeats, 0, 0)
+    for alone, together in zip((read(tiny, memory_kv, questions, 0, 0), read(tiny, memory_kv, repeats, 0, 0)), merged):
+        assert torch.allclose(alone[0], together[0], atol=1e-5) and torch.equal(alone[1], together[1])
+        assert torch.equal(alone[2], together[2])  # rows numbered within their own kind
+
+
 def test_a_training_step_reaches_lora_memory_and_the_decoder_lora(tiny):
     torch.manual_seed(0)
     compressor = Compressor(Transformer(tiny.base.config).eval(), 4, lora_rank=2, reader_lora=True)
@@ -222,16 +234,37 @@ def smoke(tmp_path_factory):
 def test_the_protocol_runs_pilot_then_grid_and_controls(smoke):
     cfg, out, summary = smoke
     names = sorted(p.stem for p in (out / "runs").glob("*.json"))
-    expected = [s["name"] for s in pilot_settings(cfg) + grid_settings(cfg, summary["protocol"]["pilot"]["lr"], False)]
-    assert names == sorted(expected)
     protocol = json.loads((out / "protocol.json").read_text())
-    assert set(protocol["pilot"]["best_dev_em"]) == {f"{x:g}" for x in cfg.pilot_lrs}
+    pilot = protocol["pilot"]
+    expected = [s["name"] for s in all_pilot_settings(cfg) + grid_settings(cfg, pilot["lr"], pilot["both_near_floor"])]
+    assert names == sorted(expected)
+    assert set(pilot["best_dev_em"]) == set(pilot["reader_lora_best_dev_em"]) == {f"{x:g}" for x in cfg.pilot_lrs}
     assert protocol["pilot"]["lr"] in cfg.pilot_lrs and "gate" in protocol
     for row in summary["table"]:
         assert row["seeds"] == 1 and len(row["f1_by_paragraph"]) == 2 and len(row["curve"]) == cfg.steps
     run = next(r for r in summary["runs"] if r["method"] == "pic")
     assert len(run["questions"]["f1"]) == run["test"]["count"] == 8  # 4 test documents x 2 questions
     assert {(r["method"], r["ratio"]) for r in summary["runs"]} >= {("pic-continue", 16), ("global-spread", 16)}
+
+
+def _pilot(em: dict) -> list[dict]:  # (method, lr, reader_lora) -> a one-point dev curve
+    return [{"method": m, "lr": lr, "reader_lora": lora, "curve": [{"step": 1, "em": v}]}
+            for (m, lr, lora), v in em.items()]
+
+
+def test_the_pilot_changes_the_read_path_only_when_both_arms_stay_on_the_floor():
+    cfg = ExperimentConfig(**{**PRESETS["cpu-mech"], "pilot_lrs": (1e-4, 1e-3)})
+    floor = {("global", 1e-4, False): 3.0, ("pic", 1e-4, False): 4.0, ("global", 1e-3, False): 2.0,
+             ("pic", 1e-3, False): 9.0, ("global", 1e-4, True): 20.0, ("pic", 1e-4, True): 5.0,
+             ("global", 1e-3, True): 30.0, ("pic", 1e-3, True): 40.0}
+    chosen = choose_read_path_and_lr(cfg, _pilot(floor), near_floor=10.0)
+    assert chosen["both_near_floor"] and chosen["lr"] == 1e-3  # global's best with the decoder LoRA
+    assert chosen["best_dev_em"]["0.001"] == {"global": 2.0, "pic": 9.0}
+    lifted = {**floor, ("pic", 1e-3, False): 11.0}  # one arm leaves the floor at one rate: the path stays
+    chosen = choose_read_path_and_lr(cfg, _pilot(lifted), near_floor=10.0)
+    assert not chosen["both_near_floor"] and chosen["lr"] == 1e-4  # by global alone, on the memory-alone path
+    tie = {**lifted, ("global", 1e-3, False): 3.0}
+    assert choose_read_path_and_lr(cfg, _pilot(tie), near_floor=10.0)["lr"] == 1e-4  # ties: the lower rate
 
 
 def test_a_smoke_run_says_its_numbers_mean_nothing_and_judges_nothing(smoke):

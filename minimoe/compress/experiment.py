@@ -152,7 +152,7 @@ PRESETS = {
                              block_tokens=64, chunk_size=64, pretrain_documents=8000, qa_fraction=1.0,
                              pretrain_repeats=1, pretrain_steps=600, pretrain_batch=32, pretrain_lr=1e-4,
                              pretrain_max_seconds=300.0, train_documents=8, dev_documents=256, test_documents=512,
-                             steps=400, batch_size=8, eval_every=25, handoff="kv", ablations=False),
+                             steps=400, batch_size=16, eval_every=25, handoff="kv", ablations=False),
     "cpu-mech": dict(design="mechanism", distinct_names=True, context_tokens=96, block_tokens=48, chunk_size=48,
                      questions_per_document=2, pretrain_documents=60, pretrain_questions=2, pretrain_repeats=1,
                      train_documents=4, dev_documents=4, test_documents=4, corpus_chars=20_000, vocab_size=400,

@@ -9,9 +9,10 @@ gpu-smollm2-mech``):
                   test questions (EM) with the context and <= 10% without; the run goes on either way and the
                   report says which.
     pilot         one seed outside the grid, global and PIC at the highest ratio, every learning rate of
-                  ``pilot_lrs``, ``pilot_steps`` steps: the learning rate is picked by the *global* arm's best
-                  dev answer EM. If both arms stay near the floor (below 10% of the reader's dev gap), the read
-                  path changes for both alike (a LoRA on the decoder too) and the pilot runs again.
+                  ``pilot_lrs``, ``pilot_steps`` steps, on both read paths at once (memory alone; memory and a
+                  LoRA on the decoder). If both arms stay near the floor (below 10% of the reader's dev gap) on
+                  the memory-alone path, the read path changes for both alike to the decoder LoRA; the learning
+                  rate is picked by the *global* arm's best dev answer EM on the chosen path.
     grid          {global, PIC} x ratios x seeds, both arms of a seed on identical batches, plus controls at the
                   highest ratio: PIC with "continue" positions (as earlier runs placed memory) and global with
                   memory positions spread over the text (locality by positions alone, not by the mask).
@@ -68,6 +69,29 @@ def pilot_settings(cfg, reader_lora: bool = False, lrs=None) -> list[dict]:
     stage = "pilot-reader-lora" if reader_lora else "pilot"
     return [setting(stage, method, cfg.pilot_ratio, cfg.pilot_seed, lr, cfg.pilot_steps, reader_lora)
             for lr in (lrs or cfg.pilot_lrs) for method in ("global", "pic")]
+
+
+def all_pilot_settings(cfg) -> list[dict]:
+    """The pilot in one stage: both read paths (memory alone; memory with a decoder LoRA) at every rate, so the
+    fallback the protocol may need is ready when the first path's verdict is in."""
+    return pilot_settings(cfg) + pilot_settings(cfg, True)
+
+
+def choose_read_path_and_lr(cfg, pilot: list[dict], near_floor: float) -> dict:
+    """The protocol's two decisions from the pilot's results: the read path changes (the decoder gets a LoRA,
+    for both arms alike) only when both arms on the memory-alone path stay below ``near_floor`` dev EM at every
+    rate; then the learning rate is the one where the *global* arm's best dev EM is highest on the chosen path
+    (ties: the lower rate)."""
+    def best_by_lr(reader_lora: bool) -> dict:
+        return {f"{lr:g}": {r["method"]: best_em(r) for r in pilot if r["lr"] == lr and r["reader_lora"] == reader_lora}
+                for lr in cfg.pilot_lrs}
+
+    memory_only = best_by_lr(False)
+    reader_lora = all(max(scores.values()) < near_floor for scores in memory_only.values())
+    chosen = best_by_lr(True) if reader_lora else memory_only
+    lr = max(cfg.pilot_lrs, key=lambda x: (chosen[f"{x:g}"]["global"], -x))
+    return {"best_dev_em": memory_only, "reader_lora_best_dev_em": best_by_lr(True), "lr": lr,
+            "near_floor_below": near_floor, "both_near_floor": reader_lora}
 
 
 def grid_settings(cfg, lr: float, reader_lora: bool) -> list[dict]:
@@ -216,7 +240,7 @@ def report_finished(cfg, out: Path) -> dict:
     grid = finished(out, grid_settings(cfg, lr, reader_lora))
     if not grid:
         raise ValueError(f"{out}: no grid setting has finished: nothing to report")
-    pilot = finished(out, pilot_settings(cfg))
+    pilot = finished(out, all_pilot_settings(cfg))
     summary = summarise_mechanism(cfg, json.loads((out / "prepare.json").read_text()), protocol, pilot, grid)
     summary["missing"] = len(grid_settings(cfg, lr, reader_lora)) - len(grid)
     write_mechanism_report(summary, out)
@@ -247,15 +271,9 @@ def run_mechanism(cfg, out: Path, workers: int = 1, progress: bool = True) -> di
     floor, ceiling = dev_bounds["none"]["em"], dev_bounds["full"]["em"]
     near_floor = floor + FLOOR_SHARE * (ceiling - floor)
 
-    pilot = run_stage(cfg, out, "pilot", pilot_settings(cfg), workers, progress)
-    by_lr = {lr: {r["method"]: best_em(r) for r in pilot if r["lr"] == lr} for lr in cfg.pilot_lrs}
-    lr = max(cfg.pilot_lrs, key=lambda x: (by_lr[x]["global"], -x))  # global's best dev EM; ties: the lower rate
-    reader_lora = max(by_lr[lr].values()) < near_floor
-    protocol["pilot"] = {"best_dev_em": {f"{x:g}": v for x, v in by_lr.items()}, "lr": lr,
-                         "near_floor_below": near_floor, "both_near_floor": reader_lora}
-    if reader_lora:  # the read path changes for both arms alike, then the pilot runs again at the chosen rate
-        again = run_stage(cfg, out, "pilot-reader-lora", pilot_settings(cfg, True, [lr]), workers, progress)
-        protocol["pilot"]["reader_lora_best_dev_em"] = {r["method"]: best_em(r) for r in again}
+    pilot = run_stage(cfg, out, "pilot", all_pilot_settings(cfg), workers, progress)
+    protocol["pilot"] = choose_read_path_and_lr(cfg, pilot, near_floor)
+    reader_lora, lr = protocol["pilot"]["both_near_floor"], protocol["pilot"]["lr"]
     protocol["read_path"] = ("memory's keys/values in every layer, with a LoRA of its own" if reader_lora
                              else "memory's keys/values in every layer")
     protocol_path.write_text(json.dumps(protocol, indent=1) + "\n")

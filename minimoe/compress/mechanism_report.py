@@ -57,15 +57,19 @@ def markdown(summary: dict) -> str:
                      f"{dev[mode]['em']:.1f} | {dev[mode]['repeat_loss']:.3f} | {dev[mode]['value_accuracy']:.1f} |")
     lines += ["", f"Reader gate (test EM >= {gate['full_em_min']:g} with the context, <= {gate['none_em_max']:g} "
                   f"without): {_verdict(gate['held'], smoke)} ({gate['test_full_em']:.1f} / {gate['test_none_em']:.1f}).",
-              "", "Pilot (seed outside the grid, best dev answer EM, teacher-forced):", "",
-              "| learning rate | global | PIC |", "|---:|---:|---:|"]
+              "", "Pilot (seed outside the grid, best dev answer EM, teacher-forced), on both read paths:", "",
+              "| learning rate | global, memory alone | PIC, memory alone | global, decoder LoRA | PIC, decoder LoRA |",
+              "|---:|---:|---:|---:|---:|"]
     pilot = protocol["pilot"]
+    lora = pilot.get("reader_lora_best_dev_em", {})
     for lr, scores in pilot["best_dev_em"].items():
-        lines.append(f"| {lr} | {scores['global']:.1f} | {scores['pic']:.1f} |")
-    lines.append(f"\nChosen learning rate: {pilot['lr']:g} (by the global arm). Near the floor means below "
-                 f"{pilot['near_floor_below']:.1f} dev EM: " + ("both arms were, so the decoder got a LoRA too; "
-                                                               f"pilot again: {pilot['reader_lora_best_dev_em']}."
-                                                               if pilot["both_near_floor"] else "not reached."))
+        with_lora = lora.get(lr, {})
+        lines.append(f"| {lr} | {scores['global']:.1f} | {scores['pic']:.1f} | "
+                     + " | ".join(f"{with_lora[m]:.1f}" if m in with_lora else "n/a" for m in ("global", "pic")) + " |")
+    lines.append(f"\nNear the floor means below {pilot['near_floor_below']:.1f} dev EM. " +
+                 ("Both arms stayed there on the memory-alone path at every rate, so the decoder got a LoRA too, "
+                  "for both arms alike" if pilot["both_near_floor"] else "The memory-alone path left it, so the "
+                  "decoder stays frozen") + f"; chosen learning rate {pilot['lr']:g} (by the global arm on that path).")
     lines += ["", "| method | ratio | memory | seeds | test EM (mean ± sd) | test F1 (mean ± sd) | gap closed | "
                   "F1 by paragraph | wrong answers from another paragraph |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for row in summary["table"]:
