@@ -220,6 +220,10 @@ def test_hypotheses_are_judged_from_the_curves_and_scores():
             for r in runs]  # PIC that never learns: H1 and H3 missed, "never" counted as infinitely slow
     h = hypotheses(runs, [4, 16, 64], gains)
     assert not h["H1"]["held"] and not h["H3"]["held"] and h["H3"]["per_seed"][0]["pic_steps"] is None
+    cut = [r for r in runs if not (r["method"] == "pic" and r["ratio"] == 64)]  # a run cut short: no PIC at 64x
+    h = hypotheses(cut, [4, 16, 64], [gains_at(cut, r) for r in (4, 16)], seeds=3)
+    assert h["H1"]["held"] is None and h["H1"]["missing"] == 3 and h["H2"]["held"] is None
+    assert h["H3"]["held"] is False and h["H3"]["missing"] == 0  # 16x finished: H3 is still judged
 
 
 # ---- the whole protocol at smoke size --------------------------------------------------------------------------

@@ -27,8 +27,12 @@ def _ratio(value) -> str:
     return "inf" if value is None or math.isinf(value) else f"{value:.2f}"
 
 
-def _verdict(held: bool, smoke: bool) -> str:
-    return "not judged (smoke run)" if smoke else ("held" if held else "missed")
+def _verdict(held: bool | None, smoke: bool, missing: int = 0) -> str:
+    if smoke:
+        return "not judged (smoke run)"
+    if held is None:
+        return f"not judged (cut short: {missing} PIC/global pair(s) of its ratios did not finish)"
+    return "held" if held else "missed"
 
 
 def markdown(summary: dict) -> str:
@@ -107,18 +111,20 @@ def _hypotheses(summary: dict, smoke: bool) -> list[str]:
         return ["", "Hypotheses: not judged (no ratio has both arms)."]
     h1, h2, h3 = h["H1"], h["H2"], h["H3"]
     lines = ["", f"- **H1** (held-out reconstruction: PIC reaches global's final value accuracy in <= 0.6x the steps at "
-                 f"{', '.join(f'{r}x' for r in h1['ratios'])}, in >= 2 of 3 seeds): {_verdict(h1['held'], smoke)}."]
+                 f"{', '.join(f'{r}x' for r in h1['ratios'])}, in >= 2 of 3 seeds): "
+                 f"{_verdict(h1['held'], smoke, h1['missing'])}."]
     for ratio, rows in h1["per_seed"].items():
-        lines.append(f"  - {ratio}x: " + "; ".join(
-            f"seed {r['seed']}: target {r['target']:.1f}%, global {_steps(r['global_steps'])} steps, PIC "
-            f"{_steps(r['pic_steps'])} ({_ratio(r['ratio'])}x)" for r in rows))
+        if rows:
+            lines.append(f"  - {ratio}x: " + "; ".join(
+                f"seed {r['seed']}: target {r['target']:.1f}%, global {_steps(r['global_steps'])} steps, PIC "
+                f"{_steps(r['pic_steps'])} ({_ratio(r['ratio'])}x)" for r in rows))
     trend = " -> ".join(_pct(x) for x in h2["f1_gains"])
     ci = "n/a" if h2["top_ci"][0] is None else f"[{h2['top_ci'][0]:+.1f}, {h2['top_ci'][1]:+.1f}]"
     lines.append(f"- **H2** (the relative F1 gain grows with the ratio and the CI at the highest excludes 0): "
-                 f"{_verdict(h2['held'], smoke)}. Gains {trend}; grows: {'yes' if h2['grows'] else 'no'}; "
-                 f"CI {ci}.")
+                 f"{_verdict(h2['held'], smoke, h2['missing'])}. Gains {trend}; "
+                 f"grows: {'yes' if h2['grows'] else 'no'}; CI {ci}.")
     lines.append(f"- **H3** (at {h3['ratio']}x PIC reaches global's smoothed peak dev EM in <= 0.7x the steps, median "
-                 f"of seeds): {_verdict(h3['held'], smoke)}. Median {_ratio(h3['median'])}x; " + "; ".join(
+                 f"of seeds): {_verdict(h3['held'], smoke, h3['missing'])}. Median {_ratio(h3['median'])}x; " + "; ".join(
                      f"seed {r['seed']}: peak {r['target']:.1f}, global {_steps(r['global_steps'])}, PIC "
                      f"{_steps(r['pic_steps'])}" for r in h3["per_seed"]) + ".")
     return lines

@@ -100,7 +100,14 @@ def _ratio_or_inf(row: dict) -> float:
     return math.inf if row["ratio"] is None else row["ratio"]
 
 
-def hypotheses(runs: list[dict], ratios: list[int], gains: list[dict]) -> dict:
+def pairs_finished(runs: list[dict], ratio: int) -> int:
+    """How many seeds have both arms finished at ``ratio``."""
+    return len(set(_by(runs, "global", ratio)) & set(_by(runs, "pic", ratio)))
+
+
+def hypotheses(runs: list[dict], ratios: list[int], gains: list[dict], seeds: int | None = None) -> dict:
+    """H1-H3 of the protocol (``mechanism``). With ``seeds`` (the grid's seed count) a hypothesis whose ratios
+    lack a finished pair for some seed is not judged: its "held" is None and "missing" counts the pairs."""
     ratios = sorted(ratios)
     above, middle = ratios[1:] or ratios, ratios[len(ratios) // 2]
     h1 = {r: race(runs, r, "value_accuracy", lambda c: smoothed([p["value_accuracy"] for p in c])[-1])
@@ -113,11 +120,17 @@ def hypotheses(runs: list[dict], ratios: list[int], gains: list[dict]) -> dict:
     excludes_zero = top_ci[0] is not None and top_ci[0] > 0
     h3_rows = race(runs, middle, "em", lambda c: max(smoothed([p["em"] for p in c])))
     h3_median = float(np.median([_ratio_or_inf(row) for row in h3_rows])) if h3_rows else math.nan
-    return {"H1": {"ratios": above, "per_seed": {str(r): rows for r, rows in h1.items()}, "held": h1_held},
-            "H2": {"f1_gains": trend, "grows": grows, "top_ci": top_ci, "excludes_zero": excludes_zero,
-                   "held": bool(grows and excludes_zero)},
-            "H3": {"ratio": middle, "per_seed": h3_rows, "median": h3_median if math.isfinite(h3_median) else None,
-                   "held": bool(h3_median <= H3_RATIO)}}
+    out = {"H1": {"ratios": above, "per_seed": {str(r): rows for r, rows in h1.items()}, "held": h1_held},
+           "H2": {"f1_gains": trend, "grows": grows, "top_ci": top_ci, "excludes_zero": excludes_zero,
+                  "held": bool(grows and excludes_zero)},
+           "H3": {"ratio": middle, "per_seed": h3_rows, "median": h3_median if math.isfinite(h3_median) else None,
+                  "held": bool(h3_median <= H3_RATIO)}}
+    for name, needed in (("H1", above), ("H2", ratios), ("H3", [middle])):
+        missing = 0 if seeds is None else sum(seeds - pairs_finished(runs, r) for r in needed)
+        out[name]["missing"] = missing
+        if missing:
+            out[name]["held"] = None  # cut short: not judged
+    return out
 
 
 def gap_steps(runs: list[dict], method: str, ratio: int, floor: float, ceiling: float) -> dict:
@@ -170,7 +183,7 @@ def summarise_mechanism(cfg, info: dict, protocol: dict, pilot: list[dict], grid
                        "seconds": info["pretrain"]["seconds"], "bounds": b, "dev_teacher_forced": dev},
             "protocol": protocol, "pilot": [{k: r[k] for k in ("method", "lr", "reader_lora", "curve")}
                                             for r in pilot],
-            "table": table, "gains": gains, "hypotheses": hypotheses(grid, ratios, gains) if gains else None,
+            "table": table, "gains": gains, "hypotheses": hypotheses(grid, ratios, gains, len(cfg.seeds)) if gains else None,
             "gap_steps": {f"{m}_{r}x": gap_steps(grid, m, r, floor, ceiling) for m in ("global", "pic")
                           for r in ratios if _by(grid, m, r)},
             "runs": [{k: r[k] for k in ("name", "method", "ratio", "seed", "num_memory", "train_seconds", "curve",
