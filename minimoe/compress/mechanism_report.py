@@ -35,6 +35,12 @@ def _verdict(held: bool | None, smoke: bool, missing: int = 0) -> str:
     return "held" if held else "missed"
 
 
+def _gap_verdict(closed: float | None, seeds: int, wanted: int, smoke: bool) -> str:
+    if seeds < wanted and not smoke:
+        return f"not judged (cut short: {seeds} of {wanted} seeds finished)"
+    return _verdict(closed is not None and closed >= GAP_TARGET, smoke)
+
+
 def markdown(summary: dict) -> str:
     c, reader, protocol = summary["config"], summary["reader"], summary["protocol"]
     smoke = bool(c.get("smoke"))
@@ -101,7 +107,7 @@ def markdown(summary: dict) -> str:
         lines += ["", f"Global at {lowest}x closes " + ("n/a (the reader's bounds are equal)" if closed is None else
                                                          f"{100 * closed:.0f}%") +
                   f" of the gap between the reader's test F1 bounds (target: at least {GAP_TARGET:.0%}): "
-                  f"{_verdict(closed is not None and closed >= GAP_TARGET, smoke)}."]
+                  f"{_gap_verdict(closed, base_row['seeds'], len(c['seeds']), smoke)}."]
     return "\n".join(lines) + "\n"
 
 
