@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sizes: gpu-smollm2-mech (the mechanism design: SmolLM2-135M as the reader, a pilot "
                              "that picks the learning rate, then PIC vs global at 4x/16x/64x with 3 seeds and two "
                              "controls, every step QA + addressed repeats on fresh contexts; its reader and pilot take "
-                             "about 12 minutes on one H100, its 24 settings about 6.5 minutes each with 4-6 "
+                             "about 11 minutes on one H100, its 24 settings about 6.5 minutes each with 4-6 "
                              "sharing the card), cpu-mech (its smoke run: seconds, numbers that mean nothing), and "
                              "the earlier "
                              "protocol's gpu (a small reader trained here), gpu-smollm2 (autoencoding, then QA) and "
