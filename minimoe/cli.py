@@ -57,6 +57,16 @@ def _fit_tokens(text: str):
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, 'all' or 'auto', got {text!r}") from None
 
 
+def _fit_processes(text: str):
+    """--fit-processes: a whole number >= 1 or 'auto' (minimoe.placement.parallel_fits.auto_processes)."""
+    if text == "auto":
+        return text
+    try:
+        return positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'auto', got {text!r}") from None
+
+
 # ---- output paths: checked before the work, created only when there is something to write ----------------------
 def check_output_file(flag: str, path: str, suffix: str | None = None) -> Path:
     """Check that ``path`` can be written (by writing to it and removing what did not exist before)."""
@@ -331,7 +341,7 @@ def _report_into(args, out: Path) -> int:
         result = run_report(trace, args.topologies, window=args.window, seed=args.seed,
                             hidden_size=args.hidden_size, progress=stopwatch, fitted=fitted,
                             max_fit_tokens=args.max_fit_tokens, engine=engine,
-                            compare_partitioners=args.compare_partitioners)
+                            compare_partitioners=args.compare_partitioners, fit_processes=args.fit_processes)
     except ValueError as error:
         if "online window" in str(error):
             raise ValueError(f"--window {args.window}: {error}") from None
@@ -432,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fit each placement's co-activation on a uniform sample of at most N tokens per fitting "
                              "set; 'all' fits on every token; 'auto' samples 65536 (token, expert) pairs, i.e. "
                              "65536 / top_k tokens (default: %(default)s)")
+    report.add_argument("--fit-processes", metavar="N|auto", type=_fit_processes, default="auto",
+                        help="worker processes for the placement fits (the same placements as one process); 'auto' "
+                             "uses every core up to 4 when a fitting set holds at least 16,384 tokens, else 1 "
+                             "(default: %(default)s)")
     report.add_argument("--compare-partitioners", action="store_true",
                         help="also fit the locality placement with each node partitioner (FM, Mt-KaHyPar) side by side")
     engine = report.add_mutually_exclusive_group()

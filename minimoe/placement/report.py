@@ -36,6 +36,7 @@ from minimoe.placement.engine import LocalEngine, choose_split, run_passes
 from minimoe.placement.experiments import FIT_MODES, METHODS, PARTITIONERS, uniform_baseline
 from minimoe.placement.splits import LABELS, split
 from minimoe.placement.hypergraph import mtkahypar_available
+from minimoe.placement.parallel_fits import auto_processes
 from minimoe.placement.streaming import StreamedExperiments
 from minimoe.placement.topology import Topology
 from minimoe.traces.findings import findings_of_stats, format_findings
@@ -68,14 +69,16 @@ def trace_summary(stats: TraceStats) -> dict:
 
 def run_report(trace, topologies: list[Topology], window: int | None = None, seed: int = 0,
                hidden_size: int = 7168, progress=None, fitted: dict | None = None,
-               max_fit_tokens: int | str | None = "auto", engine=None, compare_partitioners: bool = False) -> dict:
+               max_fit_tokens: int | str | None = "auto", engine=None, compare_partitioners: bool = False,
+               fit_processes: int | str = 1) -> dict:
     """Everything the report shows, as a dict. ``trace``: a Trace or a ``minimoe.traces.parquet.ParquetTrace``.
     ``window=None`` picks the split's default (``minimoe.placement.splits``); ``fitted``: a dict that receives
     ``(topology, num_replicas, method) -> (placement, sources)`` of the fits on the first fitting set (for
     ``save_decision``); ``max_fit_tokens``: the size of each fitting set's sample ("auto": ``FIT_PAIRS //
     top_k``, the fit's cost growing with its (token, expert) pairs; None: every token); ``engine``: where the
     two passes run (``minimoe.placement.engine``; default in this process); ``compare_partitioners``: also fit
-    the locality placement with each node partitioner. ``progress(str)``, if given, is called before each slow
+    the locality placement with each node partitioner; ``fit_processes``: worker processes for the fits (an
+    int, or "auto": ``minimoe.placement.parallel_fits.auto_processes``). ``progress(str)``, if given, is called before each slow
     step. Raises ValueError for a topology the trace cannot fill or a window that leaves no held-out token."""
     say = progress or (lambda message: None)
     check_topologies(topologies, trace.num_experts)
@@ -104,10 +107,11 @@ def run_report(trace, topologies: list[Topology], window: int | None = None, see
     result["split"] = dict(kind=chosen.kind, window=chosen.window, description=chosen.description,
                            eval_tokens=int(stats.class_tokens((2,)).sum()))
     experiments = StreamedExperiments(stats, seed, hidden_size)
-    for topology in topologies:
-        for num_replicas in slot_budgets(stats.num_experts, topology):
-            say(f"placement and grouping: {topology} ({topology.num_gpus} GPUs), {num_replicas} slots per layer")
-            experiments.compare(topology, num_replicas, chosen.fit_modes, chosen.methods)
+    tasks = [(topology, num_replicas) for topology in topologies
+             for num_replicas in slot_budgets(stats.num_experts, topology)]
+    if fit_processes == "auto":
+        fit_processes = auto_processes(max(experiments.fit_data(mode).num_tokens for mode in chosen.fit_modes))
+    experiments.compare_many(tasks, chosen.fit_modes, chosen.methods, fit_processes, say)
     partitioners = PARTITIONERS if mtkahypar_available() else ("fm",)
     if not compare_partitioners:
         result["unavailable"]["partitioners"] = "not run (minimoe report --compare-partitioners runs it)"

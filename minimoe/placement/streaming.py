@@ -64,6 +64,33 @@ class StreamedExperiments:
                     self.fitted[(str(topology), num_replicas, method)] = (placement, sources)
             self.pending.append(("compare", (topology, num_replicas, mode), jobs))
 
+    def compare_many(self, tasks: list[tuple[Topology, int]], fit_modes=FIT_MODES, methods=METHODS,
+                     processes: int = 1, say=None) -> None:
+        """``compare`` for every (topology, num_replicas) of ``tasks``; with ``processes`` > 1 the fits run in
+        that many worker processes (``minimoe.placement.parallel_fits``: the same placements, sooner)."""
+        say = say or (lambda message: None)
+        if processes == 1:
+            for topology, num_replicas in tasks:
+                say(f"placement and grouping: {topology} ({topology.num_gpus} GPUs), {num_replicas} slots per layer")
+                self.compare(topology, num_replicas, fit_modes, methods)
+            return
+        from minimoe.placement.parallel_fits import fit_many
+
+        work = [(topology, num_replicas, mode, method) for topology, num_replicas in tasks for mode in fit_modes
+                for method in methods]
+        say(f"placement and grouping: {len(work)} fits for {len(tasks)} topology and slot budget pairs on "
+            f"{processes} processes")
+        fitted = iter(fit_many({mode: self.fit_data(mode) for mode in fit_modes}, work, self.seed, processes))
+        for topology, num_replicas in tasks:  # the jobs in the order compare() would make them
+            for mode in fit_modes:
+                jobs = {}
+                for method in methods:
+                    placement, sources = next(fitted)
+                    jobs[method] = self._job(placement, sources)
+                    if mode == "prefill":
+                        self.fitted[(str(topology), num_replicas, method)] = (placement, sources)
+                self.pending.append(("compare", (topology, num_replicas, mode), jobs))
+
     def compare_partitioners(self, topology: Topology, num_replicas: int, partitioners) -> None:
         """``experiments.compare_partitioners`` on the statistics (fitted on prefill)."""
         data, jobs, seconds = self.fit_data("prefill"), {}, {}
