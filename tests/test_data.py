@@ -407,3 +407,15 @@ def test_load_tokenizer_rejects_foreign_files(tmp_path):
     foreign.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match="<\\|bos\\|>"):
         load_tokenizer(tmp_path)
+
+
+def test_the_stdlib_walk_prunes_skipped_folders_and_finds_what_rglob_finds():
+    import sysconfig
+    from pathlib import Path
+
+    from minimoe.data.corpora import _STDLIB_SKIP_DIRS, _python_files
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    expected = sorted(path for path in root.rglob("*.py")
+                      if not _STDLIB_SKIP_DIRS.intersection(path.relative_to(root).parts[:-1]))
+    assert len(expected) > 100 and sorted(_python_files(root)) == expected

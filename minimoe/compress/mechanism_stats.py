@@ -183,7 +183,8 @@ def summarise_mechanism(cfg, info: dict, protocol: dict, pilot: list[dict], grid
                        "seconds": info["pretrain"]["seconds"], "bounds": b, "dev_teacher_forced": dev},
             "protocol": protocol, "pilot": [{k: r[k] for k in ("method", "lr", "reader_lora", "curve")}
                                             for r in pilot],
-            "table": table, "gains": gains, "hypotheses": hypotheses(grid, ratios, gains, len(cfg.seeds)) if gains else None,
+            "table": table, "gains": gains,
+            "hypotheses": hypotheses(grid, ratios, gains, len(cfg.seeds)) if gains else None,
             "gap_steps": {f"{m}_{r}x": gap_steps(grid, m, r, floor, ceiling) for m in ("global", "pic")
                           for r in ratios if _by(grid, m, r)},
             "runs": [{k: r[k] for k in ("name", "method", "ratio", "seed", "num_memory", "train_seconds", "curve",

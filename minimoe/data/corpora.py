@@ -47,6 +47,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,13 +114,20 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _python_files(root: Path) -> Iterator[Path]:
+    """Every .py file under ``root`` outside the skipped directories (site-packages, tests...), which are
+    pruned rather than walked: ``root.rglob("*.py")`` filtered afterwards, without reading the installed
+    packages' trees."""
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in _STDLIB_SKIP_DIRS]
+        yield from (Path(folder) / name for name in files if name.endswith(".py"))
+
+
 def stdlib_documents(chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Iterator[Document]:
     """The standard library's .py files, in sorted path order, each cut into chunks."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(_python_files(root)):
         relative = path.relative_to(root)
-        if _STDLIB_SKIP_DIRS.intersection(relative.parts[:-1]):
-            continue
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):

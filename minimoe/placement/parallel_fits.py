@@ -26,6 +26,7 @@ from minimoe.placement.topology import Topology
 
 AUTO_MIN_TOKENS = 16_384  # "auto": fit in processes only when a fitting set holds at least this many tokens
 
+COST = {"grouping+locality": 3, "locality": 2, "grouping": 1}  # the methods' relative fitting time, roughly
 _WORKER: dict = {}  # in each worker: the fitting data by mode, the seed, the node-partition cache
 
 
@@ -61,7 +62,13 @@ def fit_many(data: dict[str, FitData], tasks: list[tuple[Topology, int, str, str
             return [_fit(task) for task in tasks]
         finally:
             _WORKER.clear()
+    # the slowest fits first, so no worker is left with a long one at the end
+    order = sorted(range(len(tasks)), key=lambda i: (-COST.get(tasks[i][3], 0), -tasks[i][0].num_gpus, i))
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(processes, len(tasks)), mp_context=context, initializer=_start,
                              initargs=(data, seed)) as pool:
-        return list(pool.map(_fit, tasks, chunksize=1))
+        done = list(pool.map(_fit, [tasks[i] for i in order], chunksize=1))
+    out = [None] * len(tasks)
+    for i, result in zip(order, done):
+        out[i] = result
+    return out

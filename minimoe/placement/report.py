@@ -78,8 +78,9 @@ def run_report(trace, topologies: list[Topology], window: int | None = None, see
     top_k``, the fit's cost growing with its (token, expert) pairs; None: every token); ``engine``: where the
     two passes run (``minimoe.placement.engine``; default in this process); ``compare_partitioners``: also fit
     the locality placement with each node partitioner; ``fit_processes``: worker processes for the fits (an
-    int, or "auto": ``minimoe.placement.parallel_fits.auto_processes``). ``progress(str)``, if given, is called before each slow
-    step. Raises ValueError for a topology the trace cannot fill or a window that leaves no held-out token."""
+    int, or "auto": ``minimoe.placement.parallel_fits.auto_processes``). ``progress(str)``, if given, is called
+    before each slow step. Raises ValueError for a topology the trace cannot fill or a window that leaves no
+    held-out token."""
     say = progress or (lambda message: None)
     check_topologies(topologies, trace.num_experts)
     chosen, unavailable = None, None

@@ -15,9 +15,19 @@ from minimoe.traces.format import PHASES, Trace, concat
 from minimoe.traces.importers import from_sglang, from_vllm
 from minimoe.traces.importers_jsonl import from_jsonl
 from minimoe.traces.loads import LoadTrace, read_trace_file
-from minimoe.traces.recording import record
 from minimoe.traces.synthetic import planted_trace, synthetic_trace
-from minimoe.traces.workload import BUNDLED_MODEL, bundled_trace
 
 __all__ = ["BUNDLED_MODEL", "LoadTrace", "PHASES", "Trace", "bundled_trace", "concat", "from_jsonl", "from_sglang",
            "from_vllm", "planted_trace", "read_trace_file", "record", "synthetic_trace"]
+
+_NEEDS_TORCH = {"record": "recording", "bundled_trace": "workload", "BUNDLED_MODEL": "workload"}
+
+
+def __getattr__(name: str):
+    """The recording names load torch, so they are imported on first use (PEP 562): reading and analysing
+    traces, and the placement fits' worker processes, start without it."""
+    if name in _NEEDS_TORCH:
+        import importlib
+
+        return getattr(importlib.import_module(f"minimoe.traces.{_NEEDS_TORCH[name]}"), name)
+    raise AttributeError(f"module 'minimoe.traces' has no attribute {name!r}")
