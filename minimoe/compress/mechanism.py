@@ -65,10 +65,10 @@ def setting(stage: str, method: str, ratio: int, seed: int, lr: float, steps: in
                 reader_lora=reader_lora)
 
 
-def pilot_settings(cfg, reader_lora: bool = False, lrs=None) -> list[dict]:
+def pilot_settings(cfg, reader_lora: bool = False) -> list[dict]:
     stage = "pilot-reader-lora" if reader_lora else "pilot"
     return [setting(stage, method, cfg.pilot_ratio, cfg.pilot_seed, lr, cfg.pilot_steps, reader_lora)
-            for lr in (lrs or cfg.pilot_lrs) for method in ("global", "pic")]
+            for lr in cfg.pilot_lrs for method in ("global", "pic")]
 
 
 def all_pilot_settings(cfg) -> list[dict]:
