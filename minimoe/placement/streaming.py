@@ -53,12 +53,16 @@ class StreamedExperiments:
     # ---- what is fitted ----------------------------------------------------------------------------------------
     def compare(self, topology: Topology, num_replicas: int, fit_modes=FIT_MODES, methods=METHODS) -> None:
         """``experiments.compare`` on the statistics: every method fitted every way."""
+        fits = (fit(self.fit_data(mode), topology, method, np.ones(self.fit_data(mode).num_tokens, bool),
+                    num_replicas, self.seed, cache=self.cache) for mode in fit_modes for method in methods)
+        self._record(topology, num_replicas, fit_modes, methods, fits)
+
+    def _record(self, topology: Topology, num_replicas: int, fit_modes, methods, fits) -> None:
+        """Jobs for the (placement, sources) that ``fits`` yields, mode by mode and method by method."""
         for mode in fit_modes:
-            data = self.fit_data(mode)
-            every = np.ones(data.num_tokens, bool)
             jobs = {}
             for method in methods:
-                placement, sources = fit(data, topology, method, every, num_replicas, self.seed, cache=self.cache)
+                placement, sources = next(fits)
                 jobs[method] = self._job(placement, sources)
                 if mode == "prefill":  # as experiments.compare(..., fitted=) records them
                     self.fitted[(str(topology), num_replicas, method)] = (placement, sources)
@@ -82,14 +86,7 @@ class StreamedExperiments:
             f"{processes} processes")
         fitted = iter(fit_many({mode: self.fit_data(mode) for mode in fit_modes}, work, self.seed, processes))
         for topology, num_replicas in tasks:  # the jobs in the order compare() would make them
-            for mode in fit_modes:
-                jobs = {}
-                for method in methods:
-                    placement, sources = next(fitted)
-                    jobs[method] = self._job(placement, sources)
-                    if mode == "prefill":
-                        self.fitted[(str(topology), num_replicas, method)] = (placement, sources)
-                self.pending.append(("compare", (topology, num_replicas, mode), jobs))
+            self._record(topology, num_replicas, fit_modes, methods, fitted)
 
     def compare_partitioners(self, topology: Topology, num_replicas: int, partitioners) -> None:
         """``experiments.compare_partitioners`` on the statistics (fitted on prefill)."""
