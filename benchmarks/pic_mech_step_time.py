@@ -2,6 +2,7 @@
 
     python benchmarks/pic_mech_step_time.py --processes 1,4,8        # SmolLM2-135M shapes, random weights, CUDA
     python benchmarks/pic_mech_step_time.py --tiny --device cpu      # the same code at toy sizes
+    python benchmarks/pic_mech_step_time.py --compile --reader-lora  # blocks compiled, the decoder adapted too
 
 Weights are random (timing depends on shapes only): 30 blocks, hidden 576, 9 / 3 heads, FFN 1536, vocabulary
 49,152, a 256-token context, 16 contexts per step, 4 questions and 2 addressed repeats per context, memory handed
@@ -25,7 +26,7 @@ import torch
 from minimoe.compress.compressor import Compressor
 from minimoe.compress.masks import build_layout
 from minimoe.compress.mechanism_data import MechanismSet, Rows
-from minimoe.compress.mechanism_training import greedy_answers, teacher_forced, train_step
+from minimoe.compress.mechanism_training import compile_blocks, greedy_answers, teacher_forced, train_step
 from minimoe.model.transformer import ModelConfig, Transformer
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536,
@@ -59,13 +60,22 @@ def child(args) -> dict:
     for name, variant, ratio, chunk in (("global_4x", "global", 4, None), ("pic_64x", "pic", 64, 64)):
         options = dict(positions="restart") if variant == "pic" else {}
         layout = build_layout(variant, n, ratio, chunk, **options)
-        compressor = Compressor(base, layout.num_memory, lora_rank=16, lora_alpha=32.0).to(device)
+        compressor = Compressor(base, layout.num_memory, lora_rank=16, lora_alpha=32.0,
+                                reader_lora=args.reader_lora).to(device)
+        if args.compile:
+            for model in (compressor.base, compressor.reader):
+                if model is not None:
+                    compile_blocks(model)
         optimizer = torch.optim.AdamW([p for p in compressor.parameters() if p.requires_grad], lr=1e-3,
                                       fused=device.type == "cuda")
         batch = random_set(generator, args.batch, n, config.vocab_size)
         repeats = random_rows(generator, args.batch, 2, 12, 60, config.vocab_size)
-        for _ in range(3):  # warm-up
+        started = time.perf_counter()
+        for _ in range(3):  # warm-up (and compilation)
             train_step(compressor, optimizer, layout, batch.contexts, batch.questions, repeats, 1, 0, bf16)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        warmup = time.perf_counter() - started
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -73,7 +83,7 @@ def child(args) -> dict:
             train_step(compressor, optimizer, layout, batch.contexts, batch.questions, repeats, 1, 0, bf16)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        out[name] = {"ms_per_step": 1000 * (time.perf_counter() - started) / args.steps}
+        out[name] = {"ms_per_step": 1000 * (time.perf_counter() - started) / args.steps, "warmup_s": warmup}
         if args.evaluate:
             compressor.eval()
             dev = random_set(generator, 256 if not args.tiny else 8, n, config.vocab_size)
@@ -98,6 +108,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="compile every block (compile_blocks)")
+    parser.add_argument("--reader-lora", action="store_true", help="the decoder has its own LoRA too")
     parser.add_argument("--evaluate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -107,7 +119,8 @@ def main(argv=None) -> int:
     results = {}
     for count in [int(x) for x in args.processes.split(",")]:
         command = [sys.executable, __file__, "--child", "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--device", args.device] + (["--tiny"] if args.tiny else [])
+                   "--device", args.device] + [f"--{flag}" for flag in ("tiny", "compile", "reader-lora")
+                                               if getattr(args, flag.replace("-", "_"))]
         children = [subprocess.Popen(command + (["--evaluate"] if count == 1 else []), stdout=subprocess.PIPE,
                                      text=True, env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(count)]
         outputs = [json.loads(c.communicate()[0].strip().splitlines()[-1]) for c in children]

@@ -88,6 +88,7 @@ class ExperimentConfig:
     pilot_seed: int = 100  # outside the grid's seeds
     pilot_ratio: int = 64
     controls: bool = True  # mechanism: PIC with "continue" positions and global-spread at the highest ratio
+    compile: bool = False  # mechanism on a GPU: every block compiled (torch.compile), a few times faster per step
     smoke: bool = False  # a size whose numbers mean nothing: the report judges nothing
 
     def __post_init__(self):
@@ -152,7 +153,7 @@ PRESETS = {
                              block_tokens=64, chunk_size=64, pretrain_documents=8000, qa_fraction=1.0,
                              pretrain_repeats=1, pretrain_steps=600, pretrain_batch=32, pretrain_lr=1e-4,
                              pretrain_max_seconds=300.0, train_documents=8, dev_documents=256, test_documents=512,
-                             steps=400, batch_size=16, eval_every=25, handoff="kv", ablations=False),
+                             steps=400, batch_size=16, eval_every=25, handoff="kv", ablations=False, compile=True),
     "cpu-mech": dict(design="mechanism", distinct_names=True, context_tokens=96, block_tokens=48, chunk_size=48,
                      questions_per_document=2, pretrain_documents=60, pretrain_questions=2, pretrain_repeats=1,
                      train_documents=4, dev_documents=4, test_documents=4, corpus_chars=20_000, vocab_size=400,
@@ -300,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=whole_number(0), nargs="+", help="override the seeds")
     parser.add_argument("--no-ablations", action="store_true", help="skip the PIC ablations")
     parser.add_argument("--no-controls", action="store_true", help="mechanism presets: skip the two controls")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="mechanism presets: run the compressor's blocks eagerly (gpu-smollm2-mech compiles them "
+                             "with torch.compile on a GPU)")
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--mechanism-worker", help=argparse.SUPPRESS)
@@ -331,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["ablations"] = False
         if args.no_controls:
             overrides["controls"] = False
+        if args.no_compile:
+            overrides["compile"] = False
         if args.lr is not None and PRESETS[args.preset].get("design") == "mechanism":
             overrides["pilot_lrs"] = (args.lr,)
         cfg = ExperimentConfig(**{**PRESETS[args.preset], **overrides})

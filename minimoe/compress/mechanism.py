@@ -142,7 +142,8 @@ def run_setting(cfg, prepared, sets: dict, spec: dict, progress: bool = False) -
     common = dict(bos_id=prepared.bos_id, pad_id=prepared.pad_id)
     compressor, log = train_mechanism(prepared.base, layout, sets["dev"], cfg=cfg, tokenizer=prepared.tokenizer,
                                       seed=spec["seed"], lr=spec["lr"], steps=spec["steps"], eos_id=prepared.eos_id,
-                                      reader_lora=spec["reader_lora"], progress=progress, **common)
+                                      reader_lora=spec["reader_lora"], compile=cfg.compile and cfg.device == "cuda",
+                                      progress=progress, **common)
     result = {**spec, "num_memory": layout.num_memory, "curve": log["curve"], "qa_loss": log["qa_loss"][::5],
               "repeat_loss": log["repeat_loss"][::5], "train_seconds": log["train_seconds"]}
     if spec["stage"] in ("grid", "control"):
