@@ -269,9 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                         help="sizes: gpu-smollm2-mech (the mechanism design: SmolLM2-135M as the reader, a pilot "
                              "that picks the learning rate, then PIC vs global at 4x/16x/64x with 3 seeds and two "
-                             "controls, every step QA + addressed repeats on fresh contexts; its reader and pilot take "
-                             "about 11 minutes on one H100, its 24 settings about 6.5 minutes each with 4-6 "
-                             "sharing the card), cpu-mech (its smoke run: seconds, numbers that mean nothing), and "
+                             "controls, every step QA + addressed repeats on fresh contexts; about 21 minutes in all on one H100 "
+                             "with 4 workers sharing it through CUDA MPS), cpu-mech (its smoke run: seconds, numbers that mean nothing), and "
                              "the earlier "
                              "protocol's gpu (a small reader trained here), gpu-smollm2 (autoencoding, then QA) and "
                              "cpu (its smoke run) (default: %(default)s)")
