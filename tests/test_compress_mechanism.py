@@ -366,3 +366,15 @@ def test_a_run_cut_short_is_reported_over_the_settings_that_finished(smoke, tmp_
     assert "**Cut short: 1 grid setting(s) did not finish;**" in text and "| global | 16x |" in text
     with pytest.raises(ValueError, match="the pilot has not finished"):
         main(["--preset", "cpu-mech", "--out", str(tmp_path / "empty"), "--report-only"])
+
+
+def test_the_gpu_preset_compiles_its_blocks_unless_told_not_to(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr("minimoe.compress.mechanism.run_mechanism",
+                        lambda cfg, out, workers, progress: seen.append(cfg) or {"ok": 1})
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the preset's device; nothing runs on it here
+    (tmp_path / "results.md").write_text("done\n")
+    for flags in ([], ["--no-compile"]):
+        assert main(["--preset", "gpu-smollm2-mech", "--out", str(tmp_path)] + flags) == 0
+    assert [cfg.compile for cfg in seen] == [True, False]
+    assert PRESETS["cpu-mech"].get("compile", False) is False  # a CPU run never compiles (run_setting checks cuda)
