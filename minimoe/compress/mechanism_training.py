@@ -36,6 +36,7 @@ from minimoe.compress.mechanism_data import MechanismSet, Rows, training_batch
 from minimoe.compress.metrics import exact_match, f1_score, normalize_answer
 from minimoe.compress.objectives import decoder_target_logits, greedy_from_embeds
 from minimoe.compress.training import _autocast, lr_at
+from minimoe.model.dense import KVCache
 from minimoe.model.transformer import Transformer
 
 EVAL_CONTEXTS = 256  # contexts per evaluation batch (the dev set in one: fewer, larger kernels)
@@ -46,10 +47,15 @@ def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
     torchtitan does: a step of this 30-block model is a few hundred small kernels per block (autocast's casts,
     RMSNorm, RoPE, each LoRA's scale-and-add), and fusing them is what makes it fast on a GPU. The blocks share
     one compiled graph: the block's layer index becomes a symbolic integer instead of one graph per value
-    (``allow_unspec_int_on_nn_module``). The KV cache's in-place write stays eager (``KVCache.update``). Results
-    match the eager blocks to rounding (tested), not bit for bit: fused kernels round in another order.
-    ``backend``: any ``torch.compile`` backend ("aot_eager" traces the same graphs without generating kernels)."""
+    (``allow_unspec_int_on_nn_module``). The KV cache's in-place write stays eager (``KVCache.update`` is wrapped in
+    ``torch.compiler.disable``, once, for every cache). Results match the eager blocks to rounding (tested), not
+    bit for bit: fused kernels round in another order. ``backend``: any ``torch.compile`` backend ("aot_eager"
+    traces the same graphs without generating kernels)."""
+    import torch._dynamo
+
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    if not getattr(KVCache.update, "_torchdynamo_disable", False):  # wrapped here, not where it is defined: the
+        KVCache.update = torch.compiler.disable(KVCache.update)  # decorator would load dynamo for every model user
     for layer in model.layers:
         layer.compile(backend=backend)
 

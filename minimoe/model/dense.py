@@ -117,7 +117,6 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
 
-    @torch.compiler.disable  # an in-place write into a preallocated buffer: it stays eager inside a compiled block
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k/v (B, n_kv, T, d) after the cached tokens; return all keys/values so far."""
         end = self.length + k.shape[2]
