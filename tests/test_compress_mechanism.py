@@ -373,8 +373,19 @@ def test_the_gpu_preset_compiles_its_blocks_unless_told_not_to(monkeypatch, tmp_
     monkeypatch.setattr("minimoe.compress.mechanism.run_mechanism",
                         lambda cfg, out, workers, progress: seen.append(cfg) or {"ok": 1})
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the preset's device; nothing runs on it here
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
     (tmp_path / "results.md").write_text("done\n")
     for flags in ([], ["--no-compile"]):
         assert main(["--preset", "gpu-smollm2-mech", "--out", str(tmp_path)] + flags) == 0
     assert [cfg.compile for cfg in seen] == [True, False]
     assert PRESETS["cpu-mech"].get("compile", False) is False  # a CPU run never compiles (run_setting checks cuda)
+
+
+def test_compiling_on_a_gpu_without_triton_says_how_to_run_without(monkeypatch, tmp_path):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: False)
+    with pytest.raises(ValueError, match="needs Triton.*--no-compile"):
+        main(["--preset", "gpu-smollm2-mech", "--out", str(tmp_path)])
+    monkeypatch.setattr("minimoe.compress.mechanism.run_mechanism", lambda cfg, out, workers, progress: {"ok": 1})
+    (tmp_path / "results.md").write_text("done\n")
+    assert main(["--preset", "gpu-smollm2-mech", "--out", str(tmp_path), "--no-compile"]) == 0

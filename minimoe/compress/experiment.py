@@ -341,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ExperimentConfig(**{**PRESETS[args.preset], **overrides})
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda (the gpu preset's) but no CUDA device is visible; use --device cpu")
+    if cfg.device == "cuda" and cfg.compile and cfg.design == "mechanism":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():  # TorchInductor writes its GPU kernels in Triton
+            raise ValueError(f"--preset {args.preset} compiles its blocks on the GPU, which needs Triton "
+                             "(pip install triton); or add --no-compile")
     out = Path(args.out)
     if args.mechanism_worker:
         from minimoe.compress.mechanism import work
