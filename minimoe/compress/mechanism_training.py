@@ -42,10 +42,11 @@ from minimoe.model.transformer import Transformer
 EVAL_CONTEXTS = 256  # contexts per evaluation batch (the dev set in one: fewer, larger kernels)
 
 
-def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
-    """Compile every block of ``model`` in place with ``torch.compile`` (TorchInductor), one block at a time as
-    torchtitan does: a step of this 30-block model is a few hundred small kernels per block (autocast's casts,
-    RMSNorm, RoPE, each LoRA's scale-and-add), and fusing them is what makes it fast on a GPU. The blocks share
+def compile_blocks(compressor: Compressor, backend: str = "inductor") -> None:
+    """Compile every block a compressor runs (its encoder's, and its decoder's when the decoder has a LoRA of its
+    own) in place with ``torch.compile`` (TorchInductor), one block at a time as torchtitan does: a step of this
+    30-block model is a few hundred small kernels per block (autocast's casts, RMSNorm, RoPE, each LoRA's
+    scale-and-add), and fusing them is what makes it fast on a GPU. The blocks share
     one compiled graph: the block's layer index becomes a symbolic integer instead of one graph per value
     (``allow_unspec_int_on_nn_module``). The KV cache's in-place write stays eager (``KVCache.update`` is wrapped in
     ``torch.compiler.disable``, once, for every cache). Results match the eager blocks to rounding (tested), not
@@ -56,8 +57,9 @@ def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
     if not getattr(KVCache.update, "_torchdynamo_disable", False):  # wrapped here, not where it is defined: the
         KVCache.update = torch.compiler.disable(KVCache.update)  # decorator would load dynamo for every model user
-    for layer in model.layers:
-        layer.compile(backend=backend)
+    for model in (compressor.base, compressor.reader):  # the decoder without a LoRA is the encoder's base
+        for layer in [] if model is None else model.layers:
+            layer.compile(backend=backend)
 
 
 def _select(memory_kv, doc: list[int]):
@@ -196,9 +198,7 @@ def train_mechanism(base: Transformer, layout: Layout, dev: MechanismSet, *, cfg
                             lora_alpha=2.0 * cfg.lora_rank, seed=seed, reader_lora=reader_lora).to(device)
     trainable = [p for p in compressor.parameters() if p.requires_grad]
     if compile:
-        for model in (compressor.base, compressor.reader):
-            if model is not None:
-                compile_blocks(model)
+        compile_blocks(compressor)
     on_gpu = torch.device(device).type == "cuda"
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, fused=on_gpu)  # fused: a few kernels per step
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
