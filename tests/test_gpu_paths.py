@@ -137,3 +137,53 @@ def test_replicate_and_static_token_rank_are_captured_in_a_cuda_graph(nccl):
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out, eager)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 3, 11, 100), (300, 8, 900, 7168), (1, 1, 1, 1), (0, 2, 3, 64)])
+def test_the_triton_bag_sum_equals_embedding_bag(dtype, shape):
+    from minimoe.model.bag_sum_triton import bag_sum_triton
+
+    pytest.importorskip("triton")
+    num_rows, m, table_rows, columns = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    table = torch.randn(table_rows, columns, device="cuda", generator=g).to(dtype)
+    index = torch.randint(0, table_rows, (num_rows, m), device="cuda", generator=g)
+    weights = torch.rand(num_rows, m, device="cuda", generator=g)
+    weights[weights < 0.3] = 0
+    for w in (weights, weights > 0, None):
+        want = torch.nn.functional.embedding_bag(index, table.float(), mode="sum",
+                                                 per_sample_weights=None if w is None else w.float())
+        got = bag_sum_triton(index, table, w)
+        assert got.dtype == dtype and got.shape == (num_rows, columns)
+        torch.testing.assert_close(got.float(), want, rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_the_triton_bag_sum_reads_nothing_where_the_weight_is_zero():
+    from minimoe.model.bag_sum_triton import bag_sum_triton
+
+    pytest.importorskip("triton")
+    table = torch.ones(4, 64, device="cuda")
+    table[3] = float("nan")
+    index = torch.tensor([[0, 3], [3, 1]], device="cuda")
+    out = bag_sum_triton(index, table, torch.tensor([[2.0, 0.0], [0.0, 1.0]], device="cuda"))
+    torch.testing.assert_close(out, torch.tensor([[2.0], [1.0]], device="cuda").expand(2, 64))
+
+
+def test_the_triton_send_plan_equals_the_pytorch_ops():
+    from minimoe.parallel.sendplan import _grid, plan
+    from minimoe.parallel.sendplan_triton import plan_triton
+
+    pytest.importorskip("triton")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for case in range(60):
+        num_gpus, units, m, spg = 1 + case % 8, [0, 1, 255, 256, 257, 700, 5000, 40000][case % 8], 1 + case % 9, 1 + case % 3
+        rank = case % num_gpus
+        dest = torch.randint(-1, num_gpus * spg, (units, m), device="cuda", generator=g)
+        want = plan(_grid(dest.div(spg, rounding_mode="floor"), num_gpus), rank)
+        got = plan_triton(dest, spg, num_gpus, rank)
+        n_self, n_total = int(want.counts[rank]), int(want.counts.sum())
+        assert torch.equal(got.counts, want.counts) and torch.equal(got.mask, want.mask)
+        assert torch.equal(got.position * got.mask, want.position * want.mask)
+        assert torch.equal(got.send_units(n_self, n_total), want.send_units(n_self, n_total))

@@ -34,6 +34,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from minimoe.model import bag_sum_triton
+
 _warned_swap_ab: list = []
 BACKENDS = ("auto", "grouped_mm", "grouped_mm_t", "per_group")
 SWAP_AB_MAX_ROWS_PER_GROUP = 256
@@ -167,7 +169,10 @@ def bag_sum(index: torch.Tensor, table: torch.Tensor, weights: torch.Tensor | No
     """out[i] = Σ_j weights[i, j] · table[index[i, j]] (no weights: a plain sum): index (N, m) int64, table (S, C),
     weights (N, m) or None -> (N, C) in table's dtype. One ``embedding_bag``, a fused gather and weighted sum.
     CUDA has no bfloat16 / float16 backward for per-sample weights, so when a gradient is needed there the sum
-    runs in float32 and is cast back."""
+    runs in float32 and is cast back. On CUDA without a gradient the sum runs in one Triton kernel when Triton
+    is installed (``minimoe.model.bag_sum_triton``: ``embedding_bag``'s CUDA kernel is slow on wide rows)."""
+    if bag_sum_triton.usable(index, table, weights):
+        return bag_sum_triton.bag_sum_triton(index, table, weights)
     if (weights is not None and table.is_cuda and table.dtype in (torch.bfloat16, torch.float16)
             and torch.is_grad_enabled() and (table.requires_grad or weights.requires_grad)):
         return F.embedding_bag(index, table.float().contiguous(), mode="sum",

@@ -45,8 +45,7 @@ import torch.nn.functional as F
 from minimoe.model.grouped import bag_sum
 from minimoe.parallel.comm import CountExchange, all_to_all, alone, anchor, group_rank_size
 from minimoe.parallel.counters import TrafficCounters
-from minimoe.parallel.sendplan import (every_rank_units, hit_per_node, hit_per_pair, hit_per_rank, plan,
-                                       plan_every_rank)
+from minimoe.parallel.sendplan import entry_ranks, every_rank_units, plan_every_rank, plan_for
 
 WIRE_FORMATS = ("token_expert", "token_rank", "hierarchical", "replicate")
 
@@ -125,30 +124,46 @@ def _forth(table: torch.Tensor, leg: Leg, group, what: str) -> torch.Tensor:
     return values
 
 
+def _layout(num_entries: int, hidden: int, size: int) -> tuple[int, int, int]:
+    """Columns (of x's dtype, ``size`` bytes) of a packed row [slots int64 | weights float32 | row]: where the
+    weights start, where the row starts, and the row width, 16-byte aligned."""
+    weights_at = 8 * num_entries // size
+    row_at = weights_at + -(-4 * num_entries // size)
+    return weights_at, row_at, -(-(row_at + hidden) * size // 16) * 16 // size
+
+
+def _send(x, weights, slots, units, rows, leg, group, what):
+    """The forward of a leg: gather unit ``units[i]``'s entries and row ``rows[i]`` of x into row i of one buffer
+    [for other ranks | kept | received] (three gathers, no concatenation), send the first part into the last
+    (one all-to-all; nothing to send at one rank). Returns [kept | received] rows (N, H), weights (N, m)
+    float32 and global slots (N, m) int64, all views of that buffer."""
+    num_entries, hidden = weights.shape[1], x.shape[1]
+    weights_at, row_at, width = _layout(num_entries, hidden, x.element_size())
+    sent, received = sum(leg.others(leg.send_splits)), sum(leg.others(leg.recv_splits))
+    buffer = x.new_empty(sent + leg.kept + received, width)
+    gathered = len(units)
+    torch.index_select(slots, 0, units, out=buffer[:gathered, :weights_at].view(torch.int64))
+    torch.index_select(weights, 0, units, out=buffer[:gathered, weights_at:row_at].view(torch.float32)[:, :num_entries])
+    torch.index_select(x, 0, rows, out=buffer[:gathered, row_at:row_at + hidden])
+    if not alone(group):
+        all_to_all(buffer[gathered:], buffer[:sent], leg.others(leg.send_splits), leg.others(leg.recv_splits),
+                   group, what)
+    mine = buffer[sent:]  # (N, width) [kept | received]
+    return (mine[:, row_at:row_at + hidden], mine[:, weights_at:row_at].view(torch.float32)[:, :num_entries],
+            mine[:, :weights_at].view(torch.int64))
+
+
 class _Dispatch(torch.autograd.Function):
-    """x (R, H), per-unit weights (U, m) float32 and global slots (U, m) int32 -> [kept | received] rows (N, H),
-    weights (N, m), slots (N, m) int32: one gather into one buffer, one all-to-all. Backward: the results' way
-    back for rows and weights, summed per input row / unit with embedding_bag."""
+    """``_send`` with its gradient: x (R, H), per-unit weights (U, m) float32, global slots (U, m) int64 ->
+    [kept | received] rows (N, H), weights (N, m), slots (N, m). Backward: the results' way back for rows and
+    weights, summed per input row / unit with embedding_bag."""
 
     @staticmethod
     def forward(ctx, x, weights, anchor_, slots, units, rows, leg, group, what):
-        num_entries, hidden, size = weights.shape[1], x.shape[1], x.element_size()
-        meta = 8 * num_entries // size  # columns of x's dtype that hold the entries' slots and weight bits
-        width = -(-(meta + hidden) * size // 16) * 16 // size  # rows 16-byte aligned
-        sent, received = sum(leg.others(leg.send_splits)), sum(leg.others(leg.recv_splits))
-        buffer = x.new_empty(sent + leg.kept + received, width)  # [for other ranks | kept | received]
-        gathered = len(units)
-        side = torch.cat([slots, weights.contiguous().view(torch.int32)], 1)  # (U, 2m) int32
-        torch.index_select(side, 0, units, out=buffer[:gathered, :meta].view(torch.int32))
-        torch.index_select(x, 0, rows, out=buffer[:gathered, meta:meta + hidden])
-        if not alone(group):
-            all_to_all(buffer[gathered:], buffer[:sent], leg.others(leg.send_splits), leg.others(leg.recv_splits),
-                       group, what)
         ctx.leg, ctx.group, ctx.what, ctx.shapes = leg, group, what, (x.shape[0], weights.shape[0])
-        mine = buffer[sent:]  # (N, width) [kept | received]
-        entries = mine[:, :meta].view(torch.int32)
-        ctx.mark_non_differentiable(entries[:, :num_entries])
-        return mine[:, meta:meta + hidden], entries[:, num_entries:].view(torch.float32), entries[:, :num_entries]
+        out_rows, out_weights, out_slots = _send(x, weights, slots, units, rows, leg, group, what)
+        ctx.mark_non_differentiable(out_slots)
+        return out_rows, out_weights, out_slots
 
     @staticmethod
     def backward(ctx, grad_rows, grad_weights, _grad_slots):
@@ -177,17 +192,17 @@ class _Return(torch.autograd.Function):
 
 
 # ---- legs -----------------------------------------------------------------------------------------------
-def _leg(x, weights, slots, hit, h: Handle, what: str, pairs_of: int = 0, num_gpus: int = 0):
-    """Run one leg: units are rows of x, or (with ``pairs_of`` = k) the k pairs of each row; weights and slots
-    (U, m) per unit; ``hit`` (U, G) their destinations, or None: every row to each of ``num_gpus`` ranks.
-    Returns [kept | received] rows (N, H), weights (N, m) float32, global slots (N, m) int32."""
-    static, rank = hit is None, h.rank
-    num_gpus = num_gpus if static else hit.shape[1]
+def _leg(x, weights, slots, dest, h: Handle, what: str, num_gpus: int, divisor: int = 1, pairs_of: int = 0):
+    """Run one leg: units are rows of x, or (with ``pairs_of`` = k) the k pairs of each row; weights (U, m)
+    float32 and global slots (U, m) int64 per unit; unit u goes to rank ``dest[u, j] // divisor`` for each of
+    its entries (< 0 = none), or, with ``dest`` None, every row to each of the ``num_gpus`` ranks.
+    Returns [kept | received] rows (N, H), weights (N, m) float32, global slots (N, m) int64."""
+    static, rank = dest is None, h.rank
     if static:  # every row to every rank: sizes known, no exchange of counts
         leg_plan, send = plan_every_rank(x.shape[0], num_gpus, x.device), [x.shape[0]] * num_gpus
         pending, recv = None, send
     else:
-        leg_plan = plan(hit, rank)
+        leg_plan = plan_for(dest, divisor, num_gpus, rank)
         pending = CountExchange(leg_plan.counts, h.group, f"{what} count exchange")
     bags = leg_plan.bags(one_destination=pairs_of > 0)
     if pending is not None:
@@ -201,23 +216,24 @@ def _leg(x, weights, slots, hit, h: Handle, what: str, pairs_of: int = 0, num_gp
     h.legs.append(leg)
     if h.counters is not None:
         h.counters.add("dispatch", send, x.shape[1] * x.element_size(), rank, h.gpus_per_node, 8 * slots.shape[1])
-    return _Dispatch.apply(x, weights, anchor(h.requires_grad), slots.to(torch.int32), units, rows, leg, h.group,
-                           what)
+    if not h.requires_grad:  # no graph to record: skip the autograd node
+        return _send(x, weights, slots, units, rows, leg, h.group, what)
+    return _Dispatch.apply(x, weights, anchor(True), slots, units, rows, leg, h.group, what)
 
 
 def _on_node(slots: torch.Tensor, layout, node: int) -> torch.Tensor:
-    """Global slots (int32 or int64) on ``node`` kept (int64), the others -1."""
-    if hasattr(layout, "slot_lookup"):  # a RouteTable: one gather in a cached table
-        return layout.slot_lookup(node=node)[slots]
+    """Global slots (int64) on ``node`` kept, the others -1."""
+    if hasattr(layout, "slot_lookup"):  # a RouteTable: one gather in a cached table (-1 reads its last entry)
+        return torch.take(layout.slot_lookup(node=node), slots)
     per_node = layout.slots_per_gpu * layout.gpus_per_node
     slots = slots.to(torch.int64)
     return torch.where(slots.div(per_node, rounding_mode="floor") == node, slots, -1)
 
 
 def local_slots(slots: torch.Tensor, layout, rank: int) -> torch.Tensor:
-    """Global slot ids (int32 or int64) -> this rank's local slot ids (int64), -1 for slots of other ranks."""
-    if hasattr(layout, "slot_lookup"):  # a RouteTable: one gather in a cached table
-        return layout.slot_lookup(rank=rank)[slots]
+    """Global slot ids (int64) -> this rank's local slot ids (int64), -1 for slots of other ranks."""
+    if hasattr(layout, "slot_lookup"):  # a RouteTable: one gather in a cached table (-1 reads its last entry)
+        return torch.take(layout.slot_lookup(rank=rank), slots)
     spg = layout.slots_per_gpu
     slots = slots.to(torch.int64)
     return torch.where(slots.div(spg, rounding_mode="floor") == rank, slots - rank * spg, -1)
@@ -250,24 +266,23 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout
     if static and wire_format not in ("token_rank", "replicate"):
         raise ValueError(f"static=True needs wire_format 'token_rank' or 'replicate', got {wire_format!r}")
     h = Handle(wire_format, [], x.shape[0], group, bool(requires_grad), rank, gpn, counters, static)
-    weights = weights.float()
+    weights, slots = weights.float(), slots.long()
     if wire_format == "replicate":
         from minimoe.parallel.replicate import replicate_dispatch
 
         rows, w, s = replicate_dispatch(x, slots, weights, h, num_gpus, static, tokens_per_rank)
     elif wire_format == "token_expert":
-        rows, w, s = _leg(x, weights.reshape(-1, 1), slots.reshape(-1, 1), hit_per_pair(slots, num_gpus, spg), h,
-                          "dispatch", pairs_of=slots.shape[1])
+        pairs = slots.reshape(-1, 1)
+        rows, w, s = _leg(x, weights.reshape(-1, 1), pairs, pairs, h, "dispatch", num_gpus, spg, pairs_of=slots.shape[1])
     elif wire_format == "token_rank":
-        hit = None if static else hit_per_rank(slots, num_gpus, spg)
-        rows, w, s = _leg(x, weights, slots, hit, h, "dispatch", num_gpus=num_gpus)
+        rows, w, s = _leg(x, weights, slots, None if static else slots, h, "dispatch", num_gpus, spg)
     else:
-        rows_a, w_a, s_a = _leg(x, weights, slots, hit_per_node(slots, num_gpus, spg, gpn, rank), h,
-                                "dispatch leg A (inter-node)")
+        rows_a, w_a, s_a = _leg(x, weights, slots, entry_ranks(slots, spg, gpn, rank), h,
+                                "dispatch leg A (inter-node)", num_gpus)
         node = rank // gpn
         slots_b = torch.cat([_on_node(slots, layout, node), _on_node(s_a, layout, node)])
         x_b, w_b = torch.cat([x, rows_a]), torch.cat([weights, w_a])
-        rows, w, s = _leg(x_b, w_b, slots_b, hit_per_rank(slots_b, num_gpus, spg), h, "dispatch leg B (intra-node)")
+        rows, w, s = _leg(x_b, w_b, slots_b, slots_b, h, "dispatch leg B (intra-node)", num_gpus, spg)
     return Dispatched(rows, local_slots(s, layout, rank), w, h)
 
 
@@ -297,6 +312,8 @@ def _return(expert_out: torch.Tensor, leg: Leg, h: Handle, what: str, num_rows: 
                        h.gpus_per_node)
     if alone(h.group):
         table = expert_out
+    elif not h.requires_grad:
+        table = _back(expert_out.contiguous(), leg, h.group, what)
     else:
-        table = _Return.apply(expert_out, anchor(h.requires_grad), leg, h.group, what)
+        table = _Return.apply(expert_out, anchor(True), leg, h.group, what)
     return _bag_sum(leg.bags, table, num_rows)

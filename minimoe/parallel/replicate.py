@@ -63,16 +63,29 @@ def replicate_dispatch(x, slots, weights, h, num_gpus: int, static: bool, tokens
                        8 * top_k, padded_to=block)
     if alone(h.group) or block == 0:
         return x, weights, slots
-    entries = torch.cat([weights, slots.to(weights.dtype)], 1)  # (T, 2k) float32: slot ids are exact below 2^24
-    if block > num_tokens:  # pad with rows that hit no slot
-        pad = block - num_tokens
+    gather, pad = _differentiable(AllGather, h.requires_grad), block - num_tokens
+    if pad:  # pad with rows that hit no slot
         x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+    rows = gather(x, h.group, "replicate dispatch (rows)")  # (G·B, H), enqueued first: the big transfer
+    entries = torch.cat([weights, slots.to(weights.dtype)], 1)  # (T, 2k) float32: slot ids are exact below 2^24
+    if pad:
         entries = torch.cat([entries, torch.cat([entries.new_zeros(pad, top_k), entries.new_full((pad, top_k), -1)],
                                                 1)])
-    tie = anchor(h.requires_grad)
-    rows = AllGather.apply(x, tie, h.group, "replicate dispatch (rows)")  # (G·B, H)
-    gathered = AllGather.apply(entries, tie, h.group, "replicate dispatch (slots, weights)")  # (G·B, 2k)
+    gathered = gather(entries, h.group, "replicate dispatch (slots, weights)")  # (G·B, 2k)
     return rows, gathered[:, :top_k], gathered[:, top_k:].to(torch.int64)
+
+
+def _differentiable(exchange, requires_grad: bool):
+    """``exchange`` (``AllGather`` / ``ReduceScatter``) as a function of (tensor, group, what): through autograd
+    when a gradient is needed, else its forward alone (no autograd node to record)."""
+    if requires_grad:
+        tie = anchor(True)
+        return lambda tensor, group, what: exchange.apply(tensor, tie, group, what)
+    return lambda tensor, group, what: exchange.forward(_NoContext(), tensor, None, group, what)
+
+
+class _NoContext:
+    """Stands in for autograd's ctx when an exchange's forward runs without autograd."""
 
 
 def replicate_combine(expert_out: torch.Tensor, h) -> torch.Tensor:
@@ -83,5 +96,5 @@ def replicate_combine(expert_out: torch.Tensor, h) -> torch.Tensor:
                        h.gpus_per_node, padded_to=blocks.block)
     if alone(h.group) or blocks.block == 0:
         return expert_out
-    mine = ReduceScatter.apply(expert_out, anchor(h.requires_grad), h.group, "replicate combine")  # (B, H)
+    mine = _differentiable(ReduceScatter, h.requires_grad)(expert_out, h.group, "replicate combine")  # (B, H)
     return mine[:h.num_tokens]

@@ -54,13 +54,18 @@ def hit_per_pair(slots: torch.Tensor, num_gpus: int, slots_per_gpu: int) -> torc
     return _grid(slots.reshape(-1, 1).div(slots_per_gpu, rounding_mode="floor"), num_gpus)
 
 
-def hit_per_node(slots: torch.Tensor, num_gpus: int, slots_per_gpu: int, gpus_per_node: int,
-                 rank: int) -> torch.Tensor:
-    """slots (T, k) -> (T, G) bool: the entry rank (node · gpus_per_node + rank % gpus_per_node) of every
-    *other* node holding one of the token's valid slots."""
+def entry_ranks(slots: torch.Tensor, slots_per_gpu: int, gpus_per_node: int, rank: int) -> torch.Tensor:
+    """slots (T, k) -> (T, k) int64: the entry rank (node · gpus_per_node + rank % gpus_per_node) of the node of
+    each valid slot on another node, -1 for slots on this rank's node and for none."""
     node = slots.div(slots_per_gpu * gpus_per_node, rounding_mode="floor")  # (T, k), -1 = none
     remote = (node >= 0) & (node != rank // gpus_per_node)
-    return _grid(torch.where(remote, node * gpus_per_node + rank % gpus_per_node, -1), num_gpus)
+    return torch.where(remote, node * gpus_per_node + rank % gpus_per_node, -1)
+
+
+def hit_per_node(slots: torch.Tensor, num_gpus: int, slots_per_gpu: int, gpus_per_node: int,
+                 rank: int) -> torch.Tensor:
+    """slots (T, k) -> (T, G) bool: the entry rank of every *other* node holding one of the token's valid slots."""
+    return _grid(entry_ranks(slots, slots_per_gpu, gpus_per_node, rank), num_gpus)
 
 
 @dataclass
@@ -72,10 +77,13 @@ class Plan:
     mask: torch.Tensor
     position: torch.Tensor
     columns: torch.Tensor | None = None  # (G·U,) the mask read column by column, contiguous
+    send_list: torch.Tensor | None = None  # (>= n_total,) the send list, already built (``sendplan_triton``)
 
     def send_units(self, n_self: int, n_total: int) -> torch.Tensor:
         """(n_total,) the unit of each row to gather, in the order [rows for other ranks | rows kept here]
         (one gather fills the send buffer and, right after it, the rows this rank keeps)."""
+        if self.send_list is not None:
+            return self.send_list[:n_total]
         by_column = self.mask.T if self.columns is None else self.columns.view(self.mask.shape[1], self.mask.shape[0])
         cells = torch.nonzero_static(by_column, size=n_total)  # (n, 2) [column, unit], table order
         units = cells[:, 1]
@@ -96,6 +104,17 @@ def plan(hit: torch.Tensor, rank: int) -> Plan:
     columns = mask.T.reshape(-1)  # (G·U,) column-major
     index = columns.cumsum(0) - 1  # place of each cell among the hit cells
     return Plan(hit.sum(0), mask, index.view(num_gpus, num_units).T.clamp_min(0), columns)
+
+
+def plan_for(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int) -> Plan:
+    """The plan of a leg whose unit u reaches rank ``dest[u, j] // divisor`` for each entry j (< 0 = none):
+    dest (U, m) integer. On CUDA with Triton two kernels build it (``sendplan_triton``), elsewhere the ops above."""
+    if dest.is_cuda:  # imported only here: it loads Triton
+        from minimoe.parallel import sendplan_triton
+
+        if sendplan_triton.usable(dest, num_gpus):
+            return sendplan_triton.plan_triton(dest, divisor, num_gpus, rank)
+    return plan(_grid(dest.div(divisor, rounding_mode="floor"), num_gpus), rank)
 
 
 def plan_every_rank(num_units: int, num_gpus: int, device) -> Plan:

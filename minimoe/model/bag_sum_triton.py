@@ -1,0 +1,77 @@
+"""A weighted gather-sum in one Triton kernel, for CUDA when no gradient is needed.
+
+    out[i, :] = Σ_j w[i, j] · table[index[i, j], :]        index (N, m) int64, w (N, m), table (R, C) -> (N, C)
+
+``torch.nn.functional.embedding_bag`` (mode "sum" with per-sample weights) computes the same thing and is what
+the package uses everywhere else, but its CUDA kernel reads the table one element per thread: on wide rows
+(C in the thousands, bf16) it runs well below the card's bandwidth, and combine sums every token's rows with
+it. This kernel gives each program one output row and a block of ``BLOCK_C`` columns, loads whole vectors of a
+table row at a time and accumulates in float32. Cells whose weight is 0 are skipped, so they read nothing
+(``embedding_bag`` multiplies them by 0, which turns an inf or NaN in an unrelated row into NaN).
+
+The kernel is forward-only; training keeps ``embedding_bag``, whose backward PyTorch provides. Its results equal
+``embedding_bag``'s up to float32 summation order (``tests/test_gpu_paths.py``).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BLOCK_C = 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    """The compiled kernel, or None when Triton is not installed (imported on first use: Triton is optional)."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def bag_sum_kernel(index_ptr, weight_ptr, table_ptr, out_ptr, m, num_columns, table_stride, out_stride,
+                       HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = columns < num_columns
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in range(m):
+            position = tl.load(index_ptr + row * m + j).to(tl.int64)
+            weight = tl.load(weight_ptr + row * m + j).to(tl.float32) if HAS_WEIGHTS else 1.0
+            if weight != 0.0:  # a cell not sent: read nothing
+                values = tl.load(table_ptr + position * table_stride + columns, mask=inside, other=0.0)
+                total += weight * values.to(tl.float32)
+        tl.store(out_ptr + row * out_stride + columns, total.to(out_ptr.dtype.element_ty), mask=inside)
+
+    return bag_sum_kernel
+
+
+def usable(index: torch.Tensor, table: torch.Tensor, weights: torch.Tensor | None) -> bool:
+    """Whether :func:`bag_sum_triton` can run here: CUDA tensors, Triton installed, no gradient needed, rows
+    with unit column stride."""
+    needs_grad = torch.is_grad_enabled() and (table.requires_grad or (weights is not None and weights.requires_grad))
+    return (table.is_cuda and not needs_grad and table.dim() == 2 and table.stride(1) == 1
+            and table.dtype in (torch.float32, torch.bfloat16, torch.float16) and _kernel() is not None)
+
+
+def bag_sum_triton(index: torch.Tensor, table: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """out[i] = Σ_j weights[i, j] · table[index[i, j]] (no weights: a plain sum); index (N, m) integer, table
+    (R, C) with unit column stride, weights (N, m) float or bool -> (N, C) in table's dtype. Positions must
+    lie in [0, R) wherever the weight is not 0. Raises RuntimeError when Triton is not installed."""
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("bag_sum_triton needs Triton (pip install triton)")
+    num_rows, m = index.shape
+    out = table.new_empty(num_rows, table.shape[1])
+    if num_rows == 0 or table.shape[1] == 0:
+        return out
+    index = index.contiguous()
+    weights_arg = index if weights is None else weights.contiguous()
+    if weights_arg.dtype == torch.bool:
+        weights_arg = weights_arg.view(torch.uint8)
+    grid = (num_rows, -(-table.shape[1] // BLOCK_C))
+    kernel[grid](index, weights_arg, table, out, m, table.shape[1], table.stride(0), out.stride(0),
+                 HAS_WEIGHTS=weights is not None, BLOCK=BLOCK_C)
+    return out
