@@ -48,6 +48,8 @@ from minimoe.parallel import collectives_at_one_rank, destroy_process_group, ini
 AFTER = ("token_expert", "token_rank", "hierarchical", "replicate")
 BEFORE = ("token_expert", "token_rank", "hierarchical")
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaMemcpyAsync",
+            "cudaMemsetAsync")  # what the host pays per kernel or copy it enqueues
 
 
 class Sizes:
@@ -71,6 +73,7 @@ def variants():
     out += [(f"{f} after", f, "after", False, False) for f in AFTER]
     out += [("token_rank static after", "token_rank", "after", True, False)]
     out += [(f"{f} after, collectives forced", f, "after", False, True) for f in AFTER]
+    out += [("replicate after, block size known, collectives forced", "replicate", "after", True, True)]
     return out
 
 
@@ -112,8 +115,9 @@ def large(sizes, device) -> list[dict]:
             for impl in ("before", "after"):
                 if impl == "before" and fmt == "replicate":
                     continue
-                c = case(sizes, max(1, tokens // per_token[fmt]), fmt, device, impl)
-                forced = fmt == "replicate"  # at one rank replicate does nothing without its collectives
+                # replicate: collectives forced (at one rank it does nothing without them), block size known
+                forced = fmt == "replicate"
+                c = case(sizes, max(1, tokens // per_token[fmt]), fmt, device, impl, static=forced)
                 ours = time_eager(lambda: _run(c.ours, forced), device, iters)["total_us"]
                 with collectives_at_one_rank():
                     raw = time_eager(c.raw, device, iters)["total_us"]
@@ -127,13 +131,15 @@ def large(sizes, device) -> list[dict]:
 def replicate_vs_raw(sizes, device) -> list[dict]:
     rows = []
     for tokens in (sizes.decode, *(max(1, round(m * 2**20 / (sizes.hidden * 2))) for m in sizes.large_mib[::2])):
-        c = case(sizes, tokens, "replicate", device)
+        c = case(sizes, tokens, "replicate", device, static=True)  # block size known: nothing to agree
+        agreed = case(sizes, tokens, "replicate", device)
         with collectives_at_one_rank():
             iters = 10 if tokens > 20000 else sizes.iters
             out = dict(tokens=tokens, MiB_per_rank=c.sent_bytes / 2**20)
             for name, fn in (("ours", c.ours), ("raw", c.raw)):
                 out[f"{name}_eager_us"] = time_eager(fn, device, iters)["total_us"]
                 out[f"{name}_graph_us"] = time_graph(fn, device, iters).get("total_us", float("nan"))
+            out["ours_agreed_eager_us"] = time_eager(agreed.ours, device, iters)["total_us"]
         out["eager_raw_over_ours"] = out["raw_eager_us"] / out["ours_eager_us"]
         out["graph_raw_over_ours"] = out["raw_graph_us"] / out["ours_graph_us"]
         rows.append(out)
@@ -164,8 +170,9 @@ def profile(sizes, device, out_prefix) -> list[dict]:
                          nccl_calls_per_call=sum(e.count for e in events if "nccl" in e.key.lower()
                                                  and e.device_type.name == "CPU") / 5,
                          top_level_ops_per_call=sum(1 for e in prof.events() if e.cpu_parent is None
-                                                    and e.key.startswith("aten::")) / 5))
-        if label in ("token_rank before", "token_rank after", "replicate after, collectives forced"):
+                                                    and e.key.startswith("aten::")) / 5,
+                         launches_per_call=sum(e.count for e in events if e.key in LAUNCHES) / 5))
+        if label in ("token_rank before", "token_rank after", "replicate after, block size known, collectives forced"):
             with torch_profile(activities=activities) as one:
                 fn()
                 sync(device)
@@ -210,18 +217,22 @@ def tables(results) -> str:
                 f"{r['raw_over_ours']:.2f} |" for r in results["large"]]
     if "replicate" in results:
         out += ["", "## Replicate against its own raw all-gather + reduce-scatter (collectives forced)", "",
-                "| tokens | MiB/rank | ours eager µs | raw eager µs | raw/ours | ours graph µs | raw graph µs | raw/ours |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "Block size known (every rank the same T, as under a CUDA graph or a scheduler that knows the batch); "
+                "the last column agrees it first (one all-gather of one integer, read on the host).", "",
+                "| tokens | MiB/rank | ours eager µs | raw eager µs | raw/ours | ours graph µs | raw graph µs | raw/ours "
+                "| ours eager µs, size agreed |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         out += [f"| {r['tokens']} | {r['MiB_per_rank']:.1f} | {r['ours_eager_us']:.0f} | {r['raw_eager_us']:.0f} | "
                 f"{r['eager_raw_over_ours']:.2f} | {r['ours_graph_us']:.0f} | {r['raw_graph_us']:.0f} | "
-                f"{r['graph_raw_over_ours']:.2f} |" for r in results["replicate"]]
+                f"{r['graph_raw_over_ours']:.2f} | {r.get('ours_agreed_eager_us', float('nan')):.0f} |"
+                for r in results["replicate"]]
     if "profile" in results:
         out += ["", "## Host syncs per dispatch + combine (torch.profiler, 5 calls)", "",
                 "| variant | host syncs | cudaEventSynchronize | cudaStreamSynchronize | cudaMemcpy | NCCL calls | "
-                "top-level aten ops |", "|---|---:|---:|---:|---:|---:|---:|"]
+                "top-level aten ops | kernel launches and async copies |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         out += [f"| {r['variant']} | {r['host_syncs_per_call']:g} | {r['cudaEventSynchronize']:g} | "
                 f"{r['cudaStreamSynchronize']:g} | {r['cudaMemcpy']:g} | {r['nccl_calls_per_call']:g} | "
-                f"{r['top_level_ops_per_call']:g} |" for r in results["profile"]]
+                f"{r['top_level_ops_per_call']:g} | {r.get('launches_per_call', float('nan')):g} |"
+                for r in results["profile"]]
     if "moe" in results:
         out += ["", "## The MoE layer", "", results["moe"]["table"]]
     return "\n".join(out)

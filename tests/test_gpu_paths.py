@@ -187,3 +187,25 @@ def test_the_triton_send_plan_equals_the_pytorch_ops():
         assert torch.equal(got.counts, want.counts) and torch.equal(got.mask, want.mask)
         assert torch.equal(got.position * got.mask, want.position * want.mask)
         assert torch.equal(got.send_units(n_self, n_total), want.send_units(n_self, n_total))
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm_t", "grouped_mm"])
+@pytest.mark.parametrize("scales_input", [False, True])
+def test_the_counted_layout_equals_the_sorted_one(backend, scales_input, monkeypatch):
+    from minimoe.model import grouped, grouped_layout_triton
+
+    pytest.importorskip("triton")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    experts, hidden, width = 8, 128, 256
+    gate_up = (0.05 * torch.randn(experts, hidden, 2 * width, device="cuda", generator=g)).bfloat16()
+    down = (0.05 * torch.randn(experts, width, hidden, device="cuda", generator=g)).bfloat16()
+    for tokens in (1, 37, 600):
+        x = torch.randn(tokens, hidden, device="cuda", generator=g).bfloat16()
+        ids = torch.randint(0, experts + 1, (tokens, 2), device="cuda", generator=g)  # id E: no expert
+        weights = torch.rand(tokens, 2, device="cuda", generator=g)
+        assert grouped_layout_triton.usable(ids, experts)
+        got = grouped.grouped_experts(x, ids, weights, gate_up, down, scales_input, backend)
+        monkeypatch.setattr(grouped_layout_triton, "usable", lambda *args: False)
+        want = grouped.grouped_experts(x, ids, weights, gate_up, down, scales_input, backend)
+        monkeypatch.undo()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

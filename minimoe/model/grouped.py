@@ -34,7 +34,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from minimoe.model import bag_sum_triton
+from minimoe.model import bag_sum_triton, grouped_layout_triton
 
 _warned_swap_ab: list = []
 BACKENDS = ("auto", "grouped_mm", "grouped_mm_t", "per_group")
@@ -119,12 +119,14 @@ def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     """
     num_rows, m = expert_ids.shape
     num_experts, width = gate_up_proj.shape[0], down_proj.shape[1]
+    gate_w, up_w = gate_up_proj[:, :, :width], gate_up_proj[:, :, width:]  # (E, H, F) views
+    chosen = choose_backend(backend, x, [gate_w, up_w, down_proj], num_rows=num_rows * m)
+    if chosen != "per_group" and grouped_layout_triton.usable(expert_ids, num_experts):
+        return _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, scales_input, chosen)
     flat = expert_ids.reshape(-1)  # (P,) entry p = (row p // m, j = p % m)
     num_entries = flat.shape[0]
     sorted_ids, order = torch.sort(flat, stable=True)  # invalid entries (id E) sort last
     ends = torch.searchsorted(sorted_ids, torch.arange(1, num_experts + 1, device=x.device)).to(torch.int32)
-    gate_w, up_w = gate_up_proj[:, :, :width], gate_up_proj[:, :, width:]  # (E, H, F) views
-    chosen = choose_backend(backend, x, [gate_w, up_w, down_proj], num_rows=num_entries)
     slot, group_ends, size = torch.arange(num_entries, device=x.device), ends, num_entries
     if chosen == "grouped_mm_t":  # every group starts at a 16-byte boundary of the (N, S) output: pad each group
         align = row_alignment(x)
@@ -162,6 +164,32 @@ def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
         if valid is not None:  # invalid entries keep their weight in the sum below: their rows must be zeros
             out = out.where(valid, 0.0)
     place = torch.empty_like(flat).scatter_(0, order, slot)  # entry p's row among the products
+    return bag_sum(place.view(num_rows, m), out, None if scales_input else entry_weights)  # (N, H)
+
+
+def _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, scales_input, chosen):
+    """``grouped_experts`` with the row layout from a counting sort on the device (``grouped_layout_triton``,
+    CUDA): two kernels instead of a sort and some twenty small ops; no-expert entries and padding read a zero
+    row, so no masks. With ``grouped_mm_t`` gate and up are one product: its (S', 2F) output is column-major,
+    so each half is one contiguous block."""
+    num_rows, m = expert_ids.shape
+    num_experts, width = gate_up_proj.shape[0], down_proj.shape[1]
+    align = row_alignment(x) if chosen == "grouped_mm_t" else 1
+    size = num_rows * m + (align - 1) * num_experts  # a static bound on the padded rows
+    size += -size % align
+    place, group_ends, source = grouped_layout_triton.grouped_layout_triton(expert_ids, num_experts, num_rows,
+                                                                            align, size)
+    rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source)  # (S', H) in expert order
+    entry_weights = weights.to(x.dtype)
+    if scales_input:
+        rows = rows * entry_weights.new_zeros(size + 1).scatter_(0, place, entry_weights.reshape(-1))[:size, None]
+    if chosen == "grouped_mm_t":
+        gate_up = grouped_matmul(rows, gate_up_proj, group_ends, chosen)  # (S', 2F) column-major
+        hidden = F.silu(gate_up[:, :width]) * gate_up[:, width:]
+    else:
+        hidden = F.silu(grouped_matmul(rows, gate_up_proj[:, :, :width], group_ends, chosen)) * grouped_matmul(
+            rows, gate_up_proj[:, :, width:], group_ends, chosen)
+    out = grouped_matmul(hidden, down_proj, group_ends, chosen)  # (S', H); rows past group_ends[-1] unread
     return bag_sum(place.view(num_rows, m), out, None if scales_input else entry_weights)  # (N, H)
 
 
