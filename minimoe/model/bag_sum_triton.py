@@ -67,8 +67,8 @@ def bag_sum_triton(index: torch.Tensor, table: torch.Tensor, weights: torch.Tens
     out = table.new_empty(num_rows, table.shape[1])
     if num_rows == 0 or table.shape[1] == 0:
         return out
-    index = index.contiguous()
-    weights_arg = index if weights is None else weights.contiguous()
+    index = index if index.is_contiguous() else index.contiguous()  # (checked first: every op costs the host)
+    weights_arg = index if weights is None else weights if weights.is_contiguous() else weights.contiguous()
     if weights_arg.dtype == torch.bool:
         weights_arg = weights_arg.view(torch.uint8)
     grid = (num_rows, -(-table.shape[1] // BLOCK_C))

@@ -207,7 +207,7 @@ class CountExchange:
     """
 
     def __init__(self, send_counts: torch.Tensor, group=None, what: str = "count exchange"):
-        send_counts = send_counts.to(torch.int64)
+        send_counts = send_counts if send_counts.dtype == torch.int64 else send_counts.to(torch.int64)
         self.size, self.alone = send_counts.numel(), alone(group)
         if self.alone:  # one rank: it receives what it sends
             both = send_counts

@@ -124,12 +124,17 @@ def _forth(table: torch.Tensor, leg: Leg, group, what: str) -> torch.Tensor:
     return values
 
 
-def _layout(num_entries: int, hidden: int, size: int) -> tuple[int, int, int]:
-    """Columns (of x's dtype, ``size`` bytes) of a packed row [slots int64 | weights float32 | row]: where the
-    weights start, where the row starts, and the row width, 16-byte aligned."""
-    weights_at = 8 * num_entries // size
-    row_at = weights_at + -(-4 * num_entries // size)
-    return weights_at, row_at, -(-(row_at + hidden) * size // 16) * 16 // size
+def _layout(num_entries: int, hidden: int, size: int) -> list[int]:
+    """Column widths (of x's dtype, ``size`` bytes) of a packed row [slots int64 | weights float32 | row | pad]:
+    every row 16 bytes wide, a multiple, so the slots can be viewed as int64."""
+    slots, weights = 8 * num_entries // size, -(-4 * num_entries // size)
+    width = -(-(slots + weights + hidden) * size // 16) * 16 // size
+    return [slots, weights, hidden, width - slots - weights - hidden]
+
+
+def _rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """tensor[start:stop] without an op when that is the whole tensor (every op costs the host microseconds)."""
+    return tensor if start == 0 and stop == tensor.shape[0] else tensor[start:stop]
 
 
 def _send(x, weights, slots, units, rows, leg, group, what):
@@ -137,20 +142,23 @@ def _send(x, weights, slots, units, rows, leg, group, what):
     [for other ranks | kept | received] (three gathers, no concatenation), send the first part into the last
     (one all-to-all; nothing to send at one rank). Returns [kept | received] rows (N, H), weights (N, m)
     float32 and global slots (N, m) int64, all views of that buffer."""
-    num_entries, hidden = weights.shape[1], x.shape[1]
-    weights_at, row_at, width = _layout(num_entries, hidden, x.element_size())
+    num_entries = weights.shape[1]
+    widths = _layout(num_entries, x.shape[1], x.element_size())
     sent, received = sum(leg.others(leg.send_splits)), sum(leg.others(leg.recv_splits))
-    buffer = x.new_empty(sent + leg.kept + received, width)
-    gathered = len(units)
-    torch.index_select(slots, 0, units, out=buffer[:gathered, :weights_at].view(torch.int64))
-    torch.index_select(weights, 0, units, out=buffer[:gathered, weights_at:row_at].view(torch.float32)[:, :num_entries])
-    torch.index_select(x, 0, rows, out=buffer[:gathered, row_at:row_at + hidden])
+    buffer = x.new_empty(sent + leg.kept + received, sum(widths))
+    slot_part, weight_part, row_part, _ = buffer.split(widths, 1)  # views: (N_all, .) each
+    slot_part, weight_part = slot_part.view(torch.int64), weight_part.view(torch.float32)
+    if weight_part.shape[1] != num_entries:  # float64 rows and an odd number of entries
+        weight_part = weight_part[:, :num_entries]
+    gathered, total = len(units), buffer.shape[0]
+    torch.index_select(slots, 0, units, out=_rows(slot_part, 0, gathered))
+    torch.index_select(weights, 0, units, out=_rows(weight_part, 0, gathered))
+    torch.index_select(x, 0, rows, out=_rows(row_part, 0, gathered))
     if not alone(group):
         all_to_all(buffer[gathered:], buffer[:sent], leg.others(leg.send_splits), leg.others(leg.recv_splits),
                    group, what)
-    mine = buffer[sent:]  # (N, width) [kept | received]
-    return (mine[:, row_at:row_at + hidden], mine[:, weights_at:row_at].view(torch.float32)[:, :num_entries],
-            mine[:, :weights_at].view(torch.int64))
+    # [kept | received]
+    return _rows(row_part, sent, total), _rows(weight_part, sent, total), _rows(slot_part, sent, total)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -211,7 +219,8 @@ def _leg(x, weights, slots, dest, h: Handle, what: str, num_gpus: int, divisor: 
         leg_plan.send_units(send[rank], sum(send))
     rows = units.div(pairs_of, rounding_mode="floor") if pairs_of else units
     per_row = pairs_of if pairs_of else num_gpus  # cells summed into one input row
-    row_bags = (bags[0].reshape(x.shape[0], per_row), bags[1].reshape(x.shape[0], per_row))
+    row_bags = bags if bags[0].shape == (x.shape[0], per_row) else \
+        (bags[0].reshape(x.shape[0], per_row), bags[1].reshape(x.shape[0], per_row))
     leg = Leg(send, recv, rank, row_bags, bags)
     h.legs.append(leg)
     if h.counters is not None:
@@ -266,7 +275,8 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout
     if static and wire_format not in ("token_rank", "replicate"):
         raise ValueError(f"static=True needs wire_format 'token_rank' or 'replicate', got {wire_format!r}")
     h = Handle(wire_format, [], x.shape[0], group, bool(requires_grad), rank, gpn, counters, static)
-    weights, slots = weights.float(), slots.long()
+    if weights.dtype != torch.float32 or slots.dtype != torch.int64:  # (checked first: a no-op call still costs)
+        weights, slots = weights.float(), slots.long()
     if wire_format == "replicate":
         from minimoe.parallel.replicate import replicate_dispatch
 

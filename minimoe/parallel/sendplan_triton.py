@@ -102,12 +102,13 @@ def plan_triton(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int):
     device = dest.device
     gp = triton.next_power_of_2(num_gpus)
     num_blocks = max(1, -(-num_units // BLOCK_U))
-    counts = torch.empty(num_gpus, dtype=torch.int64, device=device)
-    position = torch.empty(num_units, num_gpus, dtype=torch.int64, device=device)
+    cells = num_units * num_gpus  # one allocation for the int64 outputs (every op costs the host)
+    counts, position, send = torch.empty(num_gpus + 2 * cells, dtype=torch.int64, device=device).split(
+        [num_gpus, cells, cells])
+    position = position.view(num_units, num_gpus)
     mask = torch.empty(num_units, num_gpus, dtype=torch.bool, device=device)
-    send = torch.empty(num_units * num_gpus, dtype=torch.int64, device=device)
     totals = torch.empty(num_blocks, gp, dtype=torch.int32, device=device)
-    dest = dest.contiguous()
+    dest = dest if dest.is_contiguous() else dest.contiguous()
     _block_totals_kernel[(num_blocks,)](dest, divisor, num_units, rank, num_gpus, totals, M=m, BLOCK=BLOCK_U, GP=gp)
     _plan_kernel[(num_blocks,)](dest, divisor, num_units, rank, num_gpus, totals, num_blocks, counts, position,
                                 mask.view(torch.int8), send, M=m, BLOCK=BLOCK_U, GP=gp, SCAN=SCAN_BLOCKS)
