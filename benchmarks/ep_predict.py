@@ -66,7 +66,8 @@ def predict(one_gpu: dict, recorded: dict) -> list[dict]:
             continue
         overhead = r["total_us"] - base["total_us"]
         ours2 = raw2[key][0] + overhead
-        rows.append(dict(format=fmt, code="before" if "before" in label else "after", size=f"{tokens} tokens",
+        code = "before" if "before" in label else "after, block size known" if "known" in label else "after"
+        rows.append(dict(format=fmt, code=code, size=f"{tokens} tokens",
                          overhead_1gpu_us=overhead, raw_2gpu_us=raw2[key][0], predicted_ours_2gpu_us=ours2,
                          predicted_raw_over_ours=raw2[key][0] / ours2,
                          recorded_raw_over_ours=raw2[key][1] if "before" in label else None))

@@ -178,7 +178,8 @@ def test_the_triton_send_plan_equals_the_pytorch_ops():
     pytest.importorskip("triton")
     g = torch.Generator(device="cuda").manual_seed(0)
     for case in range(60):
-        num_gpus, units, m, spg = 1 + case % 8, [0, 1, 255, 256, 257, 700, 5000, 40000][case % 8], 1 + case % 9, 1 + case % 3
+        num_gpus, m, spg = 1 + case % 8, 1 + case % 9, 1 + case % 3
+        units = [0, 1, 255, 256, 257, 700, 5000, 40000][case % 8]
         rank = case % num_gpus
         dest = torch.randint(-1, num_gpus * spg, (units, m), device="cuda", generator=g)
         want = plan(_grid(dest.div(spg, rounding_mode="floor"), num_gpus), rank)

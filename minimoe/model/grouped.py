@@ -34,7 +34,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from minimoe.model import bag_sum_triton, grouped_layout_triton
+from minimoe.model import bag_sum_triton
 
 _warned_swap_ab: list = []
 BACKENDS = ("auto", "grouped_mm", "grouped_mm_t", "per_group")
@@ -121,8 +121,11 @@ def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     num_experts, width = gate_up_proj.shape[0], down_proj.shape[1]
     gate_w, up_w = gate_up_proj[:, :, :width], gate_up_proj[:, :, width:]  # (E, H, F) views
     chosen = choose_backend(backend, x, [gate_w, up_w, down_proj], num_rows=num_rows * m)
-    if chosen != "per_group" and grouped_layout_triton.usable(expert_ids, num_experts):
-        return _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, scales_input, chosen)
+    if chosen != "per_group" and expert_ids.is_cuda:
+        from minimoe.model import grouped_layout_triton  # here: it loads Triton
+
+        if grouped_layout_triton.usable(expert_ids, num_experts):
+            return _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, scales_input, chosen)
     flat = expert_ids.reshape(-1)  # (P,) entry p = (row p // m, j = p % m)
     num_entries = flat.shape[0]
     sorted_ids, order = torch.sort(flat, stable=True)  # invalid entries (id E) sort last
@@ -177,8 +180,9 @@ def _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, sc
     align = row_alignment(x) if chosen == "grouped_mm_t" else 1
     size = num_rows * m + (align - 1) * num_experts  # a static bound on the padded rows
     size += -size % align
-    place, group_ends, source = grouped_layout_triton.grouped_layout_triton(expert_ids, num_experts, num_rows,
-                                                                            align, size)
+    from minimoe.model.grouped_layout_triton import grouped_layout_triton
+
+    place, group_ends, source = grouped_layout_triton(expert_ids, num_experts, num_rows, align, size)
     rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source)  # (S', H) in expert order
     entry_weights = weights.to(x.dtype)
     if scales_input:

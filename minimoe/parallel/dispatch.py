@@ -283,7 +283,8 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout
         rows, w, s = replicate_dispatch(x, slots, weights, h, num_gpus, static, tokens_per_rank)
     elif wire_format == "token_expert":
         pairs = slots.reshape(-1, 1)
-        rows, w, s = _leg(x, weights.reshape(-1, 1), pairs, pairs, h, "dispatch", num_gpus, spg, pairs_of=slots.shape[1])
+        rows, w, s = _leg(x, weights.reshape(-1, 1), pairs, pairs, h, "dispatch", num_gpus, spg,
+                          pairs_of=slots.shape[1])
     elif wire_format == "token_rank":
         rows, w, s = _leg(x, weights, slots, None if static else slots, h, "dispatch", num_gpus, spg)
     else:
