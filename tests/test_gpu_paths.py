@@ -210,3 +210,28 @@ def test_the_counted_layout_equals_the_sorted_one(backend, scales_input, monkeyp
         want = grouped.grouped_experts(x, ids, weights, gate_up, down, scales_input, backend)
         monkeypatch.undo()
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_triton_bag_sum_reads_a_column_major_table():
+    from minimoe.model.bag_sum_triton import bag_sum_triton, usable
+
+    pytest.importorskip("triton")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    table = torch.randn(1088, 4096, device="cuda", generator=g).bfloat16()
+    column_major = table.T.contiguous().T
+    index = torch.randint(0, 1088, (512, 2), device="cuda", generator=g)
+    weights = torch.rand(512, 2, device="cuda", generator=g)
+    assert usable(index, column_major, weights)
+    torch.testing.assert_close(bag_sum_triton(index, column_major, weights), bag_sum_triton(index, table, weights))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_silu_mul_equals_pytorch(dtype):
+    from minimoe.model.swiglu_triton import silu_mul
+
+    pytest.importorskip("triton")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    gate, up = (torch.randn(3, 1000, 77, device="cuda", generator=g).to(dtype) for _ in range(2))
+    want = torch.nn.functional.silu(gate.float()) * up.float()
+    torch.testing.assert_close(silu_mul(gate, up).float(), want, rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=1e-5 if dtype == torch.float32 else 1e-2)

@@ -19,6 +19,7 @@ import functools
 import torch
 
 BLOCK_C = 1024
+COLUMN_MAJOR_MAX_BYTES = 16 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -31,8 +32,8 @@ def _kernel():
         return None
 
     @triton.jit
-    def bag_sum_kernel(index_ptr, weight_ptr, table_ptr, out_ptr, m, num_columns, table_stride, out_stride,
-                       HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
+    def bag_sum_kernel(index_ptr, weight_ptr, table_ptr, out_ptr, m, num_columns, row_stride, column_stride,
+                       out_stride, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = columns < num_columns
@@ -41,7 +42,7 @@ def _kernel():
             position = tl.load(index_ptr + row * m + j).to(tl.int64)
             weight = tl.load(weight_ptr + row * m + j).to(tl.float32) if HAS_WEIGHTS else 1.0
             if weight != 0.0:  # a cell not sent: read nothing
-                values = tl.load(table_ptr + position * table_stride + columns, mask=inside, other=0.0)
+                values = tl.load(table_ptr + position * row_stride + columns * column_stride, mask=inside, other=0.0)
                 total += weight * values.to(tl.float32)
         tl.store(out_ptr + row * out_stride + columns, total.to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -49,17 +50,19 @@ def _kernel():
 
 
 def usable(index: torch.Tensor, table: torch.Tensor, weights: torch.Tensor | None) -> bool:
-    """Whether :func:`bag_sum_triton` can run here: CUDA tensors, Triton installed, no gradient needed, rows
-    with unit column stride."""
+    """Whether :func:`bag_sum_triton` can run here: CUDA tensors, Triton installed, no gradient needed, and a
+    table whose rows are contiguous or small enough to stay in L2 cache (a column-major table, such as the
+    transposed grouped product's output, is read one element per row and column)."""
     needs_grad = torch.is_grad_enabled() and (table.requires_grad or (weights is not None and weights.requires_grad))
-    return (table.is_cuda and not needs_grad and table.dim() == 2 and table.stride(1) == 1
+    small = table.numel() * table.element_size() <= COLUMN_MAJOR_MAX_BYTES
+    return (table.is_cuda and not needs_grad and table.dim() == 2 and (table.stride(1) == 1 or small)
             and table.dtype in (torch.float32, torch.bfloat16, torch.float16) and _kernel() is not None)
 
 
 def bag_sum_triton(index: torch.Tensor, table: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """out[i] = Σ_j weights[i, j] · table[index[i, j]] (no weights: a plain sum); index (N, m) integer, table
-    (R, C) with unit column stride, weights (N, m) float or bool -> (N, C) in table's dtype. Positions must
-    lie in [0, R) wherever the weight is not 0. Raises RuntimeError when Triton is not installed."""
+    (R, C) with any strides, weights (N, m) float or bool -> (N, C) in table's dtype. Positions must lie in
+    [0, R) wherever the weight is not 0. Raises RuntimeError when Triton is not installed."""
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("bag_sum_triton needs Triton (pip install triton)")
@@ -72,6 +75,6 @@ def bag_sum_triton(index: torch.Tensor, table: torch.Tensor, weights: torch.Tens
     if weights_arg.dtype == torch.bool:
         weights_arg = weights_arg.view(torch.uint8)
     grid = (num_rows, -(-table.shape[1] // BLOCK_C))
-    kernel[grid](index, weights_arg, table, out, m, table.shape[1], table.stride(0), out.stride(0),
+    kernel[grid](index, weights_arg, table, out, m, table.shape[1], table.stride(0), table.stride(1), out.stride(0),
                  HAS_WEIGHTS=weights is not None, BLOCK=BLOCK_C)
     return out

@@ -180,6 +180,7 @@ def _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, sc
     align = row_alignment(x) if chosen == "grouped_mm_t" else 1
     size = num_rows * m + (align - 1) * num_experts  # a static bound on the padded rows
     size += -size % align
+    from minimoe.model import swiglu_triton
     from minimoe.model.grouped_layout_triton import grouped_layout_triton
 
     place, group_ends, source = grouped_layout_triton(expert_ids, num_experts, num_rows, align, size)
@@ -188,8 +189,9 @@ def _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, sc
     if scales_input:
         rows = rows * entry_weights.new_zeros(size + 1).scatter_(0, place, entry_weights.reshape(-1))[:size, None]
     if chosen == "grouped_mm_t":
-        gate_up = grouped_matmul(rows, gate_up_proj, group_ends, chosen)  # (S', 2F) column-major
-        hidden = F.silu(gate_up[:, :width]) * gate_up[:, width:]
+        gate_up = grouped_matmul(rows, gate_up_proj, group_ends, chosen).T  # (2F, S'): the product's storage
+        gate, up = gate_up[:width], gate_up[width:]  # (F, S') each, contiguous
+        hidden = (swiglu_triton.silu_mul(gate, up) if swiglu_triton.usable(gate, up) else F.silu(gate) * up).T
     else:
         hidden = F.silu(grouped_matmul(rows, gate_up_proj[:, :, :width], group_ends, chosen)) * grouped_matmul(
             rows, gate_up_proj[:, :, width:], group_ends, chosen)
