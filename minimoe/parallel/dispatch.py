@@ -26,7 +26,9 @@ and its metadata into one buffer [rows for other ranks | rows kept here | rows r
 ``all_to_all_single`` of the first part into the last (rows a rank keeps never go through the collective),
 and the receiver reads [kept | received] as one block. Combine sends results back the same way into a return
 table [kept | returned] and sums each token's cells with one ``embedding_bag``. Hierarchical pays one sync
-per leg: leg B's counts depend on what leg A delivered.
+per leg: leg B's counts depend on what leg A delivered. On CUDA with Triton the plan is two kernels
+(``sendplan_triton``) and, when no gradient is needed, the sum one (``minimoe.model.bag_sum_triton``): each
+eager op costs the host 15-35 µs, so a leg's host time is mostly its number of ops.
 
 **Static shapes** (``static=True``, ``token_rank``): every token to every rank, splits [T]·G known in
 advance: no count exchange, no host sync, capturable in a CUDA graph; every rank must pass the same T.
@@ -40,11 +42,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from minimoe.model.grouped import bag_sum
 from minimoe.parallel.comm import CountExchange, all_to_all, alone, anchor, group_rank_size
 from minimoe.parallel.counters import TrafficCounters
+from minimoe.parallel.routing import local_slots, on_node
 from minimoe.parallel.sendplan import entry_ranks, every_rank_units, plan_every_rank, plan_for
 
 WIRE_FORMATS = ("token_expert", "token_rank", "hierarchical", "replicate")
@@ -230,24 +232,6 @@ def _leg(x, weights, slots, dest, h: Handle, what: str, num_gpus: int, divisor: 
     return _Dispatch.apply(x, weights, anchor(True), slots, units, rows, leg, h.group, what)
 
 
-def _on_node(slots: torch.Tensor, layout, node: int) -> torch.Tensor:
-    """Global slots (int64) on ``node`` kept, the others -1."""
-    if hasattr(layout, "slot_lookup"):  # a RouteTable: one gather in a cached table (-1 reads its last entry)
-        return torch.take(layout.slot_lookup(node=node), slots)
-    per_node = layout.slots_per_gpu * layout.gpus_per_node
-    slots = slots.to(torch.int64)
-    return torch.where(slots.div(per_node, rounding_mode="floor") == node, slots, -1)
-
-
-def local_slots(slots: torch.Tensor, layout, rank: int) -> torch.Tensor:
-    """Global slot ids (int64) -> this rank's local slot ids (int64), -1 for slots of other ranks."""
-    if hasattr(layout, "slot_lookup"):  # a RouteTable: one gather in a cached table (-1 reads its last entry)
-        return torch.take(layout.slot_lookup(rank=rank), slots)
-    spg = layout.slots_per_gpu
-    slots = slots.to(torch.int64)
-    return torch.where(slots.div(spg, rounding_mode="floor") == rank, slots - rank * spg, -1)
-
-
 def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout, wire_format: str = "token_rank",
              group=None, counters: TrafficCounters | None = None, requires_grad: bool | None = None,
              static: bool = False, tokens_per_rank: list[int] | None = None) -> Dispatched:
@@ -291,7 +275,7 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout
         rows_a, w_a, s_a = _leg(x, weights, slots, entry_ranks(slots, spg, gpn, rank), h,
                                 "dispatch leg A (inter-node)", num_gpus)
         node = rank // gpn
-        slots_b = torch.cat([_on_node(slots, layout, node), _on_node(s_a, layout, node)])
+        slots_b = torch.cat([on_node(slots, layout, node), on_node(s_a, layout, node)])
         x_b, w_b = torch.cat([x, rows_a]), torch.cat([weights, w_a])
         rows, w, s = _leg(x_b, w_b, slots_b, slots_b, h, "dispatch leg B (intra-node)", num_gpus, spg)
     return Dispatched(rows, local_slots(s, layout, rank), w, h)

@@ -112,3 +112,22 @@ def capacity_kept(expert_ids: torch.Tensor, num_experts: int, top_k: int, capaci
     place_sorted = torch.arange(flat.numel(), device=flat.device) - starts[sorted_ids] + before[sorted_ids]
     place = torch.empty_like(place_sorted).scatter_(0, order, place_sorted)  # (S,) global place within expert
     return (place < capacity).view_as(expert_ids), capacity
+
+
+# ---- global slot ids -> the ids a rank or node uses ------------------------------------------------------
+def on_node(slots: torch.Tensor, layout, node: int) -> torch.Tensor:
+    """Global slots (int64) on ``node`` kept, the others -1."""
+    if hasattr(layout, "slot_lookup"):  # a RouteTable: one gather in a cached table (-1 reads its last entry)
+        return torch.take(layout.slot_lookup(node=node), slots)
+    per_node = layout.slots_per_gpu * layout.gpus_per_node
+    slots = slots.to(torch.int64)
+    return torch.where(slots.div(per_node, rounding_mode="floor") == node, slots, -1)
+
+
+def local_slots(slots: torch.Tensor, layout, rank: int) -> torch.Tensor:
+    """Global slot ids (int64) -> this rank's local slot ids (int64), -1 for slots of other ranks."""
+    if hasattr(layout, "slot_lookup"):  # a RouteTable: one gather in a cached table (-1 reads its last entry)
+        return torch.take(layout.slot_lookup(rank=rank), slots)
+    spg = layout.slots_per_gpu
+    slots = slots.to(torch.int64)
+    return torch.where(slots.div(spg, rounding_mode="floor") == rank, slots - rank * spg, -1)
