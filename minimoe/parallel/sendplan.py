@@ -117,7 +117,8 @@ def plan_for(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int) -> Plan
         from minimoe.parallel import sendplan_triton
 
         if sendplan_triton.usable(dest, num_gpus):
-            return sendplan_triton.plan_triton(dest, divisor, num_gpus, rank)
+            counts, mask, position, send = sendplan_triton.plan_triton(dest, divisor, num_gpus, rank)
+            return Plan(counts, mask, position, send_list=send)
     return plan(_grid(dest.div(divisor, rounding_mode="floor"), num_gpus), rank)
 
 

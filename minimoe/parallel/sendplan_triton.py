@@ -93,9 +93,9 @@ def usable(dest: torch.Tensor, num_gpus: int) -> bool:
 
 def plan_triton(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int):
     """dest (U, m) integer entries (< 0 = none), unit u reaching rank ``dest[u, j] // divisor`` -> the leg's
-    ``sendplan.Plan`` with its send list, all on the device in one launch. Raises RuntimeError without Triton."""
-    from minimoe.parallel.sendplan import Plan
-
+    (counts (G,) int64 in rank order, mask (U, G) bool and position (U, G) int64 in ``rank_first`` column order,
+    send list (U·G,) int64 whose first n_total entries are [for other ranks | kept]), all on the device in two
+    launches (``sendplan.plan_for`` wraps them in a ``Plan``). Raises RuntimeError without Triton."""
     if triton is None:
         raise RuntimeError("plan_triton needs Triton (pip install triton)")
     num_units, m = dest.shape
@@ -112,4 +112,4 @@ def plan_triton(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int):
     _block_totals_kernel[(num_blocks,)](dest, divisor, num_units, rank, num_gpus, totals, M=m, BLOCK=BLOCK_U, GP=gp)
     _plan_kernel[(num_blocks,)](dest, divisor, num_units, rank, num_gpus, totals, num_blocks, counts, position,
                                 mask.view(torch.int8), send, M=m, BLOCK=BLOCK_U, GP=gp, SCAN=SCAN_BLOCKS)
-    return Plan(counts, mask, position, send_list=send)
+    return counts, mask, position, send
