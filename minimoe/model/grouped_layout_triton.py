@@ -28,7 +28,7 @@ try:  # Triton is optional: without it ``grouped.grouped_experts`` sorts with Py
 except ImportError:
     triton = None
 
-MAX_BLOCKS = 1024
+MAX_SCAN = 1 << 16  # block totals each program of the second kernel reads
 
 if triton is not None:
     @triton.jit
@@ -76,10 +76,13 @@ if triton is not None:
 
 
 def usable(expert_ids: torch.Tensor, num_experts: int) -> bool:
-    """Whether :func:`grouped_layout_triton` serves this batch: CUDA, Triton installed, a modest block count."""
+    """Whether :func:`grouped_layout_triton` serves this batch: CUDA, Triton installed, and a scan of the block
+    totals small enough for every program to read (blocks x experts ≤ ``MAX_SCAN``; larger batches keep the
+    sort, whose host cost they amortise)."""
     if not expert_ids.is_cuda or triton is None:
         return False
-    return -(-expert_ids.numel() // _block(num_experts)) <= MAX_BLOCKS
+    num_blocks = -(-expert_ids.numel() // _block(num_experts))
+    return num_blocks * triton.next_power_of_2(num_experts + 1) <= MAX_SCAN
 
 
 def _block(num_experts: int) -> int:

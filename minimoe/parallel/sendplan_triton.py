@@ -22,6 +22,7 @@ import torch
 
 BLOCK_U = 256
 SCAN_BLOCKS = 64
+MAX_SCAN = 1 << 16  # block totals each program of the second kernel reads
 
 
 try:  # Triton is optional: without it (or without CUDA) the PyTorch ops in ``sendplan`` build every plan
@@ -87,8 +88,12 @@ if triton is not None:
 
 
 def usable(dest: torch.Tensor, num_gpus: int) -> bool:
-    """Whether :func:`plan_triton` serves this leg: a CUDA tensor, Triton installed, at most 64 ranks."""
-    return dest.is_cuda and num_gpus <= 64 and triton is not None
+    """Whether :func:`plan_triton` serves this leg: a CUDA tensor, Triton installed, and a scan of the block
+    totals small enough for every program to read (blocks x ranks ≤ ``MAX_SCAN``; larger legs are bound by
+    their payload and keep the PyTorch ops)."""
+    if not dest.is_cuda or triton is None:
+        return False
+    return -(-dest.shape[0] // BLOCK_U) * triton.next_power_of_2(num_gpus) <= MAX_SCAN
 
 
 def plan_triton(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int):
