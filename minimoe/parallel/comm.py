@@ -181,6 +181,18 @@ def reduce_scatter_into(out: torch.Tensor, blocks: torch.Tensor, group=None, wha
     return out
 
 
+def gathered(block: torch.Tensor, group=None, what: str = "all-gather") -> torch.Tensor:
+    """block (n, ...) on every rank -> a new (G·n, ...) tensor: the blocks in rank order (no autograd)."""
+    size = 1 if alone(group) else dist.get_world_size(group)
+    return all_gather_into(block.new_empty(size * block.shape[0], *block.shape[1:]), block, group, what)
+
+
+def scattered(blocks: torch.Tensor, group=None, what: str = "reduce-scatter") -> torch.Tensor:
+    """blocks (G·n, ...) on every rank -> a new (n, ...) tensor: the sum over ranks of block ``rank`` (no autograd)."""
+    size = 1 if alone(group) else dist.get_world_size(group)
+    return reduce_scatter_into(blocks.new_empty(blocks.shape[0] // size, *blocks.shape[1:]), blocks, group, what)
+
+
 def all_gather_rows(row: torch.Tensor, group=None, what: str = "all-gather") -> torch.Tensor:
     """(n,) on every rank -> (G, n): the same-size vectors of all ranks, in rank order."""
     if alone(group):
@@ -238,7 +250,7 @@ class AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block, anchor, group, what):
         ctx.group, ctx.what, ctx.size = group, what, 1 if alone(group) else dist.get_world_size(group)
-        return all_gather_into(block.new_empty(ctx.size * block.shape[0], *block.shape[1:]), block, group, what)
+        return gathered(block, group, what)
 
     @staticmethod
     def backward(ctx, grad):
@@ -252,8 +264,7 @@ class ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, blocks, anchor, group, what):
         ctx.group, ctx.what, ctx.size = group, what, 1 if alone(group) else dist.get_world_size(group)
-        out = blocks.new_empty(blocks.shape[0] // ctx.size, *blocks.shape[1:])
-        return reduce_scatter_into(out, blocks, group, what)
+        return scattered(blocks, group, what)
 
     @staticmethod
     def backward(ctx, grad):

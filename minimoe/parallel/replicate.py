@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minimoe.parallel.comm import AllGather, ReduceScatter, all_gather_rows, alone, anchor
+from minimoe.parallel.comm import AllGather, ReduceScatter, all_gather_rows, alone, anchor, gathered, scattered
 
 
 @dataclass
@@ -63,7 +63,7 @@ def replicate_dispatch(x, slots, weights, h, num_gpus: int, static: bool, tokens
                        8 * top_k, padded_to=block)
     if alone(h.group) or block == 0:
         return x, weights, slots
-    gather, pad = _differentiable(AllGather, h.requires_grad), block - num_tokens
+    gather, pad = _differentiable(AllGather, gathered, h.requires_grad), block - num_tokens
     if pad:  # pad with rows that hit no slot
         x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
     rows = gather(x, h.group, "replicate dispatch (rows)")  # (G·B, H), enqueued first: the big transfer
@@ -71,21 +71,17 @@ def replicate_dispatch(x, slots, weights, h, num_gpus: int, static: bool, tokens
     if pad:
         entries = torch.cat([entries, torch.cat([entries.new_zeros(pad, top_k), entries.new_full((pad, top_k), -1)],
                                                 1)])
-    gathered = gather(entries, h.group, "replicate dispatch (slots, weights)")  # (G·B, 2k)
-    return rows, gathered[:, :top_k], gathered[:, top_k:].to(torch.int64)
+    every_entry = gather(entries, h.group, "replicate dispatch (slots, weights)")  # (G·B, 2k)
+    return rows, every_entry[:, :top_k], every_entry[:, top_k:].to(torch.int64)
 
 
-def _differentiable(exchange, requires_grad: bool):
-    """``exchange`` (``AllGather`` / ``ReduceScatter``) as a function of (tensor, group, what): through autograd
-    when a gradient is needed, else its forward alone (no autograd node to record)."""
+def _differentiable(exchange, plain, requires_grad: bool):
+    """A collective as a function of (tensor, group, what): ``exchange`` (``AllGather`` / ``ReduceScatter``)
+    through autograd when a gradient is needed, else ``plain`` (``gathered`` / ``scattered``: no autograd node)."""
     if requires_grad:
         tie = anchor(True)
         return lambda tensor, group, what: exchange.apply(tensor, tie, group, what)
-    return lambda tensor, group, what: exchange.forward(_NoContext(), tensor, None, group, what)
-
-
-class _NoContext:
-    """Stands in for autograd's ctx when an exchange's forward runs without autograd."""
+    return plain
 
 
 def replicate_combine(expert_out: torch.Tensor, h) -> torch.Tensor:
@@ -96,5 +92,5 @@ def replicate_combine(expert_out: torch.Tensor, h) -> torch.Tensor:
                        h.gpus_per_node, padded_to=blocks.block)
     if alone(h.group) or blocks.block == 0:
         return expert_out
-    mine = _differentiable(ReduceScatter, h.requires_grad)(expert_out, h.group, "replicate combine")  # (B, H)
+    mine = _differentiable(ReduceScatter, scattered, h.requires_grad)(expert_out, h.group, "replicate combine")
     return mine[:h.num_tokens]
