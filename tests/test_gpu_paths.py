@@ -179,16 +179,24 @@ def test_the_triton_send_plan_equals_the_pytorch_ops():
     g = torch.Generator(device="cuda").manual_seed(0)
     for case in range(60):
         num_gpus, m, spg = 1 + case % 8, 1 + case % 9, 1 + case % 3
-        units = [0, 1, 255, 256, 257, 700, 5000, 40000][case % 8]
+        pairs_of = (0, 1, 8)[case % 3]  # the units are the pairs of each row (token_expert): m = 1
+        m = 1 if pairs_of else m
+        units = [0, 1, 255, 256, 257, 700, 5000, 40000][case % 8] * max(1, pairs_of)
         rank = case % num_gpus
         dest = torch.randint(-1, num_gpus * spg, (units, m), device="cuda", generator=g)
         want = plan(_grid(dest.div(spg, rounding_mode="floor"), num_gpus), rank)
-        counts, mask, position, send = plan_triton(dest, spg, num_gpus, rank)
-        got = Plan(counts, mask, position, send_list=send)
+        counts, mask, position, send, extra = plan_triton(dest, spg, num_gpus, rank, pairs_of)
+        got = Plan(counts, mask, position, send_list=send, one_bags=extra and extra[0], send_rows=extra and extra[1])
         n_self, n_total = int(want.counts[rank]), int(want.counts.sum())
         assert torch.equal(got.counts, want.counts) and torch.equal(got.mask, want.mask)
         assert torch.equal(got.position * got.mask, want.position * want.mask)
         assert torch.equal(got.send_units(n_self, n_total), want.send_units(n_self, n_total))
+        if pairs_of:
+            units_sent = want.send_units(n_self, n_total)
+            assert all(torch.equal(a, b) for a, b in zip(got.bags(True), want.bags(True)))
+            assert torch.equal(got.rows_of(units_sent, pairs_of), units_sent // pairs_of)
+        else:
+            assert extra is None
 
 
 @pytest.mark.parametrize("backend", ["grouped_mm_t", "grouped_mm"])
@@ -236,3 +244,78 @@ def test_the_triton_silu_mul_equals_pytorch(dtype):
     want = torch.nn.functional.silu(gate.float()) * up.float()
     torch.testing.assert_close(silu_mul(gate, up).float(), want, rtol=1e-5 if dtype == torch.float32 else 1e-2,
                                atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 2), (512, 8, 2), (300, 128, 8), (5, 1000, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_router_equals_softmax_topk(shape, dtype):
+    from minimoe.model import router_triton
+    from minimoe.model.router import softmax_topk
+
+    pytest.importorskip("triton")
+    tokens, experts, top_k = shape
+    g = torch.Generator(device="cuda").manual_seed(3)
+    logits = torch.randn(tokens, experts, device="cuda", generator=g).to(dtype)
+    for norm in (True, False):
+        want = softmax_topk(logits, top_k, norm)
+        assert router_triton.usable(logits, top_k)
+        ids, weights, probs = router_triton.softmax_topk(logits, top_k, norm)
+        torch.testing.assert_close(probs, want.scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights, want.weights, rtol=1e-5, atol=1e-6)
+        # equal probabilities may be kept in another order: the kept probabilities must agree, id by id
+        torch.testing.assert_close(probs.gather(1, ids), want.scores.gather(1, want.expert_ids), rtol=0, atol=0)
+        assert (ids.sort(1).values.diff(dim=1) > 0).all()  # k distinct experts
+    ids, _, _ = router_triton.softmax_topk(torch.zeros(3, 8, device="cuda"), 2)
+    assert ids.tolist() == [[0, 1]] * 3  # ties keep the lower id
+
+
+def test_gather_rows_reads_a_zero_row_outside_the_table():
+    from minimoe.model.bag_sum_triton import gather_rows
+
+    pytest.importorskip("triton")
+    g = torch.Generator(device="cuda").manual_seed(4)
+    table = torch.randn(50, 4100, device="cuda", generator=g).bfloat16()
+    index = torch.tensor([3, 50, -1, 0, 49, 77, 3], device="cuda")
+    want = torch.cat([table, table.new_zeros(1, 4100)])[torch.where((index >= 0) & (index < 50), index, 50)]
+    assert torch.equal(gather_rows(table, index), want)
+    assert torch.equal(gather_rows(table.T.contiguous().T, index), want)
+
+
+def test_the_counted_layout_writes_every_row(monkeypatch):
+    from minimoe.model.grouped_layout_triton import grouped_layout_triton
+
+    pytest.importorskip("triton")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):  # memory that was not written reads -7
+        out = empty(*args, **kwargs)
+        return out.fill_(-7) if out.dtype == torch.int64 else out
+
+    for tokens, experts, align in ((1, 8, 8), (600, 8, 8), (77, 60, 1), (3000, 16, 8)):
+        ids = torch.randint(0, experts + 1, (tokens, 2), device="cuda", generator=g)
+        size = tokens * 2 + (align - 1) * experts
+        size += -size % align
+        monkeypatch.setattr(torch, "empty", poisoned)
+        place, ends, source = grouped_layout_triton(ids, experts, tokens, align, size)
+        monkeypatch.undo()
+        assert (source >= 0).all() and (source <= tokens).all() and (place >= 0).all()
+        flat = ids.reshape(-1)
+        valid = flat < experts
+        assert torch.equal(source[place[valid]], torch.arange(tokens * 2, device="cuda")[valid] // 2)
+        assert (source[place[~valid]] == tokens).all()
+        assert int((source < tokens).sum()) == int(valid.sum())  # every other row reads the zero row
+        assert torch.equal(ends.long(), ((torch.bincount(flat, minlength=experts + 1)[:experts]
+                                          + torch.nn.functional.one_hot(torch.tensor(experts - 1), experts).cuda()
+                                          * int((~valid).sum()) + align - 1) // align * align).cumsum(0))
+
+
+def test_the_moe_layer_without_a_gradient_equals_the_loop():
+    layer, x = _layer(tokens=512)
+    with torch.inference_mode():
+        got = layer(x)  # the Triton router, layout, gather, silu·mul and sum
+        routing = layer.last_routing
+        layer.impl = "loop"
+        want = layer(x)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(routing.weights.sum(1), torch.ones(512, device="cuda"))

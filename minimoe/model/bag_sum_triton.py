@@ -9,6 +9,9 @@ it. This kernel gives each program one output row and a block of ``BLOCK_C`` col
 table row at a time and accumulates in float32. Cells whose weight is 0 are skipped, so they read nothing
 (``embedding_bag`` multiplies them by 0, which turns an inf or NaN in an unrelated row into NaN).
 
+``gather_rows`` runs the same kernel with one cell per row and no weights, a position outside the table
+reading a zero row: the grouped experts gather their rows in expert order with it.
+
 The kernel is forward-only; training keeps ``embedding_bag``, whose backward PyTorch provides. Its results equal
 ``embedding_bag``'s up to float32 summation order (``tests/test_gpu_paths.py``).
 """
@@ -33,7 +36,8 @@ def _kernel():
 
     @triton.jit
     def bag_sum_kernel(index_ptr, weight_ptr, table_ptr, out_ptr, m, num_columns, row_stride, column_stride,
-                       out_stride, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr):
+                       out_stride, num_table_rows, HAS_WEIGHTS: tl.constexpr, ZERO_OUTSIDE: tl.constexpr,
+                       BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = columns < num_columns
@@ -41,6 +45,8 @@ def _kernel():
         for j in range(m):
             position = tl.load(index_ptr + row * m + j).to(tl.int64)
             weight = tl.load(weight_ptr + row * m + j).to(tl.float32) if HAS_WEIGHTS else 1.0
+            if ZERO_OUTSIDE:  # a position outside the table reads a zero row
+                weight = tl.where((position >= 0) & (position < num_table_rows), weight, 0.0)
             if weight != 0.0:  # a cell not sent: read nothing
                 values = tl.load(table_ptr + position * row_stride + columns * column_stride, mask=inside, other=0.0)
                 total += weight * values.to(tl.float32)
@@ -76,5 +82,21 @@ def bag_sum_triton(index: torch.Tensor, table: torch.Tensor, weights: torch.Tens
         weights_arg = weights_arg.view(torch.uint8)
     grid = (num_rows, -(-table.shape[1] // BLOCK_C))
     kernel[grid](index, weights_arg, table, out, m, table.shape[1], table.stride(0), table.stride(1), out.stride(0),
-                 HAS_WEIGHTS=weights is not None, BLOCK=BLOCK_C)
+                 table.shape[0], HAS_WEIGHTS=weights is not None, ZERO_OUTSIDE=False, BLOCK=BLOCK_C)
+    return out
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """out[i] = table[index[i]], or a zero row where index[i] lies outside [0, R): table (R, C) with any
+    strides, index (S,) integer -> (S, C) in table's dtype. One kernel where ``torch.cat`` of a zero row and
+    ``index_select`` take three. Raises RuntimeError when Triton is not installed."""
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("gather_rows needs Triton (pip install triton)")
+    out = table.new_empty(index.shape[0], table.shape[1])
+    if index.shape[0] and table.shape[1]:
+        index = index if index.is_contiguous() else index.contiguous()
+        kernel[(index.shape[0], -(-table.shape[1] // BLOCK_C))](
+            index, index, table, out, 1, table.shape[1], table.stride(0), table.stride(1), out.stride(0),
+            table.shape[0], HAS_WEIGHTS=False, ZERO_OUTSIDE=True, BLOCK=BLOCK_C)
     return out

@@ -35,6 +35,7 @@ whole computation can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -47,12 +48,17 @@ BACKENDS = ("auto", "grouped_mm", "grouped_mm_t", "per_group")
 SWAP_AB_MAX_ROWS_PER_GROUP = 256
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)  # (asked on every forward: cached)
+
+
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` can multiply x (S, K) by weight (G, K, N) here."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype:
         return False
     if x.device.type == "cuda":
-        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+        if x.dtype != torch.bfloat16 or _capability(x.device) < (8, 0):
             return False
     elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
@@ -152,8 +158,8 @@ def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     source = torch.full((size,), num_rows, dtype=torch.long, device=x.device).scatter_(0, slot, order.div(
         m, rounding_mode="floor"))
     rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source)  # (S', H) rows in expert order
-    entry_weights = weights.to(x.dtype)
     if scales_input:
+        entry_weights = weights.to(x.dtype)
         scale = entry_weights.new_zeros(size).scatter_(0, slot, entry_weights.reshape(-1)[order])
         rows = rows * scale.unsqueeze(1)
     valid = None
@@ -173,7 +179,7 @@ def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
         if valid is not None:  # invalid entries keep their weight in the sum below: their rows must be zeros
             out = out.where(valid, 0.0)
     place = torch.empty_like(flat).scatter_(0, order, slot)  # entry p's row among the products
-    return bag_sum(place.view(num_rows, m), out, None if scales_input else entry_weights)  # (N, H)
+    return bag_sum(place.view(num_rows, m), out, None if scales_input else weights)  # (N, H)
 
 
 def _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, scales_input, chosen):
@@ -190,9 +196,12 @@ def _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, sc
     from minimoe.model.grouped_layout_triton import grouped_layout_triton
 
     place, group_ends, source = grouped_layout_triton(expert_ids, num_experts, num_rows, align, size)
-    rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source)  # (S', H) in expert order
-    entry_weights = weights.to(x.dtype)
+    if bag_sum_triton.usable(source.view(-1, 1), x, None):  # one kernel; source N reads a zero row
+        rows = bag_sum_triton.gather_rows(x, source)  # (S', H) in expert order
+    else:
+        rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source)
     if scales_input:
+        entry_weights = weights.to(x.dtype)
         rows = rows * entry_weights.new_zeros(size + 1).scatter_(0, place, entry_weights.reshape(-1))[:size, None]
     if chosen == "grouped_mm_t":
         gate_up = grouped_matmul(rows, gate_up_proj, group_ends, chosen).T  # (2F, S'): the product's storage
@@ -202,7 +211,7 @@ def _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, sc
         hidden = F.silu(grouped_matmul(rows, gate_up_proj[:, :, :width], group_ends, chosen)) * grouped_matmul(
             rows, gate_up_proj[:, :, width:], group_ends, chosen)
     out = grouped_matmul(hidden, down_proj, group_ends, chosen)  # (S', H); rows past group_ends[-1] unread
-    return bag_sum(place.view(num_rows, m), out, None if scales_input else entry_weights)  # (N, H)
+    return bag_sum(place.view(num_rows, m), out, None if scales_input else weights)  # (N, H)
 
 
 def bag_sum(index: torch.Tensor, table: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

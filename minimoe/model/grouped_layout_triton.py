@@ -15,8 +15,9 @@ with the experts as the columns. Entries are cut into blocks of ``BLOCK`` (one p
                of the entries inside a group is their order in the batch, as a stable sort gives)
                source[place[p]] = p // m, or the zero row N for a no-expert entry; group_ends = cumsum(padded)
 
-Rows of a group beyond its entries read the zero row (``source`` is filled with N first), and so do the
-no-expert entries: every product row is computed and those rows come out 0, so nothing needs masking.
+Rows of a group beyond its entries read the zero row (the first program writes N there, and after the last
+group), and so do the no-expert entries: every product row is computed and those rows come out 0, so nothing
+needs masking. The rows themselves are gathered by ``bag_sum_triton.gather_rows`` (N: a zero row).
 """
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ if triton is not None:
         tl.store(totals_ptr + block * EP + cols, tl.sum(hit, axis=0))
 
     @triton.jit
-    def _layout_kernel(ids_ptr, num_entries, num_experts, m, num_rows, align, totals_ptr, num_blocks, place_ptr,
-                       source_ptr, ends_ptr, BLOCK: tl.constexpr, EP: tl.constexpr, SCAN: tl.constexpr):
+    def _layout_kernel(ids_ptr, num_entries, num_experts, m, num_rows, align, size, totals_ptr, num_blocks,
+                       place_ptr, source_ptr, ends_ptr, BLOCK: tl.constexpr, EP: tl.constexpr, SCAN: tl.constexpr):
         block = tl.program_id(0)
         cols = tl.arange(0, EP)
         whole = tl.zeros([EP], dtype=tl.int32)
@@ -62,7 +63,14 @@ if triton is not None:
         padded = tl.where(cols < num_experts, (group + align - 1) // align * align, 0)
         ends = tl.cumsum(padded, axis=0)
         starts = ends - padded
-        tl.store(ends_ptr + cols, ends, mask=(cols < num_experts) & (cols * 0 + block == 0))  # block 0 only
+        if block == 0:  # the group ends, and the zero row for every row no entry lands in
+            tl.store(ends_ptr + cols, ends, mask=cols < num_experts)
+            for j in range(0, align):  # a group's padding: rows [start + entries, end)
+                tl.store(source_ptr + starts + group + j, (num_rows + cols * 0).to(tl.int64),
+                         mask=(cols < num_experts) & (starts + group + j < ends))
+            for tail in range(tl.sum(tl.where(cols == num_experts - 1, ends, 0), axis=0), size, BLOCK):
+                rows = tail + tl.arange(0, BLOCK)  # after the last group
+                tl.store(source_ptr + rows, (num_rows + rows * 0).to(tl.int64), mask=rows < size)
         last = tl.sum(tl.where(cols == num_experts - 1, starts + whole, 0), axis=0)  # after the last expert's own
         starts = tl.where(cols == num_experts, last, starts)
         entries = block * BLOCK + tl.arange(0, BLOCK)
@@ -102,9 +110,9 @@ def grouped_layout_triton(expert_ids: torch.Tensor, num_experts: int, num_rows: 
     device = flat.device
     totals = torch.empty(num_blocks, ep, dtype=torch.int32, device=device)
     place = torch.empty(num_entries, dtype=torch.int64, device=device)
-    source = torch.full((size,), num_rows, dtype=torch.int64, device=device)
+    source = torch.empty(size, dtype=torch.int64, device=device)  # every row written by the second kernel
     ends = torch.empty(num_experts, dtype=torch.int32, device=device)
     _totals_kernel[(num_blocks,)](flat, num_entries, num_experts, totals, BLOCK=block, EP=ep)
-    _layout_kernel[(num_blocks,)](flat, num_entries, num_experts, m, num_rows, align, totals, num_blocks, place,
-                                  source, ends, BLOCK=block, EP=ep, SCAN=64)
+    _layout_kernel[(num_blocks,)](flat, num_entries, num_experts, m, num_rows, align, size, totals, num_blocks,
+                                  place, source, ends, BLOCK=block, EP=ep, SCAN=64)
     return place, ends, source

@@ -40,6 +40,9 @@ router z-loss (ST-MoE, Zoph et al. 2022, eq. 5)
 Jitter (Switch Transformer §2.4): in training mode the router input is multiplied by noise
 uniform in [1 - eps, 1 + eps]; the experts still see the clean input. (transformers' Mixtral
 multiplies the whole hidden state, experts included; the difference only exists in training.)
+
+On CUDA without a gradient, softmax top-k runs as one Triton kernel (``router_triton``) instead of five
+PyTorch ops; ``softmax_topk`` below is the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -294,7 +297,14 @@ class Router(nn.Module):
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         if self.family == "softmax":
-            return softmax_topk(F.linear(x, self.weight), self.top_k, self.norm_topk_prob)
+            logits = F.linear(x, self.weight)  # (T, E)
+            if logits.is_cuda:  # one Triton kernel instead of five when no gradient is needed
+                from minimoe.model import router_triton  # here: it loads Triton
+
+                if router_triton.usable(logits, self.top_k):  # (checks the shape and top_k as softmax_topk does)
+                    ids, weights, probs = router_triton.softmax_topk(logits, self.top_k, self.norm_topk_prob)
+                    return RoutingResult(ids, weights, logits, probs, "softmax")
+            return softmax_topk(logits, self.top_k, self.norm_topk_prob)
         if self.family == "llama4":
             return llama4_topk(F.linear(x, self.weight), self.top_k)
         logits = F.linear(x.float(), self.weight.float())  # (T, E) float32

@@ -212,14 +212,14 @@ def _leg(x, weights, slots, dest, h: Handle, what: str, num_gpus: int, divisor: 
         leg_plan, send = plan_every_rank(x.shape[0], num_gpus, x.device), [x.shape[0]] * num_gpus
         pending, recv = None, send
     else:
-        leg_plan = plan_for(dest, divisor, num_gpus, rank)
+        leg_plan = plan_for(dest, divisor, num_gpus, rank, pairs_of)
         pending = CountExchange(leg_plan.counts, h.group, f"{what} count exchange")
     bags = leg_plan.bags(one_destination=pairs_of > 0)
     if pending is not None:
         send, recv = pending.wait()  # the leg's host sync
     units = every_rank_units(x.shape[0], num_gpus, x.device) if static else \
         leg_plan.send_units(send[rank], sum(send))
-    rows = units.div(pairs_of, rounding_mode="floor") if pairs_of else units
+    rows = leg_plan.rows_of(units, pairs_of) if pairs_of else units
     per_row = pairs_of if pairs_of else num_gpus  # cells summed into one input row
     row_bags = bags if bags[0].shape == (x.shape[0], per_row) else \
         (bags[0].reshape(x.shape[0], per_row), bags[1].reshape(x.shape[0], per_row))

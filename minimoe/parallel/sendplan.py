@@ -82,6 +82,8 @@ class Plan:
     position: torch.Tensor
     columns: torch.Tensor | None = None  # (G·U,) the mask read column by column, contiguous
     send_list: torch.Tensor | None = None  # (>= n_total,) the send list, already built (``sendplan_triton``)
+    one_bags: tuple | None = None  # ((U, 1) position, (U, 1) mask): ``bags(one_destination=True)``, already built
+    send_rows: torch.Tensor | None = None  # (>= n_total,) the send list's units // k, already built
 
     def send_units(self, n_self: int, n_total: int) -> torch.Tensor:
         """(n_total,) the unit of each row to gather, in the order [rows for other ranks | rows kept here]
@@ -98,7 +100,16 @@ class Plan:
         over the ranks to (U, 1)."""
         if not one_destination:
             return self.position, self.mask
+        if self.one_bags is not None:
+            return self.one_bags
         return (self.position * self.mask).sum(1, keepdim=True), self.mask.any(1, keepdim=True)
+
+    def rows_of(self, units: torch.Tensor, pairs_of: int) -> torch.Tensor:
+        """The input row of each unit of the send list ``units`` when the units are the ``pairs_of`` pairs of
+        each row: units // pairs_of."""
+        if self.send_rows is not None:
+            return self.send_rows[:units.shape[0]]
+        return units.div(pairs_of, rounding_mode="floor")
 
 
 def plan(hit: torch.Tensor, rank: int) -> Plan:
@@ -110,15 +121,19 @@ def plan(hit: torch.Tensor, rank: int) -> Plan:
     return Plan(hit.sum(0), mask, index.view(num_gpus, num_units).T.clamp_min(0), columns)
 
 
-def plan_for(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int) -> Plan:
+def plan_for(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int, pairs_of: int = 0) -> Plan:
     """The plan of a leg whose unit u reaches rank ``dest[u, j] // divisor`` for each entry j (< 0 = none):
-    dest (U, m) integer. On CUDA with Triton two kernels build it (``sendplan_triton``), elsewhere the ops above."""
+    dest (U, m) integer; ``pairs_of`` = k > 0: the units are the k pairs of each row (m = 1). On CUDA with
+    Triton two kernels build it (``sendplan_triton``; with ``pairs_of`` also the one-destination bags and the
+    rows to send), elsewhere the ops above."""
     if dest.is_cuda:  # imported only here: it loads Triton
         from minimoe.parallel import sendplan_triton
 
         if sendplan_triton.usable(dest, num_gpus):
-            counts, mask, position, send = sendplan_triton.plan_triton(dest, divisor, num_gpus, rank)
-            return Plan(counts, mask, position, send_list=send)
+            counts, mask, position, send, extra = sendplan_triton.plan_triton(dest, divisor, num_gpus, rank,
+                                                                              pairs_of)
+            one_bags, send_rows = extra if extra is not None else (None, None)
+            return Plan(counts, mask, position, send_list=send, one_bags=one_bags, send_rows=send_rows)
     return plan(_grid(dest.div(divisor, rounding_mode="floor"), num_gpus), rank)
 
 

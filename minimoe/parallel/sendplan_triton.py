@@ -60,8 +60,8 @@ if triton is not None:
 
     @triton.jit
     def _plan_kernel(dest_ptr, divisor, num_units, rank, num_gpus, totals_ptr, num_blocks, counts_ptr, position_ptr,
-                     mask_ptr, send_ptr, M: tl.constexpr, BLOCK: tl.constexpr, GP: tl.constexpr,
-                     SCAN: tl.constexpr):
+                     mask_ptr, send_ptr, one_position_ptr, one_mask_ptr, send_rows_ptr, M: tl.constexpr,
+                     BLOCK: tl.constexpr, GP: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr):
         block = tl.program_id(0)
         cols, col_rank = _columns(rank, num_gpus, GP)
         col_ok = cols < num_gpus
@@ -85,6 +85,12 @@ if triton is not None:
         tl.store(mask_ptr + cell, hit.to(tl.int8), mask=inside)
         send = tl.where(position >= n_self, position - n_self, position + n_total - n_self)
         tl.store(send_ptr + send, tl.broadcast_to(units[:, None], (BLOCK, GP)).to(tl.int64), mask=inside & (hit > 0))
+        if PAIRS > 0:  # units are the PAIRS pairs of each row, each reaching one rank at most
+            tl.store(send_rows_ptr + send, tl.broadcast_to(units[:, None] // PAIRS, (BLOCK, GP)).to(tl.int64),
+                     mask=inside & (hit > 0))
+            one = units < num_units
+            tl.store(one_position_ptr + units, tl.sum(tl.where(hit > 0, position, 0), axis=1).to(tl.int64), mask=one)
+            tl.store(one_mask_ptr + units, tl.max(hit, axis=1).to(tl.int8), mask=one)
 
 
 def usable(dest: torch.Tensor, num_gpus: int) -> bool:
@@ -96,25 +102,33 @@ def usable(dest: torch.Tensor, num_gpus: int) -> bool:
     return -(-dest.shape[0] // BLOCK_U) * triton.next_power_of_2(num_gpus) <= MAX_SCAN
 
 
-def plan_triton(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int):
+def plan_triton(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int, pairs_of: int = 0):
     """dest (U, m) integer entries (< 0 = none), unit u reaching rank ``dest[u, j] // divisor`` -> the leg's
     (counts (G,) int64 in rank order, mask (U, G) bool and position (U, G) int64 in ``rank_first`` column order,
-    send list (U·G,) int64 whose first n_total entries are [for other ranks | kept]), all on the device in two
-    launches (``sendplan.plan_for`` wraps them in a ``Plan``). Raises RuntimeError without Triton."""
+    send list (U·G,) int64 whose first n_total entries are [for other ranks | kept], extra), all on the device in
+    two launches (``sendplan.plan_for`` wraps them in a ``Plan``). ``pairs_of`` = k > 0 says the units are the k
+    pairs of each row, each reaching one rank at most (m = 1); extra is then (position (U, 1) int64 and mask
+    (U, 1) bool of each unit's one cell, the send list's rows = units // k), else None. Raises RuntimeError
+    without Triton."""
     if triton is None:
         raise RuntimeError("plan_triton needs Triton (pip install triton)")
     num_units, m = dest.shape
     device = dest.device
     gp = triton.next_power_of_2(num_gpus)
     num_blocks = max(1, -(-num_units // BLOCK_U))
-    cells = num_units * num_gpus  # one allocation for the int64 outputs (every op costs the host)
-    counts, position, send = torch.empty(num_gpus + 2 * cells, dtype=torch.int64, device=device).split(
-        [num_gpus, cells, cells])
+    cells, pairs = num_units * num_gpus, num_units if pairs_of else 0
+    # one allocation for the int64 outputs (every op costs the host)
+    counts, position, send, one_position, send_rows = torch.empty(
+        num_gpus + 2 * cells + pairs + (cells if pairs_of else 0), dtype=torch.int64, device=device).split(
+        [num_gpus, cells, cells, pairs, cells if pairs_of else 0])
     position = position.view(num_units, num_gpus)
-    mask = torch.empty(num_units, num_gpus, dtype=torch.bool, device=device)
+    mask, one_mask = torch.empty(cells + pairs, dtype=torch.bool, device=device).split([cells, pairs])
+    mask, one_mask = mask.view(num_units, num_gpus), one_mask.view(pairs, 1)
     totals = torch.empty(num_blocks, gp, dtype=torch.int32, device=device)
     dest = dest if dest.is_contiguous() else dest.contiguous()
     _block_totals_kernel[(num_blocks,)](dest, divisor, num_units, rank, num_gpus, totals, M=m, BLOCK=BLOCK_U, GP=gp)
     _plan_kernel[(num_blocks,)](dest, divisor, num_units, rank, num_gpus, totals, num_blocks, counts, position,
-                                mask.view(torch.int8), send, M=m, BLOCK=BLOCK_U, GP=gp, SCAN=SCAN_BLOCKS)
-    return counts, mask, position, send
+                                mask.view(torch.int8), send, one_position, one_mask.view(torch.int8), send_rows,
+                                M=m, BLOCK=BLOCK_U, GP=gp, SCAN=SCAN_BLOCKS, PAIRS=pairs_of)
+    extra = ((one_position.view(num_units, 1), one_mask), send_rows) if pairs_of else None
+    return counts, mask, position, send, extra
