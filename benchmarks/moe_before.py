@@ -3,7 +3,8 @@
 A frozen copy (commit 9b7f343) of ``MoELayer._experts_grouped`` and of the "auto" backend rule it used: on CUDA,
 with at most 256 rows per expert on average, one matmul per expert after reading the group offsets on the host
 (a sync; not capturable), else ``torch._grouped_mm``; weights multiplied into the expert rows, then a gather
-back to (token, slot) order and a sum over the k slots. ``BeforeMoELayer.of(layer)`` shares ``layer``'s weights.
+back to (token, slot) order and a sum over the k slots. ``BeforeMoELayer.of(layer)`` shares ``layer``'s weights; its router runs softmax top-k as PyTorch ops, as before
+the one-kernel router.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from minimoe.model.grouped import grouped_matmul, grouped_mm_supported
 from minimoe.model.moe import MoELayer
-from minimoe.model.router import RoutingResult
+from minimoe.model.router import Router, RoutingResult, softmax_topk
 
 PER_GROUP_MAX_ROWS_PER_GROUP = 256
 
@@ -35,7 +36,20 @@ class BeforeMoELayer(MoELayer):
     def of(cls, layer: MoELayer) -> "BeforeMoELayer":
         before = copy.copy(layer)  # shares the parameters
         before.__class__ = cls
+        before._modules = dict(layer._modules)  # its own table of submodules: the router below is its own
+        router = copy.copy(layer.router)
+        router.__class__ = BeforeRouter
+        before.router = router
         return before
+
+
+class BeforeRouter(Router):
+    """The router as it was: softmax top-k as PyTorch ops (five kernels after the matmul)."""
+
+    def forward(self, x: torch.Tensor) -> RoutingResult:
+        if self.family == "softmax":
+            return softmax_topk(F.linear(x, self.weight), self.top_k, self.norm_topk_prob)
+        return super().forward(x)
 
     def _experts_grouped(self, x: torch.Tensor, routing: RoutingResult, kept: torch.Tensor | None) -> torch.Tensor:
         """Fast path: sort (token, slot) pairs by expert, grouped matmuls, weighted sum."""
