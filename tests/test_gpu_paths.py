@@ -319,3 +319,26 @@ def test_the_moe_layer_without_a_gradient_equals_the_loop():
         want = layer(x)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(routing.weights.sum(1), torch.ones(512, device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_pack_equals_three_index_selects(dtype):
+    from minimoe.parallel.dispatch import _layout
+    from minimoe.parallel.pack_triton import pack, usable
+
+    pytest.importorskip("triton")
+    g = torch.Generator(device="cuda").manual_seed(6)
+    for units_total, num_rows, m, hidden, count in ((10, 10, 2, 37, 15), (64, 8, 1, 7168, 64), (300, 100, 8, 2050, 0)):
+        x = torch.randn(num_rows, hidden, device="cuda", generator=g).to(dtype)
+        slots = torch.randint(-1, 50, (units_total, m), device="cuda", generator=g)
+        weights = torch.rand(units_total, m, device="cuda", generator=g)
+        units = torch.randint(0, units_total, (count,), device="cuda", generator=g)
+        rows = torch.randint(0, num_rows, (count,), device="cuda", generator=g)
+        widths = _layout(m, hidden, x.element_size())
+        buffer = x.new_full((count + 3, sum(widths)), 7)
+        slot_part, weight_part, row_part, _ = buffer.split(widths, 1)
+        slot_part, weight_part = slot_part.view(torch.int64), weight_part.view(torch.float32)[:, :m]
+        assert usable(x, slots, weights)
+        pack(units, rows, slots, weights, x, slot_part, weight_part, row_part)
+        assert torch.equal(slot_part[:count], slots[units]) and torch.equal(weight_part[:count], weights[units])
+        assert torch.equal(row_part[:count], x[rows]) and (row_part[count:] == 7).all()

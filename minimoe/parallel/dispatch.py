@@ -141,7 +141,8 @@ def _rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 def _send(x, weights, slots, units, rows, leg, group, what):
     """The forward of a leg: gather unit ``units[i]``'s entries and row ``rows[i]`` of x into row i of one buffer
-    [for other ranks | kept | received] (three gathers, no concatenation), send the first part into the last
+    [for other ranks | kept | received] (three gathers or, on CUDA, one ``pack_triton`` kernel; no concatenation),
+    send the first part into the last
     (one all-to-all; nothing to send at one rank). Returns [kept | received] rows (N, H), weights (N, m)
     float32 and global slots (N, m) int64, all views of that buffer."""
     num_entries = weights.shape[1]
@@ -153,9 +154,14 @@ def _send(x, weights, slots, units, rows, leg, group, what):
     if weight_part.shape[1] != num_entries:  # float64 rows and an odd number of entries
         weight_part = weight_part[:, :num_entries]
     gathered, total = len(units), buffer.shape[0]
-    torch.index_select(slots, 0, units, out=_rows(slot_part, 0, gathered))
-    torch.index_select(weights, 0, units, out=_rows(weight_part, 0, gathered))
-    torch.index_select(x, 0, rows, out=_rows(row_part, 0, gathered))
+    if x.is_cuda:  # one Triton kernel for the three gathers (imported here: it loads Triton)
+        from minimoe.parallel import pack_triton
+    if x.is_cuda and pack_triton.usable(x, slots, weights):
+        pack_triton.pack(units, rows, slots, weights, x, slot_part, weight_part, row_part)
+    else:
+        torch.index_select(slots, 0, units, out=_rows(slot_part, 0, gathered))
+        torch.index_select(weights, 0, units, out=_rows(weight_part, 0, gathered))
+        torch.index_select(x, 0, rows, out=_rows(row_part, 0, gathered))
     if not alone(group):
         all_to_all(buffer[gathered:], buffer[:sent], leg.others(leg.send_splits), leg.others(leg.recv_splits),
                    group, what)
