@@ -114,7 +114,10 @@ def test_cut_is_the_saved_fraction_and_undefined_without_a_baseline():
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), top_k=st.integers(1, 4), shape=st.sampled_from([(2, 1), (2, 2), (4, 1), (4, 2)]),
        spare=st.booleans())
-def test_saving_is_zero_for_contiguous_and_within_plus_minus_100_percent(seed, top_k, shape, spare):
+def test_saving_is_zero_for_contiguous_and_at_most_100_percent(seed, top_k, shape, spare):
+    """A saving is 1 - bytes / contiguous bytes: never above 100% (bytes >= 0), and below -100% only when a
+    placement sends more than twice contiguous's bytes, which a load-capped fit on a tiny trace can (seed 17,
+    top-1, 2x2 with spare slots: locality fitted on prefill sends 2.07x)."""
     trace = synthetic_trace(num_requests=12, tokens_per_request=16, num_layers=2, num_experts=16, top_k=top_k,
                             seed=seed)
     topology = Topology(*shape)
@@ -122,7 +125,7 @@ def test_saving_is_zero_for_contiguous_and_within_plus_minus_100_percent(seed, t
     for row in rows:
         if row["method"] == "contiguous":
             assert row["cut_vs_contiguous"] == 0.0
-        assert -1.0 <= row["cut_vs_contiguous"] <= 1.0
+        assert row["cut_vs_contiguous"] <= 1.0
         assert row["cut_vs_contiguous"] == pytest.approx(1 - row["inter_node_bytes"] / next(
             r["inter_node_bytes"] for r in rows if r["method"] == "contiguous" and r["fit"] == row["fit"]))
 
