@@ -7,10 +7,7 @@ the package uses everywhere else, but its CUDA kernel reads the table one elemen
 (C in the thousands, bf16) it runs well below the card's bandwidth, and combine sums every token's rows with
 it. This kernel gives each program one output row and a block of ``BLOCK_C`` columns, loads whole vectors of a
 table row at a time and accumulates in float32. Cells whose weight is 0 are skipped, so they read nothing
-(``embedding_bag`` multiplies them by 0, which turns an inf or NaN in an unrelated row into NaN). A column-major
-table (the transposed grouped product's output, small enough to stay in L2 cache) gets a second kernel: tiles
-of ``TILE_ROWS`` output rows x ``TILE_COLUMNS`` columns, neighbouring lanes reading neighbouring rows of one
-column, where one row per program would read one element per 32-byte sector.
+(``embedding_bag`` multiplies them by 0, which turns an inf or NaN in an unrelated row into NaN).
 
 ``gather_rows`` runs the same kernel with one cell per row and no weights, a position outside the table
 reading a zero row: the grouped experts gather their rows in expert order with it.
@@ -25,7 +22,6 @@ import functools
 import torch
 
 BLOCK_C = 1024
-TILE_ROWS, TILE_COLUMNS = 64, 64  # a column-major table: output rows x columns per program
 COLUMN_MAJOR_MAX_BYTES = 16 << 20
 
 
@@ -56,28 +52,7 @@ def _kernel():
                 total += weight * values.to(tl.float32)
         tl.store(out_ptr + row * out_stride + columns, total.to(out_ptr.dtype.element_ty), mask=inside)
 
-    @triton.jit
-    def bag_sum_columns_kernel(index_ptr, weight_ptr, table_ptr, out_ptr, num_rows, m, num_columns, column_stride,
-                               out_stride, HAS_WEIGHTS: tl.constexpr, BLOCK_R: tl.constexpr,
-                               BLOCK: tl.constexpr):
-        """A column-major table (row stride 1): a tile of BLOCK columns x BLOCK_R output rows per program, so
-        neighbouring lanes read neighbouring rows of one column (the rows of one expert lie side by side)."""
-        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        columns = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-        row_in = rows < num_rows
-        inside = (columns[:, None] < num_columns) & row_in[None, :]
-        total = tl.zeros([BLOCK, BLOCK_R], dtype=tl.float32)
-        for j in range(m):
-            position = tl.load(index_ptr + rows * m + j, mask=row_in, other=0).to(tl.int64)
-            weight = tl.load(weight_ptr + rows * m + j, mask=row_in, other=0).to(tl.float32) if HAS_WEIGHTS else \
-                tl.where(row_in, 1.0, 0.0)
-            values = tl.load(table_ptr + columns[:, None] * column_stride + position[None, :],
-                             mask=inside & (weight != 0.0)[None, :], other=0.0)  # weight 0: read nothing
-            total += weight[None, :] * values.to(tl.float32)
-        tl.store(out_ptr + rows[None, :] * out_stride + columns[:, None], total.to(out_ptr.dtype.element_ty),
-                 mask=inside)
-
-    return bag_sum_kernel, bag_sum_columns_kernel
+    return bag_sum_kernel
 
 
 def usable(index: torch.Tensor, table: torch.Tensor, weights: torch.Tensor | None) -> bool:
@@ -94,9 +69,9 @@ def bag_sum_triton(index: torch.Tensor, table: torch.Tensor, weights: torch.Tens
     """out[i] = Σ_j weights[i, j] · table[index[i, j]] (no weights: a plain sum); index (N, m) integer, table
     (R, C) with any strides, weights (N, m) float or bool -> (N, C) in table's dtype. Positions must lie in
     [0, R) wherever the weight is not 0. Raises RuntimeError when Triton is not installed."""
-    if _kernel() is None:
+    kernel = _kernel()
+    if kernel is None:
         raise RuntimeError("bag_sum_triton needs Triton (pip install triton)")
-    kernel, columns_kernel = _kernel()
     num_rows, m = index.shape
     out = table.new_empty(num_rows, table.shape[1])
     if num_rows == 0 or table.shape[1] == 0:
@@ -105,11 +80,6 @@ def bag_sum_triton(index: torch.Tensor, table: torch.Tensor, weights: torch.Tens
     weights_arg = index if weights is None else weights if weights.is_contiguous() else weights.contiguous()
     if weights_arg.dtype == torch.bool:
         weights_arg = weights_arg.view(torch.uint8)
-    if table.stride(0) == 1 and table.shape[1] > 1:  # column-major: tiles of rows x columns
-        grid = (-(-num_rows // TILE_ROWS), -(-table.shape[1] // TILE_COLUMNS))
-        columns_kernel[grid](index, weights_arg, table, out, num_rows, m, table.shape[1], table.stride(1),
-                             out.stride(0), HAS_WEIGHTS=weights is not None, BLOCK_R=TILE_ROWS, BLOCK=TILE_COLUMNS)
-        return out
     grid = (num_rows, -(-table.shape[1] // BLOCK_C))
     kernel[grid](index, weights_arg, table, out, m, table.shape[1], table.stride(0), table.stride(1), out.stride(0),
                  table.shape[0], HAS_WEIGHTS=weights is not None, ZERO_OUTSIDE=False, BLOCK=BLOCK_C)
@@ -120,9 +90,9 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """out[i] = table[index[i]], or a zero row where index[i] lies outside [0, R): table (R, C) with any
     strides, index (S,) integer -> (S, C) in table's dtype. One kernel where ``torch.cat`` of a zero row and
     ``index_select`` take three. Raises RuntimeError when Triton is not installed."""
-    if _kernel() is None:
+    kernel = _kernel()
+    if kernel is None:
         raise RuntimeError("gather_rows needs Triton (pip install triton)")
-    kernel = _kernel()[0]
     out = table.new_empty(index.shape[0], table.shape[1])
     if index.shape[0] and table.shape[1]:
         index = index if index.is_contiguous() else index.contiguous()

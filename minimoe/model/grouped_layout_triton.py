@@ -94,7 +94,7 @@ def usable(expert_ids: torch.Tensor, num_experts: int) -> bool:
 
 
 def _block(num_experts: int) -> int:
-    return max(32, 2048 // triton.next_power_of_2(num_experts + 1))  # a few thousand cells: many programs
+    return max(32, 8192 // triton.next_power_of_2(num_experts + 1))
 
 
 def grouped_layout_triton(expert_ids: torch.Tensor, num_experts: int, num_rows: int, align: int, size: int):

@@ -22,7 +22,7 @@ except ImportError:
     triton = None
 
 MAX_EXPERTS = 1024  # a block of tokens holds every expert's logit in registers
-TILE = 512  # logits per program: BLOCK_T tokens x E (padded to a power of two)
+TILE = 2048  # logits per program: BLOCK_T tokens x E (padded to a power of two)
 
 if triton is not None:
     @triton.jit
