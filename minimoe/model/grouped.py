@@ -196,7 +196,7 @@ def _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, sc
     from minimoe.model.grouped_layout_triton import grouped_layout_triton
 
     place, group_ends, source = grouped_layout_triton(expert_ids, num_experts, num_rows, align, size)
-    if bag_sum_triton.usable(source.view(-1, 1), x, None):  # one kernel; source N reads a zero row
+    if bag_sum_triton.usable(source, x, None):  # one kernel; source N reads a zero row
         rows = bag_sum_triton.gather_rows(x, source)  # (S', H) in expert order
     else:
         rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source)

@@ -116,11 +116,11 @@ def plan_triton(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int, pair
     device = dest.device
     gp = triton.next_power_of_2(num_gpus)
     num_blocks = max(1, -(-num_units // BLOCK_U))
-    cells, pairs = num_units * num_gpus, num_units if pairs_of else 0
-    # one allocation for the int64 outputs (every op costs the host)
-    counts, position, send, one_position, send_rows = torch.empty(
-        num_gpus + 2 * cells + pairs + (cells if pairs_of else 0), dtype=torch.int64, device=device).split(
-        [num_gpus, cells, cells, pairs, cells if pairs_of else 0])
+    cells = num_units * num_gpus
+    pairs, row_cells = (num_units, cells) if pairs_of else (0, 0)  # the extras' sizes
+    sizes = [num_gpus, cells, cells, pairs, row_cells]  # one allocation for the int64 outputs (every op costs the host)
+    counts, position, send, one_position, send_rows = torch.empty(sum(sizes), dtype=torch.int64,
+                                                                  device=device).split(sizes)
     position = position.view(num_units, num_gpus)
     mask, one_mask = torch.empty(cells + pairs, dtype=torch.bool, device=device).split([cells, pairs])
     mask, one_mask = mask.view(num_units, num_gpus), one_mask.view(pairs, 1)
