@@ -346,7 +346,10 @@ def graph_replay_ms(layer, x, reps: int) -> float:
 class FusedGateUpLayer(MoELayer):
     """Ablation: run 1's grouped path (one (S, 2F) gate_up product, index_copy + bmm combine)."""
 
-    def _experts_grouped(self, x, routing, kept):
+    def _layout_request(self, tokens):
+        return None  # the router did not lay out the rows in run 1
+
+    def _experts_grouped(self, x, routing, kept, layout_backend=None):
         (T, H), k, E, Fe = x.shape, routing.top_k, self.config.num_experts, self.config.intermediate_size
         sorted_ids, order = torch.sort(routing.expert_ids.reshape(-1), stable=True)
         group_ends = torch.searchsorted(sorted_ids, torch.arange(1, E + 1, device=x.device)).to(torch.int32)

@@ -4,7 +4,7 @@ A frozen copy (commit 9b7f343) of ``MoELayer._experts_grouped`` and of the "auto
 with at most 256 rows per expert on average, one matmul per expert after reading the group offsets on the host
 (a sync; not capturable), else ``torch._grouped_mm``; weights multiplied into the expert rows, then a gather
 back to (token, slot) order and a sum over the k slots. ``BeforeMoELayer.of(layer)`` shares ``layer``'s weights; its router runs softmax top-k as PyTorch ops, as before
-the one-kernel router.
+the one-kernel router, and it does not ask the router for the row layout.
 """
 from __future__ import annotations
 
@@ -42,16 +42,12 @@ class BeforeMoELayer(MoELayer):
         before.router = router
         return before
 
+    def _layout_request(self, tokens: torch.Tensor) -> None:
+        """The router did not lay out the expert rows then."""
+        return None
 
-class BeforeRouter(Router):
-    """The router as it was: softmax top-k as PyTorch ops (five kernels after the matmul)."""
-
-    def forward(self, x: torch.Tensor) -> RoutingResult:
-        if self.family == "softmax":
-            return softmax_topk(F.linear(x, self.weight), self.top_k, self.norm_topk_prob)
-        return super().forward(x)
-
-    def _experts_grouped(self, x: torch.Tensor, routing: RoutingResult, kept: torch.Tensor | None) -> torch.Tensor:
+    def _experts_grouped(self, x: torch.Tensor, routing: RoutingResult, kept: torch.Tensor | None,
+                         layout_backend: str | None = None) -> torch.Tensor:
         """Fast path: sort (token, slot) pairs by expert, grouped matmuls, weighted sum."""
         (T, H), k, E, Fe = x.shape, routing.top_k, self.config.num_experts, self.config.intermediate_size
         flat_ids = routing.expert_ids.reshape(-1)  # (S,) S = T·k, pair p = (token p // k, slot p % k)
@@ -82,3 +78,12 @@ class BeforeRouter(Router):
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         pair_out = expert_out.index_select(0, rank)  # (S, H) back in (token, slot) order: a gather
         return pair_out.view(T, k, H).sum(dim=1)  # (T, H)
+
+
+class BeforeRouter(Router):
+    """The router as it was: softmax top-k as PyTorch ops (five kernels after the matmul)."""
+
+    def forward(self, x: torch.Tensor) -> RoutingResult:
+        if self.family == "softmax":
+            return softmax_topk(F.linear(x, self.weight), self.top_k, self.norm_topk_prob)
+        return super().forward(x)

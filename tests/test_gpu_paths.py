@@ -312,15 +312,52 @@ def test_the_counted_layout_writes_every_row(monkeypatch):
                                           * int((~valid).sum()) + align - 1) // align * align).cumsum(0))
 
 
+def test_the_fused_router_layout_equals_the_router_then_the_layout(monkeypatch):
+    from minimoe.model import route_layout_triton, router_triton
+    from minimoe.model.grouped_layout_triton import grouped_layout_triton
+
+    pytest.importorskip("triton")
+    g = torch.Generator(device="cuda").manual_seed(6)
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):  # memory that was not written reads -7
+        out = empty(*args, **kwargs)
+        return out.fill_(-7) if out.dtype == torch.int64 else out
+
+    for tokens, experts, top_k, align, norm in ((1, 8, 2, 8, True), (512, 8, 2, 8, True), (1024, 8, 2, 8, False),
+                                                (33, 60, 6, 8, True), (64, 128, 8, 1, True), (5, 2, 2, 8, True)):
+        logits = torch.randn(tokens, experts, device="cuda", generator=g).bfloat16()
+        logits[:, 1] = logits[:, 0]  # ties: the lower id is kept first
+        size = tokens * top_k + (align - 1) * experts
+        size += -size % align
+        assert route_layout_triton.usable(logits, top_k)
+        monkeypatch.setattr(torch, "empty", poisoned)
+        got = route_layout_triton.softmax_topk_layout(logits, top_k, norm, align, size)
+        monkeypatch.undo()
+        ids, weights, probs = router_triton.softmax_topk(logits, top_k, norm)
+        want = (ids, weights, probs, *grouped_layout_triton(ids, experts, tokens, align, size))
+        for name, a, b in zip(("ids", "weights", "probs", "place", "group_ends", "source"), got, want):
+            assert torch.equal(a, b), name
+    assert not route_layout_triton.usable(torch.zeros(2048, 8, device="cuda"), 2)  # past one program: no
+
+
 def test_the_moe_layer_without_a_gradient_equals_the_loop():
     layer, x = _layer(tokens=512)
     with torch.inference_mode():
-        got = layer(x)  # the Triton router, layout, gather, silu·mul and sum
+        got = layer(x)  # the Triton router and layout (one kernel), gather, silu·mul and sum
         routing = layer.last_routing
+        assert routing.layout is not None
         layer.impl = "loop"
         want = layer(x)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(routing.weights.sum(1), torch.ones(512, device="cuda"))
+    with torch.inference_mode():  # past one program of the fused kernel: the router, then the layout
+        layer.impl = "grouped"
+        x = torch.randn(3000, x.shape[1], device="cuda", dtype=x.dtype)
+        got = layer(x)
+        assert layer.last_routing.layout is None
+        layer.impl = "loop"
+        torch.testing.assert_close(got.float(), layer(x).float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

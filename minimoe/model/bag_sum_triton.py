@@ -9,7 +9,12 @@ it. This kernel gives each program one output row and a block of ``BLOCK_C`` col
 table row at a time and accumulates in float32. Cells whose weight is 0 are skipped, so they read nothing
 (``embedding_bag`` multiplies them by 0, which turns an inf or NaN in an unrelated row into NaN).
 
-``gather_rows`` runs the same kernel with one cell per row and no weights, a position outside the table
+A column-major table (the transposed grouped product's output, ``grouped_mm_t``) is summed by a second kernel
+that gives each program a tile of ``TILE_ROWS`` output rows x ``TILE_COLUMNS`` columns: one output row reads one
+element per 32-byte sector of such a table, while a tile's rows point at neighbouring table rows (the entries of
+one expert sit side by side in token order), so one sector serves several of them.
+
+``gather_rows`` runs the row kernel with one cell per row and no weights, a position outside the table
 reading a zero row: the grouped experts gather their rows in expert order with it.
 
 The kernel is forward-only; training keeps ``embedding_bag``, whose backward PyTorch provides. Its results equal
@@ -23,6 +28,7 @@ import torch
 
 BLOCK_C = 1024
 COLUMN_MAJOR_MAX_BYTES = 16 << 20
+TILE_ROWS, TILE_COLUMNS = 64, 64  # the column-major kernel's tile
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,6 +61,38 @@ def _kernel():
     return bag_sum_kernel
 
 
+@functools.lru_cache(maxsize=1)
+def _tiled_kernel():
+    """The column-major kernel (a tile of output rows x columns per program), or None without Triton."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def bag_sum_tiled_kernel(index_ptr, weight_ptr, table_ptr, out_ptr, num_rows, m, num_columns, row_stride,
+                             column_stride, out_stride, HAS_WEIGHTS: tl.constexpr, ROWS: tl.constexpr,
+                             COLUMNS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        columns = tl.program_id(1) * COLUMNS + tl.arange(0, COLUMNS)
+        row_in, column_in = rows < num_rows, columns < num_columns
+        total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
+        for j in range(m):
+            cell = rows.to(tl.int64) * m + j
+            position = tl.load(index_ptr + cell, mask=row_in, other=0).to(tl.int64)
+            weight = tl.load(weight_ptr + cell, mask=row_in, other=0).to(tl.float32) if HAS_WEIGHTS else \
+                tl.where(row_in, 1.0, 0.0)
+            read = (weight[:, None] != 0.0) & column_in[None, :]  # a cell not sent (or past the end): no read
+            values = tl.load(table_ptr + position[:, None] * row_stride + columns[None, :] * column_stride,
+                             mask=read, other=0.0)
+            total += weight[:, None] * values.to(tl.float32)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * out_stride + columns[None, :],
+                 total.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & column_in[None, :])
+
+    return bag_sum_tiled_kernel
+
+
 def usable(index: torch.Tensor, table: torch.Tensor, weights: torch.Tensor | None) -> bool:
     """Whether :func:`bag_sum_triton` can run here: CUDA tensors, Triton installed, no gradient needed, and a
     table whose rows are contiguous or small enough to stay in L2 cache (a column-major table, such as the
@@ -80,6 +118,12 @@ def bag_sum_triton(index: torch.Tensor, table: torch.Tensor, weights: torch.Tens
     weights_arg = index if weights is None else weights if weights.is_contiguous() else weights.contiguous()
     if weights_arg.dtype == torch.bool:
         weights_arg = weights_arg.view(torch.uint8)
+    if table.stride(0) == 1 and table.shape[1] > 1:  # column-major: tiles of rows share the sectors they read
+        grid = (-(-num_rows // TILE_ROWS), -(-table.shape[1] // TILE_COLUMNS))
+        _tiled_kernel()[grid](index, weights_arg, table, out, num_rows, m, table.shape[1], table.stride(0),
+                              table.stride(1), out.stride(0), HAS_WEIGHTS=weights is not None, ROWS=TILE_ROWS,
+                              COLUMNS=TILE_COLUMNS)
+        return out
     grid = (num_rows, -(-table.shape[1] // BLOCK_C))
     kernel[grid](index, weights_arg, table, out, m, table.shape[1], table.stride(0), table.stride(1), out.stride(0),
                  table.shape[0], HAS_WEIGHTS=weights is not None, ZERO_OUTSIDE=False, BLOCK=BLOCK_C)

@@ -121,15 +121,44 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends, backend: s
     return torch.cat(pieces)
 
 
+def layout_request(x: torch.Tensor, num_entries: int, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                   backend: str = "auto") -> tuple[int, int, str] | None:
+    """(align, size, resolved backend) of the counted row layout ``grouped_experts`` builds on CUDA for
+    ``num_entries`` entries of the rows x (N, H), so that a router can build the same layout in its own kernel
+    (``route_layout_triton``); None where ``grouped_experts`` builds none (CPU, no Triton, "per_group")."""
+    if not x.is_cuda:
+        return None
+    from minimoe.model import grouped_layout_triton  # here: it loads Triton
+
+    width = down_proj.shape[1]
+    chosen = choose_backend(backend, x, [gate_up_proj[:, :, :width], gate_up_proj[:, :, width:], down_proj],
+                            num_rows=num_entries)
+    if chosen == "per_group" or grouped_layout_triton.triton is None:
+        return None
+    align = row_alignment(x) if chosen == "grouped_mm_t" else 1
+    return align, _padded_rows(num_entries, gate_up_proj.shape[0], align), chosen
+
+
+def _padded_rows(num_entries: int, num_experts: int, align: int) -> int:
+    """A static bound on the rows of the counted layout: every group padded to ``align`` rows, and the whole."""
+    size = num_entries + (align - 1) * num_experts
+    return size + -size % align
+
+
 def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
                     down_proj: torch.Tensor, scales_input: bool = False, backend: str = "auto",
-                    has_invalid: bool = True) -> torch.Tensor:
+                    has_invalid: bool = True, layout: tuple | None = None) -> torch.Tensor:
     """x (N, H), expert_ids (N, m) int64 in [0, E] (E = no expert), weights (N, m) float, gate_up_proj
     (E, H, 2F), down_proj (E, F, H) -> y (N, H) in x's dtype (see the module docstring). ``scales_input``:
     Llama 4 weights the input, Σ_j E_{e_nj}(w_nj · x_n). ``has_invalid=False`` promises that no id is E
-    (skips two masks). Raises ValueError for an unknown backend.
+    (skips two masks). ``layout``: (place, group_ends, source) already built for these ids as
+    ``layout_request`` describes (``RoutingResult.layout``), with ``backend`` the resolved backend it names.
+    Raises ValueError for an unknown backend.
     """
     num_rows, m = expert_ids.shape
+    if layout is not None:
+        return _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, scales_input, backend,
+                                        layout)
     num_experts, width = gate_up_proj.shape[0], down_proj.shape[1]
     gate_w, up_w = gate_up_proj[:, :, :width], gate_up_proj[:, :, width:]  # (E, H, F) views
     chosen = choose_backend(backend, x, [gate_w, up_w, down_proj], num_rows=num_rows * m)
@@ -182,20 +211,23 @@ def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     return bag_sum(place.view(num_rows, m), out, None if scales_input else weights)  # (N, H)
 
 
-def _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, scales_input, chosen):
+def _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, scales_input, chosen, layout=None):
     """``grouped_experts`` with the row layout from a counting sort on the device (``grouped_layout_triton``,
-    CUDA): two kernels instead of a sort and some twenty small ops; no-expert entries and padding read a zero
-    row, so no masks. With ``grouped_mm_t`` gate and up are one product: its (S', 2F) output is column-major,
-    so each half is one contiguous block."""
+    CUDA, or the router's kernel when ``layout`` is given): two kernels instead of a sort and some twenty small
+    ops; no-expert entries and padding read a zero row, so no masks. With ``grouped_mm_t`` gate and up are one
+    product: its (S', 2F) output is column-major, so each half is one contiguous block."""
     num_rows, m = expert_ids.shape
     num_experts, width = gate_up_proj.shape[0], down_proj.shape[1]
-    align = row_alignment(x) if chosen == "grouped_mm_t" else 1
-    size = num_rows * m + (align - 1) * num_experts  # a static bound on the padded rows
-    size += -size % align
     from minimoe.model import swiglu_triton
-    from minimoe.model.grouped_layout_triton import grouped_layout_triton
 
-    place, group_ends, source = grouped_layout_triton(expert_ids, num_experts, num_rows, align, size)
+    if layout is None:
+        from minimoe.model.grouped_layout_triton import grouped_layout_triton
+
+        align = row_alignment(x) if chosen == "grouped_mm_t" else 1
+        size = _padded_rows(num_rows * m, num_experts, align)
+        layout = grouped_layout_triton(expert_ids, num_experts, num_rows, align, size)
+    place, group_ends, source = layout
+    size = source.shape[0]
     if bag_sum_triton.usable(source, x, None):  # one kernel; source N reads a zero row
         rows = bag_sum_triton.gather_rows(x, source)  # (S', H) in expert order
     else:

@@ -58,6 +58,7 @@ from minimoe.model.grouped import (  # noqa: F401  (grouped_matmul and friends a
     grouped_experts,
     grouped_matmul,
     grouped_mm_supported,
+    layout_request,
 )
 from minimoe.model.router import (
     AUX_LOSS_CONVENTIONS,
@@ -246,12 +247,13 @@ class MoELayer(nn.Module):
         if x.dtype != self.gate_up_proj.dtype:
             raise TypeError(f"input dtype {x.dtype} differs from the expert weights' dtype {self.gate_up_proj.dtype}")
         tokens = x.reshape(-1, self.hidden_size)  # (T, H)
-        routing = self.router(tokens)
+        request = self._layout_request(tokens)  # (align, size, backend): the router may lay out the rows too
+        routing = self.router(tokens) if request is None else self.router(tokens, layout=request[:2])
         kept = self._capacity_mask(routing.expert_ids)  # (T, k) bool, or None when dropless
         if self.impl == "loop":
             out = self._experts_loop(tokens, routing, kept)
         else:
-            out = self._experts_grouped(tokens, routing, kept)
+            out = self._experts_grouped(tokens, routing, kept, None if routing.layout is None else request[2])
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         self.last_routing, self.last_kept = routing, kept
@@ -291,11 +293,27 @@ class MoELayer(nn.Module):
             out = out.index_add(0, token_idx, expert_out)
         return out
 
-    def _experts_grouped(self, x: torch.Tensor, routing: RoutingResult, kept: torch.Tensor | None) -> torch.Tensor:
-        """Fast path: sort (token, slot) pairs by expert, grouped matmuls, weighted gather-sum."""
+    def _layout_request(self, tokens: torch.Tensor) -> tuple[int, int, str] | None:
+        """(align, size, backend) of the grouped experts' row layout, for a softmax router on CUDA to build in its
+        own kernel (one launch instead of three, ``route_layout_triton``); None where that cannot apply."""
+        cfg = self.config
+        if not tokens.is_cuda or self.impl != "grouped" or cfg.router != "softmax" or cfg.capacity_factor > 0:
+            return None
+        if torch.is_grad_enabled() and self.router.weight.requires_grad:  # the fused kernel is forward-only
+            return None
+        return layout_request(tokens, tokens.shape[0] * cfg.top_k, self.gate_up_proj, self.down_proj,
+                              self.grouped_backend)
+
+    def _experts_grouped(self, x: torch.Tensor, routing: RoutingResult, kept: torch.Tensor | None,
+                         layout_backend: str | None = None) -> torch.Tensor:
+        """Fast path: sort (token, slot) pairs by expert, grouped matmuls, weighted gather-sum (or, when the
+        router already laid the rows out, ``layout_backend`` names the backend that layout was built for)."""
         expert_ids = routing.expert_ids
         if kept is not None:  # dropped pairs get the id E: "no expert"
             expert_ids = expert_ids.masked_fill(~kept, self.config.num_experts)
+        if layout_backend is not None:
+            return grouped_experts(x, expert_ids, routing.weights, self.gate_up_proj, self.down_proj, False,
+                                   layout_backend, has_invalid=False, layout=routing.layout)
         return grouped_experts(x, expert_ids, routing.weights, self.gate_up_proj, self.down_proj,
                                routing.scales_input, self.grouped_backend, has_invalid=kept is not None)
 

@@ -42,7 +42,9 @@ uniform in [1 - eps, 1 + eps]; the experts still see the clean input. (transform
 multiplies the whole hidden state, experts included; the difference only exists in training.)
 
 On CUDA without a gradient, softmax top-k runs as one Triton kernel (``router_triton``) instead of five
-PyTorch ops; ``softmax_topk`` below is the reference it is tested against.
+PyTorch ops; ``softmax_topk`` below is the reference it is tested against. Asked for a layout (an MoE layer
+about to run its grouped experts), a small batch also gets its rows laid out by expert in that same kernel
+(``route_layout_triton``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class RoutingResult:
     logits: torch.Tensor  # (T, E): the router logits x @ W_r^T
     scores: torch.Tensor  # (T, E) float32: the values the selection ranked
     family: str = "softmax"  # which selection rule produced it (one of ROUTER_FAMILIES)
+    # (place (T·k,), group_ends (E,), source (S',)): the grouped experts' row layout, when the router was asked
+    # for it and built it in the same kernel (``route_layout_triton``); None otherwise
+    layout: tuple | None = None
 
     @property
     def scales_input(self) -> bool:
@@ -290,8 +295,10 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x: torch.Tensor) -> RoutingResult:
-        """x: (T, H) -> RoutingResult over the T tokens."""
+    def forward(self, x: torch.Tensor, layout: tuple[int, int] | None = None) -> RoutingResult:
+        """x: (T, H) -> RoutingResult over the T tokens. ``layout`` = (align, size): the MoE layer's grouped
+        experts want their row layout (``grouped.layout_request``); the softmax router builds it in the same
+        kernel where it can (``RoutingResult.layout``; None where it does not)."""
         if x.dim() != 2 or x.shape[1] != self.hidden_size:
             raise ValueError(f"router input must have shape (T, {self.hidden_size}), got {tuple(x.shape)}")
         if self.training and self.jitter > 0:
@@ -301,6 +308,13 @@ class Router(nn.Module):
             if logits.is_cuda:  # one Triton kernel instead of five when no gradient is needed
                 from minimoe.model import router_triton  # here: it loads Triton
 
+                if layout is not None:
+                    from minimoe.model import route_layout_triton
+
+                    if route_layout_triton.usable(logits, self.top_k):
+                        ids, weights, probs, *rows = route_layout_triton.softmax_topk_layout(
+                            logits, self.top_k, self.norm_topk_prob, *layout)
+                        return RoutingResult(ids, weights, logits, probs, "softmax", layout=tuple(rows))
                 if router_triton.usable(logits, self.top_k):  # (checks the shape and top_k as softmax_topk does)
                     ids, weights, probs = router_triton.softmax_topk(logits, self.top_k, self.norm_topk_prob)
                     return RoutingResult(ids, weights, logits, probs, "softmax")
