@@ -28,7 +28,7 @@ import torch
 
 BLOCK_C = 1024
 COLUMN_MAJOR_MAX_BYTES = 16 << 20
-TILE_ROWS, TILE_COLUMNS = 64, 64  # the column-major kernel's tile
+TILE_ROWS, TILE_COLUMNS = 128, 32  # the column-major kernel's tile (the fastest of nine at 512 tokens on an H100)
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,7 +11,8 @@ permutation fused with the weighted sum (no scatter-add, no atomics, determinist
 
 On CUDA with Triton the same computation takes fewer launches (at a few hundred tokens the host's 15-35 µs per
 op, not the GPU, sets the pace): the expert order comes from a counting sort in two kernels
-(``grouped_layout_triton``, no ``torch.sort``), gate and up are one transposed product, and without a gradient
+(``grouped_layout_triton``, no ``torch.sort``; for a small batch the router's kernel builds it,
+``route_layout_triton``), gate and up are one transposed product, and without a gradient
 silu·up and the weighted sum are one kernel each (``swiglu_triton``, ``bag_sum_triton``). The PyTorch path
 below is the reference they are tested against.
 
