@@ -96,7 +96,7 @@ def _tiled_kernel():
 def usable(index: torch.Tensor, table: torch.Tensor, weights: torch.Tensor | None) -> bool:
     """Whether :func:`bag_sum_triton` can run here: CUDA tensors, Triton installed, no gradient needed, and a
     table whose rows are contiguous or small enough to stay in L2 cache (a column-major table, such as the
-    transposed grouped product's output, is read one element per row and column)."""
+    transposed grouped product's output, is read in scattered sectors even by the tiled kernel)."""
     needs_grad = torch.is_grad_enabled() and (table.requires_grad or (weights is not None and weights.requires_grad))
     small = table.numel() * table.element_size() <= COLUMN_MAJOR_MAX_BYTES
     return (table.is_cuda and not needs_grad and table.dim() == 2 and (table.stride(1) == 1 or small)
