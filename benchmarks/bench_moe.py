@@ -349,7 +349,7 @@ class FusedGateUpLayer(MoELayer):
     def _layout_request(self, tokens):
         return None  # the router did not lay out the rows in run 1
 
-    def _experts_grouped(self, x, routing, kept, layout_backend=None):
+    def _experts_grouped(self, x, routing, kept):
         (T, H), k, E, Fe = x.shape, routing.top_k, self.config.num_experts, self.config.intermediate_size
         sorted_ids, order = torch.sort(routing.expert_ids.reshape(-1), stable=True)
         group_ends = torch.searchsorted(sorted_ids, torch.arange(1, E + 1, device=x.device)).to(torch.int32)

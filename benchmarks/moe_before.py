@@ -3,8 +3,9 @@
 A frozen copy (commit 9b7f343) of ``MoELayer._experts_grouped`` and of the "auto" backend rule it used: on CUDA,
 with at most 256 rows per expert on average, one matmul per expert after reading the group offsets on the host
 (a sync; not capturable), else ``torch._grouped_mm``; weights multiplied into the expert rows, then a gather
-back to (token, slot) order and a sum over the k slots. ``BeforeMoELayer.of(layer)`` shares ``layer``'s weights; its router runs softmax top-k as PyTorch ops, as before
-the one-kernel router, and it does not ask the router for the row layout.
+back to (token, slot) order and a sum over the k slots. ``BeforeMoELayer.of(layer)`` shares ``layer``'s weights;
+its router runs softmax top-k as PyTorch ops, as before the one-kernel router, and it does not ask the router for
+the row layout.
 """
 from __future__ import annotations
 
@@ -46,8 +47,7 @@ class BeforeMoELayer(MoELayer):
         """The router did not lay out the expert rows then."""
         return None
 
-    def _experts_grouped(self, x: torch.Tensor, routing: RoutingResult, kept: torch.Tensor | None,
-                         layout_backend: str | None = None) -> torch.Tensor:
+    def _experts_grouped(self, x: torch.Tensor, routing: RoutingResult, kept: torch.Tensor | None) -> torch.Tensor:
         """Fast path: sort (token, slot) pairs by expert, grouped matmuls, weighted sum."""
         (T, H), k, E, Fe = x.shape, routing.top_k, self.config.num_experts, self.config.intermediate_size
         flat_ids = routing.expert_ids.reshape(-1)  # (S,) S = T·k, pair p = (token p // k, slot p % k)

@@ -5,6 +5,7 @@ Skipped without a CUDA device; on one GPU: ``PYTHONPATH=. python -m pytest -q te
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 
 import numpy as np
@@ -335,8 +336,11 @@ def test_the_fused_router_layout_equals_the_router_then_the_layout(monkeypatch):
         got = route_layout_triton.softmax_topk_layout(logits, top_k, norm, align, size)
         monkeypatch.undo()
         ids, weights, probs = router_triton.softmax_topk(logits, top_k, norm)
-        want = (ids, weights, probs, *grouped_layout_triton(ids, experts, tokens, align, size))
-        for name, a, b in zip(("ids", "weights", "probs", "place", "group_ends", "source"), got, want):
+        torch.testing.assert_close(got[2], probs, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got[1], weights, rtol=1e-6, atol=1e-7)
+        assert torch.equal(got[0], ids)  # the same argmax rounds on the same probabilities: lowest id on ties
+        want = grouped_layout_triton(got[0], experts, tokens, align, size)  # the layout of the ids it chose
+        for name, a, b in zip(("place", "group_ends", "source"), got[3:], want):
             assert torch.equal(a, b), name
     assert not route_layout_triton.usable(torch.zeros(2048, 8, device="cuda"), 2)  # past one program: no
 
@@ -351,6 +355,23 @@ def test_the_moe_layer_without_a_gradient_equals_the_loop():
         want = layer(x)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(routing.weights.sum(1), torch.ones(512, device="cuda"))
+
+    def replaced(module, args, routing):  # an ablation: other experts than the router chose
+        return dataclasses.replace(routing, expert_ids=routing.expert_ids.roll(1, dims=0))
+
+    def edited(module, args, routing):  # the same, in place (seen outside inference mode)
+        routing.expert_ids.copy_(routing.expert_ids.roll(1, dims=0))
+
+    x = x[:64]
+    for hook, mode in ((replaced, torch.inference_mode), (edited, torch.no_grad)):
+        handle = layer.router.register_forward_hook(hook)
+        with mode():
+            layer.impl = "grouped"
+            got = layer(x)  # the router's layout no longer describes the ids: the layer lays them out again
+            layer.impl = "loop"
+            want = layer(x)
+        handle.remove()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     with torch.inference_mode():  # past one program of the fused kernel: the router, then the layout
         layer.impl = "grouped"
         x = torch.randn(3000, x.shape[1], device="cuda", dtype=x.dtype)

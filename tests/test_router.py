@@ -234,3 +234,27 @@ def test_jitter_only_in_training_and_multiplies_the_router_input():
 def test_bad_input_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_row_layout_describes_only_the_ids_it_was_built_for():
+    from minimoe.model.router import RowLayout, ids_version
+
+    ids = torch.tensor([[0, 1], [1, 2]])
+    layout = RowLayout(torch.arange(4), torch.tensor([1, 3, 4], dtype=torch.int32), torch.tensor([0, 0, 1, 1]), ids,
+                       ids_version(ids))
+    assert layout.matches(ids)
+    assert not layout.matches(ids.clone())  # another tensor: a forward hook returned new routing
+    ids[0, 0] = 2  # edited in place after the layout was built
+    assert not layout.matches(ids)
+    with torch.inference_mode():  # inference tensors keep no version counter: only a replaced tensor is seen
+        ids = torch.tensor([[0, 1], [1, 2]])
+        layout = RowLayout(layout.place, layout.group_ends, layout.source, ids, ids_version(ids))
+        assert layout.ids_version is None and layout.matches(ids) and not layout.matches(ids.clone())
+
+
+@pytest.mark.parametrize("align, size", [(0, 100), (8, 4 * 2 + 7 * 3 - 1), (1, 7)])
+def test_the_fused_router_layout_refuses_a_size_it_would_overrun(align, size):
+    from minimoe.model.route_layout_triton import softmax_topk_layout
+
+    with pytest.raises(ValueError, match="size >= T·k"):
+        softmax_topk_layout(torch.zeros(4, 3), 2, True, align, size)

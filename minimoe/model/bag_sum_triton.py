@@ -17,7 +17,7 @@ one expert sit side by side in token order), so one sector serves several of the
 ``gather_rows`` runs the row kernel with one cell per row and no weights, a position outside the table
 reading a zero row: the grouped experts gather their rows in expert order with it.
 
-The kernel is forward-only; training keeps ``embedding_bag``, whose backward PyTorch provides. Its results equal
+The kernels are forward-only; training keeps ``embedding_bag``, whose backward PyTorch provides. Their results equal
 ``embedding_bag``'s up to float32 summation order (``tests/test_gpu_paths.py``).
 """
 from __future__ import annotations

@@ -126,7 +126,8 @@ def layout_request(x: torch.Tensor, num_entries: int, gate_up_proj: torch.Tensor
                    backend: str = "auto") -> tuple[int, int, str] | None:
     """(align, size, resolved backend) of the counted row layout ``grouped_experts`` builds on CUDA for
     ``num_entries`` entries of the rows x (N, H), so that a router can build the same layout in its own kernel
-    (``route_layout_triton``); None where ``grouped_experts`` builds none (CPU, no Triton, "per_group")."""
+    (``route_layout_triton``); None where it would not use one (CPU, no Triton, "per_group"). ``grouped_experts``
+    accepts any layout built to this request, even where it would otherwise have sorted."""
     if not x.is_cuda:
         return None
     from minimoe.model import grouped_layout_triton  # here: it loads Triton
@@ -141,7 +142,8 @@ def layout_request(x: torch.Tensor, num_entries: int, gate_up_proj: torch.Tensor
 
 
 def _padded_rows(num_entries: int, num_experts: int, align: int) -> int:
-    """A static bound on the rows of the counted layout: every group padded to ``align`` rows, and the whole."""
+    """A static bound on the rows of the counted layout: every group padded to a multiple of ``align`` rows,
+    the total rounded up to a multiple of ``align``."""
     size = num_entries + (align - 1) * num_experts
     return size + -size % align
 

@@ -251,12 +251,21 @@ class MoELayer(nn.Module):
             raise TypeError(f"input dtype {x.dtype} differs from the expert weights' dtype {self.gate_up_proj.dtype}")
         tokens = x.reshape(-1, self.hidden_size)  # (T, H)
         request = self._layout_request(tokens)  # (align, size, backend): the router may lay out the rows too
-        routing = self.router(tokens) if request is None else self.router(tokens, layout=request[:2])
+        if request is None:
+            routing = self.router(tokens)
+        else:
+            align, size, backend = request
+            routing = self.router(tokens, layout_request=(align, size))
         kept = self._capacity_mask(routing.expert_ids)  # (T, k) bool, or None when dropless
         if self.impl == "loop":
             out = self._experts_loop(tokens, routing, kept)
+        elif request is not None and kept is None and routing.layout is not None and \
+                routing.layout.matches(routing.expert_ids):  # the router's layout still describes its ids
+            out = grouped_experts(tokens, routing.expert_ids, routing.weights, self.gate_up_proj, self.down_proj,
+                                  scales_input=routing.scales_input, backend=backend, has_invalid=False,
+                                  layout=routing.layout[:3])
         else:
-            out = self._experts_grouped(tokens, routing, kept, None if routing.layout is None else request[2])
+            out = self._experts_grouped(tokens, routing, kept)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         self.last_routing, self.last_kept = routing, kept
@@ -307,16 +316,11 @@ class MoELayer(nn.Module):
         return layout_request(tokens, tokens.shape[0] * cfg.top_k, self.gate_up_proj, self.down_proj,
                               self.grouped_backend)
 
-    def _experts_grouped(self, x: torch.Tensor, routing: RoutingResult, kept: torch.Tensor | None,
-                         layout_backend: str | None = None) -> torch.Tensor:
-        """Fast path: sort (token, slot) pairs by expert, grouped matmuls, weighted gather-sum (or, when the
-        router already laid the rows out, ``layout_backend`` names the backend that layout was built for)."""
+    def _experts_grouped(self, x: torch.Tensor, routing: RoutingResult, kept: torch.Tensor | None) -> torch.Tensor:
+        """Fast path: sort (token, slot) pairs by expert, grouped matmuls, weighted gather-sum."""
         expert_ids = routing.expert_ids
         if kept is not None:  # dropped pairs get the id E: "no expert"
             expert_ids = expert_ids.masked_fill(~kept, self.config.num_experts)
-        if layout_backend is not None:
-            return grouped_experts(x, expert_ids, routing.weights, self.gate_up_proj, self.down_proj, False,
-                                   layout_backend, has_invalid=False, layout=routing.layout)
         return grouped_experts(x, expert_ids, routing.weights, self.gate_up_proj, self.down_proj,
                                routing.scales_input, self.grouped_backend, has_invalid=kept is not None)
 

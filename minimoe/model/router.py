@@ -50,6 +50,7 @@ about to run its grouped experts), a small batch also gets its rows laid out by 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,31 @@ from torch import nn
 ROUTER_FAMILIES = ("softmax", "deepseek_v3", "llama4")
 AUX_LOSS_CONVENTIONS = ("per_layer", "pooled")  # how a model combines its layers' load-balancing losses
 DROPPED_GROUP_VALUES = {"-inf": float("-inf"), "zero": 0.0}
+
+
+class RowLayout(NamedTuple):
+    """The grouped experts' row layout, built by the router's kernel for the ids it chose
+    (``route_layout_triton``; read by ``minimoe.model.grouped.grouped_experts``)."""
+
+    place: torch.Tensor  # (T·k,) int64: the product row of entry (t, j) = t·k + j
+    group_ends: torch.Tensor  # (E,) int32: where each expert's (padded) rows end
+    source: torch.Tensor  # (S',) int64: the input row of each product row, T for a zero row
+    expert_ids: torch.Tensor  # (T, k): the ids it was built for
+    ids_version: int | None  # expert_ids._version then (None under inference mode, which keeps no counter)
+
+    def matches(self, expert_ids: torch.Tensor) -> bool:
+        """Whether this layout still describes ``expert_ids``: the same tensor, not edited in place since. A
+        forward hook or a learner's ablation that replaces the routing gets a fresh layout, not a stale one.
+        Under ``torch.inference_mode`` tensors keep no version counter, so there an in-place edit of the ids
+        goes unseen: replace ``expert_ids`` instead of editing it."""
+        if expert_ids is not self.expert_ids:
+            return False
+        return self.ids_version is None or expert_ids._version == self.ids_version
+
+
+def ids_version(expert_ids: torch.Tensor) -> int | None:
+    """``expert_ids._version``, or None for an inference tensor (it keeps no version counter)."""
+    return None if expert_ids.is_inference() else expert_ids._version
 
 
 @dataclass
@@ -69,9 +95,8 @@ class RoutingResult:
     logits: torch.Tensor  # (T, E): the router logits x @ W_r^T
     scores: torch.Tensor  # (T, E) float32: the values the selection ranked
     family: str = "softmax"  # which selection rule produced it (one of ROUTER_FAMILIES)
-    # (place (T·k,), group_ends (E,), source (S',)): the grouped experts' row layout, when the router was asked
-    # for it and built it in the same kernel (``route_layout_triton``); None otherwise
-    layout: tuple | None = None
+    # the grouped experts' row layout, when the router was asked for it and built it in the same kernel; else None
+    layout: RowLayout | None = None
 
     @property
     def scales_input(self) -> bool:
@@ -295,10 +320,10 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x: torch.Tensor, layout: tuple[int, int] | None = None) -> RoutingResult:
-        """x: (T, H) -> RoutingResult over the T tokens. ``layout`` = (align, size): the MoE layer's grouped
-        experts want their row layout (``grouped.layout_request``); the softmax router builds it in the same
-        kernel where it can (``RoutingResult.layout``; None where it does not)."""
+    def forward(self, x: torch.Tensor, layout_request: tuple[int, int] | None = None) -> RoutingResult:
+        """x: (T, H) -> RoutingResult over the T tokens. ``layout_request`` = (align, size): the MoE layer's
+        grouped experts want their row layout (``grouped.layout_request``); the softmax router builds it in the
+        same kernel where it can (``RoutingResult.layout``; None where it does not)."""
         if x.dim() != 2 or x.shape[1] != self.hidden_size:
             raise ValueError(f"router input must have shape (T, {self.hidden_size}), got {tuple(x.shape)}")
         if self.training and self.jitter > 0:
@@ -308,13 +333,14 @@ class Router(nn.Module):
             if logits.is_cuda:  # one Triton kernel instead of five when no gradient is needed
                 from minimoe.model import router_triton  # here: it loads Triton
 
-                if layout is not None:
+                if layout_request is not None:
                     from minimoe.model import route_layout_triton
 
                     if route_layout_triton.usable(logits, self.top_k):
-                        ids, weights, probs, *rows = route_layout_triton.softmax_topk_layout(
-                            logits, self.top_k, self.norm_topk_prob, *layout)
-                        return RoutingResult(ids, weights, logits, probs, "softmax", layout=tuple(rows))
+                        ids, weights, probs, place, ends, source = route_layout_triton.softmax_topk_layout(
+                            logits, self.top_k, self.norm_topk_prob, *layout_request)
+                        layout = RowLayout(place, ends, source, ids, ids_version(ids))
+                        return RoutingResult(ids, weights, logits, probs, "softmax", layout=layout)
                 if router_triton.usable(logits, self.top_k):  # (checks the shape and top_k as softmax_topk does)
                     ids, weights, probs = router_triton.softmax_topk(logits, self.top_k, self.norm_topk_prob)
                     return RoutingResult(ids, weights, logits, probs, "softmax")
