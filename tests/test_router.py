@@ -237,7 +237,7 @@ def test_bad_input_errors(make, match):
 
 
 def test_a_row_layout_describes_only_the_ids_it_was_built_for():
-    from minimoe.model.router import RowLayout, ids_version
+    from minimoe.model.route_layout_triton import RowLayout, ids_version
 
     ids = torch.tensor([[0, 1], [1, 2]])
     layout = RowLayout(torch.arange(4), torch.tensor([1, 3, 4], dtype=torch.int32), torch.tensor([0, 0, 1, 1]), ids,

@@ -24,6 +24,8 @@ at each new batch size pays Triton's compile.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from minimoe.model import router_triton
@@ -33,6 +35,32 @@ try:  # Triton is optional: without it the router and the layout run their own p
     import triton.language as tl
 except ImportError:
     triton = None
+
+
+class RowLayout(NamedTuple):
+    """The grouped experts' row layout, built by the kernel below for the ids the router chose (carried in
+    ``RoutingResult.layout``, read by ``minimoe.model.grouped.grouped_experts``)."""
+
+    place: torch.Tensor  # (T·k,) int64: the product row of entry (t, j) = t·k + j
+    group_ends: torch.Tensor  # (E,) int32: where each expert's (padded) rows end
+    source: torch.Tensor  # (S',) int64: the input row of each product row, T for a zero row
+    expert_ids: torch.Tensor  # (T, k): the ids it was built for
+    ids_version: int | None  # expert_ids._version then (None under inference mode, which keeps no counter)
+
+    def matches(self, expert_ids: torch.Tensor) -> bool:
+        """Whether this layout still describes ``expert_ids``: the same tensor, not edited in place since. A
+        forward hook or a learner's ablation that replaces the routing gets a fresh layout, not a stale one.
+        Under ``torch.inference_mode`` tensors keep no version counter, so there an in-place edit of the ids
+        goes unseen: replace ``expert_ids`` instead of editing it."""
+        if expert_ids is not self.expert_ids:
+            return False
+        return self.ids_version is None or expert_ids._version == self.ids_version
+
+
+def ids_version(expert_ids: torch.Tensor) -> int | None:
+    """``expert_ids._version``, or None for an inference tensor (it keeps no version counter)."""
+    return None if expert_ids.is_inference() else expert_ids._version
+
 
 MAX_CELLS = 8192  # tokens x experts (both padded to powers of two) one program holds in registers
 NUM_WARPS = 8  # 32 cells per thread at MAX_CELLS: several (T, E) tensors stay live without spilling

@@ -50,40 +50,18 @@ about to run its grouped experts), a small batch also gets its rows laid out by 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from minimoe.model.route_layout_triton import RowLayout
+
 ROUTER_FAMILIES = ("softmax", "deepseek_v3", "llama4")
 AUX_LOSS_CONVENTIONS = ("per_layer", "pooled")  # how a model combines its layers' load-balancing losses
 DROPPED_GROUP_VALUES = {"-inf": float("-inf"), "zero": 0.0}
-
-
-class RowLayout(NamedTuple):
-    """The grouped experts' row layout, built by the router's kernel for the ids it chose
-    (``route_layout_triton``; read by ``minimoe.model.grouped.grouped_experts``)."""
-
-    place: torch.Tensor  # (T·k,) int64: the product row of entry (t, j) = t·k + j
-    group_ends: torch.Tensor  # (E,) int32: where each expert's (padded) rows end
-    source: torch.Tensor  # (S',) int64: the input row of each product row, T for a zero row
-    expert_ids: torch.Tensor  # (T, k): the ids it was built for
-    ids_version: int | None  # expert_ids._version then (None under inference mode, which keeps no counter)
-
-    def matches(self, expert_ids: torch.Tensor) -> bool:
-        """Whether this layout still describes ``expert_ids``: the same tensor, not edited in place since. A
-        forward hook or a learner's ablation that replaces the routing gets a fresh layout, not a stale one.
-        Under ``torch.inference_mode`` tensors keep no version counter, so there an in-place edit of the ids
-        goes unseen: replace ``expert_ids`` instead of editing it."""
-        if expert_ids is not self.expert_ids:
-            return False
-        return self.ids_version is None or expert_ids._version == self.ids_version
-
-
-def ids_version(expert_ids: torch.Tensor) -> int | None:
-    """``expert_ids._version``, or None for an inference tensor (it keeps no version counter)."""
-    return None if expert_ids.is_inference() else expert_ids._version
 
 
 @dataclass
@@ -339,7 +317,8 @@ class Router(nn.Module):
                     if route_layout_triton.usable(logits, self.top_k):
                         ids, weights, probs, place, ends, source = route_layout_triton.softmax_topk_layout(
                             logits, self.top_k, self.norm_topk_prob, *layout_request)
-                        layout = RowLayout(place, ends, source, ids, ids_version(ids))
+                        version = route_layout_triton.ids_version(ids)
+                        layout = route_layout_triton.RowLayout(place, ends, source, ids, version)
                         return RoutingResult(ids, weights, logits, probs, "softmax", layout=layout)
                 if router_triton.usable(logits, self.top_k):  # (checks the shape and top_k as softmax_topk does)
                     ids, weights, probs = router_triton.softmax_topk(logits, self.top_k, self.norm_topk_prob)
