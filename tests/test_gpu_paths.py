@@ -284,22 +284,25 @@ def test_gather_rows_reads_a_zero_row_outside_the_table():
     assert torch.equal(gather_rows(table.T.contiguous().T, index), want)
 
 
+_EMPTY = torch.empty
+
+
+def _poisoned_empty(*args, **kwargs):
+    """``torch.empty`` whose int64 memory reads -7: a kernel that leaves a row unwritten shows."""
+    out = _EMPTY(*args, **kwargs)
+    return out.fill_(-7) if out.dtype == torch.int64 else out
+
+
 def test_the_counted_layout_writes_every_row(monkeypatch):
     from minimoe.model.grouped_layout_triton import grouped_layout_triton
 
     pytest.importorskip("triton")
     g = torch.Generator(device="cuda").manual_seed(5)
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):  # memory that was not written reads -7
-        out = empty(*args, **kwargs)
-        return out.fill_(-7) if out.dtype == torch.int64 else out
-
     for tokens, experts, align in ((1, 8, 8), (600, 8, 8), (77, 60, 1), (3000, 16, 8)):
         ids = torch.randint(0, experts + 1, (tokens, 2), device="cuda", generator=g)
         size = tokens * 2 + (align - 1) * experts
         size += -size % align
-        monkeypatch.setattr(torch, "empty", poisoned)
+        monkeypatch.setattr(torch, "empty", _poisoned_empty)
         place, ends, source = grouped_layout_triton(ids, experts, tokens, align, size)
         monkeypatch.undo()
         assert (source >= 0).all() and (source <= tokens).all() and (place >= 0).all()
@@ -319,12 +322,6 @@ def test_the_fused_router_layout_equals_the_router_then_the_layout(monkeypatch):
 
     pytest.importorskip("triton")
     g = torch.Generator(device="cuda").manual_seed(6)
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):  # memory that was not written reads -7
-        out = empty(*args, **kwargs)
-        return out.fill_(-7) if out.dtype == torch.int64 else out
-
     for tokens, experts, top_k, align, norm in ((1, 8, 2, 8, True), (512, 8, 2, 8, True), (1024, 8, 2, 8, False),
                                                 (33, 60, 6, 8, True), (64, 128, 8, 1, True), (5, 2, 2, 8, True)):
         logits = torch.randn(tokens, experts, device="cuda", generator=g).bfloat16()
@@ -332,7 +329,7 @@ def test_the_fused_router_layout_equals_the_router_then_the_layout(monkeypatch):
         size = tokens * top_k + (align - 1) * experts
         size += -size % align
         assert route_layout_triton.usable(logits, top_k)
-        monkeypatch.setattr(torch, "empty", poisoned)
+        monkeypatch.setattr(torch, "empty", _poisoned_empty)
         got = route_layout_triton.softmax_topk_layout(logits, top_k, norm, align, size)
         monkeypatch.undo()
         ids, weights, probs = router_triton.softmax_topk(logits, top_k, norm)
