@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ep_cases import graphed  # noqa: E402
 from minimoe.model import bag_sum_triton, route_layout_triton, router_triton  # noqa: E402
 from minimoe.model.grouped_layout_triton import grouped_layout_triton  # noqa: E402
 
@@ -32,25 +34,17 @@ TILES = [(16, 64), (32, 64), (64, 64), (64, 128), (128, 64), (32, 128), (16, 128
 
 
 def gpu_us(fn, calls: int = 50) -> float:
-    """Median GPU µs per call: ``calls`` calls captured in one CUDA graph, replayed ten times."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    """Median GPU µs per call: ``calls`` calls captured in one CUDA graph (``ep_cases.graphed``), replayed ten
+    times."""
+    replay = graphed(lambda: [fn() for _ in range(calls)], torch.device("cuda"))
     for _ in range(3):
-        graph.replay()
+        replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(10):
         start.record()
-        graph.replay()
+        replay()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
