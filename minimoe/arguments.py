@@ -3,8 +3,8 @@
 Each returns a function for ``add_argument(type=...)`` that raises ``argparse.ArgumentTypeError`` with the bad
 value and what was expected; argparse then names the flag. ``OneLineParser`` prints such an error as one line
 (the message and where to read more) instead of argparse's whole usage block. This module imports nothing from
-minimoe, so every part's command (``minimoe.cli``, ``minimoe.parallel.demo``, ``minimoe.traces.convert``,
-``minimoe.compress.experiment``, ...) can use it.
+minimoe when it loads, so every part's command (``minimoe.cli``, ``minimoe.parallel.demo``,
+``minimoe.traces.convert``, ``minimoe.compress.experiment``, ...) can use it, and ``minimoe --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -67,3 +67,40 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# ---- the report's flags ----------------------------------------------------------------------------------------
+DEFAULT_TOPOLOGIES = "2x2,4x2,2x4,4x4"
+
+
+def topologies_argument(text: str) -> list:
+    """--topologies: comma-separated NODESxGPUS clusters (``Topology.parse``), each named once -> [Topology]."""
+    from minimoe.placement.topology import Topology
+
+    try:
+        topologies = [Topology.parse(part) for part in text.split(",")]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error}; give a comma-separated list such as {DEFAULT_TOPOLOGIES}")
+    if len({str(t) for t in topologies}) != len(topologies):
+        raise argparse.ArgumentTypeError(f"{text!r} lists a topology twice")
+    return topologies
+
+
+def fit_tokens_argument(text: str):
+    """--max-fit-tokens: a whole number >= 1, 'all' (None: no sampling) or 'auto' (65536 / top_k)."""
+    if text in ("all", "auto"):
+        return None if text == "all" else text
+    try:
+        return whole_number(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, 'all' or 'auto', got {text!r}") from None
+
+
+def fit_processes_argument(text: str):
+    """--fit-processes: a whole number >= 1 or 'auto' (minimoe.placement.parallel_fits.auto_processes)."""
+    if text == "auto":
+        return text
+    try:
+        return whole_number(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'auto', got {text!r}") from None

@@ -17,130 +17,33 @@ using every core slow each other down many times over).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import sys
 from pathlib import Path
 
-from minimoe.arguments import OneLineParser, number, thread_count, whole_number
+from minimoe.arguments import (DEFAULT_TOPOLOGIES, OneLineParser, fit_processes_argument, fit_tokens_argument,
+                               number, thread_count, topologies_argument, whole_number)
+from minimoe.paths import output_dir
 
-DEFAULT_TOPOLOGIES = "2x2,4x2,2x4,4x4"
-
-
-# ---- argument types: validate while parsing, so a bad value never reaches minutes of work -----------------------
-def _topologies(text: str) -> list:
-    from minimoe.placement.topology import Topology
-
-    try:
-        topologies = [Topology.parse(part) for part in text.split(",")]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{error}; give a comma-separated list such as {DEFAULT_TOPOLOGIES}")
-    if len({str(t) for t in topologies}) != len(topologies):
-        raise argparse.ArgumentTypeError(f"{text!r} lists a topology twice")
-    return topologies
+positive = whole_number(1)
+non_negative = whole_number(0)
 
 
 def default_threads() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-positive = whole_number(1)
-non_negative = whole_number(0)
-def _fit_tokens(text: str):
-    """--max-fit-tokens: a whole number >= 1, 'all' (None: no sampling) or 'auto' (65536 / top_k)."""
-    if text in ("all", "auto"):
-        return None if text == "all" else text
-    try:
-        return positive(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, 'all' or 'auto', got {text!r}") from None
+# ---- the commands: each lives with its part, imported when it runs (``minimoe --help`` stays fast) -------------
+def _command(module: str, name: str):
+    def run(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+
+    return run
 
 
-def _fit_processes(text: str):
-    """--fit-processes: a whole number >= 1 or 'auto' (minimoe.placement.parallel_fits.auto_processes)."""
-    if text == "auto":
-        return text
-    try:
-        return positive(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'auto', got {text!r}") from None
-
-
-# ---- output paths: checked before the work, created only when there is something to write ----------------------
-def check_output_file(flag: str, path: str, suffix: str | None = None) -> Path:
-    """Check that ``path`` can be written (by writing to it and removing what did not exist before)."""
-    path = Path(path)
-    if suffix and path.suffix != suffix:
-        raise ValueError(f"{flag} {path}: expected a file name ending in {suffix}")
-    if path.is_dir():
-        raise ValueError(f"{flag} {path}: is a folder, expected a file name")
-    if not path.parent.is_dir():
-        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
-    existed = path.exists()
-    try:
-        with open(path, "ab"):
-            pass
-    except OSError as error:
-        raise ValueError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
-    if not existed:
-        path.unlink()
-    return path
-
-
-@contextlib.contextmanager
-def output_dir(flag: str, path: str):
-    """Create the folder ``path`` now (so an unwritable place fails before the work) and remove it again if
-    the work fails before anything was written into it."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path}: exists and is not a folder")
-    created = [p for p in (path, *path.parents) if not p.exists()]
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".minimoe-write-check"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
-    try:
-        yield path
-    except BaseException:
-        for folder in created:  # innermost first; only folders this command made and left empty
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
-
-
-def check_input_file(flag: str, path: str | None) -> None:
-    if path is not None and not Path(path).is_file():
-        raise ValueError(f"{flag} {path}: no such file")
-
-
-def check_model_dir(flag: str, path: str | None) -> None:
-    """A model folder: its config.json exists and holds a JSON object (an empty or damaged one is named)."""
-    if path is None:
-        return
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{flag} {path}: not a model folder (expected {config})")
-    import json
-
-    text = config.read_text(errors="replace")
-    try:
-        data = json.loads(text) if text.strip() else None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{flag} {path}: {config} is not valid JSON ({error})") from None
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{flag} {path}: {config} is {'empty' if not text.strip() else 'not a JSON object'}: "
-                         "expected a model's config")
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# ---- the commands --------------------------------------------------------------------------------------------------
 def _demo(args) -> int:
     from minimoe.demo import run_demo
 
@@ -167,198 +70,6 @@ def _train(args) -> int:
         log = train(model_config, train_config, resume=args.resume)
     print(summarise(log))
     print(f"checkpoint: {train_config.out_dir}")
-    return 0
-
-
-def _trace(args) -> int:
-    from minimoe.traces.workload import BUNDLED_MODEL, corpus_prompts, minimoe_tokenize, record_workload, run_prompts
-
-    out = check_output_file("--out", args.out, ".parquet" if args.out.lower().endswith(".parquet") else ".npz")
-    check_model_dir("--model", args.model)
-    if args.hf:
-        check_model_dir("--hf", args.hf)
-        texts, domains = corpus_prompts(args.requests_per_domain, seed=args.seed)
-        from transformers import AutoTokenizer
-
-        from minimoe.hf.convert import load_hf
-
-        try:
-            model = load_hf(args.hf).eval()
-        except Exception as error:  # damaged weights or configs raise OSError, ValueError, SafetensorError...
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ValueError(f"--hf {args.hf}: cannot load the checkpoint ({type(error).__name__}: {first[:200]})") \
-                from None
-        hf_tokenizer = AutoTokenizer.from_pretrained(args.hf, local_files_only=True)
-        tokenize = lambda text: hf_tokenizer(text)["input_ids"]  # noqa: E731
-        name = f"hf:{args.hf}"
-    else:
-        from minimoe.model.transformer import Transformer
-
-        model_dir = args.model or BUNDLED_MODEL
-        texts, domains = run_prompts(model_dir, args.requests_per_domain, args.seed)
-        model, tokenize, name = Transformer.load(model_dir).eval(), minimoe_tokenize(model_dir), None
-    trace = record_workload(model, tokenize, texts, domains, args.new_tokens, args.batch_size, name=name,
-                            temperature=args.temperature, seed=args.seed, progress=True)
-    from minimoe.traces.parquet import save_trace
-
-    save_trace(trace, out)
-    print(f"{trace.num_requests} requests, {trace.num_tokens} tokens, {trace.num_layers} MoE layers -> {out}")
-    return 0
-
-
-def _load_or_record(args, say=progress):
-    """The trace a findings/report run works on: ``--trace FILE`` (a per-token or a load-only trace; a .parquet
-    file is opened and read later in batches) or a recording of ``--model``."""
-    from minimoe.traces.loads import read_trace_file
-    from minimoe.traces.parquet import ParquetTrace, is_parquet
-
-    if args.trace:
-        return ParquetTrace(args.trace) if is_parquet(args.trace) else read_trace_file(args.trace)
-    from minimoe.traces.workload import BUNDLED_MODEL, bundled_trace
-
-    say(f"recording {4 * args.requests_per_domain} requests of the four domains ({args.new_tokens} decode "
-        f"tokens each)")
-    return bundled_trace(num_per_domain=args.requests_per_domain, max_new_tokens=args.new_tokens, seed=args.seed,
-                         model_dir=args.model or BUNDLED_MODEL, temperature=args.temperature, progress=True)
-
-
-def _findings(args) -> int:
-    import json
-
-    from minimoe.traces.findings import findings, format_findings
-    from minimoe.traces.format import Trace
-
-    check_input_file("--trace", args.trace)
-    out = check_output_file("--out", args.out, ".json") if args.out else None
-    save = check_output_file("--save-trace", args.save_trace, ".npz") if args.save_trace else None
-    trace = _load_or_record(args)
-    from minimoe.traces.loads import LoadTrace
-
-    if isinstance(trace, LoadTrace):
-        raise ValueError(f"--trace {args.trace}: a load trace (counts per expert only): the findings need per-token "
-                         "routing; minimoe report --trace on it shows what counts support")
-    if save:
-        from minimoe.traces.parquet import save_trace
-
-        save_trace(trace if isinstance(trace, Trace) else trace.read(), save)
-    progress("findings: imbalance, domain specificity, prefill -> decode")
-    if isinstance(trace, Trace):
-        result = findings(trace, seed=args.seed)
-    else:  # a Parquet file: one pass over its batches
-        from minimoe.placement.engine import LocalEngine, run_passes
-        from minimoe.traces.findings import findings_of_stats
-
-        result = findings_of_stats(run_passes(trace, LocalEngine(), 0, 1, args.seed), seed=args.seed)
-    print(format_findings(result))
-    if out:
-        out.write_text(json.dumps(result, indent=1) + "\n")
-    return 0
-
-
-def _fitting_topologies(args, num_experts: int, check, say=None) -> list:
-    """The topologies to compare: those the user named (all must fit ``num_experts``), else the defaults that
-    fit (a model with 60 experts cannot fill 8 GPUs evenly; the ones skipped are said)."""
-    if args.topologies is not None:
-        try:
-            check(args.topologies, num_experts)
-        except ValueError as error:
-            raise ValueError(f"--topologies: {error}") from None
-        return args.topologies
-    defaults = _topologies(DEFAULT_TOPOLOGIES)
-    kept = [t for t in defaults if not t.fits(num_experts)]
-    if not kept:
-        raise ValueError(f"--topologies: none of the defaults {DEFAULT_TOPOLOGIES} holds {num_experts} experts evenly; "
-                         "name clusters whose GPU count divides the expert count, e.g. --topologies 2x2")
-    if say and len(kept) < len(defaults):
-        say(f"skipping {', '.join(str(t) for t in defaults if t not in kept)}: their GPUs cannot hold "
-            f"{num_experts} experts evenly (name clusters with --topologies)")
-    return kept
-
-
-def _report(args) -> int:
-    check_input_file("--trace", args.trace)
-    check_model_dir("--model", args.model)
-    if (args.workers or args.scheduler) and not (args.trace and args.trace.lower().endswith(".parquet")):
-        flag = "--workers" if args.workers else "--scheduler"
-        raise ValueError(f"{flag}: Dask workers read the trace from a Parquet file; give --trace FILE.parquet "
-                         f"(minimoe import trace.npz --out trace.parquet converts one)")
-    with output_dir("--out", args.out) as out:
-        return _report_into(args, out)
-
-
-def _engine(args):
-    """Where the report's two passes run: this process, a local Dask cluster, or a running one."""
-    from minimoe.placement.engine import DaskEngine, LocalEngine
-
-    if args.workers or args.scheduler:
-        return DaskEngine(workers=args.workers, scheduler=args.scheduler)
-    return LocalEngine()
-
-
-def _report_into(args, out: Path) -> int:
-    import json
-    import time
-
-    from minimoe.placement.report import (Stopwatch, check_topologies, format_report, json_ready, run_report,
-                                          save_decision)
-    from minimoe.placement.report_html import write_html, write_text_html
-
-    if not args.trace:  # check what can be checked before recording for minutes
-        from minimoe.traces.workload import BUNDLED_MODEL
-
-        config = json.loads((Path(args.model or BUNDLED_MODEL) / "config.json").read_text())
-        num_experts = (config.get("moe") or {}).get("num_experts")
-        if num_experts is None:
-            raise ValueError(f"--model {args.model}: a dense model has no experts to place")
-        _fitting_topologies(args, num_experts, check_topologies)
-        if args.new_tokens < 2:
-            raise ValueError(f"--new-tokens {args.new_tokens}: the report fits on the first decode tokens of each "
-                             "request and measures the ones after them: record at least 2")
-        if args.window is not None and args.window >= args.new_tokens:
-            raise ValueError(f"--window {args.window} must be smaller than --new-tokens {args.new_tokens}: the "
-                             f"decode tokens after the window are the held-out set")
-    started, stopwatch = time.perf_counter(), Stopwatch(progress)
-    trace = _load_or_record(args, stopwatch)
-    args.topologies = _fitting_topologies(args, trace.num_experts, check_topologies, stopwatch)
-    from minimoe.traces.loads import LoadTrace
-
-    if isinstance(trace, LoadTrace):  # a load trace: what counts alone can decide
-        from minimoe.placement.load_report import format_load_report, run_load_report, save_load_decision
-
-        result = run_load_report(trace, args.topologies, seed=args.seed, progress=stopwatch)
-        placements = save_load_decision(trace, result, args.topologies, out, seed=args.seed)
-        text = format_load_report(result, str(out))
-        print(text)
-        (out / "report.txt").write_text(text + "\n")
-        (out / "report.json").write_text(json.dumps(json_ready(result), indent=1) + "\n")
-        write_text_html(out / "report.html", "minimoe report (load counts)", text)
-        names = ("report.html", "report.txt", "report.json", *placements)
-        print(f"\nwrote {', '.join(str(out / n) for n in names)} in {time.perf_counter() - started:.0f} s")
-        return 0
-    fitted = {}  # the placements fitted on prefill, so the recommended ones are saved without refitting
-    engine = _engine(args)
-    try:
-        result = run_report(trace, args.topologies, window=args.window, seed=args.seed,
-                            hidden_size=args.hidden_size, progress=stopwatch, fitted=fitted,
-                            max_fit_tokens=args.max_fit_tokens, engine=engine,
-                            compare_partitioners=args.compare_partitioners, fit_processes=args.fit_processes)
-    except ValueError as error:
-        if "online window" in str(error):
-            raise ValueError(f"--window {args.window}: {error}") from None
-        raise
-    finally:
-        engine.close()
-    placements = save_decision(trace, result, args.topologies, out, seed=args.seed, fitted=fitted)
-    text = format_report(result, str(out))
-    print(text)
-    if not args.trace:
-        trace.save(out / "trace.npz")
-    (out / "report.txt").write_text(text + "\n")
-    (out / "report.json").write_text(json.dumps(json_ready(result), indent=1) + "\n")
-    write_html(out / "report.html", result, text)
-    written = ", ".join(str(out / name) for name in ("report.html", "report.txt", "report.json", *placements)
-                        + (() if args.trace else ("trace.npz",)))
-    print(f"\nwrote {written} in {time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -433,16 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--window", metavar="N", type=positive, default=None,
                         help="decode tokens per request in the online fitting window; the tokens after it are "
                              "the held-out set (default: a quarter of the decode length, at most 8)")
-    report.add_argument("--topologies", metavar="LIST", type=_topologies, default=None,
+    report.add_argument("--topologies", metavar="LIST", type=topologies_argument, default=None,
                         help=f"comma-separated NODESxGPUS clusters to compare (default: those of {DEFAULT_TOPOLOGIES} "
                              "whose GPUs hold the trace's experts evenly)")
     report.add_argument("--hidden-size", metavar="N", type=positive, default=7168,
                         help="hidden size for byte counts, bf16 (default: %(default)s, DeepSeek-V3's)")
-    report.add_argument("--max-fit-tokens", metavar="N|all|auto", type=_fit_tokens, default="auto",
+    report.add_argument("--max-fit-tokens", metavar="N|all|auto", type=fit_tokens_argument, default="auto",
                         help="fit each placement's co-activation on a uniform sample of at most N tokens per fitting "
                              "set; 'all' fits on every token; 'auto' samples 65536 (token, expert) pairs, i.e. "
                              "65536 / top_k tokens (default: %(default)s)")
-    report.add_argument("--fit-processes", metavar="N|auto", type=_fit_processes, default="auto",
+    report.add_argument("--fit-processes", metavar="N|auto", type=fit_processes_argument, default="auto",
                         help="worker processes for the placement fits (the same placements as one process); 'auto' "
                              "uses every core up to 4 when a fitting set holds at least 16,384 tokens, else 1 "
                              "(default: %(default)s)")
@@ -457,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "be able to read the --trace path")
     report.add_argument("--out", metavar="DIR", default="report", help="output folder (default: %(default)s)")
     _add_threads(report)
-    report.set_defaults(func=_report)
+    report.set_defaults(func=_command("minimoe.placement.report_command", "report_command"))
 
     findings = sub.add_parser("findings", help="the paper's three observations on a trace, with baselines",
                               description="Imbalance by layer, domain-specific experts and prefill predicting "
@@ -468,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     findings.add_argument("--save-trace", metavar="FILE", help="also save the recorded trace to this .npz file")
     findings.add_argument("--out", metavar="FILE", help="write the findings as JSON to this file")
     _add_threads(findings)
-    findings.set_defaults(func=_findings)
+    findings.set_defaults(func=_command("minimoe.traces.commands", "findings_command"))
 
     trace = sub.add_parser("trace", help="record an expert-activation trace of a minimoe or transformers MoE model "
                                          "on held-out prompts of the four domains")
@@ -481,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--out", metavar="FILE", default="trace.npz",
                        help="trace file to write, .npz or .parquet (default: %(default)s)")
     _add_threads(trace)
-    trace.set_defaults(func=_trace)
+    trace.set_defaults(func=_command("minimoe.traces.commands", "trace_command"))
 
     train = sub.add_parser("train", help="train a small multi-domain MoE language model offline")
     train.add_argument("--preset", default="tiny", choices=("tiny", "shipped"),

@@ -1,0 +1,123 @@
+"""The ``minimoe report`` command (wired by ``minimoe.cli``): the main job.
+
+A trace (``--trace FILE``, or a fresh recording of the bundled model) -> the three findings with their
+baselines, every placement and grouping method fitted and measured on each topology
+(``minimoe.placement.report.run_report``), and report.txt / report.json / report.html plus the deployable
+placement files in ``--out``. A load-only trace gets what counts alone can decide
+(``minimoe.placement.load_report``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from minimoe.arguments import DEFAULT_TOPOLOGIES, topologies_argument
+from minimoe.paths import check_input_file, check_model_dir, output_dir, progress
+from minimoe.traces.commands import load_or_record
+
+
+def fitting_topologies(args, num_experts: int, check, say=None) -> list:
+    """The topologies to compare: those the user named (all must fit ``num_experts``), else the defaults that
+    fit (a model with 60 experts cannot fill 8 GPUs evenly; the ones skipped are said)."""
+    if args.topologies is not None:
+        try:
+            check(args.topologies, num_experts)
+        except ValueError as error:
+            raise ValueError(f"--topologies: {error}") from None
+        return args.topologies
+    defaults = topologies_argument(DEFAULT_TOPOLOGIES)
+    kept = [t for t in defaults if not t.fits(num_experts)]
+    if not kept:
+        raise ValueError(f"--topologies: none of the defaults {DEFAULT_TOPOLOGIES} holds {num_experts} experts evenly; "
+                         "name clusters whose GPU count divides the expert count, e.g. --topologies 2x2")
+    if say and len(kept) < len(defaults):
+        say(f"skipping {', '.join(str(t) for t in defaults if t not in kept)}: their GPUs cannot hold "
+            f"{num_experts} experts evenly (name clusters with --topologies)")
+    return kept
+
+
+def report_command(args) -> int:
+    check_input_file("--trace", args.trace)
+    check_model_dir("--model", args.model)
+    if (args.workers or args.scheduler) and not (args.trace and args.trace.lower().endswith(".parquet")):
+        flag = "--workers" if args.workers else "--scheduler"
+        raise ValueError(f"{flag}: Dask workers read the trace from a Parquet file; give --trace FILE.parquet "
+                         f"(minimoe import trace.npz --out trace.parquet converts one)")
+    with output_dir("--out", args.out) as out:
+        return _report_into(args, out)
+
+
+def _engine(args):
+    """Where the report's two passes run: this process, a local Dask cluster, or a running one."""
+    from minimoe.placement.engine import DaskEngine, LocalEngine
+
+    if args.workers or args.scheduler:
+        return DaskEngine(workers=args.workers, scheduler=args.scheduler)
+    return LocalEngine()
+
+
+def _report_into(args, out: Path) -> int:
+    import json
+    import time
+
+    from minimoe.placement.report import (Stopwatch, check_topologies, format_report, json_ready, run_report,
+                                          save_decision)
+    from minimoe.placement.report_html import write_html, write_text_html
+
+    if not args.trace:  # check what can be checked before recording for minutes
+        from minimoe.traces.workload import BUNDLED_MODEL
+
+        config = json.loads((Path(args.model or BUNDLED_MODEL) / "config.json").read_text())
+        num_experts = (config.get("moe") or {}).get("num_experts")
+        if num_experts is None:
+            raise ValueError(f"--model {args.model}: a dense model has no experts to place")
+        fitting_topologies(args, num_experts, check_topologies)
+        if args.new_tokens < 2:
+            raise ValueError(f"--new-tokens {args.new_tokens}: the report fits on the first decode tokens of each "
+                             "request and measures the ones after them: record at least 2")
+        if args.window is not None and args.window >= args.new_tokens:
+            raise ValueError(f"--window {args.window} must be smaller than --new-tokens {args.new_tokens}: the "
+                             f"decode tokens after the window are the held-out set")
+    started, stopwatch = time.perf_counter(), Stopwatch(progress)
+    trace = load_or_record(args, stopwatch)
+    args.topologies = fitting_topologies(args, trace.num_experts, check_topologies, stopwatch)
+    from minimoe.traces.loads import LoadTrace
+
+    if isinstance(trace, LoadTrace):  # a load trace: what counts alone can decide
+        from minimoe.placement.load_report import format_load_report, run_load_report, save_load_decision
+
+        result = run_load_report(trace, args.topologies, seed=args.seed, progress=stopwatch)
+        placements = save_load_decision(trace, result, args.topologies, out, seed=args.seed)
+        text = format_load_report(result, str(out))
+        print(text)
+        (out / "report.txt").write_text(text + "\n")
+        (out / "report.json").write_text(json.dumps(json_ready(result), indent=1) + "\n")
+        write_text_html(out / "report.html", "minimoe report (load counts)", text)
+        names = ("report.html", "report.txt", "report.json", *placements)
+        print(f"\nwrote {', '.join(str(out / n) for n in names)} in {time.perf_counter() - started:.0f} s")
+        return 0
+    fitted = {}  # the placements fitted on prefill, so the recommended ones are saved without refitting
+    engine = _engine(args)
+    try:
+        result = run_report(trace, args.topologies, window=args.window, seed=args.seed,
+                            hidden_size=args.hidden_size, progress=stopwatch, fitted=fitted,
+                            max_fit_tokens=args.max_fit_tokens, engine=engine,
+                            compare_partitioners=args.compare_partitioners, fit_processes=args.fit_processes)
+    except ValueError as error:
+        if "online window" in str(error):
+            raise ValueError(f"--window {args.window}: {error}") from None
+        raise
+    finally:
+        engine.close()
+    placements = save_decision(trace, result, args.topologies, out, seed=args.seed, fitted=fitted)
+    text = format_report(result, str(out))
+    print(text)
+    if not args.trace:
+        trace.save(out / "trace.npz")
+    (out / "report.txt").write_text(text + "\n")
+    (out / "report.json").write_text(json.dumps(json_ready(result), indent=1) + "\n")
+    write_html(out / "report.html", result, text)
+    written = ", ".join(str(out / name) for name in ("report.html", "report.txt", "report.json", *placements)
+                        + (() if args.trace else ("trace.npz",)))
+    print(f"\nwrote {written} in {time.perf_counter() - started:.0f} s")
+    return 0
