@@ -5,12 +5,20 @@ value and what was expected; argparse then names the flag. ``OneLineParser`` pri
 (the message and where to read more) instead of argparse's whole usage block. This module imports nothing from
 minimoe when it loads, so every part's command (``minimoe.cli``, ``minimoe.parallel.demo``,
 ``minimoe.traces.convert``, ``minimoe.compress.experiment``, ...) can use it, and ``minimoe --help`` stays fast.
+
+The path checks below run before the work starts, so a typo fails in a second, not after minutes: each raises
+``ValueError`` naming the flag, the path and what was expected (``minimoe.cli.main`` prints it as one line and
+exits with status 2); ``output_dir`` creates an output folder up front and removes it again if the work fails
+before anything was written into it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import sys
+from pathlib import Path
 
 
 def whole_number(minimum: int):
@@ -73,19 +81,6 @@ class OneLineParser(argparse.ArgumentParser):
 DEFAULT_TOPOLOGIES = "2x2,4x2,2x4,4x4"
 
 
-def topologies_argument(text: str) -> list:
-    """--topologies: comma-separated NODESxGPUS clusters (``Topology.parse``), each named once -> [Topology]."""
-    from minimoe.placement.topology import Topology
-
-    try:
-        topologies = [Topology.parse(part) for part in text.split(",")]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{error}; give a comma-separated list such as {DEFAULT_TOPOLOGIES}")
-    if len({str(t) for t in topologies}) != len(topologies):
-        raise argparse.ArgumentTypeError(f"{text!r} lists a topology twice")
-    return topologies
-
-
 def fit_tokens_argument(text: str):
     """--max-fit-tokens: a whole number >= 1, 'all' (None: no sampling) or 'auto' (65536 / top_k)."""
     if text in ("all", "auto"):
@@ -104,3 +99,75 @@ def fit_processes_argument(text: str):
         return whole_number(1)(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'auto', got {text!r}") from None
+
+
+def check_output_file(flag: str, path: str, suffix: str | None = None) -> Path:
+    """Check that ``path`` can be written (by writing to it and removing what did not exist before)."""
+    path = Path(path)
+    if suffix and path.suffix != suffix:
+        raise ValueError(f"{flag} {path}: expected a file name ending in {suffix}")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder, expected a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
+    if not existed:
+        path.unlink()
+    return path
+
+
+@contextlib.contextmanager
+def output_dir(flag: str, path: str):
+    """Create the folder ``path`` now (so an unwritable place fails before the work) and remove it again if
+    the work fails before anything was written into it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: exists and is not a folder")
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".minimoe-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
+    try:
+        yield path
+    except BaseException:
+        for folder in created:  # innermost first; only folders this command made and left empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def check_input_file(flag: str, path: str | None) -> None:
+    if path is not None and not Path(path).is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+
+
+def check_model_dir(flag: str, path: str | None) -> None:
+    """A model folder: its config.json exists and holds a JSON object (an empty or damaged one is named)."""
+    if path is None:
+        return
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{flag} {path}: not a model folder (expected {config})")
+    import json
+
+    text = config.read_text(errors="replace")
+    try:
+        data = json.loads(text) if text.strip() else None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{flag} {path}: {config} is not valid JSON ({error})") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{flag} {path}: {config} is {'empty' if not text.strip() else 'not a JSON object'}: "
+                         "expected a model's config")
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -23,18 +23,32 @@ import sys
 from pathlib import Path
 
 from minimoe.arguments import (DEFAULT_TOPOLOGIES, OneLineParser, fit_processes_argument, fit_tokens_argument,
-                               number, thread_count, topologies_argument, whole_number)
-from minimoe.paths import output_dir
+                               check_model_dir, check_output_file, number, output_dir, thread_count,
+                               whole_number)
 
 positive = whole_number(1)
 non_negative = whole_number(0)
+
+
+# ---- argument types that need a part (imported only when the flag is given) -----------------------------------
+def topologies_argument(text: str) -> list:
+    """--topologies: comma-separated NODESxGPUS clusters (``Topology.parse``), each named once -> [Topology]."""
+    from minimoe.placement.topology import Topology
+
+    try:
+        topologies = [Topology.parse(part) for part in text.split(",")]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error}; give a comma-separated list such as {DEFAULT_TOPOLOGIES}")
+    if len({str(t) for t in topologies}) != len(topologies):
+        raise argparse.ArgumentTypeError(f"{text!r} lists a topology twice")
+    return topologies
 
 
 def default_threads() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-# ---- the commands: each lives with its part, imported when it runs (``minimoe --help`` stays fast) -------------
+# ---- the commands: report and findings live in minimoe.placement.commands, imported when they run -----------
 def _command(module: str, name: str):
     def run(args) -> int:
         import importlib
@@ -70,6 +84,42 @@ def _train(args) -> int:
         log = train(model_config, train_config, resume=args.resume)
     print(summarise(log))
     print(f"checkpoint: {train_config.out_dir}")
+    return 0
+
+
+def _trace(args) -> int:
+    from minimoe.traces.workload import BUNDLED_MODEL, corpus_prompts, minimoe_tokenize, record_workload, run_prompts
+
+    out = check_output_file("--out", args.out, ".parquet" if args.out.lower().endswith(".parquet") else ".npz")
+    check_model_dir("--model", args.model)
+    if args.hf:
+        check_model_dir("--hf", args.hf)
+        texts, domains = corpus_prompts(args.requests_per_domain, seed=args.seed)
+        from transformers import AutoTokenizer
+
+        from minimoe.hf.convert import load_hf
+
+        try:
+            model = load_hf(args.hf).eval()
+        except Exception as error:  # damaged weights or configs raise OSError, ValueError, SafetensorError...
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(f"--hf {args.hf}: cannot load the checkpoint ({type(error).__name__}: {first[:200]})") \
+                from None
+        hf_tokenizer = AutoTokenizer.from_pretrained(args.hf, local_files_only=True)
+        tokenize = lambda text: hf_tokenizer(text)["input_ids"]  # noqa: E731
+        name = f"hf:{args.hf}"
+    else:
+        from minimoe.model.transformer import Transformer
+
+        model_dir = args.model or BUNDLED_MODEL
+        texts, domains = run_prompts(model_dir, args.requests_per_domain, args.seed)
+        model, tokenize, name = Transformer.load(model_dir).eval(), minimoe_tokenize(model_dir), None
+    trace = record_workload(model, tokenize, texts, domains, args.new_tokens, args.batch_size, name=name,
+                            temperature=args.temperature, seed=args.seed, progress=True)
+    from minimoe.traces.parquet import save_trace
+
+    save_trace(trace, out)
+    print(f"{trace.num_requests} requests, {trace.num_tokens} tokens, {trace.num_layers} MoE layers -> {out}")
     return 0
 
 
@@ -168,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "be able to read the --trace path")
     report.add_argument("--out", metavar="DIR", default="report", help="output folder (default: %(default)s)")
     _add_threads(report)
-    report.set_defaults(func=_command("minimoe.placement.report_command", "report_command"))
+    report.set_defaults(func=_command("minimoe.placement.commands", "report_command"))
 
     findings = sub.add_parser("findings", help="the paper's three observations on a trace, with baselines",
                               description="Imbalance by layer, domain-specific experts and prefill predicting "
@@ -179,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     findings.add_argument("--save-trace", metavar="FILE", help="also save the recorded trace to this .npz file")
     findings.add_argument("--out", metavar="FILE", help="write the findings as JSON to this file")
     _add_threads(findings)
-    findings.set_defaults(func=_command("minimoe.traces.commands", "findings_command"))
+    findings.set_defaults(func=_command("minimoe.placement.commands", "findings_command"))
 
     trace = sub.add_parser("trace", help="record an expert-activation trace of a minimoe or transformers MoE model "
                                          "on held-out prompts of the four domains")
@@ -192,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--out", metavar="FILE", default="trace.npz",
                        help="trace file to write, .npz or .parquet (default: %(default)s)")
     _add_threads(trace)
-    trace.set_defaults(func=_command("minimoe.traces.commands", "trace_command"))
+    trace.set_defaults(func=_trace)
 
     train = sub.add_parser("train", help="train a small multi-domain MoE language model offline")
     train.add_argument("--preset", default="tiny", choices=("tiny", "shipped"),

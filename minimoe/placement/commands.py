@@ -1,9 +1,12 @@
-"""The ``minimoe report`` command (wired by ``minimoe.cli``): the main job.
+"""The ``minimoe report`` and ``minimoe findings`` commands (wired by ``minimoe.cli``).
 
-A trace (``--trace FILE``, or a fresh recording of the bundled model) -> the three findings with their
-baselines, every placement and grouping method fitted and measured on each topology
-(``minimoe.placement.report.run_report``), and report.txt / report.json / report.html plus the deployable
-placement files in ``--out``. A load-only trace gets what counts alone can decide
+``report`` is the main job. ``findings`` prints the paper's three observations on a trace, each beside its
+baseline (``minimoe.traces.findings``; a Parquet trace in one pass of ``minimoe.placement.engine``). Both read
+``--trace FILE`` or record the bundled model (``load_or_record``).
+
+The report: a trace -> the three findings with their baselines, every placement and grouping method fitted and
+measured on each topology (``minimoe.placement.report.run_report``), and report.txt / report.json / report.html
+plus the deployable placement files in ``--out``. A load-only trace gets what counts alone can decide
 (``minimoe.placement.load_report``).
 """
 
@@ -11,9 +14,58 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minimoe.arguments import DEFAULT_TOPOLOGIES, topologies_argument
-from minimoe.paths import check_input_file, check_model_dir, output_dir, progress
-from minimoe.traces.commands import load_or_record
+from minimoe.arguments import (DEFAULT_TOPOLOGIES, check_input_file, check_model_dir, check_output_file,
+                               output_dir, progress)
+from minimoe.placement.topology import Topology
+
+
+def load_or_record(args, say=progress):
+    """The trace a findings/report run works on: ``--trace FILE`` (a per-token or a load-only trace; a .parquet
+    file is opened and read later in batches) or a recording of ``--model``."""
+    from minimoe.traces.loads import read_trace_file
+    from minimoe.traces.parquet import ParquetTrace, is_parquet
+
+    if args.trace:
+        return ParquetTrace(args.trace) if is_parquet(args.trace) else read_trace_file(args.trace)
+    from minimoe.traces.workload import BUNDLED_MODEL, bundled_trace
+
+    say(f"recording {4 * args.requests_per_domain} requests of the four domains ({args.new_tokens} decode "
+        f"tokens each)")
+    return bundled_trace(num_per_domain=args.requests_per_domain, max_new_tokens=args.new_tokens, seed=args.seed,
+                         model_dir=args.model or BUNDLED_MODEL, temperature=args.temperature, progress=True)
+
+
+def findings_command(args) -> int:
+    import json
+
+    from minimoe.traces.findings import findings, format_findings
+    from minimoe.traces.format import Trace
+
+    check_input_file("--trace", args.trace)
+    out = check_output_file("--out", args.out, ".json") if args.out else None
+    save = check_output_file("--save-trace", args.save_trace, ".npz") if args.save_trace else None
+    trace = load_or_record(args)
+    from minimoe.traces.loads import LoadTrace
+
+    if isinstance(trace, LoadTrace):
+        raise ValueError(f"--trace {args.trace}: a load trace (counts per expert only): the findings need per-token "
+                         "routing; minimoe report --trace on it shows what counts support")
+    if save:
+        from minimoe.traces.parquet import save_trace
+
+        save_trace(trace if isinstance(trace, Trace) else trace.read(), save)
+    progress("findings: imbalance, domain specificity, prefill -> decode")
+    if isinstance(trace, Trace):
+        result = findings(trace, seed=args.seed)
+    else:  # a Parquet file: one pass over its batches
+        from minimoe.placement.engine import LocalEngine, run_passes
+        from minimoe.traces.findings import findings_of_stats
+
+        result = findings_of_stats(run_passes(trace, LocalEngine(), 0, 1, args.seed), seed=args.seed)
+    print(format_findings(result))
+    if out:
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
 
 
 def fitting_topologies(args, num_experts: int, check, say=None) -> list:
@@ -25,7 +77,7 @@ def fitting_topologies(args, num_experts: int, check, say=None) -> list:
         except ValueError as error:
             raise ValueError(f"--topologies: {error}") from None
         return args.topologies
-    defaults = topologies_argument(DEFAULT_TOPOLOGIES)
+    defaults = [Topology.parse(part) for part in DEFAULT_TOPOLOGIES.split(",")]
     kept = [t for t in defaults if not t.fits(num_experts)]
     if not kept:
         raise ValueError(f"--topologies: none of the defaults {DEFAULT_TOPOLOGIES} holds {num_experts} experts evenly; "
