@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minimoe.placement.methods import Placement
+from minimoe.placement.rows import row_or
 from minimoe.placement.traffic import _count_layer, _token_bytes
 
 _ONE = np.uint64(1)
@@ -152,7 +153,7 @@ class _Tables:
         words = np.left_shift(_ONE, rank.astype(np.uint64))
         if not every:
             words[~valid] = 0
-        reached = np.bitwise_or.reduce(words, axis=1)  # (T,) the GPUs each token reaches
+        reached = row_or(words)  # (T,) the GPUs each token reaches
         own = np.left_shift(_ONE, source.astype(np.uint64))
         out["remote_ranks"][layer] += int(popcount(reached & ~own).sum())
         out["nvlink_hops"][layer] += int(popcount(reached & self.hop_mask[source]).sum())

@@ -39,6 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from minimoe.placement.evaluate import _Tables, popcount
+from minimoe.placement.rows import row_count, row_or
 from minimoe.placement.fitdata import FitData
 from minimoe.placement.methods import Placement, place
 from minimoe.placement.topology import Topology
@@ -193,9 +194,9 @@ def _remote_cost(trace, placement, rows, num_requests):
             if node == 0 or not same_everywhere:
                 source = np.full(len(rows), node * per_node)
                 nodes = tables.ranks(layer, np.maximum(experts, 0), source, token_index) // per_node  # (T, k)
-                valid_pairs = valid.sum(axis=1)
+                valid_pairs = row_count(valid)
                 if num_nodes <= 64:  # the nodes each token reaches, as bits of one word
-                    reached = np.bitwise_or.reduce(np.where(valid, node_bit[nodes], np.uint64(0)), axis=1)
+                    reached = row_or(np.where(valid, node_bit[nodes], np.uint64(0)))
             if num_nodes <= 64:
                 remote = popcount(reached & ~node_bit[node])
             else:  # distinct remote nodes by sorting
@@ -203,7 +204,7 @@ def _remote_cost(trace, placement, rows, num_requests):
                 first = np.ones(ordered.shape, dtype=bool)
                 first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
                 remote = (first & (ordered != node)).sum(axis=1)
-            remote_pairs = valid_pairs - (valid & (nodes == node)).sum(axis=1)
+            remote_pairs = valid_pairs - row_count(valid & (nodes == node))
             cost[:, node] += np.bincount(request, weights=remote, minlength=num_requests)
             pairs[:, node] += np.bincount(request, weights=remote_pairs, minlength=num_requests)
     if isinstance(trace, FitData):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from minimoe.placement.rows import row_count, row_or
+
 
 class _Routing:
     """Node that serves every fitting pair under ``copies``, with incremental updates per expert."""
@@ -19,7 +21,8 @@ class _Routing:
         self.token_index = np.asarray(token_index, dtype=np.int64)
         rows, cols = np.nonzero(graph.valid)  # pair p sits at experts[rows[p], cols[p]] (same order as pairs)
         self.rows, self.cols = rows, cols
-        order = np.argsort(graph.pair_expert, kind="stable")
+        keys = graph.pair_expert.astype(np.int16) if graph.num_experts < 2 ** 15 else graph.pair_expert
+        order = np.argsort(keys, kind="stable")  # (stable sorts of 16-bit keys are radix sorts: several times faster)
         bounds = np.searchsorted(graph.pair_expert[order], np.arange(graph.num_experts + 1))
         self.pairs_of = [order[bounds[e]:bounds[e + 1]] for e in range(graph.num_experts)]
         assert (copies.sum(axis=1) == 1).all(), "routing starts from one copy per expert"
@@ -35,7 +38,7 @@ class _Routing:
 
     def remote_nodes(self, rows, nodes):
         """Distinct nodes other than the token's own, per row of ``nodes`` (n, k) (node ids < 63)."""
-        bits = np.bitwise_or.reduce(np.left_shift(np.int64(1), nodes), axis=1)
+        bits = row_or(np.left_shift(np.int64(1), nodes))
         return _popcount(bits & ~np.left_shift(np.int64(1), self.graph.pin[rows]))
 
     def try_copy(self, expert, node):
@@ -62,7 +65,7 @@ class _Routing:
     def lone_saving(self):
         """(E, N) rough saving of a copy: pairs of tokens of node n whose serving node serves nothing else."""
         nodes, graph = self.nodes, self.graph
-        same = (nodes[:, :, None] == nodes[:, None, :]).sum(axis=2)  # (T, k)
+        same = np.stack([row_count(nodes == nodes[:, [j]]) for j in range(nodes.shape[1])], axis=1)  # (T, k)
         lone = (same == 1) & (nodes != graph.pin[:, None]) & graph.valid
         return np.bincount(graph.pair_expert * graph.num_nodes + graph.pin[graph.pair_token],
                            weights=lone[graph.valid], minlength=graph.num_experts * graph.num_nodes
