@@ -82,7 +82,8 @@ DEFAULT_TOPOLOGIES = "2x2,4x2,2x4,4x4"
 
 
 def fit_tokens_argument(text: str):
-    """--max-fit-tokens: a whole number >= 1, 'all' (None: no sampling) or 'auto' (65536 / top_k)."""
+    """--max-fit-tokens: a whole number >= 1, 'all' (None: no sampling) or 'auto'
+    (``minimoe.placement.report.auto_fit_tokens``)."""
     if text in ("all", "auto"):
         return None if text == "all" else text
     try:

@@ -201,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hidden size for byte counts, bf16 (default: %(default)s, DeepSeek-V3's)")
     report.add_argument("--max-fit-tokens", metavar="N|all|auto", type=fit_tokens_argument, default="auto",
                         help="fit each placement's co-activation on a uniform sample of at most N tokens per fitting "
-                             "set; 'all' fits on every token; 'auto' samples 65536 (token, expert) pairs, i.e. "
-                             "65536 / top_k tokens (default: %(default)s)")
+                             "set; 'all' fits on every token; 'auto' fits on every token while the trace holds at "
+                             "most 2**20 (token, expert) pairs, else samples 65536 pairs, i.e. 65536 / top_k tokens "
+                             "(default: %(default)s)")
     report.add_argument("--fit-processes", metavar="N|auto", type=fit_processes_argument, default="auto",
                         help="worker processes for the placement fits (the same placements as one process); 'auto' "
                              "uses every core up to 4 when a fitting set holds at least 16,384 tokens, else 1 "

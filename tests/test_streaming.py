@@ -18,6 +18,7 @@ from minimoe.placement import Topology, group, measure, place
 from minimoe.placement.engine import DaskEngine, LocalEngine, run_passes
 from minimoe.placement.evaluate import Job, _Tables, count_jobs
 from minimoe.placement.experiments import compare, compare_partitioners, drift, masks
+from minimoe.placement.fitdata import EXACT_FIT_PAIRS, FIT_PAIRS, auto_fit_tokens
 from minimoe.placement.report import DRIFT_EVAL, DRIFT_FIT, run_report
 from minimoe.placement.streaming import StreamedExperiments
 from minimoe.traces import Trace, synthetic_trace
@@ -299,6 +300,14 @@ def test_a_sampled_fit_stays_within_two_points_of_the_full_fit_on_the_bundled_tr
     assert sampled["findings"] == full["findings"]
     gaps = [abs(a["cut_vs_contiguous"] - b["cut_vs_contiguous"]) for a, b in zip(sampled["rows"], full["rows"])]
     assert max(gaps) <= 0.02 and np.mean(gaps) <= 0.005, (max(gaps), np.mean(gaps))
+
+
+def test_auto_fits_every_token_of_a_small_trace_and_samples_a_large_one():
+    assert auto_fit_tokens(EXACT_FIT_PAIRS // 2, 2) is None  # the bundled trace's size: an exact fit
+    assert auto_fit_tokens(EXACT_FIT_PAIRS // 8 + 1, 8) == FIT_PAIRS // 8  # one pair more: 8,192 sampled tokens
+    assert auto_fit_tokens(10 ** 8, 2) == FIT_PAIRS // 2
+    small = Trace.load(BUNDLED)
+    assert run_report(small, [Topology(2, 2)])["max_fit_tokens"] is None  # "auto" is the default
 
 
 # ---- the command line ------------------------------------------------------------------------------------------------

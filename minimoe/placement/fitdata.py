@@ -27,6 +27,17 @@ import numpy as np
 from minimoe.traces.stats import SAMPLES, TraceStats
 
 FIT_CLASSES = {"prefill": (0,), "online": (1,), "oracle": (2,), "eval": (2,), "all": (0, 1, 2, 3)}
+FIT_PAIRS = 1 << 16  # a sampled fitting set: this many (token, expert) pairs, i.e. 65536 / top_k tokens
+EXACT_FIT_PAIRS = 1 << 20  # "auto" fits on every token while the whole trace holds at most this many pairs
+
+
+def auto_fit_tokens(num_tokens: int, top_k: int) -> int | None:
+    """``max_fit_tokens="auto"``: None (fit on every token) while the trace holds at most ``EXACT_FIT_PAIRS``
+    (token, expert) pairs, else a sample of ``FIT_PAIRS // top_k`` tokens per fitting set. A fit's cost grows
+    with its pairs: the bundled trace's 0.5M pairs fit exactly in about half a minute on two cores, while a
+    trace of 10^8 tokens would take hours, and its sample costs the same few seconds at any trace size
+    (``benchmarks/results/main_job.md`` sets sampled and exact fits side by side on the bundled trace)."""
+    return None if num_tokens * top_k <= EXACT_FIT_PAIRS else max(1, FIT_PAIRS // top_k)
 
 
 @dataclass(eq=False)

@@ -34,6 +34,7 @@ import numpy as np
 from minimoe.placement.decision import decide, format_decision, format_methods
 from minimoe.placement.engine import LocalEngine, choose_split, run_passes
 from minimoe.placement.experiments import FIT_MODES, METHODS, PARTITIONERS, uniform_baseline
+from minimoe.placement.fitdata import auto_fit_tokens
 from minimoe.placement.splits import LABELS, split
 from minimoe.placement.hypergraph import mtkahypar_available
 from minimoe.placement.parallel_fits import auto_processes
@@ -44,7 +45,6 @@ from minimoe.traces.format import Trace
 from minimoe.traces.stats import ClassRule, TraceStats
 
 DRIFT_TOPOLOGY = (4, 2)
-FIT_PAIRS = 1 << 16  # default sample of each fitting set: this many (token, expert) pairs, i.e. 65536 / top_k tokens
 DRIFT_FIT = {"code": 0.4, "math": 0.4, "chat": 0.1, "general": 0.1}
 DRIFT_EVAL = {"code": 0.1, "math": 0.1, "chat": 0.4, "general": 0.4}
 
@@ -74,8 +74,8 @@ def run_report(trace, topologies: list[Topology], window: int | None = None, see
     """Everything the report shows, as a dict. ``trace``: a Trace or a ``minimoe.traces.parquet.ParquetTrace``.
     ``window=None`` picks the split's default (``minimoe.placement.splits``); ``fitted``: a dict that receives
     ``(topology, num_replicas, method) -> (placement, sources)`` of the fits on the first fitting set (for
-    ``save_decision``); ``max_fit_tokens``: the size of each fitting set's sample ("auto": ``FIT_PAIRS //
-    top_k``, the fit's cost growing with its (token, expert) pairs; None: every token); ``engine``: where the
+    ``save_decision``); ``max_fit_tokens``: the size of each fitting set's sample (None: every token;
+    "auto": ``minimoe.placement.fitdata.auto_fit_tokens``); ``engine``: where the
     two passes run (``minimoe.placement.engine``; default in this process); ``compare_partitioners``: also fit
     the locality placement with each node partitioner; ``fit_processes``: worker processes for the fits (an
     int, or "auto": ``minimoe.placement.parallel_fits.auto_processes``). ``progress(str)``, if given, is called
@@ -92,7 +92,7 @@ def run_report(trace, topologies: list[Topology], window: int | None = None, see
         unavailable = str(error)
     engine = engine or LocalEngine()
     if max_fit_tokens == "auto":
-        max_fit_tokens = max(1, FIT_PAIRS // trace.top_k)
+        max_fit_tokens = auto_fit_tokens(trace.num_tokens, trace.top_k)
     sample_size = max(trace.num_tokens, 1) if max_fit_tokens is None else max_fit_tokens
     say(f"pass 1 ({engine.name}): statistics of every token, at most {sample_size:,} sampled per fitting set")
     stats = run_passes(trace, engine, chosen.rule if chosen else ClassRule("phase", 0), sample_size, seed)
