@@ -150,9 +150,9 @@ def main():
                  f"{s['at_seconds']:.0f} {s['step'].split(':')[0]}" for s in run["steps"]),
              f"- fits: {'on every fitting token' if default['max_fit_tokens'] is None else 'sampled'} (the default "
              f"`--max-fit-tokens auto`: this trace holds {default['trace']['tokens'] * default['trace']['top_k']:,} "
-             f"(token, expert) pairs, at most 2^20); the report after the recording took {default_seconds:.0f} s "
-             f"here, and {sampled_seconds:.0f} s with each fitting set sampled to "
-             f"{sampled_tokens:,} tokens, as 'auto' does for larger traces",
+             f"(token, expert) pairs, at most 2^20). Run again in this process with the fits on one core, the report "
+             f"after the recording took {default_seconds:.0f} s, and {sampled_seconds:.0f} s with each fitting set "
+             f"sampled to {sampled_tokens:,} tokens, as 'auto' does for larger traces",
              f"- the main job's savings equal this process's default fit in every cell: {same_as_main_job}, so its "
              f"placements are the full (unsampled) fit: 0 of {len(cells)} cells differ from it",
              f"- findings: {'identical' if not differ else 'DIFFERENT at ' + ', '.join(differ[:5])} to the previous "
