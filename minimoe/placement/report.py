@@ -94,7 +94,9 @@ def run_report(trace, topologies: list[Topology], window: int | None = None, see
     if max_fit_tokens == "auto":
         max_fit_tokens = auto_fit_tokens(trace.num_tokens, trace.top_k)
     sample_size = max(trace.num_tokens, 1) if max_fit_tokens is None else max_fit_tokens
-    say(f"pass 1 ({engine.name}): statistics of every token, at most {sample_size:,} sampled per fitting set")
+    kept = "every fitting token kept for the fits" if max_fit_tokens is None else \
+        f"at most {sample_size:,} sampled per fitting set"
+    say(f"pass 1 ({engine.name}): statistics of every token, {kept}")
     stats = run_passes(trace, engine, chosen.rule if chosen else ClassRule("phase", 0), sample_size, seed)
     result = dict(trace=trace_summary(stats), hidden_size=hidden_size, unavailable={},
                   max_fit_tokens=max_fit_tokens, engine=engine.name)
