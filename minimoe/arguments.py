@@ -83,7 +83,7 @@ DEFAULT_TOPOLOGIES = "2x2,4x2,2x4,4x4"
 
 def fit_tokens_argument(text: str):
     """--max-fit-tokens: a whole number >= 1, 'all' (None: no sampling) or 'auto'
-    (``minimoe.placement.report.auto_fit_tokens``)."""
+    (``minimoe.placement.fitdata.auto_fit_tokens``)."""
     if text in ("all", "auto"):
         return None if text == "all" else text
     try:

@@ -22,8 +22,8 @@ import re
 import sys
 from pathlib import Path
 
-from minimoe.arguments import (DEFAULT_TOPOLOGIES, OneLineParser, fit_processes_argument, fit_tokens_argument,
-                               check_model_dir, check_output_file, number, output_dir, thread_count,
+from minimoe.arguments import (DEFAULT_TOPOLOGIES, OneLineParser, check_model_dir, check_output_file,
+                               fit_processes_argument, fit_tokens_argument, number, output_dir, thread_count,
                                whole_number)
 
 positive = whole_number(1)
