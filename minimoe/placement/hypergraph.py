@@ -97,23 +97,20 @@ class Hypergraph:
         experts = np.where(experts == np.iinfo(np.int64).max, -1, experts)
         keys = experts if self.pin is None else np.column_stack([experts, self.pin])
         width = int(max(self.num_experts, self.num_nodes) + 1).bit_length()  # bits per column, values + 1
-        if width * keys.shape[1] <= 20:  # at most 2**20 possible rows: count them by key, no sort (same order, sums)
+        bits = width * keys.shape[1]
+        if bits <= 62:  # rows fit one int64 key, first column most significant, so key order is row order
             packed = np.zeros(len(keys), np.int64)
-            for column in keys.T:  # first column most significant, so key order is row order
+            for column in keys.T:
                 packed = (packed << width) | (column + 1)
-            weight = np.bincount(packed, weights=self.weight, minlength=1 << (width * keys.shape[1]))
+        if bits <= 20:  # at most 2**20 possible rows: count them by key, no sort (the same order and sums)
+            weight = np.bincount(packed, weights=self.weight, minlength=1 << bits)
             present = np.flatnonzero(np.bincount(packed, minlength=len(weight)))
             shifts = width * np.arange(keys.shape[1] - 1, -1, -1)
             unique = ((present[:, None] >> shifts) & ((1 << width) - 1)) - 1
             weight = weight[present]
         else:
-            if width * keys.shape[1] <= 62:  # rows fit one int64 key: a faster sort
-                packed = np.zeros(len(keys), np.int64)
-                for column in keys.T:
-                    packed = (packed << width) | (column + 1)
-                order = np.argsort(packed, kind="stable")
-            else:
-                order = np.lexsort(keys.T[::-1])  # rows sorted; equal rows end up next to each other
+            # rows sorted (by their key: a faster sort); equal rows end up next to each other
+            order = np.argsort(packed, kind="stable") if bits <= 62 else np.lexsort(keys.T[::-1])
             ordered = keys[order]
             first = np.ones(len(keys), dtype=bool)
             first[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
