@@ -255,7 +255,7 @@ def before_after(device: str, tokens_list=None, reps=None, hidden=None, ffn=None
             return run
 
         variants.update({"after, grouped_mm": pinned("grouped_mm"), "after, grouped_mm_t": pinned("grouped_mm_t"),
-                         "after, per-expert mm (syncs)": pinned("per_group")})
+                         "after, triton": pinned("triton"), "after, per-expert mm (syncs)": pinned("per_group")})
     rows = []
     with torch.inference_mode():
         for num_tokens in tokens_list:
@@ -302,8 +302,8 @@ def format_before_after(rows, meta) -> str:
     lines.append("\n(ms, median; nan = capture failed; 'before' reads the offsets on the host at few rows per expert)")
     pinned = [k[len("eager ms "):] for k in rows[0] if k.startswith("eager ms after, ")]
     if pinned:
-        lines += ["", "The after layer with its grouped-product backend pinned (auto picks grouped_mm_t on CUDA at <= 256 "
-                  "rows per expert, grouped_mm above):", "",
+        lines += ["", "The after layer with its grouped-product backend pinned (without a gradient auto picks triton on CUDA "
+                  "at <= 128 rows per expert, grouped_mm_t at <= 256, grouped_mm above):", "",
                   "| tokens | " + " | ".join(f"{p} eager / graph" for p in pinned) + " |", "|---:|" + "---:|" * len(pinned)]
         for r in rows:
             lines.append(f"| {r['tokens']} | " + " | ".join(f"{r[f'eager ms {p}']:.3f} / "

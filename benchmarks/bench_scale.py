@@ -158,6 +158,14 @@ def write_markdown(entries: list[dict]) -> str:
                   ": far slower growth than the trace's, since each fit sees a sample of at most 8,192 tokens "
                   "per fitting set (65,536 (token, expert) pairs at top-8). At 1M tokens this part is a fixed "
                   "cost that dominates, which is why the time per token falls with size instead of staying flat."]
+        sizes = sorted(single)
+        if len(sizes) >= 3:  # the cost of one more token: the fixed part cancels between two sizes
+            steps = [(a, b, (single[b]["wall_seconds"] - single[a]["wall_seconds"]) / (b - a) * 1e6)
+                     for a, b in zip(sizes, sizes[1:])]
+            lines += ["", "Marginal time per token (the difference in wall time between two sizes over the difference "
+                          "in tokens, so the fixed part cancels): " +
+                      "; ".join(f"{label(a)} to {label(b)}: {us:.1f} µs" for a, b, us in steps) +
+                      f". Last over first: {steps[-1][2] / steps[0][2]:.2f}x."]
     lines += ["", "Commands and machines:", ""]
     for e in sorted(entries, key=lambda e: e["tokens"]):
         lines.append(f"- {label(e['tokens'])}: `{e['command']}` on {e['machine']['cpu']}, {e['machine']['cores']} "

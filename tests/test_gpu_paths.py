@@ -223,6 +223,55 @@ def test_the_counted_layout_equals_the_sorted_one(backend, scales_input, monkeyp
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+def _float_experts(x, ids, weights, gate_up, down):
+    """The grouped experts in float32, one token at a time: the reference for the Triton kernels."""
+    width = down.shape[1]
+    out = torch.zeros(x.shape[0], x.shape[1], device=x.device)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            gate_up_t = x[t].float() @ gate_up[e].float()
+            hidden = torch.nn.functional.silu(gate_up_t[:width]) * gate_up_t[width:]
+            out[t] += weights[t, j] * (hidden @ down[e].float())
+    return out
+
+
+@pytest.mark.parametrize("tokens", [1, 37, 600])
+def test_the_triton_experts_equal_float32_experts(tokens):
+    """Row blocks past the first (one expert takes over half of 600 tokens: more than ``MAX_BLOCK_M`` rows),
+    empty experts, and sizes that are not multiples of the tiles (H 192, F 300)."""
+    from minimoe.model import experts_triton, grouped
+
+    pytest.importorskip("triton")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    experts, hidden, width = 8, 192, 300
+    gate_up = (0.1 * torch.randn(experts, hidden, 2 * width, device="cuda", generator=g)).bfloat16()
+    down = (0.1 * torch.randn(experts, width, hidden, device="cuda", generator=g)).bfloat16()
+    x = torch.randn(tokens, hidden, device="cuda", generator=g).bfloat16()
+    second = torch.randint(1, 5, (tokens,), device="cuda", generator=g)  # experts 5-7 stay empty
+    ids = torch.stack([torch.zeros_like(second), second], 1)  # every token picks expert 0
+    weights = torch.rand(tokens, 2, device="cuda", generator=g)
+    assert experts_triton.usable(x, gate_up, down)
+    with torch.no_grad():
+        got = grouped.grouped_experts(x, ids, weights, gate_up, down, backend="triton", has_invalid=False)
+        torch_path = grouped.grouped_experts(x, ids, weights, gate_up, down, backend="grouped_mm", has_invalid=False)
+    want = _float_experts(x, ids, weights, gate_up, down)
+    assert ((got.float() - want).norm() / want.norm()) < 1e-2
+    assert ((torch_path.float() - want).norm() / want.norm()) < 1e-2  # the same precision as torch's products
+
+
+def test_auto_takes_the_triton_experts_for_a_small_batch_without_a_gradient():
+    from minimoe.model import grouped
+
+    pytest.importorskip("triton")
+    layer, x = _layer(tokens=512)
+    weights = [layer.gate_up_proj, layer.down_proj]
+    with torch.inference_mode():
+        assert grouped.choose_backend("auto", x, weights, num_rows=512 * 2) == "triton"
+        assert grouped.choose_backend("auto", x, weights, num_rows=8 * 129 * 8) != "triton"  # many rows per expert
+    assert grouped.choose_backend("auto", x, weights, num_rows=512 * 2) != "triton"  # a gradient: torch's products
+
+
 def test_the_triton_bag_sum_reads_a_column_major_table():
     from minimoe.model.bag_sum_triton import bag_sum_triton, usable
 

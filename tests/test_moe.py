@@ -290,6 +290,13 @@ def test_grouped_matmul_backends_and_support_rules():
         grouped_matmul(x, w, ends, backend="auto")
 
 
+def test_the_triton_backend_on_cpu_is_a_clear_error():
+    layer = _layer(hidden=32, intermediate_size=16)
+    layer.grouped_backend = "triton"  # Triton's kernels run on CUDA only
+    with torch.no_grad(), pytest.raises(ValueError, match="backend 'triton' needs Triton, CUDA tensors"):
+        layer(torch.randn(5, 32))
+
+
 def test_bfloat16_grouped_path_close_to_float32():
     layer = _layer(hidden=64, intermediate_size=32)
     x = torch.randn(40, 64)

@@ -26,12 +26,16 @@ Grouped-multiply backends (``grouped_matmul``), x (S, K) sorted by group, weight
   of one expert and the weights stream about once. The CUDA kernel needs every group's columns to start at a
   16-byte boundary of the output, so each group is padded to a multiple of ``row_alignment`` rows (at most
   ``row_alignment - 1`` zero rows per expert, a bound known without reading the counts).
+* ``triton``       not a product but the whole SwiGLU expert in two Triton kernels (``experts_triton``): gate
+  and up with the gather of the rows and silu·mul folded in, then down, each expert's weights streamed once.
+  CUDA, bf16 or fp16, forward only.
 * ``per_group``    one matmul per non-empty group; reads the ends on the host (a sync; not capturable).
 
-``auto`` picks ``grouped_mm_t`` on CUDA when experts get at most ``SWAP_AB_MAX_ROWS_PER_GROUP`` rows on
-average, ``grouped_mm`` otherwise, and ``per_group`` only where ``torch._grouped_mm`` cannot run (old torch,
-float64, CUDA before sm80 or not bf16, sizes that are not multiples of 16 bytes). ``auto`` never syncs, so the
-whole computation can be captured in a CUDA graph.
+``auto`` picks ``triton`` on CUDA without a gradient when experts get at most ``TRITON_MAX_ROWS_PER_GROUP`` rows
+on average, else ``grouped_mm_t`` up to ``SWAP_AB_MAX_ROWS_PER_GROUP``, ``grouped_mm`` beyond, and
+``per_group`` only where ``torch._grouped_mm`` cannot run (old torch, float64, CUDA before sm80 or not bf16,
+sizes that are not multiples of 16 bytes). ``auto`` never syncs, so the whole computation can be captured in a
+CUDA graph.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ import torch.nn.functional as F
 from minimoe.model import bag_sum_triton
 
 _warned_swap_ab: list = []
-BACKENDS = ("auto", "grouped_mm", "grouped_mm_t", "per_group")
+BACKENDS = ("auto", "grouped_mm", "grouped_mm_t", "triton", "per_group")
 SWAP_AB_MAX_ROWS_PER_GROUP = 256
+TRITON_MAX_ROWS_PER_GROUP = 128  # "auto" takes ``experts_triton``'s kernels up to this average (half their row block)
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,9 +81,15 @@ def choose_backend(requested: str, x: torch.Tensor, weights: list[torch.Tensor],
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested != "auto":
         return requested
+    rows = x.shape[0] if num_rows is None else num_rows
+    if x.is_cuda and rows <= TRITON_MAX_ROWS_PER_GROUP * weights[0].shape[0]:
+        from minimoe.model import experts_triton  # here: it loads Triton
+
+        if experts_triton.usable(x, *weights):
+            return "triton"
     if not all(grouped_mm_supported(x, w) for w in weights):
         return "per_group"
-    few_rows = (x.shape[0] if num_rows is None else num_rows) <= SWAP_AB_MAX_ROWS_PER_GROUP * weights[0].shape[0]
+    few_rows = rows <= SWAP_AB_MAX_ROWS_PER_GROUP * weights[0].shape[0]
     return "grouped_mm_t" if x.device.type == "cuda" and few_rows else "grouped_mm"
 
 
@@ -165,11 +176,21 @@ def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     num_experts, width = gate_up_proj.shape[0], down_proj.shape[1]
     gate_w, up_w = gate_up_proj[:, :, :width], gate_up_proj[:, :, width:]  # (E, H, F) views
     chosen = choose_backend(backend, x, [gate_w, up_w, down_proj], num_rows=num_rows * m)
+    if chosen == "triton":
+        from minimoe.model import experts_triton  # here: it loads Triton
+
+        if not experts_triton.usable(x, gate_up_proj, down_proj):
+            raise ValueError("backend 'triton' needs Triton, CUDA tensors in bfloat16 or float16, contiguous rows "
+                             "and no gradient; use 'auto' to pick what runs here")
+        if scales_input or has_invalid:  # its kernels read x unscaled, and would compute every no-expert entry
+            chosen = "grouped_mm_t"
     if chosen != "per_group" and expert_ids.is_cuda:
         from minimoe.model import grouped_layout_triton  # here: it loads Triton
 
         if grouped_layout_triton.usable(expert_ids, num_experts):
             return _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, scales_input, chosen)
+    if chosen == "triton":  # a batch too large for the counting sort: the sort below, and torch's products
+        chosen = "grouped_mm_t"
     flat = expert_ids.reshape(-1)  # (P,) entry p = (row p // m, j = p % m)
     num_entries = flat.shape[0]
     sorted_ids, order = torch.sort(flat, stable=True)  # invalid entries (id E) sort last
@@ -231,6 +252,13 @@ def _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, sc
         layout = grouped_layout_triton(expert_ids, num_experts, num_rows, align, size)
     place, group_ends, source = layout
     size = source.shape[0]
+    if chosen == "triton" and not scales_input:  # two kernels, the gather and silu·mul folded in
+        from minimoe.model import experts_triton
+
+        out = experts_triton.swiglu_experts(x, source, group_ends, gate_up_proj, down_proj, num_rows * m)
+        return bag_sum(place.view(num_rows, m), out, weights)  # (N, H)
+    if chosen == "triton":  # (a layout built for "triton" has no alignment: grouped_mm needs none)
+        chosen = "grouped_mm"
     if bag_sum_triton.usable(source, x, None):  # one kernel; source N reads a zero row
         rows = bag_sum_triton.gather_rows(x, source)  # (S', H) in expert order
     else:

@@ -1,0 +1,147 @@
+"""A small batch's SwiGLU experts in two Triton kernels that stream each expert's weights once (CUDA, no gradient).
+
+At a few hundred tokens every expert's weights must be read (Mixtral-8x7B: 2.8 GB per layer) while the tokens
+are a few MB, so the grouped experts are bound by the weights' bytes, and the best a kernel can do is read them
+once at the card's copy rate. ``torch._grouped_mm`` reads them at about 75% of that rate at 512 tokens
+(``benchmarks/results/moe_kernels_h100.md``) and needs three more kernels around it (the gather of the rows, the
+silu·mul, and the products' own setup). Here each expert's rows [start_e, end_e) of the row layout
+(``grouped_layout_triton`` / ``route_layout_triton``) meet its weights in two kernels:
+
+    gate_up   hidden[s, :] = silu(x[source[s]] W_g^e) ⊙ (x[source[s]] W_u^e)      rows s of expert e
+    down      out[s, :]    = hidden[s] W_d^e
+
+One program owns one expert and one block of output columns. It walks the expert's rows in blocks of
+``BLOCK_M`` and, for each, streams the matching columns of the expert's weights along K, accumulating in float32
+(``tl.dot``). With ``BLOCK_M`` at least the expert's row count, which the host sets from the average rows per
+expert, every weight byte is read once; an expert with more rows reads its columns again for each extra block.
+The gather of the token rows is folded into ``gate_up``'s loads (``source``: a row index, T for a zero row),
+and silu·mul into its epilogue, so gate and up never reach memory. The kernels compute in float32 and round
+``hidden`` once, where the PyTorch path rounds gate and up to bfloat16 first: the two agree to bfloat16's
+precision (``tests/test_gpu_paths.py``).
+
+vLLM's fused MoE kernel [kwon2023vllm] tiles a small batch's experts the same way; this one keeps only what a
+reader needs to follow it.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: without it the grouped products run through torch._grouped_mm
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+# Tiles: (BLOCK_N output columns, BLOCK_K of the inner dimension per step, pipeline stages, warps) per kernel,
+# the fastest of a sweep at 512 tokens (``benchmarks/moe_kernels.py --sweep``)
+GATE_UP_TILES = dict(BLOCK_N=64, BLOCK_K=128, num_stages=4, num_warps=8)
+DOWN_TILES = dict(BLOCK_N=64, BLOCK_K=128, num_stages=4, num_warps=8)
+MAX_BLOCK_M = 256  # rows of one expert a program holds at once (float32 accumulators of BLOCK_M x BLOCK_N)
+
+if triton is not None:
+    @triton.jit
+    def _gate_up_kernel(x_ptr, source_ptr, ends_ptr, w_ptr, out_ptr, num_tokens, hidden, width,
+                        stride_we, stride_wk, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        expert = tl.program_id(1)
+        end = tl.load(ends_ptr + expert)
+        start = tl.load(ends_ptr + tl.maximum(expert - 1, 0)) * (expert > 0)  # expert 0 starts at row 0
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_in = cols < width
+        ks = tl.arange(0, BLOCK_K)
+        gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+        up_ptrs = gate_ptrs + width * stride_wn  # columns [F, 2F) of gate_up_proj
+        for first in range(start, end, BLOCK_M):
+            rows = first + tl.arange(0, BLOCK_M)
+            source = tl.load(source_ptr + rows, mask=rows < end, other=num_tokens)
+            token_in = source < num_tokens  # padding rows and rows past the group read zeros
+            x_ptrs = x_ptr + source[:, None].to(tl.int64) * hidden + ks[None, :]
+            gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, hidden, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(x_ptrs + k, mask=token_in[:, None], other=0.0)
+                    w_gate = tl.load(gate_ptrs + k * stride_wk, mask=col_in[None, :], other=0.0)
+                    w_up = tl.load(up_ptrs + k * stride_wk, mask=col_in[None, :], other=0.0)
+                else:
+                    k_in = (k + ks) < hidden
+                    a = tl.load(x_ptrs + k, mask=token_in[:, None] & k_in[None, :], other=0.0)
+                    w_gate = tl.load(gate_ptrs + k * stride_wk, mask=k_in[:, None] & col_in[None, :], other=0.0)
+                    w_up = tl.load(up_ptrs + k * stride_wk, mask=k_in[:, None] & col_in[None, :], other=0.0)
+                gate = tl.dot(a, w_gate, gate)
+                up = tl.dot(a, w_up, up)
+            hidden_tile = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up, in float32
+            tl.store(out_ptr + rows[:, None].to(tl.int64) * width + cols[None, :],
+                     hidden_tile.to(out_ptr.dtype.element_ty), mask=(rows < end)[:, None] & col_in[None, :])
+
+    @triton.jit
+    def _down_kernel(h_ptr, ends_ptr, w_ptr, out_ptr, width, hidden, stride_we, stride_wk, stride_wn,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        expert = tl.program_id(1)
+        end = tl.load(ends_ptr + expert)
+        start = tl.load(ends_ptr + tl.maximum(expert - 1, 0)) * (expert > 0)  # expert 0 starts at row 0
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_in = cols < hidden
+        ks = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+        for first in range(start, end, BLOCK_M):
+            rows = first + tl.arange(0, BLOCK_M)
+            row_in = rows < end
+            h_ptrs = h_ptr + rows[:, None].to(tl.int64) * width + ks[None, :]
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, width, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(h_ptrs + k, mask=row_in[:, None], other=0.0)
+                    w = tl.load(w_ptrs + k * stride_wk, mask=col_in[None, :], other=0.0)
+                else:
+                    k_in = (k + ks) < width
+                    a = tl.load(h_ptrs + k, mask=row_in[:, None] & k_in[None, :], other=0.0)
+                    w = tl.load(w_ptrs + k * stride_wk, mask=k_in[:, None] & col_in[None, :], other=0.0)
+                total = tl.dot(a, w, total)
+            tl.store(out_ptr + rows[:, None].to(tl.int64) * hidden + cols[None, :],
+                     total.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
+
+
+def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether :func:`swiglu_experts` serves rows x with these weights: Triton, CUDA, bfloat16 or float16
+    throughout, contiguous rows, and no gradient needed (the kernels have no backward)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))
+    return (triton is not None and x.is_cuda and not needs_grad and x.dtype in (torch.bfloat16, torch.float16)
+            and all(w.dtype == x.dtype for w in weights) and x.is_contiguous())
+
+
+def block_rows(num_entries: int, num_experts: int) -> int:
+    """``BLOCK_M`` for ``num_entries`` (token, expert) entries over ``num_experts`` experts: a power of two, at
+    least 16 (``tl.dot``'s smallest tile), covering 1.5x the average rows per expert so that most experts are
+    read once, at most ``MAX_BLOCK_M``."""
+    average = -(-num_entries // max(1, num_experts))
+    return max(16, min(MAX_BLOCK_M, triton.next_power_of_2(max(1, average + average // 2))))
+
+
+def swiglu_experts(x: torch.Tensor, source: torch.Tensor, group_ends: torch.Tensor, gate_up_proj: torch.Tensor,
+                   down_proj: torch.Tensor, num_entries: int, gate_up_tiles: dict | None = None,
+                   down_tiles: dict | None = None) -> torch.Tensor:
+    """x (T, H) token rows, source (S',) int64 (the token of each product row, T for a zero row), group_ends (E,)
+    int32 (where each expert's rows end, as ``grouped_layout_triton`` builds them), gate_up_proj (E, H, 2F),
+    down_proj (E, F, H) -> out (S', H) in x's dtype: row s is expert e's SwiGLU of x[source[s]] for the e whose
+    rows hold s; rows after group_ends[-1] are left undefined. ``num_entries``: the (token, expert) entries laid
+    out (T·k), which sets the row block. ``gate_up_tiles`` / ``down_tiles``: tiles other than ``GATE_UP_TILES`` /
+    ``DOWN_TILES`` (the benchmark's sweep). Raises RuntimeError without Triton."""
+    if triton is None:
+        raise RuntimeError("swiglu_experts needs Triton (pip install triton)")
+    num_experts, hidden, width = gate_up_proj.shape[0], gate_up_proj.shape[1], down_proj.shape[1]
+    size = source.shape[0]
+    block_m = block_rows(num_entries, num_experts)
+    inner = torch.empty(size, width, dtype=x.dtype, device=x.device)  # (S', F)
+    out = torch.empty(size, hidden, dtype=x.dtype, device=x.device)  # (S', H)
+    if size == 0:
+        return out
+    tiles = dict(GATE_UP_TILES if gate_up_tiles is None else gate_up_tiles)
+    _gate_up_kernel[(triton.cdiv(width, tiles["BLOCK_N"]), num_experts)](
+        x, source, group_ends, gate_up_proj, inner, x.shape[0], hidden, width, *gate_up_proj.stride(),
+        BLOCK_M=block_m, EVEN_K=hidden % tiles["BLOCK_K"] == 0, **tiles)
+    tiles = dict(DOWN_TILES if down_tiles is None else down_tiles)
+    _down_kernel[(triton.cdiv(hidden, tiles["BLOCK_N"]), num_experts)](
+        inner, group_ends, down_proj, out, width, hidden, *down_proj.stride(), BLOCK_M=block_m,
+        EVEN_K=width % tiles["BLOCK_K"] == 0, **tiles)
+    return out
