@@ -238,13 +238,13 @@ def _float_experts(x, ids, weights, gate_up, down):
 
 @pytest.mark.parametrize("tokens", [1, 37, 600])
 def test_the_triton_experts_equal_float32_experts(tokens):
-    """Row blocks past the first (one expert takes over half of 600 tokens: more than ``MAX_BLOCK_M`` rows),
-    empty experts, and sizes that are not multiples of the tiles (H 192, F 300)."""
+    """Row blocks past the first (every token picks expert 0: more rows than one program's block holds, so a
+    program loops), empty experts, and sizes that are not multiples of the tiles (H 192, F 304)."""
     from minimoe.model import experts_triton, grouped
 
     pytest.importorskip("triton")
     g = torch.Generator(device="cuda").manual_seed(2)
-    experts, hidden, width = 8, 192, 300
+    experts, hidden, width = 8, 192, 304
     gate_up = (0.1 * torch.randn(experts, hidden, 2 * width, device="cuda", generator=g)).bfloat16()
     down = (0.1 * torch.randn(experts, width, hidden, device="cuda", generator=g)).bfloat16()
     x = torch.randn(tokens, hidden, device="cuda", generator=g).bfloat16()

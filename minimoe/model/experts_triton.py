@@ -32,26 +32,26 @@ try:  # Triton is optional: without it the grouped products run through torch._g
 except ImportError:
     triton = None
 
-# Tiles: (BLOCK_N output columns, BLOCK_K of the inner dimension per step, pipeline stages, warps) per kernel,
-# the fastest of a sweep at 512 tokens (``benchmarks/moe_kernels.py --sweep``)
-GATE_UP_TILES = dict(BLOCK_N=64, BLOCK_K=128, num_stages=4, num_warps=8)
-DOWN_TILES = dict(BLOCK_N=64, BLOCK_K=128, num_stages=4, num_warps=8)
-MAX_BLOCK_M = 256  # rows of one expert a program holds at once (float32 accumulators of BLOCK_M x BLOCK_N)
+# Tiles per kernel: at most MAX_BLOCK_M rows of one expert per program, BLOCK_N output columns, BLOCK_K of the
+# inner dimension per step, pipeline stages, warps: the fastest of a sweep at 512 tokens on an H100
+# (``benchmarks/moe_experts_kernels.py --sweep``)
+GATE_UP_TILES = dict(MAX_BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_stages=3, num_warps=8)
+DOWN_TILES = dict(MAX_BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_stages=3, num_warps=8)
 
 if triton is not None:
     @triton.jit
     def _gate_up_kernel(x_ptr, source_ptr, ends_ptr, w_ptr, out_ptr, num_tokens, hidden, width,
                         stride_we, stride_wk, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        expert = tl.program_id(1)
+        split, num_splits, expert = tl.program_id(0), tl.num_programs(0), tl.program_id(2)
         end = tl.load(ends_ptr + expert)
         start = tl.load(ends_ptr + tl.maximum(expert - 1, 0)) * (expert > 0)  # expert 0 starts at row 0
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_in = cols < width
         ks = tl.arange(0, BLOCK_K)
         gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
         up_ptrs = gate_ptrs + width * stride_wn  # columns [F, 2F) of gate_up_proj
-        for first in range(start, end, BLOCK_M):
+        for first in range(start + split * BLOCK_M, end, num_splits * BLOCK_M):  # this program's row blocks
             rows = first + tl.arange(0, BLOCK_M)
             source = tl.load(source_ptr + rows, mask=rows < end, other=num_tokens)
             token_in = source < num_tokens  # padding rows and rows past the group read zeros
@@ -77,14 +77,14 @@ if triton is not None:
     @triton.jit
     def _down_kernel(h_ptr, ends_ptr, w_ptr, out_ptr, width, hidden, stride_we, stride_wk, stride_wn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        expert = tl.program_id(1)
+        split, num_splits, expert = tl.program_id(0), tl.num_programs(0), tl.program_id(2)
         end = tl.load(ends_ptr + expert)
         start = tl.load(ends_ptr + tl.maximum(expert - 1, 0)) * (expert > 0)  # expert 0 starts at row 0
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_in = cols < hidden
         ks = tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-        for first in range(start, end, BLOCK_M):
+        for first in range(start + split * BLOCK_M, end, num_splits * BLOCK_M):  # this program's row blocks
             rows = first + tl.arange(0, BLOCK_M)
             row_in = rows < end
             h_ptrs = h_ptr + rows[:, None].to(tl.int64) * width + ks[None, :]
@@ -110,12 +110,14 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
             and all(w.dtype == x.dtype for w in weights) and x.is_contiguous())
 
 
-def block_rows(num_entries: int, num_experts: int) -> int:
-    """``BLOCK_M`` for ``num_entries`` (token, expert) entries over ``num_experts`` experts: a power of two, at
-    least 16 (``tl.dot``'s smallest tile), covering 1.5x the average rows per expert so that most experts are
-    read once, at most ``MAX_BLOCK_M``."""
-    average = -(-num_entries // max(1, num_experts))
-    return max(16, min(MAX_BLOCK_M, triton.next_power_of_2(max(1, average + average // 2))))
+def row_blocks(num_entries: int, num_experts: int, most: int) -> tuple[int, int]:
+    """(``BLOCK_M``, splits) for ``num_entries`` (token, expert) entries over ``num_experts`` experts: enough
+    rows for 1.5x the average rows per expert, cut into ``splits`` blocks of ``BLOCK_M`` rows (a power of two
+    from 16, ``tl.dot``'s smallest tile, to ``most``), one program each. The programs of one block of
+    columns run side by side and read the same weights, so the second read comes from L2 cache."""
+    want = max(1, -(-num_entries // max(1, num_experts)) * 3 // 2)
+    block = max(16, min(most, triton.next_power_of_2(want)))
+    return block, -(-want // block)
 
 
 def swiglu_experts(x: torch.Tensor, source: torch.Tensor, group_ends: torch.Tensor, gate_up_proj: torch.Tensor,
@@ -131,17 +133,18 @@ def swiglu_experts(x: torch.Tensor, source: torch.Tensor, group_ends: torch.Tens
         raise RuntimeError("swiglu_experts needs Triton (pip install triton)")
     num_experts, hidden, width = gate_up_proj.shape[0], gate_up_proj.shape[1], down_proj.shape[1]
     size = source.shape[0]
-    block_m = block_rows(num_entries, num_experts)
     inner = torch.empty(size, width, dtype=x.dtype, device=x.device)  # (S', F)
     out = torch.empty(size, hidden, dtype=x.dtype, device=x.device)  # (S', H)
     if size == 0:
         return out
     tiles = dict(GATE_UP_TILES if gate_up_tiles is None else gate_up_tiles)
-    _gate_up_kernel[(triton.cdiv(width, tiles["BLOCK_N"]), num_experts)](
+    block_m, splits = row_blocks(num_entries, num_experts, tiles.pop("MAX_BLOCK_M"))
+    _gate_up_kernel[(splits, triton.cdiv(width, tiles["BLOCK_N"]), num_experts)](
         x, source, group_ends, gate_up_proj, inner, x.shape[0], hidden, width, *gate_up_proj.stride(),
         BLOCK_M=block_m, EVEN_K=hidden % tiles["BLOCK_K"] == 0, **tiles)
     tiles = dict(DOWN_TILES if down_tiles is None else down_tiles)
-    _down_kernel[(triton.cdiv(hidden, tiles["BLOCK_N"]), num_experts)](
+    block_m, splits = row_blocks(num_entries, num_experts, tiles.pop("MAX_BLOCK_M"))
+    _down_kernel[(splits, triton.cdiv(hidden, tiles["BLOCK_N"]), num_experts)](
         inner, group_ends, down_proj, out, width, hidden, *down_proj.stride(), BLOCK_M=block_m,
         EVEN_K=width % tiles["BLOCK_K"] == 0, **tiles)
     return out
