@@ -303,7 +303,7 @@ def format_before_after(rows, meta) -> str:
     pinned = [k[len("eager ms "):] for k in rows[0] if k.startswith("eager ms after, ")]
     if pinned:
         lines += ["", "The after layer with its grouped-product backend pinned (without a gradient auto picks triton on CUDA "
-                  "at <= 128 rows per expert, grouped_mm_t at <= 256, grouped_mm above):", "",
+                  "at <= 256 rows per expert, grouped_mm above):", "",
                   "| tokens | " + " | ".join(f"{p} eager / graph" for p in pinned) + " |", "|---:|" + "---:|" * len(pinned)]
         for r in rows:
             lines.append(f"| {r['tokens']} | " + " | ".join(f"{r[f'eager ms {p}']:.3f} / "

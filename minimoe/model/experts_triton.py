@@ -35,8 +35,8 @@ except ImportError:
 # Tiles per kernel: at most MAX_BLOCK_M rows of one expert per program, BLOCK_N output columns, BLOCK_K of the
 # inner dimension per step, pipeline stages, warps: the fastest of a sweep at 512 tokens on an H100
 # (``benchmarks/moe_experts_kernels.py --sweep``)
-GATE_UP_TILES = dict(MAX_BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_stages=3, num_warps=8)
-DOWN_TILES = dict(MAX_BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_stages=3, num_warps=8)
+GATE_UP_TILES = dict(MAX_BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_stages=4, num_warps=8)
+DOWN_TILES = dict(MAX_BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_stages=3, num_warps=8)
 
 if triton is not None:
     @triton.jit

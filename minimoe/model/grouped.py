@@ -51,7 +51,8 @@ from minimoe.model import bag_sum_triton
 _warned_swap_ab: list = []
 BACKENDS = ("auto", "grouped_mm", "grouped_mm_t", "triton", "per_group")
 SWAP_AB_MAX_ROWS_PER_GROUP = 256
-TRITON_MAX_ROWS_PER_GROUP = 128  # "auto" takes ``experts_triton``'s kernels up to this average (half their row block)
+TRITON_MAX_ROWS_PER_GROUP = 256  # "auto" takes ``experts_triton``'s kernels up to this average (faster up to 256
+# rows per expert on an H100: benchmarks/results/moe_experts_kernels_h100.md)
 
 
 @functools.lru_cache(maxsize=None)
