@@ -30,8 +30,9 @@ Two ways to compute the same thing (a test proves they agree, values and gradien
     ``torch._grouped_mm`` cannot run (old torch, float64, sizes not multiples of 16 bytes,
     CUDA before sm80), one matmul per expert computes the same after reading the offsets.
     On CUDA without a gradient a small batch's softmax router also lays the rows out by expert in
-    its own kernel (``route_layout_triton``): at a few hundred tokens the host's cost of each
-    launch, not the GPU, sets the layer's pace.
+    its own kernel (``route_layout_triton``), and the experts run in two Triton kernels that stream
+    each expert's weights once (``experts_triton``): at a few hundred tokens the weights' bytes and
+    the host's cost of each launch, not the arithmetic, set the layer's pace.
 
 Capacity (GShard, Lepikhin et al. 2020): by default the layer is dropless. With
 ``capacity_factor > 0`` each expert takes at most C = ceil(T·k/E · capacity_factor) pairs;
