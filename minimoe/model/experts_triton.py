@@ -2,18 +2,23 @@
 
 At a few hundred tokens every expert's weights must be read (Mixtral-8x7B: 2.8 GB per layer) while the tokens
 are a few MB, so the grouped experts are bound by the weights' bytes, and the best a kernel can do is read them
-once at the card's copy rate. ``torch._grouped_mm`` reads them at about 75% of that rate at 512 tokens
-(``benchmarks/results/moe_kernels_h100.md``) and needs three more kernels around it (the gather of the rows, the
-silu·mul, and the products' own setup). Here each expert's rows [start_e, end_e) of the row layout
-(``grouped_layout_triton`` / ``route_layout_triton``) meet its weights in two kernels:
+once at the card's copy rate. ``torch._grouped_mm``'s transposed products read them at 2.1-2.3 TB/s on an H100
+whose copy runs at 3.0 TB/s (``benchmarks/results/moe_experts_kernels_h100.md``) and need three more kernels
+around them (the gather of the rows, silu·mul, and the products' own setup). Here each expert's rows
+[start_e, end_e) of the row layout (``grouped_layout_triton`` / ``route_layout_triton``) meet its weights in two
+kernels:
 
     gate_up   hidden[s, :] = silu(x[source[s]] W_g^e) ⊙ (x[source[s]] W_u^e)      rows s of expert e
     down      out[s, :]    = hidden[s] W_d^e
 
-One program owns one expert and one block of output columns. It walks the expert's rows in blocks of
-``BLOCK_M`` and, for each, streams the matching columns of the expert's weights along K, accumulating in float32
-(``tl.dot``). With ``BLOCK_M`` at least the expert's row count, which the host sets from the average rows per
-expert, every weight byte is read once; an expert with more rows reads its columns again for each extra block.
+A program owns one expert, one block of output columns and one block of at most ``MAX_BLOCK_M`` of the expert's
+rows; for its rows it streams the matching columns of the expert's weights along K, accumulating in float32
+(``tl.dot``). The host sizes the row blocks from the average rows per expert (``row_blocks``: 1.5x the average,
+so most experts fit), and the programs of one block of columns, launched next to each other, read the same
+weights at about the same time, so that the later reads can come from L2 cache rather than memory. An expert with more rows than its programs cover loops over further blocks. One program holding all of an
+expert's rows would read the weights once too, but its 256-row tile makes the products compute-bound at 512
+tokens (1.39 ms against 1.18 ms for the split blocks on an H100).
+
 The gather of the token rows is folded into ``gate_up``'s loads (``source``: a row index, T for a zero row),
 and silu·mul into its epilogue, so gate and up never reach memory. The kernels compute in float32 and round
 ``hidden`` once, where the PyTorch path rounds gate and up to bfloat16 first: the two agree to bfloat16's
