@@ -24,8 +24,9 @@ and silu·mul into its epilogue, so gate and up never reach memory. The kernels 
 ``hidden`` once, where the PyTorch path rounds gate and up to bfloat16 first: the two agree to bfloat16's
 precision (``tests/test_gpu_paths.py``).
 
-vLLM's fused MoE kernel [kwon2023vllm] tiles a small batch's experts the same way; this one keeps only what a
-reader needs to follow it.
+Each kernel is compiled once per row block size (a power of two), so the first call at a new batch size pays
+Triton's compile. vLLM's fused MoE kernel [kwon2023vllm] tiles a small batch's experts the same way; this one
+keeps only what a reader needs to follow it.
 """
 from __future__ import annotations
 
