@@ -239,12 +239,12 @@ def _float_experts(x, ids, weights, gate_up, down):
 @pytest.mark.parametrize("tokens", [1, 37, 600])
 def test_the_triton_experts_equal_float32_experts(tokens):
     """Row blocks past the first (every token picks expert 0: more rows than one program's block holds, so a
-    program loops), empty experts, and sizes that are not multiples of the tiles (H 192, F 304)."""
+    program loops), empty experts, and sizes that are not multiples of the tiles (H 200, F 304)."""
     from minimoe.model import experts_triton, grouped
 
     pytest.importorskip("triton")
     g = torch.Generator(device="cuda").manual_seed(2)
-    experts, hidden, width = 8, 192, 304
+    experts, hidden, width = 8, 200, 304
     gate_up = (0.1 * torch.randn(experts, hidden, 2 * width, device="cuda", generator=g)).bfloat16()
     down = (0.1 * torch.randn(experts, width, hidden, device="cuda", generator=g)).bfloat16()
     x = torch.randn(tokens, hidden, device="cuda", generator=g).bfloat16()
@@ -270,6 +270,21 @@ def test_auto_takes_the_triton_experts_for_a_small_batch_without_a_gradient():
         assert grouped.choose_backend("auto", x, weights, num_rows=512 * 2) == "triton"
         assert grouped.choose_backend("auto", x, weights, num_rows=8 * 257) != "triton"  # many rows per expert
     assert grouped.choose_backend("auto", x, weights, num_rows=512 * 2) != "triton"  # a gradient: torch's products
+    with torch.inference_mode():  # float16: torch's grouped products cannot run, so neither is "triton" chosen
+        half = [w.half() for w in weights]
+        assert grouped.choose_backend("auto", x.half(), half, num_rows=512 * 2) == "per_group"
+
+
+def test_an_explicit_triton_backend_where_it_cannot_run_is_a_clear_error():
+    layer, x = _layer(tokens=64)
+    layer.grouped_backend = "triton"
+    with torch.inference_mode():
+        wide = torch.cat([x, x], 1)[:, :x.shape[1]]  # rows that are not contiguous
+        with pytest.raises(ValueError, match="the rows are not contiguous"):
+            layer(wide)
+        layer.float()
+        with pytest.raises(ValueError, match="must all be bfloat16 or float16"):
+            layer(x.float())
 
 
 def test_the_triton_bag_sum_reads_a_column_major_table():

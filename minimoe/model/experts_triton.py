@@ -17,18 +17,22 @@ rows; for its rows it streams the matching columns of the expert's weights along
 so most experts fit), and the programs of one block of columns, launched next to each other, read the same
 weights at about the same time, so that the later reads can come from L2 cache rather than memory. An expert with more rows than its programs cover loops over further blocks. One program holding all of an
 expert's rows would read the weights once too, but its 256-row tile makes the products compute-bound at 512
-tokens (1.39 ms against 1.18 ms for the split blocks on an H100).
+tokens (1.39 ms against 1.18 ms for the split blocks, measured in two leases of an H100, each kernel form at its
+best tile).
 
 The gather of the token rows is folded into ``gate_up``'s loads (``source``: a row index, T for a zero row),
 and silu·mul into its epilogue, so gate and up never reach memory. The kernels compute in float32 and round
 ``hidden`` once, where the PyTorch path rounds gate and up to bfloat16 first: the two agree to bfloat16's
 precision (``tests/test_gpu_paths.py``).
 
-Each kernel is compiled once per row block size (a power of two), so the first call at a new batch size pays
-Triton's compile. vLLM's fused MoE kernel [kwon2023vllm] tiles a small batch's experts the same way; this one
+Each kernel is compiled for each row block size (a power of two) and for what Triton specializes integer
+arguments on (divisibility by 16, the value 1), so the first call at a new batch size may pay Triton's compile:
+warm up before capturing a CUDA graph. vLLM's fused MoE kernel [kwon2023vllm] tiles a small batch's experts the same way; this one
 keeps only what a reader needs to follow it.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -108,12 +112,33 @@ if triton is not None:
                      total.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
 
 
+def why_not(x: torch.Tensor, *weights: torch.Tensor) -> str | None:
+    """None when :func:`swiglu_experts` can serve rows x with these weights, else what stops it: Triton, CUDA
+    (compute capability 8.0 or newer), bfloat16 or float16 throughout, contiguous rows, no gradient needed (the
+    kernels have no backward)."""
+    if triton is None:
+        return "Triton is not installed"
+    if not x.is_cuda:
+        return f"the rows are on {x.device.type}, not CUDA"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)):
+        return "a gradient is needed and the kernels have no backward"
+    if x.dtype not in (torch.bfloat16, torch.float16) or any(w.dtype != x.dtype for w in weights):
+        return f"the rows and weights must all be bfloat16 or float16, got {x.dtype} and {[w.dtype for w in weights]}"
+    if not x.is_contiguous():
+        return "the rows are not contiguous"
+    if _capability(x.device) < (8, 0):
+        return f"compute capability {_capability(x.device)} is below 8.0"
+    return None
+
+
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether :func:`swiglu_experts` serves rows x with these weights: Triton, CUDA, bfloat16 or float16
-    throughout, contiguous rows, and no gradient needed (the kernels have no backward)."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))
-    return (triton is not None and x.is_cuda and not needs_grad and x.dtype in (torch.bfloat16, torch.float16)
-            and all(w.dtype == x.dtype for w in weights) and x.is_contiguous())
+    """Whether :func:`swiglu_experts` serves rows x with these weights (:func:`why_not` says why not)."""
+    return why_not(x, *weights) is None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def row_blocks(num_entries: int, num_experts: int, most: int) -> tuple[int, int]:
@@ -134,7 +159,8 @@ def swiglu_experts(x: torch.Tensor, source: torch.Tensor, group_ends: torch.Tens
     down_proj (E, F, H) -> out (S', H) in x's dtype: row s is expert e's SwiGLU of x[source[s]] for the e whose
     rows hold s; rows after group_ends[-1] are left undefined. ``num_entries``: the (token, expert) entries laid
     out (T·k), which sets the row block. ``gate_up_tiles`` / ``down_tiles``: tiles other than ``GATE_UP_TILES`` /
-    ``DOWN_TILES`` (the benchmark's sweep). Raises RuntimeError without Triton."""
+    ``DOWN_TILES`` (the benchmark's sweep). The caller checks :func:`usable` first (CUDA, bf16 or fp16, contiguous
+    x) and passes the layout's tensors as built. Raises RuntimeError without Triton."""
     if triton is None:
         raise RuntimeError("swiglu_experts needs Triton (pip install triton)")
     num_experts, hidden, width = gate_up_proj.shape[0], gate_up_proj.shape[1], down_proj.shape[1]

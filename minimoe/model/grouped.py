@@ -26,13 +26,14 @@ Grouped-multiply backends (``grouped_matmul``), x (S, K) sorted by group, weight
   of one expert and the weights stream about once. The CUDA kernel needs every group's columns to start at a
   16-byte boundary of the output, so each group is padded to a multiple of ``row_alignment`` rows (at most
   ``row_alignment - 1`` zero rows per expert, a bound known without reading the counts).
-* ``triton``       not a product but the whole SwiGLU expert in two Triton kernels (``experts_triton``): gate
-  and up with the gather of the rows and silu·mul folded in, then down, each expert's weights streamed once.
-  CUDA, bf16 or fp16, forward only.
+* ``triton``       a backend of ``grouped_experts`` only (``grouped_matmul`` does not take it): the whole SwiGLU
+  expert in two Triton kernels (``experts_triton``), gate and up with the gather of the rows and silu·mul folded
+  in, then down, each expert's weights streamed about once. CUDA, bf16 or fp16, forward only.
 * ``per_group``    one matmul per non-empty group; reads the ends on the host (a sync; not capturable).
 
 ``auto`` picks ``triton`` on CUDA without a gradient when experts get at most ``TRITON_MAX_ROWS_PER_GROUP`` rows
-on average, else ``grouped_mm_t`` up to ``SWAP_AB_MAX_ROWS_PER_GROUP``, ``grouped_mm`` beyond, and
+on average (and torch's products could run too), else ``grouped_mm_t`` up to ``SWAP_AB_MAX_ROWS_PER_GROUP``,
+``grouped_mm`` beyond, and
 ``per_group`` only where ``torch._grouped_mm`` cannot run (old torch, float64, CUDA before sm80 or not bf16,
 sizes that are not multiples of 16 bytes). ``auto`` never syncs, so the whole computation can be captured in a
 CUDA graph.
@@ -51,8 +52,10 @@ from minimoe.model import bag_sum_triton
 _warned_swap_ab: list = []
 BACKENDS = ("auto", "grouped_mm", "grouped_mm_t", "triton", "per_group")
 SWAP_AB_MAX_ROWS_PER_GROUP = 256
-TRITON_MAX_ROWS_PER_GROUP = 256  # "auto" takes ``experts_triton``'s kernels up to this average (faster up to 256
-# rows per expert on an H100: benchmarks/results/moe_experts_kernels_h100.md)
+# "auto" takes ``experts_triton``'s kernels up to this average: faster than torch's transposed products from 64 to
+# 1024 tokens (8 to 256 rows per expert) at Mixtral-8x7B shapes with near-uniform routing, bf16, on an H100
+# (benchmarks/results/moe_experts_kernels_h100.md); other shapes, skews and cards were not measured
+TRITON_MAX_ROWS_PER_GROUP = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,23 +78,35 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return True
 
 
-def choose_backend(requested: str, x: torch.Tensor, weights: list[torch.Tensor], num_rows: int | None = None) -> str:
+def choose_backend(requested: str, x: torch.Tensor, weights: list[torch.Tensor], num_rows: int | None = None,
+                   fused: bool = True) -> str:
     """Resolve "auto" for products of x (S, K) by each of ``weights`` (G, K, N); see the module docstring.
-    ``num_rows``: S when x is not yet the sorted rows (its dtype, device and alignment still count)."""
+    ``num_rows``: S when x is not yet the sorted rows (its dtype, device and alignment still count).
+    ``fused=False``: torch's products only (where the Triton experts cannot serve the call). "auto" takes the
+    Triton experts only where torch's products could run too, so falling back from them never fails."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested != "auto":
         return requested
-    rows = x.shape[0] if num_rows is None else num_rows
-    if x.is_cuda and rows <= TRITON_MAX_ROWS_PER_GROUP * weights[0].shape[0]:
-        from minimoe.model import experts_triton  # here: it loads Triton
-
-        if experts_triton.usable(x, *weights):
-            return "triton"
     if not all(grouped_mm_supported(x, w) for w in weights):
         return "per_group"
+    rows = x.shape[0] if num_rows is None else num_rows
+    if fused and x.is_cuda and rows <= TRITON_MAX_ROWS_PER_GROUP * weights[0].shape[0]:
+        from minimoe.model import experts_triton  # here: it loads Triton
+
+        if experts_triton.why_not(x, *weights) is None:
+            return "triton"
     few_rows = rows <= SWAP_AB_MAX_ROWS_PER_GROUP * weights[0].shape[0]
     return "grouped_mm_t" if x.device.type == "cuda" and few_rows else "grouped_mm"
+
+
+def _check_triton(x: torch.Tensor, *weights: torch.Tensor) -> None:
+    """Raise ValueError naming what keeps the Triton experts from running on x with these weights."""
+    from minimoe.model import experts_triton  # here: it loads Triton
+
+    problem = experts_triton.why_not(x, *weights)
+    if problem is not None:
+        raise ValueError(f"grouped backend 'triton' cannot run here: {problem}; 'auto' picks what can")
 
 
 def row_alignment(x: torch.Tensor) -> int:
@@ -149,6 +164,8 @@ def layout_request(x: torch.Tensor, num_entries: int, gate_up_proj: torch.Tensor
                             num_rows=num_entries)
     if chosen == "per_group" or grouped_layout_triton.triton is None:
         return None
+    if chosen == "triton":  # asked for by name: say now, before the router builds a layout for it
+        _check_triton(x, gate_up_proj, down_proj)
     align = row_alignment(x) if chosen == "grouped_mm_t" else 1
     return align, _padded_rows(num_entries, gate_up_proj.shape[0], align), chosen
 
@@ -168,7 +185,9 @@ def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     Llama 4 weights the input, Σ_j E_{e_nj}(w_nj · x_n). ``has_invalid=False`` promises that no id is E
     (skips two masks). ``layout``: (place, group_ends, source) already built for these ids as
     ``layout_request`` describes (``RoutingResult.layout``), with ``backend`` the resolved backend it names.
-    Raises ValueError for an unknown backend.
+    "triton" runs its kernels where no entry is "no expert" and the input is not scaled (``has_invalid=False``,
+    ``scales_input=False``), and torch's products otherwise. Raises ValueError for an unknown backend, and for
+    "triton" where its kernels cannot run (CPU, float32, a gradient, non-contiguous rows), naming which.
     """
     num_rows, m = expert_ids.shape
     if layout is not None:
@@ -178,20 +197,16 @@ def grouped_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Te
     gate_w, up_w = gate_up_proj[:, :, :width], gate_up_proj[:, :, width:]  # (E, H, F) views
     chosen = choose_backend(backend, x, [gate_w, up_w, down_proj], num_rows=num_rows * m)
     if chosen == "triton":
-        from minimoe.model import experts_triton  # here: it loads Triton
-
-        if not experts_triton.usable(x, gate_up_proj, down_proj):
-            raise ValueError("backend 'triton' needs Triton, CUDA tensors in bfloat16 or float16, contiguous rows "
-                             "and no gradient; use 'auto' to pick what runs here")
+        _check_triton(x, gate_up_proj, down_proj)
         if scales_input or has_invalid:  # its kernels read x unscaled, and would compute every no-expert entry
-            chosen = "grouped_mm_t"
+            chosen = choose_backend("auto", x, [gate_w, up_w, down_proj], num_rows * m, fused=False)
     if chosen != "per_group" and expert_ids.is_cuda:
         from minimoe.model import grouped_layout_triton  # here: it loads Triton
 
         if grouped_layout_triton.usable(expert_ids, num_experts):
             return _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, scales_input, chosen)
     if chosen == "triton":  # a batch too large for the counting sort: the sort below, and torch's products
-        chosen = "grouped_mm_t"
+        chosen = choose_backend("auto", x, [gate_w, up_w, down_proj], num_rows * m, fused=False)
     flat = expert_ids.reshape(-1)  # (P,) entry p = (row p // m, j = p % m)
     num_entries = flat.shape[0]
     sorted_ids, order = torch.sort(flat, stable=True)  # invalid entries (id E) sort last
@@ -253,13 +268,16 @@ def _grouped_experts_counted(x, expert_ids, weights, gate_up_proj, down_proj, sc
         layout = grouped_layout_triton(expert_ids, num_experts, num_rows, align, size)
     place, group_ends, source = layout
     size = source.shape[0]
-    if chosen == "triton" and not scales_input:  # two kernels, the gather and silu·mul folded in
-        from minimoe.model import experts_triton
+    if chosen == "triton":
+        _check_triton(x, gate_up_proj, down_proj)
+        if not scales_input:  # two kernels, the gather and silu·mul folded in
+            from minimoe.model import experts_triton
 
-        out = experts_triton.swiglu_experts(x, source, group_ends, gate_up_proj, down_proj, num_rows * m)
-        return bag_sum(place.view(num_rows, m), out, weights)  # (N, H)
-    if chosen == "triton":  # (a layout built for "triton" has no alignment: grouped_mm needs none)
-        chosen = "grouped_mm"
+            out = experts_triton.swiglu_experts(x, source, group_ends, gate_up_proj, down_proj, num_rows * m)
+            return bag_sum(place.view(num_rows, m), out, weights)  # (N, H)
+        # (a layout built for "triton" has no row alignment: grouped_mm needs none)
+        weight_views = [gate_up_proj[:, :, :width], gate_up_proj[:, :, width:], down_proj]
+        chosen = "grouped_mm" if all(grouped_mm_supported(x, w) for w in weight_views) else "per_group"
     if bag_sum_triton.usable(source, x, None):  # one kernel; source N reads a zero row
         rows = bag_sum_triton.gather_rows(x, source)  # (S', H) in expert order
     else:

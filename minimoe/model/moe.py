@@ -201,7 +201,7 @@ class MoELayer(nn.Module):
     ``aux_loss`` (float32 scalar, aux_loss_coef·load-balancing + z_loss_coef·z-loss; zero when
     both coefficients are 0). ``impl`` ("grouped" or "loop") and ``grouped_backend`` ("auto",
     "grouped_mm", "grouped_mm_t", "triton" (forward only), "per_group"; every one but "per_group" can be
-    captured in a CUDA graph) can be changed at any time.
+    captured in a CUDA graph, "triton" after a warm-up call at that batch size) can be changed at any time.
     """
 
     def __init__(self, hidden_size: int, config: MoEConfig, impl: str = "grouped", init_std: float = 0.02):
