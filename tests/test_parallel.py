@@ -136,7 +136,7 @@ def run_case(case, group, rank) -> dict:
         predicted = predicted_bytes(report, case["wire_format"], placement.topology)
         checks["bytes == measure"] = all(counted.link_bytes(link) == predicted[link] for link in ("intra", "inter"))
     if case["wire_format"] == "replicate":  # blocks padded to the largest rank's: (B - T_r) rows per leg and peer
-        block, entries = max(tokens), 8 * case["top_k"]
+        block, entries = max(tokens), 12 * case["top_k"]  # an int64 slot id and a float32 weight per entry
         padding = sum((world - 1) * (block - t) * (hidden * 4 + entries) + (world - 1) * (block - t) * hidden * 4
                       for t in tokens)
         checks["padding bytes"] = counted.padding_bytes == padding

@@ -9,7 +9,8 @@ decides on the device how many rows go where pays one host sync to learn them (:
 **All-gather and reduce-scatter** (``all_gather_into_tensor``, ``reduce_scatter_tensor``). All-gather
 concatenates every rank's (n, H) block in rank order into (G·n, H); reduce-scatter is its adjoint: from
 (G·n, H) on every rank, rank r keeps the sum over ranks of block r. Every block has the same size n, so
-nothing about the data has to reach the host: these two can run inside a CUDA graph.
+nothing about the data has to reach the host: these two can run inside a CUDA graph. Several all-gathers
+(rows, weights, slot ids) go out as one coalesced NCCL launch (:func:`gathered`).
 
 **Gradients.** Each exchange is a linear map of rows between processes. The all-to-all is a permutation P;
 its adjoint Pᵀ sends every row back where it came from, i.e. the same call with the splits swapped
@@ -48,6 +49,7 @@ _TIMEOUT_S: float | None = None  # the timeout init_process_group set, for error
 _ONE_RANK_SHORTCUT = [True]  # skip collectives on a one-rank group (see collectives_at_one_rank)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_coalescing = getattr(dist, "_coalescing_manager", None)  # NCCL group calls: several collectives, one launch
 
 
 
@@ -181,10 +183,30 @@ def reduce_scatter_into(out: torch.Tensor, blocks: torch.Tensor, group=None, wha
     return out
 
 
-def gathered(block: torch.Tensor, group=None, what: str = "all-gather") -> torch.Tensor:
-    """block (n, ...) on every rank -> a new (G·n, ...) tensor: the blocks in rank order (no autograd)."""
+def gathered(blocks: list[torch.Tensor], group=None, what: str = "all-gather") -> list[torch.Tensor]:
+    """blocks[i] (n, ...) on every rank -> new (G·n, ...) tensors: each block's copies of all ranks in rank order
+    (no autograd). On NCCL the all-gathers are one coalesced launch (``torch.distributed._coalescing_manager``:
+    one group of NCCL calls, one kernel), each tensor travelling as bytes, so blocks of any dtype (rows, weights,
+    slot ids) cost one collective, as one all-gather of a packed buffer would, without the copy into it. On gloo,
+    one list-form all-gather each."""
     size = 1 if alone(group) else dist.get_world_size(group)
-    return all_gather_into(block.new_empty(size * block.shape[0], *block.shape[1:]), block, group, what)
+    outs = [block.new_empty(size * block.shape[0], *block.shape[1:]) for block in blocks]
+    if alone(group) or _gloo(group) or _coalescing is None:
+        for out, block in zip(outs, blocks):
+            all_gather_into(out, block, group, what)
+        return outs
+    try:
+        with _coalescing(group):
+            for out, block in zip(outs, blocks):
+                _all_gather_single(_as_bytes(out), _as_bytes(block.contiguous()), group=group)
+    except RuntimeError as error:
+        raise _failed(what, group, error) from error
+    return outs
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor viewed as uint8 (a 0-column tensor as it is)."""
+    return tensor.view(torch.uint8) if tensor.numel() else tensor
 
 
 def scattered(blocks: torch.Tensor, group=None, what: str = "reduce-scatter") -> torch.Tensor:
@@ -245,17 +267,22 @@ class CountExchange:
 
 # ---- the differentiable all-gather and reduce-scatter --------------------------------------------------
 class AllGather(torch.autograd.Function):
-    """block (n, ...) -> (G·n, ...) all-gathered; backward: reduce-scatter of the gradient."""
+    """blocks[i] (n, ...) -> (G·n, ...) all-gathered (``gathered``: one coalesced launch); backward: a
+    reduce-scatter of each floating-point gradient (integer outputs, such as slot ids, have none)."""
 
     @staticmethod
-    def forward(ctx, block, anchor, group, what):
+    def forward(ctx, anchor, group, what, *blocks):
         ctx.group, ctx.what, ctx.size = group, what, 1 if alone(group) else dist.get_world_size(group)
-        return gathered(block, group, what)
+        outs = gathered(list(blocks), group, what)
+        ctx.floating = [out.is_floating_point() for out in outs]  # the same on every rank: same collectives
+        ctx.mark_non_differentiable(*[out for out, floating in zip(outs, ctx.floating) if not floating])
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad):
-        out = grad.new_empty(grad.shape[0] // ctx.size, *grad.shape[1:])
-        return reduce_scatter_into(out, grad.contiguous(), ctx.group, f"{ctx.what} backward"), None, None, None
+    def backward(ctx, *grads):  # unused outputs arrive as zeros, so every rank runs every reduce-scatter
+        return (None, None, None, *[reduce_scatter_into(
+            grad.new_empty(grad.shape[0] // ctx.size, *grad.shape[1:]), grad.contiguous(), ctx.group,
+            f"{ctx.what} backward") if floating else None for grad, floating in zip(grads, ctx.floating)])
 
 
 class ReduceScatter(torch.autograd.Function):

@@ -4,8 +4,9 @@ Every wire format of ``minimoe.parallel.dispatch`` adds, per leg, the rows it se
 (``TrafficCounters.add``). Rows a rank keeps for itself never cross a link and count as ``local_rows``; the
 others count as ``intra`` (same node: rank // gpus_per_node) or ``inter`` (another node). ``bytes`` is the
 hidden-state payload, what ``minimoe.placement.measure`` predicts for the same tokens and placement;
-routing metadata (8 bytes per carried (slot, weight) entry) is ``meta_bytes``; rows that only pad a block
-to a common size (the replicate format, when ranks bring different token counts) are ``padding_bytes``.
+routing metadata (12 bytes per carried entry: an int64 slot id and a float32 weight) is ``meta_bytes``;
+rows that only pad a block to a common size (the replicate format, when ranks bring different token counts)
+are ``padding_bytes``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ DIRECTIONS, LINKS = ("dispatch", "combine"), ("intra", "inter")
 @dataclass
 class TrafficCounters:
     """What this rank sent to *other* ranks: ``bytes[(direction, link)]``, ``rows[(direction, link)]``,
-    ``meta_bytes`` (routing metadata, 8 bytes per entry), ``padding_bytes`` (rows that only pad a block) and
+    ``meta_bytes`` (routing metadata, 12 bytes per entry), ``padding_bytes`` (rows that only pad a block) and
     ``local_rows[direction]`` (rows kept local)."""
 
     bytes: dict = field(default_factory=lambda: {(d, link): 0 for d in DIRECTIONS for link in LINKS})

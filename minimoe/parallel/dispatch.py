@@ -15,7 +15,8 @@ where a token's results add up to y_t = Σ_j w_tj · E_j(x_t). The formats diffe
   local index), carrying all k global slots; leg B is ``token_rank`` over [own tokens; rows received in leg
   A], with the slots of this node. Combine sums at the entry rank before the one trip back over the node
   boundary (DeepEP's *internode* normal kernels de-duplicate per node the same way, but pipeline both legs
-  inside one kernel; here they run one after the other on the world group).
+  inside one kernel; here they run one after the other on the world group). On one node there is no remote
+  node for leg A to reach, so only leg B runs: the format is then ``token_rank``.
 * ``replicate`` — every token goes to every rank: all-gather the tokens, each rank runs its experts on the
   rows that hit them, reduce-scatter sums the results (``minimoe.parallel.replicate``). No counts, no sync.
 
@@ -232,7 +233,7 @@ def _leg(x, weights, slots, dest, h: Handle, what: str, num_gpus: int, divisor: 
     leg = Leg(send, recv, rank, row_bags, bags)
     h.legs.append(leg)
     if h.counters is not None:
-        h.counters.add("dispatch", send, x.shape[1] * x.element_size(), rank, h.gpus_per_node, 8 * slots.shape[1])
+        h.counters.add("dispatch", send, x.shape[1] * x.element_size(), rank, h.gpus_per_node, 12 * slots.shape[1])
     if not h.requires_grad:  # no graph to record: skip the autograd node
         return _send(x, weights, slots, units, rows, leg, h.group, what)
     return _Dispatch.apply(x, weights, anchor(True), slots, units, rows, leg, h.group, what)
@@ -275,7 +276,7 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout
         pairs = slots.reshape(-1, 1)
         rows, w, s = _leg(x, weights.reshape(-1, 1), pairs, pairs, h, "dispatch", num_gpus, spg,
                           pairs_of=slots.shape[1])
-    elif wire_format == "token_rank":
+    elif wire_format == "token_rank" or num_gpus == gpn:  # hierarchical on one node: no leg A, only leg B
         rows, w, s = _leg(x, weights, slots, None if static else slots, h, "dispatch", num_gpus, spg)
     else:
         rows_a, w_a, s_a = _leg(x, weights, slots, entry_ranks(slots, spg, gpn, rank), h,
@@ -298,7 +299,7 @@ def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
         from minimoe.parallel.replicate import replicate_combine
 
         return replicate_combine(expert_out, h)
-    if h.wire_format != "hierarchical":
+    if len(h.legs) == 1:  # one leg (hierarchical on one node too)
         return _return(expert_out, h.legs[0], h, "combine", h.num_tokens)
     leg_a, leg_b = h.legs
     partial = _return(expert_out, leg_b, h, "combine leg B (intra-node)", h.num_tokens + sum(leg_a.recv_splits))

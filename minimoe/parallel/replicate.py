@@ -1,8 +1,9 @@
 """The ``replicate`` wire format: every token to every rank, by all-gather and reduce-scatter.
 
     dispatch   pad this rank's T tokens to the common block size B (rows with slot -1, weight 0);
-               all-gather the (B, H) blocks into (G·B, H) [rank 0's block | rank 1's | ...], and all-gather the
-               small (B, 2k) block of weights and global slots; keep the entries of this rank's slots (others -1)
+               all-gather the (B, H) blocks into (G·B, H) [rank 0's block | rank 1's | ...], together with the
+               small (B, k) weights and global slots (one coalesced NCCL launch for the three);
+               keep the entries of this rank's slots (others -1)
     experts    each rank runs its experts on the rows that hit them (``minimoe.parallel.experts``)
     combine    reduce-scatter the (G·B, H) results: rank r gets, for each of its tokens, the sum over ranks of
                what they computed for it (NCCL adds); drop the padding rows
@@ -60,28 +61,18 @@ def replicate_dispatch(x, slots, weights, h, num_gpus: int, static: bool, tokens
     h.legs.append(Blocks(tokens_per_rank, block))
     if h.counters is not None:
         h.counters.add("dispatch", [num_tokens] * num_gpus, x.shape[1] * x.element_size(), h.rank, h.gpus_per_node,
-                       8 * top_k, padded_to=block)
+                       12 * top_k, padded_to=block)
     if alone(h.group) or block == 0:
         return x, weights, slots
-    gather, pad = _differentiable(AllGather, gathered, h.requires_grad), block - num_tokens
+    pad = block - num_tokens
     if pad:  # pad with rows that hit no slot
         x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-    rows = gather(x, h.group, "replicate dispatch (rows)")  # (G·B, H), enqueued first: the big transfer
-    entries = torch.cat([weights, slots.to(weights.dtype)], 1)  # (T, 2k) float32: slot ids are exact below 2^24
-    if pad:
-        entries = torch.cat([entries, torch.cat([entries.new_zeros(pad, top_k), entries.new_full((pad, top_k), -1)],
-                                                1)])
-    every_entry = gather(entries, h.group, "replicate dispatch (slots, weights)")  # (G·B, 2k)
-    return rows, every_entry[:, :top_k], every_entry[:, top_k:].to(torch.int64)
-
-
-def _differentiable(exchange, plain, requires_grad: bool):
-    """A collective as a function of (tensor, group, what): ``exchange`` (``AllGather`` / ``ReduceScatter``)
-    through autograd when a gradient is needed, else ``plain`` (``gathered`` / ``scattered``: no autograd node)."""
-    if requires_grad:
-        tie = anchor(True)
-        return lambda tensor, group, what: exchange.apply(tensor, tie, group, what)
-    return plain
+        weights = torch.cat([weights, weights.new_zeros(pad, top_k)])
+        slots = torch.cat([slots, slots.new_full((pad, top_k), -1)])
+    what = "replicate dispatch (rows, weights, slots)"
+    if h.requires_grad:  # one coalesced all-gather of the three: (G·B, H), (G·B, k), (G·B, k)
+        return AllGather.apply(anchor(True), h.group, what, x, weights, slots)
+    return tuple(gathered([x, weights, slots], h.group, what))
 
 
 def replicate_combine(expert_out: torch.Tensor, h) -> torch.Tensor:
@@ -92,5 +83,7 @@ def replicate_combine(expert_out: torch.Tensor, h) -> torch.Tensor:
                        h.gpus_per_node, padded_to=blocks.block)
     if alone(h.group) or blocks.block == 0:
         return expert_out
-    mine = _differentiable(ReduceScatter, scattered, h.requires_grad)(expert_out, h.group, "replicate combine")
+    what = "replicate combine"
+    mine = ReduceScatter.apply(expert_out, anchor(True), h.group, what) if h.requires_grad else \
+        scattered(expert_out, h.group, what)
     return mine[:h.num_tokens]

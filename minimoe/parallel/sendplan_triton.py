@@ -7,7 +7,8 @@ miniature. The units are cut into blocks of ``BLOCK_U``, one program per block:
 
     kernel 1   totals[b, c] = hit cells of block b in column c (columns in ``rank_first`` order: this rank,
                then the others in rank order)
-    kernel 2   every program sums the totals: whole[c] over all blocks, before[c] over the blocks before its own;
+    kernel 2   every program sums the totals: whole[c] over all blocks, before[c] over the blocks before its own
+               (a leg of at most ``BLOCK_U`` units, a decode batch say, is one block: kernel 1 is skipped);
                the column starts in the return table are the exclusive cumsum of whole, so
                position[u, c] = start[c] + before[c] + (hit cells of column c before unit u in the block)
                send[(position - n_self) mod n_total] = u              the send list [for other ranks | kept]
@@ -61,23 +62,28 @@ if triton is not None:
     @triton.jit
     def _plan_kernel(dest_ptr, divisor, num_units, rank, num_gpus, totals_ptr, num_blocks, counts_ptr, position_ptr,
                      mask_ptr, send_ptr, one_position_ptr, one_mask_ptr, send_rows_ptr, M: tl.constexpr,
-                     BLOCK: tl.constexpr, GP: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr):
+                     BLOCK: tl.constexpr, GP: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr,
+                     ONE_BLOCK: tl.constexpr):
         block = tl.program_id(0)
         cols, col_rank = _columns(rank, num_gpus, GP)
         col_ok = cols < num_gpus
+        units = block * BLOCK + tl.arange(0, BLOCK)
+        hit = _hits(dest_ptr, units, divisor, num_units, col_rank, M, BLOCK, GP)
         whole = tl.zeros([GP], dtype=tl.int32)  # hit cells per column, all blocks
         before = tl.zeros([GP], dtype=tl.int32)  # ... in the blocks before this one
-        for start in range(0, num_blocks, SCAN):
-            ids = start + tl.arange(0, SCAN)
-            totals = tl.load(totals_ptr + ids[:, None] * GP + cols[None, :], mask=ids[:, None] < num_blocks, other=0)
-            whole += tl.sum(totals, axis=0)
-            before += tl.sum(tl.where(ids[:, None] < block, totals, 0), axis=0)
+        if ONE_BLOCK:  # one program sees every unit: no totals to read (and no first kernel)
+            whole = tl.sum(hit, axis=0)
+        else:
+            for start in range(0, num_blocks, SCAN):
+                ids = start + tl.arange(0, SCAN)
+                totals = tl.load(totals_ptr + ids[:, None] * GP + cols[None, :], mask=ids[:, None] < num_blocks,
+                                 other=0)
+                whole += tl.sum(totals, axis=0)
+                before += tl.sum(tl.where(ids[:, None] < block, totals, 0), axis=0)
         n_self = tl.sum(tl.where(cols == 0, whole, 0), axis=0)
         n_total = tl.sum(whole, axis=0)
         tl.store(counts_ptr + col_rank, whole.to(tl.int64), mask=col_ok & (cols * 0 + block == 0))  # block 0 only
         running = tl.cumsum(whole, axis=0) - whole + before  # the column's start in the table + earlier blocks
-        units = block * BLOCK + tl.arange(0, BLOCK)
-        hit = _hits(dest_ptr, units, divisor, num_units, col_rank, M, BLOCK, GP)
         position = running[None, :] + tl.cumsum(hit, axis=0) - hit
         cell = units[:, None].to(tl.int64) * num_gpus + cols[None, :]
         inside = (units[:, None] < num_units) & col_ok[None, :]
@@ -126,9 +132,12 @@ def plan_triton(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int, pair
     mask, one_mask = mask.view(num_units, num_gpus), one_mask.view(pairs, 1)
     totals = torch.empty(num_blocks, gp, dtype=torch.int32, device=device)
     dest = dest if dest.is_contiguous() else dest.contiguous()
-    _block_totals_kernel[(num_blocks,)](dest, divisor, num_units, rank, num_gpus, totals, M=m, BLOCK=BLOCK_U, GP=gp)
+    if num_blocks > 1:
+        _block_totals_kernel[(num_blocks,)](dest, divisor, num_units, rank, num_gpus, totals, M=m, BLOCK=BLOCK_U,
+                                            GP=gp)
     _plan_kernel[(num_blocks,)](dest, divisor, num_units, rank, num_gpus, totals, num_blocks, counts, position,
                                 mask.view(torch.int8), send, one_position, one_mask.view(torch.int8), send_rows,
-                                M=m, BLOCK=BLOCK_U, GP=gp, SCAN=SCAN_BLOCKS, PAIRS=pairs_of)
+                                M=m, BLOCK=BLOCK_U, GP=gp, SCAN=SCAN_BLOCKS, PAIRS=pairs_of,
+                                ONE_BLOCK=num_blocks == 1)
     extra = ((one_position.view(num_units, 1), one_mask), send_rows) if pairs_of else None
     return counts, mask, position, send, extra
