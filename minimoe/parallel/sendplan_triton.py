@@ -112,7 +112,7 @@ def plan_triton(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int, pair
     """dest (U, m) integer entries (< 0 = none), unit u reaching rank ``dest[u, j] // divisor`` -> the leg's
     (counts (G,) int64 in rank order, mask (U, G) bool and position (U, G) int64 in ``rank_first`` column order,
     send list (U·G,) int64 whose first n_total entries are [for other ranks | kept], extra), all on the device in
-    two launches (``sendplan.plan_for`` wraps them in a ``Plan``). ``pairs_of`` = k > 0 says the units are the k
+    two launches, one for at most ``BLOCK_U`` units (``sendplan.plan_for`` wraps them in a ``Plan``). ``pairs_of`` = k > 0 says the units are the k
     pairs of each row, each reaching one rank at most (m = 1); extra is then (position (U, 1) int64 and mask
     (U, 1) bool of each unit's one cell, the send list's rows = units // k), else None. Raises RuntimeError
     without Triton."""
@@ -130,9 +130,10 @@ def plan_triton(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int, pair
     position = position.view(num_units, num_gpus)
     mask, one_mask = torch.empty(cells + pairs, dtype=torch.bool, device=device).split([cells, pairs])
     mask, one_mask = mask.view(num_units, num_gpus), one_mask.view(pairs, 1)
-    totals = torch.empty(num_blocks, gp, dtype=torch.int32, device=device)
     dest = dest if dest.is_contiguous() else dest.contiguous()
+    totals = counts  # one block: the plan kernel reads no totals (any pointer will do)
     if num_blocks > 1:
+        totals = torch.empty(num_blocks, gp, dtype=torch.int32, device=device)
         _block_totals_kernel[(num_blocks,)](dest, divisor, num_units, rank, num_gpus, totals, M=m, BLOCK=BLOCK_U,
                                             GP=gp)
     _plan_kernel[(num_blocks,)](dest, divisor, num_units, rank, num_gpus, totals, num_blocks, counts, position,
