@@ -21,8 +21,7 @@ own tokens. Training with replicas needs their gradients summed before the optim
 with ``replicate`` when every rank's token count is known (``static``, or ``tokens_per_rank`` passed to
 forward; else one small all-gather agrees on it), one with ``token_rank`` and ``token_expert``, two with
 ``hierarchical`` (one on a single node), plus one in the first forward of each input size (the configuration
-check). The capacity
-mask is computed on the device; ``dropped_tokens`` syncs only when read.
+check). The capacity mask is computed on the device; ``dropped_tokens`` syncs only when read.
 
 :func:`expert_parallel` swaps every ``MoELayer`` of a ``minimoe.model.Transformer`` for this layer (MoE
 layer i uses placement layer i), so a whole model runs expert-parallel.

@@ -112,10 +112,10 @@ def plan_triton(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int, pair
     """dest (U, m) integer entries (< 0 = none), unit u reaching rank ``dest[u, j] // divisor`` -> the leg's
     (counts (G,) int64 in rank order, mask (U, G) bool and position (U, G) int64 in ``rank_first`` column order,
     send list (U·G,) int64 whose first n_total entries are [for other ranks | kept], extra), all on the device in
-    two launches, one for at most ``BLOCK_U`` units (``sendplan.plan_for`` wraps them in a ``Plan``). ``pairs_of`` = k > 0 says the units are the k
-    pairs of each row, each reaching one rank at most (m = 1); extra is then (position (U, 1) int64 and mask
-    (U, 1) bool of each unit's one cell, the send list's rows = units // k), else None. Raises RuntimeError
-    without Triton."""
+    two launches, one for at most ``BLOCK_U`` units (``sendplan.plan_for`` wraps them in a ``Plan``).
+    ``pairs_of`` = k > 0 says the units are the k pairs of each row, each reaching one rank at most (m = 1);
+    extra is then (position (U, 1) int64 and mask (U, 1) bool of each unit's one cell, the send list's rows =
+    units // k), else None. Raises RuntimeError without Triton."""
     if triton is None:
         raise RuntimeError("plan_triton needs Triton (pip install triton)")
     num_units, m = dest.shape
