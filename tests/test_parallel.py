@@ -237,7 +237,24 @@ def collectives(rank, world):
         native = (gathered.tolist(), scattered.tolist())
     except RuntimeError:  # not every torch release has them on gloo
         native = None
-    return dict(ours=ours, native=native)
+    return dict(ours=ours, native=native, many=gathered_many(rank))
+
+
+def gathered_many(rank):
+    """``comm.gathered`` of a bf16, a float32 and an int64 block: gloo's list form, then the coalesced launch
+    NCCL takes (each tensor as bytes), which gloo runs too in this torch; exact values per rank."""
+    from minimoe.parallel import comm
+
+    blocks = [torch.arange(6.0).view(3, 2).bfloat16() + rank, torch.full((3, 4), 0.5 + rank),
+              torch.arange(3 * 5).view(3, 5) + 100 * rank]
+    plain = [out.tolist() for out in comm.gathered(blocks)]
+    gloo = comm._gloo
+    comm._gloo = lambda group: False  # take the coalesced path
+    try:
+        coalesced = [out.tolist() for out in comm.gathered(blocks)]
+    finally:
+        comm._gloo = gloo
+    return dict(plain=plain, coalesced=coalesced, dtypes=[str(b.dtype) for b in comm.gathered(blocks)])
 
 
 def failing(rank, world):
@@ -320,6 +337,17 @@ def test_gloo_all_gather_and_reduce_scatter_equal_the_definition_and_torch(outco
         assert ranks["collectives"]["ours"] == (gathered, scattered)
         if ranks["collectives"]["native"] is not None:
             assert ranks["collectives"]["native"] == ranks["collectives"]["ours"]
+
+
+def test_gathering_blocks_of_every_dtype_plainly_and_coalesced_equals_the_definition(outcomes):
+    world = len(outcomes)
+    want = [torch.cat([torch.arange(6.0).view(3, 2) + r for r in range(world)]).tolist(),
+            torch.cat([torch.full((3, 4), 0.5 + r) for r in range(world)]).tolist(),
+            torch.cat([torch.arange(15).view(3, 5) + 100 * r for r in range(world)]).tolist()]
+    for ranks in outcomes:
+        many = ranks["collectives"]["many"]
+        assert many["plain"] == want and many["coalesced"] == want
+        assert many["dtypes"] == ["torch.bfloat16", "torch.float32", "torch.int64"]
 
 
 def test_one_rank_with_its_collectives_forced_equals_the_single_process_layer(outcomes):
