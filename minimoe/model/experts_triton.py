@@ -50,16 +50,25 @@ DOWN_TILES = dict(MAX_BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_stages=3, num_wa
 
 if triton is not None:
     @triton.jit
-    def _gate_up_kernel(x_ptr, source_ptr, ends_ptr, w_ptr, out_ptr, num_tokens, hidden, width,
-                        stride_we, stride_wk, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        split, num_splits, expert = tl.program_id(0), tl.num_programs(0), tl.program_id(2)
+    def _expert_tile(ends_ptr, w_ptr, num_columns, stride_we, stride_wk, stride_wn, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        """This program's expert rows [start, end), its block of output columns, and the (BLOCK_K, BLOCK_N)
+        pointers of that expert's weights at k = 0 (grid: splits x column blocks x experts)."""
+        expert = tl.program_id(2)
         end = tl.load(ends_ptr + expert)
         start = tl.load(ends_ptr + tl.maximum(expert - 1, 0)) * (expert > 0)  # expert 0 starts at row 0
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_in = cols < width
         ks = tl.arange(0, BLOCK_K)
-        gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+        return start, end, cols, cols < num_columns, ks, w_ptrs
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, source_ptr, ends_ptr, w_ptr, out_ptr, num_tokens, hidden, width,
+                        stride_we, stride_wk, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        split, num_splits = tl.program_id(0), tl.num_programs(0)
+        start, end, cols, col_in, ks, gate_ptrs = _expert_tile(ends_ptr, w_ptr, width, stride_we, stride_wk,
+                                                               stride_wn, BLOCK_N, BLOCK_K)
         up_ptrs = gate_ptrs + width * stride_wn  # columns [F, 2F) of gate_up_proj
         for first in range(start + split * BLOCK_M, end, num_splits * BLOCK_M):  # this program's row blocks
             rows = first + tl.arange(0, BLOCK_M)
@@ -87,13 +96,9 @@ if triton is not None:
     @triton.jit
     def _down_kernel(h_ptr, ends_ptr, w_ptr, out_ptr, width, hidden, stride_we, stride_wk, stride_wn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        split, num_splits, expert = tl.program_id(0), tl.num_programs(0), tl.program_id(2)
-        end = tl.load(ends_ptr + expert)
-        start = tl.load(ends_ptr + tl.maximum(expert - 1, 0)) * (expert > 0)  # expert 0 starts at row 0
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_in = cols < hidden
-        ks = tl.arange(0, BLOCK_K)
-        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+        split, num_splits = tl.program_id(0), tl.num_programs(0)
+        start, end, cols, col_in, ks, w_ptrs = _expert_tile(ends_ptr, w_ptr, hidden, stride_we, stride_wk, stride_wn,
+                                                            BLOCK_N, BLOCK_K)
         for first in range(start + split * BLOCK_M, end, num_splits * BLOCK_M):  # this program's row blocks
             rows = first + tl.arange(0, BLOCK_M)
             row_in = rows < end
