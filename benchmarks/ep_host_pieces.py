@@ -8,7 +8,7 @@ of the send plan (``sendplan.plan_for``), the count exchange and its wait, the p
 sum's launch, the whole dispatch + combine, and two one-op baselines (``torch.empty``, ``x.add(1)``), each the
 mean over 200 calls issued back to back ("host"), then synchronised ("host+gpu"). Then a ``torch.profiler``
 table and one call's timeline at 64 MiB (the profiler inflates host times; read it for the kernels), and a
-``cProfile`` of 300 calls at decode size (hierarchical too), by own time.
+``cProfile`` of 300 calls at decode size (token_rank and token_expert), by own time: where the Python goes.
 """
 import sys
 import tempfile
@@ -93,8 +93,30 @@ def kernels(c, label):
                   f"{e.key[:70]}")
 
 
+def python_profile(fmt):
+    import cProfile
+    import io
+    import pstats
+    c = Case(128, fmt, contiguous(1, 1), 0, 1, device)
+    for _ in range(20):
+        c.ours()
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        c.ours()
+    prof.disable()
+    sync()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    print(f"-- {fmt}, decode size: cProfile of 300 calls, by own time")
+    print(text.getvalue())
+
+
 pieces(128, "decode")
 big = pieces(4681, "64 MiB")
 print("64 MiB total (time_eager):", time_eager(big.ours, device, 20), flush=True)
 kernels(big, "token_rank 64 MiB")
+python_profile("token_rank")
+python_profile("token_expert")
 print("triton", __import__("triton").__version__, "torch", torch.__version__)
