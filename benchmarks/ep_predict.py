@@ -17,6 +17,9 @@ The model (a prediction for a multi-GPU run to confirm, not a measurement):
 * It assumes the overhead does not grow with the second GPU (the per-call NCCL host cost at 2 ranks is close to
   one rank's) and that the wire and our copies do not overlap (they do not: the copies sit before and after it).
   The "before" rows predict the old code's recorded two-GPU ratio, a check of the model itself.
+* hierarchical (the current code) is not predicted: at world size 1 every rank is on one node, where it runs
+  only its intra-node leg (token_rank's cost), while the recorded run had two nodes of one GPU each, where it
+  runs both legs and pays two syncs.
 """
 from __future__ import annotations
 
@@ -49,6 +52,11 @@ def nearest(table: dict, variant: str, mib: float):
     return size, table[(variant, size, "sweep")]
 
 
+def one_node_only(fmt: str, code: str) -> bool:
+    """Whether the one-GPU figure is the one-node path of a format that runs differently on the recorded two nodes."""
+    return fmt == "hierarchical" and code != "before"
+
+
 def predict(one_gpu: dict, recorded: dict) -> list[dict]:
     raw2 = recorded_raw(recorded)
     rows = []
@@ -67,13 +75,15 @@ def predict(one_gpu: dict, recorded: dict) -> list[dict]:
         overhead = r["total_us"] - base["total_us"]
         ours2 = raw2[key][0] + overhead
         code = "before" if "before" in label else "after, block size known" if "known" in label else "after"
+        if one_node_only(fmt, code):
+            continue
         rows.append(dict(format=fmt, code=code, size=f"{tokens} tokens",
                          overhead_1gpu_us=overhead, raw_2gpu_us=raw2[key][0], predicted_ours_2gpu_us=ours2,
                          predicted_raw_over_ours=raw2[key][0] / ours2,
                          recorded_raw_over_ours=raw2[key][1] if "before" in label else None))
     for r in one_gpu.get("large", []):
         size, found = nearest(raw2, MATCH[r["format"]], r["MiB_per_rank"])
-        if found is None:
+        if found is None or one_node_only(r["format"], r["impl"]):
             continue
         overhead = r["ours_us"] - r["raw_us"]
         ours2 = found[0] + overhead
@@ -87,7 +97,9 @@ def predict(one_gpu: dict, recorded: dict) -> list[dict]:
 def table(rows: list[dict], one_gpu: dict) -> str:
     lines = [f"Predicted 2-GPU dispatch + combine from one {one_gpu.get('device', '?')} (world size 1) and the "
              "recorded 2 x H200 raw exchange: ours(2) = raw(2) + [ours(1) - raw(1)]; a prediction to confirm on two "
-             "GPUs. 'recorded' = what bench_ep.py measured on 2 x H200 for the code of then (before rows only).", "",
+             "GPUs. 'recorded' = what bench_ep.py measured on 2 x H200 for the code of then (before rows only). "
+             "hierarchical after: not predicted (one GPU is one node, where it runs one leg; the recorded run had "
+             "two one-GPU nodes, where it runs two).", "",
              "| format | code | size | overhead on 1 GPU µs | raw on 2 GPUs µs | predicted ours µs | predicted raw/ours "
              "| recorded raw/ours |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
