@@ -14,41 +14,43 @@ from minimoe.traces import Trace
 from minimoe.placement import measure
 
 
-def brute_cost(experts, home, pin):
-    """sum over tokens of distinct nodes (other than the token's own, if pinned) its experts live on."""
+def brute_cost(experts, home, pin, weight=None):
+    """sum over tokens of distinct nodes (other than the token's own, if pinned) its experts live on, each token
+    counted ``weight[t]`` times (default once)."""
     total = 0
     for t, row in enumerate(experts):
         nodes = {int(home[e]) for e in row if e >= 0}
         if pin is not None:
             nodes.discard(int(pin[t]))
-        total += len(nodes)
+        total += len(nodes) * (1 if weight is None else weight[t])
     return total
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), num_nodes=st.integers(2, 4), pinned=st.booleans())
-def test_move_and_swap_gains_are_exact(seed, num_nodes, pinned):
+@given(seed=st.integers(0, 10_000), num_nodes=st.integers(2, 4), pinned=st.booleans(), weighted=st.booleans())
+def test_move_and_swap_gains_are_exact(seed, num_nodes, pinned, weighted):
     rng = np.random.default_rng(seed)
     num_experts, top_k = 8, 3
     experts = np.argsort(rng.random((30, num_experts)), axis=1)[:, :top_k]
     experts[rng.random(experts.shape) < 0.15] = -1
+    experts[experts == num_experts - 1] = -1  # one expert no token holds
     pin = rng.integers(0, num_nodes, 30) if pinned else None
-    graph = Hypergraph(experts, num_experts, num_nodes, pin)
+    weight = rng.integers(1, 5, 30) if weighted else None  # merged hyperedges stand for several tokens
+    graph = Hypergraph(experts, num_experts, num_nodes, pin, weight)
     home = rng.integers(0, num_nodes, num_experts)
-    base = brute_cost(experts, home, pin)
+    base = brute_cost(experts, home, pin, weight)
     assert graph.cost(home) == base
     move, swap = graph.gains(home)
+    assert np.array_equal(graph.gains(home, swaps=False)[0], move) and graph.gains(home, swaps=False)[1] is None
     for e in range(num_experts):
         for n in range(num_nodes):
-            if n != home[e]:
-                moved = home.copy()
-                moved[e] = n
-                assert move[e, n] == base - brute_cost(experts, moved, pin)
+            moved = home.copy()
+            moved[e] = n
+            assert move[e, n] == (-np.inf if n == home[e] else base - brute_cost(experts, moved, pin, weight))
         for f in range(num_experts):
-            if home[f] != home[e]:
-                swapped = home.copy()
-                swapped[e], swapped[f] = home[f], home[e]
-                assert swap[e, f] == base - brute_cost(experts, swapped, pin)
+            swapped = home.copy()
+            swapped[e], swapped[f] = home[f], home[e]
+            assert swap[e, f] == (-np.inf if home[f] == home[e] else base - brute_cost(experts, swapped, pin, weight))
 
 
 @settings(max_examples=25, deadline=None)

@@ -159,8 +159,26 @@ class Hypergraph:
         return np.bincount(self.pair_expert * self.num_nodes + self.pin[self.pair_token], weights=self.pair_weight,
                            minlength=self.num_experts * self.num_nodes).reshape(self.num_experts, self.num_nodes)
 
-    def gains(self, home):
-        """move_gain (E, N) and swap_gain (E, E): the exact drop of (1) for one move or swap.
+    @functools.cached_property
+    def _by_expert(self):
+        """The pairs grouped by expert: their tokens (P,) in expert order, and the first pair of each expert
+        that has pairs (E',) with those experts' ids (E',)."""
+        order = np.argsort(self.pair_expert, kind="stable")
+        sizes = np.bincount(self.pair_expert, minlength=self.num_experts)
+        present = np.flatnonzero(sizes)
+        return self.pair_token[order], (np.cumsum(sizes) - sizes)[present], present
+
+    def _sum_by_expert(self, per_token: np.ndarray) -> np.ndarray:
+        """(T, N) -> (E, N): out[e] = sum of per_token[t] over the tokens t holding e (one pass, in C)."""
+        tokens, starts, present = self._by_expert
+        out = np.zeros((self.num_experts, per_token.shape[1]))
+        if len(tokens):
+            out[present] = np.add.reduceat(per_token[tokens], starts, axis=0)
+        return out
+
+    def gains(self, home, swaps: bool = True):
+        """move_gain (E, N) and swap_gain (E, E) (None with ``swaps=False``): the exact drop of (1) for one move
+        or swap; -inf where the move or swap changes nothing (an expert's own node, two experts of one node).
 
         Moving ``e`` from ``a`` to ``b`` saves ``sum_{t ∋ e} [cnt[t,a] = 1] c[t,a] - [cnt[t,b] = 0] c[t,b]``;
         swapping ``e`` (on ``a``) with ``f`` (on ``b``) saves both move gains minus the tokens holding both
@@ -170,9 +188,11 @@ class Hypergraph:
         where = self.pair_token * self.num_nodes + home[self.pair_expert]  # flat (t, node of e)
         leave = (flat_cnt[where] == 1) * flat_charge[where]  # (P,)
         join = (cnt == 0) * self.charge  # (T, N)
-        bins = self.pair_expert[:, None] * self.num_nodes + np.arange(self.num_nodes)  # (P, N): (e, n) per pair
-        move = np.bincount(bins.ravel(), weights=(leave[:, None] - join[self.pair_token]).ravel(),
-                           minlength=self.num_experts * self.num_nodes).reshape(self.num_experts, self.num_nodes)
+        move = np.bincount(self.pair_expert, weights=leave, minlength=self.num_experts)[:, None] - \
+            self._sum_by_expert(join)  # (E, N)
+        if not swaps:
+            move[np.arange(self.num_experts), home] = -np.inf
+            return move, None
         leave_at = np.zeros(self.valid.size)
         leave_at[self.pair_position] = leave
         shared = np.bincount(self.co_key, weights=leave_at[self.co_position],

@@ -164,7 +164,7 @@ def fit_slots(graph, home, slots_per_node, cap):
         if node_count.max() <= slots_per_node:
             return home
         node_load = np.bincount(home, weights=load, minlength=graph.num_nodes)
-        move, _ = graph.gains(home)
+        move, _ = graph.gains(home, swaps=False)
         allowed = (node_count[home] > slots_per_node)[:, None] & (node_count[None, :] + need[:, None] <= slots_per_node)
         if not allowed.any():
             return home  # no single move helps; the load cap and the replica step take it from here
