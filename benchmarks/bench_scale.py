@@ -110,6 +110,15 @@ def run_measured(path: Path, out: Path, workers: int | None) -> dict:
                 steps=[dict(at_seconds=t, step=m) for t, m in steps])
 
 
+def commit() -> str | None:
+    """The repository's commit (short hash), or None outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def machine() -> dict:
     import numpy
     import pyarrow
@@ -171,7 +180,7 @@ def write_markdown(entries: list[dict]) -> str:
         lines.append(f"- {label(e['tokens'])}: `{e['command']}` on {e['machine']['cpu']}, {e['machine']['cores']} "
                      f"cores, {e['machine']['memory_gb']} GB, Python {e['machine']['python']}, numpy "
                      f"{e['machine']['numpy']}, pyarrow {e['machine']['pyarrow']}; trace generated in "
-                     f"{e['generate_seconds']:.0f} s ({e['date']})")
+                     f"{e['generate_seconds']:.0f} s ({e['date']}{', commit ' + e['commit'] if e.get('commit') else ''})")
     return "\n".join(lines) + "\n"
 
 
@@ -209,7 +218,7 @@ def main():
         previous = next((e for e in entries if e["tokens"] == size and e.get("workers") == args.workers), None)
         entry = dict(tokens=size, requests=requests, file_gb=round(path.stat().st_size / 1e9, 3),
                      generate_seconds=round(generated or (previous or {}).get("generate_seconds", 0.0), 1),
-                     workers=args.workers, machine=machine(), date=time.strftime("%Y-%m-%d"), **run)
+                     workers=args.workers, machine=machine(), date=time.strftime("%Y-%m-%d"), commit=commit(), **run)
         entries = [e for e in entries if e is not previous] + [entry]
         print(json.dumps({k: v for k, v in entry.items() if k not in ("steps", "machine")}), flush=True)
         store.write_text(json.dumps(entries, indent=1) + "\n")
