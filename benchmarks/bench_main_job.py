@@ -107,6 +107,26 @@ def compare_findings(new: dict) -> tuple[list[str], list[str], list[str]]:
     return differ, uniform, added
 
 
+def _at(tree, path: str):
+    for key, index in re.findall(r"/([^/\[]+)|\[(\d+)\]", path):
+        tree = tree[key] if key else tree[int(index)]
+    return tree
+
+
+def largest_relative(paths: list[str], default: dict) -> float:
+    """The largest |new - old| / |old| over ``paths`` (numbers that differ from the recorded findings)."""
+    old = json.loads((RESULTS / "findings.json").read_text())["findings"]
+    new = json.loads(json.dumps(default["findings"]))
+    gaps = [abs(_at(new, p) - _at(old, p)) / max(abs(_at(old, p)), 1e-300) for p in paths
+            if isinstance(_at(old, p), (int, float)) and isinstance(_at(new, p), (int, float))]
+    return max(gaps, default=float("nan"))
+
+
+def recorded_machine() -> str:
+    record = json.loads((RESULTS / "findings.json").read_text())
+    return str(record.get("recorded", "an earlier machine"))
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -155,10 +175,12 @@ def main():
              f"sampled to {sampled_tokens:,} tokens, as 'auto' does for larger traces",
              f"- the main job's savings equal this process's default fit in every cell: {same_as_main_job}, so its "
              f"placements are the full (unsampled) fit: 0 of {len(cells)} cells differ from it",
-             f"- findings: {'identical' if not differ else 'DIFFERENT at ' + ', '.join(differ[:5])} to the previous "
-             f"implementation's recorded numbers (benchmarks/results/findings.json) outside the uniform-routing "
-             f"column ({', '.join(added) or 'no'} field(s) that record lacks); {len(uniform)} numbers of that column "
-             "differ (an exact sampler with 200 draws replaced 20 simulated ones)",
+             f"- findings: {'identical' if not differ else f'DIFFERENT in {len(differ)} numbers (largest relative difference {largest_relative(differ, default):.1e}: ' + ', '.join(differ[:5]) + ')'} to the "
+             f"recorded numbers (benchmarks/results/findings.json, recorded on {recorded_machine()}) outside the "
+             f"uniform-routing column ({', '.join(added) or 'no'} field(s) that record lacks); {len(uniform)} numbers of "
+             "that column differ (an exact sampler with 200 draws replaced 20 simulated ones). On another processor the "
+             "recorded trace itself can differ: the bundled model runs on the CPU, whose matrix kernels are chosen by "
+             "processor, and a few near-tied router choices flip (the per-layer counts differ, the printed report does not)",
              f"- a sampled fit against the full fit (what sampling costs on traces above 2^20 pairs): largest "
              f"difference {worst:.2f} points, {len(over)} of {len(cells)} cells more than 0.5 points apart. For "
              f"scale, the full fit "
