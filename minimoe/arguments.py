@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -34,6 +36,29 @@ def whole_number(minimum: int):
 
     parse.__name__ = f"integer >= {minimum}"
     return parse
+
+
+def local_workers(text: str) -> int:
+    """``--workers``: a whole number from 1 to 4x this machine's cores (a local cluster of more processes than
+    that only makes them compete; more machines join through ``--scheduler``)."""
+    value = whole_number(1)(text)
+    limit = 4 * (os.cpu_count() or 1)
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"expected at most {limit} local worker processes (4 x the {limit // 4} "
+                                         f"cores here), got {value}; for more, start a cluster and pass --scheduler")
+    return value
+
+
+_SCHEDULER = re.compile(r"(?:(tcp|tls|ucx|ws|wss)://)?(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(\d{1,5})")
+
+
+def scheduler_address(text: str) -> str:
+    """``--scheduler``: a Dask scheduler address, [tcp|tls|ucx|ws|wss://]HOST:PORT, e.g. tcp://10.0.0.1:8786."""
+    match = _SCHEDULER.fullmatch(text.strip())
+    if not match or not 0 < int(match[3]) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a Dask scheduler address such as tcp://10.0.0.1:8786 "
+                                         f"([tcp://]HOST:PORT), got {text!r}")
+    return text.strip()
 
 
 def number(minimum: float, strict: bool = False):

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from minimoe.arguments import (DEFAULT_TOPOLOGIES, OneLineParser, check_model_dir, check_output_file,
-                               fit_processes_argument, fit_tokens_argument, number, output_dir, thread_count,
+                               fit_processes_argument, fit_tokens_argument, local_workers, number, output_dir,
+                               scheduler_address, thread_count,
                                whole_number)
 
 positive = whole_number(1)
@@ -211,10 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--compare-partitioners", action="store_true",
                         help="also fit the locality placement with each node partitioner (FM, Mt-KaHyPar) side by side")
     engine = report.add_mutually_exclusive_group()
-    engine.add_argument("--workers", metavar="N", type=positive, default=None,
+    engine.add_argument("--workers", metavar="N", type=local_workers, default=None,
                         help="run both passes over a Parquet --trace on a local Dask cluster of N worker processes "
                              "(pip install 'minimoe[dask]')")
-    engine.add_argument("--scheduler", metavar="ADDRESS", default=None,
+    engine.add_argument("--scheduler", metavar="ADDRESS", type=scheduler_address, default=None,
                         help="run both passes on a running Dask cluster, e.g. tcp://10.0.0.1:8786; every worker must "
                              "be able to read the --trace path")
     report.add_argument("--out", metavar="DIR", default="report", help="output folder (default: %(default)s)")

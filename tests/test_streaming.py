@@ -328,6 +328,10 @@ def test_report_reads_a_parquet_trace_and_says_what_the_fit_sampled(tmp_path, ca
     (["--workers", "2"], "--workers: Dask workers read the trace from a Parquet file"),
     (["--scheduler", "tcp://x:1", "--trace", "t.npz"], "--scheduler: Dask workers read the trace from a Parquet file"),
     (["--workers", "2", "--scheduler", "tcp://x:1"], "not allowed with argument"),
+    (["--workers", "100000"], "argument --workers: expected at most"),
+    (["--scheduler", ""], "argument --scheduler: expected a Dask scheduler address such as tcp://10.0.0.1:8786"),
+    (["--scheduler", "http://127.0.0.1:8786"], "argument --scheduler: expected a Dask scheduler address"),
+    (["--scheduler", "notanaddress"], "argument --scheduler: expected a Dask scheduler address"),
 ])
 def test_bad_engine_and_sampling_flags_fail_in_one_line(argv, expected, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -345,8 +349,36 @@ def test_an_unreachable_scheduler_fails_in_one_line_within_the_timeout(tmp_path,
     from minimoe.placement import engine
 
     monkeypatch.setattr(engine, "CONNECT_TIMEOUT_S", 2)
-    with pytest.raises(OSError, match="--scheduler tcp://127.0.0.1:9: no Dask scheduler answered within 2 s"):
+    with pytest.raises(OSError, match="--scheduler tcp://127.0.0.1:9: no Dask scheduler answered there within 2 s"):
         DaskEngine(scheduler="tcp://127.0.0.1:9")
+
+
+def test_a_port_that_accepts_but_never_answers_fails_within_the_timeout(monkeypatch):
+    """A wrong port (the dashboard's, say) may accept the connection and never complete Dask's handshake."""
+    pytest.importorskip("dask.distributed", reason="the dask extra: pip install 'minimoe[dask]'")
+    import socket
+
+    from minimoe.placement import engine
+
+    monkeypatch.setattr(engine, "CONNECT_TIMEOUT_S", 2)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(OSError, match=f"--scheduler {address}: no Dask scheduler answered there within 2 s"):
+            DaskEngine(scheduler=address)
+
+
+def test_a_scheduler_without_workers_fails_in_one_line(monkeypatch):
+    pytest.importorskip("dask.distributed", reason="the dask extra: pip install 'minimoe[dask]'")
+    from dask.distributed import LocalCluster
+
+    from minimoe.placement import engine
+
+    monkeypatch.setattr(engine, "CONNECT_TIMEOUT_S", 2)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        with pytest.raises(OSError, match="the scheduler has no workers .none joined within 2 s.; start one with"):
+            DaskEngine(scheduler=cluster.scheduler_address)
 
 
 def test_groupings_do_not_depend_on_the_blas_kernel(tmp_path):

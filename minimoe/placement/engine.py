@@ -106,10 +106,44 @@ class LocalEngine:
         pass
 
 
+def _connect(client_class, scheduler: str):
+    """A Dask ``Client`` of the scheduler at ``scheduler`` that has at least one worker. Raises OSError naming
+    ``--scheduler`` when nothing answers as a Dask scheduler within ``CONNECT_TIMEOUT_S`` seconds (a wrong port,
+    such as the dashboard's, can accept the connection and never answer), or when no worker joins it in as long."""
+    import threading
+
+    outcome = {}
+
+    def connect():  # in a daemon thread: a handshake that never completes must not keep the process alive
+        try:
+            outcome["client"] = client_class(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+        except BaseException as error:  # noqa: BLE001 - any failure to connect is reported the same way
+            outcome["error"] = error
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(CONNECT_TIMEOUT_S + 5)
+    if "client" not in outcome:
+        error = outcome.get("error")
+        cause = f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})" if error else ""
+        raise OSError(f"--scheduler {scheduler}: no Dask scheduler answered there within {CONNECT_TIMEOUT_S} s"
+                      f"{cause}; start one with `dask scheduler` and pass the address it prints (port 8786 by "
+                      "default, not the dashboard's)")
+    client = outcome["client"]
+    try:
+        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+    except (TimeoutError, OSError) as error:
+        client.close()
+        raise OSError(f"--scheduler {scheduler}: the scheduler has no workers (none joined within "
+                      f"{CONNECT_TIMEOUT_S} s); start one with `dask worker {scheduler} --nthreads 1`") from error
+    return client
+
+
 class DaskEngine:
     """Runs the units as Dask tasks: on ``LocalCluster(n_workers=workers)`` or on the scheduler at
     ``scheduler`` (e.g. ``tcp://10.0.0.1:8786``). Raises ImportError (how to install) without dask, and
-    OSError naming the address when no scheduler answers within ``CONNECT_TIMEOUT_S`` seconds."""
+    OSError naming the address when no scheduler answers within ``CONNECT_TIMEOUT_S`` seconds or none of its
+    workers joins in as long."""
 
     def __init__(self, workers: int | None = None, scheduler: str | None = None, groups_per_task: int = 1):
         try:
@@ -121,11 +155,7 @@ class DaskEngine:
                               "pip install 'minimoe[dask]')") from error
         self.groups_per_task = groups_per_task
         if scheduler is not None:
-            try:
-                self.client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
-            except (OSError, TimeoutError) as error:
-                raise OSError(f"--scheduler {scheduler}: no Dask scheduler answered within {CONNECT_TIMEOUT_S} s "
-                              f"({type(error).__name__}: {error})") from None
+            self.client = _connect(Client, scheduler)
             self.cluster, self.name = None, f"Dask scheduler {scheduler}"
         else:
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
