@@ -172,6 +172,9 @@ def output_dir(flag: str, path: str):
 
 
 def check_input_file(flag: str, path: str | None) -> None:
+    """A file to read: raises ValueError naming ``flag`` for a folder or a missing path (None passes)."""
+    if path is not None and Path(path).is_dir():
+        raise ValueError(f"{flag} {path}: is a folder, expected a file")
     if path is not None and not Path(path).is_file():
         raise ValueError(f"{flag} {path}: no such file")
 

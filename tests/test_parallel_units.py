@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from minimoe.parallel.demo import main as ep_demo
 from minimoe.parallel.sendplan import hit_per_node, hit_per_pair, hit_per_rank, plan
 from minimoe.parallel.replay import replay_steps
 from minimoe.placement import Placement
-from minimoe.traces import synthetic_trace
+from minimoe.traces import Trace, synthetic_trace
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,6 +279,27 @@ def test_the_command_checks_its_flags(capsys):
         ep_demo(["--trace", "/no/such.npz"])
     with pytest.raises(ValueError, match="give one of them"):
         ep_demo(["--model", "bundled", "--trace", "bundled"])
+
+
+def test_the_command_refuses_nccl_without_cuda_and_an_unwritable_json_before_running(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--backend nccl: NCCL needs CUDA GPUs and none is visible here"):
+        ep_demo(["--backend", "nccl"])
+    with pytest.raises(ValueError, match="--json .*x.json: the folder .*no_such_dir does not exist"):
+        ep_demo(["--json", str(tmp_path / "no_such_dir" / "x.json")])
+
+
+def test_the_command_replays_a_parquet_trace_as_its_npz(capsys, tmp_path):
+    from minimoe.traces.parquet import write_parquet
+
+    trace = Trace.load(ROOT / "benchmarks" / "results" / "ep_bundled_trace.npz")
+    write_parquet(trace, tmp_path / "t.parquet")
+    flags = ["--hidden", "8", "--iters", "1", "--wire-format", "token_rank"]
+    assert ep_demo(["--trace", str(tmp_path / "t.parquet"), *flags]) == 0
+    untimed = lambda text: re.sub(r"[0-9.]+ ms", "", text)  # noqa: E731 - timings differ between runs
+    from_parquet = untimed(capsys.readouterr().out)
+    assert ep_demo(["--trace", str(ROOT / "benchmarks" / "results" / "ep_bundled_trace.npz"), *flags]) == 0
+    assert untimed(capsys.readouterr().out) == from_parquet and "local rows 16384" in from_parquet
 
 
 def test_the_command_in_one_process(capsys, tmp_path):

@@ -142,6 +142,32 @@ def test_files_that_are_not_minimoe_traces_are_refused_by_name(tmp_path):
         ParquetTrace(tmp_path / "missing.parquet")
 
 
+def test_a_damaged_page_is_named_by_file_and_row_group(tmp_path, capsys):
+    """A byte-damaged page inside the file (the footer intact) fails every reader with the file and row group."""
+    import pyarrow.parquet as pq
+
+    from minimoe.placement.engine import choose_split
+
+    path = tmp_path / "damaged.parquet"
+    write_parquet(small_trace(seed=2), path, rows_per_group=64)
+    metadata = pq.ParquetFile(path).metadata
+    columns = [metadata.row_group(1).column(j) for j in range(metadata.num_columns)]
+    offset = next(c.data_page_offset for c in columns if c.path_in_schema == "request")
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 16] = b"\xff" * 16  # the page header of row group 1's request column
+    path.write_bytes(bytes(data))
+    expected = f"trace file {str(path)!r}: row group 1 (rows from 64) is not readable"
+    with pytest.raises(ValueError) as error:
+        run_passes(ParquetTrace(path), LocalEngine(), 2, 16, 0)
+    assert expected in str(error.value)
+    with pytest.raises(ValueError) as error:
+        choose_split(ParquetTrace(path))
+    assert expected in str(error.value)
+    assert main(["report", "--trace", str(path), "--topologies", "2x2", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("minimoe report: error: " + expected), err
+
+
 # ---- pass 1: statistics ----------------------------------------------------------------------------------------------
 def test_streamed_statistics_equal_the_in_memory_ones_exactly(tmp_path):
     trace = small_trace(seed=4)

@@ -63,12 +63,14 @@ def init_process_group(backend: str | None = None, timeout_s: float = DEFAULT_TI
     and gloo otherwise. Under ``torchrun`` the rank, world size and rendezvous come from the environment
     (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); otherwise pass
     ``init_method`` ("file:///tmp/x", "tcp://host:port"), ``rank`` and ``world_size``. ``timeout_s`` bounds
-    every collective. Raises ValueError for a bad backend or timeout.
+    every collective. Raises ValueError for a bad backend (or NCCL without a visible GPU) or timeout.
     """
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("backend 'nccl' needs CUDA GPUs and none is visible here; use 'gloo' (CPU tensors)")
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
     global _TIMEOUT_S

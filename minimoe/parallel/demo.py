@@ -34,7 +34,7 @@ import os
 import numpy as np
 import torch
 
-from minimoe.arguments import OneLineParser, number, whole_number
+from minimoe.arguments import OneLineParser, check_output_file, number, whole_number
 from minimoe.parallel.comm import DEFAULT_TIMEOUT_S, all_reduce_sum, destroy_process_group, group_rank_size, \
     init_process_group
 from minimoe.parallel.counters import TrafficCounters
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a minimoe checkpoint directory, or 'bundled': run the whole model "
                                    "expert-parallel and compare its logits with one process")
-    p.add_argument("--trace", help="a trace .npz, or 'bundled' (record the bundled model's workload, small): "
+    p.add_argument("--trace", help="a trace .npz or .parquet, or 'bundled' (record the bundled model's workload, small): "
                                    "replay it through the exchange")
     p.add_argument("--wire-format", default="all", choices=(*WIRE_FORMATS, "all", "auto"),
                    help="default: all four; auto: the one minimoe.parallel.formats picks")
@@ -233,15 +233,17 @@ def run_replay(args, world, rank, device, dtype) -> list[dict]:
     """Replay a trace: measured bytes and time next to minimoe.placement.measure."""
     from minimoe.placement import group
     from minimoe.parallel.replay import replay
-    from minimoe.traces import Trace, bundled_trace
+    from minimoe.traces import bundled_trace
+    from minimoe.traces.parquet import load_trace
 
     if args.trace == "bundled":
         trace = bundled_trace(num_per_domain=args.requests_per_domain, max_new_tokens=args.new_tokens,
                               seed=args.seed)
     else:
         if not os.path.isfile(args.trace):
-            raise FileNotFoundError(f"--trace {args.trace!r}: no such file (expected a trace .npz or 'bundled')")
-        trace = Trace.load(args.trace)
+            raise FileNotFoundError(f"--trace {args.trace!r}: no such file (expected a trace .npz or .parquet, "
+                                    "or 'bundled')")
+        trace = load_trace(args.trace)
     shape = topology(args.gpus_per_node, world)
     fit = trace.phase == 0 if (trace.phase == 0).any() and (trace.phase == 1).any() else None
     held_out = None if fit is None else ~fit  # fit on prefill, replay decode (held out)
@@ -326,6 +328,11 @@ def _main(argv: list[str] | None = None) -> int:
     if args.model and args.model != "bundled" and not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r}: no such directory (expected a minimoe checkpoint "
                                 "or 'bundled')")
+    if args.backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("--backend nccl: NCCL needs CUDA GPUs and none is visible here; use --backend gloo "
+                         "(CPU) or auto")
+    if args.json and ("WORLD_SIZE" not in os.environ or _rank() == 0):
+        check_output_file("--json", args.json)
     torch.set_num_threads(args.threads)
     distributed = "WORLD_SIZE" in os.environ
     if distributed:

@@ -259,11 +259,8 @@ def choose_split(source, window: int | None = None) -> StreamSplit:
 
 def _scan(source: ParquetTrace):
     """(tokens per request (R,), any prefill token, any decode token, decode tokens of the longest request)."""
-    import pyarrow.parquet as pq
-
     lengths, prefill, decode, longest = np.zeros(0, np.int64), False, False, 0
-    file = pq.ParquetFile(source.path)
-    for batch in file.iter_batches(batch_size=1 << 20, columns=["request", "phase", "step"], use_threads=False):
+    for batch in source.records(["request", "phase", "step"]):
         request = batch.column("request").to_numpy()
         phase = batch.column("phase").to_numpy()
         counts = np.bincount(request)

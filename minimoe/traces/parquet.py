@@ -235,14 +235,32 @@ class ParquetTrace:
         self.runs = []
         for group in groups:
             start = int(self.row_group_starts[group])
-            for record in self.file.iter_batches(batch_size=batch_tokens, row_groups=[group], columns=columns,
-                                                 use_threads=False):
+            for record in self.records(columns, batch_tokens, [group]):
                 batch = self._batch(record, start, weights and self.has_weights, pa)
                 start += batch.num_tokens
                 if check:
                     self.runs = join_runs(self.runs + [check_batch(batch, self.num_experts, self.top_k,
                                                                    self.num_layers, self.label)], self.label)
                 yield batch
+
+    def records(self, columns: list[str], batch_rows: int = 1 << 20, row_groups=None):
+        """pyarrow RecordBatches of ``columns`` (default: every row group, in order). Raises ValueError naming
+        the file and row group when a page cannot be read (a damaged file), whatever pyarrow raised."""
+        groups = list(range(self.num_row_groups)) if row_groups is None else list(row_groups)
+        for group in groups:
+            records = self.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns,
+                                             use_threads=False)
+            while True:
+                try:
+                    record = next(records)
+                except StopIteration:
+                    break
+                except Exception as error:  # ArrowInvalid, OSError (thrift): said with the file and rows
+                    detail = str(error).splitlines()[0] if str(error) else ""
+                    raise ValueError(f"trace file {self.label}: row group {group} (rows from "
+                                     f"{int(self.row_group_starts[group])}) is not readable "
+                                     f"({type(error).__name__}: {detail})") from None
+                yield record
 
     def _batch(self, record, start: int, weights: bool, pa) -> TraceBatch:
         def ints(name, dtype):
