@@ -136,8 +136,9 @@ def machine() -> dict:
 def write_markdown(entries: list[dict]) -> str:
     lines = ["# `minimoe report --trace` on synthetic Parquet traces: cost by size", "",
              "64 experts, top-8, 4 MoE layers, 4 domains; requests of 256-1024 prefill + 64-256 decode tokens; one "
-             "topology (4x2: the two slot budgets 64 and 72, every method fitted three ways, 36 placements plus the "
-             "drift test measured on every held-out token). Generated and written chunk by chunk by "
+             "topology (4x2: the two slot budgets 64 and 72, every method fitted three ways: 36 placements measured "
+             "on every held-out token; the drift test, which needs the bundled workload's named domains, is skipped). "
+             "Generated and written chunk by chunk by "
              "`benchmarks/bench_scale.py`; the report runs as its own process (command below), reading the "
              "Parquet file twice in batches. Peak RSS: the kernel's high-water mark of that process (plus the Dask "
              "workers' sampled peak with `--workers`).", "",
@@ -165,8 +166,8 @@ def write_markdown(entries: list[dict]) -> str:
                   "", "The findings and fits took " + ", ".join(f"{phases(single[n])[1]:.0f} s at {label(n)}"
                                                              for n in sorted(single)) +
                   ": far slower growth than the trace's, since each fit sees a sample of at most 8,192 tokens "
-                  "per fitting set (65,536 (token, expert) pairs at top-8). At 1M tokens this part is a fixed "
-                  "cost that dominates, which is why the time per token falls with size instead of staying flat."]
+                  "per fitting set (65,536 (token, expert) pairs at top-8). At 1M tokens this nearly fixed "
+                  "cost dominates, which is why the time per token falls with size instead of staying flat."]
         sizes = sorted(single)
         if len(sizes) >= 3:  # the cost of one more token: the fixed part cancels between two sizes
             steps = [(a, b, (single[b]["wall_seconds"] - single[a]["wall_seconds"]) / (b - a) * 1e6)
