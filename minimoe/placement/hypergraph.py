@@ -186,17 +186,23 @@ class Hypergraph:
         cnt = self.counts(home)
         flat_cnt, flat_charge = cnt.ravel(), self.charge.ravel()
         where = self.pair_token * self.num_nodes + home[self.pair_expert]  # flat (t, node of e)
-        leave = (flat_cnt[where] == 1) * flat_charge[where]  # (P,)
+        alone, charge = flat_cnt[where] == 1, flat_charge[where]  # e is token t's only expert on its node
+        leave = alone * charge  # (P,)
         join = (cnt == 0) * self.charge  # (T, N)
         move = np.bincount(self.pair_expert, weights=leave, minlength=self.num_experts)[:, None] - \
             self._sum_by_expert(join)  # (E, N)
         if not swaps:
             move[np.arange(self.num_experts), home] = -np.inf
             return move, None
-        leave_at = np.zeros(self.valid.size)
-        leave_at[self.pair_position] = leave
-        shared = np.bincount(self.co_key, weights=leave_at[self.co_position],
-                             minlength=self.num_experts ** 2).reshape(self.num_experts, -1)
+        # shared[e, f] = sum of leave(t, e) over the tokens t holding both e and f: only the pairs that leave
+        # (e alone on its node, off the token's own) contribute, each with the token's other experts
+        leaving = np.flatnonzero(alone & (charge != 0))  # (L,) pairs
+        token, position = np.divmod(self.pair_position[leaving], self.experts.shape[1])
+        others = self.experts[token]  # (L, k)
+        keep = (others >= 0) & (np.arange(self.experts.shape[1]) != position[:, None])
+        keys = (self.pair_expert[leaving][:, None] * self.num_experts + others)[keep]
+        weights = np.broadcast_to(leave[leaving][:, None], others.shape)[keep]
+        shared = np.bincount(keys, weights=weights, minlength=self.num_experts ** 2).reshape(self.num_experts, -1)
         swap = move[:, home].T + move[:, home] - shared - shared.T  # [e, f]: e -> home[f], f -> home[e]
         swap[home[:, None] == home[None, :]] = -np.inf
         move[np.arange(self.num_experts), home] = -np.inf
