@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a minimoe checkpoint directory, or 'bundled': run the whole model "
                                    "expert-parallel and compare its logits with one process")
-    p.add_argument("--trace", help="a trace .npz or .parquet, or 'bundled' (record the bundled model's workload, small): "
-                                   "replay it through the exchange")
+    p.add_argument("--trace", help="a trace .npz or .parquet, or 'bundled' (record the bundled model's workload, "
+                                   "small): replay it through the exchange")
     p.add_argument("--wire-format", default="all", choices=(*WIRE_FORMATS, "all", "auto"),
                    help="default: all four; auto: the one minimoe.parallel.formats picks")
     p.add_argument("--placement", default="contiguous", type=placement_arg, metavar="METHOD|FILE.json",
