@@ -191,9 +191,10 @@ def gathered(blocks: list[torch.Tensor], group=None, what: str = "all-gather") -
     one group of NCCL calls, one kernel), each tensor travelling as bytes, so blocks of any dtype (rows, weights,
     slot ids) cost one collective, as one all-gather of a packed buffer would, without the copy into it. On gloo,
     one list-form all-gather each."""
-    size = 1 if alone(group) else dist.get_world_size(group)
+    one = alone(group)
+    size = 1 if one else dist.get_world_size(group)
     outs = [block.new_empty(size * block.shape[0], *block.shape[1:]) for block in blocks]
-    if alone(group) or _gloo(group) or _coalescing is None:
+    if one or _gloo(group) or _coalescing is None:
         for out, block in zip(outs, blocks):
             all_gather_into(out, block, group, what)
         return outs
