@@ -15,7 +15,7 @@ import torch
 from minimoe.model import MoEConfig, MoELayer
 from minimoe.parallel import RouteTable, collectives_at_one_rank, combine, destroy_process_group, dispatch
 from minimoe.parallel import init_process_group
-from minimoe.parallel.comm import CountExchange
+from minimoe.parallel.comm import CountExchange, gathered
 from minimoe.placement import Placement
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -99,6 +99,18 @@ def test_the_count_exchange_reads_the_counts_once(nccl):
     assert (send, recv) == ([3], [3])
     exchange = CountExchange(counts[:1])
     assert exchange.host.is_pinned() and exchange.wait() == ([3], [3])
+
+
+def test_gathered_moves_blocks_of_every_dtype_in_one_coalesced_call(nccl):
+    rows = torch.randn(5, 3, device=nccl, dtype=torch.bfloat16)
+    weights = torch.rand(2, 5, device=nccl).T  # not contiguous
+    slots = torch.arange(10, device=nccl).view(5, 2)
+    empty = torch.empty(0, 4, device=nccl)
+    with collectives_at_one_rank():
+        outs = gathered([rows, weights, slots, empty])
+    for out, block in zip(outs, (rows, weights, slots, empty)):
+        assert out.dtype == block.dtype and out.shape == block.shape
+        assert torch.equal(out, block)
 
 
 def _case(device, tokens=128):

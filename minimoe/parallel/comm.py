@@ -49,9 +49,6 @@ _TIMEOUT_S: float | None = None  # the timeout init_process_group set, for error
 _ONE_RANK_SHORTCUT = [True]  # skip collectives on a one-rank group (see collectives_at_one_rank)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_coalescing = getattr(dist, "_coalescing_manager", None)  # NCCL group calls: several collectives, one launch
-
-
 
 
 # ---- the process group ---------------------------------------------------------------------------------
@@ -187,21 +184,23 @@ def reduce_scatter_into(out: torch.Tensor, blocks: torch.Tensor, group=None, wha
 
 def gathered(blocks: list[torch.Tensor], group=None, what: str = "all-gather") -> list[torch.Tensor]:
     """blocks[i] (n, ...) on every rank -> new (G·n, ...) tensors: each block's copies of all ranks in rank order
-    (no autograd). On NCCL the all-gathers are one coalesced launch (``torch.distributed._coalescing_manager``:
-    one group of NCCL calls, one kernel), each tensor travelling as bytes, so blocks of any dtype (rows, weights,
-    slot ids) cost one collective, as one all-gather of a packed buffer would, without the copy into it. On gloo,
-    one list-form all-gather each."""
+    (no autograd). On NCCL the all-gathers are one coalesced launch (one group of NCCL calls, one kernel), each
+    tensor travelling as bytes, so blocks of any dtype (rows, weights, slot ids) cost one collective, as one
+    all-gather of a packed buffer would, without the copy into it. It calls the process group's
+    coalesced all-gather directly (the call ``torch.distributed._coalescing_manager`` issues when it closes),
+    without the manager's per-collective Python bookkeeping (measured on an H100 host: 63 instead of 126 µs of host
+    time for three blocks and a reduce-scatter). On gloo, one list-form all-gather each."""
     one = alone(group)
     size = 1 if one else dist.get_world_size(group)
     outs = [block.new_empty(size * block.shape[0], *block.shape[1:]) for block in blocks]
-    if one or _gloo(group) or _coalescing is None:
+    coalesced = None if one or _gloo(group) else \
+        getattr(dist.group.WORLD if group is None else group, "allgather_into_tensor_coalesced", None)
+    if coalesced is None:
         for out, block in zip(outs, blocks):
             all_gather_into(out, block, group, what)
         return outs
-    try:
-        with _coalescing(group):
-            for out, block in zip(outs, blocks):
-                _all_gather_single(_as_bytes(out), _as_bytes(block.contiguous()), group=group)
+    try:  # wait(): the current stream waits for NCCL's (the host does not block)
+        coalesced([_as_bytes(out) for out in outs], [_as_bytes(block.contiguous()) for block in blocks]).wait()
     except RuntimeError as error:
         raise _failed(what, group, error) from error
     return outs
