@@ -6,7 +6,7 @@ others count as ``intra`` (same node: rank // gpus_per_node) or ``inter`` (anoth
 hidden-state payload, what ``minimoe.placement.measure`` predicts for the same tokens and placement;
 routing metadata (12 bytes per carried entry: an int64 slot id and a float32 weight) is ``meta_bytes``;
 rows that only pad a block to a common size (the replicate format, when ranks bring different token counts)
-are ``padding_bytes``.
+are ``padding_bytes``: in dispatch each padding row with its k entries of metadata, in combine the row alone.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ DIRECTIONS, LINKS = ("dispatch", "combine"), ("intra", "inter")
 @dataclass
 class TrafficCounters:
     """What this rank sent to *other* ranks: ``bytes[(direction, link)]``, ``rows[(direction, link)]``,
-    ``meta_bytes`` (routing metadata, 12 bytes per entry), ``padding_bytes`` (rows that only pad a block) and
+    ``meta_bytes`` (routing metadata, 12 bytes per entry), ``padding_bytes`` (rows that only pad a block, with
+    their metadata in dispatch) and
     ``local_rows[direction]`` (rows kept local)."""
 
     bytes: dict = field(default_factory=lambda: {(d, link): 0 for d in DIRECTIONS for link in LINKS})

@@ -28,8 +28,9 @@ and its metadata into one buffer [rows for other ranks | rows kept here | rows r
 and the receiver reads [kept | received] as one block. Combine sends results back the same way into a return
 table [kept | returned] and sums each token's cells with one ``embedding_bag``. Hierarchical pays one sync
 per leg: leg B's counts depend on what leg A delivered. On CUDA with Triton the plan is two kernels
-(``sendplan_triton``) and, when no gradient is needed, the sum one (``minimoe.model.bag_sum_triton``): each
-eager op costs the host 15-35 µs, so a leg's host time is mostly its number of ops.
+(``sendplan_triton``) and, when no gradient is needed, the sum one (``minimoe.model.bag_sum_triton``): on an H100
+host a Triton launch costs the host about 14-21 µs and a PyTorch op 2-10 µs
+(``benchmarks/results/ep_host_pieces_h100.txt``), so a leg's host time is mostly its number of ops.
 
 **Static shapes** (``static=True``, ``token_rank``): every token to every rank, splits [T]·G known in
 advance: no count exchange, no host sync, capturable in a CUDA graph; every rank must pass the same T.

@@ -7,9 +7,9 @@ spread evenly (chapter 6 derives the same formula for nodes):
 
 Per leg, ``token_rank`` sends a token to the ρ·(G−1)/G other ranks it needs on average; ``replicate`` sends
 it to all G−1. So replicate moves G/ρ times the bytes, but it needs no count exchange, no host sync and no
-pack, and it is the only format with routing-dependent content whose shapes are fixed, so the only one a CUDA
-graph can capture (``token_rank`` with ``static=True`` is fixed too, but moves the same G rows per token with
-k entries of metadata each). For DeepSeek-V3's 256 experts and top-8: ρ = 1.99 at G = 2 (G/ρ = 1.00), 3.61 at
+pack, and its shapes are fixed, so a CUDA graph can capture it. ``token_rank`` with ``static=True`` is the other
+capturable path, and the dearer one: it moves the same G rows per token, each with k entries of metadata, and
+packs them. For DeepSeek-V3's 256 experts and top-8: ρ = 1.99 at G = 2 (G/ρ = 1.00), 3.61 at
 G = 4 (1.11), 5.29 at G = 8 (1.51): on 8 GPUs the fixed path sends half again the rows, whatever the routing.
 
 The rule (``choose_wire_format``):

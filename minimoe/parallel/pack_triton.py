@@ -2,8 +2,8 @@
 
 Row i of the packed buffer [slots int64 | weights float32 | row | pad] holds unit ``units[i]``'s entries and row
 ``rows[i]`` of x. PyTorch fills the three parts with three ``index_select`` calls, each a launch the host pays
-15-35 µs for while the GPU copies a few kilobytes at decode size; this kernel gives each program one buffer row
-and a block of ``BLOCK`` columns of x (the first block also copies the entries):
+2-10 µs for (on an H100 host) while the GPU copies a few kilobytes at decode size; this kernel gives each program
+one buffer row and a block of ``BLOCK`` columns of x (the first block also copies the entries):
 
     out_rows[i, c] = x[rows[i], c]          out_slots[i, j] = slots[units[i], j]     out_weights[i, j] = weights[units[i], j]
 

@@ -9,7 +9,7 @@ The signature of request ``q`` is its expert histogram over the fitting tokens (
 tokens), one distribution per layer: ``x[q, l, e] = (pairs of q routed to e in layer l) / tokens of q``.
 
 Methods of :func:`group` (all *balanced*: with ``balance="requests"`` GPU ``g`` gets exactly
-``R // G + (g < R % G)`` requests; with ``balance="tokens"`` GPUs get about equal fitting tokens):
+``Q // G + (g < Q % G)`` requests; with ``balance="tokens"`` GPUs get about equal fitting tokens):
 
 * ``random``    a seeded random balanced assignment (the baseline);
 * ``domain``    requests sorted by domain label then id, cut into consecutive GPU chunks, so each node
@@ -146,14 +146,14 @@ def _fit_rows(trace, tokens):
 
 
 def _fit_tokens(trace, rows) -> np.ndarray:
-    """(R,) fitting tokens of every request (exact for a FitData, whose rows may be a sample)."""
+    """(Q,) fitting tokens of every request (exact for a FitData, whose rows may be a sample)."""
     if isinstance(trace, FitData):
         return trace.request_tokens
     return np.bincount(trace.request[rows], minlength=trace.num_requests)
 
 
 def _fit_counts(trace, rows) -> np.ndarray:
-    """(R, L, E) int64 expert counts of every request's fitting tokens."""
+    """(Q, L, E) int64 expert counts of every request's fitting tokens."""
     if isinstance(trace, FitData):
         return trace.request_counts.astype(np.int64)
     experts = trace.experts[rows].astype(np.int64)  # (T, L, k)
@@ -167,13 +167,13 @@ def _fit_counts(trace, rows) -> np.ndarray:
 
 
 def _signatures(trace, rows, num_requests):
-    """(R, L*E) float64: per request and layer, the expert histogram divided by the request's tokens."""
+    """(Q, L*E) float64: per request and layer, the expert histogram divided by the request's tokens."""
     signature = _fit_counts(trace, rows).reshape(num_requests, -1).astype(np.float32)
     return signature / np.maximum(_fit_tokens(trace, rows), 1)[:, None]
 
 
 def _remote_cost(trace, placement, rows, num_requests):
-    """(R, N): remote nodes summed over a request's fitting tokens and layers, if it ran on node n.
+    """(Q, N): remote nodes summed over a request's fitting tokens and layers, if it ran on node n.
 
     On a FitData (whose tokens may be a sample) the cost is the request's remote (token, expert) pairs, exact
     from its counts, minus the pairs that share a remote node with another pair of the same token (what
@@ -209,7 +209,7 @@ def _remote_cost(trace, placement, rows, num_requests):
             pairs[:, node] += np.bincount(request, weights=remote_pairs, minlength=num_requests)
     if isinstance(trace, FitData):
         away = ~placement.hosts("node")  # (L, E, N): the expert has no replica on node n
-        # (R, N) remote pairs of every fitting token; integers far below 2**53, so the float product is exact
+        # (Q, N) remote pairs of every fitting token; integers far below 2**53, so the float product is exact
         exact = trace.request_counts.reshape(num_requests, -1).astype(np.float64) @ \
             away.reshape(-1, num_nodes).astype(np.float64)
         sampled, fitted = np.bincount(request, minlength=num_requests), trace.request_tokens
@@ -219,9 +219,9 @@ def _remote_cost(trace, placement, rows, num_requests):
 
 
 def _hosted_pairs(trace, placement, rows, num_requests):
-    """(R, G): fitting pairs of each request whose expert has a replica on GPU g (from the exact counts)."""
+    """(Q, G): fitting pairs of each request whose expert has a replica on GPU g (from the exact counts)."""
     hosts = placement.hosts("gpu").reshape(-1, placement.num_gpus).astype(np.float64)  # (L*E, G)
-    counts = _fit_counts(trace, rows).reshape(num_requests, -1).astype(np.float64)  # (R, L*E)
+    counts = _fit_counts(trace, rows).reshape(num_requests, -1).astype(np.float64)  # (Q, L*E)
     return counts @ hosts  # integers far below 2**53: exact in any summation order
 
 
