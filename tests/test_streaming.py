@@ -407,6 +407,34 @@ def test_a_scheduler_without_workers_fails_in_one_line(monkeypatch):
             DaskEngine(scheduler=cluster.scheduler_address)
 
 
+def test_a_pass_whose_workers_are_all_gone_fails_instead_of_waiting(tmp_path, monkeypatch):
+    """Dask waits for new workers forever; a pass stops with one line once none has been there for a while."""
+    pytest.importorskip("dask.distributed", reason="the dask extra: pip install 'minimoe[dask]'")
+    import time
+
+    from dask.distributed import LocalCluster
+
+    from minimoe.placement import engine as engines
+
+    monkeypatch.setattr(engines, "NO_WORKERS_S", 1)
+    monkeypatch.setattr(engines, "POLL_S", 0.2)
+    write_parquet(small_trace(), tmp_path / "t.parquet", rows_per_group=97)
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        engine = DaskEngine(scheduler=cluster.scheduler_address)
+        try:
+            cluster.scale(0)
+            deadline = time.monotonic() + 30
+            while engine.client.nthreads() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not engine.client.nthreads()
+            started = time.monotonic()
+            with pytest.raises(OSError, match=r"no worker has been connected for 1 s while \d+ tasks wait"):
+                run_passes(ParquetTrace(tmp_path / "t.parquet"), engine, 3, 50)
+            assert time.monotonic() - started < 20
+        finally:
+            engine.close()
+
+
 def test_groupings_do_not_depend_on_the_blas_kernel(tmp_path):
     """The signature grouping once used a BLAS matmul whose kernel (picked by CPU) changed near-tied
     assignments between machines; run it under two OpenBLAS kernels and compare."""

@@ -34,6 +34,8 @@ from minimoe.traces.parquet import ParquetTrace
 from minimoe.traces.stats import ClassRule, TraceStats, as_rule
 
 CONNECT_TIMEOUT_S = 30
+NO_WORKERS_S = 120  # a pass waiting this long with no worker connected stops with an error
+POLL_S = 5  # how often a waiting pass checks that some worker is still connected
 
 
 def _batches(source, unit, check: bool):
@@ -143,7 +145,7 @@ class DaskEngine:
     """Runs the units as Dask tasks: on ``LocalCluster(n_workers=workers)`` or on the scheduler at
     ``scheduler`` (e.g. ``tcp://10.0.0.1:8786``). Raises ImportError (how to install) without dask, and
     OSError naming the address when no scheduler answers within ``CONNECT_TIMEOUT_S`` seconds or none of its
-    workers joins in as long."""
+    workers joins in as long; a pass raises OSError when every worker has been gone for ``NO_WORKERS_S`` seconds."""
 
     def __init__(self, workers: int | None = None, scheduler: str | None = None, groups_per_task: int = 1):
         try:
@@ -170,15 +172,45 @@ class DaskEngine:
         return [groups[i:i + self.groups_per_task] for i in range(0, len(groups), self.groups_per_task)]
 
     def _map(self, function, source, merge, **constants):
-        from dask.distributed import as_completed
+        """Map ``function`` over the units on the workers and merge the results as they arrive (addition: any
+        order will do). Raises OSError when no worker has been connected for ``NO_WORKERS_S`` seconds while
+        tasks wait (Dask itself would wait for new workers forever), or when the scheduler stops answering."""
+        from dask.distributed import wait
 
         path = os.path.abspath(source.path)
-        futures = self.client.map(function, [path] * len(self.units(source)), self.units(source), pure=False,
-                                  **constants)
-        result = None
-        for _, part in as_completed(futures, with_results=True):  # merging is addition: any order will do
-            result = part if result is None else merge(result, part)
+        pending = set(self.client.map(function, [path] * len(self.units(source)), self.units(source), pure=False,
+                                      **constants))
+        result, alone_since = None, None
+        while pending:
+            try:
+                done, pending = wait(pending, timeout=POLL_S, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                done = set()
+            for future in done:
+                part = future.result()  # a task's error is raised here, as it was raised on the worker
+                result = part if result is None else merge(result, part)
+            alone_since = None if done else self._check_workers(alone_since, pending)
         return result
+
+    def _check_workers(self, alone_since: float | None, pending) -> float | None:
+        """The time since which no worker has been connected (None: some are), raising OSError past
+        ``NO_WORKERS_S`` or when the scheduler does not answer."""
+        import time
+
+        try:
+            workers = len(self.client.nthreads())
+        except (OSError, TimeoutError) as error:
+            raise OSError(f"{self.name}: the scheduler stopped answering ({type(error).__name__})") from error
+        if workers:
+            return None
+        now = time.monotonic()
+        if alone_since is None:
+            return now
+        if now - alone_since >= NO_WORKERS_S:
+            self.client.cancel(list(pending))
+            raise OSError(f"{self.name}: no worker has been connected for {NO_WORKERS_S} s while {len(pending)} "
+                          f"tasks wait (did the workers run out of memory or get stopped?)")
+        return alone_since
 
     def pass_one(self, source, rule, sample_size, seed) -> TraceStats:
         return self._map(stats_part, source, TraceStats.merge, rule=rule, sample_size=sample_size, seed=seed)
