@@ -58,7 +58,7 @@ def test_sglang_reads_back_the_same_placement(tmp_path, capsys, suffix):
     status, out, err = run(capsys, "export", tmp_path / "p.json", "--format", "sglang", "--moe-layers", "1,2,4",
                            "--num-layers", L_ALL, "--out", tmp_path / f"init{suffix}")
     assert status == 0, err
-    assert "--ep-num-redundant-experts 4" in out and "over 4 ranks" in out
+    assert "--ep-num-redundant-experts 4" in out and "over 4 ranks" in out and "5 layers (3 placed)" in out
     if suffix == ".json":
         data = json.loads((tmp_path / "init.json").read_text())
     else:
@@ -128,7 +128,8 @@ def test_export_from_a_report_deployment_file_and_with_a_transformers_config(tmp
 @pytest.mark.parametrize("argv, expected", [
     (["--format", "sglang", "--out", "x.json"], "--format sglang needs the model layer index of each MoE layer"),
     (["--format", "sglang", "--moe-layers", "1,2", "--out", "x.json"], "the placement has 3 MoE layers, but 2"),
-    (["--format", "trtllm", "--moe-layers", "1,a", "--out", "x.yaml"], "--moe-layers: expected layer indices"),
+    (["--format", "trtllm", "--moe-layers", "1,a", "--out", "x.yaml"],
+     "argument --moe-layers: expected increasing layer indices"),
     (["--format", "trtllm", "--moe-layers", "1,2,4", "--out", "x.json"], "--out x.json: --format trtllm writes .yaml"),
     (["--format", "sglang", "--config", "empty.json", "--out", "x.json"], "empty.json is empty"),
     (["--format", "sglang", "--config", "dense.json", "--out", "x.json"], "no routed experts"),
@@ -144,6 +145,43 @@ def test_export_refuses_bad_input_in_one_line(argv, expected, tmp_path, capsys, 
     (tmp_path / "other.json").write_text(json.dumps({"num_hidden_layers": 3, "num_local_experts": 16}))
     status, out, err = run(capsys, "export", "p.json", *argv)
     assert status == 2 and expected in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("edit, argv, expected", [
+    ({"num_nodes": 4.0}, ["--format", "vllm", "--out", "x.jsonl"], "p.json: num_nodes must be a whole number >= 1, "
+                                                                    "got 4.0"),
+    ({"num_experts": "8"}, ["--format", "vllm", "--out", "x.jsonl"], "p.json: num_experts must be a whole number"),
+    ({"phy2log": [[0, 1], [2]]}, ["--format", "vllm", "--out", "x.jsonl"], "p.json: phy2log must be a list of equally "
+                                                                           "long lists"),
+    ("deep", ["--format", "vllm", "--out", "x.jsonl"], "placement file p.json: not valid JSON here"),
+    ("binary", ["--format", "vllm", "--out", "x.jsonl"], "p.json: not UTF-8 text"),
+    ({}, ["--format", "sglang", "--moe-layers", "4,2,1", "--out", "x.json"], "got '4,2,1'"),
+    ({}, ["--format", "sglang", "--moe-layers", "1,2,4", "--num-layers", "0", "--out", "x.json"],
+     "argument --num-layers: expected a whole number >= 1"),
+])
+def test_export_refuses_hand_edited_placement_files_naming_the_field(edit, argv, expected, tmp_path, capsys,
+                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = a_placement().to_dict()
+    text = {"deep": "[" * 100000 + "]" * 100000, "binary": "\udcff"}.get(edit) if isinstance(edit, str) else None
+    if text is None:
+        (tmp_path / "p.json").write_text(json.dumps({**data, **edit}))
+    else:
+        (tmp_path / "p.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    status, _, err = run(capsys, "export", "p.json", *argv)
+    assert status == 2 and expected in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_export_of_a_load_file_checks_its_layers_and_experts(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    LoadTrace(counts=true_counts(), num_experts=E, layer_ids=MOE, top_k=2).save(tmp_path / "l.npz")
+    (tmp_path / "cfg.json").write_text(json.dumps({"num_hidden_layers": 5, "num_local_experts": 16}))
+    for argv, expected in ((["--config", "cfg.json"], "the model config has 16 experts per layer, the load file 8"),
+                           (["--moe-layers", "0-2"], "the load file records model layers [1, 2, 4], but "
+                                                     "--moe-layers/--config name [0, 1, 2]")):
+        for fmt, out in (("sglang", "x.json"), ("eplb", "x.pt")):
+            status, _, err = run(capsys, "export", "l.npz", "--format", fmt, *argv, "--out", out)
+            assert status == 2 and expected in err and err.count("\n") == 1 and "Traceback" not in err, err
 
 
 # ---- which layers are MoE: the config rules against the modules transformers builds ---------------------------

@@ -99,6 +99,17 @@ def test_balanced_layers_do_not_differ():
     assert not result["layers_differ"] and not result["above_uniform"]
 
 
+def test_layers_that_tie_are_said_to_tie_not_compared_with_themselves():
+    experts = np.tile(np.array([[[0, 1], [0, 1]], [[2, 3], [2, 3]]]), (4, 1, 1))  # both layers route alike
+    trace = Trace(experts=experts, request=np.repeat(np.arange(4), 2), phase=np.tile([0, 1], 4), domain=None,
+                  num_experts=4, top_k=2)
+    result = findings(trace)
+    assert result["imbalance"]["layers_differ"] is None
+    text = format_findings(result)
+    assert "layers not compared (the layers tie: max/mean 1.000 in every layer)" in text
+    assert "layer 0 above layer 0" not in text
+
+
 def test_domain_blind_routing_stays_within_the_random_split_baseline():
     result = findings(planted(request_strength=0.5))["domain"]
     assert not result["above_baseline"]

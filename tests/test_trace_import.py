@@ -65,20 +65,16 @@ def test_from_vllm_rejects_bad_input(kwargs, message):
         from_vllm(num_experts=16, **kwargs)
 
 
-def to_jsonl(trace, rng, drop_padding=True):
+def to_jsonl(trace, rng):
     """Write one line per token, requests interleaved at random, each line carrying its position."""
     starts, _ = trace.request_ranges()
     lines = []
     for n in range(trace.num_tokens):
         r = int(trace.request[n])
-        experts = trace.experts[n].tolist()
-        weights = trace.weights[n].astype(float).tolist()
-        if drop_padding:  # write only the real ids; the importer pads with -1 / 0.0
-            weights = [[w for w, e in zip(wr, er) if e >= 0] for wr, er in zip(weights, experts)]
-            experts = [[e for e in er if e >= 0] for er in experts]
         lines.append(json.dumps(dict(request=f"req-{r}", phase=["prefill", "decode"][trace.phase[n]],
                                      domain=str(trace.domain[n]), position=n - int(starts[r]),
-                                     experts=experts, weights=weights)))
+                                     experts=trace.experts[n].tolist(),
+                                     weights=trace.weights[n].astype(float).tolist())))
     order = rng.permutation(len(lines))
     # requests must keep their first-appearance order: put each request's first token in order first
     firsts = [int(s) for s in starts]
@@ -88,13 +84,22 @@ def to_jsonl(trace, rng, drop_padding=True):
 
 def test_from_jsonl_round_trip(tmp_path):
     trace, _, _ = reference(3, num_requests=5)
-    trace.experts[0, 1, 1] = -1  # a token that used fewer than top_k experts in one layer
+    trace.experts[0, 1, 1] = -1  # a pair the router dropped: written as -1, every list holds top_k ids
     trace.weights[0, 1, 1] = 0.0
     path = tmp_path / "routes.jsonl"
     path.write_text("\n".join(to_jsonl(trace, np.random.default_rng(0))) + "\n\n")
     imported = from_jsonl(path, num_experts=16, top_k=2, model="m")
     assert imported == trace
     assert from_jsonl(path.read_text().splitlines(), num_experts=16, model="m") == trace  # top_k inferred
+
+
+def test_from_jsonl_refuses_lists_of_another_length_than_top_k():
+    lines = ['{"request": 0, "experts": [[1, 2]]}', '{"request": 0, "experts": [[1, 2, 3]]}']
+    with pytest.raises(ValueError, match=r"^line 2: 'experts' lists 3 ids where line 1 lists 2 \(every record"):
+        from_jsonl(lines, num_experts=16)
+    with pytest.raises(ValueError, match=r"^line 1: 'experts' lists 1 id where --top-k 2 was passed"):
+        from_jsonl(['{"request": 0, "experts": [[1]]}', '{"request": 0, "experts": [[1, 2]]}'], num_experts=16,
+                   top_k=2)
 
 
 @pytest.mark.parametrize("line, message", [
@@ -107,7 +112,10 @@ def test_from_jsonl_round_trip(tmp_path):
     ('{"request": 0, "experts": []}', "per-layer lists"),
     ('{"request": 0, "experts": [[1, 99]]}', "expert id 99"),
     ('{"request": 0, "experts": [[1, 1e400]]}', "must hold ints"),
-    ('{"request": 0, "experts": [[1, 2, 3]]}', "more than top_k=2"),
+    ('{"request": 0, "experts": [[1, 2, 3]]}', "lists 3 ids where --top-k 2 was passed"),
+    ('{"request": 0, "experts": [[1, 2]], "weights": [[-0.3, 1.3]]}', r"line 1: 'weights' must be finite and >= 0, "
+                                                                     r"got -0\.3"),
+    ('{"request": 0, "experts": [[-1, -1]]}', r"layer 0 holds no expert id \(all -1\): a dense layer"),
     ('{"request": 0, "experts": [[1, 2]], "phase": "warmup"}', "phase"),
     ('{"request": 0, "experts": [[1, 2]], "domain": 3}', "domain must be a str"),
     ('{"request": 0, "experts": [[1, 2]], "position": 1.5}', "position"),

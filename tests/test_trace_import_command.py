@@ -89,3 +89,140 @@ def test_errors_name_the_flag_or_file(tmp_path, capsys):
             main([str(path), "--out", "t.npz", *flags])
         assert exit_info.value.code == 2
         assert flags[0] in capsys.readouterr().err
+
+
+# ---- hostile or mismatched sources: one line naming the file (or flag), exit status 2, no traceback ---------------
+def _route(layer, ids, position=0):
+    return json.dumps({"type": "route", "req_id": "a", "token_idx": position, "layer": layer, "topk_ids": ids})
+
+
+def _trtllm(folder, meta=None, ranks=None):
+    from safetensors.numpy import save_file
+
+    folder.mkdir()
+    (folder / "meta_info.json").write_text(json.dumps(meta or {"num_experts": 8, "num_experts_per_token": 2}))
+    for name, tensors in (ranks or {"rank0.safetensors": {"0_1": np.arange(8, dtype=np.int32)}}).items():
+        save_file(tensors, str(folder / name))
+    return folder
+
+
+def _per_pass(path, forward_pass_id=0, slot_map=None):
+    import torch
+
+    counts = torch.ones(2, 8, dtype=torch.int64)
+    record = {"forward_pass_id": forward_pass_id, "rank": 0, "global_physical_count": counts}
+    torch.save({"records": [record], "last_physical_to_logical_map": torch.tensor(
+        slot_map if slot_map is not None else [list(range(8))] * 2)}, path)
+    return path
+
+
+def _source(case, tmp_path):
+    """(the source path, extra flags) of one hostile case."""
+    import torch
+
+    path = tmp_path / "src"
+    if case == "stray rank file":
+        return _trtllm(path, ranks={"rank0.safetensors": {"0_1": np.arange(8, dtype=np.int32)},
+                                    "rank_backup.safetensors": {"0_1": np.arange(8, dtype=np.int32)}}), []
+    if case == "rank file without counts":
+        return _trtllm(path, ranks={"rank0.safetensors": {}}), []
+    if case == "top_k above experts":
+        return _trtllm(path, meta={"num_experts": 8, "num_experts_per_token": 40}), []
+    if case == "string forward pass":
+        return _per_pass(tmp_path / "d.pt", forward_pass_id="a"), []
+    if case == "negative slot map":
+        return _per_pass(tmp_path / "d.pt", slot_map=[[-1, *range(1, 8)]] * 2), []
+    if case == "map names expert 99":
+        record = {"record_type": "eplb_load_stats", "version": 1, "step": 0, "expert_load": [[1] * 8],
+                  "p2l_map": [[0, 1, 2, 3, 4, 5, 6, 99]]}
+        (tmp_path / "e.jsonl").write_text(json.dumps(record) + "\n")
+        return tmp_path / "e.jsonl", []
+    if case == "counts beyond int64":
+        torch.save({"logical_count": torch.full((2, 4, 8), 2**62, dtype=torch.int64)}, tmp_path / "s.pt")
+        return tmp_path / "s.pt", []
+    if case in ("flag of another format", "flag for a trace file"):
+        torch.save({"logical_count": torch.ones(2, 4, 8, dtype=torch.int64)}, tmp_path / "s.pt")
+        if case == "flag of another format":
+            return tmp_path / "s.pt", ["--num-experts", "64"]
+        main([str(tmp_path / "s.pt"), "--out", str(tmp_path / "l.npz")])
+        return tmp_path / "l.npz", ["--domain", "math"]
+    lines = {"huge expert id": [_route(0, [1, 2**70]), _route(0, [1, 2], 1)],
+             "deeply nested line": ["[" * 100000 + "]" * 100000],
+             "dense layer in a log": [_route(0, [1, 2]), _route(5, [-1, -1])],
+             "jsonl with --prompt-lengths": [_route(0, [1, 2])], "empty log": []}
+    if case in lines:
+        (tmp_path / "r.jsonl").write_text("".join(line + "\n" for line in lines[case]))
+        return tmp_path / "r.jsonl", ["--prompt-lengths", "1"] if "prompt" in case else []
+    if case == "not UTF-8":
+        (tmp_path / "n.jsonl").write_bytes(b"\xff\xfe{}\n")
+        return tmp_path / "n.jsonl", []
+    if case == "capture without tokens":
+        np.savez(tmp_path / "v.npz", np.zeros((0, 4, 2), np.uint8))
+        return tmp_path / "v.npz", ["--num-experts", "16"]
+    if case == "float prompt lengths":
+        np.savez(tmp_path / "v.npz", np.array([[[1, 2]], [[3, 4]]], np.uint8), prompt_lengths=np.array([1.0]))
+        return tmp_path / "v.npz", ["--num-experts", "16"]
+    if case == "unsorted layers":
+        np.savez(tmp_path / "v.npz", np.array([[[1, 2]] * 4] * 2, np.uint8))
+        return tmp_path / "v.npz", ["--num-experts", "16", "--moe-layers", "3,2,1"]
+    assert case == "wrong wire dtype"
+    payload = base64.b64encode(np.array([[[1, 2], [3, 4]], [[5, 6], [7, 1]]], "<i4").tobytes()).decode()
+    (tmp_path / "p.txt").write_text(payload + "\n")
+    return tmp_path / "p.txt", ["--format", "sglang", "--dtype", "uint8", "--num-layers", "2", "--top-k", "2",
+                                "--num-experts", "8", "--moe-layers", "0,1"]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("rank file without counts", r"src: the rank files hold no counts"),
+    ("top_k above experts", r"src/meta_info.json: num_experts_per_token=40 is more than num_experts=8"),
+    ("string forward pass", r"d.pt: records\[0\]: forward_pass_id and rank must be ints"),
+    ("negative slot map", r"d.pt: last_physical_to_logical_map: expert ids must be >= 0, got -1"),
+    ("map names expert 99", r"e.jsonl: line 1: p2l_map: the map names expert 99 in layer 0 while expert 7 has no "
+                            r"slot: 99 is out of range"),
+    ("counts beyond int64", r"s.pt: logical_count: the counts sum to about 2.95e\+20"),
+    ("flag of another format", r"--num-experts does not apply to --format sglang-stat \(it reads --moe-layers"),
+    ("flag for a trace file", r"--domain does not apply to --format trace"),
+    ("jsonl with --prompt-lengths", r"--prompt-lengths does not apply to --format jsonl"),
+    ("huge expert id", r"r.jsonl: line 1: expert id 1180591620717411303424 is outside \[0, 32768\)"),
+    ("deeply nested line", r"r.jsonl: line 1: not valid JSON here \(nested more deeply"),
+    ("dense layer in a log", r"r.jsonl: layer 5 holds no expert id \(all -1\): a dense layer"),
+    ("empty log", r"r.jsonl is empty"),
+    ("not UTF-8", r"n.jsonl: not UTF-8 text \(byte 0xff at offset 0\)"),
+    ("capture without tokens", r"v.npz \(vllm\): the capture holds no token"),
+    ("float prompt lengths", r"v.npz: its prompt_lengths array has dtype float64"),
+    ("unsorted layers", r"argument --moe-layers: expected increasing layer indices .* got '3,2,1'"),
+    ("wrong wire dtype", r"p.txt \(sglang\): .*repeats an expert id.*\[payloads decoded as uint8; a wrong wire "
+                         r"dtype .*--dtype"),
+])
+def test_hostile_sources_are_refused_in_one_line(case, expected, tmp_path, capsys):
+    from batches import run_cli
+
+    source, flags = _source(case, tmp_path)
+    capsys.readouterr()
+    status, _, err = run_cli(cli_main, capsys, "import", source, "--out", tmp_path / "t.npz", *flags)
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(expected, err), err
+
+
+def test_stray_files_are_noted_and_minimoe_load_traces_recognised(tmp_path, capsys):
+    from batches import run_cli
+
+    source, _ = _source("stray rank file", tmp_path)
+    status, out, err = run_cli(cli_main, capsys, "import", source, "--out", tmp_path / "l.npz")
+    assert status == 0, err
+    assert "note: files ignored: rank_backup.safetensors" in out and "1 step, 1 MoE layer " in out
+    status, out, err = run_cli(cli_main, capsys, "import", tmp_path / "l.npz", "--out", tmp_path / "again.npz")
+    assert status == 0 and "per-token routing: none" in out, err  # a load trace, read as --format trace
+
+
+def test_report_names_the_trace_file_that_holds_no_token_or_a_dense_layer(tmp_path):
+    from minimoe.traces import read_trace_file
+
+    experts = np.array([[[1, 2], [-1, -1]], [[3, 4], [-1, -1]]])
+    Trace(experts=experts, request=[0, 0], phase=[0, 1], domain=None, num_experts=8, top_k=2).save(tmp_path / "d.npz")
+    with pytest.raises(ValueError, match=r"d.npz': MoE layer 1 holds no expert id \(all -1\)"):
+        read_trace_file(tmp_path / "d.npz")
+    Trace(experts=np.zeros((0, 1, 2)), request=[], phase=[], domain=None, num_experts=8, top_k=2).save(
+        tmp_path / "e.npz")
+    with pytest.raises(ValueError, match=r"e.npz' holds no token"):
+        read_trace_file(tmp_path / "e.npz")

@@ -27,12 +27,11 @@ def profiler_log(trace, prompt, restart_positions=False, names=None, meta=META):
         for layer_index, layer in enumerate(META["layers_logged"]):
             for r, rows in batch:
                 for i, n in enumerate(rows):
-                    keep = trace.experts[n, layer_index] >= 0
                     lines.append(json.dumps({
                         "type": "route", names["request"]: f"r{r}",
                         names["position"]: i if restart_positions else n - int(starts[r]), names["layer"]: layer,
-                        names["experts"]: trace.experts[n, layer_index][keep].tolist(),
-                        names["weights"]: trace.weights[n, layer_index][keep].astype(float).tolist()}))
+                        names["experts"]: trace.experts[n, layer_index].tolist(),
+                        names["weights"]: trace.weights[n, layer_index].astype(float).tolist()}))
     return lines
 
 
@@ -44,7 +43,7 @@ def unknown_phases(trace):
 
 def test_long_form_log_with_a_meta_record_rebuilds_the_trace(tmp_path):
     trace, prompt, _ = reference(7, num_requests=4)
-    trace.experts[1, 2, 1], trace.weights[1, 2, 1] = -1, 0.0  # a token that used one expert in one layer
+    trace.experts[1, 2, 1], trace.weights[1, 2, 1] = -1, 0.0  # a pair the router dropped, logged as -1
     path = tmp_path / "routes.jsonl"
     path.write_text("\n".join(profiler_log(trace, prompt)) + "\n")
     imported = from_jsonl(path)  # num_experts, top_k, model and the layers all come from the meta record
@@ -109,7 +108,7 @@ def test_phase_and_domain_fields_are_read_and_must_agree_across_a_tokens_layers(
                                                    "topk_ids": [1, 2]}], {},
      r"line 1: the meta record says top_k=8, but no route record lists more than 2 expert ids.*--top-k 2"),
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [1, 2, 3]}], dict(num_experts=8, top_k=2),
-     r"line 1: experts has a layer with more than top_k=2 entries.*--top-k"),
+     r"line 1: 'topk_ids' lists 3 ids where --top-k 2 was passed"),
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [9]}], dict(num_experts=8),
      "expert id 9 outside"),
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": "a", "topk_ids": [1]}], dict(num_experts=8),

@@ -24,20 +24,22 @@ placement's GPUs. What differs is the container and the layer numbering:
 The MoE layers' model indices come from ``--moe-layers`` or the model's ``--config`` (``minimoe.traces.layers``).
 A load trace (``minimoe import`` of an engine's load dump) exports its totals where an engine takes loads
 instead of a placement: SGLang's ``{"logical_count": [num_hidden_layers x E]}`` (SGLang then runs its own EPLB)
-and EPLB's ``weight`` [L, E]; the counts are written exactly.
+and EPLB's ``weight`` [L, E]; the counts are written exactly. Its layers and experts are checked against
+``--moe-layers`` / ``--config`` as a placement's are. A hand-edited placement file with a field of the wrong type
+is refused in one line naming the file and the field.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from minimoe.arguments import OneLineParser
+from minimoe.arguments import OneLineParser, whole_number
 from minimoe.placement.methods import Placement
+from minimoe.traces.inputs import parse_json, read_text
 from minimoe.traces.layers import ModelLayers, model_layers, parse_layers
 
 FORMATS = ("sglang", "trtllm", "vllm", "eplb")
@@ -85,6 +87,41 @@ def to_vllm(placement: Placement) -> dict:
             "initial_global_assignments": {str(i): row.tolist() for i, row in enumerate(placement.phy2log)}}
 
 
+# ---- reading the placement file -------------------------------------------------------------------------------
+def _check_fields(data, where: str) -> None:
+    """Refuse a placement object whose fields have the wrong types (a hand-edited file), naming the field;
+    ``Placement.from_dict`` then checks the keys and the table itself."""
+    if not isinstance(data, dict):
+        return
+    for key in ("num_experts", "num_nodes", "gpus_per_node"):
+        value = data.get(key)
+        if key in data and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: {key} must be a whole number >= 1, got {value!r}")
+    if "method" in data and not isinstance(data["method"], str):
+        raise ValueError(f"{where}: method must be a str, got {data['method']!r}")
+    table = data.get("phy2log")
+    rows = table if isinstance(table, list) else [None]
+    if "phy2log" in data and not (rows and all(isinstance(row, list) and len(row) == len(rows[0]) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in row) for row in rows)):
+        raise ValueError(f"{where}: phy2log must be a list of equally long lists of expert ids (ints), one per MoE "
+                         "layer")
+
+
+def read_placement(path) -> Placement:
+    """A placement file (``Placement.save``) or the placement of a ``minimoe.deployment/1`` file from
+    ``minimoe report``; ValueError naming the file and the field for anything else."""
+    where = f"placement file {path}"
+    data = parse_json(read_text(path, "a placement file (JSON) from minimoe report, or a load trace .npz"), where)
+    if isinstance(data, dict) and data.get("format") == "minimoe.deployment/1":
+        data, where = data.get("placement"), f"{where}: placement"
+    _check_fields(data, where)
+    try:
+        return Placement.from_dict(data)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error} (or a minimoe.deployment/1 file from minimoe report)") from None
+
+
+# ---- writing the engines' files ---------------------------------------------------------------------------
 def write(placement: Placement, fmt: str, path, layers: ModelLayers | None = None) -> str:
     """Write ``placement`` as ``fmt`` to ``path``; returns one line saying what was written and how to use it."""
     path = Path(path)
@@ -108,7 +145,7 @@ def write(placement: Placement, fmt: str, path, layers: ModelLayers | None = Non
             torch.save({"physical_to_logical_map": torch.from_numpy(table)}, path)
         else:
             path.write_text(json.dumps({"physical_to_logical_map": table.tolist()}) + "\n")
-        return (f"{path}: SGLang --init-expert-location, {layers.num_layers} layers ({placement.num_layers} MoE), "
+        return (f"{path}: SGLang --init-expert-location, {layers.num_layers} layers ({placement.num_layers} placed), "
                 f"{where}; start SGLang with --ep-num-redundant-experts {spare} and expert parallelism over {ranks} "
                 "ranks")
     if fmt == "trtllm":
@@ -129,16 +166,19 @@ def write(placement: Placement, fmt: str, path, layers: ModelLayers | None = Non
 
 
 def write_loads(loads, fmt: str, path, layers: ModelLayers | None = None) -> str:
-    """Write a ``LoadTrace``'s totals where an engine takes loads (SGLang ``logical_count``, EPLB ``weight``)."""
+    """Write a ``LoadTrace``'s totals where an engine takes loads (SGLang ``logical_count``, EPLB ``weight``);
+    ``layers`` (from --moe-layers or --config) must agree with the layers and experts the load file records."""
+    if fmt not in ("sglang", "eplb"):
+        raise ValueError(f"--format {fmt} takes a placement, not loads: run minimoe report --trace on the load file "
+                         "and export the placement it recommends")
+    if layers is not None:
+        _check_load_layers(loads, layers)
     totals = loads.counts.sum(axis=0)  # (L, E) int64, exact
     if fmt == "eplb":
         import torch
 
         torch.save({"weight": torch.from_numpy(totals)}, path)
         return f"{path}: EPLB weight {tuple(totals.shape)} (tokens per expert, summed over {loads.num_steps} steps)"
-    if fmt != "sglang":
-        raise ValueError(f"--format {fmt} takes a placement, not loads: run minimoe report --trace on the load file "
-                         "and export the placement it recommends")
     ids = list(layers.moe_layers) if layers is not None else [int(i) for i in loads.layer_ids]
     if any(i < 0 for i in ids):
         raise ValueError("the load file does not say which model layers its rows are: give --moe-layers or --config")
@@ -157,6 +197,18 @@ def write_loads(loads, fmt: str, path, layers: ModelLayers | None = None) -> str
             f"start-up), {int(totals.sum()):,} (token, expert) pairs")
 
 
+def _check_load_layers(loads, layers: ModelLayers) -> None:
+    """The checks a placement gets: the config's expert count, and the model layers the load file records."""
+    if layers.num_experts is not None and layers.num_experts != loads.num_experts:
+        raise ValueError(f"the model config has {layers.num_experts} experts per layer, the load file "
+                         f"{loads.num_experts}")
+    named, recorded = list(layers.moe_layers), loads.layer_ids.tolist()
+    if len(named) != loads.num_layers:
+        raise ValueError(f"the load file has {loads.num_layers} MoE layers, but {len(named)} were named ({named})")
+    if all(i >= 0 for i in recorded) and named != recorded:
+        raise ValueError(f"the load file records model layers {recorded}, but --moe-layers/--config name {named}")
+
+
 # ---- the command ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="minimoe export", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -168,14 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, choices=FORMATS, help="the engine's file: " + ", ".join(FORMATS))
     parser.add_argument("--out", required=True, metavar="FILE",
                         help="the file to write: sglang .json/.pt, trtllm .yaml, vllm .jsonl, eplb .pt")
-    parser.add_argument("--moe-layers", metavar="LIST", default=None,
+    parser.add_argument("--moe-layers", metavar="LIST", type=_layers, default=None,
                         help="model layer index of each MoE layer, e.g. 3-60 or 1,3,5 (sglang and trtllm need "
                              "these or --config)")
-    parser.add_argument("--num-layers", metavar="N", type=int, default=None,
+    parser.add_argument("--num-layers", metavar="N", type=whole_number(1), default=None,
                         help="with --moe-layers: the model's decoder layers (sglang; default: the last MoE layer + 1)")
     parser.add_argument("--config", metavar="CONFIG_JSON", default=None,
                         help="the model's transformers config.json (or its folder): the MoE layers and expert count")
     return parser
+
+
+def _layers(text: str) -> list[int]:
+    """--moe-layers: ``minimoe.traces.layers.parse_layers``, the parser ``minimoe import`` uses too."""
+    try:
+        return parse_layers(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _table() -> str:
@@ -200,13 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--out {out}: --format {args.format} writes {' or '.join(SUFFIXES[args.format])}")
     if not out.parent.is_dir():
         raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
-    if args.num_layers is not None and (args.moe_layers is None or args.num_layers < 1):
-        raise ValueError("--num-layers goes with --moe-layers and must be >= 1")
-    try:
-        named = None if args.moe_layers is None else parse_layers(args.moe_layers)
-    except ValueError as error:
-        raise ValueError(f"--moe-layers: {error}") from None
-    layers = model_layers(named, args.config, args.num_layers)  # errors name the config file or --moe-layers
+    if args.num_layers is not None and args.moe_layers is None:
+        raise ValueError("--num-layers goes with --moe-layers")
+    layers = model_layers(args.moe_layers, args.config, args.num_layers)  # errors name the config or --moe-layers
     if source.suffix == ".npz":
         arrays = _read_npz(source)
         if "kind" not in arrays:
@@ -214,6 +270,6 @@ def main(argv: list[str] | None = None) -> int:
                              "placement file it writes")
         print(write_loads(LoadTrace.load(source), args.format, out, layers))
         return 0
-    placement = Placement.load(source)
+    placement = read_placement(source)
     print(write(placement, args.format, out, layers))
     return 0

@@ -65,8 +65,11 @@ def _check_counts(counts) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.float64)
     if counts.ndim < 1 or counts.shape[-1] < 1 or (counts < 0).any():
         raise ValueError(f"counts must be a non-negative array (..., E), got shape {counts.shape}")
-    if (counts.sum(-1) == 0).any():
-        raise ValueError("a row of counts sums to 0 (no routed tokens there): imbalance is undefined")
+    if (counts.sum(-1) == 0).any():  # counts are (..., L, E) in every table of a trace: the layer is axis -2
+        index = np.argwhere(counts.sum(-1) == 0)[0]
+        where = f" of MoE layer {index[-1]}" if counts.ndim >= 2 else ""
+        raise ValueError(f"the row of counts{where} sums to 0 (no routed token there): imbalance is undefined; a "
+                         "layer that holds only -1 ids is a dense layer")
     return counts
 
 

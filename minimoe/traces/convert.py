@@ -1,10 +1,11 @@
 """``minimoe import``: convert a serving system's routing capture or expert-load dump to a trace file.
 
-Sources (``--format``, by default guessed from the file): the table ``SOURCES`` below, printed by
-``minimoe import --help``. Per-token captures become a ``Trace`` (``minimoe.traces.format``); load dumps become
-a ``LoadTrace`` (``minimoe.traces.loads``), both written as .npz. A per-token trace can also be written as
-Parquet (``--out`` ending in .parquet, ``minimoe.traces.parquet``), the format for traces read in batches, and a
-minimoe trace file (.npz or .parquet) converts to the other format.
+Sources (``--format``, by default guessed from the file): the table ``SOURCES`` of ``minimoe.traces.sources``,
+printed by ``minimoe import --help`` with the flags each source reads (a flag a source does not read is
+refused). Per-token captures become a ``Trace`` (``minimoe.traces.format``); load dumps become a ``LoadTrace``
+(``minimoe.traces.loads``), both written as .npz. A per-token trace can also be written as Parquet (``--out``
+ending in .parquet, ``minimoe.traces.parquet``), the format for traces read in batches, and a minimoe trace
+file (.npz or .parquet) converts to the other format.
 
 A .jsonl file whose first record holds ``routed_experts`` or ``meta_info`` (or is a bare string) is read as
 SGLang output, one whose first record has ``record_type`` as vLLM's EPLB statistics, any other .jsonl as a
@@ -13,65 +14,41 @@ routing log; a .pt file is an SGLang expert-distribution dump (``stat`` if it ho
 of .pt files SGLang ``per_pass`` dumps. The trace keeps only what the source says: phases are unknown unless the
 source gives them (``--prompt-lengths`` or a phase field), and the summary printed at the end says what is
 unknown and lists the notes (fields the source had that no array holds). Bad input raises ValueError /
-FileNotFoundError naming the flag or file.
+FileNotFoundError naming the flag or file; an empty capture (no token) is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
-
-import numpy as np
 
 from minimoe.arguments import OneLineParser, whole_number
 from minimoe.traces import load_dumps
 from minimoe.traces.format import Trace
-from minimoe.traces.parquet import is_parquet, load_trace, save_trace
 from minimoe.traces.importers import WIRE_DTYPES, from_sglang, from_vllm
 from minimoe.traces.importers_jsonl import OUR_FIELDS, POSITIONS, from_jsonl
-from minimoe.traces.layers import model_layers
+from minimoe.traces.inputs import plural
+from minimoe.traces.layers import model_layers, parse_layers
+from minimoe.traces.loads import read_trace_file
+from minimoe.traces.parquet import is_parquet, load_trace, save_trace
+from minimoe.traces.sources import (FLAGS, LOAD_FORMATS, SOURCES, check_flags, guess_format, read_sglang,
+                                    read_vllm, source_table)
 
-# format -> (the file, where it comes from, how its layers are numbered)
-SOURCES = {
-    "vllm": (".npy/.npz of routed_experts arrays (tokens, layers, top_k), one per request",
-             "vLLM enable_return_routed_experts", "every decoder layer: dense ones arrive as expert 0 (--moe-layers)"),
-    "sglang": ("text, one base64 routed_experts payload (or meta_info JSON) per request",
-               "SGLang return_routed_experts", "every decoder layer: dense ones arrive as expert 0 (--moe-layers)"),
-    "jsonl": ("JSONL routing log: one record per token, or a meta record + one per (token, layer)",
-              "a profiler hooked into a serving engine", "as logged (layers_logged, else sorted layer numbers)"),
-    "sglang-stat": (".pt: torch.save {'logical_count': (steps, layers, experts)}, a ring buffer (totals used)",
-                    "SGLang --expert-distribution-recorder-mode stat", "every decoder layer (dense rows zero)"),
-    "sglang-per-pass": (".pt per rank (or their folder): records of global_physical_count + the slot map",
-                        "SGLang --expert-distribution-recorder-mode per_pass", "every decoder layer (dense rows zero)"),
-    "trtllm-stats": ("folder: meta_info.json + rank{r}.safetensors ('{iter}_{layer}' -> counts), optional "
-                     "cooccurrence_rank{r}", "TensorRT-LLM EXPERT_STATISTIC_PATH",
-                     "model layer index of each MoE layer"),
-    "vllm-eplb-stats": ("JSONL of eplb_load_stats records (expert_load and p2l_map, layers x slots)",
-                        "vLLM offline EPLB (interface under review upstream)", "MoE layers only, 0..L-1"),
-    "trace": ("a minimoe trace file, .npz or .parquet (converted to the other format)",
-              "minimoe trace / minimoe import", "MoE layers only, as stored"),
-}
-LOAD_FORMATS = ("sglang-stat", "sglang-per-pass", "trtllm-stats", "vllm-eplb-stats")
 FORMATS = ("auto", *SOURCES)
-_TRACE_ARRAYS = {"experts", "request", "phase", "num_experts", "top_k"}
 
 
 _positive_int = whole_number(1)
 
 
 def _moe_layers(text: str):
+    """--moe-layers: 'auto', 'all' (None) or layer indices (``minimoe.traces.layers.parse_layers``)."""
     if text in ("auto", "all"):
         return "auto" if text == "auto" else None
     try:
-        layers = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto', 'all' or comma-separated layer indices like 3,5,7, "
-                                         f"got {text!r}") from None
-    if any(layer < 0 for layer in layers):
-        raise argparse.ArgumentTypeError(f"layer indices must be >= 0, got {text!r}")
-    return layers
+        return parse_layers(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error}; or 'auto' or 'all'") from None
 
 
 def _counts(text: str) -> list[int]:
@@ -102,20 +79,11 @@ def _keys(text: str) -> list[str]:
     return keys
 
 
-def _source_table() -> str:
-    lines = ["sources (--format; 'auto' guesses from the name and first record):"]
-    for name, (file, origin, layers) in SOURCES.items():
-        lines.append(f"  {name:16s} {file}\n  {'':16s}   from: {origin}; layers: {layers}")
-    lines.append("per-token sources (vllm, sglang, jsonl) give a trace; the others give a load trace (counts "
-                 "per expert), which minimoe report and minimoe export also read")
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="minimoe import", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert a serving engine's routing capture or expert-load dump to a minimoe trace file.\n\n"
-                    + _source_table(),
+                    + source_table(),
     )
     parser.add_argument("source", help="the capture or dump: a file, or a folder (TensorRT-LLM statistics, SGLang "
                                        "per_pass dumps)")
@@ -131,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-layers", type=_positive_int, metavar="L",
                         help="layers per token in an SGLang payload (required for SGLang)")
     parser.add_argument("--moe-layers", type=_moe_layers, default=None, metavar="LAYERS",
-                        help="which layers are MoE layers: comma-separated indices (the safe choice: "
+                        help="which layers are MoE layers: increasing indices such as 1,2,3 or 1-3 (the safe choice: "
                              "dense layers arrive as expert 0), 'auto' (drop layers holding only -1) or 'all' "
                              "(default: all for vLLM, auto for SGLang); for load dumps the model index of each MoE "
                              "layer (default: SGLang's rows holding counts)")
@@ -162,96 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def guess_format(path: Path) -> str:
-    """A key of ``SOURCES`` from the file name (and, for .jsonl and .pt, its first record or keys)."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return "trace"
-    if suffix == ".npz" and _is_trace_npz(path):
-        return "trace"
-    if path.is_dir():
-        if (path / "meta_info.json").is_file():
-            return "trtllm-stats"
-        if any(path.glob("*.pt")):
-            return "sglang-per-pass"
-        raise ValueError(f"{path}: a folder without meta_info.json (TensorRT-LLM) or .pt files (SGLang per_pass); "
-                         "pass --format")
-    if suffix == ".pt":
-        data = load_dumps.torch_file(path)
-        if isinstance(data, dict) and "logical_count" in data:
-            return "sglang-stat"
-        if isinstance(data, dict) and "records" in data:
-            return "sglang-per-pass"
-        raise ValueError(f"{path}: a .pt file without 'logical_count' (SGLang stat) or 'records' (SGLang per_pass); "
-                         "pass --format")
-    if suffix in (".npy", ".npz"):
-        return "vllm"
-    if suffix in (".txt", ".b64"):
-        return "sglang"
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as file:
-            first = next((line for line in file if line.strip()), "")
-        try:
-            record = json.loads(first)
-        except json.JSONDecodeError:
-            return "sglang"  # a bare base64 line
-        holds_payload = isinstance(record, dict) and bool({"routed_experts", "meta_info"} & set(record))
-        if isinstance(record, dict) and "record_type" in record:
-            return "vllm-eplb-stats"
-        return "sglang" if isinstance(record, str) or holds_payload else "jsonl"
-    raise ValueError(f"{path}: cannot tell the format from the suffix {suffix!r}; pass --format "
-                     f"({', '.join(SOURCES)})")
-
-
-def _is_trace_npz(path: Path) -> bool:
-    """Does this .npz hold a minimoe trace (its arrays by name) rather than vLLM captures?"""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return _TRACE_ARRAYS <= {name[:-4] for name in archive.namelist()}
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
-def read_vllm(path: Path) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """The per-request arrays of a .npy/.npz file and its optional prompt_lengths (no pickles)."""
-    try:
-        if path.suffix.lower() == ".npy":
-            return [np.load(path, allow_pickle=False)], None
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError) as error:
-        raise ValueError(f"{path} is not a readable numpy file ({error})") from None
-    prompt = arrays.pop("prompt_lengths", None)
-    if not arrays:
-        raise ValueError(f"{path} holds no routed_experts arrays")
-    return list(arrays.values()), prompt
-
-
-def read_sglang(path: Path) -> list:
-    """One payload per non-blank line: a base64 string, or the dict holding routed_experts."""
-    payloads = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        text = line.strip()
-        if not text:
-            continue
-        if text[0] in "{\"":
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number}: not valid JSON ({error})") from None
-            if isinstance(record, dict) and "meta_info" in record:
-                record = record["meta_info"]
-            if not isinstance(record, (dict, str)):
-                raise ValueError(f"{path}: line {number}: expected a base64 string or an object with routed_experts")
-            text = record
-        payloads.append(text)
-    if not payloads:
-        raise ValueError(f"{path} holds no payloads")
-    return payloads
-
-
 def convert(args):
     """The trace (a ``Trace`` or, for load dumps, a ``LoadTrace``) the parsed arguments describe."""
     source = Path(args.source)
@@ -264,24 +142,12 @@ def convert(args):
     kind = guess_format(source) if args.format == "auto" else args.format
     if source.is_dir() and kind not in ("trtllm-stats", "sglang-per-pass"):
         raise ValueError(f"{source} is a folder; --format {kind} reads a file")
+    check_flags(kind, _given_flags(args))
     if kind == "trace":
-        return load_trace(source)
+        return load_trace(source) if is_parquet(source) else read_trace_file(source)
     model = args.model if args.model is not None else ""
     if kind in LOAD_FORMATS:
-        if isinstance(args.moe_layers, str) or args.moe_layers is None:
-            named = None  # 'auto'/'all' or nothing: the reader's own rule
-        else:
-            named = args.moe_layers
-        layers = model_layers(named, args.config)
-        reader = {"sglang-stat": load_dumps.from_sglang_stat, "sglang-per-pass": load_dumps.from_sglang_per_pass,
-                  "trtllm-stats": load_dumps.from_trtllm, "vllm-eplb-stats": load_dumps.from_vllm_eplb}[kind]
-        loads = reader(source, None if layers is None else list(layers.moe_layers), model)
-        if layers is not None and layers.num_experts is not None and layers.num_experts != loads.num_experts:
-            raise ValueError(f"{args.config}: the config has {layers.num_experts} experts per layer, the dump "
-                             f"{loads.num_experts}")
-        return loads
-    if args.config is not None:
-        raise ValueError(f"--config names the MoE layers of a load dump; for --format {kind} use --moe-layers")
+        return _load_dump(kind, source, args, model)
     if kind == "jsonl":
         fields = dict(pair for group in args.field for pair in group)
         if args.no_request_field:
@@ -293,17 +159,38 @@ def convert(args):
             (("--num-layers", args.num_layers), ("--top-k", args.top_k)) if kind == "sglang" else ()):
         if value is None:
             raise ValueError(f"{flag} is required to read {source} as {kind}")
+    arrays, prompt = read_vllm(source) if kind == "vllm" else (read_sglang(source), None)  # errors name the file
     try:
         if kind == "vllm":
-            arrays, prompt = read_vllm(source)
             prompt = args.prompt_lengths if args.prompt_lengths is not None else prompt
             return from_vllm(arrays, args.num_experts, prompt, args.domain, args.moe_layers, args.keep_degenerate,
                              model)
         moe_layers = "auto" if args.moe_layers is None else args.moe_layers
-        return from_sglang(read_sglang(source), args.num_layers, args.top_k, args.num_experts, args.prompt_lengths,
+        return from_sglang(arrays, args.num_layers, args.top_k, args.num_experts, args.prompt_lengths,
                            args.domain, moe_layers, args.keep_degenerate, args.dtype, model)
     except ValueError as error:
         raise ValueError(f"{source} ({kind}): {error}") from None
+
+
+def _given_flags(args) -> list[str]:
+    """The flags of ``FLAGS`` given on the command line with a value other than their default."""
+    parser = build_parser()
+    flags = dict.fromkeys(flag for reads in FLAGS.values() for flag in reads)
+    return [flag for flag in flags
+            if getattr(args, flag[2:].replace("-", "_")) != parser.get_default(flag[2:].replace("-", "_"))]
+
+
+def _load_dump(kind: str, source: Path, args, model: str):
+    """A load dump as a LoadTrace, its layers named by --moe-layers or --config (checked against the dump)."""
+    named = None if isinstance(args.moe_layers, str) else args.moe_layers  # 'auto'/'all': the reader's own rule
+    layers = model_layers(named, args.config)
+    reader = {"sglang-stat": load_dumps.from_sglang_stat, "sglang-per-pass": load_dumps.from_sglang_per_pass,
+              "trtllm-stats": load_dumps.from_trtllm, "vllm-eplb-stats": load_dumps.from_vllm_eplb}[kind]
+    loads = reader(source, None if layers is None else list(layers.moe_layers), model)
+    if layers is not None and layers.num_experts is not None and layers.num_experts != loads.num_experts:
+        raise ValueError(f"{args.config}: the config has {layers.num_experts} experts per layer, the dump "
+                         f"{loads.num_experts}")
+    return loads
 
 
 def summary(trace, source: str, out: str) -> str:
@@ -311,7 +198,8 @@ def summary(trace, source: str, out: str) -> str:
     if not isinstance(trace, Trace):  # a LoadTrace
         return f"{trace.summary()}\n{source} -> {out}"
     known = int((trace.phase >= 0).sum())
-    lines = [f"{trace.num_tokens} tokens, {trace.num_requests} requests, {trace.num_layers} MoE layers, "
+    lines = [f"{plural(trace.num_tokens, 'token')}, {plural(trace.num_requests, 'request')}, "
+             f"{plural(trace.num_layers, 'MoE layer')}, "
              f"top-{trace.top_k} of {trace.num_experts} experts, model {trace.model!r}"]
     if known == trace.num_tokens:
         lines.append(f"phases: {int((trace.phase == 0).sum())} prefill, {int((trace.phase == 1).sum())} decode")

@@ -145,6 +145,9 @@ def imbalance_finding(stats: Trace | TraceStats, seed: int = 0) -> dict:
                       layers_differ=None, layers_differ_unavailable=None)
     if stats.num_layers < 2:
         comparison["layers_differ_unavailable"] = "comparing layers needs at least 2 MoE layers; the trace has 1"
+    elif most == least:  # argmax and argmin agree only when every layer has the same max/mean
+        comparison["layers_differ_unavailable"] = (f"the layers tie: max/mean {overall['max_over_mean'][most]:.3f} "
+                                                   "in every layer")
     elif stats.num_requests < 2:
         comparison["layers_differ_unavailable"] = ("comparing layers resamples requests and needs at least 2; "
                                                    "the trace has 1")

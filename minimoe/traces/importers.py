@@ -10,7 +10,8 @@
    flattened in (token, layer, slot) order. The wire dtype is int32 unless the producer says otherwise (a
    proposed SGLang option writes uint16 or uint8 and names it in `meta_info["routed_experts_dtype"]`).
    `from_sglang` decodes each payload with that dtype, reshapes it to (tokens, num_layers, top_k) and hands
-   over to `from_vllm`. An error about a payload always says which dtype it was decoded as.
+   over to `from_vllm`. An error about a payload always says which dtype it was decoded as (a wrong dtype can
+   look like repeated or constant ids, so those errors name it too).
 
 Dense layers. Both systems capture into buffers that start as zeros and that only MoE layers write, so a
 model with dense layers (DeepSeek-V3's first `first_k_dense_replace` layers, Llama 4's interleaved ones)
@@ -70,6 +71,8 @@ def from_vllm(routed_experts, num_experts: int, prompt_lengths=None, domains=Non
             raise ValueError(f"routed_experts[{index}] row {row}, layer {layer} holds {array[row, layer].tolist()}: "
                              f"expert ids must be in [-1, num_experts-1={num_experts - 1}]")
     lengths = np.array([a.shape[0] for a in arrays])
+    if not lengths.any():
+        raise ValueError(f"the capture holds no token: all {len(arrays)} routed_experts arrays have 0 rows")
     experts = np.concatenate([a.astype(np.int64) for a in arrays])  # (N, num_layers, top_k)
     experts = experts[:, _moe_layer_ids(experts, moe_layers, keep_degenerate)]
     _check_rows(experts, lengths, keep_degenerate)
@@ -78,8 +81,9 @@ def from_vllm(routed_experts, num_experts: int, prompt_lengths=None, domains=Non
         prompt_lengths = np.asarray(prompt_lengths)
         if prompt_lengths.shape != lengths.shape or prompt_lengths.dtype.kind not in "iu" \
                 or (prompt_lengths < 0).any() or (prompt_lengths > lengths).any():
-            raise ValueError(f"--prompt-lengths (prompt_lengths=) must give, for each of the {len(arrays)} requests, "
-                             f"a count in [0, rows of its array] = {lengths.tolist()}, got {prompt_lengths.tolist()}")
+            raise ValueError(f"the prompt lengths (--prompt-lengths, prompt_lengths=, or a vLLM .npz's prompt_lengths "
+                             f"array) must give, for each of the {len(arrays)} requests, a whole count in [0, rows of "
+                             f"its array] = {lengths.tolist()}, got {prompt_lengths.tolist()}")
         position = np.arange(len(experts)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         phase[:] = position >= np.repeat(prompt_lengths, lengths)
     domain = None
@@ -187,7 +191,7 @@ def from_sglang(payloads, num_layers: int, top_k: int, num_experts: int, prompt_
         raise ValueError(f"num_layers and top_k must be >= 1, got num_layers={num_layers}, top_k={top_k}")
     if dtype is not None:
         _wire_dtype(dtype)
-    arrays = []
+    arrays, decoded = [], set()
     for index, payload in enumerate(payloads):
         assumed = "the array's own dtype"
         if isinstance(payload, dict):
@@ -205,7 +209,7 @@ def from_sglang(payloads, num_layers: int, top_k: int, num_experts: int, prompt_
             try:
                 raw = base64.b64decode(payload, validate=True)
             except (binascii.Error, ValueError) as error:
-                raise ValueError(f"payloads[{index}] is not base64 ({error})") from None
+                raise ValueError(f"payloads[{index}] is not base64 ({error}; to be decoded as {assumed})") from None
             if len(raw) % wire.itemsize:
                 raise ValueError(f"payloads[{index}] holds {len(raw)} bytes, not a whole number of {assumed} values "
                                  f"({wire.itemsize} bytes each): pass the producer's wire dtype with --dtype "
@@ -229,4 +233,10 @@ def from_sglang(payloads, num_layers: int, top_k: int, num_experts: int, prompt_
                                  "uint16 are common for up to 256 / 65536 experts) pass it with --dtype (from Python: "
                                  "dtype=)")
         arrays.append(rows)
-    return from_vllm(arrays, num_experts, prompt_lengths, domains, moe_layers, keep_degenerate, model)
+        decoded.add(assumed)
+    try:
+        return from_vllm(arrays, num_experts, prompt_lengths, domains, moe_layers, keep_degenerate, model)
+    except ValueError as error:  # say the dtype: a wrong one also gives repeated, constant or zero ids
+        raise ValueError(f"{error} [payloads decoded as {', '.join(sorted(decoded))}; a wrong wire dtype gives "
+                         "repeated or constant ids too: pass the producer's with --dtype (from Python: dtype=)]") \
+            from None

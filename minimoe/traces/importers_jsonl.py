@@ -32,12 +32,14 @@ keys in ``ignore`` are dropped before reading (use it when a key holds something
     request   int or str: requests may interleave (as a server batches them); they are numbered in order of
               first appearance. Mapped to None: the log names no requests, and every token is put in one
               request 0, in log order -- per-request analyses of such a trace mean nothing
-    experts   expert ids (one list per layer per token, or one list per record); shorter lists are padded
-              with -1 up to top_k
+    experts   expert ids (one list per layer per token, or one list per record), in [0, num_experts) or -1 for
+              a pair the router dropped; every list holds top_k ids (the meta record's, --top-k, else the first
+              record's count): a list of another length is refused, since the baselines count top_k per token.
+              A layer that holds only -1 (a dense layer) is refused
     position  int: orders tokens within a request (per-token layout: default the order of lines)
     phase     "prefill" / "decode" / "unknown" or 0 / 1 / -1; absent: unknown (never guessed)
     domain    str; if any line has one, every line must
-    weights   same nesting as experts; if any line has weights, every line must
+    weights   same nesting as experts, finite and >= 0; if any line has weights, every line must
 
 What a log cannot tell is left unknown, never invented: without a phase field every phase is -1 (a token's
 position or its first forward pass says nothing reliable about prefill and decode: prompts are prefilled in
@@ -52,10 +54,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
-from minimoe.traces.format import PHASES, Trace, _as_count
+from minimoe.traces.format import MAX_EXPERTS, PHASES, Trace, _as_count
+from minimoe.traces.inputs import parse_json, plural, read_text
 
 OUR_FIELDS = ("request", "position", "layer", "experts", "weights", "phase", "domain")
 LONG_FORM_FIELDS = {"request": "req_id", "position": "token_idx", "layer": "layer", "experts": "topk_ids",
@@ -74,7 +78,7 @@ def from_jsonl(path_or_lines, num_experts: int | None = None, top_k: int | None 
     """A JSONL routing log (either layout of the module docstring) as a Trace.
 
     path_or_lines: a path or an iterable of lines. num_experts, top_k, model: None = from the meta record
-    (num_experts: else the largest id + 1, noted; top_k: else the widest list of ids; model: else "").
+    (num_experts: else the largest id + 1, noted; top_k: else the first record's count of ids; model: else "").
     fields: {our name: the log's name, or None for an absent request field}. positions: "field" or
     "per_pass". ignore: log keys to drop before reading. Fields not read go to ``trace.notes``.
     Raises ValueError naming the file, line and field; FileNotFoundError for a missing path.
@@ -82,8 +86,7 @@ def from_jsonl(path_or_lines, num_experts: int | None = None, top_k: int | None 
     source, lines = "", path_or_lines
     if isinstance(path_or_lines, (str, bytes)) or hasattr(path_or_lines, "__fspath__"):
         source = f"{os.fsdecode(path_or_lines)}: "
-        with open(path_or_lines, encoding="utf-8") as file:
-            lines = file.read().splitlines()
+        lines = read_text(path_or_lines, "a JSONL routing log").splitlines()
     try:
         return _from_lines(lines, num_experts, top_k, model, fields, positions, set(ignore))
     except ValueError as error:
@@ -98,10 +101,7 @@ def _from_lines(lines, num_experts, top_k, model, fields, positions, ignore) -> 
     for number, text in enumerate(lines, 1):
         if not text.strip():
             continue
-        try:
-            record = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as error:
-            raise ValueError(f"line {number}: not valid JSON ({error})") from None
+        record = parse_json(text, f"line {number}")
         if not isinstance(record, dict):
             raise ValueError(f"line {number}: expected a JSON object, got {text[:80]!r}")
         records.append((number, {key: value for key, value in record.items() if key not in ignore}))
@@ -124,21 +124,31 @@ def _from_lines(lines, num_experts, top_k, model, fields, positions, ignore) -> 
         raise ValueError(f"the log holds {len(records)} meta record(s) and no route record: there is no routing "
                          "to import")
     notes = dict(meta["notes"])
-    tokens, unread = _tokens(routes, names, long_form, positions, meta.get("layers_logged"))
+    tokens, unread, layers = _tokens(routes, names, long_form, positions, meta.get("layers_logged"))
     if unread:
         notes["fields not read"] = ", ".join(f"{name} ({count} lines)" for name, count in sorted(unread.items()))
     if num_experts is None:
-        largest = max((v for t in tokens if isinstance(t["experts"][1], list) for row in t["experts"][1]
-                       if isinstance(row, list) for v in row if _is_int(v)), default=-1)
+        largest, line = _largest_id(tokens)
         if largest < 0:
             raise ValueError("num_experts is unknown and no record holds an expert id: pass "
                              + fix("--num-experts E", "num_experts=") + " or give it in a meta record")
+        if largest >= MAX_EXPERTS:
+            raise ValueError(f"line {line}: expert id {largest} is outside [0, {MAX_EXPERTS}), the ids a trace holds")
         num_experts = largest + 1
         notes["num_experts"] = (f"not recorded: assumed {num_experts}, the largest expert id + 1 (pass --num-experts "
                                 "if the model has more experts than the log used)")
-    trace = _trace(tokens, names, num_experts, top_k, model, meta.get("top_k_line"))
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(f"num_experts={num_experts} is more than a trace holds ({MAX_EXPERTS})")
+    trace = _trace(tokens, names, num_experts, top_k, model, meta.get("top_k_line"), layers)
     trace.notes = notes
     return trace
+
+
+def _largest_id(tokens) -> tuple[int, int]:
+    """(the largest int expert id of any record, its line); (-1, 0) when there is none."""
+    found = [(v, t["experts"][0]) for t in tokens if isinstance(t["experts"][1], list) for row in t["experts"][1]
+             if isinstance(row, list) for v in row if _is_int(v)]
+    return max(found, default=(-1, 0))
 
 
 def _agree(name: str, given, said, flag: str):
@@ -200,8 +210,8 @@ def _get(rec: dict, names: dict, field: str, number: int, required: bool):
 
 
 def _tokens(routes, names, long_form, positions, layers_logged) -> tuple[list[dict], dict]:
-    """Group records into tokens: [{"request", "order", "line", "experts": {layer: ids}, ...}] in file order, and
-    {key: lines} for the keys no field reads."""
+    """Group records into tokens: [{"request", "order", "line", "experts": {layer: ids}, ...}] in file order,
+    {key: lines} for the keys no field reads, and the logged layers in order (None for the per-token layout)."""
     read = {names[f] for f in OUR_FIELDS if names.get(f) is not None} | ({"type"} if long_form else set())
     tokens, seen, with_position, unread = {}, {}, set(), {}
     for number, rec in routes:
@@ -259,10 +269,11 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> tuple[list[di
                     raise ValueError(f"line {token['line']}: weights are given for some layers of a token only")
                 token["weights"] = (token["line"], [token["weights"][layer] for layer in layers])
     else:
+        layers = None
         for token in tokens:
             token["experts"] = token["experts"][None]
             token["weights"] = token["weights"].get(None, {})
-    return tokens, unread
+    return tokens, unread, layers
 
 
 def _phase_code(value, line: int) -> int:
@@ -281,8 +292,10 @@ def _one(values: list, field: str, token: dict):
     return values[0][1] if values else None
 
 
-def _padded(rows, line: int, name: str, top_k: int, fill, kind, num_experts: int = 0):
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+def _rows(rows, line: int, name: str, kind: str, num_experts: int = 0, width: int | None = None, said: str = ""):
+    """Check one token's per-layer lists: ``kind`` "int" (expert ids in [-1, num_experts)) or "number" (finite
+    weights >= 0); with ``width``, each list must hold that many ids (``said`` says where the width comes from)."""
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
         raise ValueError(f"line {line}: {name} must be a non-empty list of per-layer lists, got {str(rows)[:80]}")
     for row in rows:
         for value in row:
@@ -291,13 +304,16 @@ def _padded(rows, line: int, name: str, top_k: int, fill, kind, num_experts: int
                 raise ValueError(f"line {line}: {name} must hold {kind}s, got {value!r}")
             if kind == "int" and not -1 <= value < num_experts:
                 raise ValueError(f"line {line}: expert id {value} outside [-1, num_experts-1={num_experts - 1}]")
-    if any(len(r) > top_k for r in rows):
-        raise ValueError(f"line {line}: {name} has a layer with more than top_k={top_k} entries (a wrong meta "
-                         "top_k, or pass " + fix("--top-k", "top_k=") + ")")
-    return [r + [fill] * (top_k - len(r)) for r in rows]
+            if kind == "number" and not 0 <= value <= sys.float_info.max:  # NaN, inf, a huge int: refused
+                raise ValueError(f"line {line}: {name} must be finite and >= 0, got {value!r}")
+        if width is not None and len(row) != width:
+            raise ValueError(f"line {line}: {name} lists {plural(len(row), 'id')} where {said} (every record lists "
+                             "top_k ids; write -1 for a pair the router dropped)")
+    return rows
 
 
-def _trace(tokens, names, num_experts, top_k, model, top_k_line=None) -> Trace:
+def _trace(tokens, names, num_experts, top_k, model, top_k_line=None, layers=None) -> Trace:
+    """The Trace of the grouped tokens; ``layers``: the logged layer numbers (None: per-token layout)."""
     for field in ("domain", "weights"):
         present = {bool(t[field]) for t in tokens}
         if len(present) > 1:
@@ -306,19 +322,27 @@ def _trace(tokens, names, num_experts, top_k, model, top_k_line=None) -> Trace:
                              "give it on all or none (or drop it with " + fix(f"--ignore {names.get(field)}", "ignore=")
                              + ")")
     widest = max((len(r) for t in tokens if isinstance(t["experts"][1], list) for r in t["experts"][1]
-                  if isinstance(r, list)), default=1)
-    width = top_k if top_k is not None else widest
+                  if isinstance(r, list)), default=None)
+    if top_k is not None and widest is not None and top_k > widest:  # -1 everywhere would invent dropped pairs
+        said = f"line {top_k_line}: the meta record says top_k={top_k}" if top_k_line else f"--top-k {top_k} was passed"
+        raise ValueError(f"{said}, but no route record lists more than {widest} expert ids: the top_k is wrong "
+                         f"(pass {fix(f'--top-k {widest}', f'top_k={widest}')} if the log is right)")
+    width, said = top_k, (f"the meta record (line {top_k_line}) says top_k={top_k}" if top_k_line
+                          else f"--top-k {top_k} was passed")
+    experts_name, weights_name = f"'{names['experts']}'", f"'{names.get('weights')}'"
     order: dict = {}  # request key -> dense id in order of first appearance
     rows = []
     for token in tokens:
         line, experts = token["experts"]
-        experts = _padded(experts, line, "experts", width, -1, "int", num_experts)
+        if width is None and isinstance(experts, list) and experts and isinstance(experts[0], list):
+            width, said = len(experts[0]), f"line {line} lists {len(experts[0])}"
+        experts = _rows(experts, line, experts_name, "int", num_experts, width, said)
         if rows and len(experts) != len(rows[0][2]):
             raise ValueError(f"line {line}: {len(experts)} layers of experts, earlier lines have {len(rows[0][2])}")
         weights = None
         if token["weights"]:
-            weights = _padded(token["weights"][1], line, "weights", width, 0.0, "number")
-            if [len(r) for r in token["weights"][1]] != [len(r) for r in token["experts"][1]]:
+            weights = _rows(token["weights"][1], line, weights_name, "number")
+            if [len(r) for r in weights] != [len(r) for r in experts]:
                 raise ValueError(f"line {line}: weights must have the same nesting as experts")
         domain = _one(token["domain"], "domain", token)
         if domain is not None and not isinstance(domain, str):
@@ -327,13 +351,15 @@ def _trace(tokens, names, num_experts, top_k, model, top_k_line=None) -> Trace:
         request = order.setdefault(token["request"], len(order))
         rows.append((request, token["order"], experts, weights, -1 if phase is None else _phase_code(phase, line),
                      domain))
-    if width > widest:  # padding every token with -1 would invent "no expert" choices the router never made
-        said = f"line {top_k_line}: the meta record says top_k={top_k}" if top_k_line else f"--top-k {top_k} was passed"
-        raise ValueError(f"{said}, but no route record lists more than {widest} expert ids: the top_k is wrong "
-                         f"(pass {fix(f'--top-k {widest}', f'top_k={widest}')} if the log is right)")
     rows.sort(key=lambda row: (row[0], row[1]))
     has_weights = rows[0][3] is not None
-    return Trace(experts=np.array([row[2] for row in rows], dtype=np.int64).reshape(len(rows), -1, width),
+    experts = np.array([row[2] for row in rows], dtype=np.int64).reshape(len(rows), -1, width)
+    empty = np.flatnonzero((experts < 0).all(axis=(0, 2)))
+    if empty.size:
+        layer = int(empty[0]) if layers is None else layers[empty[0]]
+        raise ValueError(f"layer {layer} holds no expert id (all -1): a dense layer; leave its records out of the "
+                         "log (the trace holds MoE layers only)")
+    return Trace(experts=experts,
                  request=[row[0] for row in rows], phase=[row[4] for row in rows],
                  domain=[row[5] for row in rows] if rows[0][5] is not None else None,
                  num_experts=num_experts, top_k=width, model=model,

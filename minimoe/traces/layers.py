@@ -121,19 +121,19 @@ def read_config(path) -> ModelLayers:
 
 
 def parse_layers(text: str) -> list[int]:
-    """``"1,2,3"`` or ``"1-3"`` (or a mix, ``"0,3-5"``) -> [1, 2, 3]; raises ValueError naming what is wrong."""
+    """``"1,2,3"`` or ``"1-3"`` (or a mix, ``"0,3-5"``) -> [1, 2, 3]: the one parser of ``--moe-layers`` for
+    ``minimoe import`` and ``minimoe export``. Indices must be >= 0 and increase; ValueError otherwise."""
+    expected = f"expected increasing layer indices >= 0 like 1,2,3 or 1-3 (or 0,3-5), got {str(text)!r}"
     layers = []
     for part in str(text).split(","):
         first, dash, last = part.strip().partition("-")
         try:
-            span = range(int(first), int(last) + 1) if dash else [int(first)]
+            span = list(range(int(first), int(last) + 1)) if dash else [int(first)]
         except ValueError:
-            raise ValueError(f"expected layer indices like 1,2,3 or 1-3, got {text!r}") from None
-        if not span or min(span) < 0:
-            raise ValueError(f"expected layer indices >= 0 like 1,2,3 or 1-3, got {text!r}")
+            raise ValueError(expected) from None
         layers.extend(span)
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"{text!r} lists a layer twice")
+        if not span or min(span) < 0 or layers != sorted(set(layers)):
+            raise ValueError(expected)
     return layers
 
 
@@ -147,4 +147,4 @@ def model_layers(moe_layers=None, config=None, num_layers: int | None = None) ->
     if moe_layers is None:
         return None
     total = num_layers if num_layers is not None else max(moe_layers) + 1
-    return _checked(total, list(moe_layers), None, None, "--moe-layers", "--moe-layers")
+    return _checked(total, list(moe_layers), None, None, "--moe-layers", "the list")

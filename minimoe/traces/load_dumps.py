@@ -34,13 +34,13 @@ raises ValueError naming the file and the field.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 
 import numpy as np
 
-from minimoe.traces.loads import LoadTrace
+from minimoe.traces.inputs import parse_json, plural, read_text
+from minimoe.traces.loads import MAX_COUNT, LoadTrace
 
 
 # ---- reading files safely -------------------------------------------------------------------------------------
@@ -66,8 +66,9 @@ def torch_file(path) -> object:
                          f"{str(error).strip()[:160]})") from None
 
 
-def _array(value, where: str, ndim: int) -> np.ndarray:
-    """An integer array of ``ndim`` dimensions from a tensor, list or array; ValueError naming ``where``."""
+def _array(value, where: str, ndim: int, what: str = "counts") -> np.ndarray:
+    """An int64 array of ``ndim`` dimensions from a tensor, list or array of ``what`` (counts, or the expert ids
+    of a map): whole numbers >= 0; counts summing to less than ``MAX_COUNT``. ValueError naming ``where``."""
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
     try:
@@ -79,11 +80,14 @@ def _array(value, where: str, ndim: int) -> np.ndarray:
         raise ValueError(f"{where}: expected integer counts, got dtype {array.dtype}")
     if array.ndim != ndim:
         raise ValueError(f"{where}: expected {ndim} dimensions, got shape {array.shape}")
-    array = array.astype(np.int64)
-    if (array < 0).any():
+    if array.size and array.min() < 0:
         index = tuple(int(i) for i in np.argwhere(array < 0)[0])
-        raise ValueError(f"{where}: counts must be >= 0, got {array[index]} at index {index}")
-    return array
+        raise ValueError(f"{where}: {what} must be >= 0, got {array[index]} at index {index}")
+    total = float(array.sum(dtype=np.float64))  # in float64: an int64 sum could wrap around unseen
+    if total >= MAX_COUNT:
+        raise ValueError(f"{where}: the {what} sum to about {total:.3g}, more than {MAX_COUNT:.3g}: not the "
+                         "record of a real run")
+    return array.astype(np.int64)
 
 
 def _pick_layers(counts: np.ndarray, moe_layers, where: str, all_layers: bool):
@@ -131,6 +135,10 @@ def _fold(physical: np.ndarray, phy2log: np.ndarray, num_experts: int | None, wh
         raise ValueError(f"{where}: the map names expert {int(phy2log.max())}, but there are {experts} experts")
     for layer, row in enumerate(phy2log):
         missing = np.setdiff1d(np.arange(experts), row)
+        if missing.size and int(row.max()) > missing[0]:
+            raise ValueError(f"{where}: the map names expert {int(row.max())} in layer {layer} while expert "
+                             f"{int(missing[0])} has no slot: {int(row.max())} is out of range (ids run 0..E-1, each "
+                             f"with a slot), or {missing.size} experts below it are unplaced")
         if missing.size:
             raise ValueError(f"{where}: the map gives expert {int(missing[0])} of layer {layer} no slot; every "
                              "expert needs one")
@@ -180,7 +188,8 @@ def from_sglang_per_pass(path, moe_layers=None, model: str = "") -> LoadTrace:
                 or "last_physical_to_logical_map" not in data:
             raise ValueError(f"{file}: expected SGLang's per_pass dump, a dict with 'records' (a list) and "
                              f"'last_physical_to_logical_map'")
-        mapping = _array(data["last_physical_to_logical_map"], f"{file}: last_physical_to_logical_map", 2)
+        mapping = _array(data["last_physical_to_logical_map"], f"{file}: last_physical_to_logical_map", 2,
+                         "expert ids")
         if phy2log is None:
             phy2log, first = mapping, file
         elif not np.array_equal(mapping, phy2log):
@@ -191,8 +200,9 @@ def from_sglang_per_pass(path, moe_layers=None, model: str = "") -> LoadTrace:
             if not isinstance(record, dict) or not {"forward_pass_id", "rank", "global_physical_count"} <= set(record):
                 raise ValueError(f"{where}: expected forward_pass_id, rank and global_physical_count")
             key = (record["forward_pass_id"], record["rank"], record.get("gatherer_key", "primary"))
-            if not all(isinstance(k, (int, str)) and not isinstance(k, bool) for k in key):
-                raise ValueError(f"{where}: forward_pass_id and rank must be ints, got {key[:2]}")
+            if not all(isinstance(k, int) and not isinstance(k, bool) for k in key[:2]) or not isinstance(key[2], str):
+                raise ValueError(f"{where}: forward_pass_id and rank must be ints (gatherer_key a str), got "
+                                 f"{list(key)}")
             counts = _array(record["global_physical_count"], f"{where}: global_physical_count", 2)
             step = passes.setdefault(key[0], {})
             if key[1:] in step:
@@ -207,8 +217,9 @@ def from_sglang_per_pass(path, moe_layers=None, model: str = "") -> LoadTrace:
     physical = np.stack([sum(passes[p].values()) for p in order])  # (S, L_all, P)
     logical, experts = _fold(physical, phy2log, None, f"{path}: last_physical_to_logical_map")
     counts, ids, note = _pick_layers(logical, moe_layers, f"{path}: global_physical_count", all_layers=True)
-    notes = {"steps": f"{len(order)} forward passes ({order[0]}..{order[-1]}), summed over "
-                      f"{len({r for p in passes.values() for r, _ in p})} ranks"}
+    ranks = len({r for p in passes.values() for r, _ in p})
+    notes = {"steps": f"{plural(len(order), 'forward pass', 'forward passes')} ({order[0]}..{order[-1]}), summed "
+                      f"over {plural(ranks, 'rank')}"}
     if note:
         notes["layers"] = note
     return LoadTrace(counts=counts, num_experts=experts, layer_ids=ids, ordered=True, model=model,
@@ -241,31 +252,37 @@ def _keyed(files: list[str], shape_of, what: str) -> dict:
     return total
 
 
+def _rank_files(folder: str, prefix: str) -> tuple[list[str], list[str]]:
+    """(the files ``{prefix}{r}.safetensors`` in rank order, the names of other ``{prefix}*.safetensors`` files)."""
+    paths = glob.glob(os.path.join(folder, f"{prefix}*.safetensors"))
+    ranked = {int(m[1]): p for p in paths if (m := re.fullmatch(rf"{prefix}(\d+)\.safetensors", os.path.basename(p)))}
+    others = sorted(os.path.basename(p) for p in paths if p not in ranked.values())
+    return [ranked[r] for r in sorted(ranked)], others
+
+
 def from_trtllm(folder, moe_layers=None, model: str = "") -> LoadTrace:
     """TensorRT-LLM expert statistics (see the module docstring) as a LoadTrace, one step per iteration."""
     folder = os.fspath(folder)
     meta_path = os.path.join(folder, "meta_info.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{folder}: no meta_info.json (expected TensorRT-LLM's EXPERT_STATISTIC_PATH folder)")
-    try:
-        with open(meta_path, encoding="utf-8") as file:
-            meta = json.load(file)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{meta_path} is not valid JSON ({error})") from None
+    meta = parse_json(read_text(meta_path, "a JSON object"), meta_path)
     if not isinstance(meta, dict):
         raise ValueError(f"{meta_path}: expected a JSON object")
     for key in ("num_experts", "num_experts_per_token"):
         if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int) or meta[key] < 1:
             raise ValueError(f"{meta_path}: {key} must be a positive int, got {meta.get(key)!r}")
     experts, top_k = meta["num_experts"], meta["num_experts_per_token"]
-    rank_files = sorted(glob.glob(os.path.join(folder, "rank*.safetensors")),
-                        key=lambda f: int(re.search(r"rank(\d+)", os.path.basename(f))[1]))
-    rank_files = [f for f in rank_files if re.fullmatch(r"rank\d+\.safetensors", os.path.basename(f))]
+    if top_k > experts:
+        raise ValueError(f"{meta_path}: num_experts_per_token={top_k} is more than num_experts={experts}")
+    rank_files, others = _rank_files(folder, "rank")
     if not rank_files:
         raise ValueError(f"{folder}: no rank{{r}}.safetensors files")
     if "ep_size" in meta and meta["ep_size"] != len(rank_files):
         raise ValueError(f"{meta_path}: ep_size={meta['ep_size']}, but the folder holds {len(rank_files)} rank files")
     counts = _keyed(rank_files, (experts,), "num_experts")
+    if not counts:
+        raise ValueError(f"{folder}: the rank files hold no counts (no '{{iter}}_{{layer}}' key)")
     iters = sorted({i for i, _ in counts})
     layers = sorted({layer for _, layer in counts})
     if iters != list(range(iters[0], iters[-1] + 1)):
@@ -278,7 +295,7 @@ def from_trtllm(folder, moe_layers=None, model: str = "") -> LoadTrace:
     if moe_layers is not None and list(moe_layers) != layers:
         raise ValueError(f"{folder}: the statistics hold model layers {layers}, but --moe-layers/--config name "
                          f"{list(moe_layers)}")
-    co_files = sorted(glob.glob(os.path.join(folder, "cooccurrence_rank*.safetensors")))
+    co_files, co_others = _rank_files(folder, "cooccurrence_rank")
     coactivation = None
     if co_files:
         pairs = _keyed(co_files, (experts, experts), "num_experts x num_experts")
@@ -290,7 +307,9 @@ def from_trtllm(folder, moe_layers=None, model: str = "") -> LoadTrace:
         for layer in range(len(layers)):
             if not np.array_equal(coactivation[layer], coactivation[layer].T):
                 raise ValueError(f"{folder}: the co-occurrence of layer {layers[layer]} is not symmetric")
-    notes = {"steps": f"iterations {iters[0]}..{iters[-1]}, summed over {len(rank_files)} ranks"}
+    notes = {"steps": f"iterations {iters[0]}..{iters[-1]}, summed over {plural(len(rank_files), 'rank')}"}
+    if others + co_others:
+        notes["files ignored"] = ", ".join(others + co_others) + " (not named rank{r} / cooccurrence_rank{r})"
     return LoadTrace(counts=table, num_experts=experts, top_k=top_k, layer_ids=np.array(layers), ordered=True,
                      coactivation=coactivation, model=model, source="trtllm expert statistics", notes=notes)
 
@@ -299,15 +318,10 @@ def from_trtllm(folder, moe_layers=None, model: str = "") -> LoadTrace:
 def from_vllm_eplb(path, moe_layers=None, model: str = "") -> LoadTrace:
     """vLLM offline-EPLB statistics JSONL (see the module docstring) as a LoadTrace, one step per record."""
     steps, skipped, experts = [], {}, None
-    with open(path, encoding="utf-8") as file:
-        lines = file.read().splitlines()
-    for number, text in enumerate(lines, 1):
+    for number, text in enumerate(read_text(path, "JSON lines").splitlines(), 1):
         if not text.strip():
             continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: line {number}: not valid JSON ({error})") from None
+        record = parse_json(text, f"{path}: line {number}")
         kind = record.get("record_type") if isinstance(record, dict) else None
         if kind != "eplb_load_stats":
             skipped[str(kind)] = skipped.get(str(kind), 0) + 1
@@ -319,7 +333,7 @@ def from_vllm_eplb(path, moe_layers=None, model: str = "") -> LoadTrace:
             if key not in record:
                 raise ValueError(f"{where}: no {key!r} field")
         load = _array(record["expert_load"], f"{where}: expert_load", 2)
-        mapping = _array(record["p2l_map"], f"{where}: p2l_map", 2)
+        mapping = _array(record["p2l_map"], f"{where}: p2l_map", 2, "expert ids")
         logical, seen = _fold(load[None], mapping, experts, f"{where}: p2l_map")
         if experts is not None and seen != experts:
             raise ValueError(f"{where}: the map covers {seen} experts, earlier records {experts}")

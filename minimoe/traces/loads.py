@@ -27,8 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from minimoe.traces.format import MAX_EXPERTS, Trace, _label, _read_npz
+from minimoe.traces.inputs import plural
 
 KIND = "loads"
+MAX_COUNT = 2**53  # (token, expert) pairs a load trace may count in all: far beyond any run, exact in float64
 _ARRAYS = ("kind", "counts", "layer_ids", "ordered", "num_experts", "top_k", "model", "source", "notes")
 
 
@@ -78,6 +80,10 @@ class LoadTrace:
                              f"{self.counts[step, layer, expert]}")
         if not self.counts.any():
             raise ValueError("counts are all zero: the source recorded no token")
+        total = float(self.counts.sum(dtype=np.float64))  # an int64 sum could wrap around unseen
+        if total >= MAX_COUNT:
+            raise ValueError(f"counts sum to about {total:.3g} (token, expert) pairs, more than {MAX_COUNT:.3g}: "
+                             "not the record of a real run")
         if self.layer_ids.shape != (self.num_layers,) or (self.layer_ids < -1).any():
             raise ValueError(f"layer_ids must be ({self.num_layers},) model layer indices (-1 = unknown), "
                              f"got {self.layer_ids.tolist()}")
@@ -118,7 +124,8 @@ class LoadTrace:
         """What the counts hold and what they cannot tell, in a few lines (``minimoe import`` prints it)."""
         pairs = int(self.counts.sum())
         tokens = f", about {pairs // (self.top_k * self.num_layers):,} tokens" if self.top_k else ""
-        lines = [f"{self.source or 'load counts'}: {self.num_steps} steps, {self.num_layers} MoE layers (model layers "
+        lines = [f"{self.source or 'load counts'}: {plural(self.num_steps, 'step')}, "
+                 f"{plural(self.num_layers, 'MoE layer')} (model layers "
                  f"{_ranges(self.layer_ids)}), {self.num_experts} experts, {pairs:,} (token, expert) pairs{tokens}",
                  "steps: in time order" if self.ordered else
                  "steps: not in time order (a ring buffer): only the totals are used",
@@ -167,11 +174,19 @@ def _from_arrays(arrays: dict, path) -> LoadTrace:
 
 
 def read_trace_file(path) -> Trace | LoadTrace:
-    """A per-token ``Trace`` or a ``LoadTrace``, whichever the .npz file holds (both checked strictly)."""
+    """A per-token ``Trace`` or a ``LoadTrace``, whichever the .npz file holds (both checked strictly). A
+    per-token trace must hold a token and, in every MoE layer, an expert id: ValueError naming the file."""
     arrays = _read_npz(path)
     if "kind" in arrays:
         return _from_arrays(arrays, path)
-    return Trace.load(path)
+    trace = Trace.load(path)
+    if trace.num_tokens == 0:
+        raise ValueError(f"trace file {_label(path)} holds no token: there is nothing to measure")
+    empty = np.flatnonzero((trace.experts < 0).all(axis=(0, 2)))
+    if empty.size:
+        raise ValueError(f"trace file {_label(path)}: MoE layer {int(empty[0])} holds no expert id (all -1): a dense "
+                         "layer, or a layer the capture never wrote")
+    return trace
 
 
 def _integers(name: str, values) -> np.ndarray:
