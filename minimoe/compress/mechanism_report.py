@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-GAP_TARGET = 0.40  # the global arm at the lowest ratio should close at least 40% of the reader's test F1 gap
+GAP_TARGET = 0.40  # pre-registered: the global arm at the lowest ratio closes at least 40% of the reader's test F1 gap
 
 
 def _pct(value, signed: bool = True) -> str:
@@ -106,7 +106,7 @@ def markdown(summary: dict) -> str:
         closed = base_row["gap_closed"]
         lines += ["", f"Global at {lowest}x closes " + ("n/a (the reader's bounds are equal)" if closed is None else
                                                          f"{100 * closed:.0f}%") +
-                  f" of the gap between the reader's test F1 bounds (target: at least {GAP_TARGET:.0%}): "
+                  f" of the gap between the reader's test F1 bounds (pre-registered: at least {GAP_TARGET:.0%}): "
                   f"{_gap_verdict(closed, base_row['seeds'], len(c['seeds']), smoke)}."]
     return "\n".join(lines) + "\n"
 
@@ -126,7 +126,7 @@ def _hypotheses(summary: dict, smoke: bool) -> list[str]:
                 f"{_steps(r['pic_steps'])} ({_ratio(r['ratio'])}x)" for r in rows))
     trend = " -> ".join(_pct(x) for x in h2["f1_gains"])
     ci = "n/a" if h2["top_ci"][0] is None else f"[{h2['top_ci'][0]:+.1f}, {h2['top_ci'][1]:+.1f}]"
-    lines.append(f"- **H2** (the relative F1 gain grows with the ratio and the CI at the highest excludes 0): "
+    lines.append(f"- **H2** (the relative F1 gain grows with the ratio and the CI at the highest lies above 0): "
                  f"{_verdict(h2['held'], smoke, h2['missing'])}. Gains {trend}; "
                  f"grows: {'yes' if h2['grows'] else 'no'}; CI {ci}.")
     lines.append(f"- **H3** (at {h3['ratio']}x PIC reaches global's smoothed peak dev EM in <= 0.7x the steps, median "

@@ -9,7 +9,7 @@
     H1  held-out addressed reconstruction: PIC reaches the global arm's final value accuracy in <= 0.6x the
         steps the global arm took to reach it, at every ratio above the lowest, in >= 2 of 3 seeds
     H2  the relative F1 gain of PIC grows with the ratio (strictly, lowest to highest) and the CI at the highest
-        ratio excludes 0
+        ratio lies above 0 (a gain, not only a smaller loss)
     H3  at the middle ratio PIC reaches the global arm's smoothed peak dev answer EM in <= 0.7x the steps the
         global arm took to reach it (median over seeds; a seed where PIC never reaches it counts as infinite)
 """
@@ -117,12 +117,12 @@ def hypotheses(runs: list[dict], ratios: list[int], gains: list[dict], seeds: in
     trend = [by_ratio[r]["f1_gain"] for r in ratios if r in by_ratio]
     grows = len(trend) >= 2 and None not in trend and all(a < b for a, b in zip(trend, trend[1:]))
     top_ci = by_ratio.get(ratios[-1], {}).get("f1_ci", (None, None))
-    excludes_zero = top_ci[0] is not None and top_ci[0] > 0
+    above_zero = top_ci[0] is not None and top_ci[0] > 0
     h3_rows = race(runs, middle, "em", lambda c: max(smoothed([p["em"] for p in c])))
     h3_median = float(np.median([_ratio_or_inf(row) for row in h3_rows])) if h3_rows else math.nan
     out = {"H1": {"ratios": above, "per_seed": {str(r): rows for r, rows in h1.items()}, "held": h1_held},
-           "H2": {"f1_gains": trend, "grows": grows, "top_ci": top_ci, "excludes_zero": excludes_zero,
-                  "held": bool(grows and excludes_zero)},
+           "H2": {"f1_gains": trend, "grows": grows, "top_ci": top_ci, "above_zero": above_zero,
+                  "held": bool(grows and above_zero)},
            "H3": {"ratio": middle, "per_seed": h3_rows, "median": h3_median if math.isfinite(h3_median) else None,
                   "held": bool(h3_median <= H3_RATIO)}}
     for name, needed in (("H1", above), ("H2", ratios), ("H3", [middle])):

@@ -14,7 +14,7 @@ DeepSeek-V3 (arXiv 2412.19437, §2.1.2 "auxiliary-loss-free load balancing")
     *selection only*). Experts form ``n_group`` equal groups; a group's score is the sum of its
     two largest s'; the ``topk_group`` best groups are kept; ids = top-k of s' inside kept
     groups, where experts of dropped groups get the value -inf (DeepSeek's code, and
-    transformers 5.17-5.24) or 0.0 (older transformers and some serving engines). The two
+    transformers from 5.17 on) or 0.0 (older transformers and some serving engines). The two
     differ only when fewer than k experts of the kept groups have s' > 0. Then
     w = s[ids] (unbiased), divided by Σ w if ``norm_topk_prob``, times ``routed_scaling_factor``.
 Llama 4 (Meta 2025, transformers ``Llama4TextMoe``)
