@@ -407,6 +407,15 @@ def test_a_scheduler_without_workers_fails_in_one_line(monkeypatch):
             DaskEngine(scheduler=cluster.scheduler_address)
 
 
+def test_an_empty_parquet_trace_is_named_in_one_line(tmp_path, capsys):
+    with ParquetTraceWriter(tmp_path / "empty.parquet", num_experts=8, top_k=2, num_layers=2):
+        pass
+    status = main(["report", "--trace", str(tmp_path / "empty.parquet"), "--topologies", "2x2", "--out",
+                   str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert status == 2 and "empty.parquet: the trace is empty (no tokens)" in err and err.count("\n") == 1, err
+
+
 def test_a_pass_whose_workers_are_all_gone_fails_instead_of_waiting(tmp_path, monkeypatch):
     """Dask waits for new workers forever; a pass stops with one line once none has been there for a while."""
     pytest.importorskip("dask.distributed", reason="the dask extra: pip install 'minimoe[dask]'")

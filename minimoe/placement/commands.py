@@ -25,8 +25,13 @@ def load_or_record(args, say=progress):
     from minimoe.traces.loads import read_trace_file
     from minimoe.traces.parquet import ParquetTrace, is_parquet
 
+    if args.trace and is_parquet(args.trace):
+        trace = ParquetTrace(args.trace)
+        if trace.num_tokens == 0:
+            raise ValueError(f"--trace {args.trace}: the trace is empty (no tokens)")
+        return trace
     if args.trace:
-        return ParquetTrace(args.trace) if is_parquet(args.trace) else read_trace_file(args.trace)
+        return read_trace_file(args.trace)
     from minimoe.traces.workload import BUNDLED_MODEL, bundled_trace
 
     say(f"recording {4 * args.requests_per_domain} requests of the four domains ({args.new_tokens} decode "
