@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="routed experts per MoE layer (JSONL: default from the meta record)")
     parser.add_argument("--top-k", type=_positive_int, metavar="K",
                         help="experts per token (SGLang: required; JSONL: default from the meta record, else the "
-                             "widest list)")
+                             "first record's list; every record lists that many)")
     parser.add_argument("--num-layers", type=_positive_int, metavar="L",
                         help="layers per token in an SGLang payload (required for SGLang)")
     parser.add_argument("--moe-layers", type=_moe_layers, default=None, metavar="LAYERS",
