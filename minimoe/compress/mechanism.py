@@ -41,6 +41,7 @@ from minimoe.compress.mechanism_data import held_out_set
 from minimoe.compress.mechanism_training import (EVAL_CONTEXTS, greedy_answers, score_answers, teacher_forced,
                                                  train_mechanism)
 from minimoe.compress.objectives import decoder_target_logits
+from minimoe.compress.out_folder import check_same_settings, claim
 from minimoe.compress.setup import load_prepared, prepare
 
 PIC = dict(layout="append", positions="restart", text_sees="chunk", mem_sees_prev_mem=False)
@@ -229,7 +230,9 @@ def best_em(result: dict) -> float:
 
 def report_finished(cfg, out: Path) -> dict:
     """The report of whatever has finished in ``out`` (a run cut short: the grid's settings that left a result).
-    Raises ValueError when the pilot or every grid setting is missing."""
+    Raises ValueError when ``out`` holds a run made with other settings (``out_folder.check_same_settings``), or
+    when the pilot or every grid setting is missing."""
+    check_same_settings(cfg, out)
     from minimoe.compress.mechanism_report import write_mechanism_report
     from minimoe.compress.mechanism_stats import summarise_mechanism
 
@@ -249,10 +252,12 @@ def report_finished(cfg, out: Path) -> dict:
 
 
 def run_mechanism(cfg, out: Path, workers: int = 1, progress: bool = True) -> dict:
-    """The whole protocol (module docstring) into ``out``; returns the summary (see ``mechanism_stats``)."""
+    """The whole protocol (module docstring) into ``out``; returns the summary (see ``mechanism_stats``). Raises
+    ValueError when ``out`` holds a run made with other settings (``out_folder.claim``)."""
     from minimoe.compress.mechanism_report import write_mechanism_report
     from minimoe.compress.mechanism_stats import summarise_mechanism
 
+    claim(cfg, out)
     info = prepare(cfg, out, progress=progress)
     protocol_path = out / "protocol.json"
     protocol = json.loads(protocol_path.read_text()) if protocol_path.is_file() else {}
