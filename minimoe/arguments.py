@@ -23,19 +23,30 @@ import sys
 from pathlib import Path
 
 
-def whole_number(minimum: int):
-    """An ``int`` >= ``minimum``: ``whole_number(1)("0")`` raises "expected a whole number >= 1, got 0"."""
+def whole_number(minimum: int, maximum: int | None = None):
+    """An ``int`` >= ``minimum`` (and <= ``maximum`` when given): ``whole_number(1)("0")`` raises "expected a whole
+    number >= 1, got 0"."""
+    expected = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected a whole number {expected}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected a whole number {expected}, got {value}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = f"integer {expected}"
     return parse
+
+
+SEED_MAX = 2**32 - 1  # torch, numpy and the seed + 1 the commands derive all take it
+
+
+def seed_number(text: str) -> int:
+    """``--seed``: a whole number from 0 to ``SEED_MAX`` (a larger one overflows the generators' 64-bit seeds)."""
+    return whole_number(0, SEED_MAX)(text)
 
 
 def local_workers(text: str) -> int:
@@ -118,20 +129,28 @@ def fit_tokens_argument(text: str):
 
 
 def fit_processes_argument(text: str):
-    """--fit-processes: a whole number >= 1 or 'auto' (minimoe.placement.parallel_fits.auto_processes)."""
+    """--fit-processes: a whole number from 1 to this machine's CPU count, or 'auto'
+    (minimoe.placement.parallel_fits.auto_processes): more processes than cores only slows the fits."""
     if text == "auto":
         return text
     try:
-        return whole_number(1)(text)
+        value = whole_number(1)(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'auto', got {text!r}") from None
+    limit = os.cpu_count() or 1
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"expected at most {limit} processes (the CPU cores of this machine) or "
+                                         f"'auto', got {value}")
+    return value
 
 
-def check_output_file(flag: str, path: str, suffix: str | None = None) -> Path:
-    """Check that ``path`` can be written (by writing to it and removing what did not exist before)."""
+def check_output_file(flag: str, path: str, suffix: str | tuple[str, ...] | None = None) -> Path:
+    """Check that ``path`` can be written (by writing to it and removing what did not exist before); ``suffix``:
+    the file name ending expected, or a tuple of the endings accepted."""
     path = Path(path)
-    if suffix and path.suffix != suffix:
-        raise ValueError(f"{flag} {path}: expected a file name ending in {suffix}")
+    suffixes = (suffix,) if isinstance(suffix, str) else suffix
+    if suffixes and path.suffix not in suffixes:
+        raise ValueError(f"{flag} {path}: expected a file name ending in {' or '.join(suffixes)}")
     if path.is_dir():
         raise ValueError(f"{flag} {path}: is a folder, expected a file name")
     if not path.parent.is_dir():
@@ -196,6 +215,30 @@ def check_model_dir(flag: str, path: str | None) -> None:
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{flag} {path}: {config} is {'empty' if not text.strip() else 'not a JSON object'}: "
                          "expected a model's config")
+
+
+def check_moe_model_dir(flag: str, path: str) -> int:
+    """A minimoe model folder with MoE layers (``check_model_dir`` first): returns its expert count; raises
+    ValueError naming ``flag`` for a dense model (its config.json has no "moe" section)."""
+    check_model_dir(flag, path)
+    import json
+
+    moe = json.loads((Path(path) / "config.json").read_text()).get("moe")
+    if not isinstance(moe, dict) or not isinstance(moe.get("num_experts"), int):
+        raise ValueError(f"{flag} {path}: a dense model (its config.json has no \"moe\" section) has no experts to "
+                         "trace or place: expected a minimoe MoE checkpoint")
+    return moe["num_experts"]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def check_tokenizer_files(flag: str, folder: str) -> None:
+    """A transformers model folder holds its tokenizer: one of ``TOKENIZER_FILES`` (without one, AutoTokenizer
+    quietly builds a tokenizer with an empty vocabulary). Raises ValueError naming ``flag``."""
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{flag} {folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the model's "
+                         "tokenizer beside it (tokenizer.save_pretrained)")
 
 
 def progress(message: str) -> None:

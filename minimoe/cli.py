@@ -23,12 +23,10 @@ import sys
 from pathlib import Path
 
 from minimoe.arguments import (DEFAULT_TOPOLOGIES, OneLineParser, check_model_dir, check_output_file,
-                               fit_processes_argument, fit_tokens_argument, local_workers, number, output_dir,
-                               scheduler_address, thread_count,
-                               whole_number)
+                               check_tokenizer_files, fit_processes_argument, fit_tokens_argument, local_workers,
+                               number, output_dir, scheduler_address, seed_number, thread_count, whole_number)
 
 positive = whole_number(1)
-non_negative = whole_number(0)
 
 
 # ---- argument types that need a part (imported only when the flag is given) -----------------------------------
@@ -69,19 +67,24 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
-    from minimoe.data.train import preset, summarise, train
+    from minimoe.data.train import preset, resume_step, summarise, train
 
-    if args.resume and not (Path(args.out) / "trainer_state.pt").is_file():
-        raise ValueError(f"--resume: {args.out} holds no run to resume (no trainer_state.pt); drop --resume to "
-                         f"start a new run there")
+    model_config, train_config = preset(args.preset, out_dir=args.out, steps=args.steps, device=args.device,
+                                        seed=args.seed, bf16=args.bf16 or None)
+    if args.resume:
+        if not (Path(args.out) / "trainer_state.pt").is_file():
+            raise ValueError(f"--resume: {args.out} holds no run to resume (no trainer_state.pt); drop --resume to "
+                             f"start a new run there")
+        try:  # the same --preset, --seed and --bf16 as the saved run, and more --steps than it has done
+            resume_step(train_config)
+        except ValueError as error:
+            raise ValueError(f"--resume: {error}") from None
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA GPU is visible to torch on this machine")
-    with output_dir("--out", args.out) as out:
-        model_config, train_config = preset(args.preset, out_dir=str(out), steps=args.steps, device=args.device,
-                                            seed=args.seed, bf16=args.bf16 or None)
+    with output_dir("--out", args.out):
         log = train(model_config, train_config, resume=args.resume)
     print(summarise(log))
     print(f"checkpoint: {train_config.out_dir}")
@@ -89,12 +92,15 @@ def _train(args) -> int:
 
 
 def _trace(args) -> int:
-    from minimoe.traces.workload import BUNDLED_MODEL, corpus_prompts, minimoe_tokenize, record_workload, run_prompts
+    from minimoe.traces.workload import (BUNDLED_MODEL, check_run, corpus_prompts, minimoe_tokenize, record_workload,
+                                         run_prompts)
 
-    out = check_output_file("--out", args.out, ".parquet" if args.out.lower().endswith(".parquet") else ".npz")
-    check_model_dir("--model", args.model)
+    out = check_output_file("--out", args.out, (".npz", ".parquet"))
+    if args.model:
+        check_run("--model", args.model)
     if args.hf:
         check_model_dir("--hf", args.hf)
+        check_tokenizer_files("--hf", args.hf)
         texts, domains = corpus_prompts(args.requests_per_domain, seed=args.seed)
         from transformers import AutoTokenizer
 
@@ -106,7 +112,11 @@ def _trace(args) -> int:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ValueError(f"--hf {args.hf}: cannot load the checkpoint ({type(error).__name__}: {first[:200]})") \
                 from None
-        hf_tokenizer = AutoTokenizer.from_pretrained(args.hf, local_files_only=True)
+        try:
+            hf_tokenizer = AutoTokenizer.from_pretrained(args.hf, local_files_only=True)
+        except Exception as error:  # a damaged tokenizer file raises whatever its library raises
+            raise ValueError(f"--hf {args.hf}: cannot load the tokenizer ({type(error).__name__}: "
+                             f"{str(error).strip()[:200]})") from None
         tokenize = lambda text: hf_tokenizer(text)["input_ids"]  # noqa: E731
         name = f"hf:{args.hf}"
     else:
@@ -167,7 +177,7 @@ def _add_workload(parser, requests_default: int) -> None:
                         help="decode tokens recorded per request (default: %(default)s)")
     parser.add_argument("--temperature", metavar="T", type=number(0.0), default=0.7,
                         help="decode sampling temperature, 0 = greedy (default: %(default)s)")
-    parser.add_argument("--seed", metavar="N", type=non_negative, default=0,
+    parser.add_argument("--seed", metavar="N", type=seed_number, default=0,
                         help="seed of the prompts, sampling and baselines "
                                                              "(default: %(default)s)")
 
@@ -228,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "fresh recording of the bundled model.")
     _add_source(findings)
     _add_workload(findings, 500)
-    findings.add_argument("--save-trace", metavar="FILE", help="also save the recorded trace to this .npz file")
+    findings.add_argument("--save-trace", metavar="FILE", help="also save the recorded trace to this .npz file "
+                                                                "(not with --trace, which is a saved trace already)")
     findings.add_argument("--out", metavar="FILE", help="write the findings as JSON to this file")
     _add_threads(findings)
     findings.set_defaults(func=_command("minimoe.placement.commands", "findings_command"))
@@ -252,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", metavar="DIR", default="runs/tiny-moe", help="run folder (default: %(default)s)")
     train.add_argument("--steps", metavar="N", type=positive, default=None, help="override the preset's number of steps")
     train.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default: %(default)s)")
-    train.add_argument("--seed", metavar="N", type=non_negative, default=None, help="override the preset's seed (0)")
+    train.add_argument("--seed", metavar="N", type=seed_number, default=None, help="override the preset's seed (0)")
     train.add_argument("--bf16", action="store_true", help="autocast matmuls to bfloat16")
     train.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     _add_threads(train)
@@ -261,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a tiny Llama 3 for a few seconds, check it against transformers, "
                                        "generate text")
     demo.add_argument("--steps", metavar="N", type=positive, default=150, help="training steps (default: %(default)s)")
-    demo.add_argument("--seed", metavar="N", type=non_negative, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--seed", metavar="N", type=seed_number, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--out", metavar="DIR", default=None, help="folder to save the trained checkpoint to (optional)")
     _add_threads(demo)
     demo.set_defaults(func=_demo)
@@ -296,9 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command=argv[0], func=_forward(argv[0]), rest=argv[1:])
     else:
         args = build_parser().parse_args(argv)
-        if args.command is None:
-            build_parser().print_help()
-            return 0
+        if args.command is None:  # argparse's convention for a missing subcommand: the usage, status 2
+            build_parser().print_usage(sys.stderr)
+            print("minimoe: error: give a command, e.g. minimoe report (see 'minimoe --help')", file=sys.stderr)
+            return 2
         if getattr(args, "threads", None):
             import torch
 

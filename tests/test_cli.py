@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minimoe.cli import main
-from minimoe.traces import Trace
+from minimoe.traces import BUNDLED_MODEL, Trace
 
 
 def test_trace_then_findings_then_report_on_the_bundled_model(tmp_path, capsys):
@@ -37,3 +37,61 @@ def test_unknown_command_and_bad_arguments_fail_clearly(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["frobnicate"])
     assert stop.value.code == 2 and "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+def test_no_command_prints_the_usage_and_fails(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: minimoe") and "give a command" in err
+
+
+def run_folder(path, **changes):
+    """A copy of the bundled run in ``path`` (weights linked), with files replaced by ``changes``."""
+    path.mkdir()
+    for file in BUNDLED_MODEL.iterdir():
+        (path / file.name).symlink_to(file)
+    for name, text in changes.items():
+        (path / name.replace("_json", ".json")).unlink()
+        (path / name.replace("_json", ".json")).write_text(text)
+    return path
+
+
+def one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_dense_model_is_refused_by_every_command_that_needs_experts(tmp_path, capsys):
+    config = json.loads((BUNDLED_MODEL / "config.json").read_text())
+    dense = run_folder(tmp_path / "dense", config_json=json.dumps(dict(config, moe=None)))
+    for command in ("trace", "findings", "report"):
+        err = one_line_error(capsys, [command, "--model", str(dense), "--out", str(tmp_path / "out.npz")])
+        assert f"--model {dense}: a dense model" in err and "expected a minimoe MoE checkpoint" in err
+
+
+@pytest.mark.parametrize("changes, expected", [
+    (dict(tokenizer_json="garbage"), "tokenizer.json is not a readable tokenizer file"),
+    (dict(train_config_json="[]"), "train_config.json must hold a JSON object of training settings, got list"),
+    (dict(train_config_json="{}"), "train_config.json: unknown settings [], missing settings ['batch_size'"),
+    (dict(train_config_json="{"), "train_config.json is not valid JSON"),
+])
+def test_a_damaged_run_folder_is_named_in_one_line(tmp_path, capsys, changes, expected):
+    folder = run_folder(tmp_path / "run", **changes)
+    err = one_line_error(capsys, ["trace", "--model", str(folder), "--requests-per-domain", "2", "--new-tokens", "2",
+                                  "--out", str(tmp_path / "t.npz")])
+    assert str(folder) in err and expected in err
+
+
+def test_too_many_new_tokens_are_refused_before_recording(tmp_path, capsys):
+    err = one_line_error(capsys, ["trace", "--requests-per-domain", "2", "--new-tokens", "470",
+                                  "--out", str(tmp_path / "t.npz")])
+    assert err.startswith("minimoe trace: error: --new-tokens 470: the longest prompt has ")
+    assert "max_seq_len=512: expected --new-tokens" in err and "or fewer" in err and "recording" not in err
+
+
+def test_a_transformers_folder_without_tokenizer_files_is_named(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    err = one_line_error(capsys, ["trace", "--hf", str(tmp_path), "--out", str(tmp_path / "t.npz")])
+    assert f"--hf {tmp_path}: no tokenizer files (tokenizer.json, " in err

@@ -156,6 +156,31 @@ def test_the_command_reads_a_trace_and_writes_json(tmp_path, capsys):
         main(["findings", "--requests-per-domain", "1"])
 
 
+def test_tiny_traces_print_no_empty_interval_label_or_ratio():
+    one = planted(num_domains=1, requests_per_domain=1)
+    text = format_findings(findings(one))
+    assert ": 1 request (" in text and "1 requests" not in text
+    assert "all: bootstrap 2.5-97.5%    not measured: one request" in text
+    trace = planted(num_domains=2, requests_per_domain=4)
+    unlabelled = Trace(experts=trace.experts, request=trace.request, phase=trace.phase,
+                       domain=np.full(trace.num_tokens, ""), num_experts=trace.num_experts, top_k=trace.top_k)
+    text = format_findings(findings(unlabelled))
+    assert "8 requests ((empty label) 8)" in text and "\n  (empty label) (" in text
+    same = np.zeros_like(trace.experts)
+    same[..., 1] = 1  # every token of every domain routes to experts 0 and 1: every JS is 0
+    text = format_findings(findings(Trace(experts=same, request=trace.request, phase=trace.phase, domain=trace.domain,
+                                          num_experts=trace.num_experts, top_k=trace.top_k)))
+    assert "largest random-split JS 0.0000: ratio not measured (both are 0)" in text and "infinitely" not in text
+
+
+def test_save_trace_is_refused_with_a_saved_trace(tmp_path, capsys):
+    planted().save(tmp_path / "t.npz")
+    assert main(["findings", "--trace", str(tmp_path / "t.npz"), "--save-trace", str(tmp_path / "copy.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minimoe findings: error: --save-trace ") and "is a saved trace already" in err
+    assert err.count("\n") == 1 and not (tmp_path / "copy.npz").exists()
+
+
 def test_bad_input():
     with pytest.raises(TypeError, match="Trace"):
         findings("trace.npz")

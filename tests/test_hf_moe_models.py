@@ -1,5 +1,7 @@
 """Full MoE language models against transformers: Mixtral, Qwen3-MoE and OLMoE, both directions."""
 
+import json
+
 import pytest
 import torch
 from transformers import (MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen3MoeConfig,
@@ -237,3 +239,12 @@ def test_export_to_the_wrong_family_is_rejected():
     with pytest.raises(ValueError, match="a 'llama' model has no MoE layers"):
         to_hf(qwen, model_type="llama")
     assert to_hf(qwen).config.model_type == "qwen3_moe"  # the only family that holds it is found
+
+
+def test_a_config_routing_to_more_experts_than_it_has_is_named(tmp_path):
+    Qwen3MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, num_experts_per_tok=20)))
+    with pytest.raises(ValueError, match=r"config.json: num_experts_per_tok=20 is more than the 4 experts "
+                                         r"\(num_(local_)?experts=4\); expected at most 4"):
+        load_hf(tmp_path)

@@ -65,7 +65,7 @@ def test_config_json_round_trip_and_strictness(tmp_path):
         ModelConfig.load(path)
     del data["rms_norm_eps"]
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"unknown keys \[\], missing keys \['rms_norm_eps'\]"):
+    with pytest.raises(ValueError, match=r"config.json: model config: unknown keys \[\], missing keys \['rms_norm_eps'\]"):
         ModelConfig.load(path)
     path.write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):

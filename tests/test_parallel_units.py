@@ -289,6 +289,14 @@ def test_the_command_refuses_nccl_without_cuda_and_an_unwritable_json_before_run
         ep_demo(["--json", str(tmp_path / "no_such_dir" / "x.json")])
 
 
+def test_the_command_refuses_a_dense_model_and_a_top_k_above_the_experts(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "moe": None}))
+    with pytest.raises(ValueError, match=f"--model {tmp_path}: a dense model .* has no experts to trace or place"):
+        ep_demo(["--model", str(tmp_path)])
+    with pytest.raises(ValueError, match="--top-k 99: a token picks top_k of the --experts 16: expected at most 16"):
+        ep_demo(["--top-k", "99"])
+
+
 def test_the_command_replays_a_parquet_trace_as_its_npz(capsys, tmp_path):
     from minimoe.traces.parquet import write_parquet
 

@@ -143,7 +143,9 @@ def test_saving_is_zero_for_contiguous_and_at_most_100_percent(seed, top_k, shap
     (["report", "--window", "8", "--new-tokens", "8"], "--window 8 must be smaller than --new-tokens 8"),
     (["report", "--topologies", "8x8"], "8x8 has 64 GPUs, which cannot hold 32 experts evenly"),
     (["trace", "--new-tokens", "0"], "argument --new-tokens: expected a whole number >= 1, got 0"),
-    (["trace", "--out", "trace.txt"], "--out trace.txt: expected a file name ending in .npz"),
+    (["trace", "--out", "trace.txt"], "--out trace.txt: expected a file name ending in .npz or .parquet"),
+    (["demo", "--seed", str(2**64)], "argument --seed: expected a whole number from 0 to 4294967295"),
+    (["report", "--fit-processes", "100000"], "argument --fit-processes: expected at most"),
     (["findings", "--requests-per-domain", "1"], "expected a whole number >= 2, got 1"),
     (["demo", "--steps", "-3"], "argument --steps: expected a whole number >= 1, got -3"),
     (["train", "--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
@@ -181,7 +183,8 @@ def test_a_failed_report_leaves_no_empty_output_folder(tmp_path, capsys):
     base_trace().save(tmp_path / "t.npz")
     status, _, err = run(capsys, "report", "--trace", tmp_path / "t.npz", "--window", "50",
                          "--out", tmp_path / "new" / "report")
-    assert status == 2 and "--window 50: no decode token lies after the online window" in err
+    assert status == 2 and "--window 50: no decode token lies after the online window of 50 tokens" in err
+    assert err.count("no decode token") == 1
     assert "use a window of at most 11" in err and not (tmp_path / "new").exists()
 
 
@@ -191,6 +194,42 @@ def test_a_topology_the_trace_cannot_fill_is_refused_by_name(tmp_path, capsys):
         status, out, err = run(capsys, "report", "--trace", tmp_path / "t.npz", "--topologies", f"2x2,{topology}",
                                "--out", tmp_path / "r")
         assert status == 2 and f"{topology} has 32 GPUs, which cannot hold 16 experts evenly" in err and not out
+
+
+def test_the_suggested_topology_holds_the_experts(tmp_path, capsys):
+    from minimoe.placement.commands import suggested_topology
+
+    for experts, expected in ((3, "3x1"), (6, "2x3"), (9, "3x3"), (12, "2x2"), (1, None)):
+        assert suggested_topology(experts) == expected
+        assert expected is None or not Topology.parse(expected).fits(experts)
+    base_trace(num_experts=3, top_k=1).save(tmp_path / "t.npz")
+    status, _, err = run(capsys, "report", "--trace", tmp_path / "t.npz", "--out", tmp_path / "r")
+    assert status == 2 and err.endswith("divides the expert count, e.g. --topologies 3x1\n")
+
+
+def test_drift_runs_on_a_requested_topology_and_says_which(tmp_path, capsys):
+    trace = planted_trace(num_domains=4, experts_per_domain=4, num_requests=64, tokens_per_request=24)
+    names = np.array(["code", "math", "chat", "general"])[[int(d[-1]) for d in trace.domain]]
+    relabel(trace, domain=names).save(tmp_path / "t.npz")
+    for topologies, expected in (("1x2,2x2", "Drift at 1x2, the first topology compared"),
+                                 ("2x2,4x2", "Drift at 4x2, the reference topology")):
+        status, out, err = run(capsys, "report", "--trace", tmp_path / "t.npz", "--topologies", topologies,
+                               "--out", tmp_path / "r")
+        assert status == 0 and expected in out, err
+
+
+def test_a_reused_output_folder_keeps_no_placement_of_an_earlier_report(tmp_path, capsys):
+    base_trace().save(tmp_path / "t.npz")
+    (tmp_path / "r").mkdir()
+    for name in ("placement-8x8.json", "placement-4x2-placement-only.json", "placement-notes.json"):
+        (tmp_path / "r" / name).write_text("{}")
+    status, out, err = run(capsys, "report", "--trace", tmp_path / "t.npz", "--topologies", "2x2",
+                           "--out", tmp_path / "r")
+    assert status == 0, err
+    assert f"removed placement-4x2-placement-only.json, placement-8x8.json from {tmp_path / 'r'}" in out
+    left = sorted(p.name for p in (tmp_path / "r").glob("placement-*"))
+    assert "placement-2x2.json" in left and "placement-notes.json" in left  # not the report's name: kept
+    assert not any(name.startswith(("placement-8x8", "placement-4x2")) for name in left)
 
 
 def test_a_trace_file_that_is_not_a_trace_names_the_file(tmp_path, capsys):

@@ -206,7 +206,7 @@ WIDE_META = META_ONLY + '{"type": "route", "req_id": 0, "token_idx": 0, "layer":
     (["import", "wide.jsonl", "--out", "t.npz"], "line 1: the meta record says top_k=2, but no route record lists "
                                                  "more than 1 expert ids"),
     (["trace", "--model", "empty", "--out", "t.npz"], "--model empty: empty/config.json is empty"),
-    (["report", "--seed", "-1"], "argument --seed: expected a whole number >= 0, got -1"),
+    (["report", "--seed", "-1"], "argument --seed: expected a whole number from 0 to 4294967295, got -1"),
     (["report", "--new-tokens", "1"], "--new-tokens 1: the report fits on the first decode tokens"),
     (["report", "--threads", "999"], "argument --threads: expected at most"),
     (["import", "wide.jsonl", "--out", "x.txt"], "--out x.txt: a trace file ends in .npz"),

@@ -9,7 +9,9 @@ import torch
 
 from minimoe.model import ModelConfig, Transformer
 from minimoe.model import MoEConfig
-from minimoe.data.train import PRESETS, TrainConfig, learning_rate, preset, train, validation_losses
+from minimoe.cli import main
+from minimoe.data.train import (PRESETS, TrainConfig, learning_rate, load_train_config, preset, summarise, train,
+                                validation_losses)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "checkpoints" / "moe-4domain"
@@ -50,6 +52,40 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     b = Transformer.load(tmp_path / "resumed").state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resume_refuses_other_settings_and_a_run_that_is_already_done(tmp_path, capsys):
+    train(TINY_MODEL, tiny_run(tmp_path, 3), progress=False)
+    saved = (tmp_path / "train_config.json").read_text()
+    with pytest.raises(ValueError, match=r"with seed=1: the saved run has seed=0 \(.*train_config.json\)"):
+        train(TINY_MODEL, tiny_run(tmp_path, 6, seed=1), resume=True, progress=False)
+    with pytest.raises(ValueError, match="is already at step 3: resuming with steps=3 trains nothing"):
+        train(TINY_MODEL, tiny_run(tmp_path, 3), resume=True, progress=False)
+    assert main(["train", "--resume", "--preset", "shipped", "--steps", "6", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"minimoe train: error: --resume: cannot resume {tmp_path} with batch_size=32: the saved run has "
+                   f"batch_size=4 ({tmp_path / 'train_config.json'}); only steps and device may change\n")
+    assert (tmp_path / "train_config.json").read_text() == saved  # nothing of the run was rewritten
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[]", "must hold a JSON object of training settings, got list"),
+    ("{}", "missing settings \\['batch_size'"),
+    ("{", "is not valid JSON"),
+    (None, "no such file: .* is not a minimoe training run"),
+])
+def test_a_damaged_train_config_names_the_file(tmp_path, text, message):
+    if text is not None:
+        (tmp_path / "train_config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"train_config.json.*{message}"):
+        load_train_config(tmp_path)
+
+
+def test_summary_of_a_short_run_gives_its_first_and_last_step():
+    log = {"train_loss": [7.5, 7.25, 7.0], "eval": []}
+    assert summarise(log).startswith("3 steps, train loss 7.500 (step 1) -> 7.000 (step 3);")
+    log = {"train_loss": [2.0] * 10 + [1.0] * 10, "eval": []}
+    assert summarise(log).startswith("20 steps, train loss 2.000 -> 1.000 (means of 10 steps);")
 
 
 def test_learning_rate_schedule():

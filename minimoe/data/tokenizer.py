@@ -73,13 +73,17 @@ def save_tokenizer(tokenizer: Tokenizer, path) -> Path:
 
 
 def load_tokenizer(path) -> Tokenizer:
-    """Read a tokenizer.json written by `save_tokenizer` (or a directory holding one)."""
+    """Read a tokenizer.json written by `save_tokenizer` (or a directory holding one). Raises FileNotFoundError
+    when there is none, ValueError when it is damaged or not a minimoe tokenizer."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}")
-    tokenizer = Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # the tokenizers library raises a bare Exception for a damaged file
+        raise ValueError(f"{path} is not a readable tokenizer file ({str(error).strip()[:200]})") from None
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != expected_id:
             raise ValueError(f"{path}: special token {token!r} should have id {expected_id}, "

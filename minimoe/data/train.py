@@ -69,6 +69,49 @@ class TrainConfig:
             raise ValueError(f"warmup and eval_batches must be >= 0, got {self.warmup}, {self.eval_batches}")
 
 
+def load_train_config(run_dir) -> TrainConfig:
+    """The TrainConfig saved in ``run_dir``/train_config.json. Raises ValueError naming the file when it is
+    missing (not a minimoe training run), not JSON, not an object, or lacks or adds a setting."""
+    path = Path(run_dir) / "train_config.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file: {run_dir} is not a minimoe training run (minimoe train writes it)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object of training settings, got {type(data).__name__}")
+    names = {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown, missing = sorted(set(data) - names), sorted(names - set(data))
+    if unknown or missing:
+        raise ValueError(f"{path}: unknown settings {unknown}, missing settings {missing}")
+    try:
+        return TrainConfig(**data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+CHANGEABLE_ON_RESUME = ("out_dir", "steps", "device")  # the others decide the data order and the schedule
+
+
+def resume_step(cfg: TrainConfig) -> int:
+    """The step the run in ``cfg.out_dir`` stopped at. Raises ValueError when a setting of ``cfg`` other than
+    ``CHANGEABLE_ON_RESUME`` differs from the saved run's (the model, data order and schedule would mix two runs),
+    or when the run is already at ``cfg.steps`` or beyond."""
+    out = Path(cfg.out_dir)
+    saved = load_train_config(out)
+    for field in dataclasses.fields(TrainConfig):
+        old, new = getattr(saved, field.name), getattr(cfg, field.name)
+        if field.name not in CHANGEABLE_ON_RESUME and old != new:
+            raise ValueError(f"cannot resume {out} with {field.name}={new!r}: the saved run has {field.name}="
+                             f"{old!r} ({out / 'train_config.json'}); only steps and device may change")
+    step = int(torch.load(out / "trainer_state.pt", map_location="cpu", weights_only=True)["step"])
+    if step >= cfg.steps:
+        raise ValueError(f"{out} is already at step {step}: resuming with steps={cfg.steps} trains nothing; "
+                         f"give more than {step} steps")
+    return step
+
+
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -112,8 +155,12 @@ def evaluate(model: Transformer, batches: dict[str, list], device, max_batches: 
 
 
 def train(model_config: ModelConfig, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) a run in ``cfg.out_dir``; returns the log (losses per step and evaluation)."""
+    """Train (or resume) a run in ``cfg.out_dir``; returns the log (losses per step and evaluation). Resuming
+    raises ValueError when the settings differ from the saved run's or it already reached ``cfg.steps``
+    (``resume_step``)."""
     out = Path(cfg.out_dir)
+    state_path = out / "trainer_state.pt"
+    start_step = resume_step(cfg) if resume and state_path.is_file() else 0
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tokenizer, data, _ = prepare_data(cfg, out / "tokenizer.json" if resume else None)
@@ -122,19 +169,15 @@ def train(model_config: ModelConfig, cfg: TrainConfig, resume: bool = False, pro
         model_config = dataclasses.replace(model_config, vocab_size=tokenizer.get_vocab_size())
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
-    state_path = out / "trainer_state.pt"
-    if resume and state_path.is_file():
+    if start_step:
         model = Transformer.load(out, device=cfg.device)
         log = json.loads((out / "log.json").read_text())
     else:
         model = Transformer(model_config).to(cfg.device)
         log = {"train_loss": [], "eval": [], "tokens_per_second": None}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start_step = 0
-    if resume and state_path.is_file():
-        state = torch.load(state_path, map_location=cfg.device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
+    if start_step:
+        optimizer.load_state_dict(torch.load(state_path, map_location=cfg.device, weights_only=True)["optimizer"])
 
     train_tokens, train_domains = data["train"]
     batches = batch_iterator(train_tokens, train_domains, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
@@ -199,16 +242,23 @@ def load_token_arrays(path: Path) -> tuple[list[np.ndarray], list[str]]:
 def validation_losses(run_dir, device="cpu") -> dict:
     """Per-domain loss of a saved run on its whole validation split (the numbers a run reports)."""
     run_dir = Path(run_dir)
-    cfg = TrainConfig(**json.loads((run_dir / "train_config.json").read_text()))
+    cfg = load_train_config(run_dir)
     model = Transformer.load(run_dir, device=device)
     batches = validation_batches(*load_token_arrays(run_dir / "validation_tokens.npz"), cfg.seq_len, cfg.batch_size)
     return evaluate(model, batches, device, 0)
 
 
 def summarise(log: dict) -> str:
+    """One line: the steps, the train loss at the start and the end (the mean of the first and of the last 10
+    steps; for a run under 20 steps, whose windows would overlap, the first and the last step's) and the last
+    validation losses."""
     last = log["eval"][-1] if log["eval"] else {}
     losses = np.asarray(log["train_loss"])
-    return (f"{len(losses)} steps, train loss {losses[:10].mean():.3f} -> {losses[-10:].mean():.3f}; "
+    if len(losses) >= 20:
+        train_loss = f"train loss {losses[:10].mean():.3f} -> {losses[-10:].mean():.3f} (means of 10 steps)"
+    else:
+        train_loss = f"train loss {losses[0]:.3f} (step 1) -> {losses[-1]:.3f} (step {len(losses)})"
+    return (f"{len(losses)} steps, {train_loss}; "
             "validation " + ", ".join(f"{d} {last[d]:.3f}" for d in DOMAINS if d in last))
 
 

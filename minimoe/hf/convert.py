@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -202,14 +203,38 @@ def state_to_hf(model: Transformer, model_type: str | None = None) -> dict[str, 
 
 
 def load_hf(path, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` on a local directory only (never the hub)."""
-    from pathlib import Path
-
+    """``AutoModelForCausalLM.from_pretrained`` on a local directory only (never the hub). Raises
+    FileNotFoundError for a path that is not a folder, ValueError for a config that routes to more experts than
+    it has (``check_routing_config``)."""
     from transformers import AutoModelForCausalLM
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path} is not a local directory holding a transformers checkpoint")
+    check_routing_config(Path(path) / "config.json")
     return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # the families' names for it
+
+
+def check_routing_config(path) -> None:
+    """A transformers config.json routes to no more experts than it has: raises ValueError naming the file when
+    ``num_experts_per_tok`` exceeds the expert count (the router's top-k would fail mid-forward)."""
+    import json
+
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return  # a missing or damaged file is reported by from_pretrained
+    if not isinstance(config, dict):
+        return
+    config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    top_k = config.get("num_experts_per_tok")
+    for key in EXPERT_COUNT_KEYS:
+        count = config.get(key)
+        if isinstance(top_k, int) and isinstance(count, int) and count > 0 and top_k > count:
+            raise ValueError(f"{path}: num_experts_per_tok={top_k} is more than the {count} experts ({key}={count}); "
+                             f"expected at most {count}")
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -108,13 +108,17 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path) -> "ModelConfig":
+        """Read a config.json; raises ValueError naming ``path`` when it is not JSON or not a valid config."""
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as error:  # a missing or unknown key, or a value of the wrong kind
+            raise ValueError(f"{path}: {error}") from None
 
 
 class Block(nn.Module):

@@ -34,7 +34,7 @@ import os
 import numpy as np
 import torch
 
-from minimoe.arguments import OneLineParser, check_output_file, number, whole_number
+from minimoe.arguments import OneLineParser, check_moe_model_dir, check_output_file, number, seed_number, whole_number
 from minimoe.parallel.comm import DEFAULT_TIMEOUT_S, all_reduce_sum, destroy_process_group, group_rank_size, \
     init_process_group
 from minimoe.parallel.counters import TrafficCounters
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before a collective gives up (default: %(default)s)")
     p.add_argument("--threads", type=_positive, default=1,
                    help="CPU threads per rank (default: %(default)s; the ranks share the machine's cores)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--seed", type=seed_number, default=0, help="(default: %(default)s)")
     p.add_argument("--json", help="rank 0 writes the results here as JSON")
     return p
 
@@ -328,6 +328,11 @@ def _main(argv: list[str] | None = None) -> int:
     if args.model and args.model != "bundled" and not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r}: no such directory (expected a minimoe checkpoint "
                                 "or 'bundled')")
+    if args.model and args.model != "bundled":
+        check_moe_model_dir("--model", args.model)
+    if not (args.model or args.trace) and args.top_k > args.experts:
+        raise ValueError(f"--top-k {args.top_k}: a token picks top_k of the --experts {args.experts}: expected at most "
+                         f"{args.experts}")
     if args.backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("--backend nccl: NCCL needs CUDA GPUs and none is visible here; use --backend gloo "
                          "(CPU) or auto")

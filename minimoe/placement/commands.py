@@ -12,11 +12,21 @@ plus the deployable placement files in ``--out``. A load-only trace gets what co
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from minimoe.arguments import (DEFAULT_TOPOLOGIES, check_input_file, check_model_dir, check_output_file,
+from minimoe.arguments import (DEFAULT_TOPOLOGIES, check_input_file, check_moe_model_dir, check_output_file,
                                output_dir, progress)
 from minimoe.placement.topology import Topology
+
+
+def check_source_model(args) -> None:
+    """Without --trace, the run folder to record (--model, default: the bundled one) must be a minimoe MoE run
+    with its train_config.json (``minimoe.traces.workload.check_run``); raises ValueError naming --model."""
+    if not args.trace:
+        from minimoe.traces.workload import BUNDLED_MODEL, check_run
+
+        check_run("--model", args.model or BUNDLED_MODEL)
 
 
 def load_or_record(args, say=progress):
@@ -47,6 +57,10 @@ def findings_command(args) -> int:
     from minimoe.traces.format import Trace
 
     check_input_file("--trace", args.trace)
+    if args.save_trace and args.trace:
+        raise ValueError(f"--save-trace {args.save_trace}: --trace {args.trace} is a saved trace already; "
+                         "--save-trace saves a recording (of --model or the bundled model)")
+    check_source_model(args)
     out = check_output_file("--out", args.out, ".json") if args.out else None
     save = check_output_file("--save-trace", args.save_trace, ".npz") if args.save_trace else None
     trace = load_or_record(args)
@@ -73,6 +87,18 @@ def findings_command(args) -> int:
     return 0
 
 
+def suggested_topology(num_experts: int) -> str | None:
+    """A small cluster of at least 2 nodes whose GPUs hold ``num_experts`` evenly: the smallest divisor of the
+    expert count as nodes, the smallest divisor of the rest as GPUs per node (1 if none); None for 1 expert."""
+    def smallest_divisor(n: int) -> int | None:
+        return next((d for d in range(2, n + 1) if n % d == 0), None)
+
+    nodes = smallest_divisor(num_experts)
+    if nodes is None:
+        return None
+    return f"{nodes}x{smallest_divisor(num_experts // nodes) or 1}"
+
+
 def fitting_topologies(args, num_experts: int, check, say=None) -> list:
     """The topologies to compare: those the user named (all must fit ``num_experts``), else the defaults that
     fit (a model with 60 experts cannot fill 8 GPUs evenly; the ones skipped are said)."""
@@ -85,8 +111,10 @@ def fitting_topologies(args, num_experts: int, check, say=None) -> list:
     defaults = [Topology.parse(part) for part in DEFAULT_TOPOLOGIES.split(",")]
     kept = [t for t in defaults if not t.fits(num_experts)]
     if not kept:
+        example = suggested_topology(num_experts)
         raise ValueError(f"--topologies: none of the defaults {DEFAULT_TOPOLOGIES} holds {num_experts} experts evenly; "
-                         "name clusters whose GPU count divides the expert count, e.g. --topologies 2x2")
+                         "name clusters whose GPU count divides the expert count"
+                         + (f", e.g. --topologies {example}" if example else ""))
     if say and len(kept) < len(defaults):
         say(f"skipping {', '.join(str(t) for t in defaults if t not in kept)}: their GPUs cannot hold "
             f"{num_experts} experts evenly (name clusters with --topologies)")
@@ -95,13 +123,26 @@ def fitting_topologies(args, num_experts: int, check, say=None) -> list:
 
 def report_command(args) -> int:
     check_input_file("--trace", args.trace)
-    check_model_dir("--model", args.model)
+    check_source_model(args)
     if (args.workers or args.scheduler) and not (args.trace and args.trace.lower().endswith(".parquet")):
         flag = "--workers" if args.workers else "--scheduler"
         raise ValueError(f"{flag}: Dask workers read the trace from a Parquet file; give --trace FILE.parquet "
                          f"(minimoe import trace.npz --out trace.parquet converts one)")
     with output_dir("--out", args.out) as out:
         return _report_into(args, out)
+
+
+PLACEMENT_FILE = re.compile(r"placement-\d+x\d+(-placement-only)?\.json")  # the names the report writes
+
+
+def remove_stale_placements(out: Path, written) -> None:
+    """Remove the placement files (``PLACEMENT_FILE``) an earlier report left in ``out`` that this run did not
+    write, so that none of them can be deployed as this report's; says which were removed."""
+    stale = sorted(p.name for p in out.iterdir() if PLACEMENT_FILE.fullmatch(p.name) and p.name not in written)
+    for name in stale:
+        (out / name).unlink()
+    if stale:
+        print(f"removed {', '.join(stale)} from {out}: an earlier report's placements, not measured by this one")
 
 
 def _engine(args):
@@ -124,10 +165,7 @@ def _report_into(args, out: Path) -> int:
     if not args.trace:  # check what can be checked before recording for minutes
         from minimoe.traces.workload import BUNDLED_MODEL
 
-        config = json.loads((Path(args.model or BUNDLED_MODEL) / "config.json").read_text())
-        num_experts = (config.get("moe") or {}).get("num_experts")
-        if num_experts is None:
-            raise ValueError(f"--model {args.model}: a dense model has no experts to place")
+        num_experts = check_moe_model_dir("--model", str(args.model or BUNDLED_MODEL))
         fitting_topologies(args, num_experts, check_topologies)
         if args.new_tokens < 2:
             raise ValueError(f"--new-tokens {args.new_tokens}: the report fits on the first decode tokens of each "
@@ -150,6 +188,7 @@ def _report_into(args, out: Path) -> int:
         (out / "report.txt").write_text(text + "\n")
         (out / "report.json").write_text(json.dumps(json_ready(result), indent=1) + "\n")
         write_text_html(out / "report.html", "minimoe report (load counts)", text)
+        remove_stale_placements(out, placements)
         names = ("report.html", "report.txt", "report.json", *placements)
         print(f"\nwrote {', '.join(str(out / n) for n in names)} in {time.perf_counter() - started:.0f} s")
         return 0
@@ -174,6 +213,7 @@ def _report_into(args, out: Path) -> int:
     (out / "report.txt").write_text(text + "\n")
     (out / "report.json").write_text(json.dumps(json_ready(result), indent=1) + "\n")
     write_html(out / "report.html", result, text)
+    remove_stale_placements(out, placements)
     written = ", ".join(str(out / name) for name in ("report.html", "report.txt", "report.json", *placements)
                         + (() if args.trace else ("trace.npz",)))
     print(f"\nwrote {written} in {time.perf_counter() - started:.0f} s")

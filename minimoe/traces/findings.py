@@ -304,29 +304,52 @@ def findings_of_stats(stats: TraceStats, seed: int = 0, num_splits: int = 100, n
 
 
 # ---- the printed table ---------------------------------------------------------------------------------------
+def _versus_baseline(domain: dict) -> str:
+    """The smallest between-domain JS next to the largest random-split JS, with their ratio when it has one."""
+    between, baseline = domain["between_min"], domain["baseline_max"]
+    if baseline > 0:
+        return f"smallest between-domain JS {between:.4f} = {between / baseline:.1f}x the largest random-split JS " \
+               f"{baseline:.4f}"
+    why = "both are 0" if between == 0 else "the baseline is 0"
+    return f"smallest between-domain JS {between:.4f}, largest random-split JS {baseline:.4f}: ratio not measured " \
+           f"({why})"
+
+
 def _row(label: str, values, fmt: str = "{:6.3f}", extra: str = "") -> str:
     return f"  {label:<26s}" + "".join(f"  {fmt.format(v):>13s}" for v in values) + (f"   {extra}" if extra else "")
+
+
+def _requests(count: int) -> str:
+    return f"{count:,} request" + ("" if count == 1 else "s")
+
+
+def _label(domain: str) -> str:
+    """A domain label as printed: an empty one is shown as such, not as blank space."""
+    return domain or "(empty label)"
 
 
 def format_findings(result: dict) -> str:
     """The findings as a plain-text table (what ``minimoe findings`` prints)."""
     info, imbalance, domain, paired = result["trace"], result["imbalance"], result["domain"], result["prefill_decode"]
     layers = range(info["layers"])
-    domains = ", ".join(f"{d} {n}" for d, n in info["requests_per_domain"].items())
+    domains = ", ".join(f"{_label(d)} {n}" for d, n in info["requests_per_domain"].items())
     phases = (f"{info['prefill_tokens']:,} prefill, {info['decode_tokens']:,} decode"
               if info["prefill_tokens"] + info["decode_tokens"] else "phases unknown")
-    lines = [f"trace {info['model'] or '(unnamed)'}: {info['requests']:,} requests" + (f" ({domains})" if domains
-                                                                                         else "") + ", "
+    lines = [f"trace {info['model'] or '(unnamed)'}: {_requests(info['requests'])}" + (f" ({domains})" if domains
+                                                                                          else "") + ", "
              f"{info['tokens']:,} tokens ({phases}), "
              f"{info['layers']} MoE layers, {info['experts']} experts, top-{info['top_k']}", ""]
     header = _row("", [f"layer {l}" for l in layers], "{}", "uniform routing, same tokens")
     groups = imbalance["groups"]
     lines += ["(a) Load imbalance per layer (max/mean load; 1 = balanced)", header]
     for name, group in groups.items():
-        lines.append(_row(f"{name} ({group['tokens']:,} tok)", group["max_over_mean"], extra=
+        lines.append(_row(f"{_label(name)} ({group['tokens']:,} tok)", group["max_over_mean"], extra=
                           f"{group['uniform']['max_over_mean']:.3f} (p95 {group['uniform']['max_over_mean_p95']:.3f})"))
     low, high = groups["all"]["max_over_mean_ci"]
-    lines.append(_row("all: bootstrap 2.5-97.5%", [f"{a:.2f}-{b:.2f}" for a, b in zip(low, high)], "{}"))
+    if info["requests"] < 2:  # resampling one request gives it back every time: no interval
+        lines.append(f"  {'all: bootstrap 2.5-97.5%':<26s}  not measured: one request")
+    else:
+        lines.append(_row("all: bootstrap 2.5-97.5%", [f"{a:.2f}-{b:.2f}" for a, b in zip(low, high)], "{}"))
     for stat, label in (("gini", "Gini"), ("entropy", "entropy / log E")):
         lines.append(_row(f"all: {label}", groups["all"][stat], extra=f"{groups['all']['uniform'][stat]:.3f}"))
     lines.append(_row("all: hottest expert", groups["all"]["hottest_expert"], "{}"))
@@ -349,15 +372,13 @@ def format_findings(result: dict) -> str:
         lines.append(_row(f"random halves: max", per_layer["max"], "{:6.4f}",
                           f"{domain['baseline_max']:.4f}  ({domain['num_splits']} splits of "
                           + ", ".join(domain["baseline_domains"]) + ")"))
-        ratio = (f"{domain['between_min'] / domain['baseline_max']:.1f}x" if domain["baseline_max"] > 0
-                 else "infinitely above")
-        lines += [f"  -> smallest between-domain JS {domain['between_min']:.4f} = {ratio} the largest random-split "
-                  f"JS {domain['baseline_max']:.4f}; above the baseline in every layer: {domain['above_baseline']}", ""]
+        lines += [f"  -> {_versus_baseline(domain)}; above the baseline in every layer: {domain['above_baseline']}",
+                  ""]
     if "unavailable" in paired:
         lines.append(f"(c) Prefill predicts decode: not measured: {paired['unavailable']}")
         return "\n".join(lines)
     lines += [f"(c) Prefill predicts decode: Pearson r of each request's prefill and decode expert histograms "
-              f"({paired['requests']:,} requests)",
+              f"({_requests(paired['requests'])})",
               f"  {'':<26s}  {'mean':>8s}  {'median':>8s}  {'p95':>8s}  {'max mean':>8s}   requests above p95"]
     matched = paired["matched"]
     lines.append(f"  {'matched (own decode)':<26s}  {matched['mean']:8.3f}  {matched['median']:8.3f}")

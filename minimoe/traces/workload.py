@@ -13,7 +13,6 @@ script, the placement experiments and ``minimoe report`` start from.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +68,18 @@ def record_workload(model, tokenize, texts: list[str], domains: list[str], max_n
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:
         raise ValueError(f"prompts {empty[:5]} tokenise to nothing")
+    check_length(model, max(len(p) for p in prompts), max_new_tokens)
     return record(model, prompts, max_new_tokens, domains, batch_size=batch_size, name=name,
                   temperature=temperature, top_p=top_p, seed=seed, progress=progress)
+
+
+def check_length(model, longest_prompt: int, max_new_tokens: int) -> None:
+    """Raises ValueError naming --new-tokens and the largest allowed value when the longest prompt and its
+    decode tokens exceed a minimoe model's ``max_seq_len`` (a transformers model has no such limit here)."""
+    limit = getattr(model.config, "max_seq_len", None)
+    if limit is not None and longest_prompt + max_new_tokens > limit:
+        raise ValueError(f"--new-tokens {max_new_tokens}: the longest prompt has {longest_prompt} tokens and the model "
+                         f"reads at most max_seq_len={limit}: expected --new-tokens {limit - longest_prompt} or fewer")
 
 
 def minimoe_tokenize(model_dir):
@@ -82,11 +91,27 @@ def minimoe_tokenize(model_dir):
     return lambda text: [bos] + tokenizer.encode(text, add_special_tokens=False).ids
 
 
+def check_run(flag: str, model_dir) -> None:
+    """A minimoe training run whose workload can be recorded: an MoE checkpoint (``check_moe_model_dir``) with
+    the train_config.json that names its corpus. Raises ValueError naming ``flag`` and what is wrong."""
+    from minimoe.arguments import check_moe_model_dir
+    from minimoe.data.train import load_train_config
+
+    check_moe_model_dir(flag, str(model_dir))
+    try:
+        load_train_config(model_dir)
+    except ValueError as error:
+        raise ValueError(f"{flag} {model_dir}: {error}") from None
+
+
 def run_prompts(model_dir, num_per_domain: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Held-out prompts for a minimoe run directory: the test split of the corpus that run trained on."""
-    train_config = json.loads((Path(model_dir) / "train_config.json").read_text())
-    return corpus_prompts(num_per_domain, seed=seed, corpus_seed=train_config["seed"],
-                          max_chars_per_domain=train_config["max_chars_per_domain"])
+    """Held-out prompts for a minimoe run directory: the test split of the corpus that run trained on. Raises
+    ValueError when its train_config.json is missing or damaged (``load_train_config``)."""
+    from minimoe.data.train import load_train_config
+
+    train_config = load_train_config(model_dir)
+    return corpus_prompts(num_per_domain, seed=seed, corpus_seed=train_config.seed,
+                          max_chars_per_domain=train_config.max_chars_per_domain)
 
 
 def bundled_trace(num_per_domain: int = 500, max_new_tokens: int = 32, seed: int = 0, model_dir=BUNDLED_MODEL,
