@@ -254,12 +254,14 @@ def _launch_workers(cfg: ExperimentConfig, out: Path, workers: int, config_path:
         processes.append(subprocess.Popen(command, env=env))
     failed = [p.args for p in processes if p.wait() != 0]
     if failed:
-        raise RuntimeError(f"{len(failed)} worker(s) failed, first: {' '.join(failed[0])}")
+        raise ChildProcessError(f"{len(failed)} worker(s) failed (their errors are printed above), first: "
+                                f"{' '.join(failed[0])}")
 
 
 def run(cfg: ExperimentConfig, out: Path, workers: int = 1, progress: bool = True) -> dict:
     """Prepare, train every setting not yet finished in ``out`` and report them; returns the summary. Raises
-    ValueError when ``out`` holds a run made with other settings (``out_folder.claim``)."""
+    ValueError when ``out`` holds a run made with other settings (``out_folder.claim``), ChildProcessError when a
+    worker process fails."""
     claim(cfg, out)
     (out / "runs").mkdir(exist_ok=True)
     config_path = out / "experiment_config.json"

@@ -216,8 +216,8 @@ def run_stage(cfg, out: Path, name: str, specs: list[dict], workers: int, progre
             processes.append(subprocess.Popen(command, env=env))
         failed = [p for p in processes if p.wait() != 0]
         if failed:
-            raise RuntimeError(f"{len(failed)} of {workers} workers failed in stage {name}: "
-                               f"{' '.join(map(str, failed[0].args))}")
+            raise ChildProcessError(f"{len(failed)} of {workers} workers failed in stage {name} (their errors are "
+                                    f"printed above): {' '.join(map(str, failed[0].args))}")
     results = finished(out, specs)
     if len(results) != len(specs):
         raise RuntimeError(f"stage {name}: {len(specs) - len(results)} of {len(specs)} settings left no result")
