@@ -67,15 +67,25 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
-    from minimoe.data.train import preset, resume_step, summarise, train
+    from minimoe.data.train import preset, resume_settings, resume_step, summarise, train
 
-    model_config, train_config = preset(args.preset, out_dir=args.out, steps=args.steps, device=args.device,
-                                        seed=args.seed, bf16=args.bf16 or None)
+    started = (Path(args.out) / "trainer_state.pt").is_file()
+    if args.resume and not started:
+        raise ValueError(f"--resume: {args.out} holds no run to resume (no trainer_state.pt); drop --resume to "
+                         f"start a new run there")
+    if started and not args.resume:
+        raise ValueError(f"--out {args.out} holds a training run (trainer_state.pt): pass --resume to continue it, "
+                         f"or another --out for a new run")
+    name, seed, bf16, steps = args.preset or "tiny", args.seed, args.bf16 or None, args.steps
+    if args.resume:  # the run's own preset, seed and bf16; --steps more than it has done
+        try:
+            name, seed, bf16, steps = resume_settings(args.out, args.preset, args.seed, args.bf16, args.steps)
+        except ValueError as error:
+            raise ValueError(f"--resume: {error}") from None
+    model_config, train_config = preset(name, out_dir=args.out, steps=steps, device=args.device, seed=seed,
+                                        bf16=bf16)
     if args.resume:
-        if not (Path(args.out) / "trainer_state.pt").is_file():
-            raise ValueError(f"--resume: {args.out} holds no run to resume (no trainer_state.pt); drop --resume to "
-                             f"start a new run there")
-        try:  # the same --preset, --seed and --bf16 as the saved run, and more --steps than it has done
+        try:
             resume_step(train_config)
         except ValueError as error:
             raise ValueError(f"--resume: {error}") from None
@@ -258,14 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     trace.set_defaults(func=_trace)
 
     train = sub.add_parser("train", help="train a small multi-domain MoE language model offline")
-    train.add_argument("--preset", default="tiny", choices=("tiny", "shipped"),
-                       help="model and training sizes (default: %(default)s)")
+    train.add_argument("--preset", default=None, choices=("tiny", "shipped"),
+                       help="model and training sizes (default: tiny; with --resume, the run's own)")
     train.add_argument("--out", metavar="DIR", default="runs/tiny-moe", help="run folder (default: %(default)s)")
     train.add_argument("--steps", metavar="N", type=positive, default=None, help="override the preset's number of steps")
     train.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default: %(default)s)")
-    train.add_argument("--seed", metavar="N", type=seed_number, default=None, help="override the preset's seed (0)")
+    train.add_argument("--seed", metavar="N", type=seed_number, default=None,
+                       help="override the preset's seed (0; with --resume, the run's own)")
     train.add_argument("--bf16", action="store_true", help="autocast matmuls to bfloat16")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out where it stopped, with its own --preset, --seed and --bf16 "
+                            "(only --steps and --device may change; default --steps: the run's)")
     _add_threads(train)
     train.set_defaults(func=_train)
 

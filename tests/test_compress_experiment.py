@@ -103,7 +103,7 @@ def test_command_line_rejects_bad_values_in_one_line(argv, message, capsys):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"ratios": (5,)}, "ratio 5 does not divide chunk_size 48"),
+    ({"ratios": (5,)}, "--ratios: 5 does not divide the chunk of 48 tokens"),
     ({"ratios": (0,)}, r"--ratios must be whole numbers >= 1, got \[0\]"),
     ({"lr": float("nan")}, "--lr must be a finite number > 0 and <= 1, got nan"),
     ({"lr": 5.0}, "--lr must be a finite number > 0 and <= 1, got 5.0"),

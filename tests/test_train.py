@@ -63,9 +63,44 @@ def test_resume_refuses_other_settings_and_a_run_that_is_already_done(tmp_path, 
         train(TINY_MODEL, tiny_run(tmp_path, 3), resume=True, progress=False)
     assert main(["train", "--resume", "--preset", "shipped", "--steps", "6", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"minimoe train: error: --resume: cannot resume {tmp_path} with batch_size=32: the saved run has "
-                   f"batch_size=4 ({tmp_path / 'train_config.json'}); only steps and device may change\n")
+    assert err == (f"minimoe train: error: --resume: {tmp_path} was not made by a preset of minimoe train (its "
+                   "train_config.json matches none of ['shipped', 'tiny']); resume it from Python: "
+                   "minimoe.data.train.train(..., resume=True)\n")
     assert (tmp_path / "train_config.json").read_text() == saved  # nothing of the run was rewritten
+
+
+def test_the_train_command_resumes_with_the_runs_own_settings(tmp_path, capsys, monkeypatch):
+    """--resume takes the run's --preset, --seed and --bf16 from its train_config.json; flags that contradict them
+    are refused, and a run folder is never trained over without --resume."""
+    import importlib
+
+    training = importlib.import_module("minimoe.data.train")  # the module (minimoe.data.train is also a function)
+
+    def fake_train(model_config, train_config, resume=False, progress=True):  # the settings, not the training
+        Path(train_config.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(train_config.out_dir) / "train_config.json").write_text(json.dumps(train_config.__dict__))
+        torch.save({"step": train_config.steps}, Path(train_config.out_dir) / "trainer_state.pt")
+        calls.append((train_config.seed, train_config.steps, train_config.batch_size, resume))
+        return {"train_loss": [1.0], "steps": train_config.steps}
+
+    calls = []
+    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(training, "summarise", lambda log: "trained")
+    run = str(tmp_path / "run")
+    assert main(["train", "--preset", "shipped", "--seed", "5", "--steps", "2", "--out", run]) == 0
+    assert main(["train", "--resume", "--steps", "4", "--out", run]) == 0  # shipped, seed 5: the run's own
+    assert calls[-1] == (5, 4, PRESETS["shipped"]["train"]["batch_size"], True)
+    capsys.readouterr()
+    refused = [(["--resume", "--steps", "6", "--seed", "0"], f"--seed 0: {run} was trained with --seed 5"),
+               (["--resume", "--steps", "6", "--preset", "tiny"], f"--preset tiny: {run} was trained with --preset "
+                                                                  "shipped"),
+               (["--resume"], "is already at step 4: resuming with steps=4 trains nothing"),
+               (["--steps", "6"], f"--out {run} holds a training run (trainer_state.pt): pass --resume")]
+    for argv, message in refused:
+        assert main(["train", *argv, "--out", run]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("text, message", [

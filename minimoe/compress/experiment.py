@@ -126,7 +126,8 @@ class ExperimentConfig:
                              f"context_tokens ({self.context_tokens})")
         for ratio in self.ratios + (self.ablation_ratio,):
             if self.chunk_size % ratio:
-                raise ValueError(f"ratio {ratio} does not divide chunk_size {self.chunk_size}")
+                raise ValueError(f"--ratios: {ratio} does not divide the chunk of {self.chunk_size} tokens (a chunk's memory "
+                                 f"is chunk_size / ratio tokens)")
         if self.design not in DESIGNS:
             raise ValueError(f"design must be one of {DESIGNS}, got {self.design!r}")
         if self.design == "mechanism":

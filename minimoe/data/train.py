@@ -108,8 +108,38 @@ def resume_step(cfg: TrainConfig) -> int:
     step = int(torch.load(out / "trainer_state.pt", map_location="cpu", weights_only=True)["step"])
     if step >= cfg.steps:
         raise ValueError(f"{out} is already at step {step}: resuming with steps={cfg.steps} trains nothing; "
-                         f"give more than {step} steps")
+                         f"give more than {step} steps (--steps)")
     return step
+
+
+def run_preset(saved: TrainConfig) -> str | None:
+    """The preset whose settings a saved run has, apart from those a command line may set (steps, device, seed,
+    bf16, the folder); None for a run configured another way (from Python)."""
+    for name in PRESETS:
+        _, cfg = preset(name, out_dir=saved.out_dir, steps=saved.steps, device=saved.device, seed=saved.seed,
+                        bf16=saved.bf16)
+        if cfg == saved:
+            return name
+    return None
+
+
+def resume_settings(run_dir, preset_name: str | None, seed: int | None, bf16: bool, steps: int | None):
+    """(preset, seed, bf16, steps) a resumed ``minimoe train`` continues with: the run's own, read from its
+    train_config.json, and ``steps`` when given (else the run's). Raises ValueError naming ``--preset``, ``--seed``
+    or ``--bf16`` when one is given and contradicts the saved run, or when no preset made the run."""
+    saved = load_train_config(run_dir)
+    made_by = run_preset(saved)
+    if made_by is None:
+        raise ValueError(f"{run_dir} was not made by a preset of minimoe train (its train_config.json matches none "
+                         f"of {sorted(PRESETS)}); resume it from Python: minimoe.data.train.train(..., resume=True)")
+    keep = "a resumed run keeps its own --preset, --seed and --bf16; only --steps and --device may change"
+    if preset_name is not None and preset_name != made_by:
+        raise ValueError(f"--preset {preset_name}: {run_dir} was trained with --preset {made_by} ({keep})")
+    if seed is not None and seed != saved.seed:
+        raise ValueError(f"--seed {seed}: {run_dir} was trained with --seed {saved.seed} ({keep})")
+    if bf16 and not saved.bf16:
+        raise ValueError(f"--bf16: {run_dir} was trained without --bf16 ({keep})")
+    return made_by, saved.seed, saved.bf16, saved.steps if steps is None else steps
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -258,7 +288,7 @@ def summarise(log: dict) -> str:
         train_loss = f"train loss {losses[:10].mean():.3f} -> {losses[-10:].mean():.3f} (means of 10 steps)"
     else:
         train_loss = f"train loss {losses[0]:.3f} (step 1) -> {losses[-1]:.3f} (step {len(losses)})"
-    return (f"{len(losses)} steps, {train_loss}; "
+    return (f"{len(losses)} step{'' if len(losses) == 1 else 's'}, {train_loss}; "
             "validation " + ", ".join(f"{d} {last[d]:.3f}" for d in DOMAINS if d in last))
 
 

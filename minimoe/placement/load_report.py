@@ -33,6 +33,7 @@ from minimoe.placement.locality_slots import fill_spares, pack_gpus
 from minimoe.placement.methods import Placement, _static_layout
 from minimoe.placement.topology import Topology
 from minimoe.traces.analysis import gini, max_over_mean, normalized_entropy
+from minimoe.traces.inputs import plural
 
 LOAD_METHODS = ("contiguous", "round_robin", "eplb", "locality")
 NOT_MEASURED = ("all-to-all bytes, request grouping and prefill -> decode prediction: not measured (counts only; "
@@ -187,7 +188,8 @@ def format_load_report(result: dict, folder: str | None = None) -> str:
     """The load report as plain text."""
     info, imb = result["trace"], result["imbalance"]
     lines = [f"load counts from {info['source'] or 'a load trace'} (model {info['model'] or '(unnamed)'}): "
-             f"{info['steps']} steps, {len(info['layers'])} MoE layers, {info['experts']} experts, "
+             f"{plural(info['steps'], 'step')}, {plural(len(info['layers']), 'MoE layer')}, "
+             f"{plural(info['experts'], 'expert')}, "
              f"{info['pairs']:,} (token, expert) pairs" + (f", top-{info['top_k']}" if info["top_k"] else ""), ""]
     lines += [f"note: {k}: {v}" for k, v in info["notes"].items()]
     lines += ["", "Load imbalance per MoE layer (totals; max/mean tokens per expert, 1 = balanced):"]

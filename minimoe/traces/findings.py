@@ -47,6 +47,7 @@ import numpy as np
 
 from minimoe.traces.analysis import gini, js_divergence, max_over_mean, normalized_entropy, paired_similarity
 from minimoe.traces.format import Trace
+from minimoe.traces.inputs import plural
 from minimoe.traces.stats import TraceStats, trace_stats
 
 DEFAULT_REQUESTS_PER_DOMAIN = 500  # x 4 domains = 2000 requests, about 260 K routed tokens
@@ -338,7 +339,7 @@ def format_findings(result: dict) -> str:
     lines = [f"trace {info['model'] or '(unnamed)'}: {_requests(info['requests'])}" + (f" ({domains})" if domains
                                                                                           else "") + ", "
              f"{info['tokens']:,} tokens ({phases}), "
-             f"{info['layers']} MoE layers, {info['experts']} experts, top-{info['top_k']}", ""]
+             f"{plural(info['layers'], 'MoE layer')}, {plural(info['experts'], 'expert')}, top-{info['top_k']}", ""]
     header = _row("", [f"layer {l}" for l in layers], "{}", "uniform routing, same tokens")
     groups = imbalance["groups"]
     lines += ["(a) Load imbalance per layer (max/mean load; 1 = balanced)", header]
