@@ -121,6 +121,9 @@ def test_summary_of_a_short_run_gives_its_first_and_last_step():
     assert summarise(log).startswith("3 steps, train loss 7.500 (step 1) -> 7.000 (step 3);")
     log = {"train_loss": [2.0] * 10 + [1.0] * 10, "eval": []}
     assert summarise(log).startswith("20 steps, train loss 2.000 -> 1.000 (means of 10 steps);")
+    log = {"train_loss": [7.5], "eval": [{"chat": 1.0, "math": 2.0, "general": 3.0}]}
+    assert summarise(log) == ("1 step, train loss 7.500 (step 1) -> 7.500 (step 1); validation math 2.000, "
+                              "chat 1.000, general 3.000 (no code documents in this seed's validation split)")
 
 
 def test_learning_rate_schedule():

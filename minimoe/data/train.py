@@ -281,15 +281,17 @@ def validation_losses(run_dir, device="cpu") -> dict:
 def summarise(log: dict) -> str:
     """One line: the steps, the train loss at the start and the end (the mean of the first and of the last 10
     steps; for a run under 20 steps, whose windows would overlap, the first and the last step's) and the last
-    validation losses."""
+    validation losses, naming a domain the validation split holds no documents of."""
     last = log["eval"][-1] if log["eval"] else {}
     losses = np.asarray(log["train_loss"])
     if len(losses) >= 20:
         train_loss = f"train loss {losses[:10].mean():.3f} -> {losses[-10:].mean():.3f} (means of 10 steps)"
     else:
         train_loss = f"train loss {losses[0]:.3f} (step 1) -> {losses[-1]:.3f} (step {len(losses)})"
+    missing = [d for d in DOMAINS if d not in last]
+    note = f" (no {' or '.join(missing)} documents in this seed's validation split)" if last and missing else ""
     return (f"{len(losses)} step{'' if len(losses) == 1 else 's'}, {train_loss}; "
-            "validation " + ", ".join(f"{d} {last[d]:.3f}" for d in DOMAINS if d in last))
+            "validation " + ", ".join(f"{d} {last[d]:.3f}" for d in DOMAINS if d in last) + note)
 
 
 # Named sizes: "tiny" trains in about a minute on a laptop CPU (the notebook and the tests use it);
