@@ -127,14 +127,38 @@ def test_export_from_a_report_deployment_file_and_with_a_transformers_config(tmp
 
 @pytest.mark.parametrize("argv, expected", [
     (["--format", "sglang", "--out", "x.json"], "--format sglang needs the model layer index of each MoE layer"),
-    (["--format", "sglang", "--moe-layers", "1,2", "--out", "x.json"], "the placement has 3 MoE layers, but 2"),
+    (["--format", "sglang", "--moe-layers", "1,2", "--out", "x.json"],
+     "the placement has 3 MoE layers, but --moe-layers names 2 ([1, 2])"),
+    (["--format", "trtllm", "--config", "two.json", "--out", "x.yaml"],
+     "the placement has 3 MoE layers, but --config two.json names 2 ([0, 1])"),
+    (["--format", "sglang", "--moe-layers", "1,2,7", "--num-layers", "7", "--out", "x.json"],
+     "--moe-layers [1, 2, 7] names layer 7, but --num-layers 7 gives the model layers 0..6: the MoE layers must be "
+     "below --num-layers"),
+    (["--format", "sglang", "--moe-layers", "0-1023", "--out", "x.json"],
+     "the placement has 3 MoE layers, but --moe-layers names 1024 ([0, 1, 2, 3, 4, 5, 6, 7, ... 1023] (1024 in all))"),
+    (["--format", "sglang", "--moe-layers", "0-99999999999", "--out", "x.json"],
+     "argument --moe-layers: layer index 99999999999 is above 1023: no model has that many layers, got "
+     "'0-99999999999'"),
+    (["--format", "sglang", "--config", "huge.json", "--out", "x.json"],
+     "huge.json: num_hidden_layers=99999999999 is more than 1024 (no model has that many layers)"),
+    (["--format", "sglang", "--moe-layers", "1,2,4", "--num-layers", "99999999999", "--out", "x.json"],
+     "argument --num-layers: expected a whole number from 1 to 1024, got 99999999999"),
+    (["--format", "vllm", "--moe-layers", "0,15", "--out", "x.jsonl"],
+     "--moe-layers does not apply to --format vllm (it reads --config); it numbers the MoE layers 0..L-1, as the "
+     "placement does"),
+    (["--format", "eplb", "--moe-layers", "0,1", "--out", "x.pt"], "--moe-layers does not apply to --format eplb"),
+    (["--format", "trtllm", "--moe-layers", "1,2,4", "--num-layers", "16", "--out", "x.yaml"],
+     "--num-layers does not apply to --format trtllm (it reads --moe-layers, --config); --num-layers sizes sglang's "
+     "rows over every decoder layer"),
+    (["--format", "vllm", "--config", "other.json", "--out", "x.jsonl"],  # vllm reads --config: a check
+     "--config other.json: the model has 16 experts per layer, the placement 8"),
     (["--format", "trtllm", "--moe-layers", "1,a", "--out", "x.yaml"],
      "argument --moe-layers: expected increasing layer indices"),
     (["--format", "trtllm", "--moe-layers", "1,2,4", "--out", "x.json"], "--out x.json: --format trtllm writes .yaml"),
     (["--format", "sglang", "--config", "empty.json", "--out", "x.json"], "empty.json is empty"),
-    (["--format", "sglang", "--config", "dense.json", "--out", "x.json"], "no routed experts"),
-    (["--format", "sglang", "--config", "other.json", "--out", "x.json"],
-     "config has 16 experts per layer, the placement 8"),
+    (["--format", "sglang", "--config", "dense.json", "--out", "x.json"], "dense.json: no routed experts"),
+    (["--format", "sglang", "--config", "other.json", "--out", "x.json"],  # 16 experts (and 3 layers): named
+     "--config other.json: the model has 16 experts per layer, the placement 8"),
     (["--format", "rocm", "--out", "x.json"], "argument --format: invalid choice"),
 ])
 def test_export_refuses_bad_input_in_one_line(argv, expected, tmp_path, capsys, monkeypatch):
@@ -143,8 +167,32 @@ def test_export_refuses_bad_input_in_one_line(argv, expected, tmp_path, capsys, 
     (tmp_path / "empty.json").write_text("")
     (tmp_path / "dense.json").write_text(json.dumps({"num_hidden_layers": 4, "intermediate_size": 64}))
     (tmp_path / "other.json").write_text(json.dumps({"num_hidden_layers": 3, "num_local_experts": 16}))
+    (tmp_path / "two.json").write_text(json.dumps({"num_hidden_layers": 2, "num_local_experts": E}))
+    (tmp_path / "huge.json").write_text(json.dumps({"num_hidden_layers": 99999999999, "num_local_experts": E}))
     status, out, err = run(capsys, "export", "p.json", *argv)
-    assert status == 2 and expected in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert status == 2 and err.count("\n") == 1 and len(err) < 400 and "Traceback" not in err, err
+    assert err.startswith(f"minimoe export: error: {expected}"), err
+
+
+def test_export_names_a_folder_given_as_the_placement_file(tmp_path, capsys):
+    status, _, err = run(capsys, "export", tmp_path, "--format", "vllm", "--out", tmp_path / "x.jsonl")
+    assert status == 2 and err == (f"minimoe export: error: {tmp_path} is a folder: expected a placement file from "
+                                   "minimoe report (placement-NODESxGPUS.json) or a load file from minimoe import\n")
+
+
+def test_export_flags_are_checked_as_given_and_listed_per_format_in_help(tmp_path, capsys):
+    from minimoe.placement.export import FLAGS
+
+    a_placement().save(tmp_path / "p.json")
+    status, _, err = run(capsys, "export", tmp_path / "p.json", "--format", "vllm", "--num-layers", "3", "--out",
+                         tmp_path / "x.jsonl")
+    assert status == 2 and "--num-layers does not apply to --format vllm (it reads --config)" in err, err
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = capsys.readouterr().out
+    assert "flags each format reads (another is refused):" in text
+    for name, flags in FLAGS.items():
+        assert f"  {name:7s} {', '.join(flags)}\n" in text, name
 
 
 @pytest.mark.parametrize("edit, argv, expected", [
@@ -157,7 +205,7 @@ def test_export_refuses_bad_input_in_one_line(argv, expected, tmp_path, capsys, 
     ("binary", ["--format", "vllm", "--out", "x.jsonl"], "p.json: not UTF-8 text"),
     ({}, ["--format", "sglang", "--moe-layers", "4,2,1", "--out", "x.json"], "got '4,2,1'"),
     ({}, ["--format", "sglang", "--moe-layers", "1,2,4", "--num-layers", "0", "--out", "x.json"],
-     "argument --num-layers: expected a whole number >= 1"),
+     "argument --num-layers: expected a whole number from 1 to 1024, got 0"),
 ])
 def test_export_refuses_hand_edited_placement_files_naming_the_field(edit, argv, expected, tmp_path, capsys,
                                                                       monkeypatch):
@@ -176,12 +224,19 @@ def test_export_of_a_load_file_checks_its_layers_and_experts(tmp_path, capsys, m
     monkeypatch.chdir(tmp_path)
     LoadTrace(counts=true_counts(), num_experts=E, layer_ids=MOE, top_k=2).save(tmp_path / "l.npz")
     (tmp_path / "cfg.json").write_text(json.dumps({"num_hidden_layers": 5, "num_local_experts": 16}))
-    for argv, expected in ((["--config", "cfg.json"], "the model config has 16 experts per layer, the load file 8"),
-                           (["--moe-layers", "0-2"], "the load file records model layers [1, 2, 4], but "
-                                                     "--moe-layers/--config name [0, 1, 2]")):
-        for fmt, out in (("sglang", "x.json"), ("eplb", "x.pt")):
-            status, _, err = run(capsys, "export", "l.npz", "--format", fmt, *argv, "--out", out)
-            assert status == 2 and expected in err and err.count("\n") == 1 and "Traceback" not in err, err
+    for fmt, out, argv, expected in (
+            ("sglang", "x.json", ["--config", "cfg.json"], "--config cfg.json: the model has 16 experts per layer, "
+                                                           "the load file 8"),
+            ("eplb", "x.pt", ["--config", "cfg.json"], "--config cfg.json: the model has 16 experts per layer, the "
+                                                       "load file 8"),
+            ("sglang", "x.json", ["--moe-layers", "0-2"], "the load file records model layers [1, 2, 4], but "
+                                                          "--moe-layers names [0, 1, 2]"),
+            ("sglang", "x.json", ["--moe-layers", "1"], "the load file has 3 MoE layers, but --moe-layers names 1 "
+                                                        "([1])"),
+            ("eplb", "x.pt", ["--moe-layers", "1,2,4"], "--moe-layers does not apply to --format eplb")):
+        status, _, err = run(capsys, "export", "l.npz", "--format", fmt, *argv, "--out", out)
+        assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"minimoe export: error: {expected}"), err
 
 
 # ---- which layers are MoE: the config rules against the modules transformers builds ---------------------------
@@ -215,10 +270,24 @@ def test_moe_layers_from_a_config_match_the_model_transformers_builds(name):
 
 
 def test_layer_lists_parse_ranges_and_refuse_nonsense():
-    assert parse_layers("0,3-5") == [0, 3, 4, 5]
+    assert parse_layers("0,3-5") == [0, 3, 4, 5] and parse_layers("1020-1023") == [1020, 1021, 1022, 1023]
     for bad in ("a", "3-1", "1,1", "-2"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="expected increasing layer indices >= 0"):
             parse_layers(bad)
+    with pytest.raises(ValueError, match=r"^layer index 1024 is above 1023: no model has that many layers, got "
+                                         r"'0,1024'$"):
+        parse_layers("0,1024")
+    with pytest.raises(ValueError) as error:  # a huge index is refused before any range is built, and not echoed
+        parse_layers("0-" + "9" * 5000)
+    assert len(str(error.value)) < 200, str(error.value)
+
+
+def test_layer_lists_in_messages_show_a_short_prefix():
+    from minimoe.traces.layers import layer_list
+
+    assert layer_list([5]) == "[5]" and layer_list(range(9)) == "[0, 1, 2, 3, 4, 5, 6, 7, 8]"
+    assert layer_list(np.arange(10**6)) == "[0, 1, 2, 3, 4, 5, 6, 7, ... 999999] (1000000 in all)"
+    assert layer_list("3,2") == "'3,2'" and layer_list(7) == "7"
 
 
 # ---- loads in ---------------------------------------------------------------------------------------------------

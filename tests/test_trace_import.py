@@ -1,6 +1,7 @@
 """Importers: vLLM routed-experts arrays and JSONL routing logs reproduce the trace they were written from."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -228,8 +229,11 @@ def test_vllm_dense_layers_zero_or_minus_one_and_degenerate_routing():
     with pytest.raises(ValueError, match="keep_degenerate=True"):
         from_vllm([collapsed], num_experts=8, moe_layers=[1])
     assert (from_vllm([collapsed], num_experts=8, moe_layers=[1], keep_degenerate=True).experts == 6).all()
-    with pytest.raises(ValueError, match="moe_layers must be distinct"):
+    named = "--moe-layers (from Python: moe_layers=) must name distinct layers in [0, 2) (the capture has 2 layers"
+    with pytest.raises(ValueError, match=re.escape(f"{named} per token), got [1, 1]")):
         from_vllm([rows], num_experts=8, moe_layers=[1, 1])
+    with pytest.raises(ValueError, match=re.escape("got [0, 1, 2, 3, 4, 5, 6, 7, ... 999] (1000 in all)")):
+        from_vllm([rows], num_experts=8, moe_layers=np.arange(1000))  # a long list: its first entries and its last
 
 
 # ---- narrow wire dtypes -----------------------------------------------------------------------------------------

@@ -113,6 +113,13 @@ def test_phase_and_domain_fields_are_read_and_must_agree_across_a_tokens_layers(
      "expert id 9 outside"),
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": "a", "topk_ids": [1]}], dict(num_experts=8),
      "layer must be an int"),
+    ([{"type": "route", "req_id": 0, "token_idx": -4, "layer": 0, "topk_ids": [1]}], dict(num_experts=8),
+     r"^line 1: 'token_idx' \(position\) must be a whole number >= 0 \(the token's place in its request\), got -4$"),
+    ([{"request": 0, "experts": [[1]], "position": -1}], dict(num_experts=8),
+     r"^line 1: 'position' must be a whole number >= 0 \(the token's place in its request\), got -1$"),
+    ([{**META, "layers_logged": list(range(500))}, {"type": "route", "req_id": 0, "token_idx": 0, "layer": 600,
+                                                     "topk_ids": [1]}], {},
+     r"layer 600 is not in the meta record's layers_logged \[0, 1, 2, 3, 4, 5, 6, 7, \.\.\. 499\] \(500 in all\)$"),
     ([{"req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [1]}], dict(num_experts=8, positions="time"),
      "positions must be one of"),
     ([{"req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [1]}], dict(num_experts=8, fields={"colour": "c"}),
@@ -144,3 +151,6 @@ def test_the_file_is_named_in_errors(tmp_path):
         from_jsonl(path, num_experts=8)
     with pytest.raises(FileNotFoundError):
         from_jsonl(tmp_path / "missing.jsonl", num_experts=8)
+    path.write_text(json.dumps({"type": "route", "req_id": 0, "token_idx": -4, "layer": 0, "topk_ids": [1]}) + "\n")
+    with pytest.raises(ValueError, match=r"log\.jsonl: line 1: 'token_idx' \(position\) must be a whole number >= 0"):
+        from_jsonl(path, num_experts=8)

@@ -22,6 +22,7 @@ placement's GPUs. What differs is the container and the layer numbering:
                                       "logcnt" [L, E]}
 
 The MoE layers' model indices come from ``--moe-layers`` or the model's ``--config`` (``minimoe.traces.layers``).
+``FLAGS`` says which flags each format reads (``minimoe export --help`` prints it); another is refused in one line.
 A load trace (``minimoe import`` of an engine's load dump) exports its totals where an engine takes loads
 instead of a placement: SGLang's ``{"logical_count": [num_hidden_layers x E]}`` (SGLang then runs its own EPLB)
 and EPLB's ``weight`` [L, E]; the counts are written exactly. Its layers and experts are checked against
@@ -39,21 +40,38 @@ import numpy as np
 
 from minimoe.arguments import OneLineParser, whole_number
 from minimoe.placement.methods import Placement
-from minimoe.traces.inputs import parse_json, read_text
-from minimoe.traces.layers import ModelLayers, model_layers, parse_layers
+from minimoe.traces.inputs import parse_json, plural, read_text
+from minimoe.traces.layers import MAX_LAYERS, ModelLayers, layer_list, model_layers, parse_layers
+from minimoe.traces.sources import check_flags, given_flags
 
 FORMATS = ("sglang", "trtllm", "vllm", "eplb")
 SUFFIXES = {"sglang": (".json", ".pt"), "trtllm": (".yaml", ".yml"), "vllm": (".jsonl",), "eplb": (".pt",)}
+# format -> the flags it reads (besides FILE, --format and --out); another is refused (``check_flags``). vllm and
+# eplb number the MoE layers 0..L-1 as the placement does: --config only checks the model's expert count and
+# MoE layers against the placement (or load file)
+FLAGS = {"sglang": ("--moe-layers", "--num-layers", "--config"), "trtllm": ("--moe-layers", "--config"),
+         "vllm": ("--config",), "eplb": ("--config",)}
+HINTS = {"--moe-layers": "it numbers the MoE layers 0..L-1, as the placement does",
+         "--num-layers": "--num-layers sizes sglang's rows over every decoder layer"}
 
 
-def _moe_rows(placement: Placement, moe_layers) -> list[int]:
+def _moe_rows(placement: Placement, moe_layers, named_by: str = "the layer list") -> list[int]:
+    """``moe_layers``, the model index of each of the placement's MoE layers, as ints; ValueError naming
+    ``named_by`` (--moe-layers, --config FILE) when their count is not the placement's or they do not increase."""
     moe_layers = [int(i) for i in moe_layers]
     if len(moe_layers) != placement.num_layers:
-        raise ValueError(f"the placement has {placement.num_layers} MoE layers, but {len(moe_layers)} model layers "
-                         f"were named ({moe_layers[:8]}{'...' if len(moe_layers) > 8 else ''})")
+        raise ValueError(f"the placement has {plural(placement.num_layers, 'MoE layer')}, but {named_by} names "
+                         f"{len(moe_layers)} ({layer_list(moe_layers)})")
     if sorted(set(moe_layers)) != moe_layers or (moe_layers and moe_layers[0] < 0):
-        raise ValueError(f"MoE layer indices must be distinct, increasing and >= 0, got {moe_layers}")
+        raise ValueError(f"MoE layer indices must be distinct, increasing and >= 0, got {layer_list(moe_layers)}")
     return moe_layers
+
+
+def _check_experts(layers: ModelLayers, what: str, num_experts: int) -> None:
+    """Refuse a model config whose experts per layer differ from ``what`` (the placement or the load file)'s."""
+    if layers.num_experts is not None and layers.num_experts != num_experts:
+        raise ValueError(f"{layers.source}: the model has {layers.num_experts} experts per layer, {what} "
+                         f"{num_experts}")
 
 
 def sglang_map(placement: Placement, moe_layers, num_layers: int) -> np.ndarray:
@@ -129,10 +147,8 @@ def write(placement: Placement, fmt: str, path, layers: ModelLayers | None = Non
         raise ValueError(f"--format {fmt} needs the model layer index of each MoE layer: give --moe-layers or "
                          "--config (the model's config.json)")
     if layers is not None:
-        if layers.num_experts is not None and layers.num_experts != placement.num_experts:
-            raise ValueError(f"the model config has {layers.num_experts} experts per layer, the placement "
-                             f"{placement.num_experts}")
-        _moe_rows(placement, layers.moe_layers)
+        _check_experts(layers, "the placement", placement.num_experts)
+        _moe_rows(placement, layers.moe_layers, layers.source)
     ranks, per_rank = placement.num_gpus, placement.slots_per_gpu
     spare = placement.num_slots - placement.num_experts
     where = f"{placement.num_experts} experts on {placement.num_slots} slots per layer over {ranks} ranks " \
@@ -183,7 +199,7 @@ def write_loads(loads, fmt: str, path, layers: ModelLayers | None = None) -> str
     if any(i < 0 for i in ids):
         raise ValueError("the load file does not say which model layers its rows are: give --moe-layers or --config")
     if len(ids) != loads.num_layers:
-        raise ValueError(f"the load file has {loads.num_layers} MoE layers, but {len(ids)} were named")
+        raise ValueError(f"the load file has {plural(loads.num_layers, 'MoE layer')}, but {len(ids)} were named")
     num_layers = layers.num_layers if layers is not None else max(ids) + 1
     table = np.zeros((num_layers, loads.num_experts), np.int64)
     table[ids] = totals
@@ -199,14 +215,14 @@ def write_loads(loads, fmt: str, path, layers: ModelLayers | None = None) -> str
 
 def _check_load_layers(loads, layers: ModelLayers) -> None:
     """The checks a placement gets: the config's expert count, and the model layers the load file records."""
-    if layers.num_experts is not None and layers.num_experts != loads.num_experts:
-        raise ValueError(f"the model config has {layers.num_experts} experts per layer, the load file "
-                         f"{loads.num_experts}")
+    _check_experts(layers, "the load file", loads.num_experts)
     named, recorded = list(layers.moe_layers), loads.layer_ids.tolist()
     if len(named) != loads.num_layers:
-        raise ValueError(f"the load file has {loads.num_layers} MoE layers, but {len(named)} were named ({named})")
+        raise ValueError(f"the load file has {plural(loads.num_layers, 'MoE layer')}, but {layers.source} names "
+                         f"{len(named)} ({layer_list(named)})")
     if all(i >= 0 for i in recorded) and named != recorded:
-        raise ValueError(f"the load file records model layers {recorded}, but --moe-layers/--config name {named}")
+        raise ValueError(f"the load file records model layers {layer_list(recorded)}, but {layers.source} names "
+                         f"{layer_list(named)}")
 
 
 # ---- the command ----------------------------------------------------------------------------------------------
@@ -221,12 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="FILE",
                         help="the file to write: sglang .json/.pt, trtllm .yaml, vllm .jsonl, eplb .pt")
     parser.add_argument("--moe-layers", metavar="LIST", type=_layers, default=None,
-                        help="model layer index of each MoE layer, e.g. 3-60 or 1,3,5 (sglang and trtllm need "
-                             "these or --config)")
-    parser.add_argument("--num-layers", metavar="N", type=whole_number(1), default=None,
-                        help="with --moe-layers: the model's decoder layers (sglang; default: the last MoE layer + 1)")
+                        help="sglang, trtllm: model layer index of each MoE layer, e.g. 3-60 or 1,3,5 (these or "
+                             "--config are needed)")
+    parser.add_argument("--num-layers", metavar="N", type=whole_number(1, MAX_LAYERS), default=None,
+                        help="sglang, with --moe-layers: the model's decoder layers (default: the last MoE layer + 1)")
     parser.add_argument("--config", metavar="CONFIG_JSON", default=None,
-                        help="the model's transformers config.json (or its folder): the MoE layers and expert count")
+                        help="the model's transformers config.json (or its folder): sglang, trtllm: the MoE layers; "
+                             "every format: the expert count and MoE layers checked against the placement")
     return parser
 
 
@@ -245,7 +262,11 @@ def _table() -> str:
             "  trtllm  moe_load_balancer.yaml: num_slots, initial_global_assignments keyed by model layer index, "
             "layer_updates_per_iter: 0\n"
             "  vllm    eplb_initial_mapping JSONL record, MoE layers 0..L-1 (an interface under review upstream)\n"
-            "  eplb    DeepSeek EPLB tensors phy2log, log2phy, logcnt (torch.save), MoE layers as given")
+            "  eplb    DeepSeek EPLB tensors phy2log, log2phy, logcnt (torch.save), MoE layers as given\n"
+            "flags each format reads (another is refused):\n"
+            + "\n".join(f"  {name:7s} {', '.join(flags)}" for name, flags in FLAGS.items())
+            + "\n  (vllm and eplb number the MoE layers 0..L-1: --config only checks the model's expert count and "
+            "MoE layers against the placement)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,9 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     from minimoe.traces.loads import LoadTrace
 
     args = build_parser().parse_args(argv)
+    check_flags(args.format, given_flags(build_parser(), argv), FLAGS, HINTS)
     source, out = Path(args.placement), Path(args.out)
+    expected = "a placement file from minimoe report (placement-NODESxGPUS.json) or a load file from minimoe import"
+    if source.is_dir():
+        raise ValueError(f"{source} is a folder: expected {expected}")
     if not source.is_file():
-        raise FileNotFoundError(f"{source}: no such file (expected a placement file from minimoe report)")
+        raise FileNotFoundError(f"{source}: no such file (expected {expected})")
     if out.suffix not in SUFFIXES[args.format]:
         raise ValueError(f"--out {out}: --format {args.format} writes {' or '.join(SUFFIXES[args.format])}")
     if not out.parent.is_dir():

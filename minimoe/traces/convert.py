@@ -32,7 +32,7 @@ from minimoe.traces.inputs import plural
 from minimoe.traces.layers import model_layers, parse_layers
 from minimoe.traces.loads import read_trace_file
 from minimoe.traces.parquet import is_parquet, load_trace, save_trace
-from minimoe.traces.sources import (FLAGS, LOAD_FORMATS, SOURCES, check_flags, guess_format, read_sglang,
+from minimoe.traces.sources import (LOAD_FORMATS, SOURCES, check_flags, given_flags, guess_format, read_sglang,
                                     read_vllm, source_table)
 
 FORMATS = ("auto", *SOURCES)
@@ -130,8 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, with ``given``: the flags it names (an explicit default included), which
+    ``convert`` checks against the flags the source's format reads."""
+    args = build_parser().parse_args(argv)
+    args.given = given_flags(build_parser(), argv)
+    return args
+
+
 def convert(args):
-    """The trace (a ``Trace`` or, for load dumps, a ``LoadTrace``) the parsed arguments describe."""
+    """The trace (a ``Trace`` or, for load dumps, a ``LoadTrace``) the arguments of ``parse`` describe.
+    Raises ValueError / FileNotFoundError naming the flag or file (a flag the format does not read included)."""
     source = Path(args.source)
     if not (source.is_file() or source.is_dir()):
         raise FileNotFoundError(f"{source} not found: SOURCE must be a capture or dump file (or a folder of them)")
@@ -142,7 +151,7 @@ def convert(args):
     kind = guess_format(source) if args.format == "auto" else args.format
     if source.is_dir() and kind not in ("trtllm-stats", "sglang-per-pass"):
         raise ValueError(f"{source} is a folder; --format {kind} reads a file")
-    check_flags(kind, _given_flags(args))
+    check_flags(kind, args.given)
     if kind == "trace":
         return load_trace(source) if is_parquet(source) else read_trace_file(source)
     model = args.model if args.model is not None else ""
@@ -172,14 +181,6 @@ def convert(args):
         raise ValueError(f"{source} ({kind}): {error}") from None
 
 
-def _given_flags(args) -> list[str]:
-    """The flags of ``FLAGS`` given on the command line with a value other than their default."""
-    parser = build_parser()
-    flags = dict.fromkeys(flag for reads in FLAGS.values() for flag in reads)
-    return [flag for flag in flags
-            if getattr(args, flag[2:].replace("-", "_")) != parser.get_default(flag[2:].replace("-", "_"))]
-
-
 def _load_dump(kind: str, source: Path, args, model: str):
     """A load dump as a LoadTrace, its layers named by --moe-layers or --config (checked against the dump)."""
     named = None if isinstance(args.moe_layers, str) else args.moe_layers  # 'auto'/'all': the reader's own rule
@@ -188,7 +189,7 @@ def _load_dump(kind: str, source: Path, args, model: str):
               "trtllm-stats": load_dumps.from_trtllm, "vllm-eplb-stats": load_dumps.from_vllm_eplb}[kind]
     loads = reader(source, None if layers is None else list(layers.moe_layers), model)
     if layers is not None and layers.num_experts is not None and layers.num_experts != loads.num_experts:
-        raise ValueError(f"{args.config}: the config has {layers.num_experts} experts per layer, the dump "
+        raise ValueError(f"{layers.source}: the model has {layers.num_experts} experts per layer, the dump "
                          f"{loads.num_experts}")
     return loads
 
@@ -216,7 +217,7 @@ def summary(trace, source: str, out: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     trace = convert(args)
     if isinstance(trace, Trace):
         save_trace(trace, args.out)

@@ -38,6 +38,7 @@ import binascii
 import numpy as np
 
 from minimoe.traces.format import Trace, _as_count
+from minimoe.traces.layers import layer_list
 
 DENSE_LAYER_CAUSE = ("SGLang and vLLM capture routed experts into zero-filled buffers that dense layers never "
                      "write, so a dense layer arrives as expert 0 for every token")
@@ -125,12 +126,14 @@ def _moe_layer_ids(experts: np.ndarray, moe_layers, keep_degenerate: bool) -> np
         return np.array(ids)
     if moe_layers is None:
         return np.arange(num_layers)
+    flag = "--moe-layers (from Python: moe_layers=)"
     if isinstance(moe_layers, str):
-        raise ValueError(f"moe_layers must be a list of layer indices, 'auto' or None, got {moe_layers!r}")
+        raise ValueError(f"{flag} must list layer indices, or be 'auto' or 'all' (None), got {layer_list(moe_layers)}")
     ids = np.asarray(moe_layers)
     if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= num_layers \
             or len(set(ids.tolist())) != ids.size:
-        raise ValueError(f"moe_layers must be distinct layer indices in [0, {num_layers}), got {moe_layers!r}")
+        raise ValueError(f"{flag} must name distinct layers in [0, {num_layers}) (the capture has "
+                         f"{num_layers} layers per token), got {layer_list(moe_layers)}")
     return ids
 
 

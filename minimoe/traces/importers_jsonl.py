@@ -60,6 +60,7 @@ import numpy as np
 
 from minimoe.traces.format import MAX_EXPERTS, PHASES, Trace, _as_count
 from minimoe.traces.inputs import parse_json, plural, read_text
+from minimoe.traces.layers import layer_list
 
 OUR_FIELDS = ("request", "position", "layer", "experts", "weights", "phase", "domain")
 LONG_FORM_FIELDS = {"request": "req_id", "position": "token_idx", "layer": "layer", "experts": "topk_ids",
@@ -189,13 +190,19 @@ def _meta(records) -> dict:
         layers = rec["layers_logged"]
         if not isinstance(layers, list) or not layers or not all(_is_int(x) for x in layers) \
                 or len(set(layers)) != len(layers):
-            raise ValueError(f"line {number}: layers_logged must be a non-empty list of distinct ints, got {layers!r}")
+            raise ValueError(f"line {number}: layers_logged must be a non-empty list of distinct ints, got "
+                             f"{layer_list(layers)}")
         meta["layers_logged"] = layers
     return meta
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _label(names: dict, field: str) -> str:
+    """How messages name a field: the log's key, and ours when they differ (``'token_idx' (position)``)."""
+    return f"'{names.get(field)}'" + ("" if names.get(field) == field else f" ({field})")
 
 
 def _get(rec: dict, names: dict, field: str, number: int, required: bool):
@@ -221,18 +228,20 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> tuple[list[di
         position = _get(rec, names, "position", number, long_form and names.get("request") is not None)
         with_position.add(position is not None)
         if len(with_position) > 1:
-            label = f"'{names['position']}'" + ("" if names["position"] == "position" else " (position)")
-            raise ValueError(f"line {number}: {label} is given on some lines and missing on others: give it on "
-                             "all or none (or drop it with " + fix(f"--ignore {names['position']}", "ignore=") + ")")
+            raise ValueError(f"line {number}: {_label(names, 'position')} is given on some lines and missing on "
+                             "others: give it on all or none (or drop it with "
+                             + fix(f"--ignore {names['position']}", "ignore=") + ")")
         if position is None:
             position = number  # the order of lines
-        if not _is_int(position):
-            raise ValueError(f"line {number}: position must be an int, got {position!r}")
+        if not _is_int(position) or position < 0:
+            raise ValueError(f"line {number}: {_label(names, 'position')} must be a whole number >= 0 (the token's "
+                             f"place in its request), got {repr(position)[:80]}")
         layer = _get(rec, names, "layer", number, True) if long_form else None
         if long_form and not _is_int(layer):
             raise ValueError(f"line {number}: layer must be an int, got {layer!r}")
         if long_form and layers_logged is not None and layer not in layers_logged:
-            raise ValueError(f"line {number}: layer {layer} is not in the meta record's layers_logged {layers_logged}")
+            raise ValueError(f"line {number}: layer {layer} is not in the meta record's layers_logged "
+                             f"{layer_list(layers_logged)}")
         key = (request, position, layer)
         passes = seen.setdefault(key, [])
         if passes and positions == "field":
@@ -261,7 +270,8 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> tuple[list[di
             missing = [layer for layer in layers if layer not in token["experts"]]
             if missing:
                 raise ValueError(f"line {token['line']}: request {token['request']!r} position {token['order'][1]} "
-                                 f"has no record for layers {missing} (the log covers layers {layers}); every "
+                                 f"has no record for layers {layer_list(missing)} (the log covers layers "
+                                 f"{layer_list(layers)}); every "
                                  "token needs one record per logged layer")
             token["experts"] = (token["line"], [token["experts"][layer] for layer in layers])
             if token["weights"]:
@@ -317,8 +327,7 @@ def _trace(tokens, names, num_experts, top_k, model, top_k_line=None, layers=Non
     for field in ("domain", "weights"):
         present = {bool(t[field]) for t in tokens}
         if len(present) > 1:
-            label = f"'{names.get(field)}'" + ("" if names.get(field) == field else f" ({field})")
-            raise ValueError(f"{label} is given on some lines and missing on others: "
+            raise ValueError(f"{_label(names, field)} is given on some lines and missing on others: "
                              "give it on all or none (or drop it with " + fix(f"--ignore {names.get(field)}", "ignore=")
                              + ")")
     widest = max((len(r) for t in tokens if isinstance(t["experts"][1], list) for r in t["experts"][1]

@@ -25,10 +25,13 @@ A config nested under ``text_config`` (multimodal Llama 4, Qwen3-VL-MoE) is read
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass
 
+MAX_LAYERS = 1024  # bounds every layer index and count read here: no model has that many decoder layers
 EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "top_k")
 
@@ -36,37 +39,61 @@ TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "top_k")
 @dataclass(frozen=True)
 class ModelLayers:
     """num_layers: decoder layers of the model; moe_layers: model index of each MoE layer, increasing;
-    num_experts, top_k: routed experts per MoE layer and per token (None when the config does not say)."""
+    num_experts, top_k: routed experts per MoE layer and per token (None when the config does not say);
+    source: what named them, for messages ("--moe-layers", "--config PATH")."""
     num_layers: int
     moe_layers: tuple[int, ...]
     num_experts: int | None = None
     top_k: int | None = None
+    source: str = "the given layers"
 
 
-def _count(config: dict, keys, source: str) -> int | None:
+def layer_list(values, limit: int = 8) -> str:
+    """A layer list as messages show it: whole when short, else its first ``limit`` entries and its last,
+    ``[0, 1, 2, 3, 4, 5, 6, 7, ... 999] (1000 in all)``; never more than a short line."""
+    if isinstance(values, (str, bytes)):
+        return _clip(repr(values))
+    try:
+        items = [int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v for v in values]
+    except TypeError:  # not a list at all
+        return _clip(repr(values))
+    if len(items) <= limit + 1:
+        return _clip(repr(items))
+    return _clip(f"[{', '.join(map(repr, items[:limit]))}, ... {items[-1]!r}] ({len(items)} in all)")
+
+
+def _clip(text: str, width: int = 160) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _count(config: dict, keys, source: str, most: int | None = None) -> int | None:
+    """The first of ``keys`` the config has, an int in [0, most]; ValueError naming ``source`` and the key."""
     for key in keys:
         value = config.get(key)
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{source}: {key} must be a non-negative int, got {value!r}")
+                raise ValueError(f"{source}: {key} must be a non-negative int, got {_clip(repr(value))}")
+            if most is not None and value > most:
+                raise ValueError(f"{source}: {key}={value} is more than {most} (no model has that many layers)")
             return value
     return None
 
 
 def layers_from_config(config: dict, source: str = "config") -> ModelLayers:
-    """The MoE layers of a transformers (or minimoe) config dict; raises ValueError naming ``source`` and the key."""
+    """The MoE layers of a transformers (or minimoe) config dict; raises ValueError naming ``source`` and the key
+    (also for more than ``MAX_LAYERS`` layers)."""
     if not isinstance(config, dict) or not config:
         raise ValueError(f"{source}: expected a model's config.json (a JSON object with num_hidden_layers), "
                          f"got {type(config).__name__ if not isinstance(config, dict) else 'an empty object'}")
     if isinstance(config.get("text_config"), dict) and "num_hidden_layers" not in config:
         config = config["text_config"]
     if isinstance(config.get("moe"), dict) and "num_layers" in config:  # minimoe's own ModelConfig
-        num_layers = _count(config, ("num_layers",), source)
+        num_layers = _count(config, ("num_layers",), source, MAX_LAYERS)
         listed = config.get("moe_layers")
         moe = list(range(num_layers)) if listed is None else listed
         return _checked(num_layers, moe, _count(config["moe"], ("num_experts",), source),
                         _count(config["moe"], ("top_k",), source), source, "moe_layers")
-    num_layers = _count(config, ("num_hidden_layers",), source)
+    num_layers = _count(config, ("num_hidden_layers",), source, MAX_LAYERS)
     if num_layers is None:
         raise ValueError(f"{source}: no num_hidden_layers: not a transformers model config (keys "
                          f"{sorted(config)[:12]}); name the MoE layers with --moe-layers instead")
@@ -95,10 +122,11 @@ def layers_from_config(config: dict, source: str = "config") -> ModelLayers:
 def _checked(num_layers, moe, num_experts, top_k, source, key) -> ModelLayers:
     if not isinstance(moe, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in moe) \
             or any(not 0 <= i < num_layers for i in moe) or len(set(moe)) != len(moe):
-        raise ValueError(f"{source}: {key} gives MoE layers {moe!r}, expected distinct indices in [0, {num_layers})")
+        raise ValueError(f"{source}: {key} gives MoE layers {layer_list(moe)}, expected distinct indices in "
+                         f"[0, {num_layers})")
     if not moe:
         raise ValueError(f"{source}: {key} leaves no MoE layer among the {num_layers} layers")
-    return ModelLayers(num_layers, tuple(sorted(moe)), num_experts, top_k)
+    return ModelLayers(num_layers, tuple(sorted(moe)), num_experts, top_k, source)
 
 
 def read_config(path) -> ModelLayers:
@@ -122,15 +150,21 @@ def read_config(path) -> ModelLayers:
 
 def parse_layers(text: str) -> list[int]:
     """``"1,2,3"`` or ``"1-3"`` (or a mix, ``"0,3-5"``) -> [1, 2, 3]: the one parser of ``--moe-layers`` for
-    ``minimoe import`` and ``minimoe export``. Indices must be >= 0 and increase; ValueError otherwise."""
-    expected = f"expected increasing layer indices >= 0 like 1,2,3 or 1-3 (or 0,3-5), got {str(text)!r}"
+    ``minimoe import`` and ``minimoe export``. Indices must be in [0, MAX_LAYERS) and increase; ValueError
+    (quoting at most a short prefix of ``text``) otherwise."""
+    given = _clip(repr(str(text)), 60)
+    expected = f"expected increasing layer indices >= 0 like 1,2,3 or 1-3 (or 0,3-5), got {given}"
     layers = []
     for part in str(text).split(","):
         first, dash, last = part.strip().partition("-")
         try:
-            span = list(range(int(first), int(last) + 1)) if dash else [int(first)]
+            ends = (int(first), int(last)) if dash else (int(first),)
         except ValueError:
             raise ValueError(expected) from None
+        if max(ends) >= MAX_LAYERS:
+            raise ValueError(f"layer index {_clip(str(max(ends)), 24)} is above {MAX_LAYERS - 1}: no model has that "
+                             f"many layers, got {given}")
+        span = list(range(ends[0], ends[-1] + 1))
         layers.extend(span)
         if not span or min(span) < 0 or layers != sorted(set(layers)):
             raise ValueError(expected)
@@ -138,13 +172,19 @@ def parse_layers(text: str) -> list[int]:
 
 
 def model_layers(moe_layers=None, config=None, num_layers: int | None = None) -> ModelLayers | None:
-    """The model layers a user named: ``moe_layers`` (list) or ``config`` (path), at most one; ``num_layers``
-    bounds a ``moe_layers`` list (None: one past its largest). None when neither is given."""
+    """The model layers a user named: ``moe_layers`` (list, ``--moe-layers``) or ``config`` (path, ``--config``),
+    at most one; ``num_layers`` (``--num-layers``) bounds a ``moe_layers`` list (None: one past its largest).
+    None when neither is given. Raises ValueError naming the flags (or the config file) that disagree."""
     if moe_layers is not None and config is not None:
         raise ValueError("--moe-layers and --config both name the MoE layers: give one")
     if config is not None:
-        return read_config(config)
+        return dataclasses.replace(read_config(config), source=f"--config {config}")
     if moe_layers is None:
         return None
-    total = num_layers if num_layers is not None else max(moe_layers) + 1
-    return _checked(total, list(moe_layers), None, None, "--moe-layers", "the list")
+    moe_layers = list(moe_layers)
+    if num_layers is not None and moe_layers and max(moe_layers) >= num_layers:
+        raise ValueError(f"--moe-layers {layer_list(moe_layers)} names layer {max(moe_layers)}, but --num-layers "
+                         f"{num_layers} gives the model layers 0..{num_layers - 1}: the MoE layers must be below "
+                         "--num-layers")
+    total = num_layers if num_layers is not None else max(moe_layers, default=-1) + 1
+    return _checked(total, moe_layers, None, None, "--moe-layers", "the list")

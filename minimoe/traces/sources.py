@@ -3,7 +3,8 @@
     SOURCES         format -> (the file, where it comes from, how its layers are numbered), the table
                     ``minimoe import --help`` prints
     FLAGS           format -> the ``minimoe import`` flags it reads; a flag given for a format that does not
-                    read it is refused (``check_flags``), never ignored
+                    read it is refused (``check_flags``, which ``minimoe export`` uses with its own table), never
+                    ignored; ``given_flags`` says which flags a command line names
     guess_format    a format from the file name and, for .jsonl, .pt and .npz, the first record or the keys
     read_vllm       the arrays of a vLLM .npy/.npz capture; read_sglang: the payloads of an SGLang text file
 
@@ -12,6 +13,7 @@ Every error is a ValueError naming the file (and line) or the flag.
 
 from __future__ import annotations
 
+import argparse
 import zipfile
 from pathlib import Path
 
@@ -55,13 +57,30 @@ FLAGS = {
 }
 
 
-def check_flags(kind: str, given: list[str]) -> None:
-    """Refuse the flags in ``given`` that ``--format kind`` does not read (ValueError naming the flag)."""
+HINTS = {"--config": "--moe-layers names the layers of a capture"}
+
+
+def check_flags(kind: str, given, flags: dict = FLAGS, hints: dict = HINTS) -> None:
+    """Refuse the flags in ``given`` that ``--format kind`` does not read by the table ``flags`` (format -> the
+    flags it reads; flags in no row of it, such as --out, are not checked): ValueError naming the flag, the format
+    and what it reads, then ``hints[flag]`` if there is one."""
+    known = {flag for reads in flags.values() for flag in reads}
     for flag in given:
-        if flag not in FLAGS[kind]:
-            reads = ", ".join(FLAGS[kind]) or "no flag besides --out"
-            hint = "; --moe-layers names the layers of a capture" if flag == "--config" else ""
+        if flag in known and flag not in flags[kind]:
+            reads = ", ".join(flags[kind]) or "no flag besides --out"
+            hint = f"; {hints[flag]}" if flag in hints else ""
             raise ValueError(f"{flag} does not apply to --format {kind} (it reads {reads}){hint}")
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> list[str]:
+    """The flags the command line ``argv`` names, whatever their values (``--positions field`` counts although
+    it is the default): ``argv`` parsed again by ``parser`` (a fresh one: its defaults are changed) with every
+    default suppressed, so that only the flags given are set. ``argv`` must already have parsed."""
+    options = {}
+    for action in parser._actions:
+        if action.option_strings:
+            options[action.dest], action.default = action.option_strings[-1], argparse.SUPPRESS
+    return [options[dest] for dest in vars(parser.parse_args(argv)) if dest in options]
 
 
 def source_table() -> str:
