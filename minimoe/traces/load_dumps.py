@@ -40,6 +40,7 @@ import re
 import numpy as np
 
 from minimoe.traces.inputs import parse_json, plural, read_text
+from minimoe.traces.layers import layer_list
 from minimoe.traces.loads import MAX_COUNT, LoadTrace
 
 
@@ -110,7 +111,8 @@ def _pick_layers(counts: np.ndarray, moe_layers, where: str, all_layers: bool):
         if dense.size and counts[:, dense].any():
             layer = int(dense[np.flatnonzero(counts[:, dense].any(axis=(0, 2)))[0]])
             raise ValueError(f"{where}: layer {layer} holds counts but is not among the MoE layers "
-                             f"{ids.tolist()} from --moe-layers/--config: the layer list does not match the model")
+                             f"{layer_list(ids.tolist())} from --moe-layers/--config: the layer list does not "
+                             "match the model")
         return counts[:, ids], ids, None
     if moe_layers is None:
         return counts, np.full(rows, -1, np.int64), "model layer index of each MoE layer unknown (give --moe-layers " \
@@ -293,14 +295,15 @@ def from_trtllm(folder, moe_layers=None, model: str = "") -> LoadTrace:
                          "iteration needs every layer)")
     table = np.stack([np.stack([counts[(i, layer)] for layer in layers]) for i in iters])  # (S, L, E)
     if moe_layers is not None and list(moe_layers) != layers:
-        raise ValueError(f"{folder}: the statistics hold model layers {layers}, but --moe-layers/--config name "
-                         f"{list(moe_layers)}")
+        raise ValueError(f"{folder}: the statistics hold model layers {layer_list(layers)}, but --moe-layers/--config "
+                         f"name {layer_list(list(moe_layers))}")
     co_files, co_others = _rank_files(folder, "cooccurrence_rank")
     coactivation = None
     if co_files:
         pairs = _keyed(co_files, (experts, experts), "num_experts x num_experts")
         if {layer for _, layer in pairs} - set(layers):
-            raise ValueError(f"{folder}: co-occurrence layers {sorted({l for _, l in pairs})} differ from {layers}")
+            raise ValueError(f"{folder}: co-occurrence layers {layer_list(sorted({l for _, l in pairs}))} differ "
+                             f"from {layer_list(layers)}")
         coactivation = np.stack([sum((v for (i, l), v in pairs.items() if l == layer), np.zeros((experts, experts),
                                                                                                np.int64))
                                  for layer in layers])
