@@ -69,6 +69,8 @@ def _demo(args) -> int:
 def _train(args) -> int:
     from minimoe.data.train import preset, resume_settings, resume_step, summarise, train
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; expected a run folder")
     started = (Path(args.out) / "trainer_state.pt").is_file()
     if args.resume and not started:
         raise ValueError(f"--resume: {args.out} holds no run to resume (no trainer_state.pt); drop --resume to "

@@ -101,6 +101,10 @@ def test_the_train_command_resumes_with_the_runs_own_settings(tmp_path, capsys, 
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert len(calls) == 2
+    (Path(run) / "trainer_state.pt").write_bytes(b"junk")
+    assert main(["train", "--resume", "--steps", "9", "--out", run]) == 2
+    err = capsys.readouterr().err
+    assert "trainer_state.pt is not a readable trainer state" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("text, message", [

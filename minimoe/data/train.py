@@ -105,7 +105,12 @@ def resume_step(cfg: TrainConfig) -> int:
         if field.name not in CHANGEABLE_ON_RESUME and old != new:
             raise ValueError(f"cannot resume {out} with {field.name}={new!r}: the saved run has {field.name}="
                              f"{old!r} ({out / 'train_config.json'}); only steps and device may change")
-    step = int(torch.load(out / "trainer_state.pt", map_location="cpu", weights_only=True)["step"])
+    state_file = out / "trainer_state.pt"
+    try:
+        step = int(torch.load(state_file, map_location="cpu", weights_only=True)["step"])
+    except Exception as error:  # noqa: BLE001 - a damaged file raises whatever the unpickler meets
+        raise ValueError(f"{state_file} is not a readable trainer state ({type(error).__name__}): the run cannot "
+                         "be resumed") from None
     if step >= cfg.steps:
         raise ValueError(f"{out} is already at step {step}: resuming with steps={cfg.steps} trains nothing; "
                          f"give more than {step} steps (--steps)")
