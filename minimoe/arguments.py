@@ -198,32 +198,31 @@ def check_input_file(flag: str, path: str | None) -> None:
         raise ValueError(f"{flag} {path}: no such file")
 
 
-def check_model_dir(flag: str, path: str | None) -> None:
-    """A model folder: its config.json exists and holds a JSON object (an empty or damaged one is named)."""
+def check_model_dir(flag: str, path: str | None) -> dict | None:
+    """A model folder: its config.json exists and holds a JSON object (an empty, damaged or non-UTF-8 one is named).
+    Returns that object (None without ``path``)."""
     if path is None:
-        return
+        return None
     config = Path(path) / "config.json"
     if not config.is_file():
         raise ValueError(f"{flag} {path}: not a model folder (expected {config})")
     import json
 
-    text = config.read_text(errors="replace")
     try:
+        text = config.read_text(encoding="utf-8")
         data = json.loads(text) if text.strip() else None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{flag} {path}: {config} is not valid JSON ({error})") from None
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{flag} {path}: {config} is {'empty' if not text.strip() else 'not a JSON object'}: "
                          "expected a model's config")
+    return data
 
 
 def check_moe_model_dir(flag: str, path: str) -> int:
     """A minimoe model folder with MoE layers (``check_model_dir`` first): returns its expert count; raises
     ValueError naming ``flag`` for a dense model (its config.json has no "moe" section)."""
-    check_model_dir(flag, path)
-    import json
-
-    moe = json.loads((Path(path) / "config.json").read_text()).get("moe")
+    moe = check_model_dir(flag, path).get("moe")
     if not isinstance(moe, dict) or not isinstance(moe.get("num_experts"), int):
         raise ValueError(f"{flag} {path}: a dense model (its config.json has no \"moe\" section) has no experts to "
                          "trace or place: expected a minimoe MoE checkpoint")

@@ -84,6 +84,16 @@ def test_a_damaged_run_folder_is_named_in_one_line(tmp_path, capsys, changes, ex
     assert str(folder) in err and expected in err
 
 
+def test_a_model_config_that_is_not_utf8_is_named_in_one_line(tmp_path, capsys):
+    config = (BUNDLED_MODEL / "config.json").read_text().replace("{", '{"name": "\udcff",', 1)
+    folder = run_folder(tmp_path / "run")
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_bytes(config.encode("utf-8", "surrogateescape"))  # a lone 0xff byte
+    for command in ("report", "findings"):
+        err = one_line_error(capsys, [command, "--model", str(folder), "--out", str(tmp_path / "out")])
+        assert f"{folder / 'config.json'} is not valid JSON" in err and "can't decode" in err
+
+
 def test_too_many_new_tokens_are_refused_before_recording(tmp_path, capsys):
     err = one_line_error(capsys, ["trace", "--requests-per-domain", "2", "--new-tokens", "470",
                                   "--out", str(tmp_path / "t.npz")])

@@ -31,7 +31,7 @@ import torch
 from minimoe.arguments import OneLineParser, number, whole_number
 from minimoe.compress.analysis import locality, memory_attention
 from minimoe.compress.masks import build_layout
-from minimoe.compress.out_folder import claim
+from minimoe.compress.out_folder import CONFIG_FILE, claim
 from minimoe.compress.report import summarise, write_report
 from minimoe.compress.setup import Prepared, load_prepared, prepare
 from minimoe.compress.training import HANDOFFS, evaluate_compressor, train_compressor
@@ -265,7 +265,7 @@ def run(cfg: ExperimentConfig, out: Path, workers: int = 1, progress: bool = Tru
     worker process fails."""
     claim(cfg, out)
     (out / "runs").mkdir(exist_ok=True)
-    config_path = out / "experiment_config.json"
+    config_path = out / CONFIG_FILE
     prepare(cfg, out, progress=progress)
     if cfg.device == "cuda":  # hand the reader's training memory back before the workers share the GPUs
         gc.collect()

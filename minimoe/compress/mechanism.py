@@ -41,7 +41,7 @@ from minimoe.compress.mechanism_data import held_out_set
 from minimoe.compress.mechanism_training import (EVAL_CONTEXTS, greedy_answers, score_answers, teacher_forced,
                                                  train_mechanism)
 from minimoe.compress.objectives import decoder_target_logits
-from minimoe.compress.out_folder import check_same_settings, claim
+from minimoe.compress.out_folder import CONFIG_FILE, check_same_settings, claim
 from minimoe.compress.setup import load_prepared, prepare
 
 PIC = dict(layout="append", positions="restart", text_sees="chunk", mem_sees_prev_mem=False)
@@ -212,7 +212,7 @@ def run_stage(cfg, out: Path, name: str, specs: list[dict], workers: int, progre
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
             command = [sys.executable, "-m", "minimoe.compress.experiment", "--mechanism-worker", str(stage_file),
-                       "--config", str(out / "experiment_config.json"), "--out", str(out), "--no-progress"]
+                       "--config", str(out / CONFIG_FILE), "--out", str(out), "--no-progress"]
             processes.append(subprocess.Popen(command, env=env))
         failed = [p for p in processes if p.wait() != 0]
         if failed:

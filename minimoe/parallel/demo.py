@@ -325,10 +325,10 @@ def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.model and args.trace:
         raise ValueError("--model and --trace are two different runs: give one of them")
-    if args.model and args.model != "bundled" and not os.path.isdir(args.model):
-        raise FileNotFoundError(f"--model {args.model!r}: no such directory (expected a minimoe checkpoint "
-                                "or 'bundled')")
     if args.model and args.model != "bundled":
+        if not os.path.isdir(args.model):
+            raise FileNotFoundError(f"--model {args.model!r}: no such directory (expected a minimoe checkpoint "
+                                    "or 'bundled')")
         check_moe_model_dir("--model", args.model)
     if not (args.model or args.trace) and args.top_k > args.experts:
         raise ValueError(f"--top-k {args.top_k}: a token picks top_k of the --experts {args.experts}: expected at most "

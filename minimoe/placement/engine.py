@@ -177,9 +177,8 @@ class DaskEngine:
         tasks wait (Dask itself would wait for new workers forever), or when the scheduler stops answering."""
         from dask.distributed import wait
 
-        path = os.path.abspath(source.path)
-        pending = set(self.client.map(function, [path] * len(self.units(source)), self.units(source), pure=False,
-                                      **constants))
+        path, units = os.path.abspath(source.path), self.units(source)
+        pending = set(self.client.map(function, [path] * len(units), units, pure=False, **constants))
         result, alone_since = None, None
         while pending:
             try:
