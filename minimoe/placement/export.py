@@ -40,9 +40,9 @@ import numpy as np
 
 from minimoe.arguments import OneLineParser, whole_number
 from minimoe.placement.methods import Placement
-from minimoe.traces.inputs import parse_json, plural, read_text
-from minimoe.traces.layers import MAX_LAYERS, ModelLayers, layer_list, model_layers, parse_layers
-from minimoe.traces.sources import check_flags, given_flags
+from minimoe.traces.inputs import plural
+from minimoe.traces.layers import MAX_LAYERS, ModelLayers, check_experts, layer_list, model_layers, parse_layers
+from minimoe.traces.sources import check_flags, parse_with_given
 
 FORMATS = ("sglang", "trtllm", "vllm", "eplb")
 SUFFIXES = {"sglang": (".json", ".pt"), "trtllm": (".yaml", ".yml"), "vllm": (".jsonl",), "eplb": (".pt",)}
@@ -59,19 +59,18 @@ def _moe_rows(placement: Placement, moe_layers, named_by: str = "the layer list"
     """``moe_layers``, the model index of each of the placement's MoE layers, as ints; ValueError naming
     ``named_by`` (--moe-layers, --config FILE) when their count is not the placement's or they do not increase."""
     moe_layers = [int(i) for i in moe_layers]
-    if len(moe_layers) != placement.num_layers:
-        raise ValueError(f"the placement has {plural(placement.num_layers, 'MoE layer')}, but {named_by} names "
-                         f"{len(moe_layers)} ({layer_list(moe_layers)})")
+    _check_count("the placement", placement.num_layers, named_by, moe_layers)
     if sorted(set(moe_layers)) != moe_layers or (moe_layers and moe_layers[0] < 0):
         raise ValueError(f"MoE layer indices must be distinct, increasing and >= 0, got {layer_list(moe_layers)}")
     return moe_layers
 
 
-def _check_experts(layers: ModelLayers, what: str, num_experts: int) -> None:
-    """Refuse a model config whose experts per layer differ from ``what`` (the placement or the load file)'s."""
-    if layers.num_experts is not None and layers.num_experts != num_experts:
-        raise ValueError(f"{layers.source}: the model has {layers.num_experts} experts per layer, {what} "
-                         f"{num_experts}")
+def _check_count(what: str, num_layers: int, named_by: str, named: list[int]) -> None:
+    """Refuse a layer list ``named`` (by ``named_by``) whose length is not ``what``'s (the placement or the load
+    file) number of MoE layers."""
+    if len(named) != num_layers:
+        raise ValueError(f"{what} has {plural(num_layers, 'MoE layer')}, but {named_by} names {len(named)} "
+                         f"({layer_list(named)})")
 
 
 def sglang_map(placement: Placement, moe_layers, num_layers: int) -> np.ndarray:
@@ -105,40 +104,6 @@ def to_vllm(placement: Placement) -> dict:
             "initial_global_assignments": {str(i): row.tolist() for i, row in enumerate(placement.phy2log)}}
 
 
-# ---- reading the placement file -------------------------------------------------------------------------------
-def _check_fields(data, where: str) -> None:
-    """Refuse a placement object whose fields have the wrong types (a hand-edited file), naming the field;
-    ``Placement.from_dict`` then checks the keys and the table itself."""
-    if not isinstance(data, dict):
-        return
-    for key in ("num_experts", "num_nodes", "gpus_per_node"):
-        value = data.get(key)
-        if key in data and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{where}: {key} must be a whole number >= 1, got {value!r}")
-    if "method" in data and not isinstance(data["method"], str):
-        raise ValueError(f"{where}: method must be a str, got {data['method']!r}")
-    table = data.get("phy2log")
-    rows = table if isinstance(table, list) else [None]
-    if "phy2log" in data and not (rows and all(isinstance(row, list) and len(row) == len(rows[0]) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in row) for row in rows)):
-        raise ValueError(f"{where}: phy2log must be a list of equally long lists of expert ids (ints), one per MoE "
-                         "layer")
-
-
-def read_placement(path) -> Placement:
-    """A placement file (``Placement.save``) or the placement of a ``minimoe.deployment/1`` file from
-    ``minimoe report``; ValueError naming the file and the field for anything else."""
-    where = f"placement file {path}"
-    data = parse_json(read_text(path, "a placement file (JSON) from minimoe report, or a load trace .npz"), where)
-    if isinstance(data, dict) and data.get("format") == "minimoe.deployment/1":
-        data, where = data.get("placement"), f"{where}: placement"
-    _check_fields(data, where)
-    try:
-        return Placement.from_dict(data)
-    except ValueError as error:
-        raise ValueError(f"{where}: {error} (or a minimoe.deployment/1 file from minimoe report)") from None
-
-
 # ---- writing the engines' files ---------------------------------------------------------------------------
 def write(placement: Placement, fmt: str, path, layers: ModelLayers | None = None) -> str:
     """Write ``placement`` as ``fmt`` to ``path``; returns one line saying what was written and how to use it."""
@@ -147,7 +112,7 @@ def write(placement: Placement, fmt: str, path, layers: ModelLayers | None = Non
         raise ValueError(f"--format {fmt} needs the model layer index of each MoE layer: give --moe-layers or "
                          "--config (the model's config.json)")
     if layers is not None:
-        _check_experts(layers, "the placement", placement.num_experts)
+        check_experts(layers, "the placement", placement.num_experts)
         _moe_rows(placement, layers.moe_layers, layers.source)
     ranks, per_rank = placement.num_gpus, placement.slots_per_gpu
     spare = placement.num_slots - placement.num_experts
@@ -195,11 +160,10 @@ def write_loads(loads, fmt: str, path, layers: ModelLayers | None = None) -> str
 
         torch.save({"weight": torch.from_numpy(totals)}, path)
         return f"{path}: EPLB weight {tuple(totals.shape)} (tokens per expert, summed over {loads.num_steps} steps)"
+    # one id per MoE layer: _check_load_layers refused another count of layers, and LoadTrace checks its layer_ids
     ids = list(layers.moe_layers) if layers is not None else [int(i) for i in loads.layer_ids]
     if any(i < 0 for i in ids):
         raise ValueError("the load file does not say which model layers its rows are: give --moe-layers or --config")
-    if len(ids) != loads.num_layers:
-        raise ValueError(f"the load file has {plural(loads.num_layers, 'MoE layer')}, but {len(ids)} were named")
     num_layers = layers.num_layers if layers is not None else max(ids) + 1
     table = np.zeros((num_layers, loads.num_experts), np.int64)
     table[ids] = totals
@@ -215,11 +179,9 @@ def write_loads(loads, fmt: str, path, layers: ModelLayers | None = None) -> str
 
 def _check_load_layers(loads, layers: ModelLayers) -> None:
     """The checks a placement gets: the config's expert count, and the model layers the load file records."""
-    _check_experts(layers, "the load file", loads.num_experts)
+    check_experts(layers, "the load file", loads.num_experts)
     named, recorded = list(layers.moe_layers), loads.layer_ids.tolist()
-    if len(named) != loads.num_layers:
-        raise ValueError(f"the load file has {plural(loads.num_layers, 'MoE layer')}, but {layers.source} names "
-                         f"{len(named)} ({layer_list(named)})")
+    _check_count("the load file", loads.num_layers, layers.source, named)
     if all(i >= 0 for i in recorded) and named != recorded:
         raise ValueError(f"the load file records model layers {layer_list(recorded)}, but {layers.source} names "
                          f"{layer_list(named)}")
@@ -273,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     from minimoe.traces.format import _read_npz
     from minimoe.traces.loads import LoadTrace
 
-    args = build_parser().parse_args(argv)
-    check_flags(args.format, given_flags(build_parser(), argv), FLAGS, HINTS)
+    args, given = parse_with_given(build_parser, argv)
+    check_flags(args.format, given, FLAGS, HINTS)
     source, out = Path(args.placement), Path(args.out)
     expected = "a placement file from minimoe report (placement-NODESxGPUS.json) or a load file from minimoe import"
     if source.is_dir():
@@ -295,6 +257,6 @@ def main(argv: list[str] | None = None) -> int:
                              "placement file it writes")
         print(write_loads(LoadTrace.load(source), args.format, out, layers))
         return 0
-    placement = read_placement(source)
+    placement = Placement.load(source)  # errors name the file and the field
     print(write(placement, args.format, out, layers))
     return 0

@@ -32,6 +32,7 @@ from minimoe.placement.eplb import eplb, eplb_numpy, replicate_experts  # noqa: 
 from minimoe.placement.fitdata import FitData
 from minimoe.placement.locality import place_locality
 from minimoe.placement.topology import Topology
+from minimoe.traces.inputs import parse_json, read_text
 
 METHODS = ("contiguous", "round_robin", "eplb", "locality")
 
@@ -192,7 +193,8 @@ class Placement:
 
     @classmethod
     def from_dict(cls, data) -> "Placement":
-        """The inverse of ``to_dict``; ValueError for anything else."""
+        """The inverse of ``to_dict``; ValueError for anything else (a field of the wrong type named first)."""
+        _check_fields(data)
         keys = {"format", "method", "num_experts", "num_nodes", "gpus_per_node", "phy2log"}
         if not isinstance(data, dict) or set(data) != keys or data["format"] != "minimoe.placement.methods/1":
             raise ValueError(f"expected a minimoe.placement.methods/1 object with keys {sorted(keys)}")
@@ -204,19 +206,23 @@ class Placement:
     @classmethod
     def load(cls, path) -> "Placement":
         """A placement file (``save``), or the placement inside a deployment file that ``minimoe report`` wrote
-        (``minimoe.placement.deployment``)."""
-        with open(path) as file:
-            try:
-                data = json.load(file)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"placement file {os.fspath(path)!r} is not JSON: {error}") from error
+        (``minimoe.placement.deployment``); ValueError naming the file and the field for anything else."""
+        where = f"placement file {os.fspath(path)}"
+        text = read_text(path, "a placement file (JSON) from minimoe report, or a load trace .npz")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not JSON ({error})") from None
+        except RecursionError:
+            data = parse_json(text, where)  # raises its one line: nested more deeply than Python's recursion limit
         if isinstance(data, dict) and data.get("format") == "minimoe.deployment/1":
-            data = data.get("placement")
+            data, where = data.get("placement"), f"{where}: placement"
         try:
             return cls.from_dict(data)
+        except _FieldError as error:
+            raise ValueError(f"{where}: {error}") from None
         except ValueError as error:
-            raise ValueError(f"placement file {os.fspath(path)!r}: {error} (or a minimoe.deployment/1 file from "
-                             "minimoe report)") from None
+            raise ValueError(f"{where}: {error} (or a minimoe.deployment/1 file from minimoe report)") from None
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, Placement) and self.to_dict() == other.to_dict())
@@ -224,6 +230,28 @@ class Placement:
     def __repr__(self) -> str:
         return (f"Placement(method={self.method!r}, layers={self.num_layers}, experts={self.num_experts}, "
                 f"slots={self.num_slots}, gpus={self.num_nodes}x{self.gpus_per_node})")
+
+
+class _FieldError(ValueError):
+    """A placement object's field of the wrong type (``_check_fields``)."""
+
+
+def _check_fields(data) -> None:
+    """Refuse a placement object whose fields have the wrong types (a hand-edited file), naming the field;
+    ``Placement.from_dict`` then checks the keys and the table itself."""
+    if not isinstance(data, dict):
+        return
+    for key in ("num_experts", "num_nodes", "gpus_per_node"):
+        value = data.get(key)
+        if key in data and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise _FieldError(f"{key} must be a whole number >= 1, got {value!r}")
+    if "method" in data and not isinstance(data["method"], str):
+        raise _FieldError(f"method must be a str, got {data['method']!r}")
+    table = data.get("phy2log")
+    rows = table if isinstance(table, list) else [None]
+    if "phy2log" in data and not (rows and all(isinstance(row, list) and len(row) == len(rows[0]) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in row) for row in rows)):
+        raise _FieldError("phy2log must be a list of equally long lists of expert ids (ints), one per MoE layer")
 
 
 # ---- fitting data ---------------------------------------------------------------------------------------

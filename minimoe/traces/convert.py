@@ -29,11 +29,11 @@ from minimoe.traces.format import Trace
 from minimoe.traces.importers import WIRE_DTYPES, from_sglang, from_vllm
 from minimoe.traces.importers_jsonl import OUR_FIELDS, POSITIONS, from_jsonl
 from minimoe.traces.inputs import plural
-from minimoe.traces.layers import model_layers, parse_layers
+from minimoe.traces.layers import check_experts, model_layers, parse_layers
 from minimoe.traces.loads import read_trace_file
 from minimoe.traces.parquet import is_parquet, load_trace, save_trace
-from minimoe.traces.sources import (LOAD_FORMATS, SOURCES, check_flags, given_flags, guess_format, read_sglang,
-                                    read_vllm, source_table)
+from minimoe.traces.sources import (LOAD_FORMATS, SOURCES, check_flags, guess_format, parse_with_given,
+                                    read_sglang, read_vllm, source_table)
 
 FORMATS = ("auto", *SOURCES)
 
@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The parsed command line, with ``given``: the flags it names (an explicit default included), which
     ``convert`` checks against the flags the source's format reads."""
-    args = build_parser().parse_args(argv)
-    args.given = given_flags(build_parser(), argv)
+    args, given = parse_with_given(build_parser, argv)
+    args.given = given
     return args
 
 
@@ -188,9 +188,8 @@ def _load_dump(kind: str, source: Path, args, model: str):
     reader = {"sglang-stat": load_dumps.from_sglang_stat, "sglang-per-pass": load_dumps.from_sglang_per_pass,
               "trtllm-stats": load_dumps.from_trtllm, "vllm-eplb-stats": load_dumps.from_vllm_eplb}[kind]
     loads = reader(source, None if layers is None else list(layers.moe_layers), model)
-    if layers is not None and layers.num_experts is not None and layers.num_experts != loads.num_experts:
-        raise ValueError(f"{layers.source}: the model has {layers.num_experts} experts per layer, the dump "
-                         f"{loads.num_experts}")
+    if layers is not None:
+        check_experts(layers, "the dump", loads.num_experts)
     return loads
 
 

@@ -48,6 +48,15 @@ class ModelLayers:
     source: str = "the given layers"
 
 
+def check_experts(layers: ModelLayers, what: str, num_experts: int) -> None:
+    """Refuse model layers (from ``--config``) whose experts per layer differ from ``what``'s ("the placement",
+    "the load file", "the dump"): ValueError naming ``layers.source``. Nothing to check when the config does not
+    say (``--moe-layers``)."""
+    if layers.num_experts is not None and layers.num_experts != num_experts:
+        raise ValueError(f"{layers.source}: the model has {layers.num_experts} experts per layer, {what} "
+                         f"{num_experts}")
+
+
 def layer_list(values, limit: int = 8) -> str:
     """A layer list as messages show it: whole when short, else its first ``limit`` entries and its last,
     ``[0, 1, 2, 3, 4, 5, 6, 7, ... 999] (1000 in all)``; never more than a short line."""
@@ -79,14 +88,20 @@ def _count(config: dict, keys, source: str, most: int | None = None) -> int | No
     return None
 
 
+def text_config(config: dict, unless: str | None = None) -> dict:
+    """The text model's part of a config dict: its ``text_config`` when that is an object (multimodal Llama 4,
+    Qwen3-VL-MoE) and ``config`` lacks the key ``unless``; else ``config`` itself."""
+    inner = config.get("text_config")
+    return inner if isinstance(inner, dict) and (unless is None or unless not in config) else config
+
+
 def layers_from_config(config: dict, source: str = "config") -> ModelLayers:
     """The MoE layers of a transformers (or minimoe) config dict; raises ValueError naming ``source`` and the key
     (also for more than ``MAX_LAYERS`` layers)."""
     if not isinstance(config, dict) or not config:
         raise ValueError(f"{source}: expected a model's config.json (a JSON object with num_hidden_layers), "
                          f"got {type(config).__name__ if not isinstance(config, dict) else 'an empty object'}")
-    if isinstance(config.get("text_config"), dict) and "num_hidden_layers" not in config:
-        config = config["text_config"]
+    config = text_config(config, unless="num_hidden_layers")
     if isinstance(config.get("moe"), dict) and "num_layers" in config:  # minimoe's own ModelConfig
         num_layers = _count(config, ("num_layers",), source, MAX_LAYERS)
         listed = config.get("moe_layers")

@@ -83,6 +83,13 @@ def given_flags(parser: argparse.ArgumentParser, argv) -> list[str]:
     return [options[dest] for dest in vars(parser.parse_args(argv)) if dest in options]
 
 
+def parse_with_given(build_parser, argv) -> tuple[argparse.Namespace, list[str]]:
+    """``(build_parser().parse_args(argv), given_flags(build_parser(), argv))``: the parsed command line and the
+    flags it names; ``build_parser`` makes a fresh parser for each (``given_flags`` changes its defaults)."""
+    args = build_parser().parse_args(argv)
+    return args, given_flags(build_parser(), argv)
+
+
 def source_table() -> str:
     """The formats' table ``minimoe import --help`` prints: file, origin, layer numbering, flags read."""
     lines = ["sources (--format; 'auto' guesses from the name and first record):"]
