@@ -45,7 +45,6 @@ from minimoe.hf.llama import LlamaFamily
 from minimoe.hf.moe_blocks import load_moe_block_state_from_hf, moe_block_state_to_hf, moe_config_of_block
 from minimoe.hf.moe_models import MixtralFamily, OlmoeFamily, Qwen3MoeFamily
 from minimoe.model.transformer import ModelConfig, Transformer
-from minimoe.traces.layers import EXPERT_KEYS, text_config
 
 FAMILIES = {family.model_type: family for family in (LlamaFamily, MixtralFamily, Qwen3MoeFamily, OlmoeFamily)}
 
@@ -215,9 +214,7 @@ def load_hf(path, **kwargs):
     return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
 
 
-# the families' names for the expert count: minimoe.traces.layers' list, less ERNIE's moe_num_experts (its top-k is
-# moe_k, not the num_experts_per_tok checked here)
-EXPERT_COUNT_KEYS = tuple(key for key in EXPERT_KEYS if key != "moe_num_experts")
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # the families' names for it
 
 
 def check_routing_config(path) -> None:
@@ -231,7 +228,7 @@ def check_routing_config(path) -> None:
         return  # a missing or damaged file is reported by from_pretrained
     if not isinstance(config, dict):
         return
-    config = text_config(config)
+    config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
     top_k = config.get("num_experts_per_tok")
     for key in EXPERT_COUNT_KEYS:
         count = config.get(key)
