@@ -79,18 +79,15 @@ def _train(args) -> int:
         raise ValueError(f"--out {args.out} holds a training run (trainer_state.pt): pass --resume to continue it, "
                          f"or another --out for a new run")
     name, seed, bf16, steps = args.preset or "tiny", args.seed, args.bf16 or None, args.steps
-    if args.resume:  # the run's own preset, seed and bf16; --steps more than it has done
-        try:
+    try:
+        if args.resume:  # the run's own preset, seed and bf16; --steps more than it has done
             name, seed, bf16, steps = resume_settings(args.out, args.preset, args.seed, args.bf16, args.steps)
-        except ValueError as error:
-            raise ValueError(f"--resume: {error}") from None
-    model_config, train_config = preset(name, out_dir=args.out, steps=steps, device=args.device, seed=seed,
-                                        bf16=bf16)
-    if args.resume:
-        try:
+        model_config, train_config = preset(name, out_dir=args.out, steps=steps, device=args.device, seed=seed,
+                                            bf16=bf16)
+        if args.resume:
             resume_step(train_config)
-        except ValueError as error:
-            raise ValueError(f"--resume: {error}") from None
+    except ValueError as error:
+        raise ValueError(f"--resume: {error}" if args.resume else str(error)) from None
     if args.device == "cuda":
         import torch
 

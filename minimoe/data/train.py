@@ -95,9 +95,14 @@ CHANGEABLE_ON_RESUME = ("out_dir", "steps", "device")  # the others decide the d
 
 
 def resume_step(cfg: TrainConfig) -> int:
-    """The step the run in ``cfg.out_dir`` stopped at. Raises ValueError when a setting of ``cfg`` other than
-    ``CHANGEABLE_ON_RESUME`` differs from the saved run's (the model, data order and schedule would mix two runs),
-    or when the run is already at ``cfg.steps`` or beyond."""
+    """The step the run in ``cfg.out_dir`` stopped at (``resume_state``'s checks)."""
+    return int(resume_state(cfg)["step"])
+
+
+def resume_state(cfg: TrainConfig) -> dict:
+    """The trainer state ({"step", "optimizer"}, on the CPU) of the run in ``cfg.out_dir``. Raises ValueError when
+    a setting of ``cfg`` other than ``CHANGEABLE_ON_RESUME`` differs from the saved run's (the model, data order and
+    schedule would mix two runs), when the state file is damaged, or when the run is already at ``cfg.steps``."""
     out = Path(cfg.out_dir)
     saved = load_train_config(out)
     for field in dataclasses.fields(TrainConfig):
@@ -107,14 +112,15 @@ def resume_step(cfg: TrainConfig) -> int:
                              f"{old!r} ({out / 'train_config.json'}); only steps and device may change")
     state_file = out / "trainer_state.pt"
     try:
-        step = int(torch.load(state_file, map_location="cpu", weights_only=True)["step"])
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        step = int(state["step"])
     except Exception as error:  # noqa: BLE001 - a damaged file raises whatever the unpickler meets
         raise ValueError(f"{state_file} is not a readable trainer state ({type(error).__name__}): the run cannot "
                          "be resumed") from None
     if step >= cfg.steps:
         raise ValueError(f"{out} is already at step {step}: resuming with steps={cfg.steps} trains nothing; "
                          f"give more than {step} steps (--steps)")
-    return step
+    return state
 
 
 def run_preset(saved: TrainConfig) -> str | None:
@@ -192,10 +198,10 @@ def evaluate(model: Transformer, batches: dict[str, list], device, max_batches: 
 def train(model_config: ModelConfig, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) a run in ``cfg.out_dir``; returns the log (losses per step and evaluation). Resuming
     raises ValueError when the settings differ from the saved run's or it already reached ``cfg.steps``
-    (``resume_step``)."""
+    (``resume_state``)."""
     out = Path(cfg.out_dir)
-    state_path = out / "trainer_state.pt"
-    start_step = resume_step(cfg) if resume and state_path.is_file() else 0
+    state = resume_state(cfg) if resume and (out / "trainer_state.pt").is_file() else None
+    start_step = int(state["step"]) if state is not None else 0
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tokenizer, data, _ = prepare_data(cfg, out / "tokenizer.json" if resume else None)
@@ -212,7 +218,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, resume: bool = False, pro
         log = {"train_loss": [], "eval": [], "tokens_per_second": None}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     if start_step:
-        optimizer.load_state_dict(torch.load(state_path, map_location=cfg.device, weights_only=True)["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
 
     train_tokens, train_domains = data["train"]
     batches = batch_iterator(train_tokens, train_domains, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
