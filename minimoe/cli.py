@@ -308,6 +308,18 @@ def _join_dash_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _command_option(token: str) -> str | None:
+    """The commands that take the option ``token`` ("report, findings"), when it is not an option of
+    ``minimoe`` itself; else None."""
+    parser = build_parser()
+    option = token.split("=")[0]
+    if not option.startswith("-") or option in parser._option_string_actions:
+        return None
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    having = [name for name, command in commands.items() if option in command._option_string_actions]
+    return ", ".join(having) or None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for an error the user can act on)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -315,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--debug"]:
         argv = argv[1:]
     argv = _join_dash_values(argv)
+    misplaced = _command_option(argv[0]) if argv else None
+    if misplaced:  # argparse would take its value for the command and call that an invalid choice
+        print(f"minimoe: error: {argv[0].split('=')[0]} is an option of {misplaced} and goes after the command, "
+              f"e.g. minimoe {misplaced.split(', ')[0]} {' '.join(argv)}", file=sys.stderr)
+        return 2
     if argv and argv[0] in FORWARDED:  # these parse their own arguments
         args = argparse.Namespace(command=argv[0], func=_forward(argv[0]), rest=argv[1:])
     else:

@@ -45,6 +45,16 @@ def test_no_command_prints_the_usage_and_fails(capsys):
     assert err.startswith("usage: minimoe") and "give a command" in err
 
 
+def test_an_option_before_the_command_is_named_with_the_commands_that_take_it(capsys):
+    assert main(["--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("minimoe: error: --threads is an option of report,") and "invalid choice" not in err
+    assert err.endswith("e.g. minimoe report --threads 1") and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as stop:  # not an option of any command: argparse's own message
+        main(["--bogus"])
+    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def run_folder(path, **changes):
     """A copy of the bundled run in ``path`` (weights linked), with files replaced by ``changes``."""
     path.mkdir()
