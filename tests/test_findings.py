@@ -19,7 +19,8 @@ import pytest
 
 from minimoe.traces import analysis
 from minimoe.cli import main
-from minimoe.traces.findings import findings, format_findings, request_loads, uniform_imbalance
+from minimoe.traces.findings import findings, request_loads, uniform_imbalance
+from minimoe.traces.findings_table import format_findings
 from minimoe.traces import Trace
 from minimoe.traces import bundled_trace
 

@@ -53,7 +53,8 @@ def load_or_record(args, say=progress):
 def findings_command(args) -> int:
     import json
 
-    from minimoe.traces.findings import findings, format_findings
+    from minimoe.traces.findings import findings
+    from minimoe.traces.findings_table import format_findings
     from minimoe.traces.format import Trace
 
     check_input_file("--trace", args.trace)

@@ -40,7 +40,8 @@ from minimoe.placement.hypergraph import mtkahypar_available
 from minimoe.placement.parallel_fits import auto_processes
 from minimoe.placement.streaming import StreamedExperiments
 from minimoe.placement.topology import Topology
-from minimoe.traces.findings import findings_of_stats, format_findings
+from minimoe.traces.findings import findings_of_stats
+from minimoe.traces.findings_table import format_findings
 from minimoe.traces.format import Trace
 from minimoe.traces.stats import ClassRule, TraceStats
 

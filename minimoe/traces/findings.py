@@ -34,7 +34,8 @@ Everything is computed from the per-request statistics of one pass over the trac
 on one machine or many) are the same numbers as those of the same trace in memory.
 
 A finding that a trace cannot support (one domain label, no decode tokens, a single request, ...) is
-returned as ``{"unavailable": reason}`` and printed as "not measured: reason"; the others are still measured.
+returned as ``{"unavailable": reason}`` and printed as "not measured: reason" (``minimoe.traces.findings_table``);
+the others are still measured.
 
 ``minimoe findings`` records the bundled model's workload (``minimoe.traces.bundled_trace``: held-out prompts
 of four domains, prefill + 32 sampled decode tokens) or reads ``--trace FILE`` and prints the table;
@@ -47,7 +48,6 @@ import numpy as np
 
 from minimoe.traces.analysis import gini, js_divergence, max_over_mean, normalized_entropy, paired_similarity
 from minimoe.traces.format import Trace
-from minimoe.traces.inputs import plural
 from minimoe.traces.stats import TraceStats, trace_stats
 
 DEFAULT_REQUESTS_PER_DOMAIN = 500  # x 4 domains = 2000 requests, about 260 K routed tokens
@@ -302,94 +302,3 @@ def findings_of_stats(stats: TraceStats, seed: int = 0, num_splits: int = 100, n
         prefill_decode=({"unavailable": paired_reason} if paired_reason
                         else prefill_decode_finding(stats, num_shuffles, seed)),
     )
-
-
-# ---- the printed table ---------------------------------------------------------------------------------------
-def _versus_baseline(domain: dict) -> str:
-    """The smallest between-domain JS next to the largest random-split JS, with their ratio when it has one."""
-    between, baseline = domain["between_min"], domain["baseline_max"]
-    if baseline > 0:
-        return f"smallest between-domain JS {between:.4f} = {between / baseline:.1f}x the largest random-split JS " \
-               f"{baseline:.4f}"
-    why = "both are 0" if between == 0 else "the baseline is 0"
-    return f"smallest between-domain JS {between:.4f}, largest random-split JS {baseline:.4f}: ratio not measured " \
-           f"({why})"
-
-
-def _row(label: str, values, fmt: str = "{:6.3f}", extra: str = "") -> str:
-    return f"  {label:<26s}" + "".join(f"  {fmt.format(v):>13s}" for v in values) + (f"   {extra}" if extra else "")
-
-
-def _requests(count: int) -> str:
-    return f"{count:,} request" + ("" if count == 1 else "s")
-
-
-def _label(domain: str) -> str:
-    """A domain label as printed: an empty one is shown as such, not as blank space."""
-    return domain or "(empty label)"
-
-
-def format_findings(result: dict) -> str:
-    """The findings as a plain-text table (what ``minimoe findings`` prints)."""
-    info, imbalance, domain, paired = result["trace"], result["imbalance"], result["domain"], result["prefill_decode"]
-    layers = range(info["layers"])
-    domains = ", ".join(f"{_label(d)} {n}" for d, n in info["requests_per_domain"].items())
-    phases = (f"{info['prefill_tokens']:,} prefill, {info['decode_tokens']:,} decode"
-              if info["prefill_tokens"] + info["decode_tokens"] else "phases unknown")
-    lines = [f"trace {info['model'] or '(unnamed)'}: {_requests(info['requests'])}" + (f" ({domains})" if domains
-                                                                                          else "") + ", "
-             f"{info['tokens']:,} tokens ({phases}), "
-             f"{plural(info['layers'], 'MoE layer')}, {plural(info['experts'], 'expert')}, top-{info['top_k']}", ""]
-    header = _row("", [f"layer {l}" for l in layers], "{}", "uniform routing, same tokens")
-    groups = imbalance["groups"]
-    lines += ["(a) Load imbalance per layer (max/mean load; 1 = balanced)", header]
-    for name, group in groups.items():
-        lines.append(_row(f"{_label(name)} ({group['tokens']:,} tok)", group["max_over_mean"], extra=
-                          f"{group['uniform']['max_over_mean']:.3f} (p95 {group['uniform']['max_over_mean_p95']:.3f})"))
-    low, high = groups["all"]["max_over_mean_ci"]
-    if info["requests"] < 2:  # resampling one request gives it back every time: no interval
-        lines.append(f"  {'all: bootstrap 2.5-97.5%':<26s}  not measured: one request")
-    else:
-        lines.append(_row("all: bootstrap 2.5-97.5%", [f"{a:.2f}-{b:.2f}" for a, b in zip(low, high)], "{}"))
-    for stat, label in (("gini", "Gini"), ("entropy", "entropy / log E")):
-        lines.append(_row(f"all: {label}", groups["all"][stat], extra=f"{groups['all']['uniform'][stat]:.3f}"))
-    lines.append(_row("all: hottest expert", groups["all"]["hottest_expert"], "{}"))
-    if imbalance["layers_differ"] is None:
-        verdict = f"layers not compared ({imbalance['layers_differ_unavailable']})"
-    else:
-        verdict = (f"layer {imbalance['most_imbalanced_layer']} above layer {imbalance['least_imbalanced_layer']} "
-                   f"in {imbalance['layers_differ_confidence']:.1%} of bootstrap resamples "
-                   f"(differ: {imbalance['layers_differ']})")
-    lines += [f"  -> every layer above uniform p95: {imbalance['above_uniform']}; {verdict}", ""]
-    if "unavailable" in domain:
-        lines += [f"(b) Domain specificity: not measured: {domain['unavailable']}", ""]
-    else:
-        lines += [f"(b) Domain specificity: JS divergence (bits) between domains' expert popularity",
-                  _row("", [f"layer {l}" for l in layers], "{}", "mean over layers")]
-        for name, pair in domain["pairs"].items():
-            lines.append(_row(name, pair["per_layer"], extra=f"{pair['mean']:.4f}"))
-        per_layer = domain["baseline_per_layer"]
-        lines.append(_row(f"random halves: mean", per_layer["mean"], "{:6.4f}", f"{domain['baseline_mean']:.4f}"))
-        lines.append(_row(f"random halves: max", per_layer["max"], "{:6.4f}",
-                          f"{domain['baseline_max']:.4f}  ({domain['num_splits']} splits of "
-                          + ", ".join(domain["baseline_domains"]) + ")"))
-        lines += [f"  -> {_versus_baseline(domain)}; above the baseline in every layer: {domain['above_baseline']}",
-                  ""]
-    if "unavailable" in paired:
-        lines.append(f"(c) Prefill predicts decode: not measured: {paired['unavailable']}")
-        return "\n".join(lines)
-    lines += [f"(c) Prefill predicts decode: Pearson r of each request's prefill and decode expert histograms "
-              f"({_requests(paired['requests'])})",
-              f"  {'':<26s}  {'mean':>8s}  {'median':>8s}  {'p95':>8s}  {'max mean':>8s}   requests above p95"]
-    matched = paired["matched"]
-    lines.append(f"  {'matched (own decode)':<26s}  {matched['mean']:8.3f}  {matched['median']:8.3f}")
-    for key, label, frac in (("shuffled", "shuffled across requests", "fraction_above_shuffled_p95"),
-                             ("within_domain", "shuffled within a domain", "fraction_above_within_domain_p95")):
-        if key in paired:
-            s = paired[key]
-            lines.append(f"  {label:<26s}  {s['mean']:8.3f}  {s['median']:8.3f}  {s['p95']:8.3f}  "
-                         f"{s['max_shuffle_mean']:8.3f}   {paired[frac]:.1%} of matched (5% by chance)")
-    lines.append(f"  -> the matched mean beats the mean of each of {paired['num_shuffles']} shuffles "
-                 f"(max mean column): {paired['above_baseline']}")
-    return "\n".join(lines)
-
