@@ -232,7 +232,7 @@ def _table() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minimoe.traces.format import _read_npz
+    from minimoe.traces.npz import read_npz
     from minimoe.traces.loads import LoadTrace
 
     args, given = parse_with_given(build_parser, argv)
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--num-layers goes with --moe-layers")
     layers = model_layers(args.moe_layers, args.config, args.num_layers)  # errors name the config or --moe-layers
     if source.suffix == ".npz":
-        arrays = _read_npz(source)
+        arrays = read_npz(source)
         if "kind" not in arrays:
             raise ValueError(f"{source} is a per-token trace: run minimoe report --trace on it and export the "
                              "placement file it writes")

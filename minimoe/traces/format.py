@@ -38,12 +38,12 @@ converts serving-system logs (vLLM, SGLang, JSONL) to this format.
 from __future__ import annotations
 
 import json
-import math
-import os
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
+
+from minimoe.traces.npz import file_label, read_npz
 
 MAX_EXPERTS = 32768  # ids must fit int16: 0 .. 32767
 PHASES = {"prefill": 0, "decode": 1, "unknown": -1}
@@ -282,28 +282,29 @@ class Trace:
 
         Raises FileNotFoundError for a missing path, and ValueError naming the file for anything else.
         """
-        arrays = _read_npz(path)
+        arrays = read_npz(path)
         missing = [name for name in _REQUIRED if name not in arrays]
         unknown = sorted(set(arrays) - set(_REQUIRED) - set(_OPTIONAL))
         if missing or unknown:
-            raise ValueError(f"trace file {_label(path)}: missing arrays {missing}, unexpected arrays {unknown}; "
+            raise ValueError(f"trace file {file_label(path)}: missing arrays {missing}, unexpected arrays {unknown}; "
                              f"expected {list(_REQUIRED)} and optionally {list(_OPTIONAL)}")
         expected = dict(experts=np.int16, request=np.int32, phase=np.int8, weights=np.float16)
         for name, dtype in expected.items():
             if name in arrays and arrays[name].dtype != np.dtype(dtype):
-                raise ValueError(f"trace file {_label(path)}: {name} must be {np.dtype(dtype).name}, "
+                raise ValueError(f"trace file {file_label(path)}: {name} must be {np.dtype(dtype).name}, "
                                  f"got {arrays[name].dtype}")
         if arrays["domain"].dtype.kind != "U":
-            raise ValueError(f"trace file {_label(path)}: domain must be a unicode array, got {arrays['domain'].dtype}")
+            raise ValueError(f"trace file {file_label(path)}: domain must be a unicode array, "
+                             f"got {arrays['domain'].dtype}")
         model = arrays["model"]
         if model.shape != () or model.dtype.kind != "U":
-            raise ValueError(f"trace file {_label(path)}: model must be a 0-d unicode array, "
+            raise ValueError(f"trace file {file_label(path)}: model must be a 0-d unicode array, "
                              f"got dtype {model.dtype} shape {model.shape}")
         meta = {}
         for name in ("num_experts", "top_k"):
             value = arrays[name]
             if value.shape != () or value.dtype.kind not in "iu":
-                raise ValueError(f"trace file {_label(path)}: {name} must be a 0-d integer array, "
+                raise ValueError(f"trace file {file_label(path)}: {name} must be a 0-d integer array, "
                                  f"got dtype {value.dtype} shape {value.shape}")
             meta[name] = int(value)
         notes = None
@@ -314,61 +315,16 @@ class Trace:
             except json.JSONDecodeError:
                 notes = None
             if not isinstance(notes, dict):
-                raise ValueError(f"trace file {_label(path)}: notes must be a 0-d unicode array holding a JSON "
+                raise ValueError(f"trace file {file_label(path)}: notes must be a 0-d unicode array holding a JSON "
                                  f"object, got dtype {text.dtype} shape {text.shape}")
         if arrays["domain"].ndim > 1:
-            raise ValueError(f"trace file {_label(path)}: domain must have shape (N,), () or (0,), "
+            raise ValueError(f"trace file {file_label(path)}: domain must have shape (N,), () or (0,), "
                              f"got {arrays['domain'].shape}")
         try:
             return cls(experts=arrays["experts"], request=arrays["request"], phase=arrays["phase"],
                        domain=arrays["domain"], model=str(model), weights=arrays.get("weights"), notes=notes, **meta)
         except ValueError as error:
-            raise ValueError(f"trace file {_label(path)}: {error}") from None
-
-
-def _label(path) -> str:
-    return repr(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else "<file object>"
-
-
-MAX_DEFLATE_RATIO = 1100  # deflate cannot expand data by more than ~1032x: a larger claim is a forged size
-
-
-def _read_npz(path) -> dict[str, np.ndarray]:
-    """Read every member of an .npz archive without pickles, checking each header against its real size
-    before any data is read, so a forged header cannot make us allocate or inflate gigabytes."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            arrays = {}
-            for info in archive.infolist():
-                name = info.filename[:-4]
-                if not info.filename.endswith(".npy") or name in arrays:
-                    raise ValueError(f"member {info.filename!r} is not a .npy array or appears twice")
-                if info.file_size > MAX_DEFLATE_RATIO * info.compress_size + 4096:
-                    raise ValueError(f"member {info.filename!r} claims {info.file_size} bytes from "
-                                     f"{info.compress_size} compressed bytes, more than deflate can produce")
-                with archive.open(info) as member:
-                    version = np.lib.format.read_magic(member)
-                    if version not in ((1, 0), (2, 0)):
-                        raise ValueError(f"member {info.filename!r} has .npy version {version}, expected 1.0/2.0")
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read_header(member)
-                    if dtype.hasobject:
-                        raise ValueError(f"member {info.filename!r} is an object array; pickles are refused")
-                    declared = math.prod(shape) * dtype.itemsize
-                    if declared != info.file_size - member.tell():
-                        raise ValueError(f"member {info.filename!r} declares {declared} bytes of data for shape "
-                                         f"{shape}, but holds {info.file_size - member.tell()}")
-                with archive.open(info) as member:
-                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
-            return arrays
-    except ValueError as error:
-        raise ValueError(f"trace file {_label(path)}: {error}") from error
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # BadZipFile, EOFError, zlib.error, ...: whatever a damaged archive raises
-        raise ValueError(f"trace file {_label(path)} is not a readable .npz trace ({type(error).__name__}: "
-                         f"{error})") from error
+            raise ValueError(f"trace file {file_label(path)}: {error}") from None
 
 
 def concat(traces: list[Trace]) -> Trace:

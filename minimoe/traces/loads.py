@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minimoe.traces.format import MAX_EXPERTS, Trace, _label, _read_npz
+from minimoe.traces.format import MAX_EXPERTS, Trace
+from minimoe.traces.npz import file_label, read_npz
 from minimoe.traces.inputs import plural
 
 KIND = "loads"
@@ -150,14 +151,15 @@ class LoadTrace:
 
     @classmethod
     def load(cls, path) -> "LoadTrace":
-        return _from_arrays(_read_npz(path), path)
+        return _from_arrays(read_npz(path), path)
 
 
 def _from_arrays(arrays: dict, path) -> LoadTrace:
     missing = [name for name in _ARRAYS if name not in arrays]
     unknown = sorted(set(arrays) - set(_ARRAYS) - {"coactivation"})
     if missing or unknown or str(arrays["kind"]) != KIND:
-        raise ValueError(f"load trace file {_label(path)}: missing arrays {missing}, unexpected {unknown}; expected "
+        raise ValueError(f"load trace file {file_label(path)}: missing arrays {missing}, unexpected {unknown}; "
+                         f"expected "
                          f"{list(_ARRAYS)} (kind='{KIND}') and optionally coactivation")
     try:
         scalars = {name: arrays[name].item() for name in ("num_experts", "top_k", "model", "source", "ordered")}
@@ -167,24 +169,26 @@ def _from_arrays(arrays: dict, path) -> LoadTrace:
         if not isinstance(notes, dict):
             raise ValueError("notes must hold a JSON object")
         return LoadTrace(counts=arrays["counts"], layer_ids=arrays["layer_ids"],
-                         coactivation=arrays.get("coactivation"), notes=notes, num_experts=int(scalars["num_experts"]), top_k=int(scalars["top_k"]),
+                         coactivation=arrays.get("coactivation"), notes=notes,
+                         num_experts=int(scalars["num_experts"]), top_k=int(scalars["top_k"]),
                          model=str(scalars["model"]), source=str(scalars["source"]), ordered=bool(scalars["ordered"]))
     except (ValueError, TypeError, json.JSONDecodeError) as error:
-        raise ValueError(f"load trace file {_label(path)}: {error}") from None
+        raise ValueError(f"load trace file {file_label(path)}: {error}") from None
 
 
 def read_trace_file(path) -> Trace | LoadTrace:
     """A per-token ``Trace`` or a ``LoadTrace``, whichever the .npz file holds (both checked strictly). A
     per-token trace must hold a token and, in every MoE layer, an expert id: ValueError naming the file."""
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
     if "kind" in arrays:
         return _from_arrays(arrays, path)
     trace = Trace.load(path)
     if trace.num_tokens == 0:
-        raise ValueError(f"trace file {_label(path)} holds no token: there is nothing to measure")
+        raise ValueError(f"trace file {file_label(path)} holds no token: there is nothing to measure")
     empty = np.flatnonzero((trace.experts < 0).all(axis=(0, 2)))
     if empty.size:
-        raise ValueError(f"trace file {_label(path)}: MoE layer {int(empty[0])} holds no expert id (all -1): a dense "
+        raise ValueError(f"trace file {file_label(path)}: MoE layer {int(empty[0])} holds no expert id (all -1): "
+                         f"a dense "
                          "layer, or a layer the capture never wrote")
     return trace
 
