@@ -476,3 +476,37 @@ def test_the_triton_pack_equals_three_index_selects(dtype):
         pack(units, rows, slots, weights, x, slot_part, weight_part, row_part)
         assert torch.equal(slot_part[:count], slots[units]) and torch.equal(weight_part[:count], weights[units])
         assert torch.equal(row_part[:count], x[rows]) and (row_part[count:] == 7).all()
+
+
+def test_the_fast_triton_launch_picks_the_kernel_triton_picks_and_computes_the_same():
+    """``triton_launch.launch`` keys its own cache: for every mix of aligned and misaligned tensors and of integers
+    Triton specialises differently (1, a multiple of 16, other, wider than 32 bits), the compiled kernel it runs is
+    the one Triton's ``warmup`` returns, and the output equals ``kernel[grid](...)``'s."""
+    pytest.importorskip("triton")
+    from minimoe.model import bag_sum_triton
+    from minimoe.model import triton_launch
+    from minimoe.model.triton_launch import compiled_for, launch
+
+    kernel = bag_sum_triton._kernel()
+    g = torch.Generator(device="cuda").manual_seed(8)
+    base = torch.randn(70, 48, device="cuda", generator=g)
+    for offset, columns in ((0, 32), (1, 17), (0, 1), (3, 16)):  # offset 1: the table starts 4 bytes past 16
+        table = base.view(-1)[offset:offset + 64 * columns].view(64, columns)
+        index = torch.randint(0, 64, (5, 3), device="cuda", generator=g)
+        weights = torch.rand(5, 3, device="cuda", generator=g)
+        for num_table_rows in (64, 1, 1 << 40):
+            outs = []
+            for fast in (True, False):
+                out = torch.full((5, columns), float("nan"), device="cuda")
+                args = (index, weights, table, out, 3, columns, table.stride(0), table.stride(1), out.stride(0),
+                        num_table_rows)
+                constexprs = dict(HAS_WEIGHTS=True, ZERO_OUTSIDE=False, BLOCK=32)
+                if fast:
+                    launch(kernel, (5, -(-columns // 32)), *args, **constexprs)
+                    picked = compiled_for(kernel, *args, **constexprs)
+                    if triton_launch._FAST:  # else this Triton release launches through kernel[grid]
+                        assert picked is kernel.warmup(*args, grid=(5, 1), **constexprs)
+                else:
+                    kernel[(5, -(-columns // 32))](*args, **constexprs)
+                outs.append(out)
+            assert torch.equal(outs[0], outs[1]) and not outs[0].isnan().any()

@@ -26,6 +26,8 @@ import functools
 
 import torch
 
+from minimoe.model.triton_launch import launch
+
 BLOCK_C = 1024
 COLUMN_MAJOR_MAX_BYTES = 16 << 20
 TILE_ROWS, TILE_COLUMNS = 128, 32  # the column-major kernel's tile (the fastest of nine at 512 tokens on an H100)
@@ -120,13 +122,12 @@ def bag_sum_triton(index: torch.Tensor, table: torch.Tensor, weights: torch.Tens
         weights_arg = weights_arg.view(torch.uint8)
     if table.stride(0) == 1 and table.shape[1] > 1:  # column-major: tiles of rows share the sectors they read
         grid = (-(-num_rows // TILE_ROWS), -(-table.shape[1] // TILE_COLUMNS))
-        _tiled_kernel()[grid](index, weights_arg, table, out, num_rows, m, table.shape[1], table.stride(0),
-                              table.stride(1), out.stride(0), HAS_WEIGHTS=weights is not None, ROWS=TILE_ROWS,
-                              COLUMNS=TILE_COLUMNS)
+        launch(_tiled_kernel(), grid, index, weights_arg, table, out, num_rows, m, table.shape[1], table.stride(0),
+               table.stride(1), out.stride(0), HAS_WEIGHTS=weights is not None, ROWS=TILE_ROWS, COLUMNS=TILE_COLUMNS)
         return out
     grid = (num_rows, -(-table.shape[1] // BLOCK_C))
-    kernel[grid](index, weights_arg, table, out, m, table.shape[1], table.stride(0), table.stride(1), out.stride(0),
-                 table.shape[0], HAS_WEIGHTS=weights is not None, ZERO_OUTSIDE=False, BLOCK=BLOCK_C)
+    launch(kernel, grid, index, weights_arg, table, out, m, table.shape[1], table.stride(0), table.stride(1),
+           out.stride(0), table.shape[0], HAS_WEIGHTS=weights is not None, ZERO_OUTSIDE=False, BLOCK=BLOCK_C)
     return out
 
 
@@ -140,7 +141,7 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out = table.new_empty(index.shape[0], table.shape[1])
     if index.shape[0] and table.shape[1]:
         index = index if index.is_contiguous() else index.contiguous()
-        kernel[(index.shape[0], -(-table.shape[1] // BLOCK_C))](
-            index, index, table, out, 1, table.shape[1], table.stride(0), table.stride(1), out.stride(0),
-            table.shape[0], HAS_WEIGHTS=False, ZERO_OUTSIDE=True, BLOCK=BLOCK_C)
+        launch(kernel, (index.shape[0], -(-table.shape[1] // BLOCK_C)), index, index, table, out, 1, table.shape[1],
+               table.stride(0), table.stride(1), out.stride(0), table.shape[0], HAS_WEIGHTS=False, ZERO_OUTSIDE=True,
+               BLOCK=BLOCK_C)
     return out

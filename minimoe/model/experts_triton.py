@@ -36,6 +36,8 @@ import functools
 
 import torch
 
+from minimoe.model.triton_launch import launch
+
 try:  # Triton is optional: without it the grouped products run through torch._grouped_mm
     import triton
     import triton.language as tl
@@ -176,12 +178,11 @@ def swiglu_experts(x: torch.Tensor, source: torch.Tensor, group_ends: torch.Tens
         return out
     tiles = dict(GATE_UP_TILES if gate_up_tiles is None else gate_up_tiles)
     block_m, splits = row_blocks(num_entries, num_experts, tiles.pop("MAX_BLOCK_M"))
-    _gate_up_kernel[(splits, triton.cdiv(width, tiles["BLOCK_N"]), num_experts)](
-        x, source, group_ends, gate_up_proj, inner, x.shape[0], hidden, width, *gate_up_proj.stride(),
-        BLOCK_M=block_m, EVEN_K=hidden % tiles["BLOCK_K"] == 0, **tiles)
+    launch(_gate_up_kernel, (splits, triton.cdiv(width, tiles["BLOCK_N"]), num_experts), x, source, group_ends,
+           gate_up_proj, inner, x.shape[0], hidden, width, *gate_up_proj.stride(), BLOCK_M=block_m,
+           EVEN_K=hidden % tiles["BLOCK_K"] == 0, **tiles)
     tiles = dict(DOWN_TILES if down_tiles is None else down_tiles)
     block_m, splits = row_blocks(num_entries, num_experts, tiles.pop("MAX_BLOCK_M"))
-    _down_kernel[(splits, triton.cdiv(hidden, tiles["BLOCK_N"]), num_experts)](
-        inner, group_ends, down_proj, out, width, hidden, *down_proj.stride(), BLOCK_M=block_m,
-        EVEN_K=width % tiles["BLOCK_K"] == 0, **tiles)
+    launch(_down_kernel, (splits, triton.cdiv(hidden, tiles["BLOCK_N"]), num_experts), inner, group_ends, down_proj,
+           out, width, hidden, *down_proj.stride(), BLOCK_M=block_m, EVEN_K=width % tiles["BLOCK_K"] == 0, **tiles)
     return out

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from minimoe.model.triton_launch import launch
+
 try:  # Triton is optional: without it ``grouped.grouped_experts`` sorts with PyTorch ops
     import triton
     import triton.language as tl
@@ -112,7 +114,7 @@ def grouped_layout_triton(expert_ids: torch.Tensor, num_experts: int, num_rows: 
     place = torch.empty(num_entries, dtype=torch.int64, device=device)
     source = torch.empty(size, dtype=torch.int64, device=device)  # every row written by the second kernel
     ends = torch.empty(num_experts, dtype=torch.int32, device=device)
-    _totals_kernel[(num_blocks,)](flat, num_entries, num_experts, totals, BLOCK=block, EP=ep)
-    _layout_kernel[(num_blocks,)](flat, num_entries, num_experts, m, num_rows, align, size, totals, num_blocks,
-                                  place, source, ends, BLOCK=block, EP=ep, SCAN=64)
+    launch(_totals_kernel, (num_blocks,), flat, num_entries, num_experts, totals, BLOCK=block, EP=ep)
+    launch(_layout_kernel, (num_blocks,), flat, num_entries, num_experts, m, num_rows, align, size, totals,
+           num_blocks, place, source, ends, BLOCK=block, EP=ep, SCAN=64)
     return place, ends, source

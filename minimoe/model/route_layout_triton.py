@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from minimoe.model import router_triton
+from minimoe.model.triton_launch import launch
 
 try:  # Triton is optional: without it the router and the layout run their own paths
     import triton
@@ -147,8 +148,8 @@ def softmax_topk_layout(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, 
     place = torch.empty(num_tokens * top_k, dtype=torch.int64, device=device)
     source = torch.empty(size, dtype=torch.int64, device=device)  # every row written by the kernel
     ends = torch.empty(num_experts, dtype=torch.int32, device=device)
-    _route_layout_kernel[(1,)](logits, logits.stride(0), num_tokens, num_experts, align, size, probs, weights, ids,
-                               place, source, ends, TOP_K=top_k, KP=triton.next_power_of_2(top_k),
-                               NORM=norm_topk_prob, BLOCK_T=triton.next_power_of_2(max(1, num_tokens)),
-                               EP=triton.next_power_of_2(num_experts), PAD=1024, num_warps=NUM_WARPS)
+    launch(_route_layout_kernel, (1,), logits, logits.stride(0), num_tokens, num_experts, align, size, probs, weights,
+           ids, place, source, ends, TOP_K=top_k, KP=triton.next_power_of_2(top_k), NORM=norm_topk_prob,
+           BLOCK_T=triton.next_power_of_2(max(1, num_tokens)), EP=triton.next_power_of_2(num_experts), PAD=1024,
+           num_warps=NUM_WARPS)
     return ids, weights, probs, place, ends, source

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from minimoe.model.triton_launch import launch
+
 try:  # Triton is optional: without it the PyTorch ops run
     import triton
     import triton.language as tl
@@ -77,7 +79,7 @@ def softmax_topk(logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True):
     if num_tokens:
         ep = triton.next_power_of_2(num_experts)
         block_t = max(1, TILE // ep)
-        _softmax_topk_kernel[(triton.cdiv(num_tokens, block_t),)](
-            logits, probs, weights, ids, num_tokens, num_experts, logits.stride(0), TOP_K=top_k,
-            KP=triton.next_power_of_2(top_k), NORM=norm_topk_prob, BLOCK_T=block_t, EP=ep)
+        launch(_softmax_topk_kernel, (triton.cdiv(num_tokens, block_t),), logits, probs, weights, ids, num_tokens,
+               num_experts, logits.stride(0), TOP_K=top_k, KP=triton.next_power_of_2(top_k), NORM=norm_topk_prob,
+               BLOCK_T=block_t, EP=ep)
     return ids, weights, probs

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from minimoe.model.triton_launch import launch
+
 try:  # Triton is optional: without it the PyTorch ops run
     import triton
     import triton.language as tl
@@ -42,5 +44,5 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("silu_mul needs Triton (pip install triton)")
     out = torch.empty_like(gate)
     if gate.numel():
-        _silu_mul_kernel[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, out, gate.numel(), BLOCK=BLOCK)
+        launch(_silu_mul_kernel, (triton.cdiv(gate.numel(), BLOCK),), gate, up, out, gate.numel(), BLOCK=BLOCK)
     return out

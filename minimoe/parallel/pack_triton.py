@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from minimoe.model.triton_launch import launch
+
 try:  # Triton is optional: without it ``dispatch._send`` runs the three gathers
     import triton
     import triton.language as tl
@@ -58,7 +60,6 @@ def pack(units: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, weights: 
     count, hidden, m = units.shape[0], x.shape[1], slots.shape[1]
     if count == 0:
         return
-    _pack_kernel[(count, max(1, triton.cdiv(hidden, BLOCK)))](
-        units, rows, slots, weights, x, out_slots, out_weights, out_rows, m, hidden, slots.stride(0),
-        weights.stride(0), x.stride(0), out_slots.stride(0), out_weights.stride(0), out_rows.stride(0),
-        BLOCK=BLOCK, MP=triton.next_power_of_2(max(1, m)))
+    launch(_pack_kernel, (count, max(1, triton.cdiv(hidden, BLOCK))), units, rows, slots, weights, x, out_slots,
+           out_weights, out_rows, m, hidden, slots.stride(0), weights.stride(0), x.stride(0), out_slots.stride(0),
+           out_weights.stride(0), out_rows.stride(0), BLOCK=BLOCK, MP=triton.next_power_of_2(max(1, m)))

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from minimoe.model.triton_launch import launch
+
 BLOCK_U = 256
 SCAN_BLOCKS = 64
 MAX_SCAN = 1 << 16  # block totals each program of the second kernel reads
@@ -135,11 +137,10 @@ def plan_triton(dest: torch.Tensor, divisor: int, num_gpus: int, rank: int, pair
     totals = counts  # one block: the plan kernel reads no totals (any pointer will do)
     if num_blocks > 1:
         totals = torch.empty(num_blocks, gp, dtype=torch.int32, device=device)
-        _block_totals_kernel[(num_blocks,)](dest, divisor, num_units, rank, num_gpus, totals, M=m, BLOCK=BLOCK_U,
-                                            GP=gp)
-    _plan_kernel[(num_blocks,)](dest, divisor, num_units, rank, num_gpus, totals, num_blocks, counts, position,
-                                mask.view(torch.int8), send, one_position, one_mask.view(torch.int8), send_rows,
-                                M=m, BLOCK=BLOCK_U, GP=gp, SCAN=SCAN_BLOCKS, PAIRS=pairs_of,
-                                ONE_BLOCK=num_blocks == 1)
+        launch(_block_totals_kernel, (num_blocks,), dest, divisor, num_units, rank, num_gpus, totals, M=m,
+               BLOCK=BLOCK_U, GP=gp)
+    launch(_plan_kernel, (num_blocks,), dest, divisor, num_units, rank, num_gpus, totals, num_blocks, counts,
+           position, mask.view(torch.int8), send, one_position, one_mask.view(torch.int8), send_rows, M=m,
+           BLOCK=BLOCK_U, GP=gp, SCAN=SCAN_BLOCKS, PAIRS=pairs_of, ONE_BLOCK=num_blocks == 1)
     extra = ((one_position.view(num_units, 1), one_mask), send_rows) if pairs_of else None
     return counts, mask, position, send, extra
