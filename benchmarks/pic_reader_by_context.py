@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from minimoe.compress.experiment import ExperimentConfig
+from minimoe.compress.experiment_config import ExperimentConfig
 from minimoe.compress.qa_data import generate_documents
 from minimoe.compress.setup import sentence_token_counter, load_prepared
 from minimoe.compress.training import build_qa_set, evaluate_reader

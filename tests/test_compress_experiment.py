@@ -9,7 +9,8 @@ import torch
 
 from minimoe.compress.analysis import locality, time_to_target
 from minimoe.cli import main as cli_main
-from minimoe.compress.experiment import PRESETS, ExperimentConfig, main, run, settings
+from minimoe.compress.experiment import main, run, settings
+from minimoe.compress.experiment_config import PRESETS, ExperimentConfig
 from minimoe.compress.out_folder import claim, first_difference
 from minimoe.compress.report import markdown, paired_time_ratio
 

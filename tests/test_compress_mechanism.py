@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from minimoe.compress import Compressor
-from minimoe.compress.experiment import PRESETS, ExperimentConfig, main
+from minimoe.compress.experiment import main
+from minimoe.compress.experiment_config import PRESETS, ExperimentConfig
 from minimoe.compress.masks import MEMORY, TEXT, build_layout, global_mask, pic_mask
 from minimoe.compress.mechanism import (all_pilot_settings, choose_read_path_and_lr, grid_settings,
                                        run_mechanism)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from minimoe.compress import experiment, smollm2
-from minimoe.compress.experiment import PRESETS, ExperimentConfig, main, run
+from minimoe.compress.experiment import main, run
+from minimoe.compress.experiment_config import PRESETS, ExperimentConfig
 from minimoe.compress.masks import build_layout
 from minimoe.compress.setup import load_prepared
 from minimoe.compress.training import train_compressor
