@@ -510,3 +510,14 @@ def test_the_fast_triton_launch_picks_the_kernel_triton_picks_and_computes_the_s
                     kernel[(5, -(-columns // 32))](*args, **constexprs)
                 outs.append(out)
             assert torch.equal(outs[0], outs[1]) and not outs[0].isnan().any()
+    # a Parameter is keyed by its dtype and address, not as an object: after .data changes dtype, the kernel
+    # compiled for the new dtype runs
+    table = torch.nn.Parameter(base[:64, :32].clone(), requires_grad=False)
+    index, weights = torch.randint(0, 64, (5, 3), device="cuda", generator=g), torch.rand(5, 3, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        table.data = table.data.to(dtype)
+        out = torch.empty(5, 32, device="cuda", dtype=dtype)
+        args = (index, weights, table, out, 3, 32, table.stride(0), table.stride(1), out.stride(0), 64)
+        launch(kernel, (5, 1), *args, HAS_WEIGHTS=True, ZERO_OUTSIDE=False, BLOCK=32)
+        want = (weights[:, :, None] * table.detach().float()[index]).sum(1)
+        torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)

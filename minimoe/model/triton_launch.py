@@ -38,8 +38,9 @@ _INT32, _INT64 = 1 << 31, 1 << 63
 def _key(args: tuple) -> tuple:
     """What Triton specialises the arguments on, or more: a tensor's dtype and 16-byte alignment; an integer's
     == 1, divisibility by 16, and width (32 bits, signed 64, unsigned 64); a float its type; anything else (bools,
-    None) itself. One comprehension with no call per argument: this runs on every launch."""
-    return tuple([(a.dtype, not a.data_ptr() & 15) if type(a) is torch.Tensor else
+    None) itself. One comprehension with no call per argument: this runs on every launch. A tensor subclass (an
+    ``nn.Parameter``) counts as a tensor: its dtype and address can change under the same object."""
+    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else
                   (a == 1, not a & 15, -_INT32 <= a < _INT32, a < _INT64) if type(a) is int else
                   (float,) if type(a) is float else (type(a), a) for a in args])
 
