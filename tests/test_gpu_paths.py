@@ -510,6 +510,16 @@ def test_the_fast_triton_launch_picks_the_kernel_triton_picks_and_computes_the_s
                     kernel[(5, -(-columns // 32))](*args, **constexprs)
                 outs.append(out)
             assert torch.equal(outs[0], outs[1]) and not outs[0].isnan().any()
+    if triton_launch._FAST:  # with a launch hook set (a profiler), a launch goes through kernel[grid], which calls it
+        from triton import knobs
+
+        seen = []
+        knobs.runtime.launch_enter_hook.add(seen.append)
+        try:
+            launch(kernel, (5, 1), *args, **constexprs)
+        finally:
+            knobs.runtime.launch_enter_hook.remove(seen.append)
+        assert len(seen) == 1
     # a Parameter is keyed by its dtype and address, not as an object: after .data changes dtype, the kernel
     # compiled for the new dtype runs
     table = torch.nn.Parameter(base[:64, :32].clone(), requires_grad=False)

@@ -16,7 +16,8 @@ launch from 37.7 to 30.2 µs of host time, an eager dispatch + combine 37-53 µs
 at 512 tokens 39 µs (``benchmarks/results/triton_launch_host_h100.md``).
 
 It falls back to ``kernel[grid](...)`` when a launch hook is set (a profiler such as Proton wants to see every
-launch), and on Triton releases whose ``run`` takes other arguments (before 3.5).
+launch), for a kernel Triton interprets (``TRITON_INTERPRET=1``), and on Triton releases whose ``run`` takes
+other arguments (before 3.5).
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ try:  # Triton is optional: callers check for it before they launch anything
     import triton
     from triton import knobs
     from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
 except ImportError:
-    triton = knobs = driver = None
+    triton = knobs = driver = JITFunction = None
 
 _FAST = triton is not None and tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 5)
 _COMPILED: dict[tuple, tuple] = {}  # key -> what ``_compile`` returns
@@ -66,7 +68,8 @@ def launch(kernel, grid: tuple, *args, **constexprs) -> None:
     kernel's leading parameters in order, ``constexprs`` every later one by name (defaults apply) and launch
     options (``num_warps``...); ``grid`` one to three program counts. On the current CUDA device and stream,
     like Triton's own launch."""
-    if not _FAST or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+    if not _FAST or not isinstance(kernel, JITFunction) or _hooked(knobs.runtime.launch_enter_hook) \
+            or _hooked(knobs.runtime.launch_exit_hook):  # (an interpreted kernel under TRITON_INTERPRET=1)
         kernel[grid](*args, **constexprs)
         return
     device = torch.cuda.current_device()
