@@ -311,9 +311,11 @@ def _join_dash_values(argv: list[str]) -> list[str]:
 def _command_option(token: str) -> str | None:
     """The commands that take the option ``token`` ("report, findings"), when it is not an option of
     ``minimoe`` itself; else None."""
-    parser = build_parser()
     option = token.split("=")[0]
-    if not option.startswith("-") or option in parser._option_string_actions:
+    if not option.startswith("-"):  # a command (the usual case): no parser to build
+        return None
+    parser = build_parser()
+    if option in parser._option_string_actions:
         return None
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     having = [name for name, command in commands.items() if option in command._option_string_actions]

@@ -47,6 +47,10 @@ def _key(args: tuple) -> tuple:
                   (float,) if type(a) is float else (type(a), a) for a in args])
 
 
+def _cache_key(kernel, device: int, args: tuple, constexprs: dict) -> tuple:
+    return kernel, device, _key(args), tuple(constexprs.items())
+
+
 def _hooked(hook) -> bool:
     """Whether a launch hook is set: a function, or a chain of them (Triton 3.5 on) that is not empty."""
     return bool(getattr(hook, "calls", hook))
@@ -68,12 +72,13 @@ def launch(kernel, grid: tuple, *args, **constexprs) -> None:
     kernel's leading parameters in order, ``constexprs`` every later one by name (defaults apply) and launch
     options (``num_warps``...); ``grid`` one to three program counts. On the current CUDA device and stream,
     like Triton's own launch."""
+    # (under TRITON_INTERPRET=1 the kernel is an interpreted function, not a JITFunction)
     if not _FAST or not isinstance(kernel, JITFunction) or _hooked(knobs.runtime.launch_enter_hook) \
-            or _hooked(knobs.runtime.launch_exit_hook):  # (an interpreted kernel under TRITON_INTERPRET=1)
+            or _hooked(knobs.runtime.launch_exit_hook):
         kernel[grid](*args, **constexprs)
         return
     device = torch.cuda.current_device()
-    key = (kernel, device, _key(args), tuple(constexprs.items()))
+    key = _cache_key(kernel, device, args, constexprs)
     compiled = _COMPILED.get(key)
     if compiled is None:
         compiled = _COMPILED[key] = _compile(kernel, grid, args, constexprs)
@@ -87,6 +92,5 @@ def launch(kernel, grid: tuple, *args, **constexprs) -> None:
 def compiled_for(kernel, *args, **constexprs):
     """The ``CompiledKernel`` that :func:`launch` used for these arguments on the current device (for tests),
     or None when it has not launched them through ``run``."""
-    key = (kernel, torch.cuda.current_device(), _key(args), tuple(constexprs.items()))
-    compiled = _COMPILED.get(key)
+    compiled = _COMPILED.get(_cache_key(kernel, torch.cuda.current_device(), args, constexprs))
     return None if compiled is None else compiled[4]
