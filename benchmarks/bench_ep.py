@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ep_cases import HIDDEN, Case, contiguous, sync, time_eager, time_graph  # noqa: E402
 
 from minimoe.parallel import WIRE_FORMATS, destroy_process_group, init_process_group  # noqa: E402
-from minimoe.parallel import demo, demo_setup  # noqa: E402
+from minimoe.parallel import demo, demo_runs, demo_setup  # noqa: E402
 from minimoe.placement import Placement  # noqa: E402
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
@@ -152,11 +152,11 @@ def correctness(args, rank, world, device, gpus_per_node) -> list[dict]:
                   ["--experts", "16", "--top-k", "2", "--hidden", "128", "--capacity-factor", "1.0",
                    "--tokens-per-rank", "64"]):
         parsed = demo.build_parser().parse_args(common + extra)
-        for row in demo.run_layer(parsed, world, rank, device, torch.float32):
+        for row in demo_runs.run_layer(parsed, world, rank, device, torch.float32):
             results.append(dict(check="random layer " + " ".join(extra), wire_format=row["wire_format"],
                                 max_abs_error=row["max_abs_error"], bytes_match=row["bytes_match"]))
     parsed = demo.build_parser().parse_args(common + ["--model", "bundled", "--tokens-per-rank", "4"])
-    for row in demo.run_model(parsed, world, rank, device, torch.float32):
+    for row in demo_runs.run_model(parsed, world, rank, device, torch.float32):
         results.append(dict(check="bundled model logits", wire_format=row["wire_format"],
                             max_abs_error=row["max_abs_error"]))
     results += gradients(rank, world, device, gpus_per_node)
@@ -210,7 +210,7 @@ def trace_replay(args, rank, world, device, gpus_per_node) -> list[dict]:
         parsed = demo.build_parser().parse_args(
             ["--trace", str(path), "--placement", method, "--gpus-per-node", str(gpus_per_node), "--dtype",
              "bfloat16"] + (["--grouping", grouping] if grouping else []))
-        for row in demo.run_replay(parsed, world, rank, device, torch.bfloat16):
+        for row in demo_runs.run_replay(parsed, world, rank, device, torch.bfloat16):
             rows.append(row)
             if rank == 0:
                 print(json.dumps({k: v for k, v in row.items() if k != "pairs_per_rank"}), flush=True)

@@ -22,7 +22,8 @@ from minimoe.placement import Placement, Topology
 from minimoe.placement.eplb import eplb_numpy
 from minimoe.placement.export import to_sglang, to_trtllm, to_vllm
 from minimoe.traces.layers import layers_from_config, parse_layers
-from minimoe.traces.load_dumps import from_sglang_per_pass, from_sglang_stat, from_trtllm, from_vllm_eplb
+from minimoe.traces.load_dumps import from_sglang_per_pass, from_sglang_stat, from_vllm_eplb
+from minimoe.traces.load_dumps_trtllm import from_trtllm
 from minimoe.traces.loads import LoadTrace, read_trace_file
 from batches import run_cli
 

@@ -24,7 +24,7 @@ import dataclasses
 from pathlib import Path
 
 from minimoe.arguments import OneLineParser, whole_number
-from minimoe.traces import load_dumps
+from minimoe.traces import load_dumps, load_dumps_trtllm
 from minimoe.traces.format import Trace
 from minimoe.traces.importers import WIRE_DTYPES, from_sglang, from_vllm
 from minimoe.traces.importers_jsonl import OUR_FIELDS, POSITIONS, from_jsonl
@@ -186,7 +186,7 @@ def _load_dump(kind: str, source: Path, args, model: str):
     named = None if isinstance(args.moe_layers, str) else args.moe_layers  # 'auto'/'all': the reader's own rule
     layers = model_layers(named, args.config)
     reader = {"sglang-stat": load_dumps.from_sglang_stat, "sglang-per-pass": load_dumps.from_sglang_per_pass,
-              "trtllm-stats": load_dumps.from_trtllm, "vllm-eplb-stats": load_dumps.from_vllm_eplb}[kind]
+              "trtllm-stats": load_dumps_trtllm.from_trtllm, "vllm-eplb-stats": load_dumps.from_vllm_eplb}[kind]
     loads = reader(source, None if layers is None else list(layers.moe_layers), model)
     if layers is not None:
         check_experts(layers, "the dump", loads.num_experts)

@@ -15,7 +15,7 @@ Each engine counts tokens per expert in its own file and layer numbering (the ta
    ``meta_info.json`` ({num_experts, num_experts_per_token[, ep_size]}) and ``rank{r}.safetensors`` whose keys
    ``"{iter}_{layer}"`` hold the counts (num_experts,) of the tokens rank r routed in that iteration and model
    layer; some revisions add ``cooccurrence_rank{r}.safetensors`` with (E, E) per key (co-activation). Summed
-   over ranks. ``from_trtllm``.
+   over ranks. ``minimoe.traces.load_dumps_trtllm.from_trtllm``.
 4. vLLM offline-EPLB statistics, JSONL, one record per step: ``{"record_type": "eplb_load_stats", "version": 1,
    "step", "num_ranks", "expert_load": [[L x P]], "p2l_map": [[L x P]]}`` over the MoE layers only, folded to
    logical experts with each record's own map. This follows an interface still under review upstream (vLLM pull
@@ -67,7 +67,7 @@ def torch_file(path) -> object:
                          f"{str(error).strip()[:160]})") from None
 
 
-def _array(value, where: str, ndim: int, what: str = "counts") -> np.ndarray:
+def count_array(value, where: str, ndim: int, what: str = "counts") -> np.ndarray:
     """An int64 array of ``ndim`` dimensions from a tensor, list or array of ``what`` (counts, or the expert ids
     of a map): whole numbers >= 0; counts summing to less than ``MAX_COUNT``. ValueError naming ``where``."""
     if hasattr(value, "detach"):
@@ -161,7 +161,7 @@ def from_sglang_stat(path, moe_layers=None, model: str = "") -> LoadTrace:
     if np.ndim(data["logical_count"]) not in (2, 3):
         raise ValueError(f"{path}: logical_count: expected shape (steps, layers, experts) or (layers, experts), got "
                          f"{tuple(np.shape(data['logical_count']))}")
-    counts = _array(data["logical_count"], f"{path}: logical_count", np.ndim(data["logical_count"]))
+    counts = count_array(data["logical_count"], f"{path}: logical_count", np.ndim(data["logical_count"]))
     counts = counts if counts.ndim == 3 else counts[None]
     counts, ids, note = _pick_layers(counts, moe_layers, f"{path}: logical_count", all_layers=True)
     notes = {"steps": "SGLang's stat buffer is a ring that restarts when full and is not rotated back: its step "
@@ -190,7 +190,7 @@ def from_sglang_per_pass(path, moe_layers=None, model: str = "") -> LoadTrace:
                 or "last_physical_to_logical_map" not in data:
             raise ValueError(f"{file}: expected SGLang's per_pass dump, a dict with 'records' (a list) and "
                              f"'last_physical_to_logical_map'")
-        mapping = _array(data["last_physical_to_logical_map"], f"{file}: last_physical_to_logical_map", 2,
+        mapping = count_array(data["last_physical_to_logical_map"], f"{file}: last_physical_to_logical_map", 2,
                          "expert ids")
         if phy2log is None:
             phy2log, first = mapping, file
@@ -205,7 +205,7 @@ def from_sglang_per_pass(path, moe_layers=None, model: str = "") -> LoadTrace:
             if not all(isinstance(k, int) and not isinstance(k, bool) for k in key[:2]) or not isinstance(key[2], str):
                 raise ValueError(f"{where}: forward_pass_id and rank must be ints (gatherer_key a str), got "
                                  f"{list(key)}")
-            counts = _array(record["global_physical_count"], f"{where}: global_physical_count", 2)
+            counts = count_array(record["global_physical_count"], f"{where}: global_physical_count", 2)
             step = passes.setdefault(key[0], {})
             if key[1:] in step:
                 raise ValueError(f"{where}: forward pass {key[0]} of rank {key[1]} appears twice")
@@ -228,95 +228,6 @@ def from_sglang_per_pass(path, moe_layers=None, model: str = "") -> LoadTrace:
                      source="sglang per_pass", notes=notes)
 
 
-# ---- TensorRT-LLM ---------------------------------------------------------------------------------------------
-def _safetensors(file: str) -> dict:
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(file)
-    except Exception as error:  # SafetensorError and friends: a damaged file
-        raise ValueError(f"{file}: not a readable safetensors file ({str(error).strip()[:160]})") from None
-
-
-def _keyed(files: list[str], shape_of, what: str) -> dict:
-    """{(iter, layer): summed array} over the rank files; keys must read "{iter}_{layer}"."""
-    total = {}
-    for file in files:
-        for key, value in _safetensors(file).items():
-            match = re.fullmatch(r"(\d+)_(\d+)", key)
-            if not match:
-                raise ValueError(f"{file}: key {key!r} is not '{{iter}}_{{layer}}'")
-            array = _array(value, f"{file}: {key}", len(shape_of))
-            if array.shape != shape_of:
-                raise ValueError(f"{file}: {key} has shape {array.shape}, expected {shape_of} ({what})")
-            index = (int(match[1]), int(match[2]))
-            total[index] = total.get(index, 0) + array
-    return total
-
-
-def _rank_files(folder: str, prefix: str) -> tuple[list[str], list[str]]:
-    """(the files ``{prefix}{r}.safetensors`` in rank order, the names of other ``{prefix}*.safetensors`` files)."""
-    paths = glob.glob(os.path.join(folder, f"{prefix}*.safetensors"))
-    ranked = {int(m[1]): p for p in paths if (m := re.fullmatch(rf"{prefix}(\d+)\.safetensors", os.path.basename(p)))}
-    others = sorted(os.path.basename(p) for p in paths if p not in ranked.values())
-    return [ranked[r] for r in sorted(ranked)], others
-
-
-def from_trtllm(folder, moe_layers=None, model: str = "") -> LoadTrace:
-    """TensorRT-LLM expert statistics (see the module docstring) as a LoadTrace, one step per iteration."""
-    folder = os.fspath(folder)
-    meta_path = os.path.join(folder, "meta_info.json")
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{folder}: no meta_info.json (expected TensorRT-LLM's EXPERT_STATISTIC_PATH folder)")
-    meta = parse_json(read_text(meta_path, "a JSON object"), meta_path)
-    if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path}: expected a JSON object")
-    for key in ("num_experts", "num_experts_per_token"):
-        if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int) or meta[key] < 1:
-            raise ValueError(f"{meta_path}: {key} must be a positive int, got {meta.get(key)!r}")
-    experts, top_k = meta["num_experts"], meta["num_experts_per_token"]
-    if top_k > experts:
-        raise ValueError(f"{meta_path}: num_experts_per_token={top_k} is more than num_experts={experts}")
-    rank_files, others = _rank_files(folder, "rank")
-    if not rank_files:
-        raise ValueError(f"{folder}: no rank{{r}}.safetensors files")
-    if "ep_size" in meta and meta["ep_size"] != len(rank_files):
-        raise ValueError(f"{meta_path}: ep_size={meta['ep_size']}, but the folder holds {len(rank_files)} rank files")
-    counts = _keyed(rank_files, (experts,), "num_experts")
-    if not counts:
-        raise ValueError(f"{folder}: the rank files hold no counts (no '{{iter}}_{{layer}}' key)")
-    iters = sorted({i for i, _ in counts})
-    layers = sorted({layer for _, layer in counts})
-    if iters != list(range(iters[0], iters[-1] + 1)):
-        raise ValueError(f"{folder}: iterations {iters[0]}..{iters[-1]} have gaps")
-    missing = [(i, layer) for i in iters for layer in layers if (i, layer) not in counts]
-    if missing:
-        raise ValueError(f"{folder}: no counts for iteration {missing[0][0]}, layer {missing[0][1]} (every "
-                         "iteration needs every layer)")
-    table = np.stack([np.stack([counts[(i, layer)] for layer in layers]) for i in iters])  # (S, L, E)
-    if moe_layers is not None and list(moe_layers) != layers:
-        raise ValueError(f"{folder}: the statistics hold model layers {layer_list(layers)}, but --moe-layers/--config "
-                         f"name {layer_list(list(moe_layers))}")
-    co_files, co_others = _rank_files(folder, "cooccurrence_rank")
-    coactivation = None
-    if co_files:
-        pairs = _keyed(co_files, (experts, experts), "num_experts x num_experts")
-        if {layer for _, layer in pairs} - set(layers):
-            raise ValueError(f"{folder}: co-occurrence layers {layer_list(sorted({l for _, l in pairs}))} differ "
-                             f"from {layer_list(layers)}")
-        coactivation = np.stack([sum((v for (i, l), v in pairs.items() if l == layer), np.zeros((experts, experts),
-                                                                                               np.int64))
-                                 for layer in layers])
-        for layer in range(len(layers)):
-            if not np.array_equal(coactivation[layer], coactivation[layer].T):
-                raise ValueError(f"{folder}: the co-occurrence of layer {layers[layer]} is not symmetric")
-    notes = {"steps": f"iterations {iters[0]}..{iters[-1]}, summed over {plural(len(rank_files), 'rank')}"}
-    if others + co_others:
-        notes["files ignored"] = ", ".join(others + co_others) + " (not named rank{r} / cooccurrence_rank{r})"
-    return LoadTrace(counts=table, num_experts=experts, top_k=top_k, layer_ids=np.array(layers), ordered=True,
-                     coactivation=coactivation, model=model, source="trtllm expert statistics", notes=notes)
-
-
 # ---- vLLM -----------------------------------------------------------------------------------------------------
 def from_vllm_eplb(path, moe_layers=None, model: str = "") -> LoadTrace:
     """vLLM offline-EPLB statistics JSONL (see the module docstring) as a LoadTrace, one step per record."""
@@ -335,8 +246,8 @@ def from_vllm_eplb(path, moe_layers=None, model: str = "") -> LoadTrace:
         for key in ("step", "expert_load", "p2l_map"):
             if key not in record:
                 raise ValueError(f"{where}: no {key!r} field")
-        load = _array(record["expert_load"], f"{where}: expert_load", 2)
-        mapping = _array(record["p2l_map"], f"{where}: p2l_map", 2, "expert ids")
+        load = count_array(record["expert_load"], f"{where}: expert_load", 2)
+        mapping = count_array(record["p2l_map"], f"{where}: p2l_map", 2, "expert ids")
         logical, seen = _fold(load[None], mapping, experts, f"{where}: p2l_map")
         if experts is not None and seen != experts:
             raise ValueError(f"{where}: the map covers {seen} experts, earlier records {experts}")
