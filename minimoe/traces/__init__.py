@@ -2,13 +2,14 @@
 
 ``format`` defines the ``Trace`` type and its strict ``.npz`` file format (it knows nothing of models);
 ``parquet`` the columnar format for traces beyond memory, read and checked batch by batch (``batches``), and
-``stats`` the statistics of one pass over such a trace, which merge across workers;
-``recording`` records traces from minimoe and transformers MoE models; ``importers`` converts vLLM and SGLang
-routed-experts captures, ``importers_jsonl`` JSONL routing logs, ``loads``, ``load_dumps`` and ``load_dumps_trtllm`` the
-engines' expert-load dumps (counts only: a ``LoadTrace``), ``layers`` maps a model's layer numbering to its MoE layers,
-and ``convert`` (the ``minimoe import`` command) any of them to a trace file; ``workload`` is the bundled model's multi-domain workload; ``synthetic``
-makes traces with known structure; ``analysis`` and ``findings`` measure imbalance, domain specificity and
-how well prefill predicts decode. Chapter 4 teaches this part.
+``stats`` the statistics of one pass over such a trace, which merge across workers; ``recording`` records
+traces from minimoe and transformers MoE models. Serving engines' files come in through ``importers`` (vLLM
+and SGLang routed-experts captures), ``importers_jsonl`` with ``jsonl_tokens`` (JSONL routing logs), and
+``loads``, ``load_dumps`` and ``load_dumps_trtllm`` (the engines' expert-load dumps: counts only, a
+``LoadTrace``); ``layers`` maps a model's layer numbering to its MoE layers, and ``convert`` (the ``minimoe
+import`` command) writes any of them as a trace file. ``workload`` is the bundled model's multi-domain
+workload; ``synthetic`` makes traces with known structure; ``analysis`` and ``findings`` measure imbalance,
+domain specificity and how well prefill predicts decode. Chapter 4 teaches this part.
 """
 
 from minimoe.traces.format import PHASES, Trace, concat

@@ -48,18 +48,19 @@ token in the batch, not in its request), (request, position, layer) repeats: tha
 ``positions="per_pass"`` says so; then the n-th record of a (request, position, layer) belongs to the
 request's n-th forward pass and tokens are ordered by (pass, position), which is their order only if the log
 was written in time order.
+
+This module reads the records and groups them into tokens; ``minimoe.traces.jsonl_tokens`` checks every token's
+lists and stacks them into the Trace.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 
-import numpy as np
-
-from minimoe.traces.format import MAX_EXPERTS, PHASES, Trace, _as_count
-from minimoe.traces.inputs import parse_json, plural, read_text
+from minimoe.traces.format import MAX_EXPERTS, Trace, _as_count
+from minimoe.traces.inputs import parse_json, read_text
+from minimoe.traces.jsonl_tokens import field_label, fix, is_int, tokens_to_trace
 from minimoe.traces.layers import layer_list
 
 OUR_FIELDS = ("request", "position", "layer", "experts", "weights", "phase", "domain")
@@ -67,11 +68,6 @@ LONG_FORM_FIELDS = {"request": "req_id", "position": "token_idx", "layer": "laye
                     "weights": "topk_weights", "phase": "phase", "domain": "domain"}
 META_KEYS = ("type", "model_id", "model", "num_experts", "top_k", "layers_logged")
 POSITIONS = ("field", "per_pass")
-
-
-def fix(flag: str, keyword: str) -> str:
-    """How to fix a problem, said for both users: the ``minimoe import`` flag, then the Python keyword."""
-    return f"{flag} (from Python: {keyword})"
 
 
 def from_jsonl(path_or_lines, num_experts: int | None = None, top_k: int | None = None, model: str | None = None,
@@ -140,7 +136,7 @@ def _from_lines(lines, num_experts, top_k, model, fields, positions, ignore) -> 
                                 "if the model has more experts than the log used)")
     if num_experts > MAX_EXPERTS:
         raise ValueError(f"num_experts={num_experts} is more than a trace holds ({MAX_EXPERTS})")
-    trace = _trace(tokens, names, num_experts, top_k, model, meta.get("top_k_line"), layers)
+    trace = tokens_to_trace(tokens, names, num_experts, top_k, model, meta.get("top_k_line"), layers)
     trace.notes = notes
     return trace
 
@@ -148,7 +144,7 @@ def _from_lines(lines, num_experts, top_k, model, fields, positions, ignore) -> 
 def _largest_id(tokens) -> tuple[int, int]:
     """(the largest int expert id of any record, its line); (-1, 0) when there is none."""
     found = [(v, t["experts"][0]) for t in tokens if isinstance(t["experts"][1], list) for row in t["experts"][1]
-             if isinstance(row, list) for v in row if _is_int(v)]
+             if isinstance(row, list) for v in row if is_int(v)]
     return max(found, default=(-1, 0))
 
 
@@ -182,27 +178,18 @@ def _meta(records) -> dict:
             raise ValueError(f"line {number}: model_id must be a str, got {meta['model']!r}")
     for key in ("num_experts", "top_k"):
         if key in rec:
-            if not _is_int(rec[key]) or rec[key] < 1:
+            if not is_int(rec[key]) or rec[key] < 1:
                 raise ValueError(f"line {number}: the meta record's {key} must be a positive int, got {rec[key]!r}")
             meta[key] = rec[key]
     meta["top_k_line"] = number if "top_k" in rec else None
     if "layers_logged" in rec:
         layers = rec["layers_logged"]
-        if not isinstance(layers, list) or not layers or not all(_is_int(x) for x in layers) \
+        if not isinstance(layers, list) or not layers or not all(is_int(x) for x in layers) \
                 or len(set(layers)) != len(layers):
             raise ValueError(f"line {number}: layers_logged must be a non-empty list of distinct ints, got "
                              f"{layer_list(layers)}")
         meta["layers_logged"] = layers
     return meta
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _label(names: dict, field: str) -> str:
-    """How messages name a field: the log's key, and ours when they differ (``'token_idx' (position)``)."""
-    return f"'{names.get(field)}'" + ("" if names.get(field) == field else f" ({field})")
 
 
 def _get(rec: dict, names: dict, field: str, number: int, required: bool):
@@ -228,16 +215,16 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> tuple[list[di
         position = _get(rec, names, "position", number, long_form and names.get("request") is not None)
         with_position.add(position is not None)
         if len(with_position) > 1:
-            raise ValueError(f"line {number}: {_label(names, 'position')} is given on some lines and missing on "
+            raise ValueError(f"line {number}: {field_label(names, 'position')} is given on some lines and missing on "
                              "others: give it on all or none (or drop it with "
                              + fix(f"--ignore {names['position']}", "ignore=") + ")")
         if position is None:
             position = number  # the order of lines
-        if not _is_int(position) or position < 0:
-            raise ValueError(f"line {number}: {_label(names, 'position')} must be a whole number >= 0 (the token's "
+        if not is_int(position) or position < 0:
+            raise ValueError(f"line {number}: {field_label(names, 'position')} must be a whole number >= 0 (the token's "
                              f"place in its request), got {repr(position)[:80]}")
         layer = _get(rec, names, "layer", number, True) if long_form else None
-        if long_form and not _is_int(layer):
+        if long_form and not is_int(layer):
             raise ValueError(f"line {number}: layer must be an int, got {layer!r}")
         if long_form and layers_logged is not None and layer not in layers_logged:
             raise ValueError(f"line {number}: layer {layer} is not in the meta record's layers_logged "
@@ -284,92 +271,3 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> tuple[list[di
             token["experts"] = token["experts"][None]
             token["weights"] = token["weights"].get(None, {})
     return tokens, unread, layers
-
-
-def _phase_code(value, line: int) -> int:
-    code = PHASES.get(value, value) if isinstance(value, str) else value
-    if isinstance(code, bool) or code not in (-1, 0, 1):
-        raise ValueError(f"line {line}: phase must be one of {list(PHASES)} or -1/0/1, got {value!r}")
-    return code
-
-
-def _one(values: list, field: str, token: dict):
-    """The single value a token's records give for a field (None if none), refusing disagreement."""
-    distinct = {json.dumps(v) for _, v in values}
-    if len(distinct) > 1:
-        raise ValueError(f"lines {values[0][0]} and {values[-1][0]}: the records of one token disagree on {field}: "
-                         f"{sorted(distinct)}")
-    return values[0][1] if values else None
-
-
-def _rows(rows, line: int, name: str, kind: str, num_experts: int = 0, width: int | None = None, said: str = ""):
-    """Check one token's per-layer lists: ``kind`` "int" (expert ids in [-1, num_experts)) or "number" (finite
-    weights >= 0); with ``width``, each list must hold that many ids (``said`` says where the width comes from)."""
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
-        raise ValueError(f"line {line}: {name} must be a non-empty list of per-layer lists, got {str(rows)[:80]}")
-    for row in rows:
-        for value in row:
-            ok = _is_int(value) if kind == "int" else isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok:
-                raise ValueError(f"line {line}: {name} must hold {kind}s, got {value!r}")
-            if kind == "int" and not -1 <= value < num_experts:
-                raise ValueError(f"line {line}: expert id {value} outside [-1, num_experts-1={num_experts - 1}]")
-            if kind == "number" and not 0 <= value <= sys.float_info.max:  # NaN, inf, a huge int: refused
-                raise ValueError(f"line {line}: {name} must be finite and >= 0, got {value!r}")
-        if width is not None and len(row) != width:
-            raise ValueError(f"line {line}: {name} lists {plural(len(row), 'id')} where {said} (every record lists "
-                             "top_k ids; write -1 for a pair the router dropped)")
-    return rows
-
-
-def _trace(tokens, names, num_experts, top_k, model, top_k_line=None, layers=None) -> Trace:
-    """The Trace of the grouped tokens; ``layers``: the logged layer numbers (None: per-token layout)."""
-    for field in ("domain", "weights"):
-        present = {bool(t[field]) for t in tokens}
-        if len(present) > 1:
-            raise ValueError(f"{_label(names, field)} is given on some lines and missing on others: "
-                             "give it on all or none (or drop it with " + fix(f"--ignore {names.get(field)}", "ignore=")
-                             + ")")
-    widest = max((len(r) for t in tokens if isinstance(t["experts"][1], list) for r in t["experts"][1]
-                  if isinstance(r, list)), default=None)
-    if top_k is not None and widest is not None and top_k > widest:  # -1 everywhere would invent dropped pairs
-        said = f"line {top_k_line}: the meta record says top_k={top_k}" if top_k_line else f"--top-k {top_k} was passed"
-        raise ValueError(f"{said}, but no route record lists more than {widest} expert ids: the top_k is wrong "
-                         f"(pass {fix(f'--top-k {widest}', f'top_k={widest}')} if the log is right)")
-    width, said = top_k, (f"the meta record (line {top_k_line}) says top_k={top_k}" if top_k_line
-                          else f"--top-k {top_k} was passed")
-    experts_name, weights_name = f"'{names['experts']}'", f"'{names.get('weights')}'"
-    order: dict = {}  # request key -> dense id in order of first appearance
-    rows = []
-    for token in tokens:
-        line, experts = token["experts"]
-        if width is None and isinstance(experts, list) and experts and isinstance(experts[0], list):
-            width, said = len(experts[0]), f"line {line} lists {len(experts[0])}"
-        experts = _rows(experts, line, experts_name, "int", num_experts, width, said)
-        if rows and len(experts) != len(rows[0][2]):
-            raise ValueError(f"line {line}: {len(experts)} layers of experts, earlier lines have {len(rows[0][2])}")
-        weights = None
-        if token["weights"]:
-            weights = _rows(token["weights"][1], line, weights_name, "number")
-            if [len(r) for r in weights] != [len(r) for r in experts]:
-                raise ValueError(f"line {line}: weights must have the same nesting as experts")
-        domain = _one(token["domain"], "domain", token)
-        if domain is not None and not isinstance(domain, str):
-            raise ValueError(f"line {line}: domain must be a str, got {domain!r}")
-        phase = _one(token["phase"], "phase", token)
-        request = order.setdefault(token["request"], len(order))
-        rows.append((request, token["order"], experts, weights, -1 if phase is None else _phase_code(phase, line),
-                     domain))
-    rows.sort(key=lambda row: (row[0], row[1]))
-    has_weights = rows[0][3] is not None
-    experts = np.array([row[2] for row in rows], dtype=np.int64).reshape(len(rows), -1, width)
-    empty = np.flatnonzero((experts < 0).all(axis=(0, 2)))
-    if empty.size:
-        layer = int(empty[0]) if layers is None else layers[empty[0]]
-        raise ValueError(f"layer {layer} holds no expert id (all -1): a dense layer; leave its records out of the "
-                         "log (the trace holds MoE layers only)")
-    return Trace(experts=experts,
-                 request=[row[0] for row in rows], phase=[row[4] for row in rows],
-                 domain=[row[5] for row in rows] if rows[0][5] is not None else None,
-                 num_experts=num_experts, top_k=width, model=model,
-                 weights=np.array([row[3] for row in rows], dtype=np.float64) if has_weights else None)
