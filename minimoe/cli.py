@@ -20,10 +20,8 @@ import argparse
 import os
 import re
 import sys
-from pathlib import Path
 
-from minimoe.arguments import (DEFAULT_TOPOLOGIES, OneLineParser, check_model_dir, check_output_file,
-                               check_tokenizer_files, fit_processes_argument, fit_tokens_argument, local_workers,
+from minimoe.arguments import (DEFAULT_TOPOLOGIES, OneLineParser, check_output_file, fit_processes_argument, fit_tokens_argument, local_workers,
                                number, output_dir, scheduler_address, seed_number, thread_count, whole_number)
 
 positive = whole_number(1)
@@ -47,7 +45,7 @@ def default_threads() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-# ---- the commands: report and findings live in minimoe.placement.commands, imported when they run -----------
+# ---- the commands: report and findings live in minimoe.placement.commands, train in minimoe.data.train_command ---
 def _command(module: str, name: str):
     def run(args) -> int:
         import importlib
@@ -66,40 +64,6 @@ def _demo(args) -> int:
         return run_demo(steps=args.steps, seed=args.seed, out=str(out))
 
 
-def _train(args) -> int:
-    from minimoe.data.train import preset, resume_settings, resume_step, summarise, train
-
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file; expected a run folder")
-    started = (Path(args.out) / "trainer_state.pt").is_file()
-    if args.resume and not started:
-        raise ValueError(f"--resume: {args.out} holds no run to resume (no trainer_state.pt); drop --resume to "
-                         f"start a new run there")
-    if started and not args.resume:
-        raise ValueError(f"--out {args.out} holds a training run (trainer_state.pt): pass --resume to continue it, "
-                         f"or another --out for a new run")
-    name, seed, bf16, steps = args.preset or "tiny", args.seed, args.bf16 or None, args.steps
-    try:
-        if args.resume:  # the run's own preset, seed and bf16; --steps more than it has done
-            name, seed, bf16, steps = resume_settings(args.out, args.preset, args.seed, args.bf16, args.steps)
-        model_config, train_config = preset(name, out_dir=args.out, steps=steps, device=args.device, seed=seed,
-                                            bf16=bf16)
-        if args.resume:
-            resume_step(train_config)
-    except ValueError as error:
-        raise ValueError(f"--resume: {error}" if args.resume else str(error)) from None
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA GPU is visible to torch on this machine")
-    with output_dir("--out", args.out):
-        log = train(model_config, train_config, resume=args.resume)
-    print(summarise(log))
-    print(f"checkpoint: {train_config.out_dir}")
-    return 0
-
-
 def _trace(args) -> int:
     from minimoe.traces.workload import (BUNDLED_MODEL, check_run, corpus_prompts, minimoe_tokenize, record_workload,
                                          run_prompts)
@@ -108,25 +72,10 @@ def _trace(args) -> int:
     if args.model:
         check_run("--model", args.model)
     if args.hf:
-        check_model_dir("--hf", args.hf)
-        check_tokenizer_files("--hf", args.hf)
+        from minimoe.hf.checkpoint import load_for_tracing
+
+        model, tokenize = load_for_tracing("--hf", args.hf)
         texts, domains = corpus_prompts(args.requests_per_domain, seed=args.seed)
-        from transformers import AutoTokenizer
-
-        from minimoe.hf.convert import load_hf
-
-        try:
-            model = load_hf(args.hf).eval()
-        except Exception as error:  # damaged weights or configs raise OSError, ValueError, SafetensorError...
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ValueError(f"--hf {args.hf}: cannot load the checkpoint ({type(error).__name__}: {first[:200]})") \
-                from None
-        try:
-            hf_tokenizer = AutoTokenizer.from_pretrained(args.hf, local_files_only=True)
-        except Exception as error:  # a damaged tokenizer file raises whatever its library raises
-            raise ValueError(f"--hf {args.hf}: cannot load the tokenizer ({type(error).__name__}: "
-                             f"{str(error).strip()[:200]})") from None
-        tokenize = lambda text: hf_tokenizer(text)["input_ids"]  # noqa: E731
         name = f"hf:{args.hf}"
     else:
         from minimoe.model.transformer import Transformer
@@ -279,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in --out where it stopped, with its own --preset, --seed and --bf16 "
                             "(only --steps and --device may change; default --steps: the run's)")
     _add_threads(train)
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_command("minimoe.data.train_command", "train_command"))
 
     demo = sub.add_parser("demo", help="train a tiny Llama 3 for a few seconds, check it against transformers, "
                                        "generate text")
