@@ -6,7 +6,7 @@
     minimoe train      train a small multi-domain MoE language model offline (presets: tiny, shipped)
     minimoe demo       build a tiny Llama 3, train it for a few seconds, prove it equals transformers, generate
     minimoe import     a serving engine's routing capture or expert-load dump -> a trace file (minimoe.traces.convert)
-    minimoe export     a placement -> SGLang's, TensorRT-LLM's, vLLM's or EPLB's own file (minimoe.placement.export)
+    minimoe export     a placement -> SGLang's, TensorRT-LLM's, vLLM's or EPLB's own file (minimoe.placement.export_command)
 
 Errors a user can act on (a bad flag value, an unreadable or malformed file) print one line naming the flag or
 file, the bad value and what was expected, and exit with status 2; ``minimoe --debug ...`` shows the traceback.
@@ -100,7 +100,7 @@ FORWARDED = {
     "ep-demo": ("minimoe.parallel.demo", "expert parallelism for real under torchrun: check, bytes, time, trace replay"),
     "import": ("minimoe.traces.convert", "convert a serving engine's routing capture or expert-load dump to a trace "
                                          "file"),
-    "export": ("minimoe.placement.export", "write a placement in SGLang's, TensorRT-LLM's, vLLM's or EPLB's own file"),
+    "export": ("minimoe.placement.export_command", "write a placement in SGLang's, TensorRT-LLM's, vLLM's or EPLB's own file"),
     "pic-experiment": ("minimoe.compress.experiment", "PIC vs ICAE-global soft-prompt compression at 4x/16x/64x"),
 }
 

@@ -182,7 +182,7 @@ def test_export_names_a_folder_given_as_the_placement_file(tmp_path, capsys):
 
 
 def test_export_flags_are_checked_as_given_and_listed_per_format_in_help(tmp_path, capsys):
-    from minimoe.placement.export import FLAGS
+    from minimoe.placement.export_command import FLAGS
 
     a_placement().save(tmp_path / "p.json")
     status, _, err = run(capsys, "export", tmp_path / "p.json", "--format", "vllm", "--num-layers", "3", "--out",

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minimoe.placement.eplb import eplb_numpy
-from minimoe.placement.methods import METHODS, Placement, place, trace_loads
+from minimoe.placement.methods import METHODS, place, trace_loads
+from minimoe.placement.phy2log import Placement
 from minimoe.traces import synthetic_trace
 from minimoe.placement import Topology
 from minimoe.traces import Trace

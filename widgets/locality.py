@@ -29,7 +29,7 @@ from plotly.subplots import make_subplots
 
 from minimoe.traces.analysis import domain_popularity
 from minimoe.placement.experiments import FIT_MODES, METHODS, fit, masks
-from minimoe.placement.methods import Placement
+from minimoe.placement.phy2log import Placement
 from minimoe.placement.topology import Topology
 from minimoe.placement.traffic import TrafficReport, measure
 from minimoe.widgets._panel import FigurePanel

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minimoe.placement.methods import Placement
+from minimoe.placement.phy2log import Placement
 
 FORMAT = "minimoe.deployment/1"
 _KEYS = {"format", "placement", "method", "sources", "steering", "split", "seed", "measured", "trace"}

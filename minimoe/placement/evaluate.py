@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minimoe.placement.methods import Placement
+from minimoe.placement.phy2log import Placement
 from minimoe.placement.rows import row_or
 from minimoe.placement.traffic import _count_layer, _token_bytes
 

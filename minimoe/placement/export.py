@@ -1,4 +1,5 @@
-"""``minimoe export``: a placement in the file each serving engine loads at start-up.
+"""A placement in the file each serving engine loads at start-up (the ``minimoe export`` command is
+``minimoe.placement.export_command``).
 
 Every engine stores a placement as physical-to-logical tables: slot ``s`` of a layer holds one expert and lives on
 expert-parallel rank ``s // (P / ep_size)`` (P slots per layer), as ``Placement.phy2log`` does with ep_size = the
@@ -22,7 +23,7 @@ placement's GPUs. What differs is the container and the layer numbering:
                                       "logcnt" [L, E]}
 
 The MoE layers' model indices come from ``--moe-layers`` or the model's ``--config`` (``minimoe.traces.layers``).
-``FLAGS`` says which flags each format reads (``minimoe export --help`` prints it); another is refused in one line.
+``export_command.FLAGS`` says which flags each format reads (``minimoe export --help`` prints it); another is refused in one line.
 A load trace (``minimoe import`` of an engine's load dump) exports its totals where an engine takes loads
 instead of a placement: SGLang's ``{"logical_count": [num_hidden_layers x E]}`` (SGLang then runs its own EPLB)
 and EPLB's ``weight`` [L, E]; the counts are written exactly. Its layers and experts are checked against
@@ -32,27 +33,20 @@ is refused in one line naming the file and the field.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from minimoe.arguments import OneLineParser, whole_number
-from minimoe.placement.methods import Placement
 from minimoe.traces.inputs import plural
-from minimoe.traces.layers import MAX_LAYERS, ModelLayers, check_experts, layer_list, model_layers, parse_layers
-from minimoe.traces.sources import check_flags, parse_with_given
+from minimoe.traces.layers import ModelLayers, check_experts, layer_list
+
+if TYPE_CHECKING:  # annotations only: the Placement type imports this module for its to_* methods
+    from minimoe.placement.phy2log import Placement
 
 FORMATS = ("sglang", "trtllm", "vllm", "eplb")
 SUFFIXES = {"sglang": (".json", ".pt"), "trtllm": (".yaml", ".yml"), "vllm": (".jsonl",), "eplb": (".pt",)}
-# format -> the flags it reads (besides FILE, --format and --out); another is refused (``check_flags``). vllm and
-# eplb number the MoE layers 0..L-1 as the placement does: --config only checks the model's expert count and
-# MoE layers against the placement (or load file)
-FLAGS = {"sglang": ("--moe-layers", "--num-layers", "--config"), "trtllm": ("--moe-layers", "--config"),
-         "vllm": ("--config",), "eplb": ("--config",)}
-HINTS = {"--moe-layers": "it numbers the MoE layers 0..L-1, as the placement does",
-         "--num-layers": "--num-layers sizes sglang's rows over every decoder layer"}
 
 
 def _moe_rows(placement: Placement, moe_layers, named_by: str = "the layer list") -> list[int]:
@@ -185,78 +179,3 @@ def _check_load_layers(loads, layers: ModelLayers) -> None:
     if all(i >= 0 for i in recorded) and named != recorded:
         raise ValueError(f"the load file records model layers {layer_list(recorded)}, but {layers.source} names "
                          f"{layer_list(named)}")
-
-
-# ---- the command ----------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="minimoe export", formatter_class=argparse.RawDescriptionHelpFormatter,
-                           description="Write a placement (a placement-NODESxGPUS.json from minimoe report, or a "
-                                       "Placement.save file) in a serving engine's own file.\n\n" + _table())
-    parser.add_argument("placement", metavar="FILE",
-                        help="a placement file from minimoe report (placement-NODESxGPUS.json) or Placement.save; "
-                             "or a load file from minimoe import (sglang and eplb formats write its loads)")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="the engine's file: " + ", ".join(FORMATS))
-    parser.add_argument("--out", required=True, metavar="FILE",
-                        help="the file to write: sglang .json/.pt, trtllm .yaml, vllm .jsonl, eplb .pt")
-    parser.add_argument("--moe-layers", metavar="LIST", type=_layers, default=None,
-                        help="sglang, trtllm: model layer index of each MoE layer, e.g. 3-60 or 1,3,5 (these or "
-                             "--config are needed)")
-    parser.add_argument("--num-layers", metavar="N", type=whole_number(1, MAX_LAYERS), default=None,
-                        help="sglang, with --moe-layers: the model's decoder layers (default: the last MoE layer + 1)")
-    parser.add_argument("--config", metavar="CONFIG_JSON", default=None,
-                        help="the model's transformers config.json (or its folder): sglang, trtllm: the MoE layers; "
-                             "every format: the expert count and MoE layers checked against the placement")
-    return parser
-
-
-def _layers(text: str) -> list[int]:
-    """--moe-layers: ``minimoe.traces.layers.parse_layers``, the parser ``minimoe import`` uses too."""
-    try:
-        return parse_layers(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _table() -> str:
-    return ("formats (slot s of a layer lives on rank s // (slots / ranks) in all of them):\n"
-            "  sglang  --init-expert-location JSON/.pt: physical_to_logical_map over every decoder layer (dense "
-            "rows: slot s -> expert s mod E)\n"
-            "  trtllm  moe_load_balancer.yaml: num_slots, initial_global_assignments keyed by model layer index, "
-            "layer_updates_per_iter: 0\n"
-            "  vllm    eplb_initial_mapping JSONL record, MoE layers 0..L-1 (an interface under review upstream)\n"
-            "  eplb    DeepSeek EPLB tensors phy2log, log2phy, logcnt (torch.save), MoE layers as given\n"
-            "flags each format reads (another is refused):\n"
-            + "\n".join(f"  {name:7s} {', '.join(flags)}" for name, flags in FLAGS.items())
-            + "\n  (vllm and eplb number the MoE layers 0..L-1: --config only checks the model's expert count and "
-            "MoE layers against the placement)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from minimoe.traces.npz import read_npz
-    from minimoe.traces.loads import LoadTrace
-
-    args, given = parse_with_given(build_parser, argv)
-    check_flags(args.format, given, FLAGS, HINTS)
-    source, out = Path(args.placement), Path(args.out)
-    expected = "a placement file from minimoe report (placement-NODESxGPUS.json) or a load file from minimoe import"
-    if source.is_dir():
-        raise ValueError(f"{source} is a folder: expected {expected}")
-    if not source.is_file():
-        raise FileNotFoundError(f"{source}: no such file (expected {expected})")
-    if out.suffix not in SUFFIXES[args.format]:
-        raise ValueError(f"--out {out}: --format {args.format} writes {' or '.join(SUFFIXES[args.format])}")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
-    if args.num_layers is not None and args.moe_layers is None:
-        raise ValueError("--num-layers goes with --moe-layers")
-    layers = model_layers(args.moe_layers, args.config, args.num_layers)  # errors name the config or --moe-layers
-    if source.suffix == ".npz":
-        arrays = read_npz(source)
-        if "kind" not in arrays:
-            raise ValueError(f"{source} is a per-token trace: run minimoe report --trace on it and export the "
-                             "placement file it writes")
-        print(write_loads(LoadTrace.load(source), args.format, out, layers))
-        return 0
-    placement = Placement.load(source)  # errors name the file and the field
-    print(write(placement, args.format, out, layers))
-    return 0

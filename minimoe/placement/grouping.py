@@ -41,7 +41,8 @@ import numpy as np
 from minimoe.placement.evaluate import _Tables, popcount
 from minimoe.placement.rows import row_count, row_or
 from minimoe.placement.fitdata import FitData
-from minimoe.placement.methods import Placement, place
+from minimoe.placement.methods import place
+from minimoe.placement.phy2log import Placement
 from minimoe.placement.topology import Topology
 
 METHODS = ("random", "domain", "signature")

@@ -30,7 +30,8 @@ from minimoe.placement.eplb import eplb_numpy
 from minimoe.placement.hypergraph import Hypergraph
 from minimoe.placement.locality import node_partition, slot_need
 from minimoe.placement.locality_slots import fill_spares, pack_gpus
-from minimoe.placement.methods import Placement, _static_layout
+from minimoe.placement.methods import _static_layout
+from minimoe.placement.phy2log import Placement
 from minimoe.placement.topology import Topology
 from minimoe.traces.analysis import gini, max_over_mean, normalized_entropy
 from minimoe.traces.inputs import plural

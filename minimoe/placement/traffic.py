@@ -43,7 +43,7 @@ from math import comb
 
 import numpy as np
 
-from minimoe.placement.methods import Placement
+from minimoe.placement.phy2log import Placement
 from minimoe.placement.topology import Topology
 
 _PER_LAYER = ("pairs", "gpu_local_pairs", "node_local_pairs", "remote_ranks", "remote_nodes", "nodes_touched",
@@ -205,7 +205,7 @@ def measure(trace, placement: Placement, topology: Topology, sources=None, hidde
     of ``trace``).
     """
     if not isinstance(placement, Placement):
-        raise TypeError(f"placement must be a minimoe.placement.methods.Placement, got {type(placement).__name__}")
+        raise TypeError(f"placement must be a minimoe.placement.Placement, got {type(placement).__name__}")
     placement.check_topology(topology)
     if trace.num_experts != placement.num_experts or trace.experts.shape[1] != placement.num_layers:
         raise ValueError(f"trace has {trace.experts.shape[1]} layers x {trace.num_experts} experts, placement "
