@@ -29,27 +29,26 @@ instead of a placement: SGLang's ``{"logical_count": [num_hidden_layers x E]}`` 
 and EPLB's ``weight`` [L, E]; the counts are written exactly. Its layers and experts are checked against
 ``--moe-layers`` / ``--config`` as a placement's are. A hand-edited placement file with a field of the wrong type
 is refused in one line naming the file and the field.
+
+Every ``placement`` argument is a ``minimoe.placement.Placement``: this module reads its ``phy2log``, sizes and
+``to_eplb`` and does not import the type, whose ``to_sglang``, ``to_trtllm`` and ``to_vllm`` call the functions here.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from minimoe.traces.inputs import plural
 from minimoe.traces.layers import ModelLayers, check_experts, layer_list
 
-if TYPE_CHECKING:  # annotations only: the Placement type imports this module for its to_* methods
-    from minimoe.placement.phy2log import Placement
-
 FORMATS = ("sglang", "trtllm", "vllm", "eplb")
 SUFFIXES = {"sglang": (".json", ".pt"), "trtllm": (".yaml", ".yml"), "vllm": (".jsonl",), "eplb": (".pt",)}
 
 
-def _moe_rows(placement: Placement, moe_layers, named_by: str = "the layer list") -> list[int]:
+def _moe_rows(placement, moe_layers, named_by: str = "the layer list") -> list[int]:
     """``moe_layers``, the model index of each of the placement's MoE layers, as ints; ValueError naming
     ``named_by`` (--moe-layers, --config FILE) when their count is not the placement's or they do not increase."""
     moe_layers = [int(i) for i in moe_layers]
@@ -67,7 +66,7 @@ def _check_count(what: str, num_layers: int, named_by: str, named: list[int]) ->
                          f"({layer_list(named)})")
 
 
-def sglang_map(placement: Placement, moe_layers, num_layers: int) -> np.ndarray:
+def sglang_map(placement, moe_layers, num_layers: int) -> np.ndarray:
     """(num_layers, P) int64: MoE rows from ``phy2log`` at their model index, dense rows ``s mod E``."""
     rows = _moe_rows(placement, moe_layers)
     if rows and rows[-1] >= num_layers:
@@ -77,12 +76,12 @@ def sglang_map(placement: Placement, moe_layers, num_layers: int) -> np.ndarray:
     return table
 
 
-def to_sglang(placement: Placement, moe_layers, num_layers: int) -> dict:
+def to_sglang(placement, moe_layers, num_layers: int) -> dict:
     """SGLang's ``--init-expert-location`` object: exactly ``{"physical_to_logical_map": [[...]]}``."""
     return {"physical_to_logical_map": sglang_map(placement, moe_layers, num_layers).tolist()}
 
 
-def to_trtllm(placement: Placement, moe_layers) -> dict:
+def to_trtllm(placement, moe_layers) -> dict:
     """TensorRT-LLM's ``moe_load_balancer`` config: a static placement keyed by model layer index."""
     rows = _moe_rows(placement, moe_layers)
     return {"num_slots": int(placement.num_slots),
@@ -90,7 +89,7 @@ def to_trtllm(placement: Placement, moe_layers) -> dict:
             "layer_updates_per_iter": 0}
 
 
-def to_vllm(placement: Placement) -> dict:
+def to_vllm(placement) -> dict:
     """vLLM's ``eplb_initial_mapping`` record (MoE layers 0..L-1, as strings)."""
     return {"record_type": "eplb_initial_mapping", "version": 1,
             "num_redundant_experts": int(placement.num_slots - placement.num_experts),
@@ -99,7 +98,7 @@ def to_vllm(placement: Placement) -> dict:
 
 
 # ---- writing the engines' files ---------------------------------------------------------------------------
-def write(placement: Placement, fmt: str, path, layers: ModelLayers | None = None) -> str:
+def write(placement, fmt: str, path, layers: ModelLayers | None = None) -> str:
     """Write ``placement`` as ``fmt`` to ``path``; returns one line saying what was written and how to use it."""
     path = Path(path)
     if fmt in ("sglang", "trtllm") and layers is None:
