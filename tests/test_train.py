@@ -105,6 +105,16 @@ def test_the_train_command_resumes_with_the_runs_own_settings(tmp_path, capsys, 
     assert main(["train", "--resume", "--steps", "9", "--out", run]) == 2
     err = capsys.readouterr().err
     assert "trainer_state.pt is not a readable trainer state" in err and err.count("\n") == 1, err
+    # a folder with other files and no run (a checkpoint, a run whose trainer_state.pt was deleted) is never written over
+    (Path(run) / "trainer_state.pt").unlink()
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    for folder in (run, str(checkpoint)):
+        assert main(["train", "--steps", "2", "--out", folder]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {folder} holds files but no training run" in err and err.count("\n") == 1, err
+    assert (checkpoint / "config.json").read_text() == "{}" and len(calls) == 2
 
 
 @pytest.mark.parametrize("text, message", [

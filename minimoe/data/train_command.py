@@ -1,7 +1,8 @@
 """``minimoe train``: a training run from a preset into a run folder, or the continuation of one (``--resume``).
 
 A run folder holds the checkpoint and ``trainer_state.pt`` (``minimoe.data.train``). Starting over a folder that
-holds a run, or resuming one that holds none, is refused with the flag that fixes it; a resumed run keeps its
+holds a run, resuming one that holds none, or starting in a folder that holds other files (a checkpoint without
+its run, say) is refused with the flag that fixes it; a resumed run keeps its
 own preset, seed and bf16 and trains ``--steps`` more.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from minimoe.arguments import output_dir
 def train_command(args) -> int:
     """Run ``minimoe train`` with its parsed ``args`` (out, preset, seed, steps, bf16, device, resume); returns the
     exit status. Raises ValueError (one line naming the flag) for an --out that is a file, a --resume without a
-    run or a run without --resume, settings that contradict the run being resumed, or --device cuda without a
+    run or a run without --resume, a folder that holds other files (a checkpoint, say) and no run, settings that contradict the run being resumed, or --device cuda without a
     GPU."""
     from minimoe.data.train import preset, resume_settings, resume_step, summarise, train  # at call time
 
@@ -27,6 +28,9 @@ def train_command(args) -> int:
     if started and not args.resume:
         raise ValueError(f"--out {args.out} holds a training run (trainer_state.pt): pass --resume to continue it, "
                          f"or another --out for a new run")
+    if not started and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
+        raise ValueError(f"--out {args.out} holds files but no training run (no trainer_state.pt): a new run would "
+                         "write over them; give a new or empty folder")
     name, seed, bf16, steps = args.preset or "tiny", args.seed, args.bf16 or None, args.steps
     try:
         if args.resume:  # the run's own preset, seed and bf16; --steps more than it has done
