@@ -257,18 +257,37 @@ def _join_dash_values(argv: list[str]) -> list[str]:
     return out
 
 
-def _command_option(token: str) -> str | None:
-    """The commands that take the option ``token`` ("report, findings"), when it is not an option of
-    ``minimoe`` itself; else None."""
-    option = token.split("=")[0]
-    if not option.startswith("-"):  # a command (the usual case): no parser to build
+def _command_parsers(parser) -> dict:
+    """{command: its parser}, the forwarded commands' own parsers included."""
+    import importlib
+
+    commands = dict(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+    for name, (module, _) in FORWARDED.items():
+        commands[name] = importlib.import_module(module).build_parser()
+    return commands
+
+
+def _misplaced_option(argv: list[str]) -> str | None:
+    """The error for an option of a command written before the command (``minimoe --threads 1 report``), which
+    argparse would report as an invalid command; None when ``argv`` starts with a command (the usual case, no
+    parser is built) or with an option of ``minimoe`` itself."""
+    option = argv[0].split("=")[0]
+    if not option.startswith("-"):
         return None
     parser = build_parser()
     if option in parser._option_string_actions:
         return None
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    commands = _command_parsers(parser)
     having = [name for name, command in commands.items() if option in command._option_string_actions]
-    return ", ".join(having) or None
+    if not having:
+        return f"{option} is not an option of minimoe or of any of its commands (see 'minimoe --help')"
+    given = next((i for i, token in enumerate(argv) if token in commands), None)
+    if given is not None and argv[given] not in having:
+        return f"{option} is not an option of minimoe {argv[given]}; it is one of {', '.join(having)}"
+    command = having[0] if given is None else argv[given]
+    rest = argv if given is None else argv[:given] + argv[given + 1:]
+    return f"{option} is an option of {', '.join(having)} and goes after the command, e.g. minimoe {command} " \
+           f"{' '.join(rest)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,10 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--debug"]:
         argv = argv[1:]
     argv = _join_dash_values(argv)
-    misplaced = _command_option(argv[0]) if argv else None
+    if "--debug" in argv:  # after the command: its parser would call it unrecognized
+        rest = [token for token in argv if token != "--debug"]
+        print(f"minimoe: error: --debug goes before the command, e.g. minimoe --debug {' '.join(rest)}",
+              file=sys.stderr)
+        return 2
+    misplaced = _misplaced_option(argv) if argv else None
     if misplaced:  # argparse would take its value for the command and call that an invalid choice
-        print(f"minimoe: error: {argv[0].split('=')[0]} is an option of {misplaced} and goes after the command, "
-              f"e.g. minimoe {misplaced.split(', ')[0]} {' '.join(argv)}", file=sys.stderr)
+        print(f"minimoe: error: {misplaced}", file=sys.stderr)
         return 2
     if argv and argv[0] in FORWARDED:  # these parse their own arguments
         args = argparse.Namespace(command=argv[0], func=_forward(argv[0]), rest=argv[1:])
