@@ -166,6 +166,14 @@ def check_output_file(flag: str, path: str, suffix: str | tuple[str, ...] | None
     return path
 
 
+def check_not_the_input(flag: str, path, source) -> None:
+    """Refuse an output file that is the input file (the same file under any name): writing it would destroy the
+    input before it is read in full, or replace it with something else."""
+    if Path(path).exists() and Path(source).exists() and os.path.samefile(path, source):
+        raise ValueError(f"{flag} {path}: is the input file {source}; writing there would destroy it: give another "
+                         "file")
+
+
 @contextlib.contextmanager
 def output_dir(flag: str, path: str):
     """Create the folder ``path`` now (so an unwritable place fails before the work) and remove it again if

@@ -24,6 +24,7 @@ from minimoe.placement.export import to_sglang, to_trtllm, to_vllm
 from minimoe.traces.layers import layers_from_config, parse_layers
 from minimoe.traces.load_dumps import from_sglang_per_pass, from_sglang_stat, from_vllm_eplb
 from minimoe.traces.load_dumps_trtllm import from_trtllm
+from minimoe.traces import synthetic_trace
 from minimoe.traces.loads import LoadTrace, read_trace_file
 from batches import run_cli
 
@@ -161,6 +162,9 @@ def test_export_from_a_report_deployment_file_and_with_a_transformers_config(tmp
     (["--format", "sglang", "--config", "other.json", "--out", "x.json"],  # 16 experts (and 3 layers): named
      "--config other.json: the model has 16 experts per layer, the placement 8"),
     (["--format", "rocm", "--out", "x.json"], "argument --format: invalid choice"),
+    (["--format", "sglang", "--moe-layers", "0-2", "--out", "p.json"],
+     "--out p.json: is the input file p.json; writing there would destroy it"),
+    (["--format", "vllm", "--out", "/proc/x.jsonl"], "--out /proc/x.jsonl: cannot write there"),
 ])
 def test_export_refuses_bad_input_in_one_line(argv, expected, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -173,6 +177,20 @@ def test_export_refuses_bad_input_in_one_line(argv, expected, tmp_path, capsys, 
     status, out, err = run(capsys, "export", "p.json", *argv)
     assert status == 2 and err.count("\n") == 1 and len(err) < 400 and "Traceback" not in err, err
     assert err.startswith(f"minimoe export: error: {expected}"), err
+    assert Placement.load("p.json") == a_placement()  # the input is never touched
+
+
+def test_import_refuses_to_write_over_its_input_or_where_it_cannot_write(tmp_path, capsys):
+    source = tmp_path / "t.npz"
+    synthetic_trace(num_requests=4, tokens_per_request=8, num_experts=8, top_k=2).save(source)
+    before = source.read_bytes()
+    (tmp_path / "link.npz").symlink_to(source)
+    for out, expected in ((source, f"--out {source}: is the input file {source}; writing there would destroy it"),
+                          (tmp_path / "link.npz", "is the input file"),
+                          ("/proc/x.npz", "--out /proc/x.npz: cannot write there")):
+        status, _, err = run(capsys, "import", source, "--out", out)
+        assert status == 2 and err.count("\n") == 1 and expected in err, err
+    assert source.read_bytes() == before
 
 
 def test_export_names_a_folder_given_as_the_placement_file(tmp_path, capsys):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from minimoe.arguments import OneLineParser, whole_number
+from minimoe.arguments import OneLineParser, check_not_the_input, check_output_file, whole_number
 from minimoe.placement.export import FORMATS, SUFFIXES, write, write_loads
 from minimoe.placement.phy2log import Placement
 from minimoe.traces.layers import MAX_LAYERS, model_layers, parse_layers
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--out {out}: --format {args.format} writes {' or '.join(SUFFIXES[args.format])}")
     if not out.parent.is_dir():
         raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+    check_not_the_input("--out", out, source)
+    check_output_file("--out", out)  # an unwritable place fails now, in one line naming the flag
     if args.num_layers is not None and args.moe_layers is None:
         raise ValueError("--num-layers goes with --moe-layers")
     layers = model_layers(args.moe_layers, args.config, args.num_layers)  # errors name the config or --moe-layers

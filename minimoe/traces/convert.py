@@ -23,7 +23,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from minimoe.arguments import OneLineParser, whole_number
+from minimoe.arguments import OneLineParser, check_not_the_input, check_output_file, whole_number
 from minimoe.traces import load_dumps, load_dumps_trtllm
 from minimoe.traces.format import Trace
 from minimoe.traces.importers import WIRE_DTYPES, from_sglang, from_vllm
@@ -148,6 +148,8 @@ def convert(args):
         raise ValueError(f"--out {args.out}: a trace file ends in .npz (or .parquet for a per-token trace)")
     if not Path(args.out).parent.is_dir():
         raise FileNotFoundError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist")
+    check_not_the_input("--out", args.out, source)
+    check_output_file("--out", args.out)  # an unwritable place fails now, in one line naming the flag
     kind = guess_format(source) if args.format == "auto" else args.format
     if source.is_dir() and kind not in ("trtllm-stats", "sglang-per-pass"):
         raise ValueError(f"{source} is a folder; --format {kind} reads a file")
