@@ -23,6 +23,10 @@ import sys
 from pathlib import Path
 
 
+MAX_REQUESTS_PER_DOMAIN = 100_000  # --requests-per-domain: 400,000 recorded requests, days of CPU recording
+MAX_NEW_TOKENS = 1 << 16  # --new-tokens: above any model's context here (the model's own limit is checked later)
+
+
 def whole_number(minimum: int, maximum: int | None = None):
     """An ``int`` >= ``minimum`` (and <= ``maximum`` when given): ``whole_number(1)("0")`` raises "expected a whole
     number >= 1, got 0"."""

@@ -21,8 +21,9 @@ import os
 import re
 import sys
 
-from minimoe.arguments import (DEFAULT_TOPOLOGIES, OneLineParser, check_output_file, fit_processes_argument, fit_tokens_argument, local_workers,
-                               number, output_dir, scheduler_address, seed_number, thread_count, whole_number)
+from minimoe.arguments import (DEFAULT_TOPOLOGIES, MAX_NEW_TOKENS, MAX_REQUESTS_PER_DOMAIN, OneLineParser,
+                               check_output_file, fit_processes_argument, fit_tokens_argument, local_workers, number,
+                               output_dir, scheduler_address, seed_number, thread_count, whole_number)
 
 positive = whole_number(1)
 
@@ -129,9 +130,10 @@ def _add_source(parser) -> None:
 
 def _add_workload(parser, requests_default: int) -> None:
     """The flags that describe a recording of the bundled (or another minimoe) model."""
-    parser.add_argument("--requests-per-domain", metavar="N", type=whole_number(2), default=requests_default,
+    parser.add_argument("--requests-per-domain", metavar="N", type=whole_number(2, MAX_REQUESTS_PER_DOMAIN),
+                        default=requests_default,
                         help="held-out prompts recorded per domain (4 domains; default: %(default)s)")
-    parser.add_argument("--new-tokens", metavar="N", type=positive, default=32,
+    parser.add_argument("--new-tokens", metavar="N", type=whole_number(1, MAX_NEW_TOKENS), default=32,
                         help="decode tokens recorded per request (default: %(default)s)")
     parser.add_argument("--temperature", metavar="T", type=number(0.0), default=0.7,
                         help="decode sampling temperature, 0 = greedy (default: %(default)s)")

@@ -124,6 +124,17 @@ def test_too_many_new_tokens_are_refused_before_recording(tmp_path, capsys):
     assert "max_seq_len=512: expected --new-tokens" in err and "or fewer" in err and "recording" not in err
 
 
+def test_recording_sizes_that_would_only_exhaust_memory_are_refused(tmp_path, capsys):
+    cases = [([command, "--requests-per-domain", "100000000"], "argument --requests-per-domain: expected a whole "
+              "number from 2 to 100000, got 100000000") for command in ("trace", "report", "findings")]
+    cases.append((["trace", "--new-tokens", "99999999"], "argument --new-tokens: expected a whole number from 1 to 65536"))
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as stop:  # argparse's type check: one line, status 2
+            main([*argv, "--out", str(tmp_path / "t.npz")])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and expected in err and err.count("\n") == 1, err
+
+
 def test_a_transformers_folder_without_tokenizer_files_is_named(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
     err = one_line_error(capsys, ["trace", "--hf", str(tmp_path), "--out", str(tmp_path / "t.npz")])

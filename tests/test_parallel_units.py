@@ -264,9 +264,21 @@ def test_the_command_checks_its_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         ep_demo(["--gpus-per-node", "0"])
     assert exit_info.value.code == 2 and "expected a whole number >= 1, got 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        ep_demo(["--timeout", "0"])
-    assert "expected a finite number > 0, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # shorter than a second fails the ranks' rendezvous itself
+        ep_demo(["--timeout", "0.001"])
+    assert "argument --timeout: expected a finite number >= 1, got 0.001" in capsys.readouterr().err
+    for flag, value, expected in (("--experts", "100000", "from 1 to 32768"), ("--hidden", "10000000", "from 1 to 65536"),
+                                  ("--tokens-per-rank", "100000000", "from 1 to 1048576"),
+                                  ("--requests-per-domain", "1000000", "from 1 to 100000")):
+        with pytest.raises(SystemExit):  # sizes that would only exhaust memory are refused before anything runs
+            ep_demo([flag, value])
+        assert f"argument {flag}: expected a whole number {expected}, got {value}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--experts 2000 x --hidden 64 x --intermediate 60000 .* the random layer "
+                                         "would take 92.2 GB per rank; expected at most 8 GB"):
+        ep_demo(["--experts", "2000", "--intermediate", "60000", "--top-k", "1"])
+    for replicas, expected in (("3", "from the 16 experts to 128"), ("100000", "from the 16 experts to 128")):
+        with pytest.raises(ValueError, match=f"--replicas {replicas}: expected physical slots per layer {expected}"):
+            ep_demo(["--replicas", replicas])
     with pytest.raises(ValueError, match="--gpus-per-node 3 does not divide the 1 ranks"):
         ep_demo(["--gpus-per-node", "3", "--experts", "4", "--top-k", "2", "--hidden", "8"])
     with pytest.raises(SystemExit):

@@ -34,16 +34,38 @@ import os
 
 import torch
 
-from minimoe.arguments import OneLineParser, check_moe_model_dir, check_output_file, number, seed_number, whole_number
+from minimoe.arguments import (MAX_NEW_TOKENS, MAX_REQUESTS_PER_DOMAIN, OneLineParser, check_moe_model_dir,
+                               check_output_file, number, seed_number, thread_count, whole_number)
 from minimoe.parallel.comm import DEFAULT_TIMEOUT_S, destroy_process_group, group_rank_size, init_process_group
 from minimoe.parallel.demo_runs import run_layer, run_model, run_replay
 from minimoe.parallel.demo_setup import GROUPINGS, nodes_line, placement_arg
 from minimoe.parallel.dispatch import WIRE_FORMATS
+from minimoe.traces.format import MAX_EXPERTS
 
 
 _positive = whole_number(1)
-_positive_float = number(0, strict=True)
 _non_negative_float = number(0)
+MAX_WIDTH = 1 << 16  # --hidden, --intermediate
+MAX_TOKENS_PER_RANK = 1 << 20
+MAX_RANDOM_LAYER_GB = 8.0  # the random layer's weights and activations on one rank
+
+
+def _timeout(text: str) -> float:
+    """--timeout: seconds, at least 1 (a shorter one fails the ranks' rendezvous itself) and at most a day."""
+    value = number(1)(text)
+    if value > 86_400:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds from 1 to 86400, got {text}")
+    return value
+
+
+def random_layer_gb(args, world: int) -> float:
+    """GB one rank holds for the random layer: every expert's three matrices and the whole batch's rows (each rank
+    keeps the single-process reference), float32 or bfloat16."""
+    size = 4 if args.dtype == "float32" else 2
+    hidden = args.hidden or 64
+    weights = (args.experts + args.shared_experts) * 3 * hidden * args.intermediate
+    rows = world * args.tokens_per_rank * hidden * (2 * args.top_k + 4)  # inputs, outputs, dispatched rows
+    return (weights + rows) * size / 1e9
 
 
 def _rank() -> int:
@@ -77,24 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks per 'node' (default: half the ranks for 4 or more, else 1); must divide the ranks")
     p.add_argument("--grouping", default=None, choices=GROUPINGS,
                    help="--trace: which rank each request runs on (default: round_robin = request %% ranks)")
-    p.add_argument("--experts", type=_positive, default=16, help="random layer: num_experts (default: %(default)s)")
+    p.add_argument("--experts", type=whole_number(1, MAX_EXPERTS), default=16, help="random layer: num_experts (default: %(default)s)")
     p.add_argument("--top-k", type=_positive, default=4, help="random layer: top_k (default: %(default)s)")
-    p.add_argument("--hidden", type=_positive, default=None,
+    p.add_argument("--hidden", type=whole_number(1, MAX_WIDTH), default=None,
                    help="hidden size (default: 64 for the random layer, 7168 for --trace, as DeepSeek-V3)")
-    p.add_argument("--intermediate", type=_positive, default=32, help="random layer: expert width (default: 32)")
+    p.add_argument("--intermediate", type=whole_number(1, MAX_WIDTH), default=32, help="random layer: expert width (default: 32)")
     p.add_argument("--shared-experts", type=int, default=0, choices=(0, 1, 2), help="random layer (default: 0)")
     p.add_argument("--capacity-factor", type=_non_negative_float, default=0.0,
                    help="random layer: 0 = dropless (default), else capacity C = ceil(T·k/E · factor)")
-    p.add_argument("--tokens-per-rank", type=_positive, default=32,
+    p.add_argument("--tokens-per-rank", type=whole_number(1, MAX_TOKENS_PER_RANK), default=32,
                    help="random layer: tokens per rank; --model: sequences of 16 tokens per rank (default: 32)")
-    p.add_argument("--requests-per-domain", type=_positive, default=8, help="--trace bundled (default: 8)")
-    p.add_argument("--new-tokens", type=_positive, default=16, help="--trace bundled: decode tokens (default: 16)")
-    p.add_argument("--iters", type=_positive, default=3, help="timed repetitions (default: %(default)s)")
+    p.add_argument("--requests-per-domain", type=whole_number(1, MAX_REQUESTS_PER_DOMAIN), default=8, help="--trace bundled (default: 8)")
+    p.add_argument("--new-tokens", type=whole_number(1, MAX_NEW_TOKENS), default=16, help="--trace bundled: decode tokens (default: 16)")
+    p.add_argument("--iters", type=whole_number(1, 10_000), default=3, help="timed repetitions (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default: %(default)s)")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="(default: %(default)s)")
-    p.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
+    p.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT_S,
                    help="seconds before a collective gives up (default: %(default)s)")
-    p.add_argument("--threads", type=_positive, default=1,
+    p.add_argument("--threads", type=thread_count(), default=1,
                    help="CPU threads per rank (default: %(default)s; the ranks share the machine's cores)")
     p.add_argument("--seed", type=seed_number, default=0, help="(default: %(default)s)")
     p.add_argument("--json", help="rank 0 writes the results here as JSON")
@@ -141,6 +163,12 @@ def _main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"--model {args.model!r}: no such directory (expected a minimoe checkpoint "
                                     "or 'bundled')")
         check_moe_model_dir("--model", args.model)
+    if not (args.model or args.trace) and random_layer_gb(args, int(os.environ.get("WORLD_SIZE", "1"))) > \
+            MAX_RANDOM_LAYER_GB:
+        raise ValueError(f"--experts {args.experts} x --hidden {args.hidden or 64} x --intermediate {args.intermediate} "
+                         f"(and --tokens-per-rank {args.tokens_per_rank}): the random layer would take "
+                         f"{random_layer_gb(args, int(os.environ.get('WORLD_SIZE', '1'))):,.1f} GB per rank; expected "
+                         f"at most {MAX_RANDOM_LAYER_GB:g} GB")
     if not (args.model or args.trace) and args.top_k > args.experts:
         raise ValueError(f"--top-k {args.top_k}: a token picks top_k of the --experts {args.experts}: expected at most "
                          f"{args.experts}")

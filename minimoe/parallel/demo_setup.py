@@ -72,6 +72,23 @@ def saved_deployment(path: str):
     return Deployment.load(path) if is_deployment else None
 
 
+MAX_SLOTS_PER_EXPERT = 8  # --replicas: at most this many physical slots per expert on average
+
+
+def check_replicas(replicas: int | None, num_experts: int, num_gpus: int) -> None:
+    """--replicas (physical slots per layer): from num_experts to ``MAX_SLOTS_PER_EXPERT`` x num_experts, a multiple
+    of the ranks; ValueError naming the flag otherwise (None: the default, always fine)."""
+    if replicas is None:
+        return
+    most = MAX_SLOTS_PER_EXPERT * num_experts
+    if not num_experts <= replicas <= most:
+        raise ValueError(f"--replicas {replicas}: expected physical slots per layer from the {num_experts} experts "
+                         f"to {most} ({MAX_SLOTS_PER_EXPERT} per expert)")
+    if replicas % num_gpus:
+        raise ValueError(f"--replicas {replicas}: expected a multiple of the {num_gpus} ranks (every rank holds as "
+                         "many slots)")
+
+
 def fit_placement(method: str, trace, shape, replicas: int | None, seed: int = 0, fit_tokens=None, sources=None,
                   grouping_given: bool = False):
     """(placement, sources or None, note) for ``--placement``: a method fitted on ``trace`` (rows ``fit_tokens``),
@@ -91,6 +108,7 @@ def fit_placement(method: str, trace, shape, replicas: int | None, seed: int = 0
             raise ValueError(f"--placement {method} has {placement.gpus_per_node} GPUs per node but the run "
                              f"{shape.gpus_per_node} (set --gpus-per-node {placement.gpus_per_node})")
         return placement, sources, f"placement from {method}"
+    check_replicas(replicas, trace.num_experts, shape.num_gpus)
     slots = replicas or -(-trace.num_experts // shape.num_gpus) * shape.num_gpus
     mask = np.ones(trace.num_tokens, dtype=bool) if fit_tokens is None else fit_tokens
     if method in GROUPING_METHODS:
