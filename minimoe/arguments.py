@@ -233,12 +233,17 @@ def check_model_dir(flag: str, path: str | None) -> dict | None:
 
 def check_moe_model_dir(flag: str, path: str) -> int:
     """A minimoe model folder with MoE layers (``check_model_dir`` first): returns its expert count; raises
-    ValueError naming ``flag`` for a dense model (its config.json has no "moe" section)."""
+    ValueError naming ``flag`` for a dense model (its config.json has no "moe" section) or a "moe" section without
+    a whole num_experts >= 1."""
     moe = check_model_dir(flag, path).get("moe")
-    if not isinstance(moe, dict) or not isinstance(moe.get("num_experts"), int):
+    if moe is None:
         raise ValueError(f"{flag} {path}: a dense model (its config.json has no \"moe\" section) has no experts to "
                          "trace or place: expected a minimoe MoE checkpoint")
-    return moe["num_experts"]
+    experts = moe.get("num_experts") if isinstance(moe, dict) else None
+    if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
+        raise ValueError(f"{flag} {path}: its config.json's \"moe\" section must hold num_experts, a whole number >= 1, "
+                         f"got {str(experts if isinstance(moe, dict) else moe)[:80]!r}")
+    return experts
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")

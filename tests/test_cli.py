@@ -92,6 +92,10 @@ def test_a_dense_model_is_refused_by_every_command_that_needs_experts(tmp_path, 
     for command in ("trace", "findings", "report"):
         err = one_line_error(capsys, [command, "--model", str(dense), "--out", str(tmp_path / "out.npz")])
         assert f"--model {dense}: a dense model" in err and "expected a minimoe MoE checkpoint" in err
+    damaged = run_folder(tmp_path / "damaged", config_json=json.dumps(dict(config, moe=dict(config["moe"],
+                                                                                          num_experts="32"))))
+    err = one_line_error(capsys, ["trace", "--model", str(damaged), "--out", str(tmp_path / "out.npz")])
+    assert "\"moe\" section must hold num_experts, a whole number >= 1, got '32'" in err and "a dense model" not in err
 
 
 @pytest.mark.parametrize("changes, expected", [
