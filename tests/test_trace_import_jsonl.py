@@ -50,6 +50,9 @@ def test_long_form_log_with_a_meta_record_rebuilds_the_trace(tmp_path):
     assert imported == unknown_phases(trace)
     assert (imported.phase == -1).all()  # the log has no phase: never guessed from positions or passes
     assert from_jsonl(path, num_experts=16, top_k=2, model="other").model == "other"
+    lines = path.read_text().splitlines()  # layers_logged in another order: the trace's layers stay in model order
+    path.write_text("\n".join([json.dumps({**META, "layers_logged": [11, 3, 7]}), *lines[1:]]) + "\n")
+    assert from_jsonl(path) == unknown_phases(trace)
 
 
 def test_positions_that_restart_at_every_forward_pass():

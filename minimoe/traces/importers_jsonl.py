@@ -18,8 +18,8 @@ led by a meta record:
     {"type": "route", "req_id": "r0", "token_idx": 0, "layer": 0, "topk_ids": [...], "topk_weights": [...]}
 
 The long form is recognised by a ``type`` key or a layer field; its records are grouped back into tokens by
-(request, position) and the layers of a token are ordered as ``layers_logged`` lists them (else by layer
-number). The meta record gives ``model_id`` (or ``model``), ``num_experts``, ``top_k`` and ``layers_logged``;
+(request, position) and the layers of a token are ordered by layer number, the model's order, whatever order
+``layers_logged`` lists them in. The meta record gives ``model_id`` (or ``model``), ``num_experts``, ``top_k`` and ``layers_logged``;
 arguments of `from_jsonl` that contradict it raise ValueError, and so does a ``top_k`` larger than every record's
 list of ids. Without ``num_experts`` anywhere, the largest expert id + 1 is assumed and said in the notes (a
 model may have experts the log never saw: pass ``--num-experts``).
@@ -252,7 +252,7 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> tuple[list[di
                 token[field].append((number, rec[names[field]]))
     tokens = list(tokens.values())
     if long_form:
-        layers = layers_logged if layers_logged is not None else sorted({l for t in tokens for l in t["experts"]})
+        layers = sorted(layers_logged if layers_logged is not None else {l for t in tokens for l in t["experts"]})
         for token in tokens:
             missing = [layer for layer in layers if layer not in token["experts"]]
             if missing:

@@ -53,8 +53,10 @@ def _rows(rows, line: int, name: str, kind: str, num_experts: int = 0, width: in
     """Check one token's per-layer lists: ``kind`` "int" (expert ids in [-1, num_experts)) or "number" (finite
     weights >= 0); with ``width``, each list must hold that many ids (``said`` says where the width comes from)."""
     if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
-        raise ValueError(f"line {line}: {name} must be a non-empty list of per-layer lists, got {str(rows)[:80]}")
-    for row in rows:
+        bad = rows if not isinstance(rows, list) or not rows else next(r for r in rows if not (isinstance(r, list) and r))
+        raise ValueError(f"line {line}: {name} must hold a non-empty list of {'ids' if kind == 'int' else 'weights'} "
+                         f"per layer, got {str(bad)[:80]}")
+    for index, row in enumerate(rows):
         for value in row:
             ok = is_int(value) if kind == "int" else isinstance(value, (int, float)) and not isinstance(value, bool)
             if not ok:
@@ -63,6 +65,11 @@ def _rows(rows, line: int, name: str, kind: str, num_experts: int = 0, width: in
                 raise ValueError(f"line {line}: expert id {value} outside [-1, num_experts-1={num_experts - 1}]")
             if kind == "number" and not 0 <= value <= sys.float_info.max:  # NaN, inf, a huge int: refused
                 raise ValueError(f"line {line}: {name} must be finite and >= 0, got {value!r}")
+        repeated = [v for v in set(row) if kind == "int" and v >= 0 and row.count(v) > 1]
+        if repeated:
+            where = f" (its list {index} of {len(rows)})" if len(rows) > 1 else ""
+            raise ValueError(f"line {line}: {name} repeats expert id {min(repeated)}{where}: a router picks top_k "
+                             "distinct experts")
         if width is not None and len(row) != width:
             raise ValueError(f"line {line}: {name} lists {plural(len(row), 'id')} where {said} (every record lists "
                              "top_k ids; write -1 for a pair the router dropped)")
@@ -99,7 +106,8 @@ def tokens_to_trace(tokens, names, num_experts, top_k, model, top_k_line=None, l
         if token["weights"]:
             weights = _rows(token["weights"][1], line, weights_name, "number")
             if [len(r) for r in weights] != [len(r) for r in experts]:
-                raise ValueError(f"line {line}: weights must have the same nesting as experts")
+                raise ValueError(f"line {line}: {weights_name} lists {[len(r) for r in weights]} weights per layer "
+                                 f"where {experts_name} lists {[len(r) for r in experts]} ids: one weight per id")
         domain = _one(token["domain"], "domain", token)
         if domain is not None and not isinstance(domain, str):
             raise ValueError(f"line {line}: domain must be a str, got {domain!r}")
