@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minimoe.cli import build_parser, main
-from minimoe.placement import Topology
+from minimoe.placement import Placement, Topology
 from minimoe.placement.experiments import METHODS, compare, cut, default_window
 from minimoe.placement.report import run_report
 from minimoe.traces import Trace, planted_trace, synthetic_trace
@@ -221,14 +221,19 @@ def test_drift_runs_on_a_requested_topology_and_says_which(tmp_path, capsys):
 def test_a_reused_output_folder_keeps_no_placement_of_an_earlier_report(tmp_path, capsys):
     base_trace().save(tmp_path / "t.npz")
     (tmp_path / "r").mkdir()
-    for name in ("placement-8x8.json", "placement-4x2-placement-only.json", "placement-notes.json"):
+    earlier = Placement(np.arange(8)[None], 8, 1, 2, "contiguous")  # what an earlier report wrote (both forms)
+    earlier.save(tmp_path / "r" / "placement-4x2-placement-only.json")
+    (tmp_path / "r" / "placement-8x8.json").write_text(json.dumps({"format": "minimoe.deployment/1"}))
+    for name in ("placement-notes.json", "placement-4x4.json"):  # the user's files: another name, no format tag
         (tmp_path / "r" / name).write_text("{}")
     status, out, err = run(capsys, "report", "--trace", tmp_path / "t.npz", "--topologies", "2x2",
                            "--out", tmp_path / "r")
     assert status == 0, err
     assert f"removed placement-4x2-placement-only.json, placement-8x8.json from {tmp_path / 'r'}" in out
+    assert f"left placement-4x4.json in {tmp_path / 'r'}: not placement files of minimoe" in out
     left = sorted(p.name for p in (tmp_path / "r").glob("placement-*"))
     assert "placement-2x2.json" in left and "placement-notes.json" in left  # not the report's name: kept
+    assert (tmp_path / "r" / "placement-4x4.json").read_text() == "{}"  # the report's name, not its file: kept
     assert not any(name.startswith(("placement-8x8", "placement-4x2")) for name in left)
 
 

@@ -136,14 +136,34 @@ def report_command(args) -> int:
 PLACEMENT_FILE = re.compile(r"placement-\d+x\d+(-placement-only)?\.json")  # the names the report writes
 
 
+def _a_report_placement(path: Path) -> bool:
+    """Whether ``path`` holds what a report writes there: a deployment or placement file of minimoe (by its format
+    tag), not a file of the user's that happens to have the name."""
+    import json
+
+    from minimoe.placement.deployment import FORMAT
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format") in (FORMAT, "minimoe.placement.methods/1")
+
+
 def remove_stale_placements(out: Path, written) -> None:
-    """Remove the placement files (``PLACEMENT_FILE``) an earlier report left in ``out`` that this run did not
-    write, so that none of them can be deployed as this report's; says which were removed."""
-    stale = sorted(p.name for p in out.iterdir() if PLACEMENT_FILE.fullmatch(p.name) and p.name not in written)
+    """Remove the placement files (``PLACEMENT_FILE``, with minimoe's format tag) an earlier report left in
+    ``out`` that this run did not write, so that none of them can be deployed as this report's; says which were
+    removed, and which files of those names it left because minimoe did not write them."""
+    named = sorted(p.name for p in out.iterdir() if PLACEMENT_FILE.fullmatch(p.name) and p.name not in written)
+    stale = [name for name in named if _a_report_placement(out / name)]
     for name in stale:
         (out / name).unlink()
     if stale:
         print(f"removed {', '.join(stale)} from {out}: an earlier report's placements, not measured by this one")
+    others = [name for name in named if name not in stale]
+    if others:
+        print(f"left {', '.join(others)} in {out}: not placement files of minimoe (no minimoe format tag), not "
+              "measured by this report")
 
 
 def _engine(args):
