@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_usage(sys.stderr)
             print("minimoe: error: give a command, e.g. minimoe report (see 'minimoe --help')", file=sys.stderr)
             return 2
+        args.given = {token.split("=")[0] for token in argv[1:] if token.startswith("--")}  # the options given
         if getattr(args, "threads", None):
             import torch
 

@@ -237,6 +237,25 @@ def test_a_reused_output_folder_keeps_no_placement_of_an_earlier_report(tmp_path
     assert not any(name.startswith(("placement-8x8", "placement-4x2")) for name in left)
 
 
+def test_flags_a_run_would_ignore_are_refused_by_name(tmp_path, capsys):
+    from minimoe.traces.loads import LoadTrace
+
+    base_trace().save(tmp_path / "t.npz")
+    counts = np.random.default_rng(0).integers(0, 50, size=(3, 2, 8))  # (steps, layers, experts)
+    LoadTrace(counts=counts, num_experts=8, top_k=2).save(tmp_path / "l.npz")
+    cases = [(["report", "--trace", tmp_path / "t.npz", "--new-tokens", "4", "--temperature", "0"],
+              "--new-tokens, --temperature do not apply with --trace"),
+             (["findings", "--trace", tmp_path / "t.npz", "--requests-per-domain", "5"],
+              "--requests-per-domain does not apply with --trace"),
+             (["report", "--trace", tmp_path / "l.npz", "--window", "3", "--compare-partitioners"],
+              "--window, --compare-partitioners do not apply to --trace"),
+             (["report", "--trace", tmp_path / "l.npz", "--hidden-size=5"], "--hidden-size does not apply to --trace")]
+    for argv, expected in cases:
+        status, _, err = run(capsys, *argv, *(["--topologies", "2x2", "--out", tmp_path / "r"] if argv[0] == "report"
+                                               else []))
+        assert status == 2 and expected in err and err.count("\n") == 1, err
+
+
 def test_a_trace_file_that_is_not_a_trace_names_the_file(tmp_path, capsys):
     (tmp_path / "x.npz").write_text("not a zip")
     status, _, err = run(capsys, "report", "--trace", tmp_path / "x.npz", "--out", tmp_path / "r")

@@ -20,10 +20,27 @@ from minimoe.arguments import (DEFAULT_TOPOLOGIES, check_input_file, check_moe_m
 from minimoe.placement.topology import Topology
 
 
+RECORDING_FLAGS = ("--requests-per-domain", "--new-tokens", "--temperature")  # they describe a recording
+PER_TOKEN_FLAGS = ("--window", "--hidden-size", "--max-fit-tokens", "--fit-processes", "--compare-partitioners")
+
+
+def refuse_unused(args, flags, why: str) -> None:
+    """Raise ValueError naming the ``flags`` the user gave (``args.given``, the options on the command line) that
+    this run would ignore, and ``why``."""
+    unused = [flag for flag in flags if flag in getattr(args, "given", ())]
+    if unused:
+        one = len(unused) == 1
+        raise ValueError(f"{', '.join(unused)} {'does' if one else 'do'} not apply {why}: drop {'it' if one else 'them'}")
+
+
 def check_source_model(args) -> None:
     """Without --trace, the run folder to record (--model, default: the bundled one) must be a minimoe MoE run
-    with its train_config.json (``minimoe.traces.workload.check_run``); raises ValueError naming --model."""
-    if not args.trace:
+    with its train_config.json (``minimoe.traces.workload.check_run``); raises ValueError naming --model. With
+    --trace, the flags that describe a recording are refused (the trace is read as recorded)."""
+    if args.trace:
+        refuse_unused(args, RECORDING_FLAGS, f"with --trace {args.trace}, a trace recorded already (they describe a "
+                                             "recording)")
+    else:
         from minimoe.traces.workload import BUNDLED_MODEL, check_run
 
         check_run("--model", args.model or BUNDLED_MODEL)
@@ -200,6 +217,8 @@ def _report_into(args, out: Path) -> int:
     from minimoe.traces.loads import LoadTrace
 
     if isinstance(trace, LoadTrace):  # a load trace: what counts alone can decide
+        refuse_unused(args, PER_TOKEN_FLAGS, f"to --trace {args.trace}, a load trace (counts per expert: no tokens "
+                                             "to fit on or measure)")
         from minimoe.placement.load_report import format_load_report, run_load_report, save_load_decision
 
         result = run_load_report(trace, args.topologies, seed=args.seed, progress=stopwatch)
