@@ -49,7 +49,7 @@ def run_main_job(out: Path) -> dict:
     if status != 0:
         raise SystemExit(f"the main job failed (status {status}):\n{stderr[-3000:]}")
     steps = [dict(at_seconds=float(t), step=m) for t, m in re.findall(r"\[\s*(\d+) s\] (.*)", stderr)]
-    return dict(command="minimoe report --threads 1 --out " + out.name, wall_seconds=round(seconds, 1),
+    return dict(command="minimoe report --threads 1 --out " + str(out), wall_seconds=round(seconds, 1),
                 cpu_seconds=round(usage.ru_utime + usage.ru_stime, 1), peak_rss_gb=round(usage.ru_maxrss / 1e6, 3),
                 steps=steps)
 
@@ -202,7 +202,7 @@ def main():
                                                            findings_added=added),
                                                       indent=1) + "\n")
     report = (out / "report.txt").read_text()
-    (RESULTS / "report.txt").write_text(f"$ minimoe report --out report   # defaults: bundled checkpoint, 500 "
+    (RESULTS / "report.txt").write_text(f"$ minimoe report --out {out}   # defaults: bundled checkpoint, 500 "
                                         f"requests/domain, temperature 0.7, seed 0, 1 thread\n{header}\n\n{report}")
     print("\n".join(lines))
 

@@ -205,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     findings.set_defaults(func=_command("minimoe.placement.commands", "findings_command"))
 
     trace = sub.add_parser("trace", help="record an expert-activation trace of a minimoe or transformers MoE model "
-                                         "on held-out prompts of the four domains")
+                                         "on held-out prompts of the four domains",
+                           description="Run held-out prompts of the four domains (code, math, chat, general) through "
+                                       "a minimoe MoE run (--model, default: the bundled checkpoint) or a local "
+                                       "transformers MoE checkpoint (--hf), prefill then --new-tokens of sampled "
+                                       "decode, and save every token's routed experts and weights per MoE layer to "
+                                       "--out (.npz, or .parquet for the columnar format).")
     source = trace.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="DIR", help="minimoe run folder (default: the bundled checkpoint)")
     source.add_argument("--hf", metavar="DIR", help="local transformers model folder (with its tokenizer), e.g. a Mixtral")
@@ -217,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(trace)
     trace.set_defaults(func=_trace)
 
-    train = sub.add_parser("train", help="train a small multi-domain MoE language model offline")
+    train = sub.add_parser("train", help="train a small multi-domain MoE language model offline",
+                           description="Train a MoE language model on the four offline corpora (code, math, chat, "
+                                       "general) with per-domain validation, into a new or empty run folder --out; "
+                                       "--resume continues the run there with its own settings.")
     train.add_argument("--preset", default=None, choices=("tiny", "shipped"),
                        help="model and training sizes (default: tiny; with --resume, the run's own)")
     train.add_argument("--out", metavar="DIR", default="runs/tiny-moe", help="run folder (default: %(default)s)")
@@ -233,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_command("minimoe.data.train_command", "train_command"))
 
     demo = sub.add_parser("demo", help="train a tiny Llama 3 for a few seconds, check it against transformers, "
-                                       "generate text")
+                                       "generate text",
+                          description="Build a tiny byte-level Llama 3, train it for --steps on the Zen of Python, "
+                                      "convert it to transformers' LlamaForCausalLM and check that both give the same "
+                                      "logits and greedy tokens (KV cache on our side, generate on theirs), then "
+                                      "print a generation (and save the checkpoint with --out).")
     demo.add_argument("--steps", metavar="N", type=positive, default=150, help="training steps (default: %(default)s)")
     demo.add_argument("--seed", metavar="N", type=seed_number, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--out", metavar="DIR", default=None, help="folder to save the trained checkpoint to (optional)")

@@ -128,6 +128,14 @@ def test_every_check_of_trace_load_applies_batch_by_batch_naming_file_and_row(tm
     assert str(path) in str(error.value) and message in str(error.value)
 
 
+def test_negative_weights_are_refused_naming_file_and_row(tmp_path):
+    """The passes read expert ids only; reading the weights checks them as Trace.load does."""
+    path = corrupt(tmp_path, "weights_1", _set(222, [0.5, -0.25, 0.5]))
+    with pytest.raises(ValueError) as error:
+        ParquetTrace(path).read()
+    assert str(path) in str(error.value) and "row 222: weights must be >= 0" in str(error.value)
+
+
 def test_files_that_are_not_minimoe_traces_are_refused_by_name(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

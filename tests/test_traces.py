@@ -151,6 +151,7 @@ def test_concat_renumbers_and_checks_compatibility():
     (dict(num_experts=2.0), "num_experts"),
     (dict(weights=np.full((3, 1, 2), np.nan)), "finite"),
     (dict(weights=np.full((3, 1, 2), 1e6)), "finite"),
+    (dict(weights=np.array([[[0.5, 0.5]], [[0.9, 0.1]], [[-0.2, 1.2]]])), r"weights must be >= 0 .* got -0\.\d+ at token 2"),
     (dict(weights=np.ones((3, 2, 2))), "weights"),
     (dict(model=3), "model"),
 ])

@@ -102,6 +102,9 @@ def findings_command(args) -> int:
     print(format_findings(result))
     if out:
         out.write_text(json.dumps(result, indent=1) + "\n")
+    written = [str(path) for path in (out, save) if path]
+    if written:
+        print(f"\nwrote {', '.join(written)}")
     return 0
 
 

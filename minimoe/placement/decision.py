@@ -17,6 +17,8 @@ next to every grouping recommendation.
 
 from __future__ import annotations
 
+import shlex
+
 from minimoe.placement.experiments import METHODS, fit
 from minimoe.placement.topology import Topology
 
@@ -117,7 +119,7 @@ def saved_lines(decisions: list[dict], folder: str | None, lead: str) -> list[st
         return []
     where = f"{folder}/" if folder else ""
     return [f"Saved: {', '.join(where + f for f in files)}. {lead}",
-            f"  minimoe export {where}{files[0]} --format sglang|trtllm|vllm|eplb --out FILE "
+            f"  minimoe export {shlex.quote(where + files[0])} --format sglang|trtllm|vllm|eplb --out FILE "
             "--config MODEL/config.json   (or --moe-layers with the model's MoE layer indices)"]
 
 

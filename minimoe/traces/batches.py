@@ -136,6 +136,10 @@ def check_batch(batch: TraceBatch, num_experts: int, top_k: int, num_layers: int
         finite = np.isfinite(batch.weights).all(axis=(1, 2))
         if not finite.all():
             _fail(label, start + np.flatnonzero(~finite)[0], "weights must be finite (found NaN or inf)")
+        negative = (batch.weights < 0).any(axis=(1, 2))
+        if negative.any():
+            _fail(label, start + np.flatnonzero(negative)[0], "weights must be >= 0 (a router's softmax or sigmoid "
+                  "scores)")
     request, position, step, domain = batch.request, batch.position, batch.step, batch.domain
     has_domain = domain.shape == (n,)
     if not has_domain and domain.shape != (0,):

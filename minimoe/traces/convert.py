@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, default="auto",
                         help="the source's format (default: %(default)s, from the file name and first record)")
     parser.add_argument("--num-experts", type=_positive_int, metavar="E",
-                        help="routed experts per MoE layer (JSONL: default from the meta record)")
+                        help="routed experts per MoE layer (vllm and sglang captures: required; JSONL: default from "
+                             "the meta record)")
     parser.add_argument("--top-k", type=_positive_int, metavar="K",
                         help="experts per token (SGLang: required; JSONL: default from the meta record, else the "
                              "first record's list; every record lists that many)")

@@ -153,6 +153,10 @@ class Trace:
                                  f"got {self.weights.shape}")
             if not np.isfinite(self.weights).all():
                 raise ValueError("weights must be finite (found NaN or inf, e.g. a value beyond float16 range)")
+            if (self.weights < 0).any():
+                token = int(np.argwhere(self.weights < 0)[0][0])
+                raise ValueError(f"weights must be >= 0 (a router's softmax or sigmoid scores), got "
+                                 f"{float(self.weights.min()):g} at token {token}")
         if n == 0:
             return
         outside = (self.experts < -1) | (self.experts >= self.num_experts)
