@@ -226,6 +226,20 @@ def test_hostile_sources_are_refused_in_one_line(case, expected, tmp_path, capsy
     assert re.search(expected, err.rstrip("\n")), err
 
 
+def test_an_empty_domain_label_is_refused_and_an_unnamed_model_said(tmp_path, capsys):
+    from batches import run_cli
+
+    source = tmp_path / "r.jsonl"
+    source.write_text('{"request": 0, "experts": [[1, 2]]}\n{"request": 1, "experts": [[3, 4]]}\n')
+    for label in ("", " code"):
+        with pytest.raises(SystemExit):
+            cli_main(["import", str(source), "--out", str(tmp_path / "t.npz"), "--domain", label])
+        assert f"argument --domain: expected a domain label such as code, without surrounding spaces, got {label!r}" \
+            in capsys.readouterr().err
+    status, out, err = run_cli(cli_main, capsys, "import", source, "--out", tmp_path / "t.npz", "--num-experts", "8")
+    assert status == 0 and "model unnamed (--model NAME names it)" in out, err
+
+
 def test_stray_files_are_noted_and_minimoe_load_traces_recognised(tmp_path, capsys):
     from batches import run_cli
 

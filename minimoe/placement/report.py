@@ -301,7 +301,8 @@ def _sampled_note(result: dict) -> str:
     limit = result.get("max_fit_tokens")
     if limit is None or limit >= result["trace"]["tokens"]:
         return ""
-    return (f";\nco-activation fitted on a uniform sample of at most {limit:,} tokens per fitting set (loads and "
+    tokens = "token" if limit == 1 else "tokens"
+    return (f";\nco-activation fitted on a uniform sample of at most {limit:,} {tokens} per fitting set (loads and "
             "request signatures on all of them), every saving measured on all held-out tokens")
 
 

@@ -79,6 +79,13 @@ def _keys(text: str) -> list[str]:
     return keys
 
 
+def _domain_label(text: str) -> str:
+    """--domain: a non-empty label without surrounding spaces (tables print it as the domain's name)."""
+    if not text.strip() or text != text.strip():
+        raise argparse.ArgumentTypeError(f"expected a domain label such as code, without surrounding spaces, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="minimoe import", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -116,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-lengths", type=_counts, default=None, metavar="P1,P2,...",
                         help="vLLM/SGLang: comma-separated prompt rows per request (rows after them are decode); "
                              "default: phases unknown (a vLLM .npz may hold them as 'prompt_lengths')")
-    parser.add_argument("--domain", default=None, metavar="LABEL", help="one domain label for every token (e.g. code)")
+    parser.add_argument("--domain", default=None, type=_domain_label, metavar="LABEL",
+                        help="one domain label for every token (e.g. code)")
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="the model's name stored in the trace (JSONL: default from the meta record)")
     parser.add_argument("--field", type=_fields, action="append", default=[], metavar="OURS=THEIRS[,...]",
@@ -203,7 +211,8 @@ def summary(trace, source: str, out: str) -> str:
     known = int((trace.phase >= 0).sum())
     lines = [f"{plural(trace.num_tokens, 'token')}, {plural(trace.num_requests, 'request')}, "
              f"{plural(trace.num_layers, 'MoE layer')}, "
-             f"top-{trace.top_k} of {trace.num_experts} experts, model {trace.model!r}"]
+             f"top-{trace.top_k} of {trace.num_experts} experts, "
+             + (f"model {trace.model!r}" if trace.model else "model unnamed (--model NAME names it)")]
     if known == trace.num_tokens:
         lines.append(f"phases: {int((trace.phase == 0).sum())} prefill, {int((trace.phase == 1).sum())} decode")
     else:
