@@ -198,6 +198,8 @@ def test_save_load_gives_identical_logits(tmp_path, tied):
     assert loaded.config == model.config
     assert ("lm_head.weight" in load_file(str(tmp_path / "ckpt" / WEIGHTS_FILE))) == (not tied)
     assert (loaded.lm_head.weight is loaded.embed.weight) == tied
+    weights, config = (tmp_path / "ckpt" / WEIGHTS_FILE).stat(), (tmp_path / "ckpt" / "config.json").stat()
+    assert weights.st_mode & 0o777 == config.st_mode & 0o777  # the weights as readable as the config beside them
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
     ids = random_ids((2, 12))

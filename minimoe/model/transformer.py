@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,6 +265,9 @@ class Transformer(nn.Module):
                                  "tie them again, or set tie_word_embeddings=False to save both")
             del state["lm_head.weight"]  # stored once, as embed.weight
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        mask = os.umask(0)  # safetensors writes the file readable by its owner only: give it the usual mode
+        os.umask(mask)
+        os.chmod(directory / WEIGHTS_FILE, 0o666 & ~mask)
 
     @classmethod
     def load(cls, directory, device="cpu", dtype: torch.dtype | None = None) -> "Transformer":
