@@ -193,6 +193,15 @@ def test_import_refuses_to_write_over_its_input_or_where_it_cannot_write(tmp_pat
     assert source.read_bytes() == before
 
 
+def test_export_of_a_grouping_placement_says_it_needs_request_steering(tmp_path, capsys):
+    plain = a_placement()
+    for method, steered in (("eplb", False), ("grouping+locality", True)):
+        Placement(plain.phy2log, E, 2, 2, method=method).save(tmp_path / "p.json")
+        status, out, err = run(capsys, "export", tmp_path / "p.json", "--format", "vllm", "--out", tmp_path / "x.jsonl")
+        assert status == 0, err
+        assert ("note: grouping+locality was measured with request steering" in out) == steered, out
+
+
 def test_export_names_a_folder_given_as_the_placement_file(tmp_path, capsys):
     status, _, err = run(capsys, "export", tmp_path, "--format", "vllm", "--out", tmp_path / "x.jsonl")
     assert status == 2 and err == (f"minimoe export: error: {tmp_path} is a folder: expected a placement file from "

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from minimoe.arguments import OneLineParser, check_not_the_input, check_output_file, whole_number
+from minimoe.placement.decision import GROUPING, STEERING
 from minimoe.placement.export import FORMATS, SUFFIXES, write, write_loads
 from minimoe.placement.phy2log import Placement
 from minimoe.traces.layers import MAX_LAYERS, model_layers, parse_layers
@@ -98,4 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     placement = Placement.load(source)  # errors name the file and the field
     print(write(placement, args.format, out, layers))
+    if placement.method in GROUPING:  # its saving was measured with requests steered to their GPUs
+        print(f"note: {placement.method} was measured with request steering: {STEERING}; without it, deploy the "
+              "report's placement-only file instead")
     return 0
