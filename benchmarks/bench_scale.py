@@ -12,8 +12,8 @@ in memory, then kept in ``--dir`` for the next run. The report runs as its own p
     python -m minimoe report --trace FILE --topologies 4x2 --threads 1 --out DIR [--workers N]
 
 and this script records its wall time, CPU time and peak resident memory (``os.wait4``: the kernel's own
-high-water mark of the process; with ``--workers`` the Dask worker processes' peaks are sampled every 0.2 s
-and added), the time of each step from the report's progress lines, and the time per token. Results are
+high-water mark of the process; the peaks of its worker processes, the fit processes and with ``--workers`` the
+Dask workers, are sampled every 0.2 s and added), the time of each step from the report's progress lines, and the time per token. Results are
 added to benchmarks/results/scale.json (one entry per size, replacing an older one) and
 benchmarks/results/scale.md is rewritten from it.
 """
@@ -63,7 +63,7 @@ def generate(path: Path, size: int) -> float:
 
 
 def _tree_peak(pid: int, stop: threading.Event, out: dict) -> None:
-    """Largest summed RSS of the children of ``pid``'s children (the Dask workers), sampled every 0.2 s."""
+    """Largest summed RSS of ``pid``'s descendants (the fit processes, the Dask workers), sampled every 0.2 s."""
     import psutil
 
     try:
@@ -94,8 +94,7 @@ def run_measured(path: Path, out: Path, workers: int | None) -> dict:
         process = subprocess.Popen(command, stdout=std, stderr=err, env=env)
         peaks, stop = {}, threading.Event()
         sampler = threading.Thread(target=_tree_peak, args=(process.pid, stop, peaks), daemon=True)
-        if workers:
-            sampler.start()
+        sampler.start()
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - start
         stop.set()

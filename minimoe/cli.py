@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     report.add_argument("--fit-processes", metavar="N|auto", type=fit_processes_argument, default="auto",
                         help="worker processes for the placement fits (the same placements as one process); 'auto' "
-                             "uses every core up to 4 when a fitting set holds at least 16,384 tokens, else 1 "
-                             "(default: %(default)s)")
+                             "uses every core up to 4 when a fitting set holds at least 32,768 (token, expert) pairs "
+                             "(16,384 tokens of a top-2 model), else 1 (default: %(default)s)")
     report.add_argument("--compare-partitioners", action="store_true",
                         help="also fit the locality placement with each node partitioner (FM, Mt-KaHyPar) side by side")
     engine = report.add_mutually_exclusive_group()

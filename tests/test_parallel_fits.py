@@ -6,7 +6,7 @@ import pytest
 
 from minimoe.cli import main
 from minimoe.placement import Topology
-from minimoe.placement.parallel_fits import AUTO_MIN_TOKENS, auto_processes, fit_many
+from minimoe.placement.parallel_fits import AUTO_MIN_PAIRS, auto_processes, fit_many
 from minimoe.placement.report import run_report
 from minimoe.traces import synthetic_trace
 
@@ -29,8 +29,8 @@ def test_the_report_fitted_in_two_processes_equals_the_report_fitted_in_one(trac
 
 
 def test_auto_uses_the_cores_only_for_large_fitting_sets():
-    assert auto_processes(AUTO_MIN_TOKENS - 1, cores=8) == 1
-    assert auto_processes(AUTO_MIN_TOKENS, cores=2) == 2 and auto_processes(AUTO_MIN_TOKENS, cores=16) == 4
+    assert auto_processes(AUTO_MIN_PAIRS - 1, cores=8) == 1
+    assert auto_processes(AUTO_MIN_PAIRS, cores=2) == 2 and auto_processes(AUTO_MIN_PAIRS, cores=16) == 4
     assert auto_processes(10**6, cores=1) == 1
 
 

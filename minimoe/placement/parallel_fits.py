@@ -24,18 +24,20 @@ from minimoe.placement.experiments import fit
 from minimoe.placement.fitdata import FitData
 from minimoe.placement.topology import Topology
 
-AUTO_MIN_TOKENS = 16_384  # "auto": fit in processes only when a fitting set holds at least this many tokens
+AUTO_MIN_PAIRS = 32_768  # "auto": fit in processes only when a fitting set holds this many (token, expert) pairs
 
 COST = {"grouping+locality": 3, "locality": 2, "grouping": 1}  # the methods' relative fitting time, roughly
 _WORKER: dict = {}  # in each worker: the fitting data by mode, the seed, the node-partition cache
 
 
-def auto_processes(fit_tokens: int, cores: int | None = None) -> int:
+def auto_processes(fit_pairs: int, cores: int | None = None) -> int:
     """The ``fit_processes="auto"`` rule: every core up to 4, when the largest fitting set holds at least
-    ``AUTO_MIN_TOKENS`` tokens (below that a whole report fits in seconds and starting workers costs more)."""
+    ``AUTO_MIN_PAIRS`` (token, expert) pairs per layer, tokens x top_k: a fit's time grows with the pins of its
+    hypergraph, one hyperedge of top_k pins per token (16,384 tokens of a top-2 model, 4,096 of a top-8 one). Below
+    that a whole report fits in seconds and starting workers costs more."""
     if cores is None:
         cores = os.cpu_count() or 1
-    return max(1, min(4, cores)) if fit_tokens >= AUTO_MIN_TOKENS else 1
+    return max(1, min(4, cores)) if fit_pairs >= AUTO_MIN_PAIRS else 1
 
 
 def _start(data: dict[str, FitData], seed: int) -> None:

@@ -123,7 +123,8 @@ def run_report(trace, topologies: list[Topology], window: int | None = None, see
     tasks = [(topology, num_replicas) for topology in topologies
              for num_replicas in slot_budgets(stats.num_experts, topology)]
     if fit_processes == "auto":
-        fit_processes = auto_processes(max(experiments.fit_data(mode).num_tokens for mode in chosen.fit_modes))
+        fit_processes = auto_processes(stats.top_k * max(experiments.fit_data(mode).num_tokens
+                                                         for mode in chosen.fit_modes))
     experiments.compare_many(tasks, chosen.fit_modes, chosen.methods, fit_processes, say)
     partitioners = PARTITIONERS if mtkahypar_available() else ("fm",)
     if not compare_partitioners:
