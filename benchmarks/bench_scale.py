@@ -12,8 +12,8 @@ in memory, then kept in ``--dir`` for the next run. The report runs as its own p
     python -m minimoe report --trace FILE --topologies 4x2 --threads 1 --out DIR [--workers N]
 
 and this script records its wall time, CPU time and peak resident memory (``os.wait4``: the kernel's own
-high-water mark of the process; the peaks of its worker processes, the fit processes and with ``--workers`` the
-Dask workers, are sampled every 0.2 s and added), the time of each step from the report's progress lines, and the time per token. Results are
+high-water mark of the process, or the largest sum of its RSS and its worker processes' (the fit processes, and
+with ``--workers`` the Dask workers) sampled every 0.2 s, whichever is larger), the time of each step from the report's progress lines, and the time per token. Results are
 added to benchmarks/results/scale.json (one entry per size, replacing an older one) and
 benchmarks/results/scale.md is rewritten from it.
 """
@@ -63,19 +63,20 @@ def generate(path: Path, size: int) -> float:
 
 
 def _tree_peak(pid: int, stop: threading.Event, out: dict) -> None:
-    """Largest summed RSS of ``pid``'s descendants (the fit processes, the Dask workers), sampled every 0.2 s."""
+    """Largest summed RSS of process ``pid`` and all its descendants at one moment (the fit processes, the Dask
+    workers), sampled every 0.2 s."""
     import psutil
 
     try:
         parent = psutil.Process(pid)
         while not stop.is_set():
             total = 0
-            for child in parent.children(recursive=True):
+            for process in [parent, *parent.children(recursive=True)]:
                 try:
-                    total += child.memory_info().rss
+                    total += process.memory_info().rss
                 except psutil.Error:
                     pass
-            out["workers"] = max(out.get("workers", 0), total)
+            out["tree"] = max(out.get("tree", 0), total)
             stop.wait(0.2)
     except psutil.Error:
         pass
@@ -104,7 +105,7 @@ def run_measured(path: Path, out: Path, workers: int | None) -> dict:
     steps = [(float(t), message) for t, message in re.findall(r"\[\s*(\d+) s\] (.*)", stderr)]
     return dict(command=" ".join(["python"] + command[1:]), wall_seconds=round(seconds, 1),
                 cpu_seconds=round(usage.ru_utime + usage.ru_stime, 1),
-                peak_rss_gb=round((usage.ru_maxrss * 1024 + peaks.get("workers", 0)) / 1e9, 3),
+                peak_rss_gb=round(max(usage.ru_maxrss * 1024, peaks.get("tree", 0)) / 1e9, 3),
                 main_process_peak_rss_gb=round(usage.ru_maxrss * 1024 / 1e9, 3),
                 steps=[dict(at_seconds=t, step=m) for t, m in steps])
 
@@ -139,8 +140,9 @@ def write_markdown(entries: list[dict]) -> str:
              "on every held-out token; the drift test, which needs the bundled workload's named domains, is skipped). "
              "Generated and written chunk by chunk by "
              "`benchmarks/bench_scale.py`; the report runs as its own process (command below), reading the "
-             "Parquet file twice in batches. Peak RSS: the kernel's high-water mark of that process (plus the Dask "
-             "workers' sampled peak with `--workers`).", "",
+             "Parquet file twice in batches. Peak RSS: the larger of the kernel's high-water mark of that process and the "
+             "largest sum, sampled every 0.2 s, of its RSS and its worker processes' (the fit processes; the Dask "
+             "workers with `--workers`).", "",
              "| tokens | requests | file | wall | CPU | peak RSS | µs per token | pass 1 | findings + fits | pass 2 + "
              "output | passes, µs per token | target |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
