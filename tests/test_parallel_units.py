@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from minimoe.model import ModelConfig, MoEConfig, MoELayer, Transformer
-from minimoe.parallel import (WIRE_FORMATS, ExpertParallelMoE, RouteTable, TrafficCounters, capacity_kept, dispatch,
-                              expert_parallel, local_experts)
+from minimoe.parallel import (WIRE_FORMATS, ExpertParallelMoE, RouteTable, TrafficCounters, capacity_kept, combine,
+                              dispatch, expert_parallel, local_experts)
 from minimoe.parallel.checks import check_fingerprint, fingerprint, placement_hash
 from minimoe.parallel.demo import main as ep_demo
 from minimoe.parallel.sendplan import hit_per_node, hit_per_pair, hit_per_rank, plan
@@ -205,6 +205,25 @@ def test_bad_inputs_raise_clear_errors():
         dispatch(torch.randn(2, 8), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), table, "rows")
     with pytest.raises(ValueError, match="in \\['torch.float32'"):
         fingerprint(4, 2, 8, torch.int8, one_gpu, 0, 1, 0, 0.0)
+    num_slots = one_gpu.num_slots
+    for bad in (num_slots, -5):  # a slot id no rank holds: refused, not dropped (on the CPU, where it costs no sync)
+        for fmt in WIRE_FORMATS:
+            with pytest.raises(ValueError, match=rf"slots must be global slot ids in \[0, {num_slots}\) or -1 \(none\), "
+                                                 rf"got ids in \[{min(bad, 0)}, {max(bad, 1)}\]"):
+                dispatch(torch.randn(2, 8), torch.tensor([[0, bad], [0, 1]]), torch.ones(2, 2), table, fmt)
+    with pytest.raises(ValueError, match="slots must hold integer slot ids, got dtype torch.float32"):
+        dispatch(torch.randn(2, 8), torch.tensor([[0.7, 1.0]] * 2), torch.ones(2, 2), table)
+    weights = torch.randn(num_slots, 8, 8), torch.randn(num_slots, 4, 8)
+    with pytest.raises(ValueError, match=rf"slots must be local slot ids in \[0, {num_slots}\) or -1, got ids in "
+                                         rf"\[0, {num_slots}\]"):
+        local_experts(torch.randn(2, 8), torch.tensor([[0], [num_slots]]), torch.ones(2, 1), *weights)
+    for fmt in WIRE_FORMATS:  # combine takes back exactly the (N, H) rows dispatch delivered, before any exchange
+        sent = dispatch(torch.randn(3, 8), torch.tensor([[0, 1], [1, -1], [0, 1]]), torch.ones(3, 2), table, fmt)
+        rows = sent.rows.shape[0]
+        for shape in ((rows + 1, 8), (rows - 1, 8), (rows, 9)):
+            with pytest.raises(ValueError, match=rf"combine needs expert_out of shape \(N, H\) = \({rows}, 8\), the "
+                                                 "rows dispatch delivered to this rank, got " + re.escape(str(shape))):
+                combine(torch.ones(shape), sent.handle)
 
 
 def test_fingerprints_and_placement_hashes():

@@ -87,6 +87,7 @@ class Handle:
     gpus_per_node: int
     counters: TrafficCounters | None
     static: bool = False
+    received: tuple = ()  # (N, H): the rows dispatch delivered here, the shape combine takes back
 
 
 @dataclass
@@ -245,8 +246,9 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout
              static: bool = False, tokens_per_rank: list[int] | None = None) -> Dispatched:
     """Send this rank's token rows to the ranks holding their slots (a collective: every rank calls it).
 
-    x (T, H) float on the backend's device; slots (T, k) int64 global slot ids (-1 = none); weights (T, k)
-    float32; ``layout``: the ``Placement`` or ``RouteTable`` (for slots_per_gpu, gpus_per_node, num_gpus);
+    x (T, H) float on the backend's device; slots (T, k) int64 global slot ids in [0, num_slots) (-1 = none;
+    checked on the CPU, trusted on a GPU, where checking would cost a host sync); weights (T, k) float32;
+    ``layout``: the ``Placement`` or ``RouteTable`` (for slots_per_gpu, gpus_per_node, num_gpus);
     ``requires_grad`` (default: whether x or weights need a gradient) must agree on all ranks; ``static``:
     fixed shapes, no host sync (``token_rank`` and ``replicate``; every rank must pass the same T);
     ``tokens_per_rank``: ``replicate`` only, every rank's T when the caller knows them (else agreed with one
@@ -268,7 +270,14 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout
         raise ValueError(f"static=True needs wire_format 'token_rank' or 'replicate', got {wire_format!r}")
     h = Handle(wire_format, [], x.shape[0], group, bool(requires_grad), rank, gpn, counters, static)
     if weights.dtype != torch.float32 or slots.dtype != torch.int64:  # (checked first: a no-op call still costs)
+        if slots.is_floating_point():
+            raise ValueError(f"slots must hold integer slot ids, got dtype {slots.dtype}")
         weights, slots = weights.float(), slots.long()
+    if not slots.is_cuda and slots.numel():  # on a GPU this check would cost a host sync: the ids are trusted there
+        low, high, num_slots = int(slots.min()), int(slots.max()), num_gpus * spg
+        if low < -1 or high >= num_slots:
+            raise ValueError(f"slots must be global slot ids in [0, {num_slots}) or -1 (none), got ids in "
+                             f"[{low}, {high}]")
     if wire_format == "replicate":
         from minimoe.parallel.replicate import replicate_dispatch
 
@@ -286,6 +295,7 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout
         slots_b = torch.cat([on_node(slots, layout, node), on_node(s_a, layout, node)])
         x_b, w_b = torch.cat([x, rows_a]), torch.cat([weights, w_a])
         rows, w, s = _leg(x_b, w_b, slots_b, slots_b, h, "dispatch leg B (intra-node)", num_gpus, spg)
+    h.received = (rows.shape[0], x.shape[1])
     return Dispatched(rows, local_slots(s, layout, rank), w, h)
 
 
@@ -293,9 +303,13 @@ def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
     """Return each received row's expert output to its source and sum per token: (N, H) -> (T, H).
 
     ``expert_out`` row n must be Σ_j w_nj E_{s_nj}(rows_n) for the rows of the matching :func:`dispatch`.
-    A collective, like dispatch.
+    A collective, like dispatch. Raises ValueError (before any exchange) when ``expert_out`` is not (N, H), the
+    shape of the rows that dispatch delivered.
     """
     h = handle
+    if tuple(expert_out.shape) != h.received:
+        raise ValueError(f"combine needs expert_out of shape (N, H) = {h.received}, the rows dispatch delivered to "
+                         f"this rank, got {tuple(expert_out.shape)}")
     if h.wire_format == "replicate":
         from minimoe.parallel.replicate import replicate_combine
 

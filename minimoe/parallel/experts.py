@@ -22,10 +22,14 @@ def local_experts(rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
                   down_proj: torch.Tensor, scales_input: bool = False, backend: str = "auto") -> torch.Tensor:
     """rows (N, H), slots (N, m) int64 local slot ids or -1, weights (N, m) float32, gate_up_proj (S, H, 2F),
     down_proj (S, F, H) -> (N, H) in rows' dtype. ``backend`` as ``MoELayer.grouped_backend``.
-    Raises ValueError when the expert weights do not match the rows."""
+    Raises ValueError when the expert weights do not match the rows, or (on the CPU) for a slot id outside
+    [-1, S)."""
     num_slots, hidden, width = gate_up_proj.shape[0], rows.shape[1], down_proj.shape[1]
     if gate_up_proj.shape != (num_slots, hidden, 2 * width) or down_proj.shape != (num_slots, width, hidden):
         raise ValueError(f"expert weights must be (S, {hidden}, 2F) and (S, F, {hidden}), got "
                          f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}")
+    if not slots.is_cuda and slots.numel() and not -1 <= int(slots.min()) <= int(slots.max()) < num_slots:
+        raise ValueError(f"slots must be local slot ids in [0, {num_slots}) or -1, got ids in "
+                         f"[{int(slots.min())}, {int(slots.max())}] (checked on the CPU; a GPU trusts them)")
     ids = torch.where(slots >= 0, slots, num_slots)  # (N, m): slot num_slots = "not for this rank"
     return grouped_experts(rows, ids, weights, gate_up_proj, down_proj, scales_input, backend)
