@@ -111,6 +111,10 @@ def test_bad_arguments():
         group(trace, topology, "signature", placement=place(trace, Topology(num_nodes=1, gpus_per_node=4), "contiguous"))
     with pytest.raises(ValueError, match="rounds"):
         group_and_place(trace, topology, rounds=-1)
+    for other in (synthetic_trace(num_requests=8, num_experts=16), synthetic_trace(num_requests=8, num_layers=3)):
+        with pytest.raises(ValueError, match=rf"trace has 2 layers x 32 experts, placement {other.num_layers} x "
+                                             rf"{other.num_experts}"):  # a placement fitted on another model
+            group(trace, topology, "signature", placement=place(other, topology, "contiguous"))
 
 
 def test_group_and_place_finds_the_planted_optimum():

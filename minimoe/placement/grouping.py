@@ -80,6 +80,7 @@ def group(trace, topology: Topology, method: str = "signature", seed: int = 0, p
     node_capacity = gpu_capacity.reshape(topology.num_nodes, -1).sum(1)
     if placement is not None:
         placement.check_topology(topology)
+        placement.check_trace(trace)
         node_score = -_remote_cost(trace, placement, rows, num_requests)
         node = _assign(node_score, node_capacity, size)
         gpu_score = _hosted_pairs(trace, placement, rows, num_requests)

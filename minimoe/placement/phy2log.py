@@ -102,6 +102,12 @@ class Placement:
         if topology.slots_per_gpu is not None and topology.slots_per_gpu != self.slots_per_gpu:
             raise ValueError(f"placement has {self.slots_per_gpu} slots per GPU, topology {topology.slots_per_gpu}")
 
+    def check_trace(self, trace) -> None:
+        """Raise ValueError unless ``trace`` (a Trace or FitData) has this placement's layers and experts."""
+        if trace.num_experts != self.num_experts or trace.experts.shape[1] != self.num_layers:
+            raise ValueError(f"trace has {trace.experts.shape[1]} layers x {trace.num_experts} experts, placement "
+                             f"{self.num_layers} x {self.num_experts}")
+
     # ---- routing: which replica serves a token ------------------------------------------------------------
     def candidate_table(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """For source GPU g and expert e: the nearest replicas ``cand[g, e, :count[g, e]]`` in slot order.

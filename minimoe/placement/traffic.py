@@ -207,9 +207,7 @@ def measure(trace, placement: Placement, topology: Topology, sources=None, hidde
     if not isinstance(placement, Placement):
         raise TypeError(f"placement must be a minimoe.placement.Placement, got {type(placement).__name__}")
     placement.check_topology(topology)
-    if trace.num_experts != placement.num_experts or trace.experts.shape[1] != placement.num_layers:
-        raise ValueError(f"trace has {trace.experts.shape[1]} layers x {trace.num_experts} experts, placement "
-                         f"{placement.num_layers} x {placement.num_experts}")
+    placement.check_trace(trace)
     dispatch_bytes, combine_bytes = _token_bytes(hidden_size, bytes_per_element, combine_bytes_per_element)
     token_bytes = dispatch_bytes + combine_bytes
     request_gpu = request_sources(trace, topology, sources)
