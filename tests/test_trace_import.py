@@ -109,10 +109,11 @@ def test_from_jsonl_refuses_lists_of_another_length_than_top_k():
     ('[1, 2]', "line 1: expected a JSON object"),
     ('{"request": 0}', "line 1: no 'experts' field"),
     ('{"request": true, "experts": [[1, 2]]}', "request must be"),
-    ('{"request": 0, "experts": [1, 2]}', r"line 1: 'experts' must hold a non-empty list of ids per layer, got 1$"),
+    ('{"request": 0, "experts": [1, 2]}', r"line 1 \(its list 1 of 2\): 'experts' must hold a non-empty list of "
+                                          r"ids per layer, got 1$"),
     ('{"request": 0, "experts": []}', r"line 1: 'experts' must hold a non-empty list of ids per layer, got \[\]$"),
     ('{"request": 0, "experts": 3}', r"line 1: 'experts' must hold a non-empty list of ids per layer, got 3$"),
-    ('{"request": 0, "experts": [[1, 2], [3, 3]]}', r"line 1: 'experts' repeats expert id 3 \(its list 1 of 2\)"),
+    ('{"request": 0, "experts": [[1, 2], [3, 3]]}', r"line 1 \(its list 2 of 2\): 'experts' repeats expert id 3"),
     ('{"request": 0, "experts": [[1, 99]]}', "expert id 99"),
     ('{"request": 0, "experts": [[1, 1e400]]}', "must hold ints"),
     ('{"request": 0, "experts": [[1, 2, 3]]}', "lists 3 ids where --top-k 2 was passed"),

@@ -111,7 +111,18 @@ def test_phase_and_domain_fields_are_read_and_must_agree_across_a_tokens_layers(
                                                    "topk_ids": [1, 2]}], {},
      r"line 1: the meta record says top_k=8, but no route record lists more than 2 expert ids.*--top-k 2"),
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [1, 2, 3]}], dict(num_experts=8, top_k=2),
-     r"line 1: 'topk_ids' lists 3 ids where --top-k 2 was passed"),
+     r"line 1 \(layer 0\): 'topk_ids' lists 3 ids where --top-k 2 was passed"),
+    # a token's later record is named by its own line and layer, not by the token's first line
+    ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": layer, "topk_ids": ids, "topk_weights": w}
+      for layer, ids, w in ((3, [1, 2], [0.5, 0.5]), (1, [4, 5], [0.5, 0.5]), (7, [6, 6], [0.5, 0.5]))],
+     dict(num_experts=8), r"^line 3 \(layer 7\): 'topk_ids' repeats expert id 6: a router picks top_k distinct"),
+    ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": layer, "topk_ids": ids, "topk_weights": w}
+      for layer, ids, w in ((0, [1, 2], [0.5, 0.5]), (1, 3, [0.5, 0.5]))],
+     dict(num_experts=8), r"^line 2 \(layer 1\): 'topk_ids' must hold a non-empty list of ids per layer, got 3$"),
+    ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": layer, "topk_ids": ids, "topk_weights": w}
+      for layer, ids, w in ((0, [1, 2], [0.5, 0.5]), (1, [3, 4], [0.6]))],
+     dict(num_experts=8), r"^line 2 \(layer 1\): 'topk_weights' lists \[2, 1\] weights per layer where 'topk_ids' "
+                          r"lists \[2, 2\] ids"),
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [9]}], dict(num_experts=8),
      "expert id 9 outside"),
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": "a", "topk_ids": [1]}], dict(num_experts=8),

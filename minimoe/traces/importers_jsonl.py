@@ -143,7 +143,7 @@ def _from_lines(lines, num_experts, top_k, model, fields, positions, ignore) -> 
 
 def _largest_id(tokens) -> tuple[int, int]:
     """(the largest int expert id of any record, its line); (-1, 0) when there is none."""
-    found = [(v, t["experts"][0]) for t in tokens if isinstance(t["experts"][1], list) for row in t["experts"][1]
+    found = [(v, t["line"]) for t in tokens if isinstance(t["experts"][1], list) for row in t["experts"][1]
              if isinstance(row, list) for v in row if is_int(v)]
     return max(found, default=(-1, 0))
 
@@ -245,6 +245,7 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> tuple[list[di
         for key in set(rec) - read:
             unread[key] = unread.get(key, 0) + 1
         token["experts"][layer] = experts if long_form else (number, experts)
+        token.setdefault("lines", {})[layer] = number  # the record of each layer, for messages
         if names.get("weights") in rec:
             token["weights"][layer] = rec[names["weights"]] if long_form else (number, rec[names["weights"]])
         for field in ("phase", "domain"):
@@ -260,11 +261,12 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> tuple[list[di
                                  f"has no record for layers {layer_list(missing)} (the log covers layers "
                                  f"{layer_list(layers)}); every "
                                  "token needs one record per logged layer")
-            token["experts"] = (token["line"], [token["experts"][layer] for layer in layers])
+            lines = [(token["lines"][layer], f"layer {layer}") for layer in layers]  # per layer: its record
+            token["experts"] = (lines, [token["experts"][layer] for layer in layers])
             if token["weights"]:
                 if len(token["weights"]) != len(layers):
                     raise ValueError(f"line {token['line']}: weights are given for some layers of a token only")
-                token["weights"] = (token["line"], [token["weights"][layer] for layer in layers])
+                token["weights"] = (lines, [token["weights"][layer] for layer in layers])
     else:
         layers = None
         for token in tokens:

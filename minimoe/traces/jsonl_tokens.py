@@ -49,29 +49,42 @@ def _one(values: list, field: str, token: dict):
     return values[0][1] if values else None
 
 
-def _rows(rows, line: int, name: str, kind: str, num_experts: int = 0, width: int | None = None, said: str = ""):
+def _where(line, index: int, count: int) -> str:
+    """Where row ``index`` of a token's ``count`` per-layer lists is: its own record's line and layer (long form:
+    ``line`` is a list of (line, "layer L") per row), or the token's line and the list's number (one line per
+    token)."""
+    if isinstance(line, list):
+        number, label = line[min(index, len(line) - 1)]
+        return f"line {number} ({label})"
+    return f"line {line}" + (f" (its list {index + 1} of {count})" if count > 1 else "")
+
+
+def _rows(rows, line, name: str, kind: str, num_experts: int = 0, width: int | None = None, said: str = ""):
     """Check one token's per-layer lists: ``kind`` "int" (expert ids in [-1, num_experts)) or "number" (finite
-    weights >= 0); with ``width``, each list must hold that many ids (``said`` says where the width comes from)."""
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
-        bad = rows if not isinstance(rows, list) or not rows else next(r for r in rows if not (isinstance(r, list) and r))
-        raise ValueError(f"line {line}: {name} must hold a non-empty list of {'ids' if kind == 'int' else 'weights'} "
-                         f"per layer, got {str(bad)[:80]}")
+    weights >= 0); with ``width``, each list must hold that many ids (``said`` says where the width comes from).
+    ``line``: the token's line, or (long form) a list of (line, label) per layer (``_where``)."""
+    what = "ids" if kind == "int" else "weights"
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{_where(line, 0, 1)}: {name} must hold a non-empty list of {what} per layer, got "
+                         f"{str(rows)[:80]}")
     for index, row in enumerate(rows):
+        where = _where(line, index, len(rows))
+        if not isinstance(row, list) or not row:
+            raise ValueError(f"{where}: {name} must hold a non-empty list of {what} per layer, got {str(row)[:80]}")
         for value in row:
             ok = is_int(value) if kind == "int" else isinstance(value, (int, float)) and not isinstance(value, bool)
             if not ok:
-                raise ValueError(f"line {line}: {name} must hold {kind}s, got {value!r}")
+                raise ValueError(f"{where}: {name} must hold {kind}s, got {value!r}")
             if kind == "int" and not -1 <= value < num_experts:
-                raise ValueError(f"line {line}: expert id {value} outside [-1, num_experts-1={num_experts - 1}]")
+                raise ValueError(f"{where}: expert id {value} outside [-1, num_experts-1={num_experts - 1}]")
             if kind == "number" and not 0 <= value <= sys.float_info.max:  # NaN, inf, a huge int: refused
-                raise ValueError(f"line {line}: {name} must be finite and >= 0, got {value!r}")
+                raise ValueError(f"{where}: {name} must be finite and >= 0, got {value!r}")
         repeated = [v for v in set(row) if kind == "int" and v >= 0 and row.count(v) > 1]
         if repeated:
-            where = f" (its list {index} of {len(rows)})" if len(rows) > 1 else ""
-            raise ValueError(f"line {line}: {name} repeats expert id {min(repeated)}{where}: a router picks top_k "
-                             "distinct experts")
+            raise ValueError(f"{where}: {name} repeats expert id {min(repeated)}: a router picks top_k distinct "
+                             "experts")
         if width is not None and len(row) != width:
-            raise ValueError(f"line {line}: {name} lists {plural(len(row), 'id')} where {said} (every record lists "
+            raise ValueError(f"{where}: {name} lists {plural(len(row), 'id')} where {said} (every record lists "
                              "top_k ids; write -1 for a pair the router dropped)")
     return rows
 
@@ -96,17 +109,21 @@ def tokens_to_trace(tokens, names, num_experts, top_k, model, top_k_line=None, l
     order: dict = {}  # request key -> dense id in order of first appearance
     rows = []
     for token in tokens:
-        line, experts = token["experts"]
+        where, experts = token["experts"]
+        line = token["line"]  # the token's first record
         if width is None and isinstance(experts, list) and experts and isinstance(experts[0], list):
-            width, said = len(experts[0]), f"line {line} lists {len(experts[0])}"
-        experts = _rows(experts, line, experts_name, "int", num_experts, width, said)
+            width, said = len(experts[0]), f"{_where(where, 0, 1)} lists {len(experts[0])}"
+        experts = _rows(experts, where, experts_name, "int", num_experts, width, said)
         if rows and len(experts) != len(rows[0][2]):
             raise ValueError(f"line {line}: {len(experts)} layers of experts, earlier lines have {len(rows[0][2])}")
         weights = None
         if token["weights"]:
-            weights = _rows(token["weights"][1], line, weights_name, "number")
-            if [len(r) for r in weights] != [len(r) for r in experts]:
-                raise ValueError(f"line {line}: {weights_name} lists {[len(r) for r in weights]} weights per layer "
+            weights = _rows(token["weights"][1], token["weights"][0], weights_name, "number")
+            lengths = [len(r) for r in weights]
+            if lengths != [len(r) for r in experts]:
+                bad = next(i for i, r in enumerate(experts) if len(r) != lengths[i]) if len(lengths) == len(experts) \
+                    else 0
+                raise ValueError(f"{_where(token['weights'][0], bad, len(experts))}: {weights_name} lists {[len(r) for r in weights]} weights per layer "
                                  f"where {experts_name} lists {[len(r) for r in experts]} ids: one weight per id")
         domain = _one(token["domain"], "domain", token)
         if domain is not None and not isinstance(domain, str):
