@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minimoe.traces import Trace, concat
+from minimoe.traces import Trace, concat, synthetic_trace
+from minimoe.traces.synthetic import planted_trace
 
 FUZZ = settings(max_examples=25, deadline=None)
 
@@ -351,3 +352,18 @@ def test_errors_of_a_loaded_file_name_the_file_token_and_layer(tmp_path):
         Trace.load(path)
     with pytest.raises(FileNotFoundError):
         Trace.load(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(popularity_std=float("nan")), "popularity_std must be a finite number >= 0, got nan"),
+    (dict(domain_std=-1.0), "domain_std must be a finite number >= 0, got -1.0"),
+    (dict(prefill_fraction=1.5), r"prefill_fraction must be a number in \[0, 1\], got 1.5"),
+    (dict(num_requests=2.5), "num_requests must be a whole number >= 1, got 2.5"),
+    (dict(num_layers=0), "num_layers must be a whole number >= 1, got 0"),
+    (dict(seed=-1), "seed must be a whole number >= 0, got -1"),
+])
+def test_synthetic_traces_name_a_bad_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):  # never a degenerate trace from a NaN spread
+        synthetic_trace(**kwargs)
+    with pytest.raises(ValueError, match="num_domains must be a whole number >= 1, got 0"):
+        planted_trace(num_domains=0)

@@ -197,6 +197,11 @@ def test_bad_inputs():
         measure(trace, placement, Topology(num_nodes=1, gpus_per_node=4))
     with pytest.raises(ValueError, match="hidden_size"):
         measure(trace, placement, topology, hidden_size=0)
+    for value in (float("nan"), float("inf"), -1):  # never a report of NaN or infinite bytes
+        with pytest.raises(ValueError, match=f"bytes_per_element must be a positive finite number, got {value}"):
+            measure(trace, placement, topology, bytes_per_element=value)
+    with pytest.raises(ValueError, match="chunk_tokens must be a whole number >= 1, got 0"):
+        measure(trace, placement, topology, chunk_tokens=0)
     with pytest.raises(ValueError, match="layers"):
         measure(trace, Placement(np.arange(8)[None].repeat(2, 0), 8, 2, 2), topology)
     with pytest.raises(TypeError, match="Placement"):

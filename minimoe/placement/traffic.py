@@ -125,8 +125,9 @@ def request_sources(trace, topology: Topology, sources=None) -> np.ndarray:
 def _token_bytes(hidden_size, bytes_per_element, combine_bytes_per_element) -> tuple[float, float]:
     for name, value in (("hidden_size", hidden_size), ("bytes_per_element", bytes_per_element),
                         ("combine_bytes_per_element", combine_bytes_per_element)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or value <= 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or \
+                not 0 < value < float("inf"):  # NaN fails both comparisons
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     scales = hidden_size / 128 * 4 if bytes_per_element == 1 else 0.0  # fp8 per-128-channel scales
     return hidden_size * bytes_per_element + scales, hidden_size * combine_bytes_per_element
 
@@ -208,6 +209,8 @@ def measure(trace, placement: Placement, topology: Topology, sources=None, hidde
         raise TypeError(f"placement must be a minimoe.placement.Placement, got {type(placement).__name__}")
     placement.check_topology(topology)
     placement.check_trace(trace)
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, (int, np.integer)) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a whole number >= 1, got {chunk_tokens!r}")
     dispatch_bytes, combine_bytes = _token_bytes(hidden_size, bytes_per_element, combine_bytes_per_element)
     token_bytes = dispatch_bytes + combine_bytes
     request_gpu = request_sources(trace, topology, sources)

@@ -17,15 +17,31 @@ import numpy as np
 from minimoe.traces.format import Trace
 
 
+def _check_whole(minimum: int = 1, **values) -> None:
+    """Raise ValueError naming the first of ``values`` that is not a whole number >= ``minimum``."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+
+
 def synthetic_trace(num_requests: int = 64, tokens_per_request: int = 32, num_layers: int = 2,
                     num_experts: int = 32, top_k: int = 4, num_domains: int = 4, popularity_std: float = 0.5,
                     domain_std: float = 1.0, request_std: float = 0.5, prefill_fraction: float = 0.5,
                     seed: int = 0) -> Trace:
-    """A Trace of ``num_requests * tokens_per_request`` tokens (see the module docstring)."""
+    """A Trace of ``num_requests * tokens_per_request`` tokens (see the module docstring). Raises ValueError
+    naming an argument that is not a whole number >= 1 (sizes; seed >= 0), a top_k outside [1, num_experts], a
+    spread that is not a finite number >= 0, or a prefill_fraction outside [0, 1]."""
+    _check_whole(num_requests=num_requests, tokens_per_request=tokens_per_request, num_layers=num_layers,
+                 num_experts=num_experts, top_k=top_k, num_domains=num_domains)
+    _check_whole(0, seed=seed)
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-    if min(num_requests, tokens_per_request, num_layers, num_domains) < 1:
-        raise ValueError("num_requests, tokens_per_request, num_layers and num_domains must be >= 1")
+    for name, value in (("popularity_std", popularity_std), ("domain_std", domain_std), ("request_std", request_std)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 <= value < float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if isinstance(prefill_fraction, bool) or not isinstance(prefill_fraction, (int, float, np.number)) or \
+            not 0 <= prefill_fraction <= 1:
+        raise ValueError(f"prefill_fraction must be a number in [0, 1], got {prefill_fraction!r}")
     rng = np.random.default_rng(seed)
     num_tokens = num_requests * tokens_per_request
     request = np.repeat(np.arange(num_requests), tokens_per_request)
@@ -50,6 +66,9 @@ def planted_trace(num_domains: int = 4, experts_per_domain: int = 8, num_request
     experts (a random subset), uniformly; requests are split evenly over domains (a multiple is
     expected); the second half of each request is decode. The ideal placement is known: one domain's
     experts and requests per node cost zero inter-node traffic."""
+    _check_whole(num_domains=num_domains, experts_per_domain=experts_per_domain, num_requests=num_requests,
+                 tokens_per_request=tokens_per_request, top_k=top_k)
+    _check_whole(0, seed=seed)
     if top_k > experts_per_domain:
         raise ValueError(f"top_k={top_k} exceeds experts_per_domain={experts_per_domain}")
     if num_requests % num_domains:
