@@ -295,7 +295,7 @@ def test_the_command_checks_its_flags(capsys):
     with pytest.raises(ValueError, match="--experts 2000 x --hidden 64 x --intermediate 60000 .* the random layer "
                                          "would take 92.2 GB per rank; expected at most 8 GB"):
         ep_demo(["--experts", "2000", "--intermediate", "60000", "--top-k", "1"])
-    for replicas, expected in (("3", "from the 16 experts to 128"), ("100000", "from the 16 experts to 128")):
+    for replicas, expected in (("3", "from the 16 experts to 128 "), ("100000", "from the 16 experts to 128 ")):
         with pytest.raises(ValueError, match=f"--replicas {replicas}: expected physical slots per layer {expected}"):
             ep_demo(["--replicas", replicas])
     with pytest.raises(ValueError, match="--gpus-per-node 3 does not divide the 1 ranks"):

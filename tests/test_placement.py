@@ -179,3 +179,12 @@ def test_no_fitting_tokens_still_places_every_expert(method):
         options = dict(sources=sources) if method == "locality" else {}
         placement = place(trace, topology, method, num_replicas=6, tokens=np.zeros(trace.num_tokens, bool), **options)
         assert (placement.replica_counts() >= 1).all()
+
+
+def test_more_replicas_than_any_use_are_refused_before_fitting():
+    trace = synthetic_trace(num_requests=4, num_experts=16)
+    with pytest.raises(ValueError, match=r"num_replicas=16000: expected at most 128 physical slots per layer \(every "
+                                         r"GPU holding each of the 16 experts, or 8 copies of each\)"):
+        place(trace, Topology(num_nodes=2, gpus_per_node=2), "eplb", num_replicas=16000)
+    one = synthetic_trace(num_requests=4, num_experts=1, top_k=1)  # one expert on each of 16 GPUs: above 8 copies
+    assert place(one, Topology(num_nodes=4, gpus_per_node=4), "contiguous", num_replicas=16).num_slots == 16

@@ -72,18 +72,17 @@ def saved_deployment(path: str):
     return Deployment.load(path) if is_deployment else None
 
 
-MAX_SLOTS_PER_EXPERT = 8  # --replicas: at most this many physical slots per expert on average
-
-
 def check_replicas(replicas: int | None, num_experts: int, num_gpus: int) -> None:
-    """--replicas (physical slots per layer): from num_experts to ``MAX_SLOTS_PER_EXPERT`` x num_experts, a multiple
-    of the ranks; ValueError naming the flag otherwise (None: the default, always fine)."""
+    """--replicas (physical slots per layer): from num_experts to num_experts x max(ranks, ``MAX_SLOTS_PER_EXPERT``),
+    a multiple of the ranks; ValueError naming the flag otherwise (None: the default, always fine)."""
+    from minimoe.placement.methods import MAX_SLOTS_PER_EXPERT
+
     if replicas is None:
         return
-    most = MAX_SLOTS_PER_EXPERT * num_experts
+    most = num_experts * max(num_gpus, MAX_SLOTS_PER_EXPERT)
     if not num_experts <= replicas <= most:
         raise ValueError(f"--replicas {replicas}: expected physical slots per layer from the {num_experts} experts "
-                         f"to {most} ({MAX_SLOTS_PER_EXPERT} per expert)")
+                         f"to {most} (every rank holding each expert, or {MAX_SLOTS_PER_EXPERT} copies of each)")
     if replicas % num_gpus:
         raise ValueError(f"--replicas {replicas}: expected a multiple of the {num_gpus} ranks (every rank holds as "
                          "many slots)")

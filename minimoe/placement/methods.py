@@ -21,6 +21,7 @@ from minimoe.placement.phy2log import Placement
 from minimoe.placement.topology import Topology
 
 METHODS = ("contiguous", "round_robin", "eplb", "locality")
+MAX_SLOTS_PER_EXPERT = 8  # num_replicas: at most this many copies of each expert, or one on every GPU
 
 
 # ---- fitting data ---------------------------------------------------------------------------------------
@@ -75,7 +76,8 @@ def place(trace, topology: Topology, method: str = "locality", **options) -> Pla
     ``num_groups`` is a multiple of the node count) and ``num_groups`` (default 1). ``locality``:
     ``epsilon``, ``rounds``, ``locality_replicas``, ``max_fit_tokens``, ``partitioner`` ("auto" | "fm" | "mtkahypar"),
     ``seed``, ``restarts``, ``mtkahypar_preset``, ``cache`` (``minimoe.placement.locality.place_locality``).
-    Raises ValueError for an unknown method or option, ImportError when ``partitioner="mtkahypar"`` and the
+    Raises ValueError for an unknown method or option, or ``num_replicas`` above num_experts x max(num_gpus,
+    ``MAX_SLOTS_PER_EXPERT``), ImportError when ``partitioner="mtkahypar"`` and the
     optional Mt-KaHyPar package is missing (the message says how to install it).
     """
     if not isinstance(topology, Topology):
@@ -85,6 +87,10 @@ def place(trace, topology: Topology, method: str = "locality", **options) -> Pla
     _check_trace(trace, options.pop("num_experts", None))
     num_experts, num_layers = trace.num_experts, trace.experts.shape[1]
     num_slots = topology.num_slots(options.pop("num_replicas", None), num_experts)
+    most = max(num_experts * topology.num_gpus, MAX_SLOTS_PER_EXPERT * num_experts)
+    if num_slots > most:  # more only slows the fits (EPLB, locality) down
+        raise ValueError(f"num_replicas={num_slots}: expected at most {most} physical slots per layer (every GPU "
+                         f"holding each of the {num_experts} experts, or {MAX_SLOTS_PER_EXPERT} copies of each)")
     tokens = options.pop("tokens", None)
     if tokens is not None:
         tokens = np.asarray(tokens)
