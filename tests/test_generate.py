@@ -117,8 +117,18 @@ def test_bad_arguments_name_the_value():
     ids, mask = prompts()
     with pytest.raises(ValueError, match=r"prompt \(7\) \+ max_new_tokens \(42\) = 49 tokens exceeds max_seq_len=48"):
         generate(model, ids, 42, attention_mask=mask)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
-        generate(model, ids, -1)
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be a whole number >= 0, got {bad}"):
+            generate(model, ids, bad)
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, T\), got shape \(7,\)"):
+        generate(model, ids[0], 3)
+    for shape in ((ids.shape[0], 3), (ids.shape[0] + 1, ids.shape[1])):  # a mask for other prompts
+        with pytest.raises(ValueError, match=rf"attention_mask must have input_ids' shape \({ids.shape[0]}, 7\)"):
+            generate(model, ids, 3, attention_mask=torch.ones(shape, dtype=torch.long))
+    right = torch.ones_like(ids)
+    right[0, -2:] = 0  # right padding: generation would continue after the padding
+    with pytest.raises(ValueError, match="attention_mask must be 0 for left padding then 1 for every prompt token"):
+        generate(model, ids, 3, attention_mask=right)
     with pytest.raises(ValueError, match="temperature=-1"):
         generate(model, ids, 3, temperature=-1.0)
     for top_p in (0.0, 1.5):

@@ -44,11 +44,23 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
     """Prompt (B, T) -> prompt and continuation (B, T + n), n <= max_new_tokens.
 
     ``attention_mask`` (B, T) marks left padding with 0. After a sequence emits ``eos_token_id`` it is padded
-    with ``pad_token_id`` (default: the eos id); generation stops once every sequence has finished.
+    with ``pad_token_id`` (default: the eos id); generation stops once every sequence has finished. Raises
+    ValueError for a prompt that is not (B, T), a mask of another shape or not of the form 0...0 1...1 per row,
+    or more tokens than ``max_seq_len``.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
     batch, prompt_len = input_ids.shape
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (batch, prompt_len):
+            raise ValueError(f"attention_mask must have input_ids' shape {(batch, prompt_len)}, got "
+                             f"{tuple(attention_mask.shape)}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()) or \
+                not bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
+            raise ValueError("attention_mask must be 0 for left padding then 1 for every prompt token (no padding on "
+                             "the right or in the middle: generation continues after the last column)")
     total = prompt_len + max_new_tokens
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds "
