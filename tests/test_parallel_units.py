@@ -247,6 +247,12 @@ def test_the_format_rule():
     assert choice.bytes_ratio == pytest.approx(8 / 5.295, abs=1e-3) and "rho = 5.29" in choice.reason
     with pytest.raises(ValueError, match="max_extra_bytes must be >= 0"):
         choose_wire_format(256, 8, 8, max_extra_bytes=-1)
+    for rho in (0, float("nan"), 100):  # distinct ranks per token: between 1 and min(G, top_k)
+        with pytest.raises(ValueError, match=r"rho must be a number of distinct ranks per token in \[1, min\(num_gpus, "
+                                             r"top_k\) = 8\], got"):
+            choose_wire_format(256, 8, 16, rho=rho)
+    with pytest.raises(ValueError, match="gpus_per_node=5 does not divide num_gpus=16 into whole nodes"):
+        choose_wire_format(256, 8, 16, gpus_per_node=5)
     layer = ExpertParallelMoE(MoELayer(8, MoEConfig(num_experts=4, top_k=2, intermediate_size=4)),
                               Placement(np.array([[0, 1, 2, 3]]), 4, 1, 1))
     assert layer.wire_format == "replicate" and layer.format_choice.reason == "one rank: nothing moves"

@@ -57,10 +57,19 @@ def choose_wire_format(num_experts: int, top_k: int, num_gpus: int, gpus_per_nod
                        graph: bool = False, max_extra_bytes: float = 0.25, rho: float | None = None) -> FormatChoice:
     """The wire format for E experts, top-k, G ranks (``gpus_per_node`` per node, default all on one node),
     ``graph``: whether the step is captured in a CUDA graph. ``rho``: distinct ranks per token, if measured.
-    Raises ValueError for impossible sizes (see ``uniform_nodes_per_token``) or a negative ``max_extra_bytes``."""
+    Raises ValueError for impossible sizes (see ``uniform_nodes_per_token``), a ``gpus_per_node`` that does not
+    divide ``num_gpus``, a ``rho`` outside [1, min(G, top_k)] or a negative ``max_extra_bytes``."""
     if not max_extra_bytes >= 0:
         raise ValueError(f"max_extra_bytes must be >= 0, got {max_extra_bytes!r}")
     gpus_per_node = num_gpus if gpus_per_node is None else gpus_per_node
+    for name, value in (("num_gpus", num_gpus), ("gpus_per_node", gpus_per_node)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if num_gpus % gpus_per_node:
+        raise ValueError(f"gpus_per_node={gpus_per_node} does not divide num_gpus={num_gpus} into whole nodes")
+    if rho is not None and not 1 <= float(rho) <= min(num_gpus, top_k):  # NaN fails too
+        raise ValueError(f"rho must be a number of distinct ranks per token in [1, min(num_gpus, top_k) = "
+                         f"{min(num_gpus, top_k)}], got {rho!r}")
     if num_gpus == 1:
         return FormatChoice("replicate", "one rank: nothing moves", 1.0, 1)
     rho = expected_ranks_per_token(num_experts, top_k, min(num_gpus, num_experts)) if rho is None else float(rho)

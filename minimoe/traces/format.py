@@ -38,6 +38,7 @@ converts serving-system logs (vLLM, SGLang, JSONL) to this format.
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from dataclasses import dataclass
 
@@ -266,7 +267,11 @@ class Trace:
 
     # ---- files -------------------------------------------------------------------------------------------
     def save(self, path) -> None:
-        """Write the trace as a compressed .npz at exactly `path` (or into a seekable binary file object)."""
+        """Write the trace as a compressed .npz at exactly `path` (or into a seekable binary file object). Raises
+        ValueError for a path ending in .parquet (``minimoe.traces.parquet.save_trace`` writes that format)."""
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path).lower().endswith(".parquet"):
+            raise ValueError(f"{os.fspath(path)}: Trace.save writes .npz; minimoe.traces.parquet.save_trace writes "
+                             "Parquet")
         arrays = dict(experts=self.experts, request=self.request, phase=self.phase, domain=self.domain,
                       model=np.array(self.model), num_experts=np.array(self.num_experts, np.int64),
                       top_k=np.array(self.top_k, np.int64))
@@ -286,6 +291,9 @@ class Trace:
 
         Raises FileNotFoundError for a missing path, and ValueError naming the file for anything else.
         """
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path).lower().endswith(".parquet"):
+            raise ValueError(f"trace file {os.fspath(path)}: Trace.load reads .npz; minimoe.traces.parquet.load_trace "
+                             "reads Parquet")
         arrays = read_npz(path)
         missing = [name for name in _REQUIRED if name not in arrays]
         unknown = sorted(set(arrays) - set(_REQUIRED) - set(_OPTIONAL))
