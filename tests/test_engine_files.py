@@ -202,6 +202,14 @@ def test_export_of_a_grouping_placement_says_it_needs_request_steering(tmp_path,
         assert ("note: grouping+locality was measured with request steering" in out) == steered, out
 
 
+def test_a_load_trace_refuses_a_steps_mask_of_another_shape():
+    loads = LoadTrace(counts=true_counts(), num_experts=E, layer_ids=MOE, top_k=2)
+    for steps in (np.ones(loads.num_steps + 1, bool), np.ones(loads.num_steps, int)):
+        with pytest.raises(ValueError, match=rf"steps must be a bool mask of shape \({loads.num_steps},\)"):
+            loads.loads(steps)
+    assert np.array_equal(loads.loads(np.ones(loads.num_steps, bool)), loads.loads())
+
+
 def test_export_names_a_folder_given_as_the_placement_file(tmp_path, capsys):
     status, _, err = run(capsys, "export", tmp_path, "--format", "vllm", "--out", tmp_path / "x.jsonl")
     assert status == 2 and err == (f"minimoe export: error: {tmp_path} is a folder: expected a placement file from "

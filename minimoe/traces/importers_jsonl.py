@@ -80,6 +80,10 @@ def from_jsonl(path_or_lines, num_experts: int | None = None, top_k: int | None 
     "per_pass". ignore: log keys to drop before reading. Fields not read go to ``trace.notes``.
     Raises ValueError naming the file, line and field; FileNotFoundError for a missing path.
     """
+    if isinstance(ignore, (str, bytes)) or not all(isinstance(key, str) for key in ignore):
+        raise ValueError(f"ignore must be a list of log keys (str), got {ignore!r}")
+    if fields is not None and not isinstance(fields, dict):
+        raise ValueError(f"fields must be a dict {{our name: the log's name}}, got {fields!r}")
     source, lines = "", path_or_lines
     if isinstance(path_or_lines, (str, bytes)) or hasattr(path_or_lines, "__fspath__"):
         source = f"{os.fsdecode(path_or_lines)}: "
@@ -184,10 +188,10 @@ def _meta(records) -> dict:
     meta["top_k_line"] = number if "top_k" in rec else None
     if "layers_logged" in rec:
         layers = rec["layers_logged"]
-        if not isinstance(layers, list) or not layers or not all(is_int(x) for x in layers) \
+        if not isinstance(layers, list) or not layers or not all(is_int(x) and x >= 0 for x in layers) \
                 or len(set(layers)) != len(layers):
-            raise ValueError(f"line {number}: layers_logged must be a non-empty list of distinct ints, got "
-                             f"{layer_list(layers)}")
+            raise ValueError(f"line {number}: layers_logged must be a non-empty list of distinct layer indices >= 0, "
+                             f"got {layer_list(layers)}")
         meta["layers_logged"] = layers
     return meta
 
@@ -224,8 +228,8 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> tuple[list[di
             raise ValueError(f"line {number}: {field_label(names, 'position')} must be a whole number >= 0 (the token's "
                              f"place in its request), got {repr(position)[:80]}")
         layer = _get(rec, names, "layer", number, True) if long_form else None
-        if long_form and not is_int(layer):
-            raise ValueError(f"line {number}: layer must be an int, got {layer!r}")
+        if long_form and not (is_int(layer) and layer >= 0):
+            raise ValueError(f"line {number}: layer must be a layer index >= 0, got {layer!r}")
         if long_form and layers_logged is not None and layer not in layers_logged:
             raise ValueError(f"line {number}: layer {layer} is not in the meta record's layers_logged "
                              f"{layer_list(layers_logged)}")

@@ -101,8 +101,14 @@ class LoadTrace:
             raise ValueError("model and source must be str, notes a dict of str -> str")
 
     def loads(self, steps=None) -> np.ndarray:
-        """(L, E) float64 pairs per expert, summed over all steps or over the bool mask ``steps`` (S,)."""
-        counts = self.counts if steps is None else self.counts[np.asarray(steps, bool)]
+        """(L, E) float64 pairs per expert, summed over all steps or over the bool mask ``steps`` (S,). Raises
+        ValueError for a mask that is not bool (S,)."""
+        if steps is not None:
+            steps = np.asarray(steps)
+            if steps.dtype != bool or steps.shape != (self.num_steps,):
+                raise ValueError(f"steps must be a bool mask of shape ({self.num_steps},), got dtype {steps.dtype} "
+                                 f"shape {steps.shape}")
+        counts = self.counts if steps is None else self.counts[steps]
         return counts.sum(axis=0).astype(np.float64)
 
     def __eq__(self, other) -> bool:
