@@ -242,7 +242,7 @@ def check_moe_model_dir(flag: str, path: str) -> int:
     experts = moe.get("num_experts") if isinstance(moe, dict) else None
     if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
         raise ValueError(f"{flag} {path}: its config.json's \"moe\" section must hold num_experts, a whole number >= 1, "
-                         f"got {str(experts if isinstance(moe, dict) else moe)[:80]!r}")
+                         f"got {repr(experts if isinstance(moe, dict) else moe)[:80]}")
     return experts
 
 

@@ -24,7 +24,7 @@ from minimoe.placement.export import to_sglang, to_trtllm, to_vllm
 from minimoe.traces.layers import layers_from_config, parse_layers
 from minimoe.traces.load_dumps import from_sglang_per_pass, from_sglang_stat, from_vllm_eplb
 from minimoe.traces.load_dumps_trtllm import from_trtllm
-from minimoe.traces import synthetic_trace
+from minimoe.traces import BUNDLED_MODEL, synthetic_trace
 from minimoe.traces.loads import LoadTrace, read_trace_file
 from batches import run_cli
 
@@ -200,6 +200,14 @@ def test_export_of_a_grouping_placement_says_it_needs_request_steering(tmp_path,
         status, out, err = run(capsys, "export", tmp_path / "p.json", "--format", "vllm", "--out", tmp_path / "x.jsonl")
         assert status == 0, err
         assert ("note: grouping+locality was measured with request steering" in out) == steered, out
+
+
+def test_a_minimoe_config_without_num_experts_is_named():
+    config = json.loads((BUNDLED_MODEL / "config.json").read_text())
+    assert layers_from_config(config, "c.json").num_experts == config["moe"]["num_experts"]
+    for value in (None, 0):  # never an export whose expert count goes unchecked
+        with pytest.raises(ValueError, match=rf'c.json: its "moe" section has no num_experts >= 1 \(got {value}\)'):
+            layers_from_config(dict(config, moe=dict(config["moe"], num_experts=value)), "c.json")
 
 
 def test_a_load_trace_refuses_a_steps_mask_of_another_shape():

@@ -106,8 +106,12 @@ def layers_from_config(config: dict, source: str = "config") -> ModelLayers:
         num_layers = _count(config, ("num_layers",), source, MAX_LAYERS)
         listed = config.get("moe_layers")
         moe = list(range(num_layers)) if listed is None else listed
-        return _checked(num_layers, moe, _count(config["moe"], ("num_experts",), source),
-                        _count(config["moe"], ("top_k",), source), source, "moe_layers")
+        num_experts = _count(config["moe"], ("num_experts",), source)
+        if not num_experts:
+            raise ValueError(f"{source}: its \"moe\" section has no num_experts >= 1 (got "
+                             f"{_clip(repr(config['moe'].get('num_experts')))})")
+        return _checked(num_layers, moe, num_experts, _count(config["moe"], ("top_k",), source), source,
+                        "moe_layers")
     num_layers = _count(config, ("num_hidden_layers",), source, MAX_LAYERS)
     if num_layers is None:
         raise ValueError(f"{source}: no num_hidden_layers: not a transformers model config (keys "
