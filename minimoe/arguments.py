@@ -178,6 +178,41 @@ def check_not_the_input(flag: str, path, source) -> None:
                          "file")
 
 
+def _command_parsers(parser, forwarded: dict) -> dict:
+    """{command: its parser}: the subcommands of ``parser`` and, for the ``forwarded`` ones ({command: module}),
+    the module's own ``build_parser()``."""
+    import importlib
+
+    commands = dict(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+    for name, module in forwarded.items():
+        commands[name] = importlib.import_module(module).build_parser()
+    return commands
+
+
+def misplaced_option(argv: list[str], build_parser, forwarded: dict) -> str | None:
+    """The error for an option of a command written before the command (``minimoe --threads 1 report``), which
+    argparse would report as an invalid command; None when ``argv`` starts with a command (the usual case, no
+    parser is built) or with an option of the program itself. ``build_parser()`` builds the program's parser;
+    ``forwarded``: {command: module} of the commands that parse their own arguments."""
+    option = argv[0].split("=")[0]
+    if not option.startswith("-"):
+        return None
+    parser = build_parser()
+    if option in parser._option_string_actions:
+        return None
+    commands = _command_parsers(parser, forwarded)
+    having = [name for name, command in commands.items() if option in command._option_string_actions]
+    if not having:
+        return f"{option} is not an option of minimoe or of any of its commands (see 'minimoe --help')"
+    given = next((i for i, token in enumerate(argv) if token in commands), None)
+    if given is not None and argv[given] not in having:
+        return f"{option} is not an option of minimoe {argv[given]}; it is one of {', '.join(having)}"
+    command = having[0] if given is None else argv[given]
+    rest = argv if given is None else argv[:given] + argv[given + 1:]
+    return f"{option} is an option of {', '.join(having)} and goes after the command, e.g. minimoe {command} " \
+           f"{' '.join(rest)}"
+
+
 @contextlib.contextmanager
 def output_dir(flag: str, path: str):
     """Create the folder ``path`` now (so an unwritable place fails before the work) and remove it again if

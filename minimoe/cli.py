@@ -22,8 +22,9 @@ import re
 import sys
 
 from minimoe.arguments import (DEFAULT_TOPOLOGIES, MAX_NEW_TOKENS, MAX_REQUESTS_PER_DOMAIN, OneLineParser,
-                               check_output_file, fit_processes_argument, fit_tokens_argument, local_workers, number,
-                               output_dir, scheduler_address, seed_number, thread_count, whole_number)
+                               check_output_file, fit_processes_argument, fit_tokens_argument, local_workers,
+                               misplaced_option, number, output_dir, scheduler_address, seed_number, thread_count,
+                               whole_number)
 
 positive = whole_number(1)
 
@@ -271,39 +272,6 @@ def _join_dash_values(argv: list[str]) -> list[str]:
     return out
 
 
-def _command_parsers(parser) -> dict:
-    """{command: its parser}, the forwarded commands' own parsers included."""
-    import importlib
-
-    commands = dict(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
-    for name, (module, _) in FORWARDED.items():
-        commands[name] = importlib.import_module(module).build_parser()
-    return commands
-
-
-def _misplaced_option(argv: list[str]) -> str | None:
-    """The error for an option of a command written before the command (``minimoe --threads 1 report``), which
-    argparse would report as an invalid command; None when ``argv`` starts with a command (the usual case, no
-    parser is built) or with an option of ``minimoe`` itself."""
-    option = argv[0].split("=")[0]
-    if not option.startswith("-"):
-        return None
-    parser = build_parser()
-    if option in parser._option_string_actions:
-        return None
-    commands = _command_parsers(parser)
-    having = [name for name, command in commands.items() if option in command._option_string_actions]
-    if not having:
-        return f"{option} is not an option of minimoe or of any of its commands (see 'minimoe --help')"
-    given = next((i for i, token in enumerate(argv) if token in commands), None)
-    if given is not None and argv[given] not in having:
-        return f"{option} is not an option of minimoe {argv[given]}; it is one of {', '.join(having)}"
-    command = having[0] if given is None else argv[given]
-    rest = argv if given is None else argv[:given] + argv[given + 1:]
-    return f"{option} is an option of {', '.join(having)} and goes after the command, e.g. minimoe {command} " \
-           f"{' '.join(rest)}"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for an error the user can act on)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -316,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minimoe: error: --debug goes before the command, e.g. minimoe --debug {' '.join(rest)}",
               file=sys.stderr)
         return 2
-    misplaced = _misplaced_option(argv) if argv else None
+    misplaced = misplaced_option(argv, build_parser, {name: module for name, (module, _) in FORWARDED.items()}) \
+        if argv else None
     if misplaced:  # argparse would take its value for the command and call that an invalid choice
         print(f"minimoe: error: {misplaced}", file=sys.stderr)
         return 2
