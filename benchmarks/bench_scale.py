@@ -13,9 +13,9 @@ in memory, then kept in ``--dir`` for the next run. The report runs as its own p
 
 and this script records its wall time, CPU time and peak resident memory (``os.wait4``: the kernel's own
 high-water mark of the process, or the largest sum of its RSS and its worker processes' (the fit processes, and
-with ``--workers`` the Dask workers) sampled every 0.2 s, whichever is larger), the time of each step from the report's progress lines, and the time per token. Results are
-added to benchmarks/results/scale.json (one entry per size, replacing an older one) and
-benchmarks/results/scale.md is rewritten from it.
+with ``--workers`` the Dask workers) sampled every 0.2 s, whichever is larger), the time of each step from the
+report's progress lines, and the time per token. Results are added to benchmarks/results/scale.json (one entry per
+size, replacing an older one) and benchmarks/results/scale.md is rewritten from it.
 """
 import argparse
 import json

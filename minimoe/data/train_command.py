@@ -15,8 +15,8 @@ from minimoe.arguments import output_dir
 def train_command(args) -> int:
     """Run ``minimoe train`` with its parsed ``args`` (out, preset, seed, steps, bf16, device, resume); returns the
     exit status. Raises ValueError (one line naming the flag) for an --out that is a file, a --resume without a
-    run or a run without --resume, a folder that holds other files (a checkpoint, say) and no run, settings that contradict the run being resumed, or --device cuda without a
-    GPU."""
+    run or a run without --resume, a folder that holds other files (a checkpoint, say) and no run, settings that
+    contradict the run being resumed, or --device cuda without a GPU."""
     from minimoe.data.train import preset, resume_settings, resume_step, summarise, train  # at call time
 
     if Path(args.out).exists() and not Path(args.out).is_dir():

@@ -99,19 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks per 'node' (default: half the ranks for 4 or more, else 1); must divide the ranks")
     p.add_argument("--grouping", default=None, choices=GROUPINGS,
                    help="--trace: which rank each request runs on (default: round_robin = request %% ranks)")
-    p.add_argument("--experts", type=whole_number(1, MAX_EXPERTS), default=16, help="random layer: num_experts (default: %(default)s)")
+    p.add_argument("--experts", type=whole_number(1, MAX_EXPERTS), default=16,
+                   help="random layer: num_experts (default: %(default)s)")
     p.add_argument("--top-k", type=_positive, default=4, help="random layer: top_k (default: %(default)s)")
     p.add_argument("--hidden", type=whole_number(1, MAX_WIDTH), default=None,
                    help="hidden size (default: 64 for the random layer, 7168 for --trace, as DeepSeek-V3)")
-    p.add_argument("--intermediate", type=whole_number(1, MAX_WIDTH), default=32, help="random layer: expert width (default: 32)")
+    p.add_argument("--intermediate", type=whole_number(1, MAX_WIDTH), default=32,
+                   help="random layer: expert width (default: 32)")
     p.add_argument("--shared-experts", type=int, default=0, choices=(0, 1, 2), help="random layer (default: 0)")
     p.add_argument("--capacity-factor", type=_non_negative_float, default=0.0,
                    help="random layer: 0 = dropless (default), else capacity C = ceil(T·k/E · factor)")
     p.add_argument("--tokens-per-rank", type=whole_number(1, MAX_TOKENS_PER_RANK), default=32,
                    help="random layer: tokens per rank; --model: sequences of 16 tokens per rank (default: 32)")
-    p.add_argument("--requests-per-domain", type=whole_number(1, MAX_REQUESTS_PER_DOMAIN), default=8, help="--trace bundled (default: 8)")
-    p.add_argument("--new-tokens", type=whole_number(1, MAX_NEW_TOKENS), default=16, help="--trace bundled: decode tokens (default: 16)")
-    p.add_argument("--iters", type=whole_number(1, 10_000), default=3, help="timed repetitions (default: %(default)s)")
+    p.add_argument("--requests-per-domain", type=whole_number(1, MAX_REQUESTS_PER_DOMAIN), default=8,
+                   help="--trace bundled (default: 8)")
+    p.add_argument("--new-tokens", type=whole_number(1, MAX_NEW_TOKENS), default=16,
+                   help="--trace bundled: decode tokens (default: 16)")
+    p.add_argument("--iters", type=whole_number(1, 10_000), default=3,
+                   help="timed repetitions (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default: %(default)s)")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="(default: %(default)s)")
     p.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT_S,
@@ -163,12 +168,11 @@ def _main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"--model {args.model!r}: no such directory (expected a minimoe checkpoint "
                                     "or 'bundled')")
         check_moe_model_dir("--model", args.model)
-    if not (args.model or args.trace) and random_layer_gb(args, int(os.environ.get("WORLD_SIZE", "1"))) > \
-            MAX_RANDOM_LAYER_GB:
+    size_gb = random_layer_gb(args, int(os.environ.get("WORLD_SIZE", "1")))
+    if not (args.model or args.trace) and size_gb > MAX_RANDOM_LAYER_GB:
         raise ValueError(f"--experts {args.experts} x --hidden {args.hidden or 64} x --intermediate {args.intermediate} "
                          f"(and --tokens-per-rank {args.tokens_per_rank}): the random layer would take "
-                         f"{random_layer_gb(args, int(os.environ.get('WORLD_SIZE', '1'))):,.1f} GB per rank; expected "
-                         f"at most {MAX_RANDOM_LAYER_GB:g} GB")
+                         f"{size_gb:,.1f} GB per rank; expected at most {MAX_RANDOM_LAYER_GB:g} GB")
     if not (args.model or args.trace) and args.top_k > args.experts:
         raise ValueError(f"--top-k {args.top_k}: a token picks top_k of the --experts {args.experts}: expected at most "
                          f"{args.experts}")
