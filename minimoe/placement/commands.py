@@ -162,12 +162,13 @@ def _a_report_placement(path: Path) -> bool:
     import json
 
     from minimoe.placement.deployment import FORMAT
+    from minimoe.placement.phy2log import FORMAT as PLACEMENT_FORMAT
 
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(data, dict) and data.get("format") in (FORMAT, "minimoe.placement.methods/1")
+    return isinstance(data, dict) and data.get("format") in (FORMAT, PLACEMENT_FORMAT)
 
 
 def remove_stale_placements(out: Path, written) -> None:

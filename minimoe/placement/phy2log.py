@@ -26,6 +26,8 @@ from minimoe.placement import export
 from minimoe.placement.topology import Topology
 from minimoe.traces.inputs import parse_json, read_text
 
+FORMAT = "minimoe.placement.methods/1"  # the tag of a placement file (the tag files have always carried)
+
 
 class Placement:
     """``phy2log`` (L, R) int64 on ``num_nodes x gpus_per_node`` GPUs; validated on construction."""
@@ -162,7 +164,7 @@ class Placement:
         return tuple(torch.from_numpy(a) for a in (self.phy2log.copy(), log2phy, counts.astype(np.int64)))
 
     def to_dict(self) -> dict:
-        return dict(format="minimoe.placement.methods/1", method=self.method, num_experts=self.num_experts,
+        return dict(format=FORMAT, method=self.method, num_experts=self.num_experts,
                     num_nodes=self.num_nodes, gpus_per_node=self.gpus_per_node, phy2log=self.phy2log.tolist())
 
     def to_sglang(self, moe_layers, num_layers: int) -> dict:
@@ -186,7 +188,7 @@ class Placement:
         """The inverse of ``to_dict``; ValueError for anything else (a field of the wrong type named first)."""
         _check_fields(data)
         keys = {"format", "method", "num_experts", "num_nodes", "gpus_per_node", "phy2log"}
-        if not isinstance(data, dict) or set(data) != keys or data["format"] != "minimoe.placement.methods/1":
+        if not isinstance(data, dict) or set(data) != keys or data["format"] != FORMAT:
             raise ValueError(f"expected a minimoe.placement.methods/1 object with keys {sorted(keys)}")
         table = np.asarray(data["phy2log"])
         if table.dtype.kind not in "iu":

@@ -52,6 +52,11 @@ _REQUIRED = ("experts", "request", "phase", "domain", "model", "num_experts", "t
 _OPTIONAL = ("weights", "notes")
 
 
+def _parquet_path(path) -> bool:
+    """Whether ``path`` (a path, not a file object) names a Parquet file: the other trace format."""
+    return isinstance(path, (str, os.PathLike)) and os.fspath(path).lower().endswith(".parquet")
+
+
 def _as_int(name: str, values, dtype) -> np.ndarray:
     """Convert integer-valued input to `dtype`, refusing floats/bools and values that would not fit."""
     array = np.asarray(values)
@@ -269,7 +274,7 @@ class Trace:
     def save(self, path) -> None:
         """Write the trace as a compressed .npz at exactly `path` (or into a seekable binary file object). Raises
         ValueError for a path ending in .parquet (``minimoe.traces.parquet.save_trace`` writes that format)."""
-        if isinstance(path, (str, os.PathLike)) and os.fspath(path).lower().endswith(".parquet"):
+        if _parquet_path(path):
             raise ValueError(f"{os.fspath(path)}: Trace.save writes .npz; minimoe.traces.parquet.save_trace writes "
                              "Parquet")
         arrays = dict(experts=self.experts, request=self.request, phase=self.phase, domain=self.domain,
@@ -291,7 +296,7 @@ class Trace:
 
         Raises FileNotFoundError for a missing path, and ValueError naming the file for anything else.
         """
-        if isinstance(path, (str, os.PathLike)) and os.fspath(path).lower().endswith(".parquet"):
+        if _parquet_path(path):
             raise ValueError(f"trace file {os.fspath(path)}: Trace.load reads .npz; minimoe.traces.parquet.load_trace "
                              "reads Parquet")
         arrays = read_npz(path)
