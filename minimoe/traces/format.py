@@ -30,31 +30,22 @@ archive, readable by ``numpy.load(path, allow_pickle=False)``, holding exactly t
 Only MoE layers belong in ``experts``: dense layers of models that interleave them (DeepSeek-V3's first
 layers, Llama 4) are left out, so axis 1 counts MoE layers. A 0-d ``domain`` is expanded to one label per
 token when loaded (and saved that way). Loading trusts nothing: every dtype, shape, id range and metadata
-field is checked, object arrays and pickles are refused, and any damaged file raises ValueError naming the
-file and what was wrong (for an expert id out of range: the token and layer). ``minimoe.traces.importers``
+field is checked (``minimoe.traces.trace_file``), object arrays and pickles are refused, and any damaged file
+raises ValueError naming the file and what was wrong (for an expert id out of range: the token and layer). ``minimoe.traces.importers``
 converts serving-system logs (vLLM, SGLang, JSONL) to this format.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
-from minimoe.traces.npz import file_label, read_npz
+from minimoe.traces.npz import file_label
+from minimoe.traces.trace_file import trace_fields, write_trace
 
 MAX_EXPERTS = 32768  # ids must fit int16: 0 .. 32767
 PHASES = {"prefill": 0, "decode": 1, "unknown": -1}
-_REQUIRED = ("experts", "request", "phase", "domain", "model", "num_experts", "top_k")
-_OPTIONAL = ("weights", "notes")
-
-
-def _parquet_path(path) -> bool:
-    """Whether ``path`` (a path, not a file object) names a Parquet file: the other trace format."""
-    return isinstance(path, (str, os.PathLike)) and os.fspath(path).lower().endswith(".parquet")
 
 
 def _as_int(name: str, values, dtype) -> np.ndarray:
@@ -270,25 +261,11 @@ class Trace:
                      domain=self.domain, num_experts=self.num_experts, top_k=self.top_k, model=self.model,
                      weights=None if self.weights is None else self.weights[:, ids], notes=self.notes)
 
-    # ---- files -------------------------------------------------------------------------------------------
+    # ---- files (the .npz layout and its checks: ``minimoe.traces.trace_file``) --------------------------------
     def save(self, path) -> None:
         """Write the trace as a compressed .npz at exactly `path` (or into a seekable binary file object). Raises
         ValueError for a path ending in .parquet (``minimoe.traces.parquet.save_trace`` writes that format)."""
-        if _parquet_path(path):
-            raise ValueError(f"{os.fspath(path)}: Trace.save writes .npz; minimoe.traces.parquet.save_trace writes "
-                             "Parquet")
-        arrays = dict(experts=self.experts, request=self.request, phase=self.phase, domain=self.domain,
-                      model=np.array(self.model), num_experts=np.array(self.num_experts, np.int64),
-                      top_k=np.array(self.top_k, np.int64))
-        if self.weights is not None:
-            arrays["weights"] = self.weights
-        if self.notes:
-            arrays["notes"] = np.array(json.dumps(self.notes, sort_keys=True))
-        # what np.savez_compressed writes, at zlib level 1: ~7x faster, files within a few % of level 6
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-            for name, array in arrays.items():
-                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, array, allow_pickle=False)
+        write_trace(self, path)
 
     @classmethod
     def load(cls, path) -> Trace:
@@ -296,50 +273,9 @@ class Trace:
 
         Raises FileNotFoundError for a missing path, and ValueError naming the file for anything else.
         """
-        if _parquet_path(path):
-            raise ValueError(f"trace file {os.fspath(path)}: Trace.load reads .npz; minimoe.traces.parquet.load_trace "
-                             "reads Parquet")
-        arrays = read_npz(path)
-        missing = [name for name in _REQUIRED if name not in arrays]
-        unknown = sorted(set(arrays) - set(_REQUIRED) - set(_OPTIONAL))
-        if missing or unknown:
-            raise ValueError(f"trace file {file_label(path)}: missing arrays {missing}, unexpected arrays {unknown}; "
-                             f"expected {list(_REQUIRED)} and optionally {list(_OPTIONAL)}")
-        expected = dict(experts=np.int16, request=np.int32, phase=np.int8, weights=np.float16)
-        for name, dtype in expected.items():
-            if name in arrays and arrays[name].dtype != np.dtype(dtype):
-                raise ValueError(f"trace file {file_label(path)}: {name} must be {np.dtype(dtype).name}, "
-                                 f"got {arrays[name].dtype}")
-        if arrays["domain"].dtype.kind != "U":
-            raise ValueError(f"trace file {file_label(path)}: domain must be a unicode array, "
-                             f"got {arrays['domain'].dtype}")
-        model = arrays["model"]
-        if model.shape != () or model.dtype.kind != "U":
-            raise ValueError(f"trace file {file_label(path)}: model must be a 0-d unicode array, "
-                             f"got dtype {model.dtype} shape {model.shape}")
-        meta = {}
-        for name in ("num_experts", "top_k"):
-            value = arrays[name]
-            if value.shape != () or value.dtype.kind not in "iu":
-                raise ValueError(f"trace file {file_label(path)}: {name} must be a 0-d integer array, "
-                                 f"got dtype {value.dtype} shape {value.shape}")
-            meta[name] = int(value)
-        notes = None
-        if "notes" in arrays:
-            text = arrays["notes"]
-            try:
-                notes = json.loads(str(text)) if text.shape == () and text.dtype.kind == "U" else None
-            except json.JSONDecodeError:
-                notes = None
-            if not isinstance(notes, dict):
-                raise ValueError(f"trace file {file_label(path)}: notes must be a 0-d unicode array holding a JSON "
-                                 f"object, got dtype {text.dtype} shape {text.shape}")
-        if arrays["domain"].ndim > 1:
-            raise ValueError(f"trace file {file_label(path)}: domain must have shape (N,), () or (0,), "
-                             f"got {arrays['domain'].shape}")
+        fields = trace_fields(path)
         try:
-            return cls(experts=arrays["experts"], request=arrays["request"], phase=arrays["phase"],
-                       domain=arrays["domain"], model=str(model), weights=arrays.get("weights"), notes=notes, **meta)
+            return cls(**fields)
         except ValueError as error:
             raise ValueError(f"trace file {file_label(path)}: {error}") from None
 
