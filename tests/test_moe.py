@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minimoe.model.moe import MoEConfig, MoELayer, choose_backend, expert_capacity, grouped_matmul, grouped_mm_supported
-from minimoe.model.router import (load_balancing_loss, moe_aux_loss, pooled_load_balancing_loss, router_probabilities,
-                                  router_z_loss)
+from minimoe.model.aux_losses import (load_balancing_loss, moe_aux_loss, pooled_load_balancing_loss,
+                                      router_probabilities, router_z_loss)
 
 
 def _config(router="softmax", **kw):

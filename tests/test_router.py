@@ -5,16 +5,8 @@ import math
 import pytest
 import torch
 
-from minimoe.model.router import (
-    Router,
-    deepseek_v3_topk,
-    llama4_topk,
-    load_balancing_loss,
-    pooled_load_balancing_loss,
-    router_probabilities,
-    router_z_loss,
-    softmax_topk,
-)
+from minimoe.model.aux_losses import load_balancing_loss, pooled_load_balancing_loss, router_probabilities, router_z_loss
+from minimoe.model.router import Router, deepseek_v3_topk, llama4_topk, softmax_topk
 
 
 def _logits(seed, tokens=7, experts=8, scale=2.0):

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minimoe.model import MoEConfig, MoELayer
-from minimoe.model.router import deepseek_v3_topk, llama4_topk, router_probabilities, softmax_topk
+from minimoe.model.aux_losses import router_probabilities
+from minimoe.model.router import deepseek_v3_topk, llama4_topk, softmax_topk
 from minimoe.widgets.routing import (
     TRACES_PER_SETTING,
     RoutingWidget,

@@ -28,7 +28,8 @@ import torch
 from plotly.subplots import make_subplots
 
 from minimoe.model.moe import MoEConfig, MoELayer
-from minimoe.model.router import ROUTER_FAMILIES, RoutingResult, router_probabilities
+from minimoe.model.aux_losses import router_probabilities
+from minimoe.model.router import ROUTER_FAMILIES, RoutingResult
 from minimoe.widgets._panel import FigurePanel
 
 SHOW_OPTIONS = ("probabilities", "weights")
@@ -44,7 +45,7 @@ class RoutingData:
     top_k: int
     capacity_factor: float
     routing: RoutingResult  # the layer's own routing result
-    probabilities: torch.Tensor  # (T, E) router probabilities (``minimoe.model.router.router_probabilities``)
+    probabilities: torch.Tensor  # (T, E) router probabilities (``minimoe.model.aux_losses.router_probabilities``)
     weights: torch.Tensor  # (T, E) the weight of each chosen expert, 0 elsewhere
     kept: torch.Tensor  # (T, k) bool, False = the choice was dropped by the capacity limit
     capacity: int | None  # C, or None when dropless

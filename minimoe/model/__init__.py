@@ -9,7 +9,8 @@ Everything else in minimoe builds on this part; it imports nothing from the othe
 from minimoe.model.dense import Attention, FeedForward, KVCache, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from minimoe.model.generate import generate
 from minimoe.model.moe import MoEConfig, MoELayer, expert_capacity
-from minimoe.model.router import Router, RoutingResult, load_balancing_loss, router_z_loss
+from minimoe.model.aux_losses import load_balancing_loss, router_z_loss
+from minimoe.model.router import Router, RoutingResult
 from minimoe.model.transformer import Block, ModelConfig, Transformer, lm_loss
 
 __all__ = ["Attention", "Block", "FeedForward", "KVCache", "ModelConfig", "MoEConfig", "MoELayer", "RMSNorm",

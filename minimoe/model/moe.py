@@ -40,7 +40,7 @@ pairs beyond C are dropped in token order (the first C tokens that chose an expe
 contribute nothing, and are counted in ``dropped_tokens``.
 
 Auxiliary losses: each layer computes its own ``aux_loss`` (``minimoe.model.router``: load balancing and
-z-loss); ``minimoe.model.router.moe_aux_loss(layers)`` combines the layers of a model under ``MoEConfig.aux_loss_convention``:
+z-loss); ``minimoe.model.aux_losses.moe_aux_loss(layers)`` combines the layers of a model under ``MoEConfig.aux_loss_convention``:
 "per_layer" sums the layers' losses, "pooled" computes the load-balancing term once on the router statistics
 of all layers together (transformers' ``load_balancing_loss_func``). For a single layer both are the same.
 """
@@ -64,16 +64,8 @@ from minimoe.model.grouped import (  # noqa: F401  (grouped_matmul and friends a
     grouped_mm_supported,
     layout_request,
 )
-from minimoe.model.router import (
-    AUX_LOSS_CONVENTIONS,
-    DROPPED_GROUP_VALUES,
-    ROUTER_FAMILIES,
-    Router,
-    RoutingResult,
-    load_balancing_loss,
-    router_probabilities,
-    router_z_loss,
-)
+from minimoe.model.aux_losses import AUX_LOSS_CONVENTIONS, load_balancing_loss, router_probabilities, router_z_loss
+from minimoe.model.router import DROPPED_GROUP_VALUES, ROUTER_FAMILIES, Router, RoutingResult
 
 
 @dataclass

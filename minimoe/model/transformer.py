@@ -244,8 +244,8 @@ class Transformer(nn.Module):
 
     def moe_aux_loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The MoE layers' auxiliary loss from the last forward, combined under ``MoEConfig.aux_loss_convention``
-        (``minimoe.model.router.moe_aux_loss``; attention_mask (B, T): padding left out); 0 for a dense model."""
-        from minimoe.model.router import moe_aux_loss
+        (``minimoe.model.aux_losses.moe_aux_loss``; attention_mask (B, T): padding left out); 0 for a dense model."""
+        from minimoe.model.aux_losses import moe_aux_loss
 
         layers = [layer.ffn for layer in self.layers if hasattr(layer.ffn, "aux_loss")]
         return moe_aux_loss(layers, attention_mask) if layers else torch.zeros((), device=self.embed.weight.device)

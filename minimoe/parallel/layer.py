@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from minimoe.model.moe import MoELayer
-from minimoe.model.router import load_balancing_loss, router_probabilities, router_z_loss
+from minimoe.model.aux_losses import load_balancing_loss, router_probabilities, router_z_loss
 from minimoe.parallel.checks import check_fingerprint, fingerprint
 from minimoe.parallel.comm import all_reduce_sum, group_rank_size
 from minimoe.parallel.counters import TrafficCounters
