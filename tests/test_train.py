@@ -10,8 +10,8 @@ import torch
 from minimoe.model import ModelConfig, Transformer
 from minimoe.model import MoEConfig
 from minimoe.cli import main
-from minimoe.data.train import (PRESETS, TrainConfig, learning_rate, load_train_config, preset, summarise, train,
-                                validation_losses)
+from minimoe.data.train import learning_rate, summarise, train, validation_losses
+from minimoe.data.train_config import PRESETS, TrainConfig, load_train_config, preset
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "checkpoints" / "moe-4domain"

@@ -17,7 +17,8 @@ def train_command(args) -> int:
     exit status. Raises ValueError (one line naming the flag) for an --out that is a file, a --resume without a
     run or a run without --resume, a folder that holds other files (a checkpoint, say) and no run, settings that
     contradict the run being resumed, or --device cuda without a GPU."""
-    from minimoe.data.train import preset, resume_settings, resume_step, summarise, train  # at call time
+    from minimoe.data.train import summarise, train  # at call time
+    from minimoe.data.train_config import preset, resume_settings, resume_step
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file; expected a run folder")

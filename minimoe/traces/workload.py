@@ -95,7 +95,7 @@ def check_run(flag: str, model_dir) -> None:
     """A minimoe training run whose workload can be recorded: an MoE checkpoint (``check_moe_model_dir``) with
     the train_config.json that names its corpus. Raises ValueError naming ``flag`` and what is wrong."""
     from minimoe.arguments import check_moe_model_dir
-    from minimoe.data.train import load_train_config
+    from minimoe.data.train_config import load_train_config
 
     check_moe_model_dir(flag, str(model_dir))
     try:
@@ -107,7 +107,7 @@ def check_run(flag: str, model_dir) -> None:
 def run_prompts(model_dir, num_per_domain: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Held-out prompts for a minimoe run directory: the test split of the corpus that run trained on. Raises
     ValueError when its train_config.json is missing or damaged (``load_train_config``)."""
-    from minimoe.data.train import load_train_config
+    from minimoe.data.train_config import load_train_config
 
     train_config = load_train_config(model_dir)
     return corpus_prompts(num_per_domain, seed=seed, corpus_seed=train_config.seed,
