@@ -85,12 +85,14 @@ def test_the_shared_argument_types_import_nothing_from_the_package():
 
 
 def test_the_trace_format_knows_nothing_of_models():
-    """format.py imports from the package only its safe .npz reader, which imports nothing from it."""
-    imported = {name for name in imported_modules(PACKAGE / "traces" / "format.py")
-                if not name.startswith("minimoe.traces.npz")}
-    assert not imported, f"the trace format imports {sorted(imported)}"
+    """format.py imports from the package only its file layout (trace_file.py) and the safe .npz reader, and those
+    two import nothing else from it."""
+    for file, allowed in (("format.py", ("minimoe.traces.npz", "minimoe.traces.trace_file")),
+                          ("trace_file.py", ("minimoe.traces.npz",))):
+        imported = {name for name in imported_modules(PACKAGE / "traces" / file) if not name.startswith(allowed)}
+        assert not imported, f"{file} imports {sorted(imported)}"
     assert not imported_modules(PACKAGE / "traces" / "npz.py")
-    for file in ("format.py", "npz.py"):
+    for file in ("format.py", "trace_file.py", "npz.py"):
         assert "import torch" not in (PACKAGE / "traces" / file).read_text()
 
 
