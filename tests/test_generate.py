@@ -129,8 +129,9 @@ def test_bad_arguments_name_the_value():
     right[0, -2:] = 0  # right padding: generation would continue after the padding
     with pytest.raises(ValueError, match="attention_mask must be 0 for left padding then 1 for every prompt token"):
         generate(model, ids, 3, attention_mask=right)
-    with pytest.raises(ValueError, match="temperature=-1"):
-        generate(model, ids, 3, temperature=-1.0)
+    for temperature in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"need a finite temperature >= 0 .* got temperature={temperature}"):
+            generate(model, ids, 3, temperature=temperature)
     for top_p in (0.0, 1.5):
         with pytest.raises(ValueError, match=f"top_p={top_p}"):
             sample_next(torch.zeros(1, 4), 1.0, top_p)

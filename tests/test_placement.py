@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minimoe.placement.eplb import eplb_numpy
-from minimoe.placement.methods import METHODS, place, trace_loads
+from minimoe.placement.methods import MAX_SLOTS_PER_EXPERT, METHODS, place, trace_loads
 from minimoe.placement.phy2log import Placement
 from minimoe.traces import synthetic_trace
 from minimoe.placement import Topology
@@ -33,7 +33,8 @@ def test_every_method_gives_a_valid_placement(seed, nodes, per_node, num_experts
         experts[np.random.default_rng(seed).random(experts.shape) < 0.3] = -1
         trace = Trace(experts=experts, request=trace.request, phase=trace.phase, domain=trace.domain,
                       num_experts=num_experts, top_k=top_k)
-    num_slots = (-(-num_experts // topology.num_gpus) + extra) * topology.num_gpus
+    most = max(num_experts * topology.num_gpus, MAX_SLOTS_PER_EXPERT * num_experts)  # place's bound on the slots
+    num_slots = min(-(-num_experts // topology.num_gpus) + extra, most // topology.num_gpus) * topology.num_gpus
     options = dict(num_replicas=num_slots)
     if method == "locality" and with_sources:
         options["sources"] = np.random.default_rng(seed).integers(0, topology.num_gpus, trace.num_requests)

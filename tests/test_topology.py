@@ -35,6 +35,12 @@ def test_num_slots():
         Topology(num_nodes=2, gpus_per_node=2, slots_per_gpu=3).num_slots(8, num_experts=8)
 
 
+@pytest.mark.parametrize("text", ["4x", "x2", "4x2x1", "4*2", "\u0664x2", "4x\u00b2", "-1x2"])
+def test_parse_refuses_anything_but_two_ascii_counts(text):
+    with pytest.raises(ValueError, match="is not of the form NODESxGPUS"):
+        Topology.parse(text)
+
+
 def test_dict_round_trip():
     topology = Topology(num_nodes=3, gpus_per_node=4, slots_per_gpu=2, inter_node_bandwidth=25e9)
     assert Topology.from_dict(topology.to_dict()) == topology

@@ -253,13 +253,16 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, layout
     fixed shapes, no host sync (``token_rank`` and ``replicate``; every rank must pass the same T);
     ``tokens_per_rank``: ``replicate`` only, every rank's T when the caller knows them (else agreed with one
     small all-gather, or, with ``static``, [T]·G). Raises ValueError on bad shapes, an unknown
-    ``wire_format`` or a group that is not the placement's size.
+    ``wire_format`` or a group that is not the placement's size, TypeError for a ``layout`` of another type.
     """
     if wire_format not in WIRE_FORMATS:
         raise ValueError(f"wire_format must be one of {WIRE_FORMATS}, got {wire_format!r}")
     if x.dim() != 2 or slots.shape != weights.shape or slots.dim() != 2 or slots.shape[0] != x.shape[0]:
         raise ValueError(f"dispatch needs x (T, H), slots (T, k) and weights (T, k); got {tuple(x.shape)}, "
                          f"{tuple(slots.shape)}, {tuple(weights.shape)}")
+    if not all(hasattr(layout, name) for name in ("num_gpus", "slots_per_gpu", "gpus_per_node")):
+        raise TypeError(f"layout must be a Placement or a RouteTable (num_gpus, slots_per_gpu, gpus_per_node), got "
+                        f"{type(layout).__name__}")
     rank, size = group_rank_size(group)
     num_gpus, spg, gpn = layout.num_gpus, layout.slots_per_gpu, layout.gpus_per_node
     if size != num_gpus:
@@ -304,9 +307,11 @@ def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
 
     ``expert_out`` row n must be Σ_j w_nj E_{s_nj}(rows_n) for the rows of the matching :func:`dispatch`.
     A collective, like dispatch. Raises ValueError (before any exchange) when ``expert_out`` is not (N, H), the
-    shape of the rows that dispatch delivered.
+    shape of the rows that dispatch delivered, TypeError when ``handle`` is not a dispatch's ``Handle``.
     """
     h = handle
+    if not isinstance(h, Handle):
+        raise TypeError(f"combine needs the handle of a dispatch (Dispatched.handle), got {type(h).__name__}")
     if tuple(expert_out.shape) != h.received:
         raise ValueError(f"combine needs expert_out of shape (N, H) = {h.received}, the rows dispatch delivered to "
                          f"this rank, got {tuple(expert_out.shape)}")

@@ -96,7 +96,7 @@ class Topology:
     def parse(cls, text: str, **links) -> "Topology":
         """``"4x2"`` -> 4 nodes of 2 GPUs. Raises ValueError naming the text and the expected form."""
         parts = str(text).strip().lower().split("x")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
             raise ValueError(f"topology {text!r} is not of the form NODESxGPUS, e.g. 4x2 (4 nodes of 2 GPUs)")
         nodes, gpus = int(parts[0]), int(parts[1])
         if nodes < 1 or gpus < 1:
