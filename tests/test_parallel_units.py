@@ -225,7 +225,7 @@ def test_bad_inputs_raise_clear_errors():
                                                  "rows dispatch delivered to this rank, got " + re.escape(str(shape))):
                 combine(torch.ones(shape), sent.handle)
     with pytest.raises(TypeError, match=r"layout must be a Placement or a RouteTable \(num_gpus, slots_per_gpu, "
-                                        "gpus_per_node\), got NoneType"):
+                                        r"gpus_per_node\), got NoneType"):
         dispatch(torch.randn(2, 8), torch.tensor([[0, 1]] * 2), torch.ones(2, 2), None)
     with pytest.raises(TypeError, match=r"combine needs the handle of a dispatch \(Dispatched.handle\), got NoneType"):
         combine(torch.ones(2, 8), None)
