@@ -7,11 +7,13 @@
     minimoe demo       build a tiny Llama 3, train it for a few seconds, prove it equals transformers, generate
     minimoe import     a serving engine's routing capture or expert-load dump -> a trace file (minimoe.traces.convert)
     minimoe export     a placement -> SGLang's, TensorRT-LLM's, vLLM's or EPLB's own file (minimoe.placement.export_command)
+    minimoe ep-demo    expert parallelism on real processes (under torchrun): every wire format, checked and timed
+    minimoe pic-experiment   PIC vs ICAE-global soft-prompt compression (minimoe.compress.experiment)
 
 Errors a user can act on (a bad flag value, an unreadable or malformed file) print one line naming the flag or
 file, the bad value and what was expected, and exit with status 2; ``minimoe --debug ...`` shows the traceback.
 Commands that compute take ``--threads`` (default: half the CPU cores, at most 8 — two busy processes each
-using every core slow each other down many times over).
+using every core slow each other down many times over; ``ep-demo`` takes threads per rank, default 1).
 """
 
 from __future__ import annotations

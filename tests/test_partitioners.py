@@ -255,18 +255,18 @@ def test_compare_partitioners_rows():
 
 
 def test_report_compares_partitioners_on_request_and_says_when_mtkahypar_is_missing(monkeypatch):
-    from minimoe.placement import report
+    from minimoe.placement import report, report_text
 
     trace = synthetic_trace(num_requests=16, tokens_per_request=24, num_layers=2, num_experts=16, top_k=2, seed=1)
     topologies = [Topology(num_nodes=2, gpus_per_node=2)]
     result = report.run_report(trace, topologies)  # not by default
-    assert result["partitioners"] == [] and "--compare-partitioners" in report.format_report(result)
+    assert result["partitioners"] == [] and "--compare-partitioners" in report_text.format_report(result)
     if mtkahypar_available():  # (CI installs it; without it only the second half applies)
         result = report.run_report(trace, topologies, compare_partitioners=True)
         methods = [r["method"] for r in result["partitioners"]]
         assert methods.count("locality[fm]") == methods.count("locality[mtkahypar]") == 2  # two slot budgets
-        assert "locality[mtkahypar]" in report.format_report(result)
+        assert "locality[mtkahypar]" in report_text.format_report(result)
     monkeypatch.setattr(report, "mtkahypar_available", lambda: False)
     result = report.run_report(trace, topologies, compare_partitioners=True)
     assert {r["method"] for r in result["partitioners"]} == {"contiguous", "eplb", "locality[fm]"}
-    assert "pip install mtkahypar" in report.format_report(result)
+    assert "pip install mtkahypar" in report_text.format_report(result)

@@ -17,7 +17,8 @@ from minimoe.cli import main
 from minimoe.placement import Placement, Topology, measure
 from minimoe.placement.decision import LOAD_TOLERANCE, recommend
 from minimoe.placement.deployment import Deployment
-from minimoe.placement.report import format_report, run_report, save_decision
+from minimoe.placement.report import run_report, save_decision
+from minimoe.placement.report_text import format_report
 from minimoe.placement.splits import split
 from minimoe.traces import Trace, planted_trace, synthetic_trace
 from batches import run_cli

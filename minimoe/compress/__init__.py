@@ -5,8 +5,10 @@ Read in this order: ``masks`` (the causal, ICAE-global, PIC-chunked and gist mas
 (autoencoding, continuation, QA; greedy answers), ``metrics`` (SQuAD EM / F1), ``qa_data`` (generated
 offline QA documents), ``training`` (pretraining the reader, training and scoring compressors), ``setup``
 (tokenizer, QA splits, the reader and its bounds), ``analysis`` (memory-to-text attention, time to reach a
-target), ``report`` (the tables) and ``experiment`` (``minimoe pic-experiment``).
-This part builds on ``minimoe.model`` and ``minimoe.data``.
+target), ``report`` (the tables) and ``experiment`` (``minimoe pic-experiment``); the designed experiment of
+chapter 8's section 8.12 in ``mechanism`` (with ``mechanism_data``, ``mechanism_training``, ``mechanism_stats`` and
+``mechanism_report``), and the SmolLM2 reader in ``smollm2``.
+This part builds on ``minimoe.model``, ``minimoe.data`` and ``minimoe.hf`` (the SmolLM2 reader's conversion).
 """
 
 from minimoe.compress.compressor import Compressor, final_hidden

@@ -135,7 +135,7 @@ def resume_settings(run_dir, preset_name: str | None, seed: int | None, bf16: bo
 
 
 # Named sizes: "tiny" trains in about a minute on a laptop CPU (the notebook and the tests use it);
-# "shipped" is the model bundled in checkpoints/ (see checkpoints/README.md for the command and its losses).
+# "shipped" is the model bundled in checkpoints/ (see checkpoints/moe-4domain/README.md for the command and its losses).
 PRESETS = {
     "tiny": dict(
         model=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192,

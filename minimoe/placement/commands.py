@@ -200,8 +200,8 @@ def _report_into(args, out: Path) -> int:
     import json
     import time
 
-    from minimoe.placement.report import (Stopwatch, check_topologies, format_report, json_ready, run_report,
-                                          save_decision)
+    from minimoe.placement.report import Stopwatch, check_topologies, json_ready, run_report, save_decision
+    from minimoe.placement.report_text import format_report
     from minimoe.placement.report_html import write_html, write_text_html
 
     if not args.trace:  # check what can be checked before recording for minutes
