@@ -457,7 +457,7 @@ def test_the_moe_layer_without_a_gradient_equals_the_loop():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_triton_pack_equals_three_index_selects(dtype):
-    from minimoe.parallel.dispatch import _layout
+    from minimoe.parallel.legs import _layout
     from minimoe.parallel.pack_triton import pack, usable
 
     pytest.importorskip("triton")

@@ -1,4 +1,4 @@
-"""Fill a leg's send buffer in one Triton kernel (CUDA): the three gathers of ``dispatch._send`` in one launch.
+"""Fill a leg's send buffer in one Triton kernel (CUDA): the three gathers of ``legs._send`` in one launch.
 
 Row i of the packed buffer [slots int64 | weights float32 | row | pad] holds unit ``units[i]``'s entries and row
 ``rows[i]`` of x. PyTorch fills the three parts with three ``index_select`` calls, each a launch the host pays
@@ -15,7 +15,7 @@ import torch
 
 from minimoe.model.triton_launch import launch
 
-try:  # Triton is optional: without it ``dispatch._send`` runs the three gathers
+try:  # Triton is optional: without it ``legs._send`` runs the three gathers
     import triton
     import triton.language as tl
 except ImportError:
