@@ -18,7 +18,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) from the last-position logits (B, V)."""
     if not 0 <= temperature < float("inf") or not 0 < top_p <= 1:  # (NaN fails both comparisons)
-        raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+        raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, "
+                         f"top_p={top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)

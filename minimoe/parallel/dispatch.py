@@ -18,8 +18,8 @@ where a token's results add up to y_t = Σ_j w_tj · E_j(x_t). The formats diffe
   inside one kernel; here they run one after the other on the world group). On one node there is no remote
   node for leg A to reach, so only leg B runs: the format is then ``token_rank``.
 * ``replicate`` — every token goes to every rank: all-gather the tokens, each rank runs its experts on the
-  rows that hit them, reduce-scatter sums the results (``minimoe.parallel.replicate``). No counts, and no host sync once
-  every rank's token count is known (``static`` or ``tokens_per_rank``).
+  rows that hit them, reduce-scatter sums the results (``minimoe.parallel.replicate``). No counts, and no host
+  sync once every rank's token count is known (``static`` or ``tokens_per_rank``).
 
 **An all-to-all leg** (the first three formats; ``minimoe.parallel.legs``) builds its send plan on the device,
 exchanges the (G,) counts with **one host sync**, gathers the payload into one buffer and sends it with one
