@@ -1,7 +1,7 @@
 """Train a small multi-domain (MoE) language model offline: corpus -> BPE -> Transformer -> checkpoint.
 
     loss = cross_entropy(next token) + sum over MoE layers of aux_loss          (aux: Switch/GShard balance,
-                                                                                 router z-loss; see router.py)
+                                                                                 router z-loss; minimoe.model.aux_losses)
     lr(step) = peak * step / warmup                      during warm-up
              = min + (peak - min) * (1 + cos(pi * progress)) / 2   afterwards (cosine decay)
 

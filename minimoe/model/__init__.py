@@ -1,7 +1,8 @@
 """The model: a Llama 3 decoder whose feed-forward can be a Mixture-of-Experts layer.
 
 Read in this order: ``dense`` (RMSNorm, RoPE with Llama 3.1 scaling, grouped-query attention with a KV cache,
-SwiGLU; chapter 1), ``router`` and ``moe`` (top-k routers, load-balancing losses, the MoE layer; chapter 2),
+SwiGLU; chapter 1), ``router``, ``aux_losses``, ``moe_config`` and ``moe`` (top-k routers, the load-balancing and
+z-losses, the MoE layer's settings and the layer; chapter 2; on CUDA the ``*_triton`` kernels),
 ``transformer`` (the whole language model, its loss and checkpoints) and ``generate`` (sampling).
 Everything else in minimoe builds on this part; it imports nothing from the others.
 """

@@ -24,6 +24,7 @@ Llama 4 (Meta 2025, transformers ``Llama4TextMoe``)
     applies every expert to every token (non-chosen ones to a zero input); we run only the chosen.
 
 The auxiliary losses that train a router to balance its experts are in ``minimoe.model.aux_losses``.
+
 Jitter (Switch Transformer §2.4): in training mode the router input is multiplied by noise
 uniform in [1 - eps, 1 + eps]; the experts still see the clean input. (transformers' Mixtral
 multiplies the whole hidden state, experts included; the difference only exists in training.)

@@ -47,7 +47,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qk_norm: str | None = None  # None | "head" (Qwen3) | "full" (OLMoE)
     attention_bias: bool = False
-    moe: object | None = None  # a minimoe.model.moe.MoEConfig (or its dict) for the MoE layers
+    moe: object | None = None  # a minimoe.model.moe_config.MoEConfig (or its dict) for the MoE layers
     moe_layers: list[int] | None = None  # which layers are MoE; None: all layers when `moe` is set
     init_std: float = 0.02
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the tokenizer used); not read by the model

@@ -3,7 +3,8 @@ all-to-all or by all-gather and reduce-scatter. Chapter 5 teaches this part.
 
 Read in this order: ``comm`` (the process group, the collectives and their gradients, the one host sync of a
 leg), ``routing`` (which replica serves a pair, capacity across ranks), ``sendplan`` (who sends what where,
-built on the device), ``dispatch`` (dispatch and combine in four wire formats), ``replicate`` (the
+built on the device), ``legs`` (one all-to-all leg and its way back), ``dispatch`` (dispatch and combine in four
+wire formats), ``replicate`` (the
 all-gather / reduce-scatter format), ``counters`` (bytes per link class), ``formats`` (which format to use),
 ``experts`` (a rank's experts on the rows it received), ``checks`` (ranks agree before any exchange), ``layer``
 (the expert-parallel MoE layer and ``expert_parallel(model, placement)``), ``replay`` (a recorded trace through

@@ -9,7 +9,7 @@ the host on no backend but "per_group", so it can run inside a CUDA graph.
 
 The output always depends on ``weights`` through autograd (the weighted sum, or the input scaling), also when
 no entry is valid, so the backward of the exchange that delivered them runs on this rank too (one autograd
-node carries a leg's rows and weights; see ``minimoe.parallel.dispatch``).
+node carries a leg's rows and weights; see ``minimoe.parallel.legs``).
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ spread evenly (chapter 6 derives the same formula for nodes):
     ρ = G · (1 − C(E − E/G, k) / C(E, k))
 
 Per leg, ``token_rank`` sends a token to the ρ·(G−1)/G other ranks it needs on average; ``replicate`` sends
-it to all G−1. So replicate moves G/ρ times the bytes, but it needs no count exchange, no host sync and no
-pack, and its shapes are fixed, so a CUDA graph can capture it. ``token_rank`` with ``static=True`` is the other
+it to all G−1. So replicate moves G/ρ times the bytes, but it needs no count exchange and no pack, no host
+sync once every rank's token count is known, and its shapes are fixed, so a CUDA graph can capture it. ``token_rank`` with ``static=True`` is the other
 capturable path, and the dearer one: it moves the same G rows per token, each with k entries of metadata, and
 packs them. For DeepSeek-V3's 256 experts and top-8: ρ = 1.99 at G = 2 (G/ρ = 1.00), 3.61 at
 G = 4 (1.11), 5.29 at G = 8 (1.51): on 8 GPUs the fixed path sends half again the rows, whatever the routing.

@@ -8,8 +8,9 @@
     combine    reduce-scatter the (G·B, H) results: rank r gets, for each of its tokens, the sum over ranks of
                what they computed for it (NCCL adds); drop the padding rows
 
-No counts, no host sync, no pack: every shape is fixed once B is, so the step can be captured in a CUDA graph.
-vLLM's default expert-parallel exchange [kwon2023vllm] and SGLang's [zheng2024sglang] work this way. The
+No counts and no pack: every shape is fixed once B is (and with B known, no host sync), so the step can be
+captured in a CUDA graph. vLLM [kwon2023vllm] and SGLang [zheng2024sglang] ship this exchange as an
+expert-parallel backend. The
 gradient of an all-gather is a reduce-scatter and vice versa, so backward swaps them (``comm.AllGather``,
 ``comm.ReduceScatter``).
 

@@ -23,7 +23,7 @@ s // slots_per_gpu):
 * ``hit_per_node``  (T, G): one unit per (token, remote node), to the rank with the same local index on that
   node, its *entry* rank (leg A of ``hierarchical``).
 
-``plan_for`` is what dispatch calls: these ops on the CPU, and on CUDA with Triton the same plan from two
+``plan_for`` is what a leg of dispatch calls (``minimoe.parallel.legs``): these ops on the CPU, and on CUDA with Triton the same plan from two
 kernels (``minimoe.parallel.sendplan_triton``, tested equal), since a dozen small ops cost the host more than
 the GPU spends on them.
 """

@@ -8,7 +8,7 @@ co-activation partitioner (its hypergraph, our FM refinement or Mt-KaHyPar, and 
 ``experiments`` fits on prefill and evaluates on held-out decode, ``splits`` says what to fit and measure on
 when a trace has no phases; ``fitdata``, ``evaluate``, ``streaming`` and ``engine`` run those experiments on
 traces of any size in two passes (in this process or on Dask workers); ``report`` is the main job (``minimoe
-report``), ``decision`` its recommendation, ``deployment`` the placement file it saves, ``load_report`` what it
+report``) and ``report_text`` prints it, ``decision`` its recommendation, ``deployment`` the placement file it saves, ``load_report`` what it
 does with load counts only, and ``export`` writes a placement in SGLang's, TensorRT-LLM's, vLLM's or EPLB's
 file (the ``minimoe export`` command: ``export_command``). Chapters 6 and 7 teach this part.
 """

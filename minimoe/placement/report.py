@@ -21,8 +21,8 @@ A trace without prefill/decode phases (most serving logs) is split in time or by
 (``minimoe.placement.splits``), and the report says which split it used.
 
 The result is a plain dict (JSON-ready) that ``minimoe.placement.report_text.format_report`` prints and
-``minimoe.placement.report_html`` draws. Bytes assume hidden size 7168 in bf16 (DeepSeek-V3) unless told otherwise; every saving is a ratio of
-bytes and does not depend on it.
+``minimoe.placement.report_html`` draws. Bytes assume hidden size 7168 in bf16 (DeepSeek-V3) unless told
+otherwise; every saving is a ratio of bytes and does not depend on it.
 """
 
 from __future__ import annotations

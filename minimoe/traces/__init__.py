@@ -1,6 +1,6 @@
 """Expert-activation traces: which experts each token used, in every MoE layer, prefill and decode.
 
-``format`` defines the ``Trace`` type and its strict ``.npz`` file format (it knows nothing of models);
+``format`` defines the ``Trace`` type and ``trace_file`` its strict ``.npz`` file (they know nothing of models);
 ``parquet`` the columnar format for traces beyond memory, read and checked batch by batch (``batches``), and
 ``stats`` the statistics of one pass over such a trace, which merge across workers; ``recording`` records
 traces from minimoe and transformers MoE models. Serving engines' files come in through ``importers`` (vLLM

@@ -29,10 +29,11 @@ archive, readable by ``numpy.load(path, allow_pickle=False)``, holding exactly t
 
 Only MoE layers belong in ``experts``: dense layers of models that interleave them (DeepSeek-V3's first
 layers, Llama 4) are left out, so axis 1 counts MoE layers. A 0-d ``domain`` is expanded to one label per
-token when loaded (and saved that way). Loading trusts nothing: every dtype, shape, id range and metadata
-field is checked (``minimoe.traces.trace_file``), object arrays and pickles are refused, and any damaged file
-raises ValueError naming the file and what was wrong (for an expert id out of range: the token and layer). ``minimoe.traces.importers``
-converts serving-system logs (vLLM, SGLang, JSONL) to this format.
+token when loaded (and saved that way). Loading trusts nothing: every array's dtype and shape
+(``minimoe.traces.trace_file``), every id range and metadata field are checked, object arrays and pickles are
+refused, and any damaged file raises ValueError naming the file and what was wrong (for an expert id out of
+range: the token and layer). ``minimoe.traces.importers`` converts serving-system logs (vLLM, SGLang, JSONL) to
+this format.
 """
 
 from __future__ import annotations

@@ -70,13 +70,14 @@ def trace_fields(path) -> dict:
     if model.shape != () or model.dtype.kind != "U":
         raise ValueError(f"{where}: model must be a 0-d unicode array, got dtype {model.dtype} shape {model.shape}")
     fields = dict(experts=arrays["experts"], request=arrays["request"], phase=arrays["phase"], domain=domain,
-                  model=str(model), weights=arrays.get("weights"), notes=_notes(arrays.get("notes"), where))
+                  model=str(model), weights=arrays.get("weights"))
     for name in ("num_experts", "top_k"):
         value = arrays[name]
         if value.shape != () or value.dtype.kind not in "iu":
             raise ValueError(f"{where}: {name} must be a 0-d integer array, got dtype {value.dtype} shape "
                              f"{value.shape}")
         fields[name] = int(value)
+    fields["notes"] = _notes(arrays.get("notes"), where)
     if domain.ndim > 1:
         raise ValueError(f"{where}: domain must have shape (N,), () or (0,), got {domain.shape}")
     return fields
