@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from minimoe.model.moe_config import MoEConfig
 from minimoe.model.transformer import ModelConfig
 
 
@@ -161,8 +162,6 @@ def preset(name: str, **train_overrides) -> tuple[ModelConfig, TrainConfig]:
     """(ModelConfig, TrainConfig) of a named preset; keyword arguments override TrainConfig fields."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    from minimoe.model.moe import MoEConfig
-
     model_kwargs = dict(PRESETS[name]["model"])
     moe = MoEConfig(**model_kwargs.pop("moe"))
     train_kwargs = {**PRESETS[name]["train"], **{k: v for k, v in train_overrides.items() if v is not None}}
