@@ -49,7 +49,7 @@ def label(size: int) -> str:
 
 def generate(path: Path, size: int) -> float:
     """Write a synthetic trace of ``size`` tokens to ``path`` chunk by chunk; returns the seconds it took."""
-    from minimoe.traces.parquet import ParquetTraceWriter
+    from minimoe.traces.parquet_writer import ParquetTraceWriter
     from minimoe.traces.synthetic import synthetic_chunks
 
     start = time.perf_counter()

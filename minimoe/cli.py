@@ -24,9 +24,8 @@ import re
 import sys
 
 from minimoe.arguments import (DEFAULT_TOPOLOGIES, MAX_NEW_TOKENS, MAX_REQUESTS_PER_DOMAIN, OneLineParser,
-                               check_output_file, fit_processes_argument, fit_tokens_argument, local_workers,
-                               misplaced_option, number, output_dir, scheduler_address, seed_number, thread_count,
-                               whole_number)
+                               fit_processes_argument, fit_tokens_argument, local_workers, misplaced_option, number,
+                               output_dir, scheduler_address, seed_number, thread_count, whole_number)
 
 positive = whole_number(1)
 
@@ -49,7 +48,8 @@ def default_threads() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-# ---- the commands: report and findings live in minimoe.placement.commands, train in minimoe.data.train_command ---
+# ---- the commands: report and findings live in minimoe.placement.commands, train in minimoe.data.train_command,
+# ---- trace in minimoe.traces.trace_command ------------------------------------------------------------------------
 def _command(module: str, name: str):
     def run(args) -> int:
         import importlib
@@ -66,34 +66,6 @@ def _demo(args) -> int:
         return run_demo(steps=args.steps, seed=args.seed, out=None)
     with output_dir("--out", args.out) as out:
         return run_demo(steps=args.steps, seed=args.seed, out=str(out))
-
-
-def _trace(args) -> int:
-    from minimoe.traces.workload import (BUNDLED_MODEL, check_run, corpus_prompts, minimoe_tokenize, record_workload,
-                                         run_prompts)
-
-    out = check_output_file("--out", args.out, (".npz", ".parquet"))
-    if args.model:
-        check_run("--model", args.model)
-    if args.hf:
-        from minimoe.hf.checkpoint import load_for_tracing
-
-        model, tokenize = load_for_tracing("--hf", args.hf)
-        texts, domains = corpus_prompts(args.requests_per_domain, seed=args.seed)
-        name = f"hf:{args.hf}"
-    else:
-        from minimoe.model.transformer import Transformer
-
-        model_dir = args.model or BUNDLED_MODEL
-        texts, domains = run_prompts(model_dir, args.requests_per_domain, args.seed)
-        model, tokenize, name = Transformer.load(model_dir).eval(), minimoe_tokenize(model_dir), None
-    trace = record_workload(model, tokenize, texts, domains, args.new_tokens, args.batch_size, name=name,
-                            temperature=args.temperature, seed=args.seed, progress=True)
-    from minimoe.traces.parquet import save_trace
-
-    save_trace(trace, out)
-    print(f"{trace.num_requests} requests, {trace.num_tokens} tokens, {trace.num_layers} MoE layers -> {out}")
-    return 0
 
 
 # ---- the parser ----------------------------------------------------------------------------------------------------
@@ -223,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--out", metavar="FILE", default="trace.npz",
                        help="trace file to write, .npz or .parquet (default: %(default)s)")
     _add_threads(trace)
-    trace.set_defaults(func=_trace)
+    trace.set_defaults(func=_command("minimoe.traces.trace_command", "trace_command"))
 
     train = sub.add_parser("train", help="train a small multi-domain MoE language model offline",
                            description="Train a MoE language model on the four offline corpora (code, math, chat, "

@@ -20,7 +20,7 @@ MAY_IMPORT = {
     "model": set(),
     "hf": {"model"},
     "data": {"model"},
-    "traces": {"model", "data"},
+    "traces": {"model", "hf", "data"},  # recording traces of transformers checkpoints (minimoe trace --hf)
     "placement": {"model", "data", "traces"},
     "parallel": {"model", "data", "traces", "placement"},
     "compress": {"model", "data", "hf"},

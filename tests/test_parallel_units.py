@@ -340,7 +340,7 @@ def test_the_command_refuses_a_dense_model_and_a_top_k_above_the_experts(tmp_pat
 
 
 def test_the_command_replays_a_parquet_trace_as_its_npz(capsys, tmp_path):
-    from minimoe.traces.parquet import write_parquet
+    from minimoe.traces.parquet_writer import write_parquet
 
     trace = Trace.load(ROOT / "benchmarks" / "results" / "ep_bundled_trace.npz")
     write_parquet(trace, tmp_path / "t.parquet")

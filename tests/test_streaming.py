@@ -25,7 +25,8 @@ from minimoe.traces import Trace, synthetic_trace
 from minimoe.traces.analysis import coactivation
 from minimoe.traces.batches import batches_of
 from minimoe.traces.findings import findings, findings_of_stats, request_loads, uniform_imbalance
-from minimoe.traces.parquet import ParquetTrace, ParquetTraceWriter, load_trace, write_parquet
+from minimoe.traces.parquet import ParquetTrace, load_trace
+from minimoe.traces.parquet_writer import ParquetTraceWriter, write_parquet
 from minimoe.traces.stats import TraceStats, token_classes, trace_stats
 from minimoe.traces.synthetic import synthetic_chunks
 

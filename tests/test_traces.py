@@ -371,10 +371,10 @@ def test_synthetic_traces_name_a_bad_argument(kwargs, message):
 
 def test_the_npz_reader_and_writer_point_to_parquet_for_a_parquet_path(tmp_path):
     trace = synthetic_trace(num_requests=2, tokens_per_request=4)
-    with pytest.raises(ValueError, match="Trace.save writes .npz; minimoe.traces.parquet.save_trace writes Parquet"):
+    with pytest.raises(ValueError, match="Trace.save writes .npz; minimoe.traces.parquet_writer.save_trace writes Parquet"):
         trace.save(tmp_path / "t.parquet")
     assert not (tmp_path / "t.parquet").exists()
-    from minimoe.traces.parquet import save_trace
+    from minimoe.traces.parquet_writer import save_trace
 
     save_trace(trace, tmp_path / "t.parquet")
     with pytest.raises(ValueError, match="Trace.load reads .npz; minimoe.traces.parquet.load_trace reads Parquet"):

@@ -4,13 +4,14 @@
 (which GPU slot holds which expert, which replica serves a token), and ``methods`` fits one (contiguous,
 round-robin, EPLB, locality); ``hypergraph``, ``refinement``, ``locality`` and ``locality_slots`` are the
 co-activation partitioner (its hypergraph, our FM refinement or Mt-KaHyPar, and the slot filling);
-``grouping`` assigns requests to GPUs; ``traffic`` counts the all-to-all bytes and load of a placement;
-``experiments`` fits on prefill and evaluates on held-out decode, ``splits`` says what to fit and measure on
-when a trace has no phases; ``fitdata``, ``evaluate``, ``streaming`` and ``engine`` run those experiments on
-traces of any size in two passes (in this process or on Dask workers); ``report`` is the main job (``minimoe
-report``) and ``report_text`` prints it, ``decision`` its recommendation, ``deployment`` the placement file it saves, ``load_report`` what it
-does with load counts only, and ``export`` writes a placement in SGLang's, TensorRT-LLM's, vLLM's or EPLB's
-file (the ``minimoe export`` command: ``export_command``). Chapters 6 and 7 teach this part.
+``grouping`` assigns requests to GPUs (by the balanced assignment of ``balanced``); ``traffic`` counts the
+all-to-all bytes and load of a placement; ``experiments`` fits on prefill and evaluates on held-out decode,
+``splits`` says what to fit and measure on when a trace has no phases; ``fitdata``, ``evaluate``, ``streaming``
+and ``engine`` run those experiments on traces of any size in two passes (in this process or on Dask workers);
+``report`` is the main job (``minimoe report``) and ``report_text`` prints it, ``decision`` its recommendation,
+``deployment`` the placement file it saves, ``load_report`` what it does with load counts only, and ``export``
+writes a placement in SGLang's, TensorRT-LLM's, vLLM's or EPLB's file (the ``minimoe export`` command:
+``export_command``). Chapters 6 and 7 teach this part.
 """
 
 from minimoe.placement.deployment import Deployment

@@ -88,7 +88,7 @@ def findings_command(args) -> int:
         raise ValueError(f"--trace {args.trace}: a load trace (counts per expert only): the findings need per-token "
                          "routing; minimoe report --trace on it shows what counts support")
     if save:
-        from minimoe.traces.parquet import save_trace
+        from minimoe.traces.parquet_writer import save_trace
 
         save_trace(trace if isinstance(trace, Trace) else trace.read(), save)
     progress("findings: imbalance, domain specificity, prefill -> decode")

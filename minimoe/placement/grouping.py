@@ -21,8 +21,8 @@ Methods of :func:`group` (all *balanced*: with ``balance="requests"`` GPU ``g`` 
                 fitting tokens reach the fewest remote nodes, then to the GPU of that node holding most of
                 its experts.
 
-The balanced assignment maximises the summed score greedily (requests with the largest regret
-first), then improves it by pairwise exchanges between every two bins. :func:`group_and_place`
+The balanced assignment (``minimoe.placement.balanced``) maximises the summed score greedily (requests with
+the largest regret first), then improves it by pairwise exchanges between every two bins. :func:`group_and_place`
 alternates signature grouping and locality placement and keeps the best round by fitted traffic.
 
 Typical protocol (fit on prefill, evaluate on held-out decode of the same requests)::
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from minimoe.placement.balanced import assign, balanced_kmeans, capacity_of, cut
 from minimoe.placement.evaluate import _Tables, popcount
 from minimoe.placement.rows import row_count, row_or
 from minimoe.placement.fitdata import FitData
@@ -75,27 +76,27 @@ def group(trace, topology: Topology, method: str = "signature", seed: int = 0, p
             else:
                 labels = trace.domain[np.searchsorted(trace.request, np.arange(num_requests))]
             order = np.lexsort((np.arange(num_requests), labels))
-        return _cut(order, size, num_gpus)
-    gpu_capacity = _capacity(size, num_gpus)
+        return cut(order, size, num_gpus)
+    gpu_capacity = capacity_of(size, num_gpus)
     node_capacity = gpu_capacity.reshape(topology.num_nodes, -1).sum(1)
     if placement is not None:
         placement.check_topology(topology)
         placement.check_trace(trace)
         node_score = -_remote_cost(trace, placement, rows, num_requests)
-        node = _assign(node_score, node_capacity, size)
+        node = assign(node_score, node_capacity, size)
         gpu_score = _hosted_pairs(trace, placement, rows, num_requests)
     else:
         signature = _signatures(trace, rows, num_requests)
-        node = _balanced_kmeans(signature, node_capacity, size, rng)
+        node = balanced_kmeans(signature, node_capacity, size, rng)
     sources = np.empty(num_requests, dtype=np.int64)
     for n in range(topology.num_nodes):
         members = np.flatnonzero(node == n)
         capacity = gpu_capacity[n * topology.gpus_per_node:(n + 1) * topology.gpus_per_node]
         if placement is not None:
-            local = _assign(gpu_score[members][:, n * topology.gpus_per_node:(n + 1) * topology.gpus_per_node],
+            local = assign(gpu_score[members][:, n * topology.gpus_per_node:(n + 1) * topology.gpus_per_node],
                             capacity, size[members])
         else:
-            local = _balanced_kmeans(signature[members], capacity, size[members], rng)
+            local = balanced_kmeans(signature[members], capacity, size[members], rng)
         sources[members] = n * topology.gpus_per_node + local
     return sources
 
@@ -225,102 +226,3 @@ def _hosted_pairs(trace, placement, rows, num_requests):
     hosts = placement.hosts("gpu").reshape(-1, placement.num_gpus).astype(np.float64)  # (L*E, G)
     counts = _fit_counts(trace, rows).reshape(num_requests, -1).astype(np.float64)  # (Q, L*E)
     return counts @ hosts  # integers far below 2**53: exact in any summation order
-
-
-# ---- balanced assignment ----------------------------------------------------------------------------------
-def _capacity(size, num_bins):
-    """Target total size per bin: equal counts (unit sizes) or equal shares of the total."""
-    if np.all(size == 1):
-        count = len(size)
-        return (count // num_bins + (np.arange(num_bins) < count % num_bins)).astype(float)
-    return np.full(num_bins, size.sum() / num_bins)
-
-
-def _cut(order, size, num_bins):
-    """Bin of each item when ``order`` is cut into consecutive chunks of the target sizes."""
-    capacity = _capacity(size, num_bins)
-    bins = np.empty(len(order), dtype=np.int64)
-    if np.all(size == 1):
-        bins[order] = np.repeat(np.arange(num_bins), capacity.astype(np.int64))
-        return bins
-    centre = np.cumsum(size[order]) - size[order] / 2  # an item goes to the chunk holding its middle
-    bins[order] = np.minimum((centre / capacity[0]).astype(np.int64), num_bins - 1)
-    return bins
-
-
-def _assign(score, capacity, size, passes=10):
-    """Bin per item maximising sum score[i, bin[i]] with each bin's total size within its capacity."""
-    num_items, num_bins = score.shape
-    exact = np.all(size == 1)
-    limit = capacity if exact else capacity + size.max()  # token balance: allow one request of slack
-    ordered = np.sort(score, axis=1)
-    regret = ordered[:, -1] - (ordered[:, -2] if num_bins > 1 else 0)
-    # greedy, largest regret first: each item takes its best bin with room (plain Python: one item at a time)
-    preference = np.argsort(-score, axis=1, kind="stable").tolist()  # bins best first, ties by bin index
-    room, sizes, used, chosen = (limit + 1e-9).tolist(), size.tolist(), [0.0] * num_bins, [0] * num_items
-    for item in np.lexsort((-size, -regret)).tolist():
-        for choice in preference[item]:
-            if used[choice] + sizes[item] <= room[choice]:
-                break
-        else:  # no bin has room: the least overfull one
-            choice = int(np.argmin(np.array(used) - limit))
-        chosen[item] = choice
-        used[choice] += sizes[item]
-    bins, used = np.array(chosen, dtype=np.int64), np.array(used)
-    for _ in range(passes):  # pairwise exchanges between bins a and b
-        improved = False
-        for a in range(num_bins):
-            for b in range(a + 1, num_bins):
-                in_a, in_b = np.flatnonzero(bins == a), np.flatnonzero(bins == b)
-                want_b = score[in_a, b] - score[in_a, a]
-                want_a = score[in_b, a] - score[in_b, b]
-                order_a = in_a[np.argsort(-want_b, kind="stable")]  # stable: ties in item order on every CPU
-                order_b = in_b[np.argsort(-want_a, kind="stable")]
-                if exact:  # unit sizes: the best exchanges pair the i-th most eager of a with the i-th of b
-                    pairs = min(len(order_a), len(order_b))
-                    gain = np.sort(want_b)[::-1][:pairs] + np.sort(want_a)[::-1][:pairs]
-                    count = int(np.argmin(gain > 1e-12)) if (gain <= 1e-12).any() else pairs
-                    bins[order_a[:count]], bins[order_b[:count]] = b, a
-                    improved |= count > 0
-                    continue
-                for i, j in zip(order_a, order_b):
-                    gain = score[i, b] - score[i, a] + score[j, a] - score[j, b]
-                    if gain <= 1e-12:
-                        break
-                    moved = size[i] - size[j]
-                    if not exact and (used[b] + moved > limit[b] + 1e-9 or used[a] - moved > limit[a] + 1e-9):
-                        continue
-                    bins[i], bins[j] = b, a
-                    used[a] -= moved
-                    used[b] += moved
-                    improved = True
-        if not improved:
-            break
-    return bins
-
-
-def _balanced_kmeans(points, capacity, size, rng, iterations=20):
-    """Balanced k-means: cluster per point (n,), clusters sized by ``capacity`` (k,)."""
-    num_points, num_clusters = len(points), len(capacity)
-    if num_clusters == 1 or num_points == 0:
-        return np.zeros(num_points, dtype=np.int64)
-    centres = [points[rng.integers(num_points)]]
-    for _ in range(1, num_clusters):  # k-means++ seeding
-        distance = np.min([((points - c) ** 2).sum(1) for c in centres], axis=0)
-        total = distance.sum()
-        pick = rng.choice(num_points, p=distance / total) if total > 0 else rng.integers(num_points)
-        centres.append(points[pick])
-    centres = np.stack(centres)
-    labels = None
-    for _ in range(iterations):
-        # -|x - c|^2 + |x|^2. np.einsum sums in one fixed order on every machine; a BLAS matmul (points @ centres.T)
-        # picks its kernel by CPU, and the last-bit differences flipped near-tied assignments between machines
-        score = 2 * np.einsum("ij,kj->ik", points, centres) - (centres ** 2).sum(1)[None, :]
-        new = _assign(score.astype(np.float64), capacity, size)
-        if labels is not None and np.array_equal(new, labels):
-            break
-        labels = new
-        for c in range(num_clusters):
-            if (labels == c).any():
-                centres[c] = points[labels == c].mean(0)
-    return labels

@@ -1,8 +1,9 @@
 """Expert-activation traces: which experts each token used, in every MoE layer, prefill and decode.
 
 ``format`` defines the ``Trace`` type and ``trace_file`` its strict ``.npz`` file (they know nothing of models);
-``parquet`` the columnar format for traces beyond memory, read and checked batch by batch (``batches``), and
-``stats`` the statistics of one pass over such a trace, which merge across workers; ``recording`` records
+``parquet`` the columnar format for traces beyond memory, read and checked batch by batch (``batches``) and
+written by ``parquet_writer``, and ``stats`` the statistics of one pass over such a trace, which merge across
+workers (with the ``bottomk`` sample); ``recording`` records
 traces from minimoe and transformers MoE models. Serving engines' files come in through ``importers`` (vLLM
 and SGLang routed-experts captures), ``importers_jsonl`` with ``jsonl_tokens`` (JSONL routing logs), and
 ``loads``, ``load_dumps`` and ``load_dumps_trtllm`` (the engines' expert-load dumps: counts only, a

@@ -31,7 +31,8 @@ from minimoe.traces.importers_jsonl import OUR_FIELDS, POSITIONS, from_jsonl
 from minimoe.traces.inputs import plural
 from minimoe.traces.layers import check_experts, model_layers, parse_layers
 from minimoe.traces.loads import read_trace_file
-from minimoe.traces.parquet import is_parquet, load_trace, save_trace
+from minimoe.traces.parquet import is_parquet, load_trace
+from minimoe.traces.parquet_writer import save_trace
 from minimoe.traces.sources import (LOAD_FORMATS, SOURCES, check_flags, guess_format, parse_with_given,
                                     read_sglang, read_vllm, source_table)
 

@@ -265,7 +265,7 @@ class Trace:
     # ---- files (the .npz layout and its checks: ``minimoe.traces.trace_file``) --------------------------------
     def save(self, path) -> None:
         """Write the trace as a compressed .npz at exactly `path` (or into a seekable binary file object). Raises
-        ValueError for a path ending in .parquet (``minimoe.traces.parquet.save_trace`` writes that format)."""
+        ValueError for a path ending in .parquet (``minimoe.traces.parquet_writer.save_trace`` writes that format)."""
         write_trace(self, path)
 
     @classmethod

@@ -17,9 +17,9 @@ A Parquet trace holds the same data one row per token, written and read in recor
 
 The schema's metadata key ``minimoe`` holds JSON ``{"format": "minimoe.trace/1", "model", "num_experts",
 "top_k", "num_layers", "notes"}`` (notes: the trace's provenance notes, str -> str). Any engine that reads
-Parquet (pandas, DuckDB, Spark, Dask) reads these files; ``minimoe import`` and ``minimoe trace`` write them
-when ``--out`` ends in ``.parquet``, and ``minimoe import trace.npz --out trace.parquet`` converts.
-``ParquetTrace.batches`` yields
+Parquet (pandas, DuckDB, Spark, Dask) reads these files; ``minimoe.traces.parquet_writer`` writes them, as
+``minimoe import`` and ``minimoe trace`` do when ``--out`` ends in ``.parquet`` (``minimoe import trace.npz --out
+trace.parquet`` converts). This module reads them: ``ParquetTrace.batches`` yields
 ``minimoe.traces.batches.TraceBatch`` objects and checks each one (``check_batch``) and every join between
 two (``check_join``): the strict checks of ``Trace.load``, batch by batch, errors naming the file and row.
 """
@@ -30,7 +30,7 @@ import os
 
 import numpy as np
 
-from minimoe.traces.batches import Span, TraceBatch, batches_of, check_batch, check_join, join_runs
+from minimoe.traces.batches import Span, TraceBatch, check_batch, check_join, join_runs
 from minimoe.traces.format import MAX_EXPERTS, Trace
 
 FORMAT = "minimoe.trace/1"
@@ -38,7 +38,7 @@ ROWS_PER_GROUP = 1 << 20  # rows per Parquet row group: the unit a worker reads
 _BASE = ("request", "phase", "position", "step")
 
 
-def _pyarrow():
+def import_pyarrow():
     try:
         import pyarrow
         import pyarrow.parquet
@@ -51,104 +51,13 @@ def is_parquet(path) -> bool:
     return os.fspath(path).lower().endswith(".parquet")
 
 
-class ParquetTraceWriter:
-    """Append TraceBatch objects (or whole Traces) to a Parquet trace file, in row order.
-
-    ``with ParquetTraceWriter(path, num_experts, top_k, num_layers, has_domain, has_weights) as w: w.write(b)``.
-    Batches are buffered into row groups of ``rows_per_group`` rows."""
-
-    def __init__(self, path, num_experts: int, top_k: int, num_layers: int, model: str = "",
-                 has_domain: bool = True, has_weights: bool = False, rows_per_group: int = ROWS_PER_GROUP,
-                 notes: dict | None = None):
-        pa, pq = _pyarrow()
-        self.pa, self.num_layers, self.top_k = pa, num_layers, top_k
-        self.has_domain, self.has_weights, self.rows_per_group = has_domain, has_weights, rows_per_group
-        fields = [pa.field("request", pa.int32()), pa.field("phase", pa.int8()), pa.field("position", pa.int32()),
-                  pa.field("step", pa.int32())]
-        if has_domain:
-            fields.append(pa.field("domain", pa.dictionary(pa.int32(), pa.string())))
-        fields += [pa.field(f"experts_{l}", pa.list_(pa.int16(), top_k)) for l in range(num_layers)]
-        if has_weights:
-            fields += [pa.field(f"weights_{l}", pa.list_(pa.float16(), top_k)) for l in range(num_layers)]
-        meta = dict(format=FORMAT, model=model, num_experts=int(num_experts), top_k=int(top_k),
-                    num_layers=int(num_layers), notes=dict(notes or {}))
-        self.schema = pa.schema(fields, metadata={"minimoe": json.dumps(meta)})
-        self.path = os.fspath(path)
-        self.writer = pq.ParquetWriter(self.path, self.schema, compression="snappy")
-        self.pending, self.pending_rows, self.rows, self.num_requests = [], 0, 0, 0
-
-    def _table(self, batch: TraceBatch):
-        pa = self.pa
-        columns = [pa.array(batch.request), pa.array(batch.phase), pa.array(batch.position), pa.array(batch.step)]
-        if self.has_domain:
-            columns.append(pa.array(batch.domain).dictionary_encode())
-        for l in range(self.num_layers):
-            values = pa.array(np.ascontiguousarray(batch.experts[:, l]).ravel())
-            columns.append(pa.FixedSizeListArray.from_arrays(values, self.top_k))
-        if self.has_weights:
-            for l in range(self.num_layers):
-                values = pa.array(np.ascontiguousarray(batch.weights[:, l]).ravel())
-                columns.append(pa.FixedSizeListArray.from_arrays(values, self.top_k))
-        return pa.Table.from_arrays(columns, schema=self.schema)
-
-    def append(self, trace: Trace) -> None:
-        """Append whole requests: ``trace``'s requests (numbered from 0) continue after those written so far."""
-        if trace.has_domain != self.has_domain or (trace.weights is not None) != self.has_weights:
-            raise ValueError(f"the writer was opened with has_domain={self.has_domain}, has_weights={self.has_weights}")
-        rows, requests = self.rows, np.int32(self.num_requests)
-        for batch in batches_of(trace, self.rows_per_group):
-            batch.start += rows
-            batch.request = batch.request + requests
-            self.write(batch)
-
-    def write(self, batch: TraceBatch) -> None:
-        """Append one batch; its rows must continue those written so far (``batch.start`` = rows written)."""
-        if batch.start != self.rows:
-            raise ValueError(f"batches must be written in row order: expected row {self.rows}, got {batch.start}")
-        if (batch.weights is not None) != self.has_weights:
-            raise ValueError(f"the writer was opened with has_weights={self.has_weights}")
-        self.pending.append(self._table(batch))
-        self.pending_rows += batch.num_tokens
-        self.rows += batch.num_tokens
-        self.num_requests = int(batch.request[-1]) + 1
-        if self.pending_rows >= self.rows_per_group:
-            self._flush()
-
-    def _flush(self):
-        if self.pending:
-            table = self.pa.concat_tables(self.pending).combine_chunks()
-            self.writer.write_table(table, row_group_size=self.rows_per_group)
-        self.pending, self.pending_rows = [], 0
-
-    def close(self) -> None:
-        self._flush()
-        self.writer.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, traceback):
-        self.close()
-        if kind is not None and os.path.exists(self.path):
-            os.remove(self.path)  # never leave half a trace behind
-
-
-def write_parquet(trace: Trace, path, rows_per_group: int = ROWS_PER_GROUP) -> None:
-    """Write an in-memory trace as a Parquet trace file."""
-    with ParquetTraceWriter(path, trace.num_experts, trace.top_k, trace.num_layers, trace.model,
-                            has_domain=trace.has_domain, has_weights=trace.weights is not None,
-                            rows_per_group=rows_per_group, notes=trace.notes) as writer:
-        for batch in batches_of(trace, rows_per_group):
-            writer.write(batch)
-
-
 class ParquetTrace:
     """A Parquet trace file, read batch by batch. Opening reads and checks only the footer (schema, metadata,
     row counts); ``batches`` reads and checks the rows. Raises FileNotFoundError for a missing file and
     ValueError naming the file for anything that is not a minimoe Parquet trace."""
 
     def __init__(self, path):
-        pa, pq = _pyarrow()
+        pa, pq = import_pyarrow()
         self.path, self.label = os.fspath(path), repr(os.fspath(path))
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"trace file {self.label}: no such file")
@@ -227,7 +136,7 @@ class ParquetTrace:
         """TraceBatch objects of the given row groups (default: all), in row order, each checked with
         ``check_batch``; adjacent batches are joined with ``check_join`` into ``self.runs`` (one Span per run
         of adjacent rows), which ``check_runs`` finishes once every row has been read."""
-        pa, _ = _pyarrow()
+        pa, _ = import_pyarrow()
         groups = list(range(self.num_row_groups)) if row_groups is None else list(row_groups)
         columns = list(_BASE) + (["domain"] if self.has_domain else []) + \
             [f"experts_{l}" for l in range(self.num_layers)] + \
@@ -331,8 +240,3 @@ def _first_null(column) -> int:
 def load_trace(path) -> Trace:
     """Read a trace file of either format into memory: ``.parquet`` here, anything else as ``.npz``."""
     return ParquetTrace(path).read() if is_parquet(path) else Trace.load(path)
-
-
-def save_trace(trace: Trace, path) -> None:
-    """Write ``trace`` as ``.parquet`` or ``.npz``, by the path's suffix."""
-    write_parquet(trace, path) if is_parquet(path) else trace.save(path)

@@ -13,7 +13,7 @@ stands in for prefill, 1 the online window, 2 held out, 3 neither). One pass ove
     phase counts         the same per phase (prefill, decode, unknown), kept apart only when the classes are
                          not the phases (the findings read phases)
     coactivation[c, l]   (E, E): tokens of class c choosing both i and j in layer l (diagonal: load)
-    samples[name]        a bottom-k sample of the class's tokens (``BottomK``): each token keeps its row,
+    samples[name]        a bottom-k sample of the class's tokens (``minimoe.traces.bottomk``): each token keeps its row,
                          request and every layer's experts; a uniform sample of at most ``sample_size``
                          tokens per class ("prefill", "online", "eval") and of all tokens ("all")
 
@@ -31,19 +31,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minimoe.traces.batches import TraceBatch, batches_of
+from minimoe.traces.bottomk import BottomK, row_hash
 from minimoe.traces.format import Trace
 
 CLASSES = ("prefill", "online", "eval", "unknown")
 SAMPLES = ("prefill", "online", "eval", "all")  # the fitting sets of the placement experiments, and all tokens
 DEFAULT_SAMPLE_SIZE = 1 << 15
-
-
-def row_hash(rows: np.ndarray, seed: int = 0) -> np.ndarray:
-    """SplitMix64 (Steele, Lea, Flood 2014) of ``rows + seed * golden``: uint64 (n,), a bijection of the row."""
-    z = np.asarray(rows, np.uint64) + np.uint64((seed + 1) * 0x9E3779B97F4A7C15 % (1 << 64))
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
 
 
 def token_classes(phase: np.ndarray, step: np.ndarray, window: int) -> np.ndarray:
@@ -84,41 +77,6 @@ def as_rule(rule) -> ClassRule:
 def phase_index(phase: np.ndarray) -> np.ndarray:
     """int64 (n,): 0 prefill, 1 decode, 2 unknown."""
     return np.where(phase == 0, 0, np.where(phase == 1, 1, 2))
-
-
-@dataclass(eq=False)
-class BottomK:
-    """The ``size`` tokens with the smallest hashes among those offered: a uniform sample without replacement
-    that merges (union, keep the smallest) across workers. Arrays are sorted by hash."""
-
-    size: int
-    hash: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))   # uint64 (K,)
-    row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))     # int64 (K,) global row
-    request: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # int32 (K,)
-    token_class: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 (K,)
-    experts: np.ndarray | None = None                                           # int16 (K, L, k)
-
-    def offer(self, hashes, rows, request, token_class, experts) -> "BottomK":
-        """A new sample holding the smallest ``size`` of the current and the offered tokens."""
-        if self.experts is not None and len(self.hash) == self.size:  # only hashes below the current largest
-            keep = hashes < self.hash[-1]
-            hashes, rows, request, token_class, experts = (a[keep] for a in (hashes, rows, request, token_class,
-                                                                               experts))
-        if self.experts is not None:
-            hashes, rows, request, token_class, experts = (
-                np.concatenate([a, b]) for a, b in ((self.hash, hashes), (self.row, rows), (self.request, request),
-                                                    (self.token_class, token_class), (self.experts, experts)))
-        if len(hashes) > self.size:
-            chosen = np.argpartition(hashes, self.size - 1)[:self.size]
-            hashes, rows, request, token_class, experts = (a[chosen] for a in (hashes, rows, request, token_class,
-                                                                               experts))
-        order = np.argsort(hashes)  # hashes are distinct: the order is unique
-        return BottomK(self.size, hashes[order], rows[order], request[order], token_class[order], experts[order])
-
-    def merge(self, other: "BottomK") -> "BottomK":
-        if other.experts is None:
-            return self
-        return self.offer(other.hash, other.row, other.request, other.token_class, other.experts)
 
 
 @dataclass(eq=False)

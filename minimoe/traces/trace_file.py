@@ -31,9 +31,9 @@ def parquet_path(path) -> bool:
 def write_trace(trace, path) -> None:
     """Write ``trace`` (a ``Trace``) as a compressed .npz at exactly ``path`` (or into a seekable binary file
     object): what ``np.savez_compressed`` writes, at zlib level 1 (about 7x faster, files within a few % of level
-    6). Raises ValueError for a path ending in .parquet (``minimoe.traces.parquet.save_trace`` writes that)."""
+    6). Raises ValueError for a path ending in .parquet (``minimoe.traces.parquet_writer.save_trace`` writes that)."""
     if parquet_path(path):
-        raise ValueError(f"{os.fspath(path)}: Trace.save writes .npz; minimoe.traces.parquet.save_trace writes "
+        raise ValueError(f"{os.fspath(path)}: Trace.save writes .npz; minimoe.traces.parquet_writer.save_trace writes "
                          "Parquet")
     arrays = dict(experts=trace.experts, request=trace.request, phase=trace.phase, domain=trace.domain,
                   model=np.array(trace.model), num_experts=np.array(trace.num_experts, np.int64),
