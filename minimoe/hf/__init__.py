@@ -3,7 +3,7 @@
 ``convert`` dispatches on the model family; ``llama`` holds the Llama 3 weight and config mapping shared by every
 family; ``moe_models`` adds Mixtral, Qwen3-MoE and OLMoE; ``moe_blocks`` converts single MoE blocks of those and
 of DeepSeek-V3 and Llama 4; ``checkpoint`` loads a local checkpoint with its tokenizer (``minimoe trace --hf``).
-Conversions follow the tensors and modules where a config flag disagrees with them.
+Conversions follow the tensors and modules where a config flag disagrees with them (``trust``).
 Chapters 1 and 2 check every conversion against transformers' own logits.
 """
 

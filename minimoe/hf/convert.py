@@ -21,29 +21,25 @@ on ``config.model_type`` to a *family* (``minimoe.hf.llama.LlamaFamily`` documen
 ``mlp.experts.*``) is converted as a whole by ``minimoe.hf.moe_blocks``. ``FAMILIES`` lists what is supported.
 DeepSeek-V3 and Llama 4 convert at block level only (``minimoe.hf.moe_blocks``): their attention is out of scope.
 
-Trust the tensors, not the flags. A transformers model computes with the tensors and module attributes it
-holds, which its config does not always describe (an untied checkpoint whose config.json says
-``tie_word_embeddings=True`` loads two different tensors; a config edited after the model was built changes
-nothing). So ``from_hf`` reads the head as tied only when ``lm_head.weight`` is the embedding (or equals it and
-the config says tied), finds the MoE layers by their modules and each block's routing by its attributes
-(``minimoe.hf.moe_blocks.moe_config_of_block``), and raises a ValueError naming the config field when a tensor's
-shape, the RoPE frequencies or a norm's epsilon differ from what the config says; ``to_hf`` ties the exported
-head only when our head is our embedding. A config flag overruled by the tensors is named in a UserWarning.
+Trust the tensors, not the flags (``minimoe.hf.trust``): ``from_hf`` converts the configuration the model's
+tensors and modules compute, which its config does not always describe (head tying, which layers are MoE, each
+block's routing), and raises a ValueError naming the config field when a tensor's shape, the RoPE frequencies or
+a norm's epsilon differ from what the config says; ``to_hf`` ties the exported head only when our head is our
+embedding. A config flag overruled by the tensors is named in a UserWarning.
 
 No hub access: models are built from configs, or read from a local directory with ``load_hf(path)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from pathlib import Path
 
 import torch
 
 from minimoe.hf.llama import LlamaFamily
-from minimoe.hf.moe_blocks import load_moe_block_state_from_hf, moe_block_state_to_hf, moe_config_of_block
+from minimoe.hf.moe_blocks import load_moe_block_state_from_hf, moe_block_state_to_hf
 from minimoe.hf.moe_models import MixtralFamily, OlmoeFamily, Qwen3MoeFamily
+from minimoe.hf.trust import check_rope_and_norms, config_from_modules, config_of_modules
 from minimoe.model.transformer import ModelConfig, Transformer
 
 FAMILIES = {family.model_type: family for family in (LlamaFamily, MixtralFamily, Qwen3MoeFamily, OlmoeFamily)}
@@ -121,7 +117,7 @@ def from_hf(hf_model) -> Transformer:
     if type(hf_model).__name__ != family.hf_class:
         raise TypeError(f"from_hf expects a {family.hf_class} (a causal LM with its head), "
                         f"got {type(hf_model).__name__}")
-    config = _config_from_modules(family.config_from_hf(hf_model.config), hf_model, family)
+    config = config_from_modules(family.config_from_hf(hf_model.config), hf_model, family)
     reference = hf_model.get_input_embeddings().weight
     model = Transformer(config).to(device=reference.device, dtype=reference.dtype)
 
@@ -151,7 +147,7 @@ def from_hf(hf_model) -> Transformer:
     unused = sorted(set(hf_state) - used)
     if unused:
         raise ValueError(f"{family.hf_class} holds tensors our model has no place for: {unused[:8]}")
-    _check_rope_and_norms(model, hf_model, family)
+    check_rope_and_norms(model, hf_model, family)
     model.load_state_dict(state, strict=False)  # strict=False only for the MoE blocks, loaded above
     return model.train(hf_model.training)
 
@@ -168,7 +164,7 @@ def to_hf(model: Transformer, model_type: str | None = None, attn_implementation
 
     if not isinstance(model, Transformer):
         raise TypeError(f"to_hf expects a minimoe Transformer, got {type(model).__name__}")
-    family, settings = _family_for(_config_of_modules(model), model_type)
+    family, settings = _family_for(config_of_modules(model), model_type)
     hf_config = getattr(transformers, family.hf_config_class)(**settings)
     hf_config._attn_implementation = attn_implementation
     hf_model = getattr(transformers, family.hf_class)(hf_config)
@@ -235,83 +231,6 @@ def check_routing_config(path) -> None:
         if isinstance(top_k, int) and isinstance(count, int) and count > 0 and top_k > count:
             raise ValueError(f"{path}: num_experts_per_tok={top_k} is more than the {count} experts ({key}={count}); "
                              f"expected at most {count}")
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two parameters are one tensor (tied), not merely equal."""
-    return a is b or (a.shape == b.shape and a.data_ptr() == b.data_ptr() and a.stride() == b.stride())
-
-
-def _config_from_modules(config: ModelConfig, hf_model, family) -> ModelConfig:
-    """``config`` (read from the transformers config) corrected to what the model's tensors and modules compute:
-    the head tying, which layers are MoE and each MoE block's routing."""
-    embed, head = hf_model.get_input_embeddings().weight, hf_model.get_output_embeddings().weight
-    tied = _same_tensor(head, embed) or (config.tie_word_embeddings and head.shape == embed.shape
-                                         and torch.equal(head, embed))
-    if config.tie_word_embeddings and not tied:
-        warnings.warn(f"{family.hf_class}: the config says tie_word_embeddings=True, but lm_head.weight differs "
-                      "from model.embed_tokens.weight: converted untied, as transformers computes",
-                      UserWarning, stacklevel=3)
-    changes = dict(tie_word_embeddings=tied)
-    layers = hf_model.model.layers
-    moe_ids = [i for i, layer in enumerate(layers) if hasattr(layer.mlp, "experts")]  # MoE blocks hold experts
-    flagged = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
-    if family.moe_family is None or not moe_ids:
-        if moe_ids or flagged:
-            raise ValueError(f"{family.hf_class} has MoE blocks in layers {moe_ids}, its config expects {flagged}")
-        return dataclasses.replace(config, **changes)
-    if moe_ids != flagged:
-        warnings.warn(f"{family.hf_class}: the config's MoE layers are {flagged}, the model's modules have MoE "
-                      f"blocks in layers {moe_ids}: converted as the modules are", UserWarning, stacklevel=3)
-    blocks = {i: moe_config_of_block(layers[i].mlp, family.moe_family, hf_model.config) for i in moe_ids}
-    first = blocks[moe_ids[0]]
-    odd = [i for i in moe_ids if blocks[i] != first]
-    if odd:
-        other = blocks[odd[0]]
-        fields = [f.name for f in dataclasses.fields(first) if getattr(first, f.name) != getattr(other, f.name)]
-        raise ValueError(f"{family.hf_class}: MoE layer {odd[0]} routes differently from layer {moe_ids[0]} "
-                         f"({fields}); minimoe holds one MoE configuration for all layers")
-    changes.update(moe=first, moe_layers=None if len(moe_ids) == config.num_layers else moe_ids)
-    return dataclasses.replace(config, **changes)
-
-
-def _check_rope_and_norms(model: Transformer, hf_model, family) -> None:
-    """ValueError if transformers' RoPE frequencies or RMSNorm epsilons are not those of our config."""
-    rotary = getattr(hf_model.model, "rotary_emb", None)
-    if rotary is not None:
-        theirs = rotary.inv_freq.detach().float().cpu()
-        rtol = max(1e-6, torch.finfo(rotary.inv_freq.dtype).eps)  # hf_model.to(bfloat16) rounds the buffer
-        scaling = float(getattr(rotary, "attention_scaling", 1.0))
-        if theirs.shape != model.inv_freq.shape or not torch.allclose(theirs, model.inv_freq, rtol=rtol) \
-                or scaling != 1.0:
-            raise ValueError(f"{family.hf_class}'s RoPE frequencies (model.rotary_emb.inv_freq, attention_scaling="
-                             f"{scaling}) are not those its config's rope_parameters give "
-                             f"(rope_theta={model.config.rope_theta}, scaling={model.config.rope_scaling})")
-    for name, module in hf_model.named_modules():
-        eps = getattr(module, "variance_epsilon", None)
-        if eps is not None and eps != model.config.rms_norm_eps:
-            raise ValueError(f"{family.hf_class} norm {name!r} uses eps={eps}, its config says "
-                             f"rms_norm_eps={model.config.rms_norm_eps}")
-
-
-def _config_of_modules(model: Transformer) -> ModelConfig:
-    """Our config with the head tying our tensors show; ValueError if a router no longer matches config.moe."""
-    tied = _same_tensor(model.lm_head.weight, model.embed.weight)
-    if tied != model.config.tie_word_embeddings:
-        warnings.warn(f"the model's config says tie_word_embeddings={model.config.tie_word_embeddings}, but lm_head."
-                      f"weight {'is' if tied else 'is not'} embed.weight: exported {'tied' if tied else 'untied'}",
-                      UserWarning, stacklevel=3)
-    moe = model.config.moe
-    for index, layer in enumerate(model.layers):
-        if not model.config.is_moe_layer(index):
-            continue
-        router = layer.ffn.router
-        for attr, want in (("num_experts", moe.num_experts), ("top_k", moe.top_k), ("family", moe.router),
-                           ("norm_topk_prob", moe.norm_topk_prob), ("jitter", moe.router_jitter)):
-            if getattr(router, attr) != want:
-                raise ValueError(f"layer {index}'s router has {attr}={getattr(router, attr)!r}, but config.moe says "
-                                 f"{want!r}: the config was changed after the model was built; rebuild the model")
-    return dataclasses.replace(model.config, tie_word_embeddings=tied)
 
 
 def _moe_layer_index(model: Transformer, name: str) -> int | None:
