@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             print("minimoe: error: give a command, e.g. minimoe report (see 'minimoe --help')", file=sys.stderr)
             return 2
         args.given = {token.split("=")[0] for token in argv[1:] if token.startswith("--")}  # the options given
-        if getattr(args, "threads", None):
-            import torch
+        if getattr(args, "threads", None) and ("torch" in sys.modules or not getattr(args, "trace", None)):
+            import torch  # report and findings on a saved --trace run no model and never load torch (1.5-2.5 s)
 
             torch.set_num_threads(args.threads)
     try:

@@ -326,6 +326,16 @@ def test_threads_flag_sets_torch_threads(tmp_path, capsys):
         torch.set_num_threads(before)
 
 
+def test_findings_on_a_saved_trace_never_load_torch(tmp_path):
+    base_trace().save(tmp_path / "t.npz")
+    script = ("import sys; from minimoe.cli import main; "
+              f"code = main(['findings', '--trace', {str(tmp_path / 't.npz')!r}, '--threads', '1']); "
+              "print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0 False"  # exit code 0, torch not imported
+
+
 def test_outputs_of_the_readme_commands_are_ignored_by_git():
     ignored = (ROOT / ".gitignore").read_text().split()
     assert {"/report/", "/trace.npz", "/runs/"} <= set(ignored)
