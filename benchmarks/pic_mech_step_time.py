@@ -27,7 +27,8 @@ from minimoe.compress.compressor import Compressor
 from minimoe.compress.masks import build_layout
 from minimoe.compress.mechanism_data import MechanismSet, Rows
 from minimoe.compress.mechanism_training import compile_blocks, greedy_answers, teacher_forced, train_step
-from minimoe.model.transformer import ModelConfig, Transformer
+from minimoe.model.model_config import ModelConfig
+from minimoe.model.transformer import Transformer
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536,
                max_seq_len=2048, tie_word_embeddings=True, rope_theta=100000.0)

@@ -17,7 +17,8 @@ import time
 import torch
 
 from minimoe.model.generate import generate
-from minimoe.model.transformer import ModelConfig, Transformer, lm_loss
+from minimoe.model.model_config import ModelConfig
+from minimoe.model.transformer import Transformer, lm_loss
 
 DEMO_CONFIG = dict(vocab_size=256, hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                    intermediate_size=256, max_seq_len=256, tie_word_embeddings=False,

@@ -18,7 +18,8 @@ from minimoe.compress.masks import build_layout
 from minimoe.compress.setup import load_prepared
 from minimoe.compress.training import train_compressor
 from minimoe.data.tokenizer import BOS, EOS, PAD, train_tokenizer
-from minimoe.model.transformer import ModelConfig, Transformer
+from minimoe.model.model_config import ModelConfig
+from minimoe.model.transformer import Transformer
 
 TINY = {**PRESETS["cpu"], "corpus_chars": 5_000, "pretrain_documents": 16, "train_documents": 8, "dev_documents": 2,
         "test_documents": 2, "steps": 2, "eval_every": 1, "dev_limit": 4, "ablations": False, "ratios": (16,),

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from minimoe.model.transformer import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, Transformer, lm_loss
+from minimoe.model.model_config import ModelConfig
+from minimoe.model.transformer import CONFIG_FILE, WEIGHTS_FILE, Transformer, lm_loss
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -27,7 +27,8 @@ from minimoe.compress.qa_data import answer_text, generate_documents, pack, ques
 from minimoe.compress.training import QASet, build_qa_set, evaluate_reader, pretrain_base
 from minimoe.data.corpora import DOMAINS, load_corpus
 from minimoe.data.tokenizer import BOS, EOS, PAD, load_tokenizer, save_tokenizer, train_tokenizer
-from minimoe.model.transformer import ModelConfig, Transformer
+from minimoe.model.model_config import ModelConfig
+from minimoe.model.transformer import Transformer
 
 SPECIAL_FILE = "special_tokens.json"  # bos / eos / pad ids of a base that brings its own tokenizer
 

@@ -25,7 +25,8 @@ from minimoe.compress.masks import Layout
 from minimoe.compress.metrics import squad_scores
 from minimoe.compress.objectives import decoder_loss, greedy_from_embeds
 from minimoe.compress.qa_data import QADocument, answer_text, pack, question_prompt
-from minimoe.model.transformer import ModelConfig, Transformer, lm_loss
+from minimoe.model.model_config import ModelConfig
+from minimoe.model.transformer import Transformer, lm_loss
 
 
 @dataclass

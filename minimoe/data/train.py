@@ -36,7 +36,8 @@ from minimoe.data.corpora import DOMAINS, load_corpus, split_documents
 from minimoe.data.tokenizer import batch_iterator, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer, \
     validation_batches
 from minimoe.data.train_config import TrainConfig, load_train_config, resume_state
-from minimoe.model.transformer import ModelConfig, Transformer, lm_loss
+from minimoe.model.model_config import ModelConfig
+from minimoe.model.transformer import Transformer, lm_loss
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

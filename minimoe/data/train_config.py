@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from minimoe.model.moe_config import MoEConfig
-from minimoe.model.transformer import ModelConfig
+from minimoe.model.model_config import ModelConfig
 
 
 @dataclass

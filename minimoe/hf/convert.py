@@ -40,7 +40,8 @@ from minimoe.hf.llama import LlamaFamily
 from minimoe.hf.moe_blocks import load_moe_block_state_from_hf, moe_block_state_to_hf
 from minimoe.hf.moe_models import MixtralFamily, OlmoeFamily, Qwen3MoeFamily
 from minimoe.hf.trust import check_rope_and_norms, config_from_modules, config_of_modules
-from minimoe.model.transformer import ModelConfig, Transformer
+from minimoe.model.model_config import ModelConfig
+from minimoe.model.transformer import Transformer
 
 FAMILIES = {family.model_type: family for family in (LlamaFamily, MixtralFamily, Qwen3MoeFamily, OlmoeFamily)}
 

@@ -26,7 +26,7 @@ are Llama's.
 from __future__ import annotations
 
 from minimoe.model.dense import ROPE_SCALING_KEYS
-from minimoe.model.transformer import ModelConfig
+from minimoe.model.model_config import ModelConfig
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 

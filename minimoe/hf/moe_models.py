@@ -29,7 +29,7 @@ from __future__ import annotations
 import warnings
 
 from minimoe.hf.llama import common_from_hf, common_to_hf
-from minimoe.model.transformer import ModelConfig
+from minimoe.model.model_config import ModelConfig
 
 
 def _moe_config_from_hf(hf_config, family: str):

@@ -18,7 +18,8 @@ import warnings
 import torch
 
 from minimoe.hf.moe_blocks import moe_config_of_block
-from minimoe.model.transformer import ModelConfig, Transformer
+from minimoe.model.model_config import ModelConfig
+from minimoe.model.transformer import Transformer
 
 
 def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
