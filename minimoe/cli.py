@@ -92,7 +92,8 @@ def _forward(command):
 
 def _add_threads(parser) -> None:
     parser.add_argument("--threads", metavar="N", type=thread_count(), default=default_threads(),
-                        help="CPU threads for torch (default: half the cores, at most 8: %(default)s here)")
+                        help="CPU threads for torch when a model runs (default: half the cores, at most 8: "
+                             "%(default)s here)")
 
 
 def _add_source(parser) -> None:

@@ -1,10 +1,15 @@
-"""Balanced assignment against brute force: exact capacities, optimal for two bins, no improving swap."""
+"""Balanced assignment against brute force: exact capacities, optimal for two bins, no improving swap, exchanges
+that only ever gain."""
 import itertools
 
 import numpy as np
 import pytest
 
 from minimoe.placement.balanced import assign, balanced_kmeans, capacity_of, cut
+
+
+def _total(score, bins):
+    return score[np.arange(len(bins)), bins].sum()
 
 
 def _brute_force_best(score, capacity):
@@ -23,9 +28,10 @@ def test_two_bins_with_unit_sizes_reach_the_brute_force_optimum(seed):
     num_items = int(rng.integers(1, 9))
     score, size = rng.normal(size=(num_items, 2)), np.ones(num_items)
     capacity = capacity_of(size, 2)
-    bins = assign(score, capacity, size)
+    bins = assign(score, capacity, size)  # the greedy step alone is optimal for two bins of unit-size items
+    assert bins.min() >= 0 and bins.max() < 2
     assert np.array_equal(np.bincount(bins, minlength=2), capacity)
-    assert score[np.arange(num_items), bins].sum() == pytest.approx(_brute_force_best(score, capacity.astype(int)))
+    assert _total(score, bins) == pytest.approx(_brute_force_best(score, capacity.astype(int)))
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -35,6 +41,7 @@ def test_unit_sizes_fill_every_bin_exactly_and_leave_no_improving_swap(seed):
     score, size = rng.normal(size=(num_items, num_bins)), np.ones(num_items)
     capacity = capacity_of(size, num_bins)
     bins = assign(score, capacity, size, passes=100)
+    assert bins.min() >= 0 and bins.max() < num_bins
     assert np.array_equal(np.bincount(bins, minlength=num_bins), capacity)
     for i, j in itertools.combinations(range(num_items), 2):  # every exchange of two items' bins
         a, b = bins[i], bins[j]
@@ -46,10 +53,23 @@ def test_sized_items_stay_within_one_item_of_equal_shares(seed):
     rng = np.random.default_rng(seed)
     num_items, num_bins = int(rng.integers(2, 30)), int(rng.integers(1, 5))
     size = rng.integers(1, 50, num_items).astype(float)
-    bins = assign(rng.normal(size=(num_items, num_bins)), capacity_of(size, num_bins), size)
+    score = rng.normal(size=(num_items, num_bins))
+    bins = assign(score, capacity_of(size, num_bins), size)
+    assert bins.min() >= 0 and bins.max() < num_bins
     totals = np.bincount(bins, weights=size, minlength=num_bins)
-    assert totals.sum() == size.sum()
     assert totals.max() <= size.sum() / num_bins + size.max() + 1e-9
+    assert _total(score, bins) >= _total(score, assign(score, capacity_of(size, num_bins), size, passes=0)) - 1e-9
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_exchanges_only_ever_gain_with_unit_sizes(seed):
+    rng = np.random.default_rng(seed)
+    num_items, num_bins = int(rng.integers(2, 30)), int(rng.integers(2, 5))
+    score, size = rng.normal(size=(num_items, num_bins)), np.ones(num_items)
+    greedy = assign(score, capacity_of(size, num_bins), size, passes=0)
+    exchanged = assign(score, capacity_of(size, num_bins), size)
+    assert np.array_equal(np.bincount(exchanged, minlength=num_bins), np.bincount(greedy, minlength=num_bins))
+    assert _total(score, exchanged) >= _total(score, greedy) - 1e-9
 
 
 def test_cut_gives_consecutive_chunks_of_the_target_sizes():

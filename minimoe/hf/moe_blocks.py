@@ -16,8 +16,8 @@ transformers stores the fused gate/up projection with the gate in the first F ro
 for Llama 4), like ``minimoe.model.moe``; only the transposition differs (see the layout in moe.py).
 
 Scope: this module converts MoE *blocks*. Full-model conversion of Mixtral, Qwen3-MoE and
-OLMoE lives in ``minimoe.hf.convert`` and uses these functions; DeepSeek-V3 (multi-head latent
-attention) and Llama 4 (chunked attention, no-RoPE layers, qk-norm) are converted at block
+OLMoE lives in ``minimoe.hf.convert`` and ``minimoe.hf.trust``, which use these functions; DeepSeek-V3
+(multi-head latent attention) and Llama 4 (chunked attention, no-RoPE layers, qk-norm) are converted at block
 level only: their attention variants are out of scope for minimoe.
 
 DeepSeek-V3's dropped-group convention is a property of the installed transformers code, not

@@ -6,8 +6,10 @@ and a config edited after the model was built changes nothing. ``minimoe.hf.conv
 these functions read from the modules: the head is tied only when ``lm_head.weight`` is the embedding (or equals
 it and the config says tied), the MoE layers are those whose block holds experts, each block's routing is read
 from its attributes (``minimoe.hf.moe_blocks.moe_config_of_block``), and RoPE frequencies and norm epsilons must
-be those of the config. A flag the tensors overrule is named in a UserWarning; a difference the conversion
-cannot carry raises a ValueError naming the config field.
+be those of the config (``config_from_modules``, ``check_rope_and_norms``). The other way, ``to_hf`` exports
+the head tied only when our ``lm_head.weight`` is our embedding, and refuses a model whose routers no longer
+match ``config.moe`` (``config_of_modules``). A flag the tensors overrule is named in a UserWarning; a
+difference the conversion cannot carry raises a ValueError naming the config field.
 """
 
 from __future__ import annotations

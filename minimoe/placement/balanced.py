@@ -3,14 +3,18 @@ request grouping (``minimoe.placement.grouping``) repeats.
 
 An item ``i`` of size ``s_i`` scores ``score[i, b]`` in bin ``b``; the assignment maximises Σ_i score[i, bin(i)]
 with each bin's total size within its capacity (equal counts for unit sizes, else equal shares of the total
-size plus one item's slack). This is a generalised assignment problem, NP-hard in general; :func:`assign`
-solves it greedily, items with the largest *regret* (best score minus second best) first, then improves it by
-pairwise exchanges between every two bins. :func:`balanced_kmeans` clusters points with it: k-means++ seeding
-[arthur2007kmeanspp] (a key of book/references.bib), then Lloyd steps whose assignment step is :func:`assign`
-with score ``-|x - c|²`` (plus ``|x|²``, the same for every bin of a point).
+size plus one item's slack). With unit sizes this is a transportation problem, solvable exactly in polynomial
+time (min-cost flow); with sizes it is a special case of the generalised assignment problem, NP-hard. :func:`assign`
+is a heuristic for both: items with the largest *regret* (best score minus second best) first, each into its best
+bin with room (optimal already for two bins of unit-size items), then rounds of pairwise exchanges between every
+two bins while one gains, at most ``passes`` rounds (with unit sizes, once they stop gaining no exchange of two
+items gains). :func:`balanced_kmeans` clusters points with it: k-means++ seeding [arthur2007kmeanspp] (a key
+of book/references.bib), then Lloyd steps whose assignment step is :func:`assign` with score ``-|x - c|²`` (plus
+``|x|²``, the same for every bin of a point).
 
-Shapes: ``score`` (items, bins) float64; ``size`` (items,) float64 (all ones for equal counts);
-``capacity`` (bins,) float64; every function returns a bin per item, (items,) int64.
+Shapes: ``score`` (items, bins) float64; ``size`` (items,) float64 (all ones for equal counts); ``capacity``
+(bins,) float64 (what :func:`capacity_of` returns); ``points`` (items, d) float. :func:`assign`, :func:`cut` and
+:func:`balanced_kmeans` return a bin per item, (items,) int64.
 """
 from __future__ import annotations
 

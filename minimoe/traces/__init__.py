@@ -1,16 +1,16 @@
 """Expert-activation traces: which experts each token used, in every MoE layer, prefill and decode.
 
 ``format`` defines the ``Trace`` type and ``trace_file`` its strict ``.npz`` file (they know nothing of models);
-``parquet`` the columnar format for traces beyond memory, read and checked batch by batch (``batches``) and
-written by ``parquet_writer``, and ``stats`` the statistics of one pass over such a trace, which merge across
-workers (with the ``bottomk`` sample); ``recording`` records
-traces from minimoe and transformers MoE models. Serving engines' files come in through ``importers`` (vLLM
-and SGLang routed-experts captures), ``importers_jsonl`` with ``jsonl_tokens`` (JSONL routing logs), and
-``loads``, ``load_dumps`` and ``load_dumps_trtllm`` (the engines' expert-load dumps: counts only, a
-``LoadTrace``); ``layers`` maps a model's layer numbering to its MoE layers, and ``convert`` (the ``minimoe
-import`` command) writes any of them as a trace file. ``workload`` is the bundled model's multi-domain
-workload; ``synthetic`` makes traces with known structure; ``analysis`` and ``findings`` measure imbalance,
-domain specificity and how well prefill predicts decode. Chapter 4 teaches this part.
+``parquet`` the columnar format for traces beyond memory, read and checked batch by batch (``batches``) and written
+by ``parquet_writer``, and ``stats`` the statistics of one pass over such a trace, which merge across workers (with
+the ``bottomk`` sample); ``recording`` records traces from minimoe and transformers MoE models (the
+``minimoe trace`` command: ``trace_command``). Serving engines' files come in through ``importers`` (vLLM and SGLang
+routed-experts captures), ``importers_jsonl`` with ``jsonl_tokens`` (JSONL routing logs), and ``loads``,
+``load_dumps`` and ``load_dumps_trtllm`` (the engines' expert-load dumps: counts only, a ``LoadTrace``); ``layers``
+maps a model's layer numbering to its MoE layers, and ``convert`` (the ``minimoe import`` command) writes any of
+them as a trace file. ``workload`` is the bundled model's multi-domain workload; ``synthetic`` makes traces with
+known structure; ``analysis`` and ``findings`` measure imbalance, domain specificity and how well prefill predicts
+decode. Chapter 4 teaches this part.
 """
 
 from minimoe.traces.format import PHASES, Trace, concat

@@ -1,11 +1,13 @@
 """A bottom-k sample: a uniform sample without replacement that merges across workers.
 
-Each token gets a hash that is a fixed function of its global row (SplitMix64 [steele2014splitmix] of
-row + seed, a bijection of 64-bit integers); the sample is the ``size`` tokens with the smallest hashes. The
-union of two samples, cut back to the ``size`` smallest hashes, is the sample of the union of their tokens, so
-partial samples built by any number of workers, over rows split in any way and merged in any order, equal the
-sample of one pass, bit for bit. Bottom-k sketches are Cohen and Kaplan's [cohen2007bottomk]; a seeded hash
-makes every token equally likely to be kept. Keys in brackets are entries of book/references.bib.
+Each token gets a hash that is a fixed function of its global row: SplitMix64's [steele2014splitmix] first
+output from the state ``row + seed·γ`` (``row_hash``), a bijection of 64-bit integers. The sample is the ``size``
+tokens with the smallest hashes. The union of two samples of disjoint rows, cut back to the ``size`` smallest
+hashes, is the sample of the union of their tokens, so partial samples built by any number of workers, over rows
+split among them in any way and merged in any order, equal the sample of one pass, bit for bit. Bottom-k
+sketches are Cohen and Kaplan's [cohen2007bottomk]. For a fixed seed the sample is deterministic; over seeds it
+behaves as a uniform sample without replacement, as far as SplitMix64's output behaves as a random function.
+Keys in brackets are entries of book/references.bib.
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ def row_hash(rows: np.ndarray, seed: int = 0) -> np.ndarray:
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
-
 
 
 @dataclass(eq=False)

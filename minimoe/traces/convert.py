@@ -4,7 +4,7 @@ Sources (``--format``, by default guessed from the file): the table ``SOURCES`` 
 printed by ``minimoe import --help`` with the flags each source reads (a flag a source does not read is
 refused). Per-token captures become a ``Trace`` (``minimoe.traces.format``); load dumps become a ``LoadTrace``
 (``minimoe.traces.loads``), both written as .npz. A per-token trace can also be written as Parquet (``--out``
-ending in .parquet, ``minimoe.traces.parquet``), the format for traces read in batches, and a minimoe trace
+ending in .parquet, ``minimoe.traces.parquet_writer``), the format for traces read in batches, and a minimoe trace
 file (.npz or .parquet) converts to the other format.
 
 A .jsonl file whose first record holds ``routed_experts`` or ``meta_info`` (or is a bare string) is read as

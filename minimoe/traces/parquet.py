@@ -74,7 +74,7 @@ class ParquetTrace:
             self.notes = {str(k): str(v) for k, v in dict(meta.get("notes") or {}).items()}
         except (KeyError, ValueError, TypeError, AssertionError):
             raise ValueError(f"trace file {self.label}: no minimoe metadata ({FORMAT!r} JSON under the schema key "
-                             f"'minimoe'); write it with minimoe import/trace or minimoe.traces.parquet") from None
+                             f"'minimoe'); write it with minimoe import/trace or minimoe.traces.parquet_writer") from None
         if not (1 <= self.num_experts <= MAX_EXPERTS and 1 <= self.top_k <= self.num_experts and self.num_layers >= 1):
             raise ValueError(f"trace file {self.label}: metadata num_experts={self.num_experts}, top_k={self.top_k}, "
                              f"num_layers={self.num_layers} are out of range")

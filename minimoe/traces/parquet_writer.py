@@ -1,8 +1,8 @@
 """Writing Parquet traces: record batches appended in row order, never the whole trace in memory.
 
 The columns and the schema's metadata are those of ``minimoe.traces.parquet`` (which reads the files);
-``ParquetTraceWriter`` appends ``TraceBatch`` objects or whole traces and buffers them into row groups of
-``ROWS_PER_GROUP`` rows, the unit a worker reads. A writer left by an error removes its half-written file.
+``ParquetTraceWriter`` appends ``TraceBatch`` objects or whole traces and buffers them into row groups of at
+most ``rows_per_group`` rows (default ``ROWS_PER_GROUP``), the unit a worker reads. A writer left by an error removes its half-written file.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from minimoe.traces.parquet import FORMAT, ROWS_PER_GROUP, import_pyarrow, is_pa
 class ParquetTraceWriter:
     """Append TraceBatch objects (or whole Traces) to a Parquet trace file, in row order.
 
-    ``with ParquetTraceWriter(path, num_experts, top_k, num_layers, has_domain, has_weights) as w: w.write(b)``.
-    Batches are buffered into row groups of ``rows_per_group`` rows."""
+    ``with ParquetTraceWriter(path, num_experts, top_k, num_layers, has_domain=True, has_weights=False) as w:
+    w.write(batch)``. Batches are buffered and written in row groups of at most ``rows_per_group`` rows."""
 
     def __init__(self, path, num_experts: int, top_k: int, num_layers: int, model: str = "",
                  has_domain: bool = True, has_weights: bool = False, rows_per_group: int = ROWS_PER_GROUP,
