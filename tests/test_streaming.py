@@ -155,7 +155,7 @@ def test_a_damaged_page_is_named_by_file_and_row_group(tmp_path, capsys):
     """A byte-damaged page inside the file (the footer intact) fails every reader with the file and row group."""
     import pyarrow.parquet as pq
 
-    from minimoe.placement.engine import choose_split
+    from minimoe.placement.splits import choose_split
 
     path = tmp_path / "damaged.parquet"
     write_parquet(small_trace(seed=2), path, rows_per_group=64)
@@ -471,7 +471,7 @@ def test_groupings_do_not_depend_on_the_blas_kernel(tmp_path):
 def test_the_split_of_a_parquet_file_is_the_split_of_the_trace(case, tmp_path):
     """Traces without both phases fall back to the time or the request split (minimoe.placement.splits); read from
     Parquet, the streamed report picks the same split, from one read of three columns, and measures the same."""
-    from minimoe.placement.engine import choose_split
+    from minimoe.placement.splits import choose_split
     from minimoe.placement.splits import split
 
     trace = small_trace(seed=11)

@@ -14,20 +14,15 @@ statistics of ``minimoe.traces.stats``) and merges with ``TraceStats.merge``; pa
 
 Merging is addition of integers and a union of bottom-k samples keyed by a hash of the row, so every engine
 and every split gives the same statistics and the same counts (tests/test_streaming.py). Which tokens are fitted
-on and which measured (``minimoe.placement.splits``) is decided once, before pass 1 (``choose_split``: for a
-Parquet file from one read of its request, phase and step columns), and applied to every batch as a
+on and which measured (``minimoe.placement.splits``) is decided once, before pass 1 (``minimoe.placement.splits.choose_split``:
+for a Parquet file from one read of its request, phase and step columns), and applied to every batch as a
 ``minimoe.traces.stats.ClassRule``.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
-import numpy as np
 
 from minimoe.placement.evaluate import Counts, Job, _Tables, count_jobs
-from minimoe.placement.experiments import FIT_MODES, METHODS
-from minimoe.placement.splits import PLACEMENT_ONLY, split
 from minimoe.traces.batches import batches_of
 from minimoe.traces.format import Trace
 from minimoe.traces.parquet import ParquetTrace
@@ -231,75 +226,3 @@ def run_passes(source, engine, rule: ClassRule | int, sample_size: int, seed: in
     if isinstance(source, ParquetTrace) and source.num_tokens:
         source.check_runs(stats.runs)
     return stats
-
-
-@dataclass
-class StreamSplit:
-    """What a streamed report fits on and measures (``minimoe.placement.splits``), as a rule for batches."""
-
-    kind: str
-    window: int | None
-    description: str
-    fit_modes: tuple
-    methods: tuple
-    rule: ClassRule
-
-
-def choose_split(source, window: int | None = None) -> StreamSplit:
-    """The split ``minimoe.placement.splits.split`` picks, for an in-memory trace or a Parquet file; for a file
-    from one read of its request, phase and step columns (the tokens are never all in memory). Raises
-    ValueError as ``split`` does."""
-    if isinstance(source, Trace):
-        chosen = split(source, window)
-        starts, ends = source.request_ranges()
-        rule = ClassRule(chosen.kind, chosen.window or 0, (ends - starts + 1) // 2 if chosen.kind == "time" else None,
-                         source.num_requests)
-        return StreamSplit(chosen.kind, chosen.window, chosen.description, chosen.fit_modes, chosen.methods, rule)
-    lengths, prefill, decode, longest = _scan(source)
-    num_requests = len(lengths)
-    if source.num_tokens == 0:
-        raise ValueError("the trace is empty")
-    if prefill and decode:
-        chosen = min(8, max(1, longest // 4)) if window is None else window
-        if chosen < longest:
-            return StreamSplit("phase", chosen, f"fitted on prefill tokens, measured on each request's decode tokens "
-                               f"after the first {chosen}", FIT_MODES, METHODS, ClassRule("phase", chosen))
-        if window is not None:
-            raise ValueError(f"no decode token lies after the online window of {window} tokens: the longest request "
-                             f"decodes {longest}; use a window of at most {longest - 1}")
-    why = ("phases unknown" if not (prefill or decode) else "the trace has no decode tokens" if not decode else
-           "the trace has no prefill tokens" if not prefill else "no request decodes past the default online window")
-    head = (lengths + 1) // 2
-    tail = int((lengths - head).max()) if num_requests else 0
-    chosen = int(min(8, max(1, tail // 4))) if window is None else window
-    if chosen < tail:
-        return StreamSplit("time", chosen, f"{why}: each request's first half of tokens stands in for its prompt; "
-                           f"fitted on those, measured on each request's tokens after its first half and the next "
-                           f"{chosen}", FIT_MODES, METHODS, ClassRule("time", chosen, head, num_requests))
-    if window is not None:
-        raise ValueError(f"no request has a token after its first half and an online window of {chosen}"
-                         + (": use a smaller window" if chosen > 1 else ""))
-    if num_requests < 2:
-        raise ValueError(f"{why} and the trace holds {source.num_tokens} token(s) of one request: too little to fit "
-                         "a placement on one part and measure it on another")
-    return StreamSplit("request", None, f"{why} and requests are too short to split in time: fitted on the first "
-                       f"{num_requests // 2} requests, measured on the other {num_requests - num_requests // 2} "
-                       "(placements only: grouping needs each request's own early tokens)",
-                       ("prefill", "oracle"), PLACEMENT_ONLY, ClassRule("request", 0, None, num_requests))
-
-
-def _scan(source: ParquetTrace):
-    """(tokens per request (R,), any prefill token, any decode token, decode tokens of the longest request)."""
-    lengths, prefill, decode, longest = np.zeros(0, np.int64), False, False, 0
-    for batch in source.records(["request", "phase", "step"]):
-        request = batch.column("request").to_numpy()
-        phase = batch.column("phase").to_numpy()
-        counts = np.bincount(request)
-        if len(counts) > len(lengths):
-            lengths = np.concatenate([lengths, np.zeros(len(counts) - len(lengths), np.int64)])
-        lengths[:len(counts)] += counts
-        prefill |= bool((phase == 0).any())
-        decode |= bool((phase == 1).any())
-        if decode:
-            longest = max(longest, int(batch.column("step").to_numpy().max()) + 1)
-    return lengths, prefill, decode, longest

@@ -32,10 +32,10 @@ import time
 import numpy as np
 
 from minimoe.placement.decision import decide
-from minimoe.placement.engine import LocalEngine, choose_split, run_passes
+from minimoe.placement.engine import LocalEngine, run_passes
 from minimoe.placement.experiments import PARTITIONERS, uniform_baseline
 from minimoe.placement.fitdata import auto_fit_tokens
-from minimoe.placement.splits import split
+from minimoe.placement.splits import choose_split, split
 from minimoe.placement.hypergraph import mtkahypar_available
 from minimoe.placement.parallel_fits import auto_processes
 from minimoe.placement.streaming import StreamedExperiments
