@@ -48,8 +48,8 @@ def default_threads() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-# ---- the commands: report and findings live in minimoe.placement.commands, train in minimoe.data.train_command,
-# ---- trace in minimoe.traces.trace_command ------------------------------------------------------------------------
+# ---- the commands live with their parts: report and findings in minimoe.placement.commands, train in
+# minimoe.data.train_command, trace in minimoe.traces.trace_command ----------------------------------------------
 def _command(module: str, name: str):
     def run(args) -> int:
         import importlib
