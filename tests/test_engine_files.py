@@ -60,7 +60,7 @@ def test_sglang_reads_back_the_same_placement(tmp_path, capsys, suffix):
     status, out, err = run(capsys, "export", tmp_path / "p.json", "--format", "sglang", "--moe-layers", "1,2,4",
                            "--num-layers", L_ALL, "--out", tmp_path / f"init{suffix}")
     assert status == 0, err
-    assert "--ep-num-redundant-experts 4" in out and "over 4 ranks" in out and "5 layers (3 placed)" in out
+    assert "--ep-num-redundant-experts 4" in out and "over 4 ranks" in out and "5 layers, placed: [1, 2, 4]" in out
     if suffix == ".json":
         data = json.loads((tmp_path / "init.json").read_text())
     else:
@@ -146,8 +146,8 @@ def test_export_from_a_report_deployment_file_and_with_a_transformers_config(tmp
     (["--format", "sglang", "--moe-layers", "1,2,4", "--num-layers", "99999999999", "--out", "x.json"],
      "argument --num-layers: expected a whole number from 1 to 1024, got 99999999999"),
     (["--format", "vllm", "--moe-layers", "0,15", "--out", "x.jsonl"],
-     "--moe-layers does not apply to --format vllm (it reads --config); it numbers the MoE layers 0..L-1, as the "
-     "placement does"),
+     "--moe-layers does not apply to --format vllm (it reads --config); it numbers the model's MoE layers 0..M-1: "
+     "give --config to place a placement of some of them"),
     (["--format", "eplb", "--moe-layers", "0,1", "--out", "x.pt"], "--moe-layers does not apply to --format eplb"),
     (["--format", "trtllm", "--moe-layers", "1,2,4", "--num-layers", "16", "--out", "x.yaml"],
      "--num-layers does not apply to --format trtllm (it reads --moe-layers, --config); --num-layers sizes sglang's "
@@ -573,5 +573,6 @@ def test_help_and_readme_list_every_format_with_its_source_and_layers(capsys):
             for name, (_, origin, layers) in SOURCES.items():
                 assert f"from: {origin}; layers: {layers}" in " ".join(text.split()), name
     flat = " ".join(text.split())  # export --help: each engine's layer numbering
-    for said in ("over every decoder layer", "keyed by model layer index", "MoE layers 0..L-1", "MoE layers as given"):
+    for said in ("over every decoder layer", "keyed by model layer index", "MoE layers 0..M-1", "the placement's layers are "
+                 "written at their places"):
         assert said in flat, said

@@ -91,6 +91,8 @@ def test_recorded_experts_equal_the_routers_own_choice(family):
     trace.validate()
     moe_routers = routers(model)
     assert trace.num_layers == len(moe_routers) == 2  # DeepSeek-V3 and Llama 4 also have dense layers
+    # the model's layer number of each MoE layer: DeepSeek-V3's layer 0 is dense, Llama 4 interleaves every 2nd
+    assert trace.layer_ids.tolist() == {"deepseek_v3": [1, 2], "llama4": [1, 3]}.get(family, [0, 1])
     assert trace.top_k == moe_routers[0].top_k and trace.num_experts == moe_routers[0].weight.shape[0]
     assert trace.request_domains().tolist() == ["code", "math", "chat"]
     starts, ends = trace.request_ranges()

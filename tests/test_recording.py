@@ -30,6 +30,7 @@ def test_minimoe_recording_matches_a_full_forward(router, batch_size):
     prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
     trace = record(model, prompts, NEW_TOKENS, domains=["code", "math", "chat"], batch_size=batch_size)
     assert (trace.num_layers, trace.num_experts, trace.top_k) == (2, 8, model.config.moe.top_k)
+    assert trace.layer_ids.tolist() == [0, 2]  # the model's MoE layers (moe_layers=[0, 2]), by their layer number
     starts, ends = trace.request_ranges()
     compared = 0
     for r, prompt in enumerate(prompts):

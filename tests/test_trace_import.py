@@ -35,6 +35,8 @@ def test_from_vllm_rebuilds_requests_phases_and_domains():
     arrays = [trace.experts[s:e].astype(np.int16) for s, e in zip(starts, ends)]
     imported = from_vllm(arrays, num_experts=16, prompt_lengths=prompt, domains=list(labels), model="m")
     trace.weights = None
+    assert imported.layer_ids.tolist() == [0, 1, 2]  # axis 1 of a capture: the model's decoder layers
+    trace.layer_ids = imported.layer_ids
     assert imported == trace
     unknown = from_vllm(arrays, num_experts=16)
     assert (unknown.phase == -1).all() and unknown.domain.shape == (0,)
@@ -176,6 +178,8 @@ def test_from_sglang_decodes_base64_and_drops_dense_layers():
     imported = from_sglang(payloads, num_layers=3, top_k=2, num_experts=16, prompt_lengths=prompt,
                            domains=list(labels), model="m")
     trace.weights = None
+    assert imported.layer_ids.tolist() == [1, 2]  # decoder layer 0 is dense and dropped
+    trace.layer_ids = imported.layer_ids
     assert imported == trace
     with pytest.raises(ValueError, match="not base64"):
         from_sglang(["@@@"], num_layers=3, top_k=2, num_experts=16)

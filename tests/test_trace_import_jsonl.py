@@ -38,7 +38,7 @@ def profiler_log(trace, prompt, restart_positions=False, names=None, meta=META):
 def unknown_phases(trace):
     return Trace(experts=trace.experts, request=trace.request, phase=np.full(trace.num_tokens, -1),
                  domain=None, num_experts=trace.num_experts, top_k=trace.top_k, model=trace.model,
-                 weights=trace.weights)
+                 weights=trace.weights, layer_ids=META["layers_logged"])  # the model's layer numbers are kept
 
 
 def test_long_form_log_with_a_meta_record_rebuilds_the_trace(tmp_path):

@@ -98,7 +98,8 @@ def findings_command(args) -> int:
         from minimoe.placement.engine import LocalEngine, run_passes
         from minimoe.traces.findings import findings_of_stats
 
-        result = findings_of_stats(run_passes(trace, LocalEngine(), 0, 1, args.seed), seed=args.seed)
+        result = findings_of_stats(run_passes(trace, LocalEngine(), 0, 1, args.seed), seed=args.seed,
+                                   layer_ids=trace.layer_ids)
     print(format_findings(result))
     if out:
         out.write_text(json.dumps(result, indent=1) + "\n")

@@ -21,6 +21,7 @@ import shlex
 
 from minimoe.placement.experiments import METHODS, fit
 from minimoe.placement.topology import Topology
+from minimoe.traces.layers import layer_list
 
 LOAD_TOLERANCE = 1.10
 GROUPING = ("grouping", "grouping+locality")
@@ -118,9 +119,14 @@ def saved_lines(decisions: list[dict], folder: str | None, lead: str) -> list[st
     if not files:
         return []
     where = f"{folder}/" if folder else ""
+    command = f"  minimoe export {shlex.quote(where + files[0])} --format sglang|trtllm|vllm|eplb --out FILE"
+    layers = decisions[0].get("layer_ids")  # the model layers of the placements' rows, when the trace said
+    if layers is None or layers == list(range(len(layers))):
+        return [f"Saved: {', '.join(where + f for f in files)}. {lead}",
+                f"{command} --config MODEL/config.json   (or --moe-layers with the model's MoE layer indices)"]
     return [f"Saved: {', '.join(where + f for f in files)}. {lead}",
-            f"  minimoe export {shlex.quote(where + files[0])} --format sglang|trtllm|vllm|eplb --out FILE "
-            "--config MODEL/config.json   (or --moe-layers with the model's MoE layer indices)"]
+            f"{command} --config MODEL/config.json   (the files record their rows' model layers, "
+            f"{layer_list(layers)}; sglang and trtllm can do without --config)"]
 
 
 def decide(rows: list[dict], topologies: list[Topology]) -> list[dict]:
@@ -152,6 +158,7 @@ def deployments(trace, decisions: list[dict], topologies: list[Topology], token_
             key = (d["topology"], row["num_replicas"], row["method"])
             placement, sources = (fitted or {}).get(key) or fit(trace, topology, row["method"], token_sets["prefill"],
                                                                  row["num_replicas"], seed)
+            placement = placement.with_layer_ids(getattr(trace, "layer_ids", None))  # the model layers, when known
             name = f"placement-{d['topology']}{suffix}.json"
             measured = {k: row.get(k) for k in ("inter_node_bytes", "cut_vs_contiguous", "cut_vs_eplb",
                                                 "load_max_over_mean", "pair_node_local_fraction")}
@@ -160,4 +167,5 @@ def deployments(trace, decisions: list[dict], topologies: list[Topology], token_
                                            split=dict(split_info), seed=seed, measured=measured,
                                            trace=trace_fingerprint(trace))))
             d["files"].append(name)
+        d["layer_ids"] = placement.layer_ids
     return files

@@ -22,7 +22,13 @@ placement's GPUs. What differs is the container and the layer numbering:
                                       "log2phy" [L, E, maxcnt] (-1 padded),
                                       "logcnt" [L, E]}
 
-The MoE layers' model indices come from ``--moe-layers`` or the model's ``--config`` (``minimoe.traces.layers``).
+The MoE layers' model indices come from the placement itself when the trace it was fitted on named them
+(``Placement.layer_ids``: a routing log's logged layers, a capture's kept layers), from ``--moe-layers``, or from
+the model's ``--config`` (``minimoe.traces.layers``), which also lists every MoE layer of the model. A placement
+of some of those layers (a log of layers 0 and 15 of a 16-layer model) is written at its layers' places, and
+every MoE layer it does not cover gets the identity placement (slot s holds expert s mod E), so the engine's file
+covers the whole model. vLLM and EPLB number the MoE layers 0..M-1 over the model's MoE layers, so a placement
+whose model layers are known but are not 0..L-1 needs ``--config`` to be numbered.
 ``export_command.FLAGS`` says which flags each format reads (``minimoe export --help`` prints it); another is refused in one line.
 A load trace (``minimoe import`` of an engine's load dump) exports its totals where an engine takes loads
 instead of a placement: SGLang's ``{"logical_count": [num_hidden_layers x E]}`` (SGLang then runs its own EPLB)
@@ -97,51 +103,106 @@ def to_vllm(placement) -> dict:
             "initial_global_assignments": {str(i): row.tolist() for i, row in enumerate(placement.phy2log)}}
 
 
+# ---- which model layers the placement's rows are ------------------------------------------------------------
+def model_moe_layers(placement, layers: ModelLayers | None) -> list[int] | None:
+    """The model layer index of each of the placement's rows: ``--moe-layers`` (which must agree with the layers
+    the placement records), else the placement's own ``layer_ids``, else (with ``--config``) the config's MoE
+    layers, which must then be as many as the rows; None when nothing says. Raises ValueError naming the source."""
+    recorded = placement.layer_ids
+    if layers is not None and layers.source == "--moe-layers":
+        named = _moe_rows(placement, layers.moe_layers, "--moe-layers")
+        if recorded is not None and named != recorded:
+            raise ValueError(f"--moe-layers {layer_list(named)} disagrees with the model layers the placement "
+                             f"records, {layer_list(recorded)} (those of the trace it was fitted on)")
+        return named
+    if recorded is not None:
+        if layers is not None:
+            dense = [i for i in recorded if i not in layers.moe_layers]
+            if dense:
+                raise ValueError(f"the placement records model layers {layer_list(recorded)}, but by {layers.source} "
+                                 f"layers {layer_list(dense)} are not MoE layers (its MoE layers: "
+                                 f"{layer_list(layers.moe_layers)})")
+        return recorded
+    return None if layers is None else _moe_rows(placement, layers.moe_layers, layers.source)
+
+
+def over_model(placement, rows: list[int], model_moe: list[int]):
+    """The placement over every MoE layer ``model_moe`` of the model: its rows where ``rows`` place them, the
+    identity (slot s -> expert s mod E) for the MoE layers it does not cover."""
+    if list(rows) == list(model_moe):
+        return placement
+    identity = np.arange(placement.num_slots) % placement.num_experts
+    table = np.tile(identity, (len(model_moe), 1))
+    table[[model_moe.index(i) for i in rows]] = placement.phy2log
+    return type(placement)(table, placement.num_experts, placement.num_nodes, placement.gpus_per_node,
+                           placement.method, model_moe)
+
+
 # ---- writing the engines' files ---------------------------------------------------------------------------
-def write(placement, fmt: str, path, layers: ModelLayers | None = None) -> str:
-    """Write ``placement`` as ``fmt`` to ``path``; returns one line saying what was written and how to use it."""
+def write(placement, fmt: str, path, layers: ModelLayers | None = None, num_layers: int | None = None) -> str:
+    """Write ``placement`` as ``fmt`` to ``path``; returns one line saying what was written and how to use it.
+    The model layers come from ``model_moe_layers``; ``layers`` (``--moe-layers`` or ``--config``) may be None
+    when the placement records them; ``num_layers`` (``--num-layers``) sizes sglang's table without a config."""
     path = Path(path)
-    if fmt in ("sglang", "trtllm") and layers is None:
-        raise ValueError(f"--format {fmt} needs the model layer index of each MoE layer: give --moe-layers or "
-                         "--config (the model's config.json)")
     if layers is not None:
         check_experts(layers, "the placement", placement.num_experts)
-        _moe_rows(placement, layers.moe_layers, layers.source)
+    rows = model_moe_layers(placement, layers)
+    if fmt in ("sglang", "trtllm") and rows is None:
+        raise ValueError(f"--format {fmt} needs the model layer index of each MoE layer, and the placement does not "
+                         "record them (its trace did not say): give --moe-layers or --config (the model's config.json)")
+    from_config = layers is not None and layers.source != "--moe-layers"
+    model_moe = list(layers.moe_layers) if from_config else rows
+    if fmt in ("vllm", "eplb") and rows is not None and not from_config and rows != list(range(len(rows))):
+        raise ValueError(f"the placement places model layers {layer_list(rows)}; --format {fmt} numbers the model's "
+                         "MoE layers 0..M-1, which only the model's config tells: give --config MODEL/config.json")
+    covered = ""
+    if model_moe is not None and len(model_moe) > len(rows):
+        covered = (f" ({len(rows)} of the model's {len(model_moe)} MoE layers placed; the others keep slot s -> "
+                   "expert s mod E)")
+        placement = over_model(placement, rows, model_moe)
     ranks, per_rank = placement.num_gpus, placement.slots_per_gpu
     spare = placement.num_slots - placement.num_experts
     where = f"{placement.num_experts} experts on {placement.num_slots} slots per layer over {ranks} ranks " \
             f"(slot s on rank s // {per_rank})"
     if fmt == "sglang":
-        table = sglang_map(placement, layers.moe_layers, layers.num_layers)
+        if layers is None:
+            num_layers = num_layers or model_moe[-1] + 1
+            if model_moe[-1] >= num_layers:
+                raise ValueError(f"--num-layers {num_layers}: the placement places model layer {model_moe[-1]}")
+        else:
+            num_layers = layers.num_layers
+        table = sglang_map(placement, model_moe, num_layers)
         if path.suffix == ".pt":
             import torch
 
             torch.save({"physical_to_logical_map": torch.from_numpy(table)}, path)
         else:
             path.write_text(json.dumps({"physical_to_logical_map": table.tolist()}) + "\n")
-        return (f"{path}: SGLang --init-expert-location, {layers.num_layers} layers ({placement.num_layers} placed), "
+        return (f"{path}: SGLang --init-expert-location, {num_layers} layers, placed: {layer_list(rows)}{covered}, "
                 f"{where}; start SGLang with --ep-num-redundant-experts {spare} and expert parallelism over {ranks} "
                 "ranks")
     if fmt == "trtllm":
         import yaml
 
-        path.write_text(yaml.safe_dump(to_trtllm(placement, layers.moe_layers), default_flow_style=None, width=1 << 20))
-        return (f"{path}: TensorRT-LLM moe_load_balancer (static), model layers {list(layers.moe_layers)[:4]}"
-                f"{'...' if placement.num_layers > 4 else ''}, {where}; run with moe_expert_parallel_size {ranks}")
+        path.write_text(yaml.safe_dump(to_trtllm(placement, model_moe), default_flow_style=None, width=1 << 20))
+        return (f"{path}: TensorRT-LLM moe_load_balancer (static), model layers {layer_list(model_moe)}{covered}, "
+                f"{where}; run with moe_expert_parallel_size {ranks}")
     if fmt == "vllm":
         path.write_text(json.dumps(to_vllm(placement)) + "\n")
-        return f"{path}: vLLM eplb_initial_mapping, {placement.num_layers} MoE layers, {where} ({spare} redundant)"
+        return (f"{path}: vLLM eplb_initial_mapping, {placement.num_layers} MoE layers{covered}, {where} ({spare} "
+                "redundant)")
     import torch
 
     phy2log, log2phy, logcnt = placement.to_eplb()
     torch.save({"phy2log": phy2log, "log2phy": log2phy, "logcnt": logcnt}, path)
     return (f"{path}: DeepSeek EPLB tensors phy2log {tuple(phy2log.shape)}, log2phy {tuple(log2phy.shape)}, "
-            f"logcnt; {where}")
+            f"logcnt{covered}; {where}")
 
 
-def write_loads(loads, fmt: str, path, layers: ModelLayers | None = None) -> str:
+def write_loads(loads, fmt: str, path, layers: ModelLayers | None = None, num_layers: int | None = None) -> str:
     """Write a ``LoadTrace``'s totals where an engine takes loads (SGLang ``logical_count``, EPLB ``weight``);
-    ``layers`` (from --moe-layers or --config) must agree with the layers and experts the load file records."""
+    ``layers`` (from --moe-layers or --config) must agree with the layers and experts the load file records;
+    ``num_layers`` (``--num-layers``) sizes SGLang's table when no config does."""
     if fmt not in ("sglang", "eplb"):
         raise ValueError(f"--format {fmt} takes a placement, not loads: run minimoe report --trace on the load file "
                          "and export the placement it recommends")
@@ -157,7 +218,9 @@ def write_loads(loads, fmt: str, path, layers: ModelLayers | None = None) -> str
     ids = list(layers.moe_layers) if layers is not None else [int(i) for i in loads.layer_ids]
     if any(i < 0 for i in ids):
         raise ValueError("the load file does not say which model layers its rows are: give --moe-layers or --config")
-    num_layers = layers.num_layers if layers is not None else max(ids) + 1
+    num_layers = layers.num_layers if layers is not None else num_layers or max(ids) + 1
+    if max(ids) >= num_layers:
+        raise ValueError(f"--num-layers {num_layers}: the load file records model layer {max(ids)}")
     table = np.zeros((num_layers, loads.num_experts), np.int64)
     table[ids] = totals
     if Path(path).suffix == ".pt":

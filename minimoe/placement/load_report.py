@@ -174,13 +174,13 @@ def save_load_decision(lt, result: dict, topologies: list[Topology], folder, see
     for d in result["decision"]:
         row = d["recommended"]
         placement = place_loads(lt.loads(fit_steps), by_name[d["topology"]], row["method"], row["num_replicas"],
-                                lt.coactivation, seed)
+                                lt.coactivation, seed).with_layer_ids(lt.layer_ids)  # None unless all are known
         name = f"placement-{d['topology']}.json"
         Deployment(placement=placement, method=row["method"], split={"kind": "steps" if half else "totals"},
                    seed=seed, measured={k: v for k, v in row.items() if k not in ("topology", "method")},
                    trace=dict(source=lt.source, steps=lt.num_steps, layers=lt.num_layers,
                               num_experts=lt.num_experts)).save(Path(folder) / name)
-        d["files"] = [name]
+        d["files"], d["layer_ids"] = [name], placement.layer_ids
         names.append(name)
     return names
 

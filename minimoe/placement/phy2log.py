@@ -10,8 +10,10 @@ expert-parallel layer agree: **nearest first** — a replica on the token's own 
 node, else any; among equally near replicas the token takes ``candidates[token_index % count]``
 (candidates in slot order), which spreads tokens evenly, like vLLM's ``position % replica_count``.
 
-Files: ``save`` writes JSON tagged ``"format": "minimoe.placement.methods/1"`` (the tag files have always
-carried); ``load`` also reads the placement inside a ``minimoe report`` deployment file. ``to_sglang``,
+``layer_ids`` (optional) is the model's layer index of each of the L MoE layers, taken from the trace the
+placement was fitted on when its source said (``minimoe.traces.format``): it tells ``minimoe export`` where each
+row goes in the engine's file. Files: ``save`` writes JSON tagged ``"format": "minimoe.placement.methods/1"``
+(the tag files have always carried; ``layer_ids`` only when known); ``load`` also reads the placement inside a ``minimoe report`` deployment file. ``to_sglang``,
 ``to_trtllm``, ``to_vllm`` and ``to_eplb`` give the serving engines' own forms (``minimoe.placement.export``).
 :func:`minimoe.placement.methods.place` fits one.
 """
@@ -25,14 +27,17 @@ import numpy as np
 from minimoe.placement import export
 from minimoe.placement.topology import Topology
 from minimoe.traces.inputs import parse_json, read_text
+from minimoe.traces.layers import as_layer_ids, check_layer_ids, known_layer_ids
 
 FORMAT = "minimoe.placement.methods/1"  # the tag of a placement file (the tag files have always carried)
 
 
 class Placement:
-    """``phy2log`` (L, R) int64 on ``num_nodes x gpus_per_node`` GPUs; validated on construction."""
+    """``phy2log`` (L, R) int64 on ``num_nodes x gpus_per_node`` GPUs; ``layer_ids`` the model layer index of
+    each MoE layer (L ints, increasing) or None (not known); validated on construction."""
 
-    def __init__(self, phy2log, num_experts: int, num_nodes: int, gpus_per_node: int, method: str = ""):
+    def __init__(self, phy2log, num_experts: int, num_nodes: int, gpus_per_node: int, method: str = "",
+                 layer_ids=None):
         phy2log = np.asarray(phy2log)
         if phy2log.ndim != 2 or phy2log.dtype.kind not in "iu":
             raise ValueError(f"phy2log must be a 2-D integer array [num_layers, num_slots], "
@@ -43,6 +48,11 @@ class Placement:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
         self.num_experts = int(num_experts)
         self.method = str(method)
+        self.layer_ids = None
+        if layer_ids is not None:
+            ids = as_layer_ids(layer_ids, self.phy2log.shape[0])
+            check_layer_ids(ids, self.phy2log.shape[0])
+            self.layer_ids = known_layer_ids(ids)  # None when any is unknown (-1)
         self.validate()
 
     # ---- shape --------------------------------------------------------------------------------------------
@@ -164,8 +174,16 @@ class Placement:
         return tuple(torch.from_numpy(a) for a in (self.phy2log.copy(), log2phy, counts.astype(np.int64)))
 
     def to_dict(self) -> dict:
-        return dict(format=FORMAT, method=self.method, num_experts=self.num_experts,
+        data = dict(format=FORMAT, method=self.method, num_experts=self.num_experts,
                     num_nodes=self.num_nodes, gpus_per_node=self.gpus_per_node, phy2log=self.phy2log.tolist())
+        if self.layer_ids is not None:
+            data["layer_ids"] = list(self.layer_ids)
+        return data
+
+    def with_layer_ids(self, layer_ids) -> "Placement":
+        """The same placement, its rows named as the model layers ``layer_ids`` (L ints, -1 or None = unknown)."""
+        return Placement(self.phy2log, self.num_experts, self.num_nodes, self.gpus_per_node, self.method,
+                         layer_ids if layer_ids is None else known_layer_ids(layer_ids))
 
     def to_sglang(self, moe_layers, num_layers: int) -> dict:
         """SGLang's ``--init-expert-location`` object (``minimoe.placement.export.to_sglang``)."""
@@ -188,12 +206,14 @@ class Placement:
         """The inverse of ``to_dict``; ValueError for anything else (a field of the wrong type named first)."""
         _check_fields(data)
         keys = {"format", "method", "num_experts", "num_nodes", "gpus_per_node", "phy2log"}
-        if not isinstance(data, dict) or set(data) != keys or data["format"] != FORMAT:
-            raise ValueError(f"expected a minimoe.placement.methods/1 object with keys {sorted(keys)}")
+        if not isinstance(data, dict) or set(data) - {"layer_ids"} != keys or data["format"] != FORMAT:
+            raise ValueError(f"expected a minimoe.placement.methods/1 object with keys {sorted(keys)} (and "
+                             "optionally layer_ids)")
         table = np.asarray(data["phy2log"])
         if table.dtype.kind not in "iu":
             raise ValueError("phy2log must be a 2-D list of ints")
-        return cls(table, data["num_experts"], data["num_nodes"], data["gpus_per_node"], data["method"])
+        return cls(table, data["num_experts"], data["num_nodes"], data["gpus_per_node"], data["method"],
+                   data.get("layer_ids"))
 
     @classmethod
     def load(cls, path) -> "Placement":
@@ -239,6 +259,11 @@ def _check_fields(data) -> None:
             raise _FieldError(f"{key} must be a whole number >= 1, got {value!r}")
     if "method" in data and not isinstance(data["method"], str):
         raise _FieldError(f"method must be a str, got {data['method']!r}")
+    ids = data.get("layer_ids")
+    if "layer_ids" in data and not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                  and i >= 0 for i in ids)):
+        raise _FieldError(f"layer_ids must be a list of model layer indices (ints >= 0), one per MoE layer, got "
+                          f"{str(ids)[:80]}")
     table = data.get("phy2log")
     rows = table if isinstance(table, list) else [None]
     if "phy2log" in data and not (rows and all(isinstance(row, list) and len(row) == len(rows[0]) and all(

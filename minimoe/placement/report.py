@@ -110,7 +110,7 @@ def run_report(trace, topologies: list[Topology], window: int | None = None, see
     result = dict(trace=trace_summary(stats), hidden_size=hidden_size, unavailable={},
                   max_fit_tokens=max_fit_tokens, engine=engine.name)
     say("findings: imbalance, domain specificity, prefill -> decode")
-    result["findings"] = findings_of_stats(stats, seed=seed)
+    result["findings"] = findings_of_stats(stats, seed=seed, layer_ids=getattr(trace, "layer_ids", None))
     if chosen is None:
         result["unavailable"]["compare"] = unavailable
         result.update(window=None, split=None, rows=[], partitioners=[], uniform=[], drift=None, decision=[])

@@ -48,6 +48,7 @@ import numpy as np
 
 from minimoe.traces.analysis import gini, js_divergence, max_over_mean, normalized_entropy, paired_similarity
 from minimoe.traces.format import Trace
+from minimoe.traces.layers import known_layer_ids
 from minimoe.traces.stats import TraceStats, trace_stats
 
 DEFAULT_REQUESTS_PER_DOMAIN = 500  # x 4 domains = 2000 requests, about 260 K routed tokens
@@ -281,11 +282,13 @@ def findings(trace: Trace, seed: int = 0, num_splits: int = 100, num_shuffles: i
         raise TypeError(f"trace must be a minimoe.traces.format.Trace, got {type(trace).__name__}")
     if trace.num_tokens == 0:
         raise ValueError("the trace is empty")
-    return findings_of_stats(trace_stats(trace, sample_size=1), seed, num_splits, num_shuffles)
+    return findings_of_stats(trace_stats(trace, sample_size=1), seed, num_splits, num_shuffles, trace.layer_ids)
 
 
-def findings_of_stats(stats: TraceStats, seed: int = 0, num_splits: int = 100, num_shuffles: int = 10) -> dict:
-    """``findings`` from the statistics of one pass (``minimoe.traces.stats``) over a trace of any size."""
+def findings_of_stats(stats: TraceStats, seed: int = 0, num_splits: int = 100, num_shuffles: int = 10,
+                      layer_ids=None) -> dict:
+    """``findings`` from the statistics of one pass (``minimoe.traces.stats``) over a trace of any size;
+    ``layer_ids`` (the trace's, -1 = unknown) name the layers in the table when every one is known."""
     if stats.num_tokens == 0:
         raise ValueError("the trace is empty")
     domains = stats.domain
@@ -294,7 +297,7 @@ def findings_of_stats(stats: TraceStats, seed: int = 0, num_splits: int = 100, n
     return dict(
         trace=dict(model=stats.model, tokens=stats.num_tokens, requests=stats.num_requests,
                    layers=stats.num_layers, experts=stats.num_experts, top_k=stats.top_k,
-                   prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
+                   layer_ids=None if layer_ids is None else known_layer_ids(layer_ids), prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                    requests_per_domain={str(d): int((domains == d).sum()) for d in np.unique(domains)}),
         imbalance=imbalance_finding(stats, seed),
         # a finding the trace cannot support is {"unavailable": why}, and the others are still measured

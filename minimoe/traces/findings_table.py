@@ -35,14 +35,16 @@ def _label(domain: str) -> str:
 def format_findings(result: dict) -> str:
     """The findings as a plain-text table (what ``minimoe findings`` prints)."""
     info, imbalance, domain, paired = result["trace"], result["imbalance"], result["domain"], result["prefill_decode"]
-    layers = range(info["layers"])
+    layers = info.get("layer_ids") or list(range(info["layers"]))  # the model's layer numbers, when known
+    renumbered = layers != list(range(info["layers"]))
     domains = ", ".join(f"{_label(d)} {n}" for d, n in info["requests_per_domain"].items())
     phases = (f"{info['prefill_tokens']:,} prefill, {info['decode_tokens']:,} decode"
               if info["prefill_tokens"] + info["decode_tokens"] else "phases unknown")
     lines = [f"trace {info['model'] or '(unnamed)'}: {_requests(info['requests'])}" + (f" ({domains})" if domains
                                                                                           else "") + ", "
              f"{info['tokens']:,} tokens ({phases}), "
-             f"{plural(info['layers'], 'MoE layer')}, {plural(info['experts'], 'expert')}, top-{info['top_k']}", ""]
+             f"{plural(info['layers'], 'MoE layer')}" + (" (numbered as in the model)" if renumbered else "")
+             + f", {plural(info['experts'], 'expert')}, top-{info['top_k']}", ""]
     header = _row("", [f"layer {l}" for l in layers], "{}", "uniform routing, same tokens")
     groups = imbalance["groups"]
     lines += ["(a) Load imbalance per layer (max/mean load; 1 = balanced)", header]
@@ -60,7 +62,8 @@ def format_findings(result: dict) -> str:
     if imbalance["layers_differ"] is None:
         verdict = f"layers not compared ({imbalance['layers_differ_unavailable']})"
     else:
-        verdict = (f"layer {imbalance['most_imbalanced_layer']} above layer {imbalance['least_imbalanced_layer']} "
+        verdict = (f"layer {layers[imbalance['most_imbalanced_layer']]} above layer "
+                   f"{layers[imbalance['least_imbalanced_layer']]} "
                    f"in {imbalance['layers_differ_confidence']:.1%} of bootstrap resamples "
                    f"(differ: {imbalance['layers_differ']})")
     lines += [f"  -> every layer above uniform p95: {imbalance['above_uniform']}; {verdict}", ""]

@@ -26,9 +26,13 @@ archive, readable by ``numpy.load(path, allow_pickle=False)``, holding exactly t
 | ``notes``     | unicode (), optional     | a JSON object of str -> str: what the source said that no array |
 |               |                          | holds (an engine's version, fields a log had and minimoe did not |
 |               |                          | read, assumptions an importer made); never used in a computation |
+| ``layer_ids`` | int64 (L,), optional     | the model's layer index of each MoE layer, increasing; -1 (or no |
+|               |                          | array) where the source does not say                             |
 
 Only MoE layers belong in ``experts``: dense layers of models that interleave them (DeepSeek-V3's first
-layers, Llama 4) are left out, so axis 1 counts MoE layers. A 0-d ``domain`` is expanded to one label per
+layers, Llama 4) are left out, so axis 1 counts MoE layers, and ``layer_ids`` says which model layers they are (a log of
+layers 0 and 15 of a 16-layer model holds L = 2 and ``layer_ids`` [0, 15]): placements fitted on the trace
+carry them to ``minimoe export``. A 0-d ``domain`` is expanded to one label per
 token when loaded (and saved that way). Loading trusts nothing: every array's dtype and shape
 (``minimoe.traces.trace_file``), every id range and metadata field are checked, object arrays and pickles are
 refused, and any damaged file raises ValueError naming the file and what was wrong (for an expert id out of
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minimoe.traces.layers import as_layer_ids, check_layer_ids
 from minimoe.traces.npz import file_label
 from minimoe.traces.trace_file import trace_fields, write_trace
 
@@ -80,6 +85,7 @@ class Trace:
     model: str = ""
     weights: np.ndarray | None = None   # float16 (N, L, k)
     notes: dict | None = None           # str -> str: provenance only (not compared by ==, never computed on)
+    layer_ids: np.ndarray | None = None  # int64 (L,): model layer index of each MoE layer, -1 = unknown
 
     def __post_init__(self):
         # Convenience conversions for in-memory construction (files are checked strictly in `load`).
@@ -99,6 +105,7 @@ class Trace:
                 with np.errstate(over="ignore"):
                     self.weights = self.weights.astype(np.float16)
         self.notes = {} if self.notes is None else dict(self.notes)
+        self.layer_ids = as_layer_ids(self.layer_ids, self.experts.shape[1] if self.experts.ndim == 3 else 0)
         self.validate()
 
     # ---- sizes -------------------------------------------------------------------------------------------
@@ -136,6 +143,7 @@ class Trace:
                                  f"{getattr(array, 'dtype', type(array).__name__)}")
         if self.experts.ndim != 3 or self.experts.shape[1] < 1 or self.experts.shape[2] != self.top_k:
             raise ValueError(f"experts must have shape (N, L>=1, top_k={self.top_k}), got {self.experts.shape}")
+        check_layer_ids(self.layer_ids, self.num_layers)
         n = self.num_tokens
         for name in ("request", "phase"):
             if getattr(self, name).shape != (n,):
@@ -185,12 +193,13 @@ class Trace:
                                  f"has {self.domain[bad - 1]!r} and {self.domain[bad]!r}")
 
     def __eq__(self, other) -> bool:
-        """Same routing, requests, phases, domains, weights and metadata (``notes`` are not compared)."""
+        """Same routing, requests, phases, domains, weights, layer ids and metadata (``notes`` are not compared)."""
         if not isinstance(other, Trace):
             return NotImplemented
         same_meta = (self.model, self.num_experts, self.top_k) == (other.model, other.num_experts, other.top_k)
         arrays = [(a, b) for a, b in ((self.experts, other.experts), (self.request, other.request),
-                                      (self.phase, other.phase), (self.domain, other.domain))]
+                                      (self.phase, other.phase), (self.domain, other.domain),
+                                      (self.layer_ids, other.layer_ids))]
         if (self.weights is None) != (other.weights is None):
             return False
         if self.weights is not None:
@@ -200,7 +209,8 @@ class Trace:
     def __repr__(self) -> str:
         return (f"Trace(model={self.model!r}, tokens={self.num_tokens}, layers={self.num_layers}, "
                 f"requests={self.num_requests}, num_experts={self.num_experts}, top_k={self.top_k}, "
-                f"domains={sorted(set(self.domain.tolist()))}, weights={self.weights is not None})")
+                f"domains={sorted(set(self.domain.tolist()))}, weights={self.weights is not None}, "
+                f"layer_ids={self.layer_ids.tolist()})")
 
     # ---- per-request views -------------------------------------------------------------------------------
     def request_ranges(self) -> tuple[np.ndarray, np.ndarray]:
@@ -227,7 +237,8 @@ class Trace:
         return Trace(experts=self.experts[mask], request=np.cumsum(starts, dtype=np.int32) - 1,
                      phase=self.phase[mask], domain=self.domain[mask] if self.has_domain else self.domain,
                      num_experts=self.num_experts, top_k=self.top_k, model=self.model,
-                     weights=None if self.weights is None else self.weights[mask], notes=self.notes)
+                     weights=None if self.weights is None else self.weights[mask], notes=self.notes,
+                     layer_ids=self.layer_ids)
 
     def where(self, phase: int | str | None = None, domain: str | list[str] | None = None) -> Trace:
         """Tokens of one phase (0/1/-1 or "prefill"/"decode"/"unknown") and/or of the given domain(s)."""
@@ -260,7 +271,8 @@ class Trace:
                              f"got {ids!r}")
         return Trace(experts=self.experts[:, ids], request=self.request, phase=self.phase,
                      domain=self.domain, num_experts=self.num_experts, top_k=self.top_k, model=self.model,
-                     weights=None if self.weights is None else self.weights[:, ids], notes=self.notes)
+                     weights=None if self.weights is None else self.weights[:, ids], notes=self.notes,
+                     layer_ids=self.layer_ids[ids])
 
     # ---- files (the .npz layout and its checks: ``minimoe.traces.trace_file``) --------------------------------
     def save(self, path) -> None:
@@ -292,6 +304,9 @@ def concat(traces: list[Trace]) -> Trace:
             if getattr(trace, attr) != getattr(first, attr):
                 raise ValueError(f"concat: trace {index} has {attr}={getattr(trace, attr)!r}, "
                                  f"trace 0 has {getattr(first, attr)!r}")
+        if not np.array_equal(trace.layer_ids, first.layer_ids):
+            raise ValueError(f"concat: trace {index} has layer_ids {trace.layer_ids.tolist()}, trace 0 has "
+                             f"{first.layer_ids.tolist()}")
     nonempty = [t for t in traces if t.num_tokens]
     if len({t.has_domain for t in nonempty}) > 1:
         raise ValueError("concat: some traces have domain labels and some do not")
@@ -305,5 +320,5 @@ def concat(traces: list[Trace]) -> Trace:
                  domain=np.concatenate([t.domain for t in traces]) if has_domain else None,
                  num_experts=first.num_experts, top_k=first.top_k, model=first.model,
                  weights=None if first.weights is None else np.concatenate([t.weights for t in traces]),
-                 notes=first.notes)
+                 notes=first.notes, layer_ids=first.layer_ids)
 

@@ -25,7 +25,8 @@ layer from a router that really sent every token to expert 0, so the importers n
 and, whichever is chosen, a kept layer whose routing is degenerate (at least two tokens, every token the same
 ids) is refused unless `keep_degenerate=True`; a row that repeats an id (top-k > 1 over a zero-filled
 layer) is refused with that cause named. With a single token and top-1, a zero-filled layer cannot be told
-from routing: pass `moe_layers`.
+from routing: pass `moe_layers`. Axis 1 of a capture is every decoder layer, so the kept indices are the model's
+layer numbers: they become the trace's ``layer_ids``, which placements fitted on it carry to ``minimoe export``.
 
 Routing logs written as text (JSONL) are read by `minimoe.traces.importers_jsonl`.
 """
@@ -75,7 +76,8 @@ def from_vllm(routed_experts, num_experts: int, prompt_lengths=None, domains=Non
     if not lengths.any():
         raise ValueError(f"the capture holds no token: all {len(arrays)} routed_experts arrays have 0 rows")
     experts = np.concatenate([a.astype(np.int64) for a in arrays])  # (N, num_layers, top_k)
-    experts = experts[:, _moe_layer_ids(experts, moe_layers, keep_degenerate)]
+    layer_ids = _moe_layer_ids(experts, moe_layers, keep_degenerate)  # axis 1 of a capture: every decoder layer
+    experts = experts[:, layer_ids]
     _check_rows(experts, lengths, keep_degenerate)
     phase = np.full(len(experts), -1, np.int8)
     if prompt_lengths is not None:
@@ -97,7 +99,7 @@ def from_vllm(routed_experts, num_experts: int, prompt_lengths=None, domains=Non
     keep = lengths > 0  # requests without rows vanish; ids stay dense
     request = np.repeat(np.cumsum(keep) - 1, lengths)
     return Trace(experts=experts, request=request, phase=phase, domain=domain, num_experts=num_experts,
-                 top_k=experts.shape[2], model=model)
+                 top_k=experts.shape[2], model=model, layer_ids=layer_ids)
 
 
 def _degenerate(layer: np.ndarray) -> bool:

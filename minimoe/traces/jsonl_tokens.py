@@ -90,7 +90,8 @@ def _rows(rows, line, name: str, kind: str, num_experts: int = 0, width: int | N
 
 
 def tokens_to_trace(tokens, names, num_experts, top_k, model, top_k_line=None, layers=None) -> Trace:
-    """The Trace of the grouped tokens; ``layers``: the logged layer numbers (None: per-token layout)."""
+    """The Trace of the grouped tokens; ``layers``: the logged layer numbers, the trace's ``layer_ids`` (None:
+    per-token layout, which does not say)."""
     for field in ("domain", "weights"):
         present = {bool(t[field]) for t in tokens}
         if len(present) > 1:
@@ -144,4 +145,5 @@ def tokens_to_trace(tokens, names, num_experts, top_k, model, top_k_line=None, l
                  request=[row[0] for row in rows], phase=[row[4] for row in rows],
                  domain=[row[5] for row in rows] if rows[0][5] is not None else None,
                  num_experts=num_experts, top_k=width, model=model,
-                 weights=np.array([row[3] for row in rows], dtype=np.float64) if has_weights else None)
+                 weights=np.array([row[3] for row in rows], dtype=np.float64) if has_weights else None,
+                 layer_ids=layers)

@@ -31,6 +31,8 @@ import numbers
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 MAX_LAYERS = 1024  # bounds every layer index and count read here: no model has that many decoder layers
 EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "top_k")
@@ -69,6 +71,37 @@ def layer_list(values, limit: int = 8) -> str:
     if len(items) <= limit + 1:
         return _clip(repr(items))
     return _clip(f"[{', '.join(map(repr, items[:limit]))}, ... {items[-1]!r}] ({len(items)} in all)")
+
+
+def as_layer_ids(values, num_layers: int) -> np.ndarray:
+    """A trace's ``layer_ids``: the model layer index of each of its ``num_layers`` MoE layers, as int64 (L,),
+    -1 where the source does not say (``values`` None: -1 for every layer). Integer arrays and lists only
+    (ValueError otherwise); :func:`check_layer_ids` checks the values."""
+    if values is None:
+        return np.full(num_layers, -1, np.int64)
+    array = np.asarray(values)
+    if array.size and array.dtype.kind not in "iu":
+        raise ValueError(f"layer_ids must hold integers, got {layer_list(np.ravel(array).tolist())} "
+                        f"(dtype {array.dtype})")
+    return array.astype(np.int64)
+
+
+def check_layer_ids(layer_ids: np.ndarray, num_layers: int) -> None:
+    """Raise ValueError unless ``layer_ids`` is (num_layers,), every id is -1 (unknown) or in [0, MAX_LAYERS),
+    and the known ids are distinct and increasing (MoE layers are stored in model order)."""
+    if layer_ids.shape != (num_layers,) or (layer_ids < -1).any() or (layer_ids >= MAX_LAYERS).any():
+        raise ValueError(f"layer_ids must be ({num_layers},) model layer indices in [0, {MAX_LAYERS}) (-1 = "
+                         f"unknown), got {layer_list(layer_ids.tolist())}")
+    known = layer_ids[layer_ids >= 0]
+    if (np.diff(known) <= 0).any():
+        raise ValueError(f"layer_ids must be distinct and increasing (the model's order), got "
+                         f"{layer_list(layer_ids.tolist())}")
+
+
+def known_layer_ids(layer_ids) -> list[int] | None:
+    """The model layer indices as a list when every one is known, else None."""
+    ids = [int(i) for i in layer_ids]
+    return ids if ids and min(ids) >= 0 else None
 
 
 def _clip(text: str, width: int = 160) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 from minimoe.traces.format import MAX_EXPERTS, Trace
 from minimoe.traces.npz import file_label, read_npz
 from minimoe.traces.inputs import plural
+from minimoe.traces.layers import check_layer_ids
 
 KIND = "loads"
 MAX_COUNT = 2**53  # (token, expert) pairs a load trace may count in all: far beyond any run, exact in float64
@@ -85,12 +86,7 @@ class LoadTrace:
         if total >= MAX_COUNT:
             raise ValueError(f"counts sum to about {total:.3g} (token, expert) pairs, more than {MAX_COUNT:.3g}: "
                              "not the record of a real run")
-        if self.layer_ids.shape != (self.num_layers,) or (self.layer_ids < -1).any():
-            raise ValueError(f"layer_ids must be ({self.num_layers},) model layer indices (-1 = unknown), "
-                             f"got {self.layer_ids.tolist()}")
-        known = self.layer_ids[self.layer_ids >= 0]
-        if len(set(known.tolist())) != known.size or (np.diff(known) <= 0).any():
-            raise ValueError(f"layer_ids must be distinct and increasing, got {self.layer_ids.tolist()}")
+        check_layer_ids(self.layer_ids, self.num_layers)
         if self.coactivation is not None:
             shape = (self.num_layers, self.num_experts, self.num_experts)
             if self.coactivation.shape != shape or (self.coactivation < 0).any():

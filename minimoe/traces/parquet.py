@@ -16,7 +16,8 @@ A Parquet trace holds the same data one row per token, written and read in recor
 | ``weights_l`` | fixed_size_list<float16>[top_k], optional | routing weights in MoE layer l                 |
 
 The schema's metadata key ``minimoe`` holds JSON ``{"format": "minimoe.trace/1", "model", "num_experts",
-"top_k", "num_layers", "notes"}`` (notes: the trace's provenance notes, str -> str). Any engine that reads
+"top_k", "num_layers", "notes"}`` (notes: the trace's provenance notes, str -> str), and ``"layer_ids"`` (the
+model layer index of each MoE layer, -1 = unknown) when the source named them. Any engine that reads
 Parquet (pandas, DuckDB, Spark, Dask) reads these files; ``minimoe.traces.parquet_writer`` writes them, as
 ``minimoe import`` and ``minimoe trace`` do when ``--out`` ends in ``.parquet`` (``minimoe import trace.npz --out
 trace.parquet`` converts). This module reads them: ``ParquetTrace.batches`` yields
@@ -32,6 +33,7 @@ import numpy as np
 
 from minimoe.traces.batches import Span, TraceBatch, check_batch, check_join, join_runs
 from minimoe.traces.format import MAX_EXPERTS, Trace
+from minimoe.traces.layers import as_layer_ids, check_layer_ids
 
 FORMAT = "minimoe.trace/1"
 ROWS_PER_GROUP = 1 << 20  # rows per Parquet row group: the unit a worker reads
@@ -78,6 +80,11 @@ class ParquetTrace:
         if not (1 <= self.num_experts <= MAX_EXPERTS and 1 <= self.top_k <= self.num_experts and self.num_layers >= 1):
             raise ValueError(f"trace file {self.label}: metadata num_experts={self.num_experts}, top_k={self.top_k}, "
                              f"num_layers={self.num_layers} are out of range")
+        try:
+            self.layer_ids = as_layer_ids(meta.get("layer_ids"), self.num_layers)
+            check_layer_ids(self.layer_ids, self.num_layers)
+        except ValueError as error:
+            raise ValueError(f"trace file {self.label}: metadata {error}") from None
         expected = dict(request=pa.int32(), phase=pa.int8(), position=pa.int32(), step=pa.int32())
         expected |= {f"experts_{l}": pa.list_(pa.int16(), self.top_k) for l in range(self.num_layers)}
         optional = {f"weights_{l}": pa.list_(pa.float16(), self.top_k) for l in range(self.num_layers)}
@@ -228,7 +235,8 @@ class ParquetTrace:
                          phase=cat("phase") if batches else np.zeros(0, np.int8),
                          domain=cat("domain") if batches and self.has_domain else None,
                          num_experts=self.num_experts, top_k=self.top_k, model=self.model,
-                         weights=cat("weights") if batches and self.has_weights else None, notes=self.notes)
+                         weights=cat("weights") if batches and self.has_weights else None, notes=self.notes,
+                         layer_ids=self.layer_ids)
         except ValueError as error:
             raise ValueError(f"trace file {self.label}: {error}") from None
 

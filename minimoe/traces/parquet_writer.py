@@ -24,7 +24,7 @@ class ParquetTraceWriter:
 
     def __init__(self, path, num_experts: int, top_k: int, num_layers: int, model: str = "",
                  has_domain: bool = True, has_weights: bool = False, rows_per_group: int = ROWS_PER_GROUP,
-                 notes: dict | None = None):
+                 notes: dict | None = None, layer_ids=None):
         pa, pq = import_pyarrow()
         self.pa, self.num_layers, self.top_k = pa, num_layers, top_k
         self.has_domain, self.has_weights, self.rows_per_group = has_domain, has_weights, rows_per_group
@@ -37,6 +37,8 @@ class ParquetTraceWriter:
             fields += [pa.field(f"weights_{l}", pa.list_(pa.float16(), top_k)) for l in range(num_layers)]
         meta = dict(format=FORMAT, model=model, num_experts=int(num_experts), top_k=int(top_k),
                     num_layers=int(num_layers), notes=dict(notes or {}))
+        if layer_ids is not None and any(int(i) >= 0 for i in layer_ids):  # the model layer of each MoE layer
+            meta["layer_ids"] = [int(i) for i in layer_ids]
         self.schema = pa.schema(fields, metadata={"minimoe": json.dumps(meta)})
         self.path = os.fspath(path)
         self.writer = pq.ParquetWriter(self.path, self.schema, compression="snappy")
@@ -102,7 +104,7 @@ def write_parquet(trace: Trace, path, rows_per_group: int = ROWS_PER_GROUP) -> N
     """Write an in-memory trace as a Parquet trace file."""
     with ParquetTraceWriter(path, trace.num_experts, trace.top_k, trace.num_layers, trace.model,
                             has_domain=trace.has_domain, has_weights=trace.weights is not None,
-                            rows_per_group=rows_per_group, notes=trace.notes) as writer:
+                            rows_per_group=rows_per_group, notes=trace.notes, layer_ids=trace.layer_ids) as writer:
         for batch in batches_of(trace, rows_per_group):
             writer.write(batch)
 

@@ -33,6 +33,7 @@ prompt sees the same positions as alone. Padding rows are dropped from the trace
 from __future__ import annotations
 
 import inspect
+import re
 
 import numpy as np
 import torch
@@ -63,9 +64,12 @@ class _HFRouting:
 
     def __init__(self, model):
         # decoder layer i's router is the module named "...layers.{i}.<path>" (named_modules keeps layer order)
-        self.routers = [module for name, module in model.named_modules()
-                        if any(name.endswith(f".{path}") for path in ROUTER_PATHS) and ".layers." in name
-                        and hasattr(module, "weight") and hasattr(module, "top_k")]
+        found = [(name, module) for name, module in model.named_modules()
+                 if any(name.endswith(f".{path}") for path in ROUTER_PATHS) and ".layers." in name
+                 and hasattr(module, "weight") and hasattr(module, "top_k")]
+        self.routers = [module for _, module in found]
+        numbers = [re.search(r"\.layers\.(\d+)\.", name) for name, _ in found]  # "model.layers.3.mlp.gate" -> 3
+        self.layer_ids = [int(n.group(1)) if n else -1 for n in numbers]  # the model's layer of each MoE layer
         if not self.routers:
             raise ValueError(f"found no MoE router ({' / '.join(ROUTER_PATHS)}) in the layers of "
                              f"{type(model).__name__}")
@@ -125,7 +129,8 @@ class _HFModel:
 class _MinimoeModel:
     def __init__(self, model):
         self.model = model
-        self.moe = [layer.ffn for i, layer in enumerate(model.layers) if model.config.is_moe_layer(i)]
+        self.layer_ids = [i for i in range(len(model.layers)) if model.config.is_moe_layer(i)]
+        self.moe = [model.layers[i].ffn for i in self.layer_ids]
         if not self.moe:
             raise ValueError("this minimoe model has no MoE layers (config.moe is None): nothing to record")
         self.num_experts, self.top_k = int(model.config.moe.num_experts), int(model.config.moe.top_k)
@@ -240,4 +245,5 @@ def record(model, prompts, max_new_tokens: int, domains=None, *, batch_size: int
     return Trace(experts=np.concatenate(experts), request=request, phase=np.concatenate(phases),
                  domain=None if domains is None else np.asarray(domains, dtype=str)[request],
                  num_experts=adapter.num_experts, top_k=adapter.top_k,
-                 model=adapter.name if name is None else name, weights=np.concatenate(weights))
+                 model=adapter.name if name is None else name, weights=np.concatenate(weights),
+                 layer_ids=adapter.routing.layer_ids)

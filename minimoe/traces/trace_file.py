@@ -2,7 +2,8 @@
 
 The layout is the table in ``minimoe.traces.format``: ``experts`` int16 (N, L, k), ``request`` int32 (N,),
 ``phase`` int8 (N,), ``domain`` unicode, ``model`` a 0-d string, ``num_experts`` and ``top_k`` 0-d integers,
-and optionally ``weights`` float16 (N, L, k) and ``notes`` (a 0-d string holding a JSON object of str -> str).
+and optionally ``weights`` float16 (N, L, k), ``notes`` (a 0-d string holding a JSON object of str -> str) and
+``layer_ids`` int64 (L,) (written when the source named at least one model layer).
 :func:`write_trace` writes exactly those arrays; :func:`trace_fields` reads a file through
 ``minimoe.traces.npz.read_npz`` (no pickles, no trust in headers) and checks each array's presence, dtype and
 shape before ``Trace`` checks the values (id ranges, contiguous requests, one domain per request). Every error
@@ -19,7 +20,7 @@ import numpy as np
 from minimoe.traces.npz import file_label, read_npz
 
 REQUIRED = ("experts", "request", "phase", "domain", "model", "num_experts", "top_k")
-OPTIONAL = ("weights", "notes")
+OPTIONAL = ("weights", "notes", "layer_ids")
 _DTYPES = dict(experts=np.int16, request=np.int32, phase=np.int8, weights=np.float16)
 
 
@@ -42,6 +43,8 @@ def write_trace(trace, path) -> None:
         arrays["weights"] = trace.weights
     if trace.notes:
         arrays["notes"] = np.array(json.dumps(trace.notes, sort_keys=True))
+    if (trace.layer_ids >= 0).any():
+        arrays["layer_ids"] = trace.layer_ids
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         for name, array in arrays.items():
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
@@ -78,6 +81,11 @@ def trace_fields(path) -> dict:
                              f"{value.shape}")
         fields[name] = int(value)
     fields["notes"] = _notes(arrays.get("notes"), where)
+    layer_ids = arrays.get("layer_ids")
+    if layer_ids is not None and (layer_ids.ndim != 1 or layer_ids.dtype.kind not in "iu"):
+        raise ValueError(f"{where}: layer_ids must be a 1-d integer array, got dtype {layer_ids.dtype} shape "
+                         f"{layer_ids.shape}")
+    fields["layer_ids"] = layer_ids
     if domain.ndim > 1:
         raise ValueError(f"{where}: domain must have shape (N,), () or (0,), got {domain.shape}")
     return fields
