@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"minimoe {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = sub.choices  # name -> its parser, so an unknown option is reported by its command
 
     report = sub.add_parser(
         "report", help="the main job: findings and every placement/grouping method on a trace, as text and HTML",
@@ -267,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in FORWARDED:  # these parse their own arguments
         args = argparse.Namespace(command=argv[0], func=_forward(argv[0]), rest=argv[1:])
     else:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # named by the command it was given to, as its other errors are
+            (parser.commands.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command is None:  # argparse's convention for a missing subcommand: the usage, status 2
             build_parser().print_usage(sys.stderr)
             print("minimoe: error: give a command, e.g. minimoe report (see 'minimoe --help')", file=sys.stderr)

@@ -37,6 +37,12 @@ def test_unknown_command_and_bad_arguments_fail_clearly(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["frobnicate"])
     assert stop.value.code == 2 and "invalid choice: 'frobnicate'" in capsys.readouterr().err
+    for argv in (["findings", "--trace", "t.npz", "--topologies", "2x2"], ["report", "--trace", "t.npz", "extra"]):
+        with pytest.raises(SystemExit) as stop:  # named by the command it was given to, like its other errors
+            main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err == (f"minimoe {argv[0]}: error: unrecognized arguments: "
+                                                f"{' '.join(argv[3:])} (see 'minimoe {argv[0]} --help')\n")
 
 
 def test_no_command_prints_the_usage_and_fails(capsys):

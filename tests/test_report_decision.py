@@ -49,7 +49,7 @@ def test_the_shipped_routing_log_is_what_its_script_writes():
 def test_a_realistic_routing_log_imports_with_no_flags_and_the_report_says_what_to_deploy(tmp_path, capsys):
     status, out, err = run(capsys, "import", LOG, "--out", tmp_path / "trace.npz")
     assert status == 0, err
-    assert "271 tokens, 12 requests, 2 MoE layers, top-8 of 64 experts" in out
+    assert "271 tokens, 12 requests, 2 MoE layers (model layers [0, 15]), top-8 of 64 experts" in out
     assert "note: meta vllm_version: 0.6.6.post1" in out and "note: fields not read: step (542 lines), timestamp" in out
     assert "note: num_experts: not recorded: assumed 64" in out
     status, out, err = run(capsys, "report", "--trace", tmp_path / "trace.npz", "--topologies", "2x2,4x2",

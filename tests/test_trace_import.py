@@ -126,8 +126,10 @@ def test_from_jsonl_refuses_lists_of_another_length_than_top_k():
     ('{"request": 0, "experts": [[1, 2]], "domain": 3}', "domain must be a str"),
     ('{"request": 0, "experts": [[1, 2]], "position": 1.5}', "position"),
     ('{"request": 0, "experts": [[1, 2]], "weights": [[NaN, 1]]}', "finite"),
-    ('{"request": 0, "experts": [[1, 2]], "weights": [[1]]}', r"line 1: 'weights' lists \[1\] weights per layer "
-                                                              r"where 'experts' lists \[2\] ids: one weight per id"),
+    ('{"request": 0, "experts": [[1, 2]], "weights": [[1]]}', r"line 1: 'weights' lists 1 weight where 'experts' "
+                                                              r"lists 2 ids: one weight per id"),
+    ('{"request": 0, "experts": [[1, 2]], "weights": [[1, 1], [1, 1]]}', r"line 1: 'weights' lists weights for 2 "
+                                                                        r"layers where 'experts' lists ids for 1"),
     ('{"request": 0, "experts": [[1, 2]], "weights": [["a", 1]]}', "must hold numbers"),
 ])
 def test_from_jsonl_rejects_bad_lines(line, message):

@@ -1,6 +1,7 @@
 """`minimoe import`: every supported source to a trace file, the README's example, clear errors."""
 
 import base64
+import gzip
 import json
 import re
 from pathlib import Path
@@ -262,3 +263,36 @@ def test_report_names_the_trace_file_that_holds_no_token_or_a_dense_layer(tmp_pa
         tmp_path / "e.npz")
     with pytest.raises(ValueError, match=r"e.npz' holds no token"):
         read_trace_file(tmp_path / "e.npz")
+
+
+@pytest.mark.parametrize("name, content, flags, expected", [
+    ("g.jsonl", b"garbage here\n", (), r"g.jsonl: line 1 is neither a JSON record nor a base64 payload \('garbage here'\)"),
+    ("t.npz", b"hello\n", (), r"t.npz is not a .npz archive \(not a zip file\)"),
+    ("t.npz", b"hello\n", ("--format", "vllm", "--num-experts", "8"), r"t.npz is not a .npz archive"),
+    ("t.npy", b"hello\n", ("--num-experts", "8"), r"t.npy is not a .npy array \(no NumPy header\)"),
+    ("r.jsonl.gz", gzip.compress(b"{}\n"), ("--format", "jsonl"), r"r.jsonl.gz is gzip-compressed: decompress it"),
+    ("r.jsonl.gz", gzip.compress(b"{}\n"), (), r"r.jsonl.gz is compressed: decompress it first"),
+])
+def test_a_file_that_is_not_what_its_name_says_is_named_in_one_line(name, content, flags, expected, tmp_path, capsys):
+    from batches import run_cli
+
+    (tmp_path / name).write_bytes(content)
+    status, _, err = run_cli(cli_main, capsys, "import", tmp_path / name, "--out", tmp_path / "o.npz", *flags)
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(expected, err), err
+
+
+def test_a_byte_order_mark_is_read_past_and_a_log_given_to_findings_points_to_import(tmp_path, capsys):
+    from batches import run_cli
+
+    log = (Path(__file__).parent / "data" / "vllm_moe_routes.jsonl").read_bytes()
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + log)  # what some Windows editors write first
+    (tmp_path / "plain.jsonl").write_bytes(log)
+    assert from_jsonl(tmp_path / "bom.jsonl") == from_jsonl(tmp_path / "plain.jsonl")
+    status, _, err = run_cli(cli_main, capsys, "findings", "--trace", tmp_path / "plain.jsonl")
+    assert status == 2 and "becomes a trace with minimoe import FILE --out trace.npz" in err, err
+    status, out, _ = run_cli(cli_main, capsys, "import", tmp_path / "plain.jsonl", "--out", tmp_path / "t.npz")
+    assert status == 0 and "2 MoE layers (model layers [0, 15])" in out and "note: num_experts" in out
+    status, out, _ = run_cli(cli_main, capsys, "import", tmp_path / "t.npz", "--out", tmp_path / "t.parquet")
+    assert status == 0 and "note: num_experts" not in out  # said at import; a conversion lists the notes it keeps
+    assert "notes: 6 kept from the import" in out, out

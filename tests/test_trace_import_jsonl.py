@@ -121,8 +121,8 @@ def test_phase_and_domain_fields_are_read_and_must_agree_across_a_tokens_layers(
      dict(num_experts=8), r"^line 2 \(layer 1\): 'topk_ids' must hold a non-empty list of ids per layer, got 3$"),
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": layer, "topk_ids": ids, "topk_weights": w}
       for layer, ids, w in ((0, [1, 2], [0.5, 0.5]), (1, [3, 4], [0.6]))],
-     dict(num_experts=8), r"^line 2 \(layer 1\): 'topk_weights' lists \[2, 1\] weights per layer where 'topk_ids' "
-                          r"lists \[2, 2\] ids"),
+     dict(num_experts=8), r"^line 2 \(layer 1\): 'topk_weights' lists 1 weight where 'topk_ids' lists 2 ids: one "
+                          r"weight per id$"),
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [9]}], dict(num_experts=8),
      "expert id 9 outside"),
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": "a", "topk_ids": [1]}], dict(num_experts=8),

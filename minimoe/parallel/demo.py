@@ -20,8 +20,9 @@ default for 4 or more ranks; with 2 or 3 ranks each rank is a node), so the hier
 intra/inter-node counters can be exercised on one machine (the link speeds are then those of the host, not
 of a network). ``--placement`` takes every fit ``minimoe report`` measures, or a saved placement .json.
 ``--wire-format auto`` runs the format the rule of ``minimoe.parallel.formats`` picks; every run prints the
-rule's choice and its reason. An error prints one line, once (rank 0), and every rank exits with status 2. Across real nodes, start the same command on each node with
-``--nnodes`` and a rendezvous, e.g. on two nodes of 8 GPUs:
+rule's choice and its reason. An error prints one line, once (rank 0), and the ranks exit with status 2
+(torchrun may stop the other ranks first and report them as terminated). Across real nodes, start the same
+command on each node with ``--nnodes`` and a rendezvous, e.g. on two nodes of 8 GPUs:
 
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=ep \\
         -m minimoe ep-demo --gpus-per-node 8
@@ -82,7 +83,7 @@ class _RankZeroParser(OneLineParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _RankZeroParser(prog="minimoe ep-demo", description=__doc__,
+    p = _RankZeroParser(prog="minimoe ep-demo", description=__doc__.replace("``", "'"),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a minimoe checkpoint directory, or 'bundled': run the whole model "
                                    "expert-parallel and compare its logits with one process")

@@ -110,7 +110,8 @@ def split(trace, window: int | None = None, kind: str | None = None) -> Split:
         if token_sets is not None:
             return Split("time", chosen, token_sets,
                          f"{why}: each request's first half of tokens stands in for its prompt; fitted on those, "
-                         f"measured on each request's tokens after its first half and the next {chosen}")
+                         f"measured on each request's tokens after its first half and an online window of the next "
+                         f"{chosen} (the window the online fit sees)")
         if kind == "time" or window is not None:
             raise ValueError(f"no request has a token after its first half and an online window of {chosen}"
                              + (": use a smaller window" if chosen > 1 else ""))
@@ -171,8 +172,8 @@ def choose_split(source, window: int | None = None) -> StreamSplit:
     chosen = int(min(8, max(1, tail // 4))) if window is None else window
     if chosen < tail:
         return StreamSplit("time", chosen, f"{why}: each request's first half of tokens stands in for its prompt; "
-                           f"fitted on those, measured on each request's tokens after its first half and the next "
-                           f"{chosen}", FIT_MODES, METHODS, ClassRule("time", chosen, head, num_requests))
+                           f"fitted on those, measured on each request's tokens after its first half and an online "
+                           f"window of the next {chosen} (the window the online fit sees)", FIT_MODES, METHODS, ClassRule("time", chosen, head, num_requests))
     if window is not None:
         raise ValueError(f"no request has a token after its first half and an online window of {chosen}"
                          + (": use a smaller window" if chosen > 1 else ""))

@@ -29,7 +29,7 @@ from minimoe.traces.format import Trace
 from minimoe.traces.importers import WIRE_DTYPES, from_sglang, from_vllm
 from minimoe.traces.importers_jsonl import OUR_FIELDS, POSITIONS, from_jsonl
 from minimoe.traces.inputs import plural
-from minimoe.traces.layers import check_experts, model_layers, parse_layers
+from minimoe.traces.layers import check_experts, known_layer_ids, layer_list, model_layers, parse_layers
 from minimoe.traces.loads import read_trace_file
 from minimoe.traces.parquet import is_parquet, load_trace
 from minimoe.traces.parquet_writer import save_trace
@@ -205,13 +205,20 @@ def _load_dump(kind: str, source: Path, args, model: str):
     return loads
 
 
-def summary(trace, source: str, out: str) -> str:
-    """What the trace holds and what the source could not tell."""
+def _numbered(trace) -> str:
+    """" (model layers [1, 3])" when the source named the model layer of every MoE layer, else ""."""
+    known = known_layer_ids(trace.layer_ids)
+    return f" (model layers {layer_list(known)})" if known else ""
+
+
+def summary(trace, source: str, out: str, converted: bool = False) -> str:
+    """What the trace holds and what the source could not tell (``converted``: a minimoe trace in the other format,
+    whose notes were said when it was imported and stay in the file)."""
     if not isinstance(trace, Trace):  # a LoadTrace
         return f"{trace.summary()}\n{source} -> {out}"
     known = int((trace.phase >= 0).sum())
     lines = [f"{plural(trace.num_tokens, 'token')}, {plural(trace.num_requests, 'request')}, "
-             f"{plural(trace.num_layers, 'MoE layer')}, "
+             f"{plural(trace.num_layers, 'MoE layer')}{_numbered(trace)}, "
              f"top-{trace.top_k} of {trace.num_experts} experts, "
              + (f"model {trace.model!r}" if trace.model else "model unnamed (--model NAME names it)")]
     if known == trace.num_tokens:
@@ -223,7 +230,10 @@ def summary(trace, source: str, out: str) -> str:
                  "domains: none (per-domain findings need them: --domain labels a one-workload file)")
     if trace.weights is None:
         lines.append("routing weights: none")
-    lines += [f"note: {key}: {value}" for key, value in trace.notes.items()]
+    if converted and trace.notes:
+        lines.append(f"notes: {len(trace.notes)} kept from the import ({', '.join(trace.notes)})")
+    else:
+        lines += [f"note: {key}: {value}" for key, value in trace.notes.items()]
     lines.append(f"{source} -> {out}")
     return "\n".join(lines)
 
@@ -238,5 +248,6 @@ def main(argv: list[str] | None = None) -> int:
                          "per-token traces")
     else:
         trace.save(args.out)
-    print(summary(trace, args.source, args.out))
+    converted = (guess_format(Path(args.source)) if args.format == "auto" else args.format) == "trace"
+    print(summary(trace, args.source, args.out, converted))
     return 0

@@ -121,11 +121,14 @@ def tokens_to_trace(tokens, names, num_experts, top_k, model, top_k_line=None, l
         if token["weights"]:
             weights = _rows(token["weights"][1], token["weights"][0], weights_name, "number")
             lengths = [len(r) for r in weights]
+            if len(lengths) != len(experts):
+                raise ValueError(f"{_where(token['weights'][0], 0, len(experts))}: {weights_name} lists weights for "
+                                 f"{plural(len(lengths), 'layer')} where {experts_name} lists ids for {len(experts)}")
             if lengths != [len(r) for r in experts]:
-                bad = next(i for i, r in enumerate(experts) if len(r) != lengths[i]) if len(lengths) == len(experts) \
-                    else 0
-                raise ValueError(f"{_where(token['weights'][0], bad, len(experts))}: {weights_name} lists {[len(r) for r in weights]} weights per layer "
-                                 f"where {experts_name} lists {[len(r) for r in experts]} ids: one weight per id")
+                bad = next(i for i, r in enumerate(experts) if len(r) != lengths[i])  # the record (or list) at fault
+                raise ValueError(f"{_where(token['weights'][0], bad, len(experts))}: {weights_name} lists "
+                                 f"{plural(lengths[bad], 'weight')} where {experts_name} lists "
+                                 f"{plural(len(experts[bad]), 'id')}: one weight per id")
         domain = _one(token["domain"], "domain", token)
         if domain is not None and not isinstance(domain, str):
             raise ValueError(f"line {line}: domain must be a str, got {domain!r}")

@@ -14,6 +14,7 @@ Every error is a ValueError naming the file (and line) or the flag.
 from __future__ import annotations
 
 import argparse
+import re
 import zipfile
 from pathlib import Path
 
@@ -130,11 +131,14 @@ def guess_format(path: Path) -> str:
         raise ValueError(f"{path}: a .pt file without 'logical_count' (SGLang stat) or 'records' (SGLang per_pass); "
                          "pass --format")
     if suffix in (".npy", ".npz"):
+        _check_numpy_file(path)
         return "vllm"
     if suffix in (".txt", ".b64"):
         return "sglang"
     if suffix in (".jsonl", ".json", ".ndjson"):
         return _guess_jsonl(path)
+    if suffix in (".gz", ".zst", ".bz2", ".xz"):
+        raise ValueError(f"{path} is compressed: decompress it first and give the file inside")
     raise ValueError(f"{path}: cannot tell the format from the suffix {suffix!r}; pass --format "
                      f"({', '.join(SOURCES)})")
 
@@ -146,7 +150,10 @@ def _guess_jsonl(path: Path) -> str:
     if not number:
         raise ValueError(f"{path} holds only blank lines: expected one JSON record (or base64 payload) per line")
     if first.strip()[:1] not in "{[\"":
-        return "sglang"  # a bare base64 line
+        if re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", first.strip()):
+            return "sglang"  # a bare base64 line
+        raise ValueError(f"{path}: line {number} is neither a JSON record nor a base64 payload ({first.strip()[:40]!r}): "
+                         "expected one JSON object per line (a routing log), or SGLang's base64 payloads")
     record = parse_json(first, f"{path}: line {number}")
     holds_payload = isinstance(record, dict) and bool({"routed_experts", "meta_info"} & set(record))
     if isinstance(record, dict) and "record_type" in record:
@@ -165,8 +172,21 @@ def _is_minimoe_npz(path: Path) -> bool:
 
 
 # ---- reading the per-token captures ---------------------------------------------------------------------------
+def _check_numpy_file(path: Path) -> None:
+    """Refuse a file named .npy/.npz that is not one (a .npz is a zip archive, a .npy starts with b'\\x93NUMPY'),
+    before NumPy's own message about pickles can mislead."""
+    if path.is_file() and path.suffix.lower() == ".npz" and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a .npz archive (not a zip file): expected vLLM routed_experts arrays or a "
+                         "minimoe trace")
+    if path.is_file() and path.suffix.lower() == ".npy":
+        with open(path, "rb") as file:
+            if file.read(6) != b"\x93NUMPY":
+                raise ValueError(f"{path} is not a .npy array (no NumPy header): expected a vLLM routed_experts array")
+
+
 def read_vllm(path: Path) -> tuple[list[np.ndarray], np.ndarray | None]:
     """The per-request arrays of a .npy/.npz file and its optional prompt_lengths (R,) ints (no pickles)."""
+    _check_numpy_file(path)
     try:
         if path.suffix.lower() == ".npy":
             return [np.load(path, allow_pickle=False)], None
