@@ -273,8 +273,12 @@ def test_export_of_a_load_file_checks_its_layers_and_experts(tmp_path, capsys, m
                                                            "the load file 8"),
             ("eplb", "x.pt", ["--config", "cfg.json"], "--config cfg.json: the model has 16 experts per layer, the "
                                                        "load file 8"),
-            ("sglang", "x.json", ["--moe-layers", "0-2"], "the load file records model layers [1, 2, 4], but "
-                                                          "--moe-layers names [0, 1, 2]"),
+            ("sglang", "x.json", ["--moe-layers", "0-2"], "--moe-layers [0, 1, 2] disagrees with the model layers "
+                                                          "the load file records, [1, 2, 4]"),
+            ("eplb", "x.pt", [], "the load file covers model layers [1, 2, 4]; --format eplb numbers the model's MoE "
+                                 "layers 0..M-1, which only the model's config tells: give --config"),
+            ("sglang", "x.json", ["--num-layers", "4"], "--num-layers 4: the load file covers model layer 4, so the "
+                                                        "model has at least 5 layers"),
             ("sglang", "x.json", ["--moe-layers", "1"], "the load file has 3 MoE layers, but --moe-layers names 1 "
                                                         "([1])"),
             ("eplb", "x.pt", ["--moe-layers", "1,2,4"], "--moe-layers does not apply to --format eplb")):

@@ -40,6 +40,8 @@ def test_a_trace_keeps_its_layer_ids_in_both_files_and_through_selection(tmp_pat
     assert ParquetTrace(tmp_path / "t.parquet").layer_ids.tolist() == [3, 7, 11]
     assert ParquetTrace(tmp_path / "t.parquet").read() == trace
     assert trace.layers([0, 2]).layer_ids.tolist() == [3, 11]
+    with pytest.raises(ValueError, match=r"layer ids \[2, 0\] reorder the MoE layers of a trace that records them"):
+        trace.layers([2, 0])  # the model's order is kept; a trace that does not know it may be reordered
     assert trace.where(phase="decode").layer_ids.tolist() == [3, 7, 11]
     assert concat([trace, trace]).layer_ids.tolist() == [3, 7, 11]
     unknown = synthetic_trace(num_requests=6, num_layers=3, seed=1)
@@ -56,6 +58,7 @@ def test_a_trace_keeps_its_layer_ids_in_both_files_and_through_selection(tmp_pat
     ([3, -2, 11], r"model layer indices in \[0, 1024\) \(-1 = unknown\), got \[3, -2, 11\]"),
     ([3, 7], r"must be \(3,\) model layer indices"),
     ([0.5, 1, 2], "layer_ids must hold integers"),
+    (np.array([0, 1, 2**63], np.uint64), r"model layer indices in \[0, 1024\), got \[0, 1, 9223372036854775808\]"),
 ])
 def test_bad_layer_ids_are_refused(ids, message):
     with pytest.raises(ValueError, match=message):
@@ -115,7 +118,8 @@ def report_of_the_log(tmp_path_factory):
 def test_the_report_says_and_saves_the_logs_layers(report_of_the_log):
     folder = report_of_the_log
     text = (folder / "report" / "report.txt").read_text()
-    assert "the files record their rows' model layers, [0, 15]; sglang and trtllm can do without --config" in text
+    assert "the files record their rows' model layers, [0, 15]; sglang can do without --config, given --num-layers N" \
+        in text
     assert "2 MoE layers (numbered as in the model)" in text  # the findings name the log's layers 0 and 15
     header = next(line for line in text.splitlines() if line.strip().startswith("layer 0"))
     assert header.split()[:4] == ["layer", "0", "layer", "15"]
@@ -135,21 +139,26 @@ def test_each_engine_file_places_the_rows_at_the_logged_layers(report_of_the_log
         assert status == 0, err
         return text
 
-    # SGLang: one row per decoder layer, the log's layers at 0 and 15 (the table ends at the last placed layer)
-    assert "16 layers, placed: [0, 15]" in export("sglang", "a.json")
+    # SGLang: one row per decoder layer, the log's layers at 0 and 15 (without a config the table ends at the last
+    # placed layer, and the line says so)
+    assert "16 layers (the last placed layer + 1: --num-layers N or --config for a model with more), placed: [0, 15]" \
+        in export("sglang", "a.json")
     table = np.array(json.loads((folder / "a.json").read_text())["physical_to_logical_map"])
     assert table.shape == (16, 72) and (table[[0, 15]] == rows).all() and (table[1:15] == identity).all()
-    # TensorRT-LLM: keys are model layers; without a config only the placed ones, with it every MoE layer
-    export("trtllm", "a.yaml")
+    # TensorRT-LLM wants every MoE layer: the config lists them (or --moe-layers, the user's word that these are all)
+    status, _, err = run_cli(main, capsys, "export", source, "--format", "trtllm", "--out", str(folder / "a.yaml"))
+    assert status == 2 and "TensorRT-LLM wants an assignment for every MoE layer" in err
+    export("trtllm", "a.yaml", "--moe-layers", "0,15")
     assert yaml.safe_load((folder / "a.yaml").read_text())["initial_global_assignments"] == {
         0: rows[0].tolist(), 15: rows[1].tolist()}
-    assert "2 of the model's 16 MoE layers placed" in export("trtllm", "b.yaml", "--config", config)
+    assert "2 of the model's 16 MoE layers given; the others keep slot s -> expert s mod E" in export(
+        "trtllm", "b.yaml", "--config", config)
     keys = yaml.safe_load((folder / "b.yaml").read_text())["initial_global_assignments"]
     assert sorted(keys) == list(range(16)) and keys[15] == rows[1].tolist() and keys[7] == identity.tolist()
     # vLLM and EPLB number the model's MoE layers: refused without the config, at their places with it
     for fmt, out in (("vllm", "v.jsonl"), ("eplb", "e.pt")):
         status, _, err = run_cli(main, capsys, "export", source, "--format", fmt, "--out", str(folder / out))
-        assert status == 2 and "places model layers [0, 15]" in err and "give --config" in err
+        assert status == 2 and "covers model layers [0, 15]" in err and "give --config" in err
         export(fmt, out, "--config", config)
     mapping = json.loads((folder / "v.jsonl").read_text())["initial_global_assignments"]
     assert sorted(map(int, mapping)) == list(range(16))
@@ -171,4 +180,53 @@ def test_moe_layers_and_config_must_agree_with_the_recorded_layers(report_of_the
     assert status == 2 and "layers [0] are not MoE layers" in err
     status, _, err = run_cli(main, capsys, "export", source, "--format", "sglang", "--num-layers", "12", "--out",
                              str(tmp_path / "x.json"))
-    assert status == 2 and "--num-layers 12: the placement places model layer 15" in err
+    assert status == 2 and "--num-layers 12: the placement covers model layer 15, so the model has at least 16" in err
+
+
+def test_the_python_api_uses_the_recorded_layers_and_refuses_to_renumber_them():
+    table = np.tile(np.arange(8), (2, 1))
+    placement = Placement(table, 8, 2, 2, "contiguous", layer_ids=[0, 15])
+    assert np.array(placement.to_sglang()["physical_to_logical_map"]).shape == (16, 8)
+    assert sorted(placement.to_trtllm()["initial_global_assignments"]) == [0, 15]
+    with pytest.raises(ValueError, match=r"moe_layers \[0, 1\] disagrees with the model layers this placement records"):
+        placement.to_sglang([0, 1], 16)
+    for method, engine in ((placement.to_vllm, "vLLM"), (placement.to_eplb, "EPLB")):
+        with pytest.raises(ValueError, match=f"{engine} numbers the model's MoE layers 0..M-1, and this placement's rows "
+                                             r"are model layers \[0, 15\]"):
+            method()
+    plain = Placement(table, 8, 2, 2, "contiguous")  # nothing recorded: as before
+    assert sorted(plain.to_vllm()["initial_global_assignments"]) == ["0", "1"] and plain.to_eplb()[0].shape == (2, 8)
+    with pytest.raises(ValueError, match="SGLang needs the model layer index of each MoE layer"):
+        plain.to_sglang()
+
+
+def test_a_load_file_of_some_layers_exports_at_its_layers(tmp_path, capsys):
+    from minimoe.traces.loads import LoadTrace
+
+    counts = np.random.default_rng(0).integers(0, 50, (3, 2, 16))  # 3 steps, MoE layers 1 and 3, 16 experts
+    LoadTrace(counts=counts, num_experts=16, layer_ids=[1, 3], top_k=2).save(tmp_path / "loads.npz")
+    (tmp_path / "config.json").write_text(json.dumps({  # DeepSeek-style: layer 0 dense, MoE layers 1..3
+        "model_type": "deepseek_v3", "num_hidden_layers": 4, "n_routed_experts": 16, "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1}))
+    source = str(tmp_path / "loads.npz")
+    status, _, err = run_cli(main, capsys, "export", source, "--format", "eplb", "--out", str(tmp_path / "w.pt"))
+    assert status == 2 and "the load file covers model layers [1, 3]" in err and "give --config" in err
+    status, out, err = run_cli(main, capsys, "export", source, "--format", "eplb", "--config",
+                               str(tmp_path / "config.json"), "--out", str(tmp_path / "w.pt"))
+    assert status == 0 and "2 of the model's 3 MoE layers given; the others hold no tokens" in out, err
+    weight = torch.load(tmp_path / "w.pt")["weight"].numpy()  # MoE layers 1, 2, 3 -> rows 0, 1, 2
+    assert weight.shape == (3, 16) and (weight[[0, 2]] == counts.sum(0)).all() and not weight[1].any()
+    status, out, err = run_cli(main, capsys, "export", source, "--format", "sglang", "--out", str(tmp_path / "s.json"))
+    table = np.array(json.loads((tmp_path / "s.json").read_text())["logical_count"])
+    assert status == 0 and table.shape == (4, 16) and (table[[1, 3]] == counts.sum(0)).all() and not table[[0, 2]].any()
+
+
+def test_logged_layers_beyond_any_model_are_named_by_their_field(tmp_path):
+    from minimoe.traces import from_jsonl
+
+    lines = [json.dumps({"type": "meta", "layers_logged": [0, 2000], "top_k": 1, "num_experts": 4}),
+             json.dumps({"type": "route", "req_id": "a", "token_idx": 0, "layer": 0, "topk_ids": [1]})]
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: layers_logged must be a non-empty list of distinct layer indices in "
+                                         r"\[0, 1024\), got \[0, 2000\]"):
+        from_jsonl(tmp_path / "log.jsonl")

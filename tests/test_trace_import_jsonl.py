@@ -126,7 +126,7 @@ def test_phase_and_domain_fields_are_read_and_must_agree_across_a_tokens_layers(
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [9]}], dict(num_experts=8),
      "expert id 9 outside"),
     ([{"type": "route", "req_id": 0, "token_idx": 0, "layer": "a", "topk_ids": [1]}], dict(num_experts=8),
-     "layer must be a layer index >= 0, got .a."),
+     "layer must be a layer index in \\[0, 1024\\), got .a."),
     ([{"type": "route", "req_id": 0, "token_idx": -4, "layer": 0, "topk_ids": [1]}], dict(num_experts=8),
      r"^line 1: 'token_idx' \(position\) must be a whole number >= 0 \(the token's place in its request\), got -4$"),
     ([{"request": 0, "experts": [[1]], "position": -1}], dict(num_experts=8),
@@ -139,8 +139,9 @@ def test_phase_and_domain_fields_are_read_and_must_agree_across_a_tokens_layers(
     ([{"req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [1]}], dict(num_experts=8, fields={"colour": "c"}),
      r"--field maps unknown names \['colour'\]"),
     ([{"req_id": 0, "token_idx": 0, "layer": -1, "topk_ids": [1]}], dict(num_experts=8),
-     r"^line 1: layer must be a layer index >= 0, got -1$"),
-    ([{**META, "layers_logged": [3, -1]}], {}, r"layers_logged must be a non-empty list of distinct layer indices >= 0"),
+     r"^line 1: layer must be a layer index in \[0, 1024\), got -1$"),
+    ([{**META, "layers_logged": [3, -1]}], {},
+     r"layers_logged must be a non-empty list of distinct layer indices in \[0, 1024\)"),
     ([{"req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [1]}], dict(num_experts=8, ignore="weights"),
      r"^ignore must be a list of log keys \(str\), got 'weights'$"),
     ([{"req_id": 0, "token_idx": 0, "layer": 0, "topk_ids": [1]}], dict(num_experts=8, fields=["request"]),
@@ -168,7 +169,7 @@ def test_fields_the_importer_does_not_read_are_kept_as_notes_and_never_an_error(
 def test_the_file_is_named_in_errors(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text(json.dumps({"type": "route", "req_id": 0, "token_idx": 0, "layer": "x", "topk_ids": [1]}) + "\n")
-    with pytest.raises(ValueError, match=r"log\.jsonl: line 1: layer must be a layer index >= 0"):
+    with pytest.raises(ValueError, match=r"log\.jsonl: line 1: layer must be a layer index in \[0, 1024\)"):
         from_jsonl(path, num_experts=8)
     with pytest.raises(FileNotFoundError):
         from_jsonl(tmp_path / "missing.jsonl", num_experts=8)

@@ -126,7 +126,7 @@ def saved_lines(decisions: list[dict], folder: str | None, lead: str) -> list[st
                 f"{command} --config MODEL/config.json   (or --moe-layers with the model's MoE layer indices)"]
     return [f"Saved: {', '.join(where + f for f in files)}. {lead}",
             f"{command} --config MODEL/config.json   (the files record their rows' model layers, "
-            f"{layer_list(layers)}; sglang and trtllm can do without --config)"]
+            f"{layer_list(layers)}; sglang can do without --config, given --num-layers N)"]
 
 
 def decide(rows: list[dict], topologies: list[Topology]) -> list[dict]:

@@ -27,7 +27,7 @@ import numpy as np
 from minimoe.placement import export
 from minimoe.placement.topology import Topology
 from minimoe.traces.inputs import parse_json, read_text
-from minimoe.traces.layers import as_layer_ids, check_layer_ids, known_layer_ids
+from minimoe.traces.layers import as_layer_ids, check_layer_ids, known_layer_ids, layer_list
 
 FORMAT = "minimoe.placement.methods/1"  # the tag of a placement file (the tag files have always carried)
 
@@ -160,18 +160,11 @@ class Placement:
 
     # ---- export -------------------------------------------------------------------------------------------
     def to_eplb(self):
-        """DeepSeek-EPLB form as torch int64 tensors (like ``eplb``): ``phy2log [L, R]``,
-        ``log2phy [L, E, maxcnt]`` (slots of each expert in slot order, -1 padded), ``logcnt [L, E]``."""
-        import torch
-
-        counts = self.replica_counts()
-        max_count = int(counts.max())
-        log2phy = np.full((self.num_layers, self.num_experts, max_count), -1, dtype=np.int64)
-        for layer in range(self.num_layers):
-            order = np.argsort(self.phy2log[layer], kind="stable")
-            rank = np.arange(self.num_slots) - np.repeat(np.cumsum(counts[layer]) - counts[layer], counts[layer])
-            log2phy[layer, self.phy2log[layer, order], rank] = order
-        return tuple(torch.from_numpy(a) for a in (self.phy2log.copy(), log2phy, counts.astype(np.int64)))
+        """DeepSeek-EPLB form as torch int64 tensors (``minimoe.placement.export.eplb_tensors``): ``phy2log [L, R]``,
+        ``log2phy [L, E, maxcnt]`` (slots of each expert in slot order, -1 padded), ``logcnt [L, E]``, row l as MoE
+        layer l. Raises ValueError when the rows are recorded as other model layers (``_as_moe_layers``)."""
+        self._as_moe_layers("EPLB")
+        return export.eplb_tensors(self)
 
     def to_dict(self) -> dict:
         data = dict(format=FORMAT, method=self.method, num_experts=self.num_experts,
@@ -185,17 +178,44 @@ class Placement:
         return Placement(self.phy2log, self.num_experts, self.num_nodes, self.gpus_per_node, self.method,
                          layer_ids if layer_ids is None else known_layer_ids(layer_ids))
 
-    def to_sglang(self, moe_layers, num_layers: int) -> dict:
-        """SGLang's ``--init-expert-location`` object (``minimoe.placement.export.to_sglang``)."""
-        return export.to_sglang(self, moe_layers, num_layers)
+    def to_sglang(self, moe_layers=None, num_layers: int | None = None) -> dict:
+        """SGLang's ``--init-expert-location`` object (``minimoe.placement.export.to_sglang``): rows at the model
+        layers ``moe_layers`` (default: the recorded ``layer_ids``) of ``num_layers`` (default: the last + 1)."""
+        rows = self._model_rows(moe_layers, "SGLang")
+        return export.to_sglang(self, rows, rows[-1] + 1 if num_layers is None else num_layers)
 
-    def to_trtllm(self, moe_layers) -> dict:
-        """TensorRT-LLM's ``moe_load_balancer`` config (``minimoe.placement.export.to_trtllm``)."""
-        return export.to_trtllm(self, moe_layers)
+    def to_trtllm(self, moe_layers=None) -> dict:
+        """TensorRT-LLM's ``moe_load_balancer`` config (``minimoe.placement.export.to_trtllm``), keyed by the model
+        layers ``moe_layers`` (default: the recorded ``layer_ids``)."""
+        return export.to_trtllm(self, self._model_rows(moe_layers, "TensorRT-LLM"))
 
     def to_vllm(self) -> dict:
-        """vLLM's ``eplb_initial_mapping`` record (``minimoe.placement.export.to_vllm``)."""
+        """vLLM's ``eplb_initial_mapping`` record (``minimoe.placement.export.to_vllm``), row l as MoE layer l; raises
+        ValueError when the rows are recorded as other model layers (``_as_moe_layers``)."""
+        self._as_moe_layers("vLLM")
         return export.to_vllm(self)
+
+    def _model_rows(self, moe_layers, engine: str) -> list[int]:
+        """The model layer of each row: ``moe_layers`` (which must agree with the recorded ``layer_ids``), else
+        ``layer_ids``; ValueError when neither says or they disagree."""
+        if moe_layers is None:
+            if self.layer_ids is None:
+                raise ValueError(f"{engine} needs the model layer index of each MoE layer, and this placement does not "
+                                 "record them: pass moe_layers")
+            return list(self.layer_ids)
+        moe_layers = [int(i) for i in moe_layers]
+        if self.layer_ids is not None and moe_layers != self.layer_ids:
+            raise ValueError(f"moe_layers {layer_list(moe_layers)} disagrees with the model layers this placement "
+                             f"records, {layer_list(self.layer_ids)}")
+        return moe_layers
+
+    def _as_moe_layers(self, engine: str) -> None:
+        """vLLM and EPLB take row l as the model's MoE layer l: refuse rows recorded as other model layers (a log
+        of some layers), which only the model's config can number (``minimoe.placement.export.write``)."""
+        if self.layer_ids is not None and self.layer_ids != list(range(self.num_layers)):
+            raise ValueError(f"{engine} numbers the model's MoE layers 0..M-1, and this placement's rows are model "
+                             f"layers {layer_list(self.layer_ids)}: write it with minimoe export --config "
+                             "MODEL/config.json (minimoe.placement.export.write with the config's layers)")
 
     def save(self, path) -> None:
         with open(path, "w") as file:

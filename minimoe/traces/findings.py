@@ -288,7 +288,8 @@ def findings(trace: Trace, seed: int = 0, num_splits: int = 100, num_shuffles: i
 def findings_of_stats(stats: TraceStats, seed: int = 0, num_splits: int = 100, num_shuffles: int = 10,
                       layer_ids=None) -> dict:
     """``findings`` from the statistics of one pass (``minimoe.traces.stats``) over a trace of any size;
-    ``layer_ids`` (the trace's, -1 = unknown) name the layers in the table when every one is known."""
+    ``layer_ids`` (int (L,), the trace's model layer of each MoE layer, -1 = unknown) name the layers in the table
+    when every one is known."""
     if stats.num_tokens == 0:
         raise ValueError("the trace is empty")
     domains = stats.domain

@@ -32,7 +32,8 @@ archive, readable by ``numpy.load(path, allow_pickle=False)``, holding exactly t
 Only MoE layers belong in ``experts``: dense layers of models that interleave them (DeepSeek-V3's first
 layers, Llama 4) are left out, so axis 1 counts MoE layers, and ``layer_ids`` says which model layers they are (a log of
 layers 0 and 15 of a 16-layer model holds L = 2 and ``layer_ids`` [0, 15]): placements fitted on the trace
-carry them to ``minimoe export``. A 0-d ``domain`` is expanded to one label per
+carry them to ``minimoe export``. (A minimoe that predates ``layer_ids`` refuses a file holding them: it accepts no
+array it does not know.) A 0-d ``domain`` is expanded to one label per
 token when loaded (and saved that way). Loading trusts nothing: every array's dtype and shape
 (``minimoe.traces.trace_file``), every id range and metadata field are checked, object arrays and pickles are
 refused, and any damaged file raises ValueError naming the file and what was wrong (for an expert id out of
@@ -263,12 +264,16 @@ class Trace:
         return self.select(np.isin(self.request, ids))
 
     def layers(self, ids) -> Trace:
-        """Keep only the given MoE layers (indices into axis 1 of experts), in the given order."""
+        """Keep only the given MoE layers (indices into axis 1 of experts), in the given order; a trace whose
+        ``layer_ids`` are known keeps the model's order, so its ``ids`` must increase."""
         ids = np.asarray(ids)
         if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu" or ids.min() < 0 \
                 or ids.max() >= self.num_layers:
             raise ValueError(f"layer ids must be a non-empty 1-d integer array in [0, {self.num_layers}), "
                              f"got {ids!r}")
+        if (self.layer_ids >= 0).any() and (np.diff(ids) <= 0).any():
+            raise ValueError(f"layer ids {ids.tolist()} reorder the MoE layers of a trace that records them as model "
+                             f"layers {self.layer_ids.tolist()}: give them in increasing order")
         return Trace(experts=self.experts[:, ids], request=self.request, phase=self.phase,
                      domain=self.domain, num_experts=self.num_experts, top_k=self.top_k, model=self.model,
                      weights=None if self.weights is None else self.weights[:, ids], notes=self.notes,

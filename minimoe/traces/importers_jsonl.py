@@ -61,7 +61,7 @@ import os
 from minimoe.traces.format import MAX_EXPERTS, Trace, _as_count
 from minimoe.traces.inputs import parse_json, read_text
 from minimoe.traces.jsonl_tokens import field_label, fix, is_int, tokens_to_trace
-from minimoe.traces.layers import layer_list
+from minimoe.traces.layers import MAX_LAYERS, layer_list
 
 OUR_FIELDS = ("request", "position", "layer", "experts", "weights", "phase", "domain")
 LONG_FORM_FIELDS = {"request": "req_id", "position": "token_idx", "layer": "layer", "experts": "topk_ids",
@@ -188,10 +188,10 @@ def _meta(records) -> dict:
     meta["top_k_line"] = number if "top_k" in rec else None
     if "layers_logged" in rec:
         layers = rec["layers_logged"]
-        if not isinstance(layers, list) or not layers or not all(is_int(x) and x >= 0 for x in layers) \
+        if not isinstance(layers, list) or not layers or not all(is_int(x) and 0 <= x < MAX_LAYERS for x in layers) \
                 or len(set(layers)) != len(layers):
-            raise ValueError(f"line {number}: layers_logged must be a non-empty list of distinct layer indices >= 0, "
-                             f"got {layer_list(layers)}")
+            raise ValueError(f"line {number}: layers_logged must be a non-empty list of distinct layer indices in "
+                             f"[0, {MAX_LAYERS}), got {layer_list(layers)}")
         meta["layers_logged"] = layers
     return meta
 
@@ -228,8 +228,8 @@ def _tokens(routes, names, long_form, positions, layers_logged) -> tuple[list[di
             raise ValueError(f"line {number}: {field_label(names, 'position')} must be a whole number >= 0 (the token's "
                              f"place in its request), got {repr(position)[:80]}")
         layer = _get(rec, names, "layer", number, True) if long_form else None
-        if long_form and not (is_int(layer) and layer >= 0):
-            raise ValueError(f"line {number}: layer must be a layer index >= 0, got {layer!r}")
+        if long_form and not (is_int(layer) and 0 <= layer < MAX_LAYERS):
+            raise ValueError(f"line {number}: layer must be a layer index in [0, {MAX_LAYERS}), got {layer!r}")
         if long_form and layers_logged is not None and layer not in layers_logged:
             raise ValueError(f"line {number}: layer {layer} is not in the meta record's layers_logged "
                              f"{layer_list(layers_logged)}")

@@ -6,7 +6,7 @@ differently (the table is in ``minimoe import --help`` and ``minimoe export --he
 
     SGLang          every decoder layer 0..num_hidden_layers-1 (dense layers are rows of zeros / the identity)
     TensorRT-LLM    the model's layer index of each MoE layer (keys of its statistics and of its yaml)
-    vLLM            the MoE layers only, 0..L-1, in model order (as minimoe)
+    vLLM, EPLB      the MoE layers only, 0..M-1 over the model's M MoE layers, in model order
 
 so importing a load dump and exporting a placement need ``moe_layers``: the model layer index of every MoE
 layer, in order. The user names them (``--moe-layers 1,2,3``) or gives the model's transformers
@@ -82,7 +82,10 @@ def as_layer_ids(values, num_layers: int) -> np.ndarray:
     array = np.asarray(values)
     if array.size and array.dtype.kind not in "iu":
         raise ValueError(f"layer_ids must hold integers, got {layer_list(np.ravel(array).tolist())} "
-                        f"(dtype {array.dtype})")
+                         f"(dtype {array.dtype})")
+    if array.size and array.dtype.kind == "u" and array.max() >= MAX_LAYERS:  # before int64 could wrap it round
+        raise ValueError(f"layer_ids must be model layer indices in [0, {MAX_LAYERS}), got "
+                         f"{layer_list(np.ravel(array).tolist())}")
     return array.astype(np.int64)
 
 

@@ -55,7 +55,8 @@ def is_parquet(path) -> bool:
 
 class ParquetTrace:
     """A Parquet trace file, read batch by batch. Opening reads and checks only the footer (schema, metadata,
-    row counts); ``batches`` reads and checks the rows. Raises FileNotFoundError for a missing file and
+    row counts: ``model``, ``num_experts``, ``top_k``, ``num_layers``, ``notes``, ``layer_ids`` int64 (L,), -1 =
+    unknown); ``batches`` reads and checks the rows. Raises FileNotFoundError for a missing file and
     ValueError naming the file for anything that is not a minimoe Parquet trace."""
 
     def __init__(self, path):
