@@ -85,14 +85,15 @@ def test_the_shared_argument_types_import_nothing_from_the_package():
 
 
 def test_the_trace_format_knows_nothing_of_models():
-    """format.py imports from the package only its file layout (trace_file.py) and the safe .npz reader, and those
-    two import nothing else from it."""
-    for file, allowed in (("format.py", ("minimoe.traces.npz", "minimoe.traces.trace_file")),
+    """format.py imports from the package only its file layout (trace_file.py), the safe .npz reader and the checks
+    of its layer numbers (layer_ids.py), and those import nothing else from it."""
+    for file, allowed in (("format.py", ("minimoe.traces.npz", "minimoe.traces.trace_file", "minimoe.traces.layer_ids")),
                           ("trace_file.py", ("minimoe.traces.npz",))):
         imported = {name for name in imported_modules(PACKAGE / "traces" / file) if not name.startswith(allowed)}
         assert not imported, f"{file} imports {sorted(imported)}"
     assert not imported_modules(PACKAGE / "traces" / "npz.py")
-    for file in ("format.py", "trace_file.py", "npz.py"):
+    assert not imported_modules(PACKAGE / "traces" / "layer_ids.py")
+    for file in ("format.py", "trace_file.py", "npz.py", "layer_ids.py"):
         assert "import torch" not in (PACKAGE / "traces" / file).read_text()
 
 

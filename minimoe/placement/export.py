@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 
 from minimoe.placement.engine_layers import check_count, engine_layers, spread
-from minimoe.traces.layers import ModelLayers, check_experts, known_layer_ids, layer_list
+from minimoe.traces.layer_ids import known_layer_ids, layer_list
+from minimoe.traces.layers import ModelLayers, check_experts
 
 FORMATS = ("sglang", "trtllm", "vllm", "eplb")
 SUFFIXES = {"sglang": (".json", ".pt"), "trtllm": (".yaml", ".yml"), "vllm": (".jsonl",), "eplb": (".pt",)}

@@ -27,7 +27,7 @@ import numpy as np
 from minimoe.placement import export
 from minimoe.placement.topology import Topology
 from minimoe.traces.inputs import parse_json, read_text
-from minimoe.traces.layers import as_layer_ids, check_layer_ids, known_layer_ids, layer_list
+from minimoe.traces.layer_ids import as_layer_ids, check_layer_ids, known_layer_ids, layer_list
 
 FORMAT = "minimoe.placement.methods/1"  # the tag of a placement file (the tag files have always carried)
 

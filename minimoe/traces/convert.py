@@ -29,7 +29,8 @@ from minimoe.traces.format import Trace
 from minimoe.traces.importers import WIRE_DTYPES, from_sglang, from_vllm
 from minimoe.traces.importers_jsonl import OUR_FIELDS, POSITIONS, from_jsonl
 from minimoe.traces.inputs import plural
-from minimoe.traces.layers import check_experts, known_layer_ids, layer_list, model_layers, parse_layers
+from minimoe.traces.layer_ids import known_layer_ids, layer_list
+from minimoe.traces.layers import check_experts, model_layers, parse_layers
 from minimoe.traces.loads import read_trace_file
 from minimoe.traces.parquet import is_parquet, load_trace
 from minimoe.traces.parquet_writer import save_trace

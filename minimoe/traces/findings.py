@@ -48,7 +48,7 @@ import numpy as np
 
 from minimoe.traces.analysis import gini, js_divergence, max_over_mean, normalized_entropy, paired_similarity
 from minimoe.traces.format import Trace
-from minimoe.traces.layers import known_layer_ids
+from minimoe.traces.layer_ids import known_layer_ids
 from minimoe.traces.stats import TraceStats, trace_stats
 
 DEFAULT_REQUESTS_PER_DOMAIN = 500  # x 4 domains = 2000 requests, about 260 K routed tokens

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minimoe.traces.layers import as_layer_ids, check_layer_ids
+from minimoe.traces.layer_ids import as_layer_ids, check_layer_ids
 from minimoe.traces.npz import file_label
 from minimoe.traces.trace_file import trace_fields, write_trace
 

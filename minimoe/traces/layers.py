@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 from dataclasses import dataclass
 
-import numpy as np
+from minimoe.traces.layer_ids import MAX_LAYERS, clip, layer_list
 
-MAX_LAYERS = 1024  # bounds every layer index and count read here: no model has that many decoder layers
 EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "top_k")
 
@@ -59,65 +57,13 @@ def check_experts(layers: ModelLayers, what: str, num_experts: int) -> None:
                          f"{num_experts}")
 
 
-def layer_list(values, limit: int = 8) -> str:
-    """A layer list as messages show it: whole when short, else its first ``limit`` entries and its last,
-    ``[0, 1, 2, 3, 4, 5, 6, 7, ... 999] (1000 in all)``; never more than a short line."""
-    if isinstance(values, (str, bytes)):
-        return _clip(repr(values))
-    try:
-        items = [int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v for v in values]
-    except TypeError:  # not a list at all
-        return _clip(repr(values))
-    if len(items) <= limit + 1:
-        return _clip(repr(items))
-    return _clip(f"[{', '.join(map(repr, items[:limit]))}, ... {items[-1]!r}] ({len(items)} in all)")
-
-
-def as_layer_ids(values, num_layers: int) -> np.ndarray:
-    """A trace's ``layer_ids``: the model layer index of each of its ``num_layers`` MoE layers, as int64 (L,),
-    -1 where the source does not say (``values`` None: -1 for every layer). Integer arrays and lists only
-    (ValueError otherwise); :func:`check_layer_ids` checks the values."""
-    if values is None:
-        return np.full(num_layers, -1, np.int64)
-    array = np.asarray(values)
-    if array.size and array.dtype.kind not in "iu":
-        raise ValueError(f"layer_ids must hold integers, got {layer_list(np.ravel(array).tolist())} "
-                         f"(dtype {array.dtype})")
-    if array.size and array.dtype.kind == "u" and array.max() >= MAX_LAYERS:  # before int64 could wrap it round
-        raise ValueError(f"layer_ids must be model layer indices in [0, {MAX_LAYERS}), got "
-                         f"{layer_list(np.ravel(array).tolist())}")
-    return array.astype(np.int64)
-
-
-def check_layer_ids(layer_ids: np.ndarray, num_layers: int) -> None:
-    """Raise ValueError unless ``layer_ids`` is (num_layers,), every id is -1 (unknown) or in [0, MAX_LAYERS),
-    and the known ids are distinct and increasing (MoE layers are stored in model order)."""
-    if layer_ids.shape != (num_layers,) or (layer_ids < -1).any() or (layer_ids >= MAX_LAYERS).any():
-        raise ValueError(f"layer_ids must be ({num_layers},) model layer indices in [0, {MAX_LAYERS}) (-1 = "
-                         f"unknown), got {layer_list(layer_ids.tolist())}")
-    known = layer_ids[layer_ids >= 0]
-    if (np.diff(known) <= 0).any():
-        raise ValueError(f"layer_ids must be distinct and increasing (the model's order), got "
-                         f"{layer_list(layer_ids.tolist())}")
-
-
-def known_layer_ids(layer_ids) -> list[int] | None:
-    """The model layer indices as a list when every one is known, else None."""
-    ids = [int(i) for i in layer_ids]
-    return ids if ids and min(ids) >= 0 else None
-
-
-def _clip(text: str, width: int = 160) -> str:
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
 def _count(config: dict, keys, source: str, most: int | None = None) -> int | None:
     """The first of ``keys`` the config has, an int in [0, most]; ValueError naming ``source`` and the key."""
     for key in keys:
         value = config.get(key)
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{source}: {key} must be a non-negative int, got {_clip(repr(value))}")
+                raise ValueError(f"{source}: {key} must be a non-negative int, got {clip(repr(value))}")
             if most is not None and value > most:
                 raise ValueError(f"{source}: {key}={value} is more than {most} (no model has that many layers)")
             return value
@@ -145,7 +91,7 @@ def layers_from_config(config: dict, source: str = "config") -> ModelLayers:
         num_experts = _count(config["moe"], ("num_experts",), source)
         if not num_experts:
             raise ValueError(f"{source}: its \"moe\" section has no num_experts >= 1 (got "
-                             f"{_clip(repr(config['moe'].get('num_experts')))})")
+                             f"{clip(repr(config['moe'].get('num_experts')))})")
         return _checked(num_layers, moe, num_experts, _count(config["moe"], ("top_k",), source), source,
                         "moe_layers")
     num_layers = _count(config, ("num_hidden_layers",), source, MAX_LAYERS)
@@ -207,7 +153,7 @@ def parse_layers(text: str) -> list[int]:
     """``"1,2,3"`` or ``"1-3"`` (or a mix, ``"0,3-5"``) -> [1, 2, 3]: the one parser of ``--moe-layers`` for
     ``minimoe import`` and ``minimoe export``. Indices must be in [0, MAX_LAYERS) and increase; ValueError
     (quoting at most a short prefix of ``text``) otherwise."""
-    given = _clip(repr(str(text)), 60)
+    given = clip(repr(str(text)), 60)
     expected = f"expected increasing layer indices >= 0 like 1,2,3 or 1-3 (or 0,3-5), got {given}"
     layers = []
     for part in str(text).split(","):
@@ -217,7 +163,7 @@ def parse_layers(text: str) -> list[int]:
         except ValueError:
             raise ValueError(expected) from None
         if max(ends) >= MAX_LAYERS:
-            raise ValueError(f"layer index {_clip(str(max(ends)), 24)} is above {MAX_LAYERS - 1}: no model has that "
+            raise ValueError(f"layer index {clip(str(max(ends)), 24)} is above {MAX_LAYERS - 1}: no model has that "
                              f"many layers, got {given}")
         span = list(range(ends[0], ends[-1] + 1))
         layers.extend(span)

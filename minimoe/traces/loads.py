@@ -29,7 +29,7 @@ import numpy as np
 from minimoe.traces.format import MAX_EXPERTS, Trace
 from minimoe.traces.npz import file_label, read_npz
 from minimoe.traces.inputs import plural
-from minimoe.traces.layers import check_layer_ids
+from minimoe.traces.layer_ids import check_layer_ids
 
 KIND = "loads"
 MAX_COUNT = 2**53  # (token, expert) pairs a load trace may count in all: far beyond any run, exact in float64

@@ -33,7 +33,7 @@ import numpy as np
 
 from minimoe.traces.batches import Span, TraceBatch, check_batch, check_join, join_runs
 from minimoe.traces.format import MAX_EXPERTS, Trace
-from minimoe.traces.layers import as_layer_ids, check_layer_ids
+from minimoe.traces.layer_ids import as_layer_ids, check_layer_ids
 
 FORMAT = "minimoe.trace/1"
 ROWS_PER_GROUP = 1 << 20  # rows per Parquet row group: the unit a worker reads
