@@ -85,47 +85,47 @@ class _RankZeroParser(OneLineParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _RankZeroParser(prog="minimoe ep-demo", description=__doc__.replace("``", "'"),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a minimoe checkpoint directory, or 'bundled': run the whole model "
+    p.add_argument("--model", metavar="DIR|bundled", help="a minimoe checkpoint directory, or 'bundled': run the whole model "
                                    "expert-parallel and compare its logits with one process")
-    p.add_argument("--trace", help="a trace .npz or .parquet, or 'bundled' (record the bundled model's workload, "
+    p.add_argument("--trace", metavar="FILE|bundled", help="a trace .npz or .parquet, or 'bundled' (record the bundled model's workload, "
                                    "small): replay it through the exchange")
     p.add_argument("--wire-format", default="all", choices=(*WIRE_FORMATS, "all", "auto"),
                    help="default: all four; auto: the one minimoe.parallel.formats picks")
     p.add_argument("--placement", default="contiguous", type=placement_arg, metavar="METHOD|FILE.json",
                    help="expert placement: contiguous, round_robin, eplb, locality, grouping, grouping+locality "
                         "(fitted on the routing at hand), or a placement file (default: %(default)s)")
-    p.add_argument("--replicas", type=_positive, default=None,
+    p.add_argument("--replicas", metavar="N", type=_positive, default=None,
                    help="physical slots per layer (default: num_experts rounded up to a multiple of the ranks)")
-    p.add_argument("--gpus-per-node", type=_positive, default=None,
+    p.add_argument("--gpus-per-node", metavar="N", type=_positive, default=None,
                    help="ranks per 'node' (default: half the ranks for 4 or more, else 1); must divide the ranks")
     p.add_argument("--grouping", default=None, choices=GROUPINGS,
                    help="--trace: which rank each request runs on (default: round_robin = request %% ranks)")
-    p.add_argument("--experts", type=whole_number(1, MAX_EXPERTS), default=16,
+    p.add_argument("--experts", metavar="N", type=whole_number(1, MAX_EXPERTS), default=16,
                    help="random layer: num_experts (default: %(default)s)")
-    p.add_argument("--top-k", type=_positive, default=4, help="random layer: top_k (default: %(default)s)")
-    p.add_argument("--hidden", type=whole_number(1, MAX_WIDTH), default=None,
+    p.add_argument("--top-k", metavar="K", type=_positive, default=4, help="random layer: top_k (default: %(default)s)")
+    p.add_argument("--hidden", metavar="N", type=whole_number(1, MAX_WIDTH), default=None,
                    help="hidden size (default: 64 for the random layer, 7168 for --trace, as DeepSeek-V3)")
-    p.add_argument("--intermediate", type=whole_number(1, MAX_WIDTH), default=32,
+    p.add_argument("--intermediate", metavar="N", type=whole_number(1, MAX_WIDTH), default=32,
                    help="random layer: expert width (default: 32)")
     p.add_argument("--shared-experts", type=int, default=0, choices=(0, 1, 2), help="random layer (default: 0)")
-    p.add_argument("--capacity-factor", type=_non_negative_float, default=0.0,
+    p.add_argument("--capacity-factor", metavar="FACTOR", type=_non_negative_float, default=0.0,
                    help="random layer: 0 = dropless (default), else capacity C = ceil(T·k/E · factor)")
-    p.add_argument("--tokens-per-rank", type=whole_number(1, MAX_TOKENS_PER_RANK), default=32,
+    p.add_argument("--tokens-per-rank", metavar="N", type=whole_number(1, MAX_TOKENS_PER_RANK), default=32,
                    help="random layer: tokens per rank; --model: sequences of 16 tokens per rank (default: 32)")
-    p.add_argument("--requests-per-domain", type=whole_number(1, MAX_REQUESTS_PER_DOMAIN), default=8,
+    p.add_argument("--requests-per-domain", metavar="N", type=whole_number(1, MAX_REQUESTS_PER_DOMAIN), default=8,
                    help="--trace bundled (default: 8)")
-    p.add_argument("--new-tokens", type=whole_number(1, MAX_NEW_TOKENS), default=16,
+    p.add_argument("--new-tokens", metavar="N", type=whole_number(1, MAX_NEW_TOKENS), default=16,
                    help="--trace bundled: decode tokens (default: 16)")
-    p.add_argument("--iters", type=whole_number(1, 10_000), default=3,
+    p.add_argument("--iters", metavar="N", type=whole_number(1, 10_000), default=3,
                    help="timed repetitions (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="(default: %(default)s)")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="(default: %(default)s)")
-    p.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT_S,
+    p.add_argument("--timeout", metavar="SECONDS", type=_timeout, default=DEFAULT_TIMEOUT_S,
                    help="seconds before a collective gives up (default: %(default)s)")
-    p.add_argument("--threads", type=thread_count(), default=1,
+    p.add_argument("--threads", metavar="N", type=thread_count(), default=1,
                    help="CPU threads per rank (default: %(default)s; the ranks share the machine's cores)")
-    p.add_argument("--seed", type=seed_number, default=0, help="(default: %(default)s)")
-    p.add_argument("--json", help="rank 0 writes the results here as JSON")
+    p.add_argument("--seed", metavar="N", type=seed_number, default=0, help="(default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="rank 0 writes the results here as JSON")
     return p
 
 
@@ -197,6 +197,8 @@ def _main(argv: list[str] | None = None) -> int:
             backend = torch.distributed.get_backend() if distributed else "one process"
             print(f"ep-demo: {world} ranks ({backend}, {device.type}), {args.dtype}, placement {args.placement}, "
                   f"{nodes_line(args.gpus_per_node, world)}")
+            if "trace_line" in rows[0]:
+                print(rows[0]["trace_line"])
             print(rows[0]["format_rule"])
             print(format_rows(rows))
             if args.json:

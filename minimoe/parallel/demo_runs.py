@@ -180,6 +180,11 @@ def run_replay(args, world, rank, device, dtype) -> list[dict]:
                                               grouping_given=args.grouping is not None)
     hidden = args.hidden or 7168
     report = _predict(trace, placement, shape, sources, hidden, dtype, held_out)
+    replayed = trace.num_tokens if held_out is None else int(held_out.sum())
+    which = "every token" if held_out is None else "its held-out tokens" if deployment is not None else \
+        "its decode tokens (the placement fitted on prefill)"
+    trace_line = (f"trace: {trace.num_tokens:,} tokens, {trace.num_requests:,} requests, {trace.num_layers} MoE "
+                  f"layers, top-{trace.top_k} of {trace.num_experts}; replaying {which}: {replayed:,} tokens")
     rows = []
     for fmt in _formats(args, trace.num_experts, trace.top_k, shape):
         result = replay(trace, placement, sources, fmt, None, hidden, dtype, device, held_out, seed=args.seed)
@@ -189,7 +194,7 @@ def run_replay(args, world, rank, device, dtype) -> list[dict]:
                          dispatch_ms=1e3 * result.dispatch_s, combine_ms=1e3 * result.combine_s,
                          pairs_per_rank=result.received_pairs.tolist(),
                          load_max_over_mean=result.load_max_over_mean,
-                         format_rule=rule_line(trace.num_experts, trace.top_k, shape)))
+                         format_rule=rule_line(trace.num_experts, trace.top_k, shape), trace_line=trace_line))
     return rows
 
 
