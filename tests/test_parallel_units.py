@@ -350,6 +350,10 @@ def test_the_command_replays_a_parquet_trace_as_its_npz(capsys, tmp_path):
     from_parquet = untimed(capsys.readouterr().out)
     assert ep_demo(["--trace", str(ROOT / "benchmarks" / "results" / "ep_bundled_trace.npz"), *flags]) == 0
     assert untimed(capsys.readouterr().out) == from_parquet and "local rows 16384" in from_parquet
+    decode = int((trace.phase == 1).sum())  # the placement fits on prefill; the decode tokens are replayed
+    assert (f"trace: {trace.num_tokens:,} tokens, {trace.num_requests:,} requests, {trace.num_layers} MoE layers, "
+            f"top-{trace.top_k} of {trace.num_experts}; replaying its decode tokens (the placement fitted on prefill): "
+            f"{decode:,} tokens") in from_parquet
 
 
 def test_the_command_in_one_process(capsys, tmp_path):
