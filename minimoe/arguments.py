@@ -157,6 +157,8 @@ def check_output_file(flag: str, path: str, suffix: str | tuple[str, ...] | None
         raise ValueError(f"{flag} {path}: expected a file name ending in {' or '.join(suffixes)}")
     if path.is_dir():
         raise ValueError(f"{flag} {path}: is a folder, expected a file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: {path.parent} is a file, not a folder")
     if not path.parent.is_dir():
         raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
     existed = path.exists()
@@ -270,7 +272,11 @@ def check_moe_model_dir(flag: str, path: str) -> int:
     """A minimoe model folder with MoE layers (``check_model_dir`` first): returns its expert count; raises
     ValueError naming ``flag`` for a dense model (its config.json has no "moe" section) or a "moe" section without
     a whole num_experts >= 1."""
-    moe = check_model_dir(flag, path).get("moe")
+    config = check_model_dir(flag, path)
+    moe = config.get("moe")
+    if moe is None and ("model_type" in config or "architectures" in config):  # a transformers checkpoint
+        raise ValueError(f"{flag} {path}: a transformers checkpoint (model_type {config.get('model_type')!r}), not a "
+                         f"minimoe run: record it with minimoe trace --hf {path}, then minimoe report --trace")
     if moe is None:
         raise ValueError(f"{flag} {path}: a dense model (its config.json has no \"moe\" section) has no experts to "
                          "trace or place: expected a minimoe MoE checkpoint")

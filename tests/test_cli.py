@@ -149,3 +149,15 @@ def test_a_transformers_folder_without_tokenizer_files_is_named(tmp_path, capsys
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
     err = one_line_error(capsys, ["trace", "--hf", str(tmp_path), "--out", str(tmp_path / "t.npz")])
     assert f"--hf {tmp_path}: no tokenizer files (tokenizer.json, " in err
+
+
+def test_a_transformers_folder_given_as_model_and_a_file_as_a_folder_are_named(tmp_path, capsys):
+    (tmp_path / "ds3").mkdir()
+    (tmp_path / "ds3" / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "num_hidden_layers": 4}))
+    for command in ("trace", "report"):  # a transformers checkpoint is recorded with --hf, not --model
+        err = one_line_error(capsys, [command, "--model", str(tmp_path / "ds3"), "--out", str(tmp_path / "o.npz")])
+        assert (f"--model {tmp_path / 'ds3'}: a transformers checkpoint (model_type 'deepseek_v3'), not a minimoe run: "
+                f"record it with minimoe trace --hf {tmp_path / 'ds3'}") in err, err
+    (tmp_path / "afile").write_text("x")
+    err = one_line_error(capsys, ["trace", "--out", str(tmp_path / "afile" / "t.npz")])
+    assert f"--out {tmp_path / 'afile' / 't.npz'}: {tmp_path / 'afile'} is a file, not a folder" in err

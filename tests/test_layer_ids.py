@@ -230,3 +230,18 @@ def test_logged_layers_beyond_any_model_are_named_by_their_field(tmp_path):
     with pytest.raises(ValueError, match=r"line 1: layers_logged must be a non-empty list of distinct layer indices in "
                                          r"\[0, 1024\), got \[0, 2000\]"):
         from_jsonl(tmp_path / "log.jsonl")
+
+
+def test_rows_0_to_l_are_taken_as_the_whole_model_only_out_loud(tmp_path, capsys):
+    placement = Placement(np.tile(np.arange(8), (2, 1)), 8, 2, 2, "contiguous", layer_ids=[0, 1])
+    placement.save(tmp_path / "p.json")
+    for fmt, out in (("trtllm", "t.yaml"), ("vllm", "v.jsonl"), ("eplb", "e.pt")):
+        status, text, err = run_cli(main, capsys, "export", str(tmp_path / "p.json"), "--format", fmt, "--out",
+                                    str(tmp_path / out))
+        assert status == 0 and "its rows taken as every MoE layer of the model: --config MODEL/config.json checks " \
+                               "that" in text, err
+    (tmp_path / "config.json").write_bytes(b"\x87\x00binary")  # a weights file given as the config
+    status, _, err = run_cli(main, capsys, "export", str(tmp_path / "p.json"), "--format", "vllm", "--config",
+                             str(tmp_path / "config.json"), "--out", str(tmp_path / "v.jsonl"))
+    assert status == 2 and f"{tmp_path / 'config.json'} is not text (byte 0x87 at offset 0): expected a model's " \
+                           "config.json" in err, err

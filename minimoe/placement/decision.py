@@ -121,9 +121,10 @@ def saved_lines(decisions: list[dict], folder: str | None, lead: str) -> list[st
     where = f"{folder}/" if folder else ""
     command = f"  minimoe export {shlex.quote(where + files[0])} --format sglang|trtllm|vllm|eplb --out FILE"
     layers = decisions[0].get("layer_ids")  # the model layers of the placements' rows, when the trace said
-    if layers is None or layers == list(range(len(layers))):
+    if layers is None:
         return [f"Saved: {', '.join(where + f for f in files)}. {lead}",
-                f"{command} --config MODEL/config.json   (or --moe-layers with the model's MoE layer indices)"]
+                f"{command} --config MODEL/config.json   (or, for sglang and trtllm, --moe-layers with the model's MoE "
+                "layer indices)"]
     return [f"Saved: {', '.join(where + f for f in files)}. {lead}",
             f"{command} --config MODEL/config.json   (the files record their rows' model layers, "
             f"{layer_list(layers)}; sglang can do without --config, given --num-layers N)"]

@@ -17,6 +17,7 @@ Without ``--config`` nothing says how many MoE layers the model has, so the rule
     trtllm   TensorRT-LLM wants every MoE layer: rows recorded as other than 0..L-1 need --config (or
              --moe-layers, the user's word that these are all of them)
     vllm, eplb   rows are MoE layers 0..L-1; rows recorded as other model layers need --config
+    (trtllm, vllm and eplb then take rows 0..L-1 as every MoE layer of the model, and the output line says so)
 
 and with ``--config`` every MoE layer the rows do not cover is filled: the identity placement (slot s holds
 expert s mod E) for a placement, zero counts for a load file (``spread``).
@@ -35,12 +36,20 @@ from minimoe.traces.layers import ModelLayers, layer_list
 class EngineLayers:
     """``rows``: the model layer of each of the L rows (None: nothing says); ``model_moe``: every MoE layer of the
     model as far as known (the config's, else ``rows``); ``num_layers``: the decoder layers an SGLang table has,
-    ``guessed`` when it is only the last row's layer + 1."""
+    ``guessed`` when it is only the last row's layer + 1; ``assumed`` when an engine that wants every MoE layer
+    takes the rows as all of them because nothing (no --config, no --moe-layers) says otherwise."""
 
     rows: list[int] | None
     model_moe: list[int] | None
     num_layers: int | None
     guessed: bool = False
+    assumed: bool = False
+
+    @property
+    def assumption(self) -> str:
+        """" (its rows taken as every MoE layer of the model: ...)" when ``assumed``, else ""."""
+        return " (its rows taken as every MoE layer of the model: --config MODEL/config.json checks that)" \
+            if self.assumed else ""
 
     @property
     def covered(self) -> str:
@@ -106,7 +115,7 @@ def engine_layers(fmt: str, what: str, num_rows: int, recorded: list[int] | None
             raise ValueError(f"--num-layers {num_layers}: {what} covers model layer {rows[-1]}, so the model has at "
                              f"least {rows[-1] + 1} layers")
         num_layers, guessed = (num_layers, False) if num_layers is not None else (rows[-1] + 1, True)
-    return EngineLayers(rows, model_moe, num_layers, guessed)
+    return EngineLayers(rows, model_moe, num_layers, guessed, assumed=fmt != "sglang" and layers is None)
 
 
 def spread(values: np.ndarray, rows: list[int], model_moe: list[int], fill: np.ndarray) -> np.ndarray:

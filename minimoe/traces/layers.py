@@ -20,7 +20,11 @@ layer, in order. The user names them (``--moe-layers 1,2,3``) or gives the model
     any other MoE config (Mixtral, OLMoE, ...)   every layer
 
 A config nested under ``text_config`` (multimodal Llama 4, Qwen3-VL-MoE) is read from there.
-``tests/test_engine_files.py`` checks these rules against the modules transformers builds.
+``tests/test_engine_files.py`` checks these rules against the modules transformers builds. One rule is the
+engines' rather than transformers': DeepSeek's own modeling code, which SGLang and vLLM follow, makes layer i MoE
+only when i % moe_layer_freq == 0, and transformers' port ignores ``moe_layer_freq`` (1 in every released
+DeepSeek config, where the two agree). For a config with another value, a trace recorded with transformers
+(``minimoe trace --hf``) holds layers that ``--config`` calls dense, and ``minimoe export`` refuses it naming them.
 """
 
 from __future__ import annotations
@@ -140,6 +144,9 @@ def read_config(path) -> ModelLayers:
             text = file.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file (expected a model's config.json)") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not text (byte 0x{error.object[error.start]:02x} at offset {error.start}): "
+                         "expected a model's config.json") from None
     if not text.strip():
         raise ValueError(f"{path} is empty: expected a model's config.json")
     try:

@@ -32,8 +32,14 @@ def trace_command(args) -> int:
         model_dir = args.model or BUNDLED_MODEL
         texts, domains = run_prompts(model_dir, args.requests_per_domain, args.seed)
         model, tokenize, name = Transformer.load(model_dir).eval(), minimoe_tokenize(model_dir), None
-    trace = record_workload(model, tokenize, texts, domains, args.new_tokens, args.batch_size, name=name,
-                            temperature=args.temperature, seed=args.seed, progress=True)
+    try:
+        trace = record_workload(model, tokenize, texts, domains, args.new_tokens, args.batch_size, name=name,
+                                temperature=args.temperature, seed=args.seed, progress=True)
+    except ValueError as error:  # what the checkpoint holds (its routers, its tokenizer's ids): name the folder
+        if not args.hf:
+            raise
+        beyond = "its tokenizer gives ids its embedding does not have; " if "vocab_size" in str(error) else ""
+        raise ValueError(f"--hf {args.hf}: {beyond}{error}") from None
     save_trace(trace, out)
     print(f"{trace.num_requests} requests, {trace.num_tokens} tokens, {trace.num_layers} MoE layers -> {out}")
     return 0
