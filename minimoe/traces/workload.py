@@ -62,9 +62,14 @@ def record_workload(model, tokenize, texts: list[str], domains: list[str], max_n
     model loops on a few tokens and makes decode traffic unrealistically narrow (its expert load has nothing
     in common with prefill's), while temperature 1 lets a 4 M-parameter model drift off its prompt's domain.
     """
+    from tqdm.auto import tqdm
+
     from minimoe.traces.recording import record
 
-    prompts = [tokenize(text) for text in texts]
+    # a long workload takes a while to tokenise (about 80 s for 400,000 prompts): say so, as recording does
+    quick = len(texts) < 10_000  # a second or two: no bar
+    prompts = [tokenize(text) for text in tqdm(texts, desc="tokenising", unit="prompt",
+                                               disable=not progress or quick, mininterval=1.0)]
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:
         raise ValueError(f"prompts {empty[:5]} tokenise to nothing")
