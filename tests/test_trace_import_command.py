@@ -266,12 +266,14 @@ def test_report_names_the_trace_file_that_holds_no_token_or_a_dense_layer(tmp_pa
 
 
 @pytest.mark.parametrize("name, content, flags, expected", [
-    ("g.jsonl", b"garbage here\n", (), r"g.jsonl: line 1 is neither a JSON record nor a base64 payload \('garbage here'\)"),
+    ("g.jsonl", b"garbage here\n", (),
+     r"g.jsonl: line 1 is neither a JSON record nor a base64 payload \('garbage here'\)"),
     ("t.npz", b"hello\n", (), r"t.npz is not a .npz archive \(not a zip file\)"),
     ("t.npz", b"hello\n", ("--format", "vllm", "--num-experts", "8"), r"t.npz is not a .npz archive"),
     ("t.npy", b"hello\n", ("--num-experts", "8"), r"t.npy is not a .npy array \(no NumPy header\)"),
-    ("r.jsonl.gz", gzip.compress(b"{}\n"), ("--format", "jsonl"), r"r.jsonl.gz is gzip-compressed: decompress it"),
-    ("r.jsonl.gz", gzip.compress(b"{}\n"), (), r"r.jsonl.gz is compressed: decompress it first"),
+    ("r.jsonl.gz", gzip.compress(b"{}\n", mtime=0), ("--format", "jsonl"),  # mtime=0: the same bytes (test id) in
+     r"r.jsonl.gz is gzip-compressed: decompress it"),                        # every pytest-xdist worker
+    ("r.jsonl.gz", gzip.compress(b"{}\n", mtime=0), (), r"r.jsonl.gz is compressed: decompress it first"),
 ])
 def test_a_file_that_is_not_what_its_name_says_is_named_in_one_line(name, content, flags, expected, tmp_path, capsys):
     from batches import run_cli
