@@ -191,8 +191,8 @@ def test_the_python_api_uses_the_recorded_layers_and_refuses_to_renumber_them():
     with pytest.raises(ValueError, match=r"moe_layers \[0, 1\] disagrees with the model layers this placement records"):
         placement.to_sglang([0, 1], 16)
     for method, engine in ((placement.to_vllm, "vLLM"), (placement.to_eplb, "EPLB")):
-        with pytest.raises(ValueError, match=f"{engine} numbers the model's MoE layers 0..M-1, and this placement's rows "
-                                             r"are model layers \[0, 15\]"):
+        with pytest.raises(ValueError, match=f"{engine} numbers the model's MoE layers 0..M-1, and this placement's "
+                                             r"rows are model layers \[0, 15\]"):
             method()
     plain = Placement(table, 8, 2, 2, "contiguous")  # nothing recorded: as before
     assert sorted(plain.to_vllm()["initial_global_assignments"]) == ["0", "1"] and plain.to_eplb()[0].shape == (2, 8)

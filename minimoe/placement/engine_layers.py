@@ -84,7 +84,8 @@ def model_rows(what: str, num_rows: int, recorded: list[int] | None, layers: Mod
         dense = [] if layers is None else [i for i in recorded if i not in layers.moe_layers]
         if dense:
             raise ValueError(f"{what} records model layers {layer_list(recorded)}, but by {layers.source} layers "
-                             f"{layer_list(dense)} are not MoE layers (its MoE layers: {layer_list(layers.moe_layers)})")
+                             f"{layer_list(dense)} are not MoE layers (its MoE layers: "
+                             f"{layer_list(layers.moe_layers)})")
         return recorded
     return None if layers is None else check_count(what, num_rows, layers.source, layers.moe_layers)
 
