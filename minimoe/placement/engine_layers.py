@@ -52,11 +52,15 @@ class EngineLayers:
             if self.assumed else ""
 
     @property
-    def covered(self) -> str:
-        """" (2 of the model's 16 MoE layers placed; ...)" when the rows cover only some of them, else ""."""
-        if self.rows is None or self.model_moe is None or len(self.model_moe) == len(self.rows):
+    def partial(self) -> bool:
+        """Whether the rows cover only some of the model's known MoE layers (the others must be filled)."""
+        return self.rows is not None and self.model_moe is not None and len(self.model_moe) > len(self.rows)
+
+    def covered(self, others: str) -> str:
+        """" (2 of the model's 16 MoE layers given; the others OTHERS)" when ``partial``, else ""."""
+        if not self.partial:
             return ""
-        return f" ({len(self.rows)} of the model's {len(self.model_moe)} MoE layers given; the others filled)"
+        return f" ({len(self.rows)} of the model's {len(self.model_moe)} MoE layers given; the others {others})"
 
 
 def check_count(what: str, num_rows: int, named_by: str, named: list[int]) -> list[int]:

@@ -119,13 +119,13 @@ def write(placement, fmt: str, path, layers: ModelLayers | None = None, num_laye
     if layers is not None:
         check_experts(layers, "the placement", placement.num_experts)
     at = engine_layers(fmt, "the placement", placement.num_layers, placement.layer_ids, layers, num_layers)
-    if at.covered:
+    if at.partial:
         placement = over_model(placement, at.rows, at.model_moe)
     ranks, per_rank = placement.num_gpus, placement.slots_per_gpu
     spare = placement.num_slots - placement.num_experts
     where = f"{placement.num_experts} experts on {placement.num_slots} slots per layer over {ranks} ranks " \
             f"(slot s on rank s // {per_rank})"
-    filled = at.covered.replace("filled", "keep slot s -> expert s mod E") + at.assumption
+    filled = at.covered("keep slot s -> expert s mod E") + at.assumption
     if fmt == "sglang":
         table = sglang_map(placement, at.model_moe, at.num_layers)
         if path.suffix == ".pt":
@@ -172,10 +172,10 @@ def write_loads(loads, fmt: str, path, layers: ModelLayers | None = None, num_la
     if fmt == "eplb":
         import torch
 
-        weight = spread(totals, at.rows, at.model_moe, zeros) if at.covered else totals
+        weight = spread(totals, at.rows, at.model_moe, zeros) if at.partial else totals
         torch.save({"weight": torch.from_numpy(weight)}, path)
         return (f"{path}: EPLB weight {tuple(weight.shape)} (tokens per expert, summed over {loads.num_steps} "
-                f"steps){at.covered.replace('filled', 'hold no tokens')}{at.assumption}")
+                f"steps){at.covered('hold no tokens')}{at.assumption}")
     table = spread(totals, at.rows, list(range(at.num_layers)), zeros)  # every decoder layer; dense rows zero
     if Path(path).suffix == ".pt":
         import torch

@@ -150,7 +150,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def convert(args):
-    """The trace (a ``Trace`` or, for load dumps, a ``LoadTrace``) the arguments of ``parse`` describe.
+    """The trace (a ``Trace`` or, for load dumps, a ``LoadTrace``) the arguments of ``parse`` describe; sets
+    ``args.format`` to the format read (``auto`` resolved).
     Raises ValueError / FileNotFoundError naming the flag or file (a flag the format does not read included)."""
     source = Path(args.source)
     if not (source.is_file() or source.is_dir()):
@@ -161,7 +162,7 @@ def convert(args):
         raise FileNotFoundError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist")
     check_not_the_input("--out", args.out, source)
     check_output_file("--out", args.out)  # an unwritable place fails now, in one line naming the flag
-    kind = guess_format(source) if args.format == "auto" else args.format
+    kind = args.format = guess_format(source) if args.format == "auto" else args.format  # 'auto' resolved, once
     if source.is_dir() and kind not in ("trtllm-stats", "sglang-per-pass"):
         raise ValueError(f"{source} is a folder; --format {kind} reads a file")
     check_flags(kind, args.given)
@@ -249,6 +250,5 @@ def main(argv: list[str] | None = None) -> int:
                          "per-token traces")
     else:
         trace.save(args.out)
-    converted = (guess_format(Path(args.source)) if args.format == "auto" else args.format) == "trace"
-    print(summary(trace, args.source, args.out, converted))
+    print(summary(trace, args.source, args.out, converted=args.format == "trace"))
     return 0
