@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import torch
 
@@ -73,12 +74,23 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+# Seconds a rank other than 0 waits before it exits on a bad flag or input. Every rank meets the same error, but
+# torchrun stops the others as soon as one exits: rank 0 must exit first, or it may be stopped before it prints.
+QUIET_EXIT_GRACE_S = 5.0
+
+
+def _quiet_exit_code() -> int:
+    """Exit status of a rank other than 0 that met the error rank 0 reports: 2, after the grace period."""
+    time.sleep(QUIET_EXIT_GRACE_S)
+    return 2
+
+
 class _RankZeroParser(OneLineParser):
     """Under torchrun every rank parses the same flags: only rank 0 prints the error line."""
 
     def error(self, message: str):
         if _rank() != 0:
-            self.exit(2)
+            self.exit(_quiet_exit_code())
         super().error(message)
 
 
@@ -151,12 +163,12 @@ def format_rows(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; under torchrun a ValueError or OSError is raised on rank 0 only (the command line prints it
-    as one line) and the other ranks return 2 quietly."""
+    as one line) and the other ranks return 2 quietly, after rank 0 has had time to print it."""
     try:
         return _main(argv)
     except (ValueError, OSError):
         if "WORLD_SIZE" in os.environ and _rank() != 0:
-            return 2
+            return _quiet_exit_code()
         raise
 
 
