@@ -13,6 +13,7 @@ from minimoe.compress.masks import MEMORY, TEXT, build_layout, global_mask, pic_
 from minimoe.compress.mechanism import (all_pilot_settings, choose_read_path_and_lr, grid_settings,
                                        run_mechanism)
 from minimoe.compress.mechanism_data import MechanismSet, Rows, training_batch, value_mask
+from minimoe.compress.mechanism_report import markdown
 from minimoe.compress.mechanism_stats import (gains_at, hypotheses, paired_bootstrap, smoothed, steps_to)
 from minimoe.compress.mechanism_training import (compile_blocks, greedy_answers, read, read_both, teacher_forced,
                                                 train_step)
@@ -324,6 +325,20 @@ def test_a_smoke_run_says_its_numbers_mean_nothing_and_judges_nothing(smoke):
     assert text.startswith("**Smoke run: these numbers mean nothing.**")
     assert text.count("not judged (smoke run)") == 5  # the gate, H1-H3 and the gap target
     assert ": held" not in text and ": missed" not in text
+
+
+@pytest.mark.parametrize("both_near_floor, band_above_floor, says", [
+    (True, 5.0, "Both arms stayed there on the memory-alone path at every rate, so the decoder got a LoRA too"),
+    (False, 5.0, "An arm on the memory-alone path came off it at some rate, so the decoder stays frozen"),
+    (False, 0.0, "The reader's dev bounds leave no band (no score can be below the no-context one)"),
+])
+def test_the_report_says_why_the_read_path_was_chosen(smoke, both_near_floor, band_above_floor, says):
+    _, out, _ = smoke
+    summary = json.loads((out / "summary.json").read_text())
+    floor = summary["reader"]["dev_teacher_forced"]["none"]["em"]
+    summary["protocol"]["pilot"].update(both_near_floor=both_near_floor, near_floor_below=floor + band_above_floor)
+    text = markdown(summary)
+    assert f"Near the floor means below {floor + band_above_floor:.1f} dev EM. {says}" in text
 
 
 @pytest.mark.parametrize("overrides, message", [

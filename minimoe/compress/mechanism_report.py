@@ -76,10 +76,17 @@ def markdown(summary: dict) -> str:
         with_lora = lora.get(lr, {})
         lines.append(f"| {lr} | {scores['global']:.1f} | {scores['pic']:.1f} | "
                      + " | ".join(f"{with_lora[m]:.1f}" if m in with_lora else "n/a" for m in ("global", "pic")) + " |")
-    lines.append(f"\nNear the floor means below {pilot['near_floor_below']:.1f} dev EM. " +
-                 ("Both arms stayed there on the memory-alone path at every rate, so the decoder got a LoRA too, "
-                  "for both arms alike" if pilot["both_near_floor"] else "The memory-alone path left it, so the "
-                  "decoder stays frozen") + f"; chosen learning rate {pilot['lr']:g} (by the global arm on that path).")
+    empty_band = pilot["near_floor_below"] <= dev["none"]["em"]  # the reader's dev bounds are equal (or inverted)
+    if pilot["both_near_floor"]:
+        verdict = ("Both arms stayed there on the memory-alone path at every rate, so the decoder got a LoRA too, for "
+                   "both arms alike")
+    elif empty_band:
+        verdict = ("The reader's dev bounds leave no band (no score can be below the no-context one), so the decoder "
+                   "stays frozen")
+    else:
+        verdict = "An arm on the memory-alone path came off it at some rate, so the decoder stays frozen"
+    lines.append(f"\nNear the floor means below {pilot['near_floor_below']:.1f} dev EM. {verdict}; chosen learning "
+                 f"rate {pilot['lr']:g} (by the global arm on that path).")
     lines += ["", "| method | ratio | memory | seeds | test EM (mean ± sd) | test F1 (mean ± sd) | gap closed | "
                   "F1 by paragraph | wrong answers from another paragraph |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for row in summary["table"]:
