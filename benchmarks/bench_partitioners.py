@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 
 from minimoe.placement import Topology, group, measure, place  # noqa: E402
 from minimoe.placement.experiments import default_window, masks  # noqa: E402
+from minimoe.placement.hypergraph import DEFAULT_MTKAHYPAR_PRESET, MTKAHYPAR_PRESETS  # noqa: E402
 from minimoe.traces import BUNDLED_MODEL, Trace, bundled_trace, record, synthetic_trace  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,7 +36,7 @@ NOTES = [
     "",
     "* Both partitioners see the same merged hypergraph (expert loads as vertex weights, one fixed vertex per node "
     "for the request sources), the same node load cap and slot limits, and get the same replica and GPU steps. "
-    "Mt-KaHyPar runs its `default` preset on one thread with the seed; its partition is then made to fit the "
+    "Mt-KaHyPar runs the preset named above (`--mtkahypar-preset`) on one thread with the seed; its partition is then made to fit the "
     "slots with the fewest moves. `fm` is minimoe's own (`minimoe.placement.locality`, `refinement`).",
     "* Bundled: `bundled_trace()` of the 4-domain model trained in chapter 3, 500 held-out prompts per domain, 32 "
     "sampled decode tokens each. Synthetic: `synthetic_trace(num_requests=512, tokens_per_request=64, "
@@ -126,14 +127,14 @@ def traces(quick: bool, cache: Path | None):
                "untrained", settings)
 
 
-def compare(trace: Trace, topology: Topology, num_replicas: int, seed: int) -> dict[str, dict]:
+def compare(trace: Trace, topology: Topology, num_replicas: int, seed: int, preset: str) -> dict[str, dict]:
     """method -> measured row, for one seed (of the request sources and of the partitioners)."""
     token_sets = masks(trace, default_window(trace))
     sources = group(trace, topology, "random", seed=seed)
     rows, placements = {}, {}
     for label, method, options in METHODS:
         if method == "locality":
-            options = dict(options, sources=sources, epsilon=EPSILON, seed=seed)
+            options = dict(options, sources=sources, epsilon=EPSILON, seed=seed, mtkahypar_preset=preset)
         start, cpu = time.perf_counter(), time.process_time()
         placement = place(trace, topology, method, tokens=token_sets["prefill"], num_replicas=num_replicas, **options)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -155,6 +156,8 @@ def main():
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the random request sources and partitioners")
     parser.add_argument("--out", default=str(RESULTS / "partitioners"), help="output path without extension")
     parser.add_argument("--json", default=None, help="also write every seed's numbers to this JSON file")
+    parser.add_argument("--mtkahypar-preset", choices=MTKAHYPAR_PRESETS, default=DEFAULT_MTKAHYPAR_PRESET,
+                        help="Mt-KaHyPar's preset (default: %(default)s, minimoe's)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     cache = Path(args.cache) if args.cache else None
@@ -167,7 +170,7 @@ def main():
     for name, trace, note, settings in traces(args.quick, cache):
         for (nodes, per_node), num_replicas in settings:
             topology = Topology(num_nodes=nodes, gpus_per_node=per_node)
-            runs = [compare(trace, topology, num_replicas, seed) for seed in seeds]
+            runs = [compare(trace, topology, num_replicas, seed, args.mtkahypar_preset) for seed in seeds]
             mean = {label: {key: float(np.mean([run[label][key] for run in runs])) for key in runs[0][label]}
                     for label, _, _ in METHODS}
             cuts = {label: [run[label]["cut_vs_contiguous"] for run in runs] for label, _, _ in METHODS}
@@ -202,7 +205,7 @@ def main():
         f"{platform.python_version()}, numpy {np.__version__}, transformers {_version('transformers')}, mtkahypar "
         f"{_version('mtkahypar')}; one thread; {minutes:.0f} minutes. Fitted on prefill tokens, measured on the "
         "decode tokens after each request's online window; random request sources; node load cap epsilon = "
-        f"{EPSILON} for both partitioners. Every number is the mean over seeds {args.seeds} (request sources "
+        f"{EPSILON} for both partitioners; Mt-KaHyPar's preset `{args.mtkahypar_preset}`. Every number is the mean over seeds {args.seeds} (request sources "
         "and partitioner seeds), the cut's range over the seeds in brackets. inter-node GB = de-duplicated bytes "
         "(hidden 7168, bf16 dispatch and combine); load = tokens per GPU, max/mean, on the evaluated tokens; "
         "fit s = CPU seconds of `place`.",

@@ -227,6 +227,23 @@ def test_mtkahypar_partition_is_seeded_balanced_and_uses_sources():
     np.testing.assert_array_equal(home, partition_mtkahypar(graph, cap, seed=0))
 
 
+def test_the_default_mtkahypar_preset_gives_the_same_partition_on_every_call_of_a_process():
+    """Mt-KaHyPar's "default" preset returned 2 or 3 different partitions over 4 calls on the same input and seed
+    for 2 of these 12 graphs (mtkahypar 1.7), so a report's placements depended on which fits ran earlier in the
+    process; the default preset of minimoe must not."""
+    pytest.importorskip("mtkahypar")
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        hot = rng.dirichlet(np.full(32, 0.3))
+        experts = np.stack([rng.choice(32, 4, replace=False, p=hot) for _ in range(512)])
+        pin = rng.integers(0, 4, 512) if seed % 2 == 0 else None
+        graph = Hypergraph(experts, 32, 4, pin=pin)
+        cap = 1.05 * graph.load.sum() / 4
+        first = partition_mtkahypar(graph, cap, seed=0)
+        for _ in range(3):
+            np.testing.assert_array_equal(partition_mtkahypar(graph, cap, seed=0), first, err_msg=f"graph {seed}")
+
+
 def test_both_partitioners_keep_slots_and_load_on_skewed_traces():
     pytest.importorskip("mtkahypar")
     trace = synthetic_trace(num_requests=64, tokens_per_request=32, num_layers=2, num_experts=32, top_k=4,
@@ -251,7 +268,7 @@ def test_compare_partitioners_rows():
     by = {r["method"]: r for r in rows}
     assert by["contiguous"]["cut_vs_contiguous"] == 0.0
     for name in ("locality[fm]", "locality[mtkahypar]"):
-        assert by[name]["cut_vs_contiguous"] > 0.05  # structured routing: both partitioners find savings
+        assert by[name]["cut_vs_contiguous"] > 0.03  # structured routing: both partitioners find savings
 
 
 def test_report_compares_partitioners_on_request_and_says_when_mtkahypar_is_missing(monkeypatch):

@@ -32,6 +32,10 @@ import functools
 import numpy as np
 
 MTKAHYPAR_PRESETS = ("default", "quality", "highest_quality", "deterministic", "deterministic_quality")
+# The preset every fit uses unless told otherwise: Mt-KaHyPar's "default" and "quality" presets can return another
+# partition for the same input and seed on a later call in the same process (measured with mtkahypar 1.7), so a
+# report's placements would depend on which fits a process ran before; the deterministic preset does not.
+DEFAULT_MTKAHYPAR_PRESET = "deterministic"
 
 
 def _sorted_rows(values: np.ndarray) -> np.ndarray:
@@ -255,15 +259,15 @@ def mtkahypar_input(graph: Hypergraph):
 
 
 def partition_mtkahypar(graph: Hypergraph, max_node_load: float, seed: int = 0,
-                        preset: str = "default") -> np.ndarray:
+                        preset: str = DEFAULT_MTKAHYPAR_PRESET) -> np.ndarray:
     """home (E,) int64: Mt-KaHyPar's km1 partition of ``graph`` into ``graph.num_nodes`` blocks, on one thread.
 
     No block's load exceeds ``max_node_load`` where Mt-KaHyPar finds such a partition (a block may always
     hold its heaviest expert); known sources are fixed vertices (``mtkahypar_input``). The number of experts
-    per node is not constrained here (the caller repairs it). Same ``seed``, same result: the
-    ``deterministic*`` presets guarantee it; the others are deterministic on one thread unless a
-    refinement step runs into Mt-KaHyPar's time limit (at least 5 s). Raises ImportError saying how to
-    install Mt-KaHyPar when it is missing, ValueError for an unknown preset."""
+    per node is not constrained here (the caller repairs it). Same ``seed``, same result with the
+    ``deterministic*`` presets (the default), whatever the process partitioned before; the other presets,
+    even on one thread, may return another partition for the same input on a later call in the same process.
+    Raises ImportError saying how to install Mt-KaHyPar when it is missing, ValueError for an unknown preset."""
     if preset not in MTKAHYPAR_PRESETS:
         raise ValueError(f"mtkahypar preset must be one of {list(MTKAHYPAR_PRESETS)}, got {preset!r}")
     mtkahypar, initializer = _mtkahypar()

@@ -58,7 +58,8 @@ from __future__ import annotations
 import numpy as np
 
 from minimoe.placement.fitdata import FitData
-from minimoe.placement.hypergraph import MTKAHYPAR_PRESETS, Hypergraph, mtkahypar_available, partition_mtkahypar
+from minimoe.placement.hypergraph import (DEFAULT_MTKAHYPAR_PRESET, MTKAHYPAR_PRESETS, Hypergraph, mtkahypar_available,
+                                          partition_mtkahypar)
 from minimoe.placement.locality_slots import fill_spares, pack_gpus
 from minimoe.placement.refinement import fit_slots, improve, refine, repair
 from minimoe.placement.topology import Topology
@@ -71,7 +72,7 @@ AUTO_MTKAHYPAR_EDGES = 2048  # partitioner="auto" gives Mt-KaHyPar a uniform sam
 
 def place_locality(trace, topology: Topology, num_slots: int, sources=None, tokens=None, epsilon: float = 0.1,
                    rounds: int = 50, locality_replicas: bool = True, max_fit_tokens: int | None = None,
-                   partitioner: str = "auto", seed: int = 0, restarts: int = 4, mtkahypar_preset: str = "default",
+                   partitioner: str = "auto", seed: int = 0, restarts: int = 4, mtkahypar_preset: str = DEFAULT_MTKAHYPAR_PRESET,
                    cache: dict | None = None):
     """phy2log (L, num_slots) int64 for every layer of ``trace`` (see the module docstring).
 
@@ -83,7 +84,8 @@ def place_locality(trace, topology: Topology, num_slots: int, sources=None, toke
     ours) or "mtkahypar" (Mt-KaHyPar on the same hypergraph; optional, ``pip install mtkahypar``).
     seed: the partitioners' seed (the random starts of "fm", Mt-KaHyPar's own); the same seed gives the
     same placement. restarts: random starting partitions of "fm" besides the greedy ones.
-    mtkahypar_preset: one of ``MTKAHYPAR_PRESETS`` (``minimoe.placement.hypergraph.partition_mtkahypar``).
+    mtkahypar_preset: one of ``MTKAHYPAR_PRESETS`` (``minimoe.placement.hypergraph.partition_mtkahypar``);
+    the default, "deterministic", gives the same partition for the same input in any process.
     cache: a dict that keeps node partitions across calls, keyed by their whole input (a placement on 2x2 and
     on 2x4 GPUs without spare slots partitions the same hypergraph onto the same 2 nodes); None keeps none.
     Raises ValueError naming a bad option, ImportError when Mt-KaHyPar is asked for and missing.
@@ -117,7 +119,7 @@ def place_locality(trace, topology: Topology, num_slots: int, sources=None, toke
 
 
 def place_layer(experts, num_experts, topology, num_slots, source_gpu, token_index, epsilon=0.1, rounds=50,
-                locality_replicas=True, partitioner="auto", seed=0, restarts=4, mtkahypar_preset="default",
+                locality_replicas=True, partitioner="auto", seed=0, restarts=4, mtkahypar_preset=DEFAULT_MTKAHYPAR_PRESET,
                 cache=None):
     """One layer: experts (T, k) (-1 = none), source_gpu (T,) or None, token_index (T,) -> phy2log (R,)."""
     num_nodes = topology.num_nodes
@@ -173,7 +175,7 @@ def slot_need(load, num_slots, gpu_cap):
 
 
 def node_partition(graph, slots_per_node, cap, partitioner="auto", rounds=50, seed=0, restarts=4,
-                   mtkahypar_preset="default"):
+                   mtkahypar_preset=DEFAULT_MTKAHYPAR_PRESET):
     """home (E,) int64: the node of every expert, at most ``slots_per_node`` experts and (where achievable)
     load ``cap`` per node, minimising ``graph.cost`` (steps 1-2 of the module docstring)."""
     if graph.num_nodes == 1:
