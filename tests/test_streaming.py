@@ -129,6 +129,31 @@ def test_every_check_of_trace_load_applies_batch_by_batch_naming_file_and_row(tm
     assert str(path) in str(error.value) and message in str(error.value)
 
 
+def test_a_domain_that_changes_inside_a_request_is_named_as_plain_text():
+    trace = small_trace()
+    domain = trace.domain.astype("<U16")  # room for the longer label
+    domain[5] = "elsewhere"  # request 0 holds tokens 0..19
+    with pytest.raises(ValueError) as error:
+        Trace(experts=trace.experts, request=trace.request, phase=trace.phase, domain=domain, num_experts=16, top_k=3)
+    assert f"request 0 has '{trace.domain[0]}' and 'elsewhere'" in str(error.value) and "np." not in str(error.value)
+
+
+def test_a_layer_without_any_expert_id_is_refused_naming_the_file(tmp_path, capsys):
+    """As for .npz traces: a layer of -1 only (a dense layer, or one the capture never wrote) has no load."""
+    trace = small_trace()
+    experts = trace.experts.copy()
+    experts[:, 1] = -1
+    path = tmp_path / "dense.parquet"
+    write_parquet(Trace(experts=experts, request=trace.request, phase=trace.phase, domain=trace.domain,
+                        num_experts=16, top_k=3), path)
+    with pytest.raises(ValueError, match=r"dense.parquet'?: MoE layer 1 holds no expert id \(all -1\)"):
+        run_passes(ParquetTrace(path), LocalEngine(), 2, 16, 0)
+    for argv in (["report", "--trace", str(path), "--out", str(tmp_path / "out")], ["findings", "--trace", str(path)]):
+        assert main(argv) != 0
+        err = capsys.readouterr().err
+        assert "dense.parquet" in err and "MoE layer 1 holds no expert id" in err and "Traceback" not in err
+
+
 def test_negative_weights_are_refused_naming_file_and_row(tmp_path):
     """The passes read expert ids only; reading the weights checks them as Trace.load does."""
     path = corrupt(tmp_path, "weights_1", _set(222, [0.5, -0.25, 0.5]))

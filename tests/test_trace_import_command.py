@@ -85,6 +85,8 @@ def test_errors_name_the_flag_or_file(tmp_path, capsys):
         main([str(path), "--out", str(tmp_path / "t.npz"), "--format", "sglang", "--num-experts", "8"])
     with pytest.raises(FileNotFoundError, match="--out .*: the directory .* does not exist"):
         main([str(path), "--out", str(tmp_path / "no" / "t.npz")])
+    with pytest.raises(FileNotFoundError, match=r"--out .*: .*log\.bin is a file, not a folder"):
+        main([str(path), "--out", str(path / "t.npz")])
     for flags in (["--field", "colour=c"], ["--moe-layers", "a,b"], ["--num-experts", "0"], ["--dtype", "float32"]):
         with pytest.raises(SystemExit) as exit_info:
             main([str(path), "--out", "t.npz", *flags])

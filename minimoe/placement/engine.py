@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from minimoe.placement.evaluate import Counts, Job, _Tables, count_jobs
 from minimoe.traces.batches import batches_of
 from minimoe.traces.format import Trace
@@ -220,9 +222,14 @@ class DaskEngine:
 
 
 def run_passes(source, engine, rule: ClassRule | int, sample_size: int, seed: int = 0) -> TraceStats:
-    """Pass 1 with the file-level checks: the rows read by every part cover the file once, in order. ``rule``:
+    """Pass 1 with the file-level checks: the rows read by every part cover the file once, in order, and every
+    MoE layer holds an expert id (ValueError naming the file, as ``Trace.load``'s callers do for .npz). ``rule``:
     a ClassRule, or the online window of the phase rule."""
     stats = engine.pass_one(source, as_rule(rule), sample_size, seed).finish()
     if isinstance(source, ParquetTrace) and source.num_tokens:
         source.check_runs(stats.runs)
+        empty = np.flatnonzero(stats.counts.sum(axis=(0, 1, 3), dtype=np.int64) == 0)  # (L,) -> layers with no id
+        if empty.size:
+            raise ValueError(f"trace file {source.label}: MoE layer {int(empty[0])} holds no expert id (all -1): a "
+                             "dense layer, or a layer the capture never wrote")
     return stats

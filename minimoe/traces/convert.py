@@ -158,8 +158,11 @@ def convert(args):
         raise FileNotFoundError(f"{source} not found: SOURCE must be a capture or dump file (or a folder of them)")
     if Path(args.out).suffix != ".npz" and not is_parquet(args.out):
         raise ValueError(f"--out {args.out}: a trace file ends in .npz (or .parquet for a per-token trace)")
-    if not Path(args.out).parent.is_dir():
-        raise FileNotFoundError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist")
+    parent = Path(args.out).parent
+    if parent.exists() and not parent.is_dir():
+        raise FileNotFoundError(f"--out {args.out}: {parent} is a file, not a folder")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"--out {args.out}: the directory {parent} does not exist")
     check_not_the_input("--out", args.out, source)
     check_output_file("--out", args.out)  # an unwritable place fails now, in one line naming the flag
     kind = args.format = guess_format(source) if args.format == "auto" else args.format  # 'auto' resolved, once

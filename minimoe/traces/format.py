@@ -191,7 +191,7 @@ class Trace:
             if changed.any():
                 bad = int(np.flatnonzero(changed)[0]) + 1
                 raise ValueError(f"domain must be constant within a request; request {self.request[bad]} "
-                                 f"has {self.domain[bad - 1]!r} and {self.domain[bad]!r}")
+                                 f"has {str(self.domain[bad - 1])!r} and {str(self.domain[bad])!r}")
 
     def __eq__(self, other) -> bool:
         """Same routing, requests, phases, domains, weights, layer ids and metadata (``notes`` are not compared)."""

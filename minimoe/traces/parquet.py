@@ -80,7 +80,8 @@ class ParquetTrace:
                              f"'minimoe'); write it with minimoe import/trace or minimoe.traces.parquet_writer") from None
         if not (1 <= self.num_experts <= MAX_EXPERTS and 1 <= self.top_k <= self.num_experts and self.num_layers >= 1):
             raise ValueError(f"trace file {self.label}: metadata num_experts={self.num_experts}, top_k={self.top_k}, "
-                             f"num_layers={self.num_layers} are out of range")
+                             f"num_layers={self.num_layers} are out of range (expected 1 <= num_experts <= {MAX_EXPERTS}, "
+                             "1 <= top_k <= num_experts, num_layers >= 1)")
         try:
             self.layer_ids = as_layer_ids(meta.get("layer_ids"), self.num_layers)
             check_layer_ids(self.layer_ids, self.num_layers)
