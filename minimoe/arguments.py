@@ -25,6 +25,7 @@ from pathlib import Path
 
 MAX_REQUESTS_PER_DOMAIN = 100_000  # --requests-per-domain: 400,000 recorded requests, days of CPU recording
 MAX_NEW_TOKENS = 1 << 16  # --new-tokens: above any model's context here (the model's own limit is checked later)
+MAX_HIDDEN_SIZE = 1 << 16  # --hidden-size: above any model's hidden size (DeepSeek-V3: 7168, Llama 3.1 405B: 16384)
 
 
 def whole_number(minimum: int, maximum: int | None = None):

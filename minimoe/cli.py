@@ -23,9 +23,10 @@ import os
 import re
 import sys
 
-from minimoe.arguments import (DEFAULT_TOPOLOGIES, MAX_NEW_TOKENS, MAX_REQUESTS_PER_DOMAIN, OneLineParser,
-                               fit_processes_argument, fit_tokens_argument, local_workers, misplaced_option, number,
-                               output_dir, scheduler_address, seed_number, thread_count, whole_number)
+from minimoe.arguments import (DEFAULT_TOPOLOGIES, MAX_HIDDEN_SIZE, MAX_NEW_TOKENS, MAX_REQUESTS_PER_DOMAIN,
+                               OneLineParser, fit_processes_argument, fit_tokens_argument, local_workers,
+                               misplaced_option, number, output_dir, scheduler_address, seed_number, thread_count,
+                               whole_number)
 
 positive = whole_number(1)
 
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--topologies", metavar="LIST", type=topologies_argument, default=None,
                         help=f"comma-separated NODESxGPUS clusters to compare (default: those of {DEFAULT_TOPOLOGIES} "
                              "whose GPUs hold the trace's experts evenly)")
-    report.add_argument("--hidden-size", metavar="N", type=positive, default=7168,
+    report.add_argument("--hidden-size", metavar="N", type=whole_number(1, MAX_HIDDEN_SIZE), default=7168,
                         help="hidden size for byte counts, bf16 (default: %(default)s, DeepSeek-V3's)")
     report.add_argument("--max-fit-tokens", metavar="N|all|auto", type=fit_tokens_argument, default="auto",
                         help="fit each placement's co-activation on a uniform sample of at most N tokens per fitting "

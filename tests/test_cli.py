@@ -138,6 +138,8 @@ def test_recording_sizes_that_would_only_exhaust_memory_are_refused(tmp_path, ca
     cases = [([command, "--requests-per-domain", "100000000"], "argument --requests-per-domain: expected a whole "
               "number from 2 to 100000, got 100000000") for command in ("trace", "report", "findings")]
     cases.append((["trace", "--new-tokens", "99999999"], "argument --new-tokens: expected a whole number from 1 to 65536"))
+    cases.append((["report", "--hidden-size", "99999999999999999999"],
+                  "argument --hidden-size: expected a whole number from 1 to 65536"))
     for argv, expected in cases:
         with pytest.raises(SystemExit) as stop:  # argparse's type check: one line, status 2
             main([*argv, "--out", str(tmp_path / "t.npz")])

@@ -129,6 +129,14 @@ def test_every_check_of_trace_load_applies_batch_by_batch_naming_file_and_row(tm
     assert str(path) in str(error.value) and message in str(error.value)
 
 
+def test_a_parquet_trace_is_recognised_by_its_magic_bytes_whatever_its_suffix(tmp_path):
+    trace = small_trace()
+    write_parquet(trace, tmp_path / "t.parquet")
+    (tmp_path / "t.parquet").rename(tmp_path / "t.pq")
+    assert load_trace(tmp_path / "t.pq") == trace
+    assert main(["findings", "--trace", str(tmp_path / "t.pq")]) == 0
+
+
 def test_a_domain_that_changes_inside_a_request_is_named_as_plain_text():
     trace = small_trace()
     domain = trace.domain.astype("<U16")  # room for the longer label

@@ -144,9 +144,11 @@ def fitting_topologies(args, num_experts: int, check, say=None) -> list:
 
 
 def report_command(args) -> int:
+    from minimoe.traces.parquet import is_parquet
+
     check_input_file("--trace", args.trace)
     check_source_model(args)
-    if (args.workers or args.scheduler) and not (args.trace and args.trace.lower().endswith(".parquet")):
+    if (args.workers or args.scheduler) and not (args.trace and is_parquet(args.trace)):
         flag = "--workers" if args.workers else "--scheduler"
         raise ValueError(f"{flag}: Dask workers read the trace from a Parquet file; give --trace FILE.parquet "
                          f"(minimoe import trace.npz --out trace.parquet converts one)")

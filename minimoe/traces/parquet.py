@@ -50,7 +50,15 @@ def import_pyarrow():
 
 
 def is_parquet(path) -> bool:
-    return os.fspath(path).lower().endswith(".parquet")
+    """Whether ``path`` names a Parquet file: its suffix is .parquet, or it is a file that starts with Parquet's
+    magic bytes ``PAR1`` (a .pq or unsuffixed file)."""
+    if os.fspath(path).lower().endswith(".parquet"):
+        return True
+    try:
+        with open(path, "rb") as file:
+            return os.path.isfile(path) and file.read(4) == b"PAR1"
+    except OSError:
+        return False
 
 
 class ParquetTrace:
