@@ -72,7 +72,8 @@ AUTO_MTKAHYPAR_EDGES = 2048  # partitioner="auto" gives Mt-KaHyPar a uniform sam
 
 def place_locality(trace, topology: Topology, num_slots: int, sources=None, tokens=None, epsilon: float = 0.1,
                    rounds: int = 50, locality_replicas: bool = True, max_fit_tokens: int | None = None,
-                   partitioner: str = "auto", seed: int = 0, restarts: int = 4, mtkahypar_preset: str = DEFAULT_MTKAHYPAR_PRESET,
+                   partitioner: str = "auto", seed: int = 0, restarts: int = 4,
+                   mtkahypar_preset: str = DEFAULT_MTKAHYPAR_PRESET,
                    cache: dict | None = None):
     """phy2log (L, num_slots) int64 for every layer of ``trace`` (see the module docstring).
 
@@ -119,7 +120,8 @@ def place_locality(trace, topology: Topology, num_slots: int, sources=None, toke
 
 
 def place_layer(experts, num_experts, topology, num_slots, source_gpu, token_index, epsilon=0.1, rounds=50,
-                locality_replicas=True, partitioner="auto", seed=0, restarts=4, mtkahypar_preset=DEFAULT_MTKAHYPAR_PRESET,
+                locality_replicas=True, partitioner="auto", seed=0, restarts=4,
+                mtkahypar_preset=DEFAULT_MTKAHYPAR_PRESET,
                 cache=None):
     """One layer: experts (T, k) (-1 = none), source_gpu (T,) or None, token_index (T,) -> phy2log (R,)."""
     num_nodes = topology.num_nodes

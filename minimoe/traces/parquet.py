@@ -54,10 +54,12 @@ def is_parquet(path) -> bool:
     magic bytes ``PAR1`` (a .pq or unsuffixed file)."""
     if os.fspath(path).lower().endswith(".parquet"):
         return True
+    if not os.path.isfile(path):
+        return False
     try:
         with open(path, "rb") as file:
-            return os.path.isfile(path) and file.read(4) == b"PAR1"
-    except OSError:
+            return file.read(4) == b"PAR1"
+    except OSError:  # unreadable: not ours to say here; the reader names the error
         return False
 
 
@@ -88,8 +90,8 @@ class ParquetTrace:
                              f"'minimoe'); write it with minimoe import/trace or minimoe.traces.parquet_writer") from None
         if not (1 <= self.num_experts <= MAX_EXPERTS and 1 <= self.top_k <= self.num_experts and self.num_layers >= 1):
             raise ValueError(f"trace file {self.label}: metadata num_experts={self.num_experts}, top_k={self.top_k}, "
-                             f"num_layers={self.num_layers} are out of range (expected 1 <= num_experts <= {MAX_EXPERTS}, "
-                             "1 <= top_k <= num_experts, num_layers >= 1)")
+                             f"num_layers={self.num_layers} are out of range (expected 1 <= num_experts <= "
+                             f"{MAX_EXPERTS}, 1 <= top_k <= num_experts, num_layers >= 1)")
         try:
             self.layer_ids = as_layer_ids(meta.get("layer_ids"), self.num_layers)
             check_layer_ids(self.layer_ids, self.num_layers)
