@@ -171,6 +171,31 @@ def test_auto_keeps_the_partition_with_the_lower_km1(seed):
     assert graph.km1(auto) == min(graph.km1(fm), graph.km1(mt))
 
 
+@pytest.mark.skipif(not mtkahypar_available(), reason="needs Mt-KaHyPar (the partition cache keeps its results)")
+def test_the_cache_runs_mtkahypar_once_for_every_slot_budget_and_changes_no_placement(monkeypatch):
+    """Two slot budgets of one topology hand Mt-KaHyPar the same hypergraph: with a shared cache it runs once per
+    layer, and the placements equal those fitted without a cache."""
+    import minimoe.placement.locality as locality
+
+    trace = synthetic_trace(num_requests=24, tokens_per_request=16, num_layers=2, num_experts=16, top_k=4, seed=5)
+    topology = Topology(num_nodes=4, gpus_per_node=2)
+    sources = group(trace, topology, "random", seed=0)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return partition_mtkahypar(*args, **kwargs)
+
+    monkeypatch.setattr(locality, "partition_mtkahypar", counted)
+    uncached = [place(trace, topology, "locality", sources=sources, num_replicas=slots) for slots in (16, 24)]
+    assert len(calls) == 2 * 2  # two budgets x two layers
+    calls.clear()
+    cache = {}
+    cached = [place(trace, topology, "locality", sources=sources, num_replicas=slots, cache=cache) for slots in (16, 24)]
+    assert len(calls) == 2  # the second budget reuses both layers' partitions
+    assert cached == uncached and cached[0] != cached[1]
+
+
 def test_auto_without_mtkahypar_is_fm(monkeypatch):
     monkeypatch.setitem(sys.modules, "mtkahypar", None)  # not installed
     trace = synthetic_trace(num_requests=16, tokens_per_request=16, num_layers=2, num_experts=16, top_k=4, seed=2)

@@ -138,7 +138,7 @@ def place_layer(experts, num_experts, topology, num_slots, source_gpu, token_ind
     key = None if cache is None else _input_key(merged, options)
     home = None if cache is None or key not in cache else cache[key].copy()
     if home is None:
-        home = node_partition(merged, *options)
+        home = node_partition(merged, *options, cache=cache)
         if cache is not None:
             cache[key] = home.copy()
     gpu_shape = (topology.gpus_per_node, num_slots // topology.num_gpus)
@@ -153,15 +153,30 @@ def place_layer(experts, num_experts, topology, num_slots, source_gpu, token_ind
     return pack_gpus(copies, served, topology, num_slots // topology.num_gpus, demand_gpu, gpu_cap)
 
 
-def _input_key(graph, options) -> bytes:
-    """A digest of everything a node partition depends on."""
+def _input_key(graph, options, slot_need: bool = True) -> bytes:
+    """A digest of everything a node partition depends on (without ``slot_need``: what Mt-KaHyPar sees)."""
     import hashlib
 
-    digest = hashlib.blake2b(repr(options).encode(), digest_size=16)
-    for array in (graph.experts, graph.weight, graph.slot_need, graph.pin if graph.pin is not None else np.zeros(0)):
+    digest = hashlib.blake2b(repr((options, graph.num_experts, graph.num_nodes)).encode(), digest_size=16)
+    arrays = (graph.experts, graph.weight, graph.slot_need if slot_need else np.zeros(0),
+              graph.pin if graph.pin is not None else np.zeros(0))
+    for array in arrays:
         digest.update(np.ascontiguousarray(array).tobytes())
         digest.update(repr(array.shape).encode())
     return digest.digest()
+
+
+def _mtkahypar_home(graph, cap, seed, preset, cache):
+    """Mt-KaHyPar's partition of ``graph`` under load ``cap``, before any slot repair, kept in ``cache`` by its
+    input: the two slot budgets of one topology hand it the same hypergraph (the slots only enter the repair),
+    and with a ``deterministic*`` preset the same input gives the same partition, so the second call is skipped."""
+    key = None if cache is None else ("mtkahypar", _input_key(graph, (float(cap), int(seed), preset), False))
+    if key is not None and key in cache:
+        return cache[key].copy()
+    home = partition_mtkahypar(graph, cap, seed=seed, preset=preset)
+    if key is not None and preset.startswith("deterministic"):
+        cache[key] = home.copy()
+    return home
 
 
 def slot_need(load, num_slots, gpu_cap):
@@ -177,9 +192,10 @@ def slot_need(load, num_slots, gpu_cap):
 
 
 def node_partition(graph, slots_per_node, cap, partitioner="auto", rounds=50, seed=0, restarts=4,
-                   mtkahypar_preset=DEFAULT_MTKAHYPAR_PRESET):
+                   mtkahypar_preset=DEFAULT_MTKAHYPAR_PRESET, cache=None):
     """home (E,) int64: the node of every expert, at most ``slots_per_node`` experts and (where achievable)
-    load ``cap`` per node, minimising ``graph.cost`` (steps 1-2 of the module docstring)."""
+    load ``cap`` per node, minimising ``graph.cost`` (steps 1-2 of the module docstring). ``cache``: a dict that
+    keeps Mt-KaHyPar's partitions by their input across calls (``_mtkahypar_home``), or None."""
     if graph.num_nodes == 1:
         return np.zeros(graph.num_experts, dtype=np.int64)
     if partitioner == "auto":
@@ -187,8 +203,8 @@ def node_partition(graph, slots_per_node, cap, partitioner="auto", rounds=50, se
         homes = [node_partition(graph, slots_per_node, cap, "fm", *options)]
         if mtkahypar_available():  # on at most AUTO_MTKAHYPAR_EDGES hyperedges: its time grows with their pins
             sample = graph.sample(AUTO_MTKAHYPAR_EDGES, np.random.default_rng(seed))
-            home = partition_mtkahypar(sample, cap * sample.load.sum() / max(graph.load.sum(), 1e-12), seed=seed,
-                                       preset=mtkahypar_preset)
+            home = _mtkahypar_home(sample, cap * sample.load.sum() / max(graph.load.sum(), 1e-12), seed,
+                                   mtkahypar_preset, cache)
             homes.append(repair(graph, fit_slots(graph, home, slots_per_node, cap), slots_per_node, cap))
 
         def rank(home):  # under the cap first, then the lower km1; ties keep fm
@@ -196,7 +212,7 @@ def node_partition(graph, slots_per_node, cap, partitioner="auto", rounds=50, se
             return over, graph.km1(home)
         return min(homes, key=rank)
     if partitioner == "mtkahypar":
-        home = partition_mtkahypar(graph, cap, seed=seed, preset=mtkahypar_preset)
+        home = _mtkahypar_home(graph, cap, seed, mtkahypar_preset, cache)
         return repair(graph, fit_slots(graph, home, slots_per_node, cap), slots_per_node, cap)
     if not len(graph.pair_expert):  # no fitting token: nothing to refine
         return _initial_partition(graph, slots_per_node, cap)

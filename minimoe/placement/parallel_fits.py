@@ -7,9 +7,11 @@ give the same placements: ``fit_many`` hands them to a ``concurrent.futures`` po
 started with ``spawn`` (a forked copy of a process that already ran OpenMP or BLAS threads can deadlock), and
 returns the results in the order of ``tasks``.
 
-What it cannot share across processes is the node-partition cache (``minimoe.placement.locality``): a worker
-recomputes a partition another worker already has. The cache only skips work whose result is known, so the
-placements are the same; ``tests/test_parallel_fits.py`` checks that against fitting one after another.
+What it cannot share across processes is the partition cache (``minimoe.placement.locality``): a worker
+recomputes a partition another worker already has. So the fits of one topology, fit mode and method, which differ
+only in the slot budget and hand Mt-KaHyPar the same hypergraph, go to one worker together. The cache only skips
+work whose result is known, so the placements are the same; ``tests/test_parallel_fits.py`` checks that against
+fitting one after another.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ def _fit(task: tuple[Topology, int, str, str]):
     return fit(data, topology, method, every, num_replicas, _WORKER["seed"], cache=_WORKER["cache"])
 
 
+def _fit_unit(tasks: list[tuple[Topology, int, str, str]]):
+    return [_fit(task) for task in tasks]
+
+
 def fit_many(data: dict[str, FitData], tasks: list[tuple[Topology, int, str, str]], seed: int,
              processes: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(placement, sources) of every task ``(topology, num_replicas, fit mode, method)``, in the order of
@@ -64,13 +70,18 @@ def fit_many(data: dict[str, FitData], tasks: list[tuple[Topology, int, str, str
             return [_fit(task) for task in tasks]
         finally:
             _WORKER.clear()
-    # the slowest fits first, so no worker is left with a long one at the end
-    order = sorted(range(len(tasks)), key=lambda i: (-COST.get(tasks[i][3], 0), -tasks[i][0].num_gpus, i))
+    units: dict = {}  # (topology, fit mode, method) -> task indices: every slot budget of it, in one worker
+    for i, (topology, _, mode, method) in enumerate(tasks):
+        units.setdefault((str(topology), mode, method), []).append(i)
+    # the slowest units first, so no worker is left with a long one at the end
+    order = sorted(units.values(), key=lambda unit: (-COST.get(tasks[unit[0]][3], 0) * len(unit),
+                                                     -tasks[unit[0]][0].num_gpus, unit[0]))
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(processes, len(tasks)), mp_context=context, initializer=_start,
+    with ProcessPoolExecutor(min(processes, len(order)), mp_context=context, initializer=_start,
                              initargs=(data, seed)) as pool:
-        done = list(pool.map(_fit, [tasks[i] for i in order], chunksize=1))
+        done = list(pool.map(_fit_unit, [[tasks[i] for i in unit] for unit in order], chunksize=1))
     out = [None] * len(tasks)
-    for i, result in zip(order, done):
-        out[i] = result
+    for unit, results in zip(order, done):
+        for i, result in zip(unit, results):
+            out[i] = result
     return out
