@@ -152,6 +152,8 @@ def fit_processes_argument(text: str):
 def check_output_file(flag: str, path: str, suffix: str | tuple[str, ...] | None = None) -> Path:
     """Check that ``path`` can be written (by writing to it and removing what did not exist before); ``suffix``:
     the file name ending expected, or a tuple of the endings accepted."""
+    if not str(path).strip():
+        raise ValueError(f"{flag}: expected a file name, got an empty one")
     path = Path(path)
     suffixes = (suffix,) if isinstance(suffix, str) else suffix
     if suffixes and path.suffix not in suffixes:
@@ -219,7 +221,10 @@ def misplaced_option(argv: list[str], build_parser, forwarded: dict) -> str | No
 @contextlib.contextmanager
 def output_dir(flag: str, path: str):
     """Create the folder ``path`` now (so an unwritable place fails before the work) and remove it again if
-    the work fails before anything was written into it."""
+    the work fails before anything was written into it. Raises ValueError naming ``flag`` for an empty path, a
+    file in the way or a place that cannot be written."""
+    if not str(path).strip():
+        raise ValueError(f"{flag}: expected a folder name, got an empty one (use --out . for this folder)")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path}: exists and is not a folder")

@@ -179,6 +179,16 @@ def test_an_unwritable_output_fails_before_recording(tmp_path, capsys):
     assert status == 2 and "the folder" in err and "does not exist" in err
 
 
+def test_an_empty_output_name_is_refused_by_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty name would otherwise write into the current folder
+    for argv, expected in ((["report", "--out", ""], "--out: expected a folder name, got an empty one"),
+                           (["findings", "--out", " "], "--out: expected a file name, got an empty one"),
+                           (["trace", "--out", ""], "--out: expected a file name, got an empty one")):
+        status, _, err = run(capsys, *argv)
+        assert status == 2 and expected in err and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_failed_report_leaves_no_empty_output_folder(tmp_path, capsys):
     base_trace().save(tmp_path / "t.npz")
     status, _, err = run(capsys, "report", "--trace", tmp_path / "t.npz", "--window", "50",

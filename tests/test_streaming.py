@@ -437,6 +437,38 @@ def test_a_port_that_accepts_but_never_answers_fails_within_the_timeout(monkeypa
             DaskEngine(scheduler=address)
 
 
+def test_a_service_that_is_not_dask_is_named_as_such(monkeypatch):
+    """An HTTP server on the port: Dask reads its bytes as a message length and runs out of memory; the error says
+    what answered instead of showing that MemoryError."""
+    pytest.importorskip("dask.distributed", reason="the dask extra: pip install 'minimoe[dask]'")
+    import socket
+    import threading
+
+    from minimoe.placement import engine
+
+    monkeypatch.setattr(engine, "CONNECT_TIMEOUT_S", 2)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def answer():  # every connection gets an HTTP reply, as a web service would send
+            while True:
+                try:
+                    connection, _ = server.accept()
+                except OSError:
+                    return
+                with connection:
+                    connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" * 4)
+
+        threading.Thread(target=answer, daemon=True).start()
+        address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(OSError) as raised:
+            DaskEngine(scheduler=address)
+    message = str(raised.value)
+    assert message.startswith(f"--scheduler {address}: no Dask scheduler answered there within 2 s")
+    assert "MemoryError" not in message and "\n" not in message
+
+
 def test_a_scheduler_without_workers_fails_in_one_line(monkeypatch):
     pytest.importorskip("dask.distributed", reason="the dask extra: pip install 'minimoe[dask]'")
     from dask.distributed import LocalCluster

@@ -125,6 +125,8 @@ def _connect(client_class, scheduler: str):
     if "client" not in outcome:
         error = outcome.get("error")
         cause = f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})" if error else ""
+        if isinstance(error, MemoryError):  # Dask read another protocol's bytes as the length of a huge message
+            cause = " (something answered there, but not in Dask's protocol)"
         raise OSError(f"--scheduler {scheduler}: no Dask scheduler answered there within {CONNECT_TIMEOUT_S} s"
                       f"{cause}; start one with `dask scheduler` and pass the address it prints (port 8786 by "
                       "default, not the dashboard's)")
