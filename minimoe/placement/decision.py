@@ -73,8 +73,8 @@ def headline(choice: dict, gpus: int) -> str:
     """One line: what to deploy on this topology, its measured saving and its load."""
     row = choice["recommended"]
     text = (f"{row['topology']}: deploy {row['method']} with {row['num_replicas']} slots per layer "
-            f"({row['num_replicas'] // gpus} per GPU): {_saving(row)}; tokens per GPU max/mean "
-            f"{row['load_max_over_mean']:.2f}")
+            f"({row['num_replicas'] // gpus} per GPU): {_saving(row)}; (token, expert) pairs per GPU "
+            f"max/mean {row['load_max_over_mean']:.2f}")
     if row["method"] in GROUPING:
         text += " (needs request steering, below)"
     return text

@@ -7,7 +7,7 @@ only what the report prints, as integers that add up across batches and workers 
 
     pairs, GPU-local pairs, node-local pairs            per (token, expert) pair, per layer
     remote GPUs, remote nodes, NVLink hops              de-duplicated per token, per layer
-    tokens per GPU                                      (L, G): the load balance
+    (token, expert) pairs per GPU                       (L, G): the load balance
 
 Routing is ``Placement.route``'s: the nearest replica, ties by ``token_index % count``. The distinct GPUs a
 token reaches are the set bits of one 64-bit word (OR of ``1 << gpu`` over its experts), so de-duplication

@@ -8,7 +8,8 @@ Counts per (step, layer, expert) support:
                    with co-activation counts, the locality placement on the graph of expert pairs
                    (co-activated pairs kept on one node: the pairwise relaxation of the hypergraph objective of
                    ``minimoe.placement.hypergraph``, weighted by how many tokens chose both)
-    measured by    tokens per GPU, max / mean, with each expert's tokens split evenly over its copies (vLLM's
+    measured by    load per GPU ((token, expert) pairs, the counts engines dump), max / mean, with each expert's
+                   load split evenly over its copies (vLLM's
                    ``position % copies`` rule), averaged over layers; and, with co-activation, the fraction of
                    co-activated pairs some node holds both experts of ("pairs on one node")
     fitted on      the first half of the steps and measured on the second when the steps are in time order
@@ -81,7 +82,8 @@ def place_loads(loads: np.ndarray, topology: Topology, method: str, num_slots: i
 
 
 def gpu_load(placement: Placement, loads: np.ndarray) -> float:
-    """Mean over layers of max/mean tokens per GPU, each expert's load split evenly over its copies."""
+    """Mean over layers of max/mean load per GPU ((token, expert) pairs), each expert's load split evenly over its
+    copies."""
     copies = placement.replica_counts()  # (L, E)
     per_slot = np.take_along_axis(loads / copies, placement.phy2log, axis=1)  # (L, R)
     per_gpu = per_slot.reshape(placement.num_layers, placement.num_gpus, -1).sum(axis=2)  # (L, G)
@@ -156,8 +158,8 @@ def decide_loads(rows: list[dict], topologies: list[Topology]) -> list[dict]:
                  else "")
         decisions.append(dict(topology=str(topology), recommended=best, headline=(
             f"{topology}: deploy {best['method']} with {best['num_replicas']} slots per layer "
-            f"({best['num_replicas'] // topology.num_gpus} per GPU): tokens per GPU max/mean "
-            f"{best['load_max_over_mean']:.2f}{pairs}")))
+            f"({best['num_replicas'] // topology.num_gpus} per GPU): (token, expert) pairs per GPU "
+            f"max/mean {best['load_max_over_mean']:.2f}{pairs}")))
     return decisions
 
 
@@ -202,9 +204,9 @@ def format_load_report(result: dict, folder: str | None = None) -> str:
         first, second = result["imbalance_halves"]
         lines.append("  max/mean, first half of the steps -> second half: "
                      + ", ".join(f"{a:.2f} -> {b:.2f}" for a, b in zip(first, second)))
-    lines += ["", f"Placement from loads, fitted on {result['fit']}; load = tokens per GPU, max / mean (each expert's "
-                  "tokens split evenly over its copies)" + ("; pairs = co-activated expert pairs some node holds both "
-                                                           "of" if info["coactivation"] else "") + ":"]
+    pairs_legend = "; pairs = co-activated expert pairs some node holds both of" if info["coactivation"] else ""
+    lines += ["", f"Placement from loads, fitted on {result['fit']}; load = (token, expert) pairs per GPU, max / "
+                  f"mean (each expert's load split evenly over its copies){pairs_legend}:"]
     for r in result["rows"]:
         pairs = f"  pairs {r['pairs_on_one_node']:.1%}" if "pairs_on_one_node" in r else ""
         lines.append(f"  {r['topology']:8s} {r['num_replicas']:5d} slots  {r['method']:12s} load "

@@ -34,8 +34,8 @@ def summary_lines(rows: list[dict], method: str = "grouping+locality") -> list[s
                 lines.append(f"  {r['topology']}, {r['num_replicas']} slots: one node, no inter-node traffic")
                 continue
             lines.append(f"  {r['topology']}, {r['num_replicas']} slots: {_fewer(r['cut_vs_contiguous'])} inter-node "
-                         f"bytes than contiguous, {_fewer(r['cut_vs_eplb'])} than EPLB; tokens per GPU max/mean "
-                         f"{r['load_max_over_mean']:.2f}")
+                         f"bytes than contiguous, {_fewer(r['cut_vs_eplb'])} than EPLB; (token, expert) pairs per "
+                         f"GPU max/mean {r['load_max_over_mean']:.2f}")
     return lines
 
 
@@ -101,7 +101,8 @@ def format_report(result: dict, folder: str | None = None) -> str:
         f"Placement and grouping, measured on {measured_on}.\n"
         "saved = how much less than contiguous placement a method moves across node boundaries, in "
         "de-duplicated bytes\n(a token crosses to a node once however many of its experts live there); in "
-        "brackets the same for per-(token, expert) bytes;\nload = tokens per GPU, max / mean. Fitted on: "
+        "brackets the same for per-(token, expert) bytes;\nload = (token, expert) pairs each GPU computes, max / mean. "
+        "Fitted on: "
         f"{_fitted_on(kind)}" + _sampled_note(result) + ".\n\n" + format_table(result["rows"], LABELS[kind])
         + format_methods(dict.fromkeys(r["method"] for r in result["rows"])))
     best = "grouping+locality" if kind != "request" else "locality"
