@@ -153,7 +153,7 @@ def check_output_file(flag: str, path: str, suffix: str | tuple[str, ...] | None
     """Check that ``path`` can be written (by writing to it and removing what did not exist before); ``suffix``:
     the file name ending expected, or a tuple of the endings accepted."""
     if not str(path).strip():
-        raise ValueError(f"{flag}: expected a file name, got an empty one")
+        raise ValueError(f"{flag}: expected a file name, got an empty one ({str(path)!r})")
     path = Path(path)
     suffixes = (suffix,) if isinstance(suffix, str) else suffix
     if suffixes and path.suffix not in suffixes:
@@ -224,7 +224,8 @@ def output_dir(flag: str, path: str):
     the work fails before anything was written into it. Raises ValueError naming ``flag`` for an empty path, a
     file in the way or a place that cannot be written."""
     if not str(path).strip():
-        raise ValueError(f"{flag}: expected a folder name, got an empty one (use --out . for this folder)")
+        raise ValueError(f"{flag}: expected a folder name, got an empty one ({str(path)!r}; use --out . for this "
+                         "folder)")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path}: exists and is not a folder")

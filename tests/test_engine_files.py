@@ -165,6 +165,8 @@ def test_export_from_a_report_deployment_file_and_with_a_transformers_config(tmp
     (["--format", "sglang", "--moe-layers", "0-2", "--out", "p.json"],
      "--out p.json: is the input file p.json; writing there would destroy it"),
     (["--format", "vllm", "--out", "/proc/x.jsonl"], "--out /proc/x.jsonl: cannot write there"),
+    (["--format", "vllm", "--out", "empty.json/x.jsonl"], "--out empty.json/x.jsonl: empty.json is a file, not a folder"),
+    (["--format", "vllm", "--out", "nowhere/x.jsonl"], "--out nowhere/x.jsonl: the folder nowhere does not exist"),
 ])
 def test_export_refuses_bad_input_in_one_line(argv, expected, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

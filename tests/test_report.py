@@ -79,6 +79,8 @@ def test_report_and_findings_run_on_every_edge_trace_and_say_what_they_skip(name
     assert (tmp_path / "r" / "report.html").is_file() and (tmp_path / "r" / "report.txt").read_text() in out + "\n"
     if name == "no decode":  # phases say prefill only: split in time instead, and say so
         assert report["split"]["kind"] == "time" and "the trace has no decode tokens: each request's first half" in out
+        html = (tmp_path / "r" / "report.html").read_text()  # the figures name the fit modes as the text does
+        assert "fit: first half" in html and "fitted on prefill" not in html
         assert len(report["rows"]) == 2 * len(METHODS) * 3 and "Decision" in out
     else:
         assert len(report["rows"]) == 2 * len(METHODS) * 3  # 2 slot budgets x methods x fit modes
@@ -307,6 +309,7 @@ def test_report_output_defines_its_terms_and_never_speaks_of_pass_or_miss(tmp_pa
     html = (tmp_path / "r" / "report.html").read_text()
     for term in ("saved", "de-duplicated bytes", "per-pair bytes", "slots", "fitted on", "load max/mean"):
         assert f"<dt>{term}</dt>" in html
+    assert "Tokens per GPU" not in html and "(token, expert) pairs per GPU, max \\u002f mean (fit: prefill)" in html
     assert html.count("plotly.js v") == 1 and '<script src="http' not in html  # opens offline
     assert html.count("trace synthetic") == 0 and html.count("Trace: (unnamed)") == 1  # the summary, once
     assert html.count('"marker":{"color":"#d62728"') == 4  # grouping+locality: one colour in every figure

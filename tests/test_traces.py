@@ -205,11 +205,11 @@ def test_file_with_an_extra_array_or_a_plain_pickle_is_rejected():
     arrays = trace_arrays(random_trace(13))
     with pytest.raises(ValueError, match="unexpected arrays \\['payload'\\]"):
         load_bytes(write_npz(dict(arrays, payload=np.arange(3))))
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="neither Parquet nor a readable .npz trace"):
         load_bytes(pickle.dumps(random_trace(13)))
     buffer = io.BytesIO()
     np.save(buffer, np.arange(4))  # a bare .npy, not an archive
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="neither Parquet nor a readable .npz trace"):
         load_bytes(buffer.getvalue())
 
 

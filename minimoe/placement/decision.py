@@ -104,7 +104,8 @@ def format_decision(decisions: list[dict], folder: str | None = None, eval_token
         alone = d.get("placement_only")
         if d["recommended"]["method"] in GROUPING and alone:
             lines.append(f"      without request steering: {alone['method']} with {alone['num_replicas']} slots: "
-                         f"{_saving(alone)}; load {alone['load_max_over_mean']:.2f}")
+                         f"{_saving(alone)}; (token, expert) pairs per GPU max/mean "
+                         f"{alone['load_max_over_mean']:.2f}")
     used = dict.fromkeys(m for d in decisions for m in (d["recommended"]["method"],
                                                          (d.get("placement_only") or {}).get("method")) if m)
     if any(m in GROUPING for m in used):

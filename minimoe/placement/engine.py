@@ -109,8 +109,21 @@ def _connect(client_class, scheduler: str):
     """A Dask ``Client`` of the scheduler at ``scheduler`` that has at least one worker. Raises OSError naming
     ``--scheduler`` when nothing answers as a Dask scheduler within ``CONNECT_TIMEOUT_S`` seconds (a wrong port,
     such as the dashboard's, can accept the connection and never answer), or when no worker joins it in as long."""
+    import socket
     import threading
+    from urllib.parse import urlsplit
 
+    hint = ("start one with `dask scheduler` and pass the address it prints (port 8786 by default, not the "
+            "dashboard's)")
+    if scheduler.startswith("tcp://"):  # a refused connection fails at once instead of after Dask's timeout
+        address = urlsplit(scheduler)
+        try:
+            socket.create_connection((address.hostname, address.port), timeout=CONNECT_TIMEOUT_S).close()
+        except ConnectionRefusedError:
+            raise OSError(f"--scheduler {scheduler}: no Dask scheduler answered there (connection refused: nothing "
+                          f"listens on that port); {hint}") from None
+        except (OSError, ValueError):  # unreachable, slow or malformed: Dask's own attempt below says so
+            pass
     outcome = {}
 
     def connect():  # in a daemon thread: a handshake that never completes must not keep the process alive
@@ -128,8 +141,7 @@ def _connect(client_class, scheduler: str):
         if isinstance(error, MemoryError):  # Dask read another protocol's bytes as the length of a huge message
             cause = " (something answered there, but not in Dask's protocol)"
         raise OSError(f"--scheduler {scheduler}: no Dask scheduler answered there within {CONNECT_TIMEOUT_S} s"
-                      f"{cause}; start one with `dask scheduler` and pass the address it prints (port 8786 by "
-                      "default, not the dashboard's)")
+                      f"{cause}; {hint}")
     client = outcome["client"]
     try:
         client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)

@@ -89,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"{source}: no such file (expected {expected})")
     if out.suffix not in SUFFIXES[args.format]:
         raise ValueError(f"--out {out}: --format {args.format} writes {' or '.join(SUFFIXES[args.format])}")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
     check_not_the_input("--out", out, source)
     check_output_file("--out", out)  # an unwritable place fails now, in one line naming the flag
     if args.num_layers is not None and args.config is not None:

@@ -141,7 +141,9 @@ def run_report(trace, topologies: list[Topology], window: int | None = None, see
     if chosen.kind != "phase":
         result["unavailable"]["drift"] = "needs prefill and decode phases"
     elif not (stats.has_domain and set(DRIFT_FIT) <= set(stats.domain)):
-        result["unavailable"]["drift"] = f"needs requests of the domains {sorted(DRIFT_FIT)}"
+        result["unavailable"]["drift"] = (f"needs requests of the domains {sorted(DRIFT_FIT)}, the mixes this test "
+                                          "draws (minimoe.placement.experiments.drift takes any mix of a trace's "
+                                          "own domains)")
     else:
         topology, why = drift_topology(topologies)
         say(f"drift at {topology}")

@@ -10,6 +10,7 @@ import html
 from pathlib import Path
 
 from minimoe.placement.experiments import FIT_MODES, METHODS
+from minimoe.placement.splits import LABELS
 
 METHOD_COLORS = {"contiguous": "#7f7f7f", "round_robin": "#bcbd22", "eplb": "#1f77b4", "locality": "#2ca02c",
                  "grouping": "#ff7f0e", "grouping+locality": "#d62728"}
@@ -29,9 +30,10 @@ TERMS = {
     "fitted on": "What a method saw when it chose the layout: <b>prefill</b> = the prompts' routing (known "
                  "before decoding starts); <b>online</b> = the first decode tokens of every request; "
                  "<b>oracle</b> = the evaluated decode tokens themselves (an upper bound for a static layout). "
-                 "Every method is measured on the same held-out decode tokens.",
-    "load max/mean": "Tokens processed per GPU, busiest GPU over the average. 1 is perfectly balanced; the "
-                     "busiest GPU sets the step time.",
+                 "Every method is measured on the same held-out decode tokens. On a trace without phases the split "
+                 "says what stands in for each (e.g. each request's <b>first half</b> for prefill).",
+    "load max/mean": "(token, expert) pairs each GPU computes, busiest GPU over the average. 1 is perfectly "
+                     "balanced; the busiest GPU sets the step time.",
 }
 
 
@@ -39,6 +41,7 @@ def _figures(result: dict) -> list:
     import plotly.graph_objects as go
 
     rows, figures = result["rows"], []
+    labels = LABELS[(result.get("split") or {}).get("kind", "phase")]  # the fit modes' names under this split
     for mode in [m for m in FIT_MODES if any(r["fit"] == m for r in rows)]:
         fig = go.Figure()
         for method in METHODS[1:]:
@@ -47,7 +50,7 @@ def _figures(result: dict) -> list:
             fig.add_bar(name=method, marker_color=METHOD_COLORS[method],
                         x=[f"{r['topology']} / {r['num_replicas']}" for r in picked],
                         y=[100 * r["cut_vs_contiguous"] for r in picked])
-        fig.update_layout(title=f"Inter-node bytes saved vs contiguous (%), fitted on {mode}",
+        fig.update_layout(title=f"Inter-node bytes saved vs contiguous (%), fit: {labels[mode]}",
                           xaxis_title="topology (nodes x GPUs) / slots per layer", yaxis_title="% saved",
                           barmode="group", height=420, autosize=True, margin=dict(l=60, r=20, t=60, b=60))
         figures.append(fig)
@@ -57,7 +60,8 @@ def _figures(result: dict) -> list:
         load.add_scatter(name=method, mode="markers", marker=dict(color=METHOD_COLORS[method], size=10),
                          x=[f"{r['topology']} / {r['num_replicas']}" for r in picked],
                          y=[r["load_max_over_mean"] for r in picked])
-    load.update_layout(title="Tokens per GPU, max / mean (fitted on prefill)", yaxis_title="max / mean",
+    load.update_layout(title=f"(token, expert) pairs per GPU, max / mean (fit: {labels['prefill']})",
+                       yaxis_title="max / mean",
                        xaxis_title="topology (nodes x GPUs) / slots per layer", height=380, autosize=True,
                        margin=dict(l=60, r=20, t=60, b=60))
     figures.append(load)

@@ -62,5 +62,5 @@ def read_npz(path) -> dict[str, np.ndarray]:
         hint = ""
         if isinstance(path, (str, os.PathLike)) and not os.fspath(path).lower().endswith(".npz"):
             hint = "; a serving engine's log, capture or load dump becomes a trace with minimoe import FILE --out trace.npz"
-        raise ValueError(f"trace file {file_label(path)} is not a readable .npz trace ({type(error).__name__}: "
+        raise ValueError(f"trace file {file_label(path)} is neither Parquet nor a readable .npz trace ({type(error).__name__}: "
                          f"{error}){hint}") from error
