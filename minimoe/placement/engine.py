@@ -109,6 +109,7 @@ def _connect(client_class, scheduler: str):
     """A Dask ``Client`` of the scheduler at ``scheduler`` that has at least one worker. Raises OSError naming
     ``--scheduler`` when nothing answers as a Dask scheduler within ``CONNECT_TIMEOUT_S`` seconds (a wrong port,
     such as the dashboard's, can accept the connection and never answer), or when no worker joins it in as long."""
+    import gc
     import socket
     import threading
     from urllib.parse import urlsplit
@@ -136,10 +137,15 @@ def _connect(client_class, scheduler: str):
     thread.start()
     thread.join(CONNECT_TIMEOUT_S + 5)
     if "client" not in outcome:
-        error = outcome.get("error")
+        error = outcome.pop("error", None)
         cause = f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})" if error else ""
         if isinstance(error, MemoryError):  # Dask read another protocol's bytes as the length of a huge message
             cause = " (something answered there, but not in Dask's protocol)"
+        # A client whose constructor failed (reachable from the error's traceback) is collected whenever the garbage
+        # collector runs next, and its __del__ stops its event loop: collect it now, not in the middle of starting
+        # another cluster's loop, where that stop waits on a lock the start holds.
+        error = None
+        gc.collect()
         raise OSError(f"--scheduler {scheduler}: no Dask scheduler answered there within {CONNECT_TIMEOUT_S} s"
                       f"{cause}; {hint}")
     client = outcome["client"]
