@@ -446,6 +446,7 @@ def test_a_service_that_is_not_dask_is_named_as_such(monkeypatch):
     """An HTTP server on the port: Dask reads its bytes as a message length and runs out of memory; the error says
     what answered instead of showing that MemoryError."""
     pytest.importorskip("dask.distributed", reason="the dask extra: pip install 'minimoe[dask]'")
+    import gc
     import socket
     import threading
 
@@ -467,8 +468,15 @@ def test_a_service_that_is_not_dask_is_named_as_such(monkeypatch):
 
         threading.Thread(target=answer, daemon=True).start()
         address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+        from distributed import Client
+
+        def clients():
+            return sum(isinstance(o, Client) for o in gc.get_objects())
+
+        before = clients()
         with pytest.raises(OSError) as raised:
             DaskEngine(scheduler=address)
+        assert clients() == before  # the half-built client is gone now, not collected later inside other work
     message = str(raised.value)
     assert message.startswith(f"--scheduler {address}: no Dask scheduler answered there within 2 s")
     assert "MemoryError" not in message and "\n" not in message
