@@ -476,7 +476,7 @@ def test_a_service_that_is_not_dask_is_named_as_such(monkeypatch):
         before = clients()
         with pytest.raises(OSError) as raised:
             DaskEngine(scheduler=address)
-        assert clients() == before  # the half-built client is gone now, not collected later inside other work
+        assert clients() <= before  # the half-built client is gone now (not collected later inside other work)
     message = str(raised.value)
     assert message.startswith(f"--scheduler {address}: no Dask scheduler answered there within 2 s")
     assert "MemoryError" not in message and "\n" not in message
